@@ -1,0 +1,1 @@
+"""Primitives shared by every layer: hashing, secp256k1 signatures, secret wrappers."""

@@ -1,0 +1,114 @@
+"""The one exception root of signd, and the table that maps errors to wire codes.
+
+Every error signd raises on purpose is a :class:`SigndError`. Foreign exceptions (from
+coincurve, sqlite3, boto3, PKCS#11, ...) are translated where they enter, so callers only
+ever catch this tree::
+
+    SigndError
+    ├── InvalidRequest                  4xx: the caller sent something wrong
+    │   ├── InvalidField                a named input field is missing, malformed or out of range
+    │   ├── InvalidTransaction          a transaction that cannot be encoded or decoded
+    │   ├── InvalidTypedData            an EIP-712 document that cannot be encoded
+    │   ├── InvalidSignature            a signature that does not parse or does not verify
+    │   └── UnsupportedOperation        valid input the configured backend cannot serve
+    ├── KeyNotFound                     404: no key with that id or address
+    ├── KeyExists                       409: the key is already held
+    ├── AccessDenied                    403: authentication or policy refused the request
+    │   └── WrongPassphrase             the keystore passphrase does not open the keystore
+    ├── IntegrityError                  a stored record failed its integrity check (tampered,
+    │                                   swapped, corrupted); reveals nothing about why
+    ├── CapacityExceeded                a backend is out of room for new keys
+    ├── DependencyUnavailable           503: KMS, storage, database, HSM down or slow
+    └── ConfigurationError              signd itself is configured wrongly
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class SigndError(Exception):
+    """Root of every error signd raises on purpose.
+
+    ``code`` is a stable machine-readable name; ``http_status`` is what the API answers.
+    Messages never contain secrets: key material, passphrases, PINs or data keys.
+    """
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, str]:
+        """The error as the JSON body the CLI and API return."""
+        body = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class InvalidRequest(SigndError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidField(InvalidRequest):
+    code = "invalid_field"
+
+
+class InvalidTransaction(InvalidRequest):
+    code = "invalid_transaction"
+
+
+class InvalidTypedData(InvalidRequest):
+    code = "invalid_typed_data"
+
+
+class InvalidSignature(InvalidRequest):
+    code = "invalid_signature"
+
+
+class UnsupportedOperation(InvalidRequest):
+    code = "unsupported_operation"
+
+
+class KeyNotFound(SigndError):
+    code = "key_not_found"
+    http_status = 404
+
+
+class KeyExists(SigndError):
+    code = "key_exists"
+    http_status = 409
+
+
+class AccessDenied(SigndError):
+    code = "access_denied"
+    http_status = 403
+
+
+class WrongPassphrase(AccessDenied):
+    code = "wrong_passphrase"
+
+
+class IntegrityError(SigndError):
+    code = "integrity_error"
+    http_status = 500
+
+
+class CapacityExceeded(SigndError):
+    code = "capacity_exceeded"
+    http_status = 507
+
+
+class DependencyUnavailable(SigndError):
+    code = "dependency_unavailable"
+    http_status = 503
+
+
+class ConfigurationError(SigndError):
+    code = "configuration_error"
+    http_status = 500
