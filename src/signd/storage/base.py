@@ -1,0 +1,86 @@
+"""Storage interfaces. Neither store ever receives plaintext key material.
+
+- :class:`BlobStore` holds sealed key blobs (filesystem default, S3 for several nodes).
+- :class:`MetadataStore` holds :class:`signd.custody.base.KeyInfo`-shaped records (SQLite
+  default, PostgreSQL for several nodes); backend references such as a blob name, an HSM
+  object id or a KMS key id travel in ``details``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A stored key description (the same fields as ``KeyInfo``, no secret)."""
+
+    key_id: str
+    chain: str
+    address: str
+    public_key: bytes
+    custody: str
+    created_at: datetime
+    labels: tuple[str, ...] = ()
+    details: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    records: list[KeyRecord]
+    next_cursor: str | None
+
+
+class BlobStore(ABC):
+    """Names → bytes, written atomically and durably."""
+
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` durably under ``name``; an existing name raises KeyExists."""
+
+    @abstractmethod
+    def get(self, name: str) -> bytes:
+        """The bytes under ``name``; a missing name raises KeyNotFound."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove ``name`` if present."""
+
+    def check_health(self) -> None:  # noqa: B027 - optional hook
+        """Raise DependencyUnavailable when the store cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+class MetadataStore(ABC):
+    """Key descriptions, looked up by key id or address, listed in creation order."""
+
+    @abstractmethod
+    def add(self, records: Sequence[KeyRecord]) -> None:
+        """Insert all records in one transaction; a duplicate key id or address → KeyExists."""
+
+    @abstractmethod
+    def find(self, ref: str, *, custody: str | None = None) -> KeyRecord | None:
+        """The record whose key id or address equals ``ref``."""
+
+    @abstractmethod
+    def list(
+        self,
+        *,
+        custody: str | None = None,
+        chain: str | None = None,
+        label: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> RecordPage:
+        """Records in creation order, filtered; ``cursor`` is opaque."""
+
+    def check_health(self) -> None:  # noqa: B027 - optional hook
+        """Raise DependencyUnavailable when the database cannot be reached."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
