@@ -36,17 +36,13 @@ class RecoverableSignature:
 
     def to_bytes(self) -> bytes:
         """The 65-byte form r(32) ‖ s(32) ‖ recovery id."""
-        return (
-            self.r.to_bytes(32, "big") + self.s.to_bytes(32, "big") + bytes([self.recovery_id])
-        )
+        return self.r.to_bytes(32, "big") + self.s.to_bytes(32, "big") + bytes([self.recovery_id])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RecoverableSignature:
         if len(data) != 65:
             raise InvalidSignature("a recoverable signature is 65 bytes")
-        return cls(
-            int.from_bytes(data[:32], "big"), int.from_bytes(data[32:64], "big"), data[64]
-        )
+        return cls(int.from_bytes(data[:32], "big"), int.from_bytes(data[32:64], "big"), data[64])
 
     def recover_public_key(self, digest: bytes) -> bytes:
         """The compressed public key that produced this signature over ``digest``."""
@@ -130,9 +126,7 @@ def _split_signature(signature: bytes) -> tuple[int, int, int | None]:
     raise InvalidSignature("signature must be DER, 64-byte r||s or 65-byte r||s||v")
 
 
-def normalize_signature(
-    signature: bytes, digest: bytes, public_key: bytes
-) -> RecoverableSignature:
+def normalize_signature(signature: bytes, digest: bytes, public_key: bytes) -> RecoverableSignature:
     """Turn any backend's signature into a low-S recoverable signature for ``public_key``.
 
     A high-S signature is flipped to low-S (which flips the recovery id's parity). A given

@@ -1,0 +1,1 @@
+"""The ``signd`` command line."""

@@ -1,0 +1,46 @@
+"""Output for humans (rich) and machines (``--json``), and the one place errors are printed."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+
+from signd.errors import SigndError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit(data: dict[str, Any], *, as_json: bool, human: Callable[[], None] | None = None) -> None:
+    """Print ``data`` as JSON, or call ``human`` to render it (JSON when there is none)."""
+    if as_json or human is None:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        human()
+
+
+def handles_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn a SigndError into a clean message (or a JSON error body) and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except SigndError as exc:
+            if kwargs.get("as_json"):
+                sys.stdout.write(json.dumps({"error": exc.to_dict()}, indent=2) + "\n")
+            else:
+                where = f" ({exc.field})" if exc.field else ""
+                stderr.print(f"[red]error[/red] {exc.code}{where}: {exc.message}", markup=True)
+            raise typer.Exit(1) from None
+
+    return wrapper

@@ -1,0 +1,161 @@
+"""The signing use cases shared by the CLI and the API."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from signd.chains import address_deriver
+from signd.chains.ethereum.address import canonical_address
+from signd.chains.ethereum.messages import personal_message_digest, to_eth_signature
+from signd.chains.ethereum.transactions import SignedTransaction, parse_transaction
+from signd.chains.ethereum.typed_data import typed_data_digest
+from signd.crypto.secp256k1 import RecoverableSignature
+from signd.custody.base import CustodyBackend, KeyInfo, KeyPage
+from signd.errors import InvalidField, KeyNotFound
+
+_ETH_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
+MAX_BATCH = 100_000
+
+BackendFactory = Callable[[], CustodyBackend]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSignature:
+    """An Ethereum message signature: 65 bytes r‖s‖v with v in {27, 28}."""
+
+    signature: bytes
+    recoverable: RecoverableSignature
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signature": "0x" + self.signature.hex(),
+            "v": self.signature[64],
+            "r": hex(self.recoverable.r),
+            "s": hex(self.recoverable.s),
+        }
+
+
+def signature_to_dict(signature: RecoverableSignature) -> dict[str, Any]:
+    """The chain-neutral JSON shape of a digest signature."""
+    return {
+        "signature": "0x" + signature.to_bytes().hex(),
+        "r": hex(signature.r),
+        "s": hex(signature.s),
+        "recovery_id": signature.recovery_id,
+    }
+
+
+class Signer:
+    """Creates keys in the chosen custody and signs on behalf of any configured custody.
+
+    Backends are opened lazily, on first use, so that signing with one custody never needs
+    another's secrets (an HSM key does not need the keystore passphrase).
+    """
+
+    def __init__(self, factories: Mapping[str, BackendFactory]) -> None:
+        self._factories = dict(factories)
+        self._open: dict[str, CustodyBackend] = {}
+
+    @property
+    def custody_types(self) -> list[str]:
+        return list(self._factories)
+
+    def backend(self, custody: str) -> CustodyBackend:
+        """The open backend for a custody type."""
+        if custody not in self._factories:
+            known = ", ".join(sorted(self._factories)) or "none"
+            raise InvalidField(
+                f"unknown or unconfigured custody {custody!r} (configured: {known})",
+                field="custody",
+            )
+        if custody not in self._open:
+            self._open[custody] = self._factories[custody]()
+        return self._open[custody]
+
+    def close(self) -> None:
+        for backend in self._open.values():
+            backend.close()
+        self._open.clear()
+
+    def __enter__(self) -> Signer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # keys
+
+    def create_keys(
+        self,
+        *,
+        chain: str,
+        custody: str,
+        count: int = 1,
+        labels: Sequence[str] = (),
+        progress: Callable[[int], None] | None = None,
+    ) -> list[KeyInfo]:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_BATCH:
+            raise InvalidField(f"count must be an integer from 1 to {MAX_BATCH}", field="count")
+        address_of = address_deriver(chain)
+        return self.backend(custody).create_keys(chain, address_of, count, labels, progress)
+
+    def resolve(self, ref: str) -> tuple[CustodyBackend, KeyInfo]:
+        """Find a key by key id or address in every configured custody."""
+        if not isinstance(ref, str) or not ref:
+            raise InvalidField("key must be a key id or an address", field="key")
+        lookup = canonical_address(ref) if _ETH_ADDRESS.match(ref) else ref
+        for custody in self._factories:
+            backend = self.backend(custody)
+            info = backend.find_key(lookup)
+            if info is not None:
+                return backend, info
+        raise KeyNotFound(f"no key {ref!r}")
+
+    def get_key(self, ref: str) -> KeyInfo:
+        return self.resolve(ref)[1]
+
+    def list_keys(
+        self,
+        *,
+        custody: str,
+        chain: str | None = None,
+        label: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> KeyPage:
+        return self.backend(custody).list_keys(chain=chain, label=label, cursor=cursor, limit=limit)
+
+    # signing
+
+    def sign_hash(self, ref: str, digest: bytes) -> RecoverableSignature:
+        """Blind signing of a 32-byte digest (raw-hash signing: policy gates it in the service)."""
+        backend, info = self.resolve(ref)
+        return backend.sign_digest(info, digest)
+
+    def _ethereum_key(self, ref: str) -> tuple[CustodyBackend, KeyInfo]:
+        backend, info = self.resolve(ref)
+        if info.chain != "ethereum":
+            raise InvalidField(f"key {info.key_id} is a {info.chain} key", field="key")
+        return backend, info
+
+    def sign_eth_transaction(self, ref: str, transaction: Mapping[str, Any]) -> SignedTransaction:
+        """Validate, hash, sign and assemble an Ethereum transaction given as wallet JSON."""
+        backend, info = self._ethereum_key(ref)
+        unsigned = parse_transaction(transaction)
+        signature = backend.sign_digest(info, unsigned.signing_digest())
+        return unsigned.assemble(signature)
+
+    def sign_eth_message(self, ref: str, message: bytes) -> MessageSignature:
+        """EIP-191 personal_sign."""
+        backend, info = self._ethereum_key(ref)
+        signature = backend.sign_digest(info, personal_message_digest(message))
+        return MessageSignature(to_eth_signature(signature), signature)
+
+    def sign_eth_typed_data(self, ref: str, document: Mapping[str, Any]) -> MessageSignature:
+        """EIP-712 typed data, eth_signTypedData_v4 semantics."""
+        backend, info = self._ethereum_key(ref)
+        signature = backend.sign_digest(info, typed_data_digest(document))
+        return MessageSignature(to_eth_signature(signature), signature)
