@@ -137,7 +137,7 @@ def keystore_unlock(quick: bool) -> list[BenchResult]:
 
         def unlock_seconds(path: Path) -> float:
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 start = time.perf_counter()
                 KeystoreBackend.open(path, _PASSPHRASE, create=False).close()
                 times.append(time.perf_counter() - start)

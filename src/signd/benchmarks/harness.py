@@ -104,5 +104,5 @@ def run_benchmarks(*, only: list[str] | None, quick: bool, as_json: bool) -> lis
                 f"{r.ratio:.2f}×",
                 r.target,
             )
-        Console().print(table)
+        Console(width=160).print(table)
     return results
