@@ -1,0 +1,143 @@
+"""Blob names shared by every blob store, and the filesystem blob store.
+
+:class:`FilesystemBlobStore` lays blobs out as ``root/ab/cd/<name>``, where ``abcd`` starts
+the SHA-256 of the name, so a million blobs spread over 65,536 folders of a few each. A blob
+appears under its name only once its bytes are on disk: it is written to a temporary file in
+the same folder, fsynced, hard-linked to its final name (which, unlike ``rename``, refuses to
+replace an existing blob) and the folder fsynced. A crash before the link leaves only a
+hidden ``.*.tmp`` file, which is never read as a blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from signd.errors import DependencyUnavailable, InvalidField, KeyExists, KeyNotFound
+from signd.storage.base import BlobStore
+
+MAX_NAME_BYTES = 200
+"""Longest blob name in UTF-8 bytes (a file name is at most 255, with room for a temp suffix)."""
+
+_FORBIDDEN_CHARS = frozenset("/\\")
+
+
+def check_blob_name(name: str) -> str:
+    """Return ``name`` if it is a safe blob name, else raise InvalidField.
+
+    A name is 1-200 UTF-8 bytes of printable characters without ``/``, ``\\`` or ``..`` and
+    does not start with ``.`` (that prefix is kept for temporary files).
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidField("blob name must be a non-empty string", field="name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidField(f"blob name longer than {MAX_NAME_BYTES} bytes", field="name")
+    if (
+        not name.isprintable()
+        or name.startswith(".")
+        or ".." in name
+        or _FORBIDDEN_CHARS.intersection(name)
+    ):
+        raise InvalidField(
+            "blob name must be printable, without '/', '\\' or '..', not starting with '.'",
+            field="name",
+        )
+    return name
+
+
+def _unavailable(root: Path, action: str, exc: OSError) -> DependencyUnavailable:
+    reason = os.strerror(exc.errno) if exc.errno is not None else type(exc).__name__
+    return DependencyUnavailable(f"blob store at {root}: cannot {action}: {reason}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore(BlobStore):
+    """Blobs as files under ``root``, written atomically and durably."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unavailable(self.root, "create the root folder", exc) from exc
+
+    def path_of(self, name: str) -> Path:
+        """Where the blob ``name`` lives (whether or not it exists)."""
+        digest = hashlib.sha256(check_blob_name(name).encode("utf-8", "surrogatepass"))
+        shard = digest.hexdigest()
+        return self.root / shard[:2] / shard[2:4] / name
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self.path_of(name)
+        try:
+            self._make_shard(path.parent)
+            self._write_new(path, bytes(data))
+        except FileExistsError as exc:
+            raise KeyExists(f"blob {name!r} already exists") from exc
+        except OSError as exc:
+            raise _unavailable(self.root, f"write blob {name!r}", exc) from exc
+
+    def get(self, name: str) -> bytes:
+        path = self.path_of(name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise KeyNotFound(f"no blob {name!r}") from exc
+        except OSError as exc:
+            raise _unavailable(self.root, f"read blob {name!r}", exc) from exc
+
+    def delete(self, name: str) -> None:
+        path = self.path_of(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _unavailable(self.root, f"delete blob {name!r}", exc) from exc
+        try:
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _unavailable(self.root, f"delete blob {name!r}", exc) from exc
+
+    def check_health(self) -> None:
+        if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+            raise DependencyUnavailable(f"blob store at {self.root}: not a writable folder")
+
+    def _make_shard(self, shard: Path) -> None:
+        """Create the two shard folders if needed, durably (each parent is fsynced)."""
+        for folder in (shard.parent, shard):
+            if not folder.is_dir():
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    continue
+                _fsync_dir(folder.parent)
+
+    def _write_new(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to a temp file, fsync it, link it to ``path`` and fsync the folder."""
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "blob exists", str(path))
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)

@@ -1,0 +1,305 @@
+"""What the SQL metadata stores share: schema migrations, row codecs, cursors and queries.
+
+Records live in ``key_records`` with a ``seq`` column that grows with every insert; listings
+are keyset-paginated on it, so a page never repeats or skips a record however many are added
+meanwhile (PostgreSQL serialises inserts so that ``seq`` order is also commit order). Labels
+are kept twice: in the record row (as given, in order) and one row per label in
+``key_labels``, which is what the label filter searches.
+
+A cursor is ``base64(json).base64(mac)``: the last ``seq`` seen and the filters it was issued
+for, authenticated with a random key stored in the database itself (so every node sharing the
+database accepts it). Anything else, or a cursor reused with other filters, is InvalidField.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+from abc import abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Protocol
+
+from signd.errors import ConfigurationError, InvalidField
+from signd.storage.base import KeyRecord, MetadataStore, RecordPage
+
+MAX_PAGE_SIZE = 1000
+
+_RECORD_COLUMNS = "seq, key_id, chain, address, public_key, custody, created_at, labels, details"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version: SQL statements applied together, in one transaction."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+class SqlCursor(Protocol):
+    """The DB-API cursor subset the shared queries use (``?`` placeholders)."""
+
+    def execute(self, sql: str, params: Sequence[Any], /) -> object: ...
+
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]], /) -> object: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+Filters = tuple[str | None, str | None, str | None]
+
+
+class CursorCodec:
+    """Issues and checks the opaque, authenticated pagination cursors."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def encode(self, after: int, filters: Filters) -> str:
+        payload = json.dumps({"after": after, "filters": list(filters)}, separators=(",", ":"))
+        body = payload.encode()
+        return f"{_b64encode(body)}.{_b64encode(self._mac(body))}"
+
+    def decode(self, cursor: str, filters: Filters) -> int:
+        """The ``seq`` after which the next page starts."""
+        invalid = InvalidField("cursor is not one this store issued", field="cursor")
+        if not isinstance(cursor, str) or cursor.count(".") != 1:
+            raise invalid
+        body_text, mac_text = cursor.split(".")
+        try:
+            body, mac = _b64decode(body_text), _b64decode(mac_text)
+        except (binascii.Error, ValueError):
+            raise invalid from None
+        canonical = _b64encode(body) == body_text and _b64encode(mac) == mac_text
+        if not canonical or not hmac.compare_digest(mac, self._mac(body)):
+            raise invalid
+        payload = json.loads(body)
+        if payload["filters"] != list(filters):
+            raise InvalidField("cursor was issued for other filters", field="cursor")
+        after: int = payload["after"]
+        return after
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, b"signd-cursor-v1\0" + body, hashlib.sha256).digest()[:16]
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def check_records(records: Sequence[KeyRecord]) -> list[KeyRecord]:
+    """Reject records the database would store badly (raises InvalidField)."""
+    checked = list(records)
+    for record in checked:
+        if not isinstance(record, KeyRecord):
+            raise InvalidField("records must be KeyRecord instances", field="records")
+        for field in ("key_id", "chain", "address", "custody"):
+            value = getattr(record, field)
+            if not isinstance(value, str) or not value:
+                raise InvalidField(f"{field} must be a non-empty string", field=field)
+        if not isinstance(record.public_key, bytes):
+            raise InvalidField("public_key must be bytes", field="public_key")
+        if not isinstance(record.created_at, datetime) or record.created_at.utcoffset() is None:
+            raise InvalidField("created_at must be a timezone-aware datetime", field="created_at")
+        if len(set(record.labels)) != len(record.labels) or not all(
+            isinstance(label, str) and label for label in record.labels
+        ):
+            raise InvalidField("labels must be distinct non-empty strings", field="labels")
+        if not all(
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and all(isinstance(part, str) for part in pair)
+            for pair in record.details
+        ):
+            raise InvalidField("details must be (name, value) string pairs", field="details")
+    return checked
+
+
+def check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_PAGE_SIZE:
+        raise InvalidField(f"limit must be between 1 and {MAX_PAGE_SIZE}", field="limit")
+    return limit
+
+
+class SqlMetadataStore(MetadataStore):
+    """The metadata store logic, written once over a dialect's connections.
+
+    A subclass names its ``migrations``, provides :meth:`_transaction` (which translates the
+    driver's errors) and the dialect hooks, and calls :meth:`_open` once connected.
+    """
+
+    migrations: ClassVar[Sequence[Migration]]
+
+    _cursors: CursorCodec
+
+    @abstractmethod
+    def _transaction(self, *, write: bool) -> AbstractContextManager[SqlCursor]:
+        """A cursor inside a transaction that commits on success; driver errors translated."""
+
+    def _sql(self, text: str) -> str:
+        """``text`` with ``?`` placeholders rewritten for the driver."""
+        return text
+
+    def _lock_schema(self, cursor: SqlCursor) -> None:
+        """Hold off other nodes migrating the same database until this transaction ends."""
+
+    def _lock_inserts(self, cursor: SqlCursor) -> None:
+        """Hold off other inserts until this transaction ends (so seq order is commit order)."""
+
+    def _dump_time(self, value: datetime) -> Any:
+        return value.astimezone(UTC).isoformat()
+
+    def _load_time(self, value: Any) -> datetime:
+        return datetime.fromisoformat(value).astimezone(UTC)
+
+    def _open(self) -> None:
+        """Apply pending migrations and load the cursor key, in one locked transaction."""
+        with self._transaction(write=True) as cursor:
+            self._lock_schema(cursor)
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)",
+                (),
+            )
+            cursor.execute("SELECT version FROM schema_migrations", ())
+            applied = {row[0] for row in cursor.fetchall()}
+            known = {migration.version for migration in self.migrations}
+            if applied - known:
+                raise ConfigurationError(
+                    f"database schema version {max(applied)} is newer than this signd knows"
+                )
+            for migration in sorted(self.migrations, key=lambda m: m.version):
+                if migration.version in applied:
+                    continue
+                for statement in migration.statements:
+                    cursor.execute(statement, ())
+                cursor.execute(
+                    self._sql(
+                        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)"
+                    ),
+                    (migration.version, migration.name, datetime.now(UTC).isoformat()),
+                )
+            cursor.execute(
+                self._sql(
+                    "INSERT INTO store_settings (name, value) VALUES ('cursor_key', ?) "
+                    "ON CONFLICT (name) DO NOTHING"
+                ),
+                (secrets.token_hex(32),),
+            )
+            cursor.execute("SELECT value FROM store_settings WHERE name = 'cursor_key'", ())
+            self._cursors = CursorCodec(bytes.fromhex(cursor.fetchone()[0]))
+
+    def schema_version(self) -> int:
+        """The highest migration applied to the database."""
+        with self._transaction(write=False) as cursor:
+            cursor.execute("SELECT MAX(version) FROM schema_migrations", ())
+            return int(cursor.fetchone()[0])
+
+    def add(self, records: Sequence[KeyRecord]) -> None:
+        checked = check_records(records)
+        if not checked:
+            return
+        rows = [
+            (
+                r.key_id,
+                r.chain,
+                r.address,
+                r.public_key,
+                r.custody,
+                self._dump_time(r.created_at),
+                json.dumps(list(r.labels)),
+                json.dumps([list(pair) for pair in r.details]),
+            )
+            for r in checked
+        ]
+        labels = [(label, r.key_id) for r in checked for label in r.labels]
+        with self._transaction(write=True) as cursor:
+            self._lock_inserts(cursor)
+            cursor.executemany(
+                self._sql(
+                    "INSERT INTO key_records (key_id, chain, address, public_key, custody, "
+                    "created_at, labels, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                rows,
+            )
+            if labels:
+                cursor.executemany(
+                    self._sql(
+                        "INSERT INTO key_labels (label, seq) "
+                        "SELECT ?, seq FROM key_records WHERE key_id = ?"
+                    ),
+                    labels,
+                )
+
+    def find(self, ref: str, *, custody: str | None = None) -> KeyRecord | None:
+        if not isinstance(ref, str) or not ref:
+            raise InvalidField("a key id or address is required", field="ref")
+        sql = f"SELECT {_RECORD_COLUMNS} FROM key_records WHERE (key_id = ? OR address = ?)"  # noqa: S608 - constant SQL, values bound
+        params: list[Any] = [ref, ref]
+        if custody is not None:
+            sql += " AND custody = ?"
+            params.append(custody)
+        sql += " ORDER BY CASE WHEN key_id = ? THEN 0 ELSE 1 END LIMIT 1"
+        params.append(ref)
+        with self._transaction(write=False) as cursor:
+            cursor.execute(self._sql(sql), params)
+            row = cursor.fetchone()
+        return None if row is None else self._record(row)
+
+    def list(
+        self,
+        *,
+        custody: str | None = None,
+        chain: str | None = None,
+        label: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> RecordPage:
+        limit = check_limit(limit)
+        filters: Filters = (custody, chain, label)
+        after = 0 if cursor is None else self._cursors.decode(cursor, filters)
+        sql = f"SELECT {_RECORD_COLUMNS} FROM key_records r WHERE r.seq > ?"  # noqa: S608 - constant SQL
+        params: list[Any] = [after]
+        if custody is not None:
+            sql += " AND r.custody = ?"
+            params.append(custody)
+        if chain is not None:
+            sql += " AND r.chain = ?"
+            params.append(chain)
+        if label is not None:
+            sql += " AND EXISTS (SELECT 1 FROM key_labels l WHERE l.label = ? AND l.seq = r.seq)"
+            params.append(label)
+        sql += " ORDER BY r.seq LIMIT ?"
+        params.append(limit + 1)
+        with self._transaction(write=False) as db:
+            db.execute(self._sql(sql), params)
+            rows = db.fetchall()
+        page = rows[:limit]
+        next_cursor = self._cursors.encode(page[-1][0], filters) if len(rows) > limit else None
+        return RecordPage([self._record(row) for row in page], next_cursor)
+
+    def _record(self, row: Sequence[Any]) -> KeyRecord:
+        _, key_id, chain, address, public_key, custody, created_at, labels, details = row
+        return KeyRecord(
+            key_id=key_id,
+            chain=chain,
+            address=address,
+            public_key=bytes(public_key),
+            custody=custody,
+            created_at=self._load_time(created_at),
+            labels=tuple(json.loads(labels)),
+            details=tuple((name, value) for name, value in json.loads(details)),
+        )

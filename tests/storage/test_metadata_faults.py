@@ -1,0 +1,167 @@
+"""A database that is down, stuck, locked or broken: DependencyUnavailable fast, then recovery."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from signd.errors import DependencyUnavailable, SigndError
+from signd.storage.postgres import PostgresMetadataStore
+from signd.storage.sqlite import SqliteMetadataStore
+from tests.fixtures.servers import PostgresServer
+from tests.storage.test_metadata_contract import record
+
+
+@contextmanager
+def fails_within(seconds: float) -> Iterator[list[SigndError]]:
+    """Expect DependencyUnavailable, raised within ``seconds``."""
+    caught: list[SigndError] = []
+    started = time.monotonic()
+    with pytest.raises(DependencyUnavailable) as info:
+        yield caught
+    elapsed = time.monotonic() - started
+    assert elapsed < seconds, f"took {elapsed:.1f} s"
+    caught.append(info.value)
+
+
+# ----------------------------------------------------------------------------- SQLite
+
+
+def test_sqlite_write_lock_held_elsewhere(tmp_path: Path) -> None:
+    store = SqliteMetadataStore(tmp_path / "m.sqlite", busy_timeout=0.3)
+    kept = record()
+    store.add([kept])
+    blocker = sqlite3.connect(tmp_path / "m.sqlite", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with fails_within(2) as caught:
+            store.add([record()])
+        assert "SQLITE_BUSY" in caught[0].message
+        assert store.find(kept.key_id) == kept
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    later = record()
+    store.add([later])
+    assert store.list().records == [kept, later]
+    store.close()
+
+
+def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DependencyUnavailable, match="SQLITE_NOTADB"):
+        SqliteMetadataStore(path)
+
+
+def test_sqlite_in_a_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(DependencyUnavailable, match="SQLITE_CANTOPEN"):
+        SqliteMetadataStore(tmp_path / "missing" / "m.sqlite")
+
+
+def test_sqlite_closed_store(tmp_path: Path) -> None:
+    store = SqliteMetadataStore(tmp_path / "m.sqlite")
+    store.close()
+    with pytest.raises(DependencyUnavailable, match="closed"):
+        store.find("anything")
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def pg_store(postgres_dsn: str) -> Iterator[PostgresMetadataStore]:
+    store = PostgresMetadataStore(postgres_dsn, statement_timeout=1, connect_timeout=2)
+    yield store
+    store.close()
+
+
+def _operations(store: PostgresMetadataStore) -> list[Callable[[], object]]:
+    return [
+        lambda: store.find("anything"),
+        lambda: store.list(),
+        lambda: store.add([record()]),
+        store.check_health,
+    ]
+
+
+def test_postgres_down_then_back(
+    postgres_server: PostgresServer, postgres_dsn: str, pg_store: PostgresMetadataStore
+) -> None:
+    kept = record()
+    pg_store.add([kept])
+    postgres_server.stop()
+    try:
+        for operation in _operations(pg_store):
+            with fails_within(2) as caught:
+                operation()
+            assert postgres_server.password not in caught[0].message
+            assert "127.0.0.1" in caught[0].message
+        with fails_within(3):
+            PostgresMetadataStore(postgres_dsn, connect_timeout=2)
+    finally:
+        postgres_server.start()
+    assert pg_store.find(kept.address) == kept
+    later = record()
+    pg_store.add([later])
+    assert pg_store.list().records == [kept, later]
+
+
+def test_postgres_restart_between_calls_is_invisible(
+    postgres_server: PostgresServer, pg_store: PostgresMetadataStore
+) -> None:
+    """Pooled connections the restart closed are noticed and replaced before use."""
+    kept = record()
+    pg_store.add([kept])
+    postgres_server.stop()
+    postgres_server.start()
+    assert pg_store.find(kept.key_id) == kept
+
+
+def test_postgres_stuck_server_times_out_then_recovers(
+    postgres_server: PostgresServer, postgres_dsn: str, pg_store: PostgresMetadataStore
+) -> None:
+    kept = record()
+    pg_store.add([kept])
+    postgres_server.pause()
+    try:
+        with fails_within(4) as caught:
+            pg_store.find(kept.key_id)
+        assert "no answer in time" in caught[0].message
+        with fails_within(5):
+            PostgresMetadataStore(postgres_dsn, connect_timeout=2)
+    finally:
+        postgres_server.resume()
+    assert pg_store.find(kept.key_id) == kept
+
+
+def test_postgres_lock_wait_is_bounded(postgres_dsn: str, pg_store: PostgresMetadataStore) -> None:
+    """A writer stuck behind another node's insert lock gives up after the statement timeout."""
+    with psycopg.connect(postgres_dsn) as other_node:
+        other_node.execute("LOCK TABLE key_records IN EXCLUSIVE MODE")
+        with fails_within(3) as caught:
+            pg_store.add([record()])
+        assert "no answer in time" in caught[0].message
+        assert pg_store.list().records == []
+    pg_store.add([record()])
+    assert len(pg_store.list().records) == 1
+
+
+def test_postgres_wrong_password_does_not_leak_it(postgres_server: PostgresServer) -> None:
+    dsn = postgres_server.dsn.replace(postgres_server.password, "wrong-secret-pw")
+    with pytest.raises(DependencyUnavailable) as caught:
+        PostgresMetadataStore(dsn, connect_timeout=2)
+    assert "wrong-secret-pw" not in str(caught.value)
+    assert "wrong-secret-pw" not in repr(caught.value.to_dict())
+
+
+def test_postgres_closed_store(pg_store: PostgresMetadataStore) -> None:
+    pg_store.close()
+    with pytest.raises(DependencyUnavailable, match="closed"):
+        pg_store.find("anything")
