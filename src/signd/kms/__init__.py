@@ -1,5 +1,90 @@
-"""Key management services: where data keys come from and get unwrapped."""
+"""Key management services: where data keys come from and get unwrapped.
 
+``kms_from_config`` builds a client from a settings mapping whose ``type`` tag names the
+backend: ``local`` (the embedded default) or ``aws`` (boto3, imported only when chosen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from signd.errors import ConfigurationError
 from signd.kms.base import DataKey, KmsClient
+from signd.kms.local import LocalKms
 
-__all__ = ["DataKey", "KmsClient"]
+__all__ = ["DataKey", "KmsClient", "LocalKms", "kms_from_config"]
+
+T = TypeVar("T")
+
+
+def _local(settings: Mapping[str, Any], home: Path) -> KmsClient:
+    return LocalKms(home, key_alias=_get(settings, "key_alias", str, "signd-default"))
+
+
+def _aws(settings: Mapping[str, Any], home: Path) -> KmsClient:
+    from signd.kms.aws import AwsKms
+
+    key_id = _optional(settings, "key_id", str)
+    if key_id is None:
+        raise ConfigurationError("kms.key_id is required for the aws KMS", field="kms.key_id")
+    return AwsKms(
+        key_id,
+        region=_optional(settings, "region", str),
+        endpoint_url=_optional(settings, "endpoint_url", str),
+        connect_timeout=_get(settings, "connect_timeout", float, 2.0),
+        read_timeout=_get(settings, "read_timeout", float, 5.0),
+        max_attempts=_get(settings, "max_attempts", int, 2),
+    )
+
+
+_FACTORIES: Final[dict[str, tuple[Callable[[Mapping[str, Any], Path], KmsClient], set[str]]]] = {
+    "local": (_local, {"type", "key_alias"}),
+    "aws": (
+        _aws,
+        {
+            "type",
+            "key_id",
+            "region",
+            "endpoint_url",
+            "connect_timeout",
+            "read_timeout",
+            "max_attempts",
+        },
+    ),
+}
+
+
+def kms_from_config(settings: Mapping[str, Any], home: Path) -> KmsClient:
+    """The KMS client that ``settings`` names by its ``type`` tag; unknown tags and keys fail."""
+    kms_type = settings.get("type", "local")
+    if kms_type not in _FACTORIES:
+        known = ", ".join(sorted(_FACTORIES))
+        raise ConfigurationError(
+            f"unknown KMS type {kms_type!r} (known: {known})", field="kms.type"
+        )
+    factory, allowed = _FACTORIES[kms_type]
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown settings for the {kms_type} KMS: {', '.join(unknown)}", field="kms"
+        )
+    return factory(settings, home)
+
+
+def _optional(settings: Mapping[str, Any], name: str, kind: type[T]) -> T | None:
+    """``settings[name]`` checked to be a ``kind`` (an int is accepted as a float), or None."""
+    value = settings.get(name)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigurationError(f"kms.{name} must be a {kind.__name__}", field=f"kms.{name}")
+    return value
+
+
+def _get(settings: Mapping[str, Any], name: str, kind: type[T], default: T) -> T:
+    value = _optional(settings, name, kind)
+    return default if value is None else value

@@ -32,9 +32,7 @@ class KmsClient(ABC):
     kms_type: str
 
     @abstractmethod
-    def generate_data_key(
-        self, *, encryption_context: Mapping[str, str] | None = None
-    ) -> DataKey:
+    def generate_data_key(self, *, encryption_context: Mapping[str, str] | None = None) -> DataKey:
         """A new 32-byte data key under the configured master key."""
 
     @abstractmethod
