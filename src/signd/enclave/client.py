@@ -1,0 +1,321 @@
+"""The host's side of the enclave protocol: one pipelined connection, reopened when it breaks.
+
+Many threads may call an :class:`EnclaveClient` at once; their requests share one connection
+and are matched to answers by request id, so a slow KMS call inside the enclave holds up no one
+else. A lost or unresponsive enclave raises :class:`signd.errors.DependencyUnavailable`; the
+next call connects again, so the client recovers by itself when the enclave comes back. An
+error the enclave reports arrives as the same :mod:`signd.errors` class it raised there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Final
+
+from signd.enclave.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_BATCH,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    U32_MAX,
+    CreatedKey,
+    Event,
+    FrameDecoder,
+    KeyReference,
+    MessageType,
+    ProtocolViolation,
+    encode_frame,
+    error_from_body,
+    require_bytes,
+    require_int,
+    require_list,
+)
+from signd.enclave.transport import Transport, close_socket
+from signd.errors import DependencyUnavailable, InvalidField, SigndError
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE: Final = 1 << 16
+SIGNATURE_SIZE: Final = 65
+
+
+@contextlib.contextmanager
+def _parsing_answer() -> Iterator[None]:
+    """A malformed answer is the enclave's fault, not the caller's: report it as unavailable."""
+    try:
+        yield
+    except InvalidField as error:
+        raise DependencyUnavailable(
+            f"the enclave sent a malformed answer ({error.message})"
+        ) from None
+
+
+def _request_ids() -> Iterator[int]:
+    """1, 2, ..., 2**32 - 1, 1, ... (0 is reserved)."""
+    return itertools.cycle(range(1, U32_MAX + 1))
+
+
+class _Connection:
+    """One socket, a reader thread, and the requests waiting for answers on it."""
+
+    def __init__(self, sock: socket.socket, *, max_frame_size: int, io_timeout: float) -> None:
+        self._sock = sock
+        self._sock.settimeout(io_timeout)
+        self._max_frame_size = max_frame_size
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._pending: dict[int, tuple[MessageType, Future[dict[str, Any]]]] = {}
+        self._ids = _request_ids()
+        self._closed = False
+        self.version = PROTOCOL_VERSION
+        self._reader = threading.Thread(
+            target=self._read_loop, name="signd-enclave-client", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(
+        self, message_type: MessageType, body: Mapping[str, Any]
+    ) -> Future[dict[str, Any]] | None:
+        """Send a request; ``None`` when the connection is already closed (nothing was sent)."""
+        future: Future[dict[str, Any]] = Future()
+        with self._lock:
+            if self._closed:
+                return None
+            request_id = next(self._ids)
+            while request_id in self._pending:
+                request_id = next(self._ids)
+            data = encode_frame(
+                message_type,
+                request_id,
+                body,
+                version=self.version,
+                max_frame_size=self._max_frame_size,
+            )
+            self._pending[request_id] = (message_type, future)
+        try:
+            with self._write_lock:
+                self._sock.sendall(data)
+        except OSError:
+            self.close(DependencyUnavailable("lost the connection to the enclave while sending"))
+        return future
+
+    def close(self, reason: SigndError | None = None) -> None:
+        """Close the socket and fail every waiting request with ``reason``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        close_socket(self._sock)
+        message = (reason or DependencyUnavailable("the enclave connection was closed")).message
+        for _, future in pending:
+            future.set_exception(DependencyUnavailable(message))
+
+    def _read_loop(self) -> None:
+        decoder = FrameDecoder(max_frame_size=self._max_frame_size)
+        while not self._closed:
+            try:
+                data = self._sock.recv(RECV_SIZE)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            for event in decoder.feed(data):
+                if not self._dispatch(event):
+                    return
+        self.close(DependencyUnavailable("the enclave closed the connection"))
+
+    def _dispatch(self, event: Event) -> bool:
+        """Settle the request an event answers; False when the connection must close."""
+        if isinstance(event, ProtocolViolation):
+            if event.fatal:
+                logger.warning("enclave sent a garbled stream: %s", event.error.message)
+                self.close(DependencyUnavailable("the enclave sent a garbled stream"))
+                return False
+            self._settle(event.request_id, error=event.error)
+            return True
+        if event.message_type is MessageType.ERROR:
+            self._settle(event.request_id, error=error_from_body(event.body))
+            return True
+        with self._lock:
+            expected = self._pending.get(event.request_id, (None, None))[0]
+        if not event.is_response or event.message_type is not expected:
+            self.close(DependencyUnavailable("the enclave answered out of protocol"))
+            return False
+        self._settle(event.request_id, body=event.body)
+        return True
+
+    def _settle(
+        self,
+        request_id: int,
+        *,
+        body: dict[str, Any] | None = None,
+        error: SigndError | None = None,
+    ) -> None:
+        with self._lock:
+            entry = self._pending.pop(request_id, None)
+        if entry is None:
+            logger.warning("enclave answered unknown request id %d", request_id)
+            return
+        future = entry[1]
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(body or {})
+
+
+class EnclaveClient:
+    """Talks to the enclave over ``transport``; thread-safe, pipelined, self-healing.
+
+    ``timeout`` bounds each request (an enclave that does not answer in time is treated as gone:
+    the connection is dropped and DependencyUnavailable raised); ``connect_timeout`` bounds
+    connecting and the HELLO exchange.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
+        if timeout <= 0 or connect_timeout <= 0:
+            raise InvalidField("timeouts must be positive", field="timeout")
+        self._transport = transport
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
+        self._max_frame_size = max_frame_size
+        self._connection: _Connection | None = None
+        self._connect_lock = threading.Lock()
+        self.max_batch = MAX_BATCH
+
+    def __repr__(self) -> str:
+        return f"EnclaveClient({self._transport!r})"
+
+    def _connect(self) -> _Connection:
+        with self._connect_lock:
+            connection = self._connection
+            if connection is not None and not connection.closed:
+                return connection
+            sock = self._transport.connect(self._connect_timeout)
+            connection = _Connection(
+                sock, max_frame_size=self._max_frame_size, io_timeout=self._timeout
+            )
+            try:
+                future = connection.submit(
+                    MessageType.HELLO, {"versions": sorted(SUPPORTED_VERSIONS)}
+                )
+                if future is None:
+                    raise DependencyUnavailable("the enclave closed the connection at once")
+                hello = self._wait(connection, future, self._connect_timeout)
+                with _parsing_answer():
+                    version = require_int(hello, "version", minimum=0, maximum=255)
+                    max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
+                if version not in SUPPORTED_VERSIONS:
+                    raise DependencyUnavailable(f"the enclave chose unknown version {version}")
+            except SigndError:
+                connection.close()
+                raise
+            connection.version = version
+            self.max_batch = max_batch
+            self._connection = connection
+            return connection
+
+    def _wait(
+        self, connection: _Connection, future: Future[dict[str, Any]], timeout: float
+    ) -> dict[str, Any]:
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            connection.close(DependencyUnavailable("the enclave stopped answering"))
+            raise DependencyUnavailable(
+                f"the enclave did not answer within {timeout:g} s"
+            ) from None
+
+    def _submit(
+        self, message_type: MessageType, body: Mapping[str, Any]
+    ) -> tuple[_Connection, Future[dict[str, Any]]]:
+        for _ in range(2):
+            connection = self._connect()
+            future = connection.submit(message_type, body)
+            if future is not None:
+                return connection, future
+        raise DependencyUnavailable("the enclave keeps closing the connection")
+
+    def submit(self, message_type: MessageType, body: Mapping[str, Any]) -> Future[dict[str, Any]]:
+        """Send one request without waiting; the future holds the answer's body or its error.
+
+        Waiting on the future has no deadline of its own: pass one to ``result(timeout)``.
+        """
+        return self._submit(message_type, body)[1]
+
+    def request(self, message_type: MessageType, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its answer."""
+        connection, future = self._submit(message_type, body)
+        return self._wait(connection, future, self._timeout)
+
+    def health(self) -> dict[str, Any]:
+        """The enclave's health report; a dependency it cannot reach raises its error."""
+        return self.request(MessageType.HEALTH, {})
+
+    def create_keys(self, chain: str, count: int) -> list[CreatedKey]:
+        """Have the enclave create and seal ``count`` keys (at most :attr:`max_batch`)."""
+        answer = self.request(MessageType.CREATE_KEYS, {"chain": chain, "count": count})
+        with _parsing_answer():
+            items = require_list(answer, "keys", max_length=count)
+            keys = [CreatedKey.from_body(item) for item in items if isinstance(item, dict)]
+        if len(keys) != count:
+            raise DependencyUnavailable(f"the enclave made {len(keys)} keys, not {count}")
+        return keys
+
+    def sign_digest(self, key: KeyReference, digest: bytes) -> bytes:
+        """The enclave's 65-byte r‖s‖recid signature over ``digest``."""
+        answer = self.request(MessageType.SIGN_DIGEST, {**key.to_body(), "digest": digest})
+        with _parsing_answer():
+            return require_bytes(answer, "signature", size=SIGNATURE_SIZE)
+
+    def sign_digests(self, items: Sequence[tuple[KeyReference, bytes]]) -> list[bytes | SigndError]:
+        """Sign many digests in one round trip; each item answers a signature or its own error."""
+        if len(items) > self.max_batch:
+            raise InvalidField(f"at most {self.max_batch} digests per batch", field="items")
+        body = {"items": [{**key.to_body(), "digest": digest} for key, digest in items]}
+        answer = self.request(MessageType.SIGN_DIGESTS, body)
+        with _parsing_answer():
+            results = require_list(answer, "results", max_length=len(items))
+            if len(results) != len(items):
+                raise InvalidField("one result per item", field="results")
+            return [self._sign_result(result) for result in results]
+
+    @staticmethod
+    def _sign_result(result: Any) -> bytes | SigndError:
+        if not isinstance(result, dict):
+            raise InvalidField("each result must be a map", field="results")
+        if isinstance(result.get("error"), dict):
+            return error_from_body(result["error"])
+        return require_bytes(result, "signature", size=SIGNATURE_SIZE)
+
+    def flush_cache(self) -> int:
+        """Make the enclave forget every unsealed key; the number forgotten."""
+        answer = self.request(MessageType.FLUSH_CACHE, {})
+        with _parsing_answer():
+            return require_int(answer, "flushed", minimum=0, maximum=U32_MAX)
+
+    def close(self) -> None:
+        with self._connect_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None

@@ -1,0 +1,353 @@
+"""The host↔enclave wire protocol: length-prefixed binary frames with CBOR payloads, sans I/O.
+
+Every frame starts with the same 16-byte header in every protocol version, so that a peer can
+always read enough of a frame it does not understand to answer it::
+
+    offset  size  field
+    0       4     magic  b"SGND"
+    4       1     protocol version
+    5       1     message type (:class:`MessageType`)
+    6       2     flags (:class:`Flag`; reserved bits must be zero)
+    8       4     request id (u32; 0 is reserved for errors about the connection itself)
+    12      4     payload length (u32)
+    16      n     payload: one CBOR map with text keys
+
+All integers are big-endian. A response carries the request's id and type with
+``Flag.RESPONSE`` set, or type ``ERROR`` with body ``{code, message[, field]}`` using the codes
+of :mod:`signd.errors`. Request ids let a client pipeline many requests on one connection.
+
+:class:`FrameDecoder` is fed bytes and returns events: a :class:`Frame`, or a
+:class:`ProtocolViolation`. A violation that leaves the stream in step (unknown version or
+message type, bad flags, a payload that is not a CBOR map) names the request it concerns and
+the stream goes on; a fatal one (bad magic, a declared length over the limit) is the last event
+and the connection should be answered with an error frame and closed. A declared length is
+checked against the limit before any byte of the payload is buffered.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import Any, Final
+
+import cbor2
+
+from signd import errors
+from signd.errors import InvalidField, InvalidRequest, SigndError, UnsupportedOperation
+
+MAGIC: Final = b"SGND"
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+HEADER: Final = struct.Struct(">4sBBHII")
+HEADER_SIZE: Final = HEADER.size
+DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
+MIN_FRAME_SIZE: Final = 4096
+NO_REQUEST_ID: Final = 0
+U32_MAX: Final = 0xFFFF_FFFF
+MAX_PAYLOAD_DEPTH: Final = 16
+
+
+class MessageType(IntEnum):
+    HELLO = 1
+    """Version negotiation: ``{versions: [int]}`` → ``{version, max_frame_size, max_batch}``."""
+    HEALTH = 2
+    """``{}`` → ``{status: "ok", cached_keys}``; an error frame when a dependency is down."""
+    CREATE_KEYS = 3
+    """``{chain, count}`` → ``{keys: [{key_id, chain, address, public_key, blob}]}``."""
+    SIGN_DIGEST = 4
+    """``{key_id, chain, address, blob, digest}`` → ``{signature}`` (65 bytes r‖s‖recid)."""
+    SIGN_DIGESTS = 5
+    """``{items: [sign request]}`` → ``{results: [{signature} | {error: {code, message}}]}``."""
+    FLUSH_CACHE = 6
+    """``{}`` → ``{flushed}``: drop every unsealed key held in enclave memory."""
+    ERROR = 127
+    """A response only: ``{code, message[, field]}``."""
+
+
+class Flag(IntFlag):
+    NONE = 0
+    RESPONSE = 0x0001
+
+
+_KNOWN_FLAGS: Final = int(Flag.RESPONSE)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One complete, well-formed frame."""
+
+    message_type: MessageType
+    request_id: int
+    body: dict[str, Any]
+    flags: Flag = Flag.NONE
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.flags & Flag.RESPONSE)
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """A frame or stream the decoder refused; answer it with :func:`encode_error`."""
+
+    request_id: int
+    error: SigndError
+    fatal: bool
+    """The stream is out of step: answer, then close the connection."""
+
+
+Event = Frame | ProtocolViolation
+
+
+def _check_max_frame_size(max_frame_size: int) -> int:
+    if not MIN_FRAME_SIZE <= max_frame_size <= U32_MAX:
+        raise InvalidField(
+            f"max frame size must be between {MIN_FRAME_SIZE} and {U32_MAX} bytes",
+            field="max_frame_size",
+        )
+    return max_frame_size
+
+
+def encode_frame(
+    message_type: MessageType,
+    request_id: int,
+    body: Mapping[str, Any],
+    *,
+    flags: Flag = Flag.NONE,
+    version: int = PROTOCOL_VERSION,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> bytes:
+    """Serialise one frame; a frame over ``max_frame_size`` raises InvalidRequest."""
+    if not 0 <= request_id <= U32_MAX:
+        raise InvalidField("request id must be a u32", field="request_id")
+    payload = cbor2.dumps(dict(body))
+    size = HEADER_SIZE + len(payload)
+    if size > max_frame_size:
+        raise InvalidRequest(f"a {size}-byte frame exceeds the {max_frame_size}-byte limit")
+    return HEADER.pack(MAGIC, version, message_type, flags, request_id, len(payload)) + payload
+
+
+def encode_error(request_id: int, error: SigndError, *, version: int = PROTOCOL_VERSION) -> bytes:
+    """An ERROR response frame carrying ``error`` as ``{code, message[, field]}``."""
+    return encode_frame(
+        MessageType.ERROR, request_id, error.to_dict(), flags=Flag.RESPONSE, version=version
+    )
+
+
+def _error_classes() -> dict[str, type[SigndError]]:
+    table: dict[str, type[SigndError]] = {}
+    pending: list[type[SigndError]] = [SigndError]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__ == errors.__name__:
+            table.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return table
+
+
+def error_from_body(body: Mapping[str, Any]) -> SigndError:
+    """Rebuild the error an ERROR frame carries, as the same :mod:`signd.errors` class."""
+    code, message, field = body.get("code"), body.get("message"), body.get("field")
+    if not isinstance(message, str):
+        message = "the enclave reported an error without a message"
+    cls = _error_classes().get(code, SigndError) if isinstance(code, str) else SigndError
+    return cls(message, field=field if isinstance(field, str) else None)
+
+
+def negotiate_version(offered: Iterable[int]) -> int:
+    """The highest version both sides speak; none in common raises UnsupportedOperation."""
+    common = SUPPORTED_VERSIONS.intersection(offered)
+    if not common:
+        raise UnsupportedOperation(
+            f"no common protocol version (this side speaks {sorted(SUPPORTED_VERSIONS)})"
+        )
+    return max(common)
+
+
+def _decode_payload(payload: bytes) -> dict[str, Any]:
+    """One CBOR map with text keys and no trailing bytes, or InvalidRequest."""
+    stream = io.BytesIO(payload)
+    try:
+        body = cbor2.CBORDecoder(
+            stream, max_depth=MAX_PAYLOAD_DEPTH, allow_duplicate_keys=False
+        ).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, LookupError):
+        raise InvalidRequest("payload is not valid CBOR") from None
+    if stream.tell() != len(payload):
+        raise InvalidRequest("payload has trailing bytes after its CBOR map")
+    if not isinstance(body, dict) or not all(isinstance(key, str) for key in body):
+        raise InvalidRequest("payload must be a CBOR map with text keys")
+    return body
+
+
+class FrameDecoder:
+    """Turns a byte stream into :class:`Frame` and :class:`ProtocolViolation` events.
+
+    Feed it whatever the socket returned, in any chunking; it buffers at most one frame. After a
+    fatal violation it is closed and ignores further input.
+    """
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = _check_max_frame_size(max_frame_size)
+        self._buffer = bytearray()
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add received bytes; return the events they complete."""
+        if self.closed:
+            return []
+        self._buffer += data
+        events: list[Event] = []
+        offset = 0
+        while not self.closed:
+            event, consumed = self._next_event(offset)
+            if event is None:
+                break
+            events.append(event)
+            offset += consumed
+        if self.closed:
+            self._buffer.clear()
+        else:
+            del self._buffer[:offset]
+        return events
+
+    def _fatal(self, request_id: int, error: SigndError) -> tuple[ProtocolViolation, int]:
+        self.closed = True
+        return ProtocolViolation(request_id, error, fatal=True), 0
+
+    def _next_event(self, offset: int) -> tuple[Event | None, int]:
+        available = len(self._buffer) - offset
+        prefix = bytes(self._buffer[offset : offset + min(available, len(MAGIC))])
+        if not MAGIC.startswith(prefix):
+            return self._fatal(NO_REQUEST_ID, InvalidRequest("stream is out of step (bad magic)"))
+        if available < HEADER_SIZE:
+            return None, 0
+        _, version, type_code, flags, request_id, length = HEADER.unpack_from(self._buffer, offset)
+        if HEADER_SIZE + length > self.max_frame_size:
+            error = InvalidRequest(
+                f"a {HEADER_SIZE + length}-byte frame exceeds the {self.max_frame_size}-byte limit"
+            )
+            return self._fatal(request_id, error)
+        if available < HEADER_SIZE + length:
+            return None, 0
+        start = offset + HEADER_SIZE
+        payload = bytes(self._buffer[start : start + length])
+        consumed = HEADER_SIZE + length
+        try:
+            frame = self._frame(version, type_code, flags, request_id, payload)
+        except SigndError as error:
+            return ProtocolViolation(request_id, error, fatal=False), consumed
+        return frame, consumed
+
+    @staticmethod
+    def _frame(version: int, type_code: int, flags: int, request_id: int, payload: bytes) -> Frame:
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedOperation(
+                f"protocol version {version} is not supported "
+                f"(this side speaks {sorted(SUPPORTED_VERSIONS)})"
+            )
+        try:
+            message_type = MessageType(type_code)
+        except ValueError:
+            raise UnsupportedOperation(f"unknown message type {type_code}") from None
+        if flags & ~_KNOWN_FLAGS:
+            raise InvalidRequest(f"reserved flag bits set: {flags:#06x}")
+        return Frame(message_type, request_id, _decode_payload(payload), Flag(flags), version)
+
+
+def require_str(body: Mapping[str, Any], name: str, *, max_length: int = 256) -> str:
+    """A non-empty text field of at most ``max_length`` characters."""
+    value = body.get(name)
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        raise InvalidField(f"{name} must be text of 1-{max_length} characters", field=name)
+    return value
+
+
+def require_bytes(body: Mapping[str, Any], name: str, *, size: int | None = None) -> bytes:
+    """A byte-string field, of exactly ``size`` bytes when given."""
+    value = body.get(name)
+    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+        expected = f"{size} bytes" if size is not None else "bytes"
+        raise InvalidField(f"{name} must be {expected}", field=name)
+    return value
+
+
+def require_int(body: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> int:
+    """An integer field within ``[minimum, maximum]``."""
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidField(f"{name} must be an integer in {minimum}..{maximum}", field=name)
+    return value
+
+
+def require_list(body: Mapping[str, Any], name: str, *, max_length: int) -> list[Any]:
+    """A list field of at most ``max_length`` items."""
+    value = body.get(name)
+    if not isinstance(value, list) or len(value) > max_length:
+        raise InvalidField(f"{name} must be a list of at most {max_length} items", field=name)
+    return value
+
+
+MAX_BATCH: Final = 1000
+"""The most keys one CREATE_KEYS makes and the most items one SIGN_DIGESTS carries."""
+MAX_NAME_LENGTH: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReference:
+    """Everything the enclave needs to find and check one sealed key (all of it public)."""
+
+    key_id: str
+    chain: str
+    address: str
+    blob: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "chain": self.chain,
+            "address": self.address,
+            "blob": self.blob,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> KeyReference:
+        return cls(
+            require_str(body, "key_id", max_length=MAX_NAME_LENGTH),
+            require_str(body, "chain", max_length=MAX_NAME_LENGTH),
+            require_str(body, "address", max_length=MAX_NAME_LENGTH),
+            require_str(body, "blob", max_length=MAX_NAME_LENGTH),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    """A key the enclave created and sealed: its public facts and where its blob is."""
+
+    key_id: str
+    chain: str
+    address: str
+    public_key: bytes
+    blob: str
+
+    @property
+    def reference(self) -> KeyReference:
+        return KeyReference(self.key_id, self.chain, self.address, self.blob)
+
+    def to_body(self) -> dict[str, Any]:
+        return {**self.reference.to_body(), "public_key": self.public_key}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> CreatedKey:
+        ref = KeyReference.from_body(body)
+        public_key = require_bytes(body, "public_key", size=33)
+        return cls(ref.key_id, ref.chain, ref.address, public_key, ref.blob)

@@ -1,0 +1,349 @@
+"""The enclave's socket server: frames in, :class:`EnclaveSigner` calls, frames out.
+
+One thread reads each connection; requests run on a shared worker pool, so answers go back in
+whatever order they finish, matched by request id. A connection that sends garbage gets an
+error frame and is closed; other connections are not affected. :func:`run_enclave` is the
+process entry point (``signd enclave``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final
+
+import coincurve
+
+from signd.chains import address_deriver
+from signd.enclave.cache import UnsealedKeyCache
+from signd.enclave.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_BATCH,
+    Flag,
+    Frame,
+    FrameDecoder,
+    KeyReference,
+    MessageType,
+    ProtocolViolation,
+    encode_error,
+    encode_frame,
+    negotiate_version,
+    require_bytes,
+    require_int,
+    require_list,
+    require_str,
+)
+from signd.enclave.signer import AddressFunction, EnclaveSigner
+from signd.enclave.transport import close_socket, listen_socket
+from signd.errors import InvalidField, InvalidRequest, SigndError
+from signd.kms.base import KmsClient
+from signd.storage.base import BlobStore
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE: Final = 1 << 16
+ACCEPT_POLL: Final = 0.2
+MAX_OFFERED_VERSIONS: Final = 16
+
+
+class EnclaveApp:
+    """Answers one request frame with one response frame; never raises."""
+
+    def __init__(
+        self, signer: EnclaveSigner, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
+        self.signer = signer
+        self.max_frame_size = max_frame_size
+        self._handlers: dict[MessageType, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            MessageType.HELLO: self._hello,
+            MessageType.HEALTH: self._health,
+            MessageType.CREATE_KEYS: self._create_keys,
+            MessageType.SIGN_DIGEST: self._sign_digest,
+            MessageType.SIGN_DIGESTS: self._sign_digests,
+            MessageType.FLUSH_CACHE: self._flush_cache,
+        }
+
+    def handle(self, frame: Frame) -> bytes:
+        """The encoded answer to a request frame: its result, or an ERROR frame."""
+        try:
+            handler = self._handlers.get(frame.message_type)
+            if handler is None or frame.is_response:
+                raise InvalidRequest(f"{frame.message_type.name} is not a request")
+            body = handler(frame.body)
+            return encode_frame(
+                frame.message_type,
+                frame.request_id,
+                body,
+                flags=Flag.RESPONSE,
+                version=frame.version,
+                max_frame_size=self.max_frame_size,
+            )
+        except SigndError as error:
+            return encode_error(frame.request_id, error, version=frame.version)
+        except Exception as error:
+            logger.error(
+                "enclave %s request failed: %s", frame.message_type.name, type(error).__name__
+            )
+            failure = SigndError("the enclave failed to handle the request")
+            return encode_error(frame.request_id, failure, version=frame.version)
+
+    def _hello(self, body: dict[str, Any]) -> dict[str, Any]:
+        offered = require_list(body, "versions", max_length=MAX_OFFERED_VERSIONS)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in offered):
+            raise InvalidField("versions must be integers", field="versions")
+        return {
+            "version": negotiate_version(offered),
+            "max_frame_size": self.max_frame_size,
+            "max_batch": self.signer.max_batch,
+        }
+
+    def _health(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.signer.check_health()
+        return {"status": "ok", "cached_keys": self.signer.cached_keys}
+
+    def _create_keys(self, body: dict[str, Any]) -> dict[str, Any]:
+        chain = require_str(body, "chain")
+        count = require_int(body, "count", minimum=1, maximum=self.signer.max_batch)
+        return {"keys": [key.to_body() for key in self.signer.create_keys(chain, count)]}
+
+    def _sign(self, item: Any) -> bytes:
+        if not isinstance(item, dict):
+            raise InvalidField("each item must be a map", field="items")
+        key = KeyReference.from_body(item)
+        return self.signer.sign_digest(key, require_bytes(item, "digest", size=32)).to_bytes()
+
+    def _sign_digest(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"signature": self._sign(body)}
+
+    def _sign_digests(self, body: dict[str, Any]) -> dict[str, Any]:
+        items = require_list(body, "items", max_length=self.signer.max_batch)
+        results: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                results.append({"signature": self._sign(item)})
+            except SigndError as error:
+                results.append({"error": error.to_dict()})
+        return {"results": results}
+
+    def _flush_cache(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"flushed": self.signer.flush_cache()}
+
+
+class _Writer:
+    """Serialises whole frames onto one socket from many worker threads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+        self.broken = False
+
+    def send(self, data: bytes) -> None:
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                self.broken = True
+
+
+class EnclaveServer:
+    """Serves the enclave protocol on any number of connections.
+
+    ``workers`` threads run requests; each connection may have ``max_in_flight`` requests
+    running at once (its reader stops reading until one finishes). ``io_timeout`` bounds how
+    long a send to a client that stopped reading may block.
+    """
+
+    def __init__(
+        self,
+        app: EnclaveApp,
+        *,
+        workers: int = 8,
+        max_in_flight: int = 64,
+        io_timeout: float = 30.0,
+    ) -> None:
+        self.app = app
+        self._max_in_flight = max_in_flight
+        self._io_timeout = io_timeout
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="signd-enclave")
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._accept_thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.address: str | None = None
+
+    def __repr__(self) -> str:
+        return f"EnclaveServer(address={self.address!r})"
+
+    def listen(self, address: str) -> None:
+        """Accept connections on ``address`` (``unix:///...`` or ``vsock://CID:PORT``)."""
+        listener = listen_socket(address)
+        listener.settimeout(ACCEPT_POLL)
+        self.address = address
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, args=(listener,), name="signd-enclave-accept", daemon=True
+        )
+        self._accept_thread.start()
+        logger.info("enclave listening on %s", address)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept until closed, then close the listener (and remove a Unix socket file)."""
+        try:
+            while not self._closed.is_set():
+                try:
+                    sock, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    logger.warning("enclave listener failed; no longer accepting")
+                    return
+                self.serve_connection(sock)
+        finally:
+            if listener.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    os.unlink(listener.getsockname())
+            listener.close()
+
+    def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one connected socket in the background (and own it)."""
+        with self._lock:
+            if self._closed.is_set():
+                sock.close()
+                return
+            self._connections.add(sock)
+        sock.settimeout(self._io_timeout)
+        threading.Thread(
+            target=self._serve, args=(sock,), name="signd-enclave-conn", daemon=True
+        ).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        decoder = FrameDecoder(max_frame_size=self.app.max_frame_size)
+        writer = _Writer(sock)
+        slots = threading.BoundedSemaphore(self._max_in_flight)
+        try:
+            while not self._closed.is_set() and not writer.broken:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                for event in decoder.feed(data):
+                    if isinstance(event, ProtocolViolation):
+                        writer.send(encode_error(event.request_id, event.error))
+                        if event.fatal:
+                            logger.warning("closed a connection: %s", event.error.message)
+                            return
+                        continue
+                    slots.acquire()
+                    if not self._submit(writer, slots, event):
+                        return
+        finally:
+            self._drain(slots)
+            with self._lock:
+                self._connections.discard(sock)
+            close_socket(sock)
+
+    def _submit(self, writer: _Writer, slots: threading.BoundedSemaphore, frame: Frame) -> bool:
+        """Run a request on the pool; False when the server is shutting down."""
+
+        def respond() -> None:
+            try:
+                writer.send(self.app.handle(frame))
+            finally:
+                slots.release()
+
+        try:
+            self._pool.submit(respond)
+        except RuntimeError:
+            slots.release()
+            return False
+        return True
+
+    def _drain(self, slots: threading.BoundedSemaphore) -> None:
+        """Let a connection's running requests answer before it closes (up to ``io_timeout``)."""
+        deadline = time.monotonic() + self._io_timeout
+        for _ in range(self._max_in_flight):
+            if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return
+
+    def close(self) -> None:
+        """Stop accepting, close every connection and wait for running requests."""
+        self._closed.set()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        with self._lock:
+            connections = list(self._connections)
+        for sock in connections:
+            close_socket(sock)
+        self._pool.shutdown(wait=True)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`close`; False if ``timeout`` passed first."""
+        return self._closed.wait(timeout)
+
+
+def start_enclave(
+    listen: str | None,
+    kms: KmsClient,
+    blobs: BlobStore,
+    *,
+    cache: UnsealedKeyCache[KeyReference, coincurve.PrivateKey] | None = None,
+    address_deriver: Callable[[str], AddressFunction] = address_deriver,
+    max_batch: int = MAX_BATCH,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    workers: int = 8,
+) -> EnclaveServer:
+    """Build the enclave application and serve it; ``listen=None`` serves in-process only."""
+    signer = EnclaveSigner(
+        kms, blobs, cache=cache, address_deriver=address_deriver, max_batch=max_batch
+    )
+    server = EnclaveServer(EnclaveApp(signer, max_frame_size=max_frame_size), workers=workers)
+    if listen is not None:
+        try:
+            server.listen(listen)
+        except SigndError:
+            server.close()
+            raise
+    return server
+
+
+def run_enclave(
+    listen: str,
+    kms: KmsClient,
+    blobs: BlobStore,
+    *,
+    stop: threading.Event | None = None,
+    cache: UnsealedKeyCache[KeyReference, coincurve.PrivateKey] | None = None,
+    address_deriver: Callable[[str], AddressFunction] = address_deriver,
+    max_batch: int = MAX_BATCH,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    workers: int = 8,
+) -> None:
+    """Serve the enclave on ``listen`` until ``stop`` is set (or the process is interrupted)."""
+    server = start_enclave(
+        listen,
+        kms,
+        blobs,
+        cache=cache,
+        address_deriver=address_deriver,
+        max_batch=max_batch,
+        max_frame_size=max_frame_size,
+        workers=workers,
+    )
+    try:
+        if stop is None:
+            server.wait()
+        else:
+            stop.wait()
+    finally:
+        server.close()

@@ -1,0 +1,279 @@
+"""The enclave application: envelope encryption, the attacks on it, and failing dependencies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+import coincurve
+import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from signd.chains import address_deriver
+from signd.crypto.secp256k1 import recover_public_key
+from signd.enclave.cache import UnsealedKeyCache
+from signd.enclave.protocol import KeyReference
+from signd.enclave.sealing import SealedKey
+from signd.enclave.signer import ENCRYPTION_CONTEXT, EnclaveSigner
+from signd.errors import (
+    DependencyUnavailable,
+    IntegrityError,
+    InvalidField,
+    KeyNotFound,
+)
+from signd.kms.local import LocalKms
+from signd.storage.blobs import FilesystemBlobStore
+from tests.enclave.fakes import ForgingKms, MemoryBlobStore, MemoryKms, unseal_in_test
+
+DIGEST = bytes(range(32))
+eth_address = address_deriver("ethereum")
+
+
+@pytest.fixture
+def signer(kms: MemoryKms, blobs: MemoryBlobStore) -> EnclaveSigner:
+    return EnclaveSigner(kms, blobs)
+
+
+def test_created_keys_are_sealed_under_a_round_tripped_data_key(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    assert kms.generated == 1
+    assert kms.decrypted == 1
+    assert kms.contexts == [{"service": "signd", "purpose": "enclave-sealed-key"}]
+    assert key.chain == "ethereum"
+    assert key.address == eth_address(key.public_key)
+    blob = blobs.blobs[key.blob]
+    body = cbor2.loads(blob)
+    assert body["format"] == "signd.enclave.sealed-key"
+    assert body["version"] == 1
+    assert body["algorithm"] == "AES-256-GCM"
+    assert body["kms_key_id"] == "memory-key-1"
+    assert set(body) == {
+        "format",
+        "version",
+        "algorithm",
+        "kms_key_id",
+        "encrypted_data_key",
+        "nonce",
+        "encrypted_private_key",
+    }
+    secret = unseal_in_test(kms, blob, key)
+    assert coincurve.PrivateKey(secret).public_key.format() == key.public_key
+    assert secret not in blob
+    data_key = kms.decrypt(body["encrypted_data_key"], encryption_context=ENCRYPTION_CONTEXT)
+    assert data_key.reveal_bytes() not in blob
+
+
+def test_a_batch_shares_one_data_key_with_a_nonce_per_key(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    keys = signer.create_keys("ethereum", 20)
+    assert kms.generated == 1
+    sealed = [SealedKey.from_bytes(blobs.blobs[k.blob]) for k in keys]
+    assert len({s.encrypted_data_key for s in sealed}) == 1
+    assert len({s.nonce for s in sealed}) == 20
+    assert len({k.key_id for k in keys}) == len({k.address for k in keys}) == 20
+
+
+def test_signatures_verify_and_are_deterministic(signer: EnclaveSigner) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    ref = key.reference
+    signature = signer.sign_digest(ref, DIGEST)
+    assert recover_public_key(DIGEST, signature.to_bytes()) == key.public_key
+    der = encode_dss_signature(signature.r, signature.s)
+    assert coincurve.PublicKey(key.public_key).verify(der, DIGEST, hasher=None)
+    signer.flush_cache()
+    assert signer.sign_digest(ref, DIGEST) == signature
+
+
+def test_the_cache_saves_kms_and_storage_round_trips_until_flushed(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    signer.sign_digest(key.reference, DIGEST)
+    decrypts, gets = kms.decrypted, blobs.gets
+    for _ in range(5):
+        signer.sign_digest(key.reference, DIGEST)
+    assert (kms.decrypted, blobs.gets) == (decrypts, gets)
+    assert signer.cached_keys == 1
+    assert signer.flush_cache() == 1
+    signer.sign_digest(key.reference, DIGEST)
+    assert (kms.decrypted, blobs.gets) == (decrypts + 1, gets + 1)
+
+
+def test_cache_use_limit_forces_a_fresh_unseal(kms: MemoryKms, blobs: MemoryBlobStore) -> None:
+    signer = EnclaveSigner(kms, blobs, cache=UnsealedKeyCache(max_uses=2))
+    [key] = signer.create_keys("ethereum", 1)
+    before = kms.decrypted
+    for _ in range(4):
+        signer.sign_digest(key.reference, DIGEST)
+    assert kms.decrypted == before + 2
+
+
+@pytest.mark.parametrize("field", ["encrypted_private_key", "nonce", "encrypted_data_key"])
+def test_tampered_blob_fields_fail_closed(
+    signer: EnclaveSigner, blobs: MemoryBlobStore, field: str
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    body = cbor2.loads(blobs.blobs[key.blob])
+    value = bytearray(body[field])
+    value[len(value) // 2] ^= 0x01
+    body[field] = bytes(value)
+    blobs.blobs[key.blob] = cbor2.dumps(body)
+    with pytest.raises(IntegrityError):
+        signer.sign_digest(key.reference, DIGEST)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda blob: blob[:-1],
+        lambda blob: b"",
+        lambda blob: b"\x00" * 100,
+        lambda blob: cbor2.dumps({**cbor2.loads(blob), "version": 2}),
+        lambda blob: cbor2.dumps({**cbor2.loads(blob), "algorithm": "AES-128-GCM"}),
+        lambda blob: cbor2.dumps({k: v for k, v in cbor2.loads(blob).items() if k != "nonce"}),
+        lambda blob: cbor2.dumps([1, 2, 3]),
+        lambda blob: blob + b"\x00" * 5000,
+    ],
+    ids=["truncated", "empty", "zeros", "version", "algorithm", "no-nonce", "list", "huge"],
+)
+def test_malformed_blobs_are_integrity_errors(
+    signer: EnclaveSigner, blobs: MemoryBlobStore, mangle: object
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    blobs.blobs[key.blob] = mangle(blobs.blobs[key.blob])  # type: ignore[operator]
+    with pytest.raises(IntegrityError) as info:
+        signer.sign_digest(key.reference, DIGEST)
+    assert info.value.message == "sealed key blob failed its integrity check"
+
+
+def test_blobs_swapped_between_two_keys_are_detected(
+    signer: EnclaveSigner, blobs: MemoryBlobStore
+) -> None:
+    first, second = signer.create_keys("ethereum", 2)
+    blobs.blobs[first.blob], blobs.blobs[second.blob] = (
+        blobs.blobs[second.blob],
+        blobs.blobs[first.blob],
+    )
+    for key in (first, second):
+        with pytest.raises(IntegrityError):
+            signer.sign_digest(key.reference, DIGEST)
+
+
+def test_a_reference_pointing_at_another_keys_blob_is_detected(signer: EnclaveSigner) -> None:
+    first, second = signer.create_keys("ethereum", 2)
+    mixed = [
+        KeyReference(first.key_id, first.chain, first.address, second.blob),
+        KeyReference(first.key_id, first.chain, second.address, first.blob),
+        KeyReference(second.key_id, first.chain, first.address, first.blob),
+    ]
+    for ref in mixed:
+        with pytest.raises(IntegrityError):
+            signer.sign_digest(ref, DIGEST)
+
+
+def test_a_cached_key_is_not_served_for_a_different_reference(signer: EnclaveSigner) -> None:
+    first, second = signer.create_keys("ethereum", 2)
+    signer.sign_digest(first.reference, DIGEST)
+    forged = KeyReference(first.key_id, first.chain, first.address, second.blob)
+    with pytest.raises(IntegrityError):
+        signer.sign_digest(forged, DIGEST)
+
+
+@pytest.mark.parametrize("real_ciphertext", [True, False], ids=["real-ct", "made-up-ct"])
+def test_a_forged_generate_data_key_answer_is_refused(real_ciphertext: bool) -> None:
+    kms = ForgingKms(real_ciphertext=real_ciphertext)
+    blobs = MemoryBlobStore()
+    signer = EnclaveSigner(kms, blobs)
+    with pytest.raises(IntegrityError):
+        signer.create_keys("ethereum", 5)
+    assert blobs.blobs == {}
+    assert blobs.puts == 0
+
+
+def test_kms_down_at_create_is_clear_and_recovers(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    kms.down = True
+    with pytest.raises(DependencyUnavailable):
+        signer.create_keys("ethereum", 3)
+    assert blobs.blobs == {}
+    kms.down = False
+    assert len(signer.create_keys("ethereum", 3)) == 3
+
+
+def test_blob_store_failing_mid_batch_leaves_nothing_and_recovers(
+    signer: EnclaveSigner, blobs: MemoryBlobStore
+) -> None:
+    blobs.fail_puts_after = 3
+    with pytest.raises(DependencyUnavailable):
+        signer.create_keys("ethereum", 5)
+    assert blobs.blobs == {}
+    blobs.fail_puts_after = None
+    keys = signer.create_keys("ethereum", 5)
+    assert sorted(blobs.blobs) == sorted(k.blob for k in keys)
+
+
+def test_dependencies_down_at_sign_time_are_clear_and_recover(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    for dependency in (kms, blobs):
+        dependency.down = True
+        with pytest.raises(DependencyUnavailable):
+            signer.sign_digest(key.reference, DIGEST)
+        with pytest.raises(DependencyUnavailable):
+            signer.check_health()
+        dependency.down = False
+    signer.check_health()
+    assert recover_public_key(DIGEST, signer.sign_digest(key.reference, DIGEST).to_bytes()) == (
+        key.public_key
+    )
+
+
+def test_missing_blob_is_key_not_found(signer: EnclaveSigner) -> None:
+    with pytest.raises(KeyNotFound):
+        signer.sign_digest(KeyReference("k", "ethereum", "0x" + "00" * 20, "enclave-k"), DIGEST)
+
+
+@pytest.mark.parametrize(("chain", "count"), [("dogecoin", 1), ("ethereum", 0), ("ethereum", 1001)])
+def test_bad_create_requests_are_refused(signer: EnclaveSigner, chain: str, count: int) -> None:
+    with pytest.raises(InvalidField):
+        signer.create_keys(chain, count)
+
+
+def test_bad_digest_is_refused(signer: EnclaveSigner) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    with pytest.raises(InvalidField):
+        signer.sign_digest(key.reference, b"\x00" * 31)
+
+
+def test_creating_a_signer_reads_nothing(kms: MemoryKms, blobs: MemoryBlobStore) -> None:
+    EnclaveSigner(kms, blobs).create_keys("ethereum", 50)
+    gets, decrypts = blobs.gets, kms.decrypted
+    signer = EnclaveSigner(kms, blobs)
+    signer.check_health()
+    assert (blobs.gets, kms.decrypted, signer.cached_keys) == (gets, decrypts, 0)
+
+
+def test_with_the_local_kms_and_filesystem_store(tmp_path: Path) -> None:
+    kms = LocalKms(tmp_path / "home")
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    signer = EnclaveSigner(kms, blobs)
+    keys = signer.create_keys("ethereum", 3)
+    for key in keys:
+        signature = signer.sign_digest(key.reference, DIGEST)
+        assert recover_public_key(DIGEST, signature.to_bytes()) == key.public_key
+    fresh = EnclaveSigner(LocalKms(tmp_path / "home"), FilesystemBlobStore(tmp_path / "blobs"))
+    assert fresh.sign_digest(keys[0].reference, DIGEST) == signer.sign_digest(
+        keys[0].reference, DIGEST
+    )
+    path = blobs.path_of(keys[1].blob)
+    path.write_bytes(blobs.get(keys[2].blob))
+    with pytest.raises(IntegrityError):
+        fresh.sign_digest(keys[1].reference, DIGEST)
+    other_kms = EnclaveSigner(LocalKms(tmp_path / "other"), blobs)
+    with pytest.raises(IntegrityError):
+        other_kms.sign_digest(keys[0].reference, DIGEST)
