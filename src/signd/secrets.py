@@ -132,6 +132,24 @@ class FileSecrets(SecretsProvider):
         return f"FileSecrets(base={self._base!r})"
 
 
+class _DropResponseBodies(logging.Filter):
+    """Drops botocore's DEBUG dump of every response body, which holds secret values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("Response body"))
+
+
+_DROP_RESPONSE_BODIES = _DropResponseBodies()
+
+
+def hide_botocore_response_bodies() -> None:
+    """Keep secrets out of DEBUG logs: botocore logs raw response bodies (SecretString,
+    KMS plaintext) at DEBUG from ``botocore.parsers``. Idempotent, process-wide."""
+    logger = logging.getLogger("botocore.parsers")
+    if _DROP_RESPONSE_BODIES not in logger.filters:
+        logger.addFilter(_DROP_RESPONSE_BODIES)
+
+
 _AWS_NOT_FOUND = frozenset({"ResourceNotFoundException"})
 _AWS_REFUSED = frozenset(
     {
@@ -175,6 +193,7 @@ class AwsSecretsManager(SecretsProvider):
         return f"AwsSecretsManager(region={self._region!r}, endpoint_url={self._endpoint_url!r})"
 
     def _get_client(self) -> Any:
+        hide_botocore_response_bodies()
         if self._client is None:
             try:
                 import boto3
@@ -326,7 +345,9 @@ def resolve_reference(
     known = providers if providers is not None else default_providers()
     provider = known.get(ref.provider)
     if provider is None:
+        schemes = ", ".join(f"{scheme}:" for scheme in sorted(known))
         raise ConfigurationError(
-            f"unknown secrets provider {ref.provider!r}; known: {sorted(known)}"
+            f"a secret reference must start with one of {schemes} (the prefix is not echoed, "
+            "in case a secret value was written into configuration by mistake)"
         )
     return provider.get_field(ref.name, ref.field)

@@ -1,0 +1,324 @@
+"""A pool of logged-in PKCS#11 sessions, and the reconnect-and-retry-once around every call.
+
+Each session is used by one thread at a time (the PKCS#11 threading rule) and keeps its own
+cache of private-key object handles. When a call fails in a way that means the sessions, the
+login or the token itself went away, the pool is dropped, reopened (re-initialising the
+module if reopening alone does not work) and the call retried once. While the token stays
+away every request fails fast with DependencyUnavailable, a reconnection being attempted at
+most every ``reconnect_interval`` seconds, and the first request after it returns succeeds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass
+from pkcs11 import exceptions as p11
+
+from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.settings import HsmSettings
+from signd.errors import (
+    CapacityExceeded,
+    ConfigurationError,
+    DependencyUnavailable,
+    IntegrityError,
+    SigndError,
+)
+
+T = TypeVar("T")
+
+
+class TokenMissing(pkcs11.PKCS11Error):
+    """No token matches the configured label or slot."""
+
+
+_RECONNECT_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
+    TokenMissing,
+    p11.SessionHandleInvalid,
+    p11.SessionClosed,
+    p11.DeviceRemoved,
+    p11.DeviceError,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+    p11.GeneralError,
+    p11.UserNotLoggedIn,
+)
+_UNSUPPORTED_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
+    p11.MechanismInvalid,
+    p11.MechanismParamInvalid,
+    p11.DomainParamsInvalid,
+    p11.TemplateInconsistent,
+    p11.TemplateIncomplete,
+    p11.AttributeValueInvalid,
+    p11.AttributeTypeInvalid,
+    p11.FunctionNotSupported,
+)
+
+
+def needs_reconnect(exc: pkcs11.PKCS11Error) -> bool:
+    """Whether an error means the sessions, login or token are gone rather than the request.
+
+    A bare ``PKCS11Error`` is what python-pkcs11 raises for CKR_CRYPTOKI_NOT_INITIALIZED
+    (someone finalised the module) and for codes it does not know.
+    """
+    return isinstance(exc, _RECONNECT_ERRORS) or type(exc) is pkcs11.PKCS11Error
+
+
+def translate(exc: pkcs11.PKCS11Error, doing: str) -> SigndError:
+    """The signd error for a PKCS#11 failure; the message names the operation, not secrets."""
+    name = type(exc).__name__
+    if isinstance(exc, p11.DeviceMemory | p11.HostMemory):
+        return CapacityExceeded(
+            f"the HSM is out of memory while {doing} ({name}); key quota reached?"
+        )
+    if isinstance(exc, _UNSUPPORTED_ERRORS):
+        return ConfigurationError(f"the HSM token does not support {doing} ({name})")
+    if isinstance(exc, p11.SessionCount):
+        return DependencyUnavailable(f"the HSM has no free sessions ({name}); lower hsm.pool_size")
+    return DependencyUnavailable(f"the HSM failed while {doing} ({name})")
+
+
+class PooledSession:
+    """One open session, with private-key handles cached by CKA_ID."""
+
+    def __init__(self, session: Any, library: Pkcs11Library, generation: int) -> None:
+        self.session = session
+        self.generation = generation
+        self._library = library
+        self._keys: dict[bytes, Any] = {}
+
+    def private_key(self, cka_id: bytes) -> Any:
+        """The private key object with this CKA_ID (cached; IntegrityError when absent)."""
+        key = self._keys.get(cka_id)
+        if key is None:
+            try:
+                key = self.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=cka_id)
+            except p11.NoSuchKey:
+                self.check_token()
+                raise IntegrityError(
+                    f"the HSM token holds no private key with CKA_ID {cka_id.hex()}"
+                ) from None
+            except p11.MultipleObjectsReturned:
+                raise IntegrityError(
+                    f"the HSM token holds several private keys with CKA_ID {cka_id.hex()}"
+                ) from None
+            self._keys[cka_id] = key
+        return key
+
+    def sign(self, cka_id: bytes, digest: bytes) -> bytes:
+        """Raw ``CKM_ECDSA`` over a 32-byte digest: r‖s as the device returns it."""
+        try:
+            return bytes(self.private_key(cka_id).sign(digest, mechanism=Mechanism.ECDSA))
+        except (p11.ObjectHandleInvalid, p11.KeyHandleInvalid):
+            self._keys.pop(cka_id, None)
+            return bytes(self.private_key(cka_id).sign(digest, mechanism=Mechanism.ECDSA))
+
+    def check_token(self) -> None:
+        """Raise a reconnect-class error unless the token is present and we are logged in."""
+        self.session.token.slot.get_token()
+        if not self._library.is_logged_in(self.session.handle):
+            raise p11.UserNotLoggedIn()
+
+    def close(self) -> None:
+        """Close the session, ignoring a module that already forgot it."""
+        self._keys.clear()
+        try:
+            self.session.close()
+        except pkcs11.PKCS11Error:
+            return
+
+
+class SessionPool:
+    """``pool_size`` sessions on one token, logged in once, leased one thread at a time."""
+
+    def __init__(
+        self,
+        library: Pkcs11Library,
+        settings: HsmSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._library = library
+        self._settings = settings
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._idle: list[PooledSession] = []
+        self._generation = 0
+        self._connected = False
+        self._ever_connected = False
+        self._closed = False
+        self._last_error: SigndError | None = None
+        self._retry_at = 0.0
+
+    @property
+    def _where(self) -> str:
+        return f"HSM token with {self._settings.token_description} in {self._library.path}"
+
+    def connect(self) -> None:
+        """Open the sessions now, so a bad module, token or PIN shows at start-up."""
+        with self._cond:
+            if not self._connected:
+                self._connect_locked()
+
+    def run(self, op: Callable[[PooledSession], T], doing: str) -> T:
+        """Run ``op`` on a leased session; reconnect and retry once if the token went away."""
+        failure: tuple[pkcs11.PKCS11Error, int] | None = None
+        for _ in range(2):
+            with self._lease() as pooled:
+                try:
+                    return op(pooled)
+                except pkcs11.PKCS11Error as exc:
+                    if not needs_reconnect(exc):
+                        raise translate(exc, doing) from None
+                    failure = (exc, pooled.generation)
+            self._invalidate(failure[1])
+        assert failure is not None
+        raise DependencyUnavailable(
+            f"the {self._where} became unavailable while {doing} "
+            f"({type(failure[0]).__name__}); signd reconnects when it is back"
+        )
+
+    def close(self) -> None:
+        """Close idle sessions now and leased ones when they come back."""
+        with self._cond:
+            self._closed = True
+            self._generation += 1
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        self._discard(idle)
+
+    @contextmanager
+    def _lease(self) -> Iterator[PooledSession]:
+        deadline = time.monotonic() + self._settings.acquire_timeout
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise DependencyUnavailable("the HSM backend is closed")
+                if not self._connected:
+                    self._connect_locked()
+                if self._idle:
+                    pooled = self._idle.pop()
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DependencyUnavailable(
+                        f"all {self._settings.pool_size} HSM sessions stayed busy for "
+                        f"{self._settings.acquire_timeout:g} s"
+                    )
+                self._cond.wait(remaining)
+        try:
+            with self._library.gate.call():
+                yield pooled
+        finally:
+            with self._cond:
+                keep = pooled.generation == self._generation and not self._closed
+                if keep:
+                    self._idle.append(pooled)
+                    self._cond.notify()
+            if not keep:
+                self._discard([pooled])
+
+    def _invalidate(self, generation: int) -> None:
+        """Drop every session of ``generation`` (once, however many threads saw it fail)."""
+        with self._cond:
+            if generation != self._generation:
+                return
+            self._generation += 1
+            self._connected = False
+            idle, self._idle = self._idle, []
+        self._discard(idle)
+
+    def _discard(self, sessions: list[PooledSession]) -> None:
+        if sessions:
+            with self._library.gate.call():
+                for pooled in sessions:
+                    pooled.close()
+
+    def _connect_locked(self) -> None:
+        """Open the pool (caller holds ``_cond``); fail fast while the last try is recent."""
+        now = self._clock()
+        if self._last_error is not None and now < self._retry_at:
+            raise type(self._last_error)(self._last_error.message)
+        try:
+            self._idle = self._open_sessions()
+        except SigndError as exc:
+            self._last_error, self._retry_at = exc, now + self._settings.reconnect_interval
+            raise
+        self._connected, self._ever_connected, self._last_error = True, True, None
+
+    def _open_sessions(self) -> list[PooledSession]:
+        seen = self._library.generation
+        try:
+            return self._try_open()
+        except pkcs11.PKCS11Error as exc:
+            if not needs_reconnect(exc) or (
+                isinstance(exc, TokenMissing) and not self._ever_connected
+            ):
+                raise self._open_error(exc) from None
+        self._library.reinitialize(seen)
+        try:
+            return self._try_open()
+        except pkcs11.PKCS11Error as exc:
+            raise self._open_error(exc) from None
+
+    def _open_error(self, exc: pkcs11.PKCS11Error) -> SigndError:
+        if isinstance(exc, TokenMissing):
+            if self._ever_connected:
+                return DependencyUnavailable(
+                    f"the {self._where} is not present; signd reconnects when it is back"
+                )
+            return ConfigurationError(f"there is no {self._where}; tokens present: {exc}")
+        if needs_reconnect(exc):
+            return DependencyUnavailable(
+                f"cannot open sessions on the {self._where} ({type(exc).__name__})"
+            )
+        return translate(exc, f"opening sessions on the {self._where}")
+
+    def _try_open(self) -> list[PooledSession]:
+        with self._library.gate.call():
+            token = self._find_token()
+            opened: list[Any] = []
+            try:
+                for _ in range(self._settings.pool_size):
+                    opened.append(token.open(rw=True))
+                self._library.login(opened[0].handle, self._settings.pin)
+            except BaseException:
+                for session in opened:
+                    PooledSession(session, self._library, -1).close()
+                raise
+            return [PooledSession(s, self._library, self._generation) for s in opened]
+
+    def _find_token(self) -> Any:
+        lib = self._library.lib
+        settings = self._settings
+        if settings.token_label is not None:
+            try:
+                return lib.get_token(token_label=settings.token_label)
+            except p11.NoSuchToken:
+                raise TokenMissing(self._present_tokens()) from None
+            except p11.MultipleTokensReturned:
+                raise ConfigurationError(
+                    f"several HSM tokens are labelled {settings.token_label!r}; use hsm.slot"
+                ) from None
+        for slot in lib.get_slots():
+            if slot.slot_id == settings.slot:
+                try:
+                    return slot.get_token()
+                except (p11.TokenNotPresent, p11.TokenNotRecognised):
+                    break
+        raise TokenMissing(self._present_tokens())
+
+    def _present_tokens(self) -> str:
+        try:
+            return (
+                ", ".join(
+                    f"{t.label!r} (slot {t.slot.slot_id})" for t in self._library.lib.get_tokens()
+                )
+                or "none"
+            )
+        except pkcs11.PKCS11Error:
+            return "unknown"

@@ -1,0 +1,230 @@
+"""How HsmBackend fails and recovers: bad module, token or PIN; a token that goes away."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from signd.custody.hsm import HsmBackend
+from signd.custody.hsm.library import Pkcs11Library
+from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable, IntegrityError
+from signd.storage.sqlite import SqliteMetadataStore
+from tests.custody.hsm.conftest import (
+    LOSS_TOKEN,
+    MAIN_TOKEN,
+    PIN_TOKEN,
+    USER_PIN,
+    WIPE_TOKEN,
+    SoftHsm,
+    eth_address,
+)
+
+
+def test_wrong_pin_is_access_denied_without_the_pin(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "wrong-pin-" + os.urandom(4).hex()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(AccessDenied) as raised:
+        HsmBackend(softhsm.settings(PIN_TOKEN, pin=wrong), metadata)
+    assert "incorrect" in str(raised.value)
+    for text in (str(raised.value), repr(raised.value), str(raised.value.to_dict()), caplog.text):
+        assert wrong not in text
+    backend = HsmBackend(softhsm.settings(PIN_TOKEN), metadata)
+    backend.check_health()
+    assert USER_PIN not in repr(backend) and USER_PIN not in repr(softhsm.settings())
+    backend.close()
+
+
+def test_missing_module_is_a_configuration_error(
+    tmp_path: Path, softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    settings = softhsm.settings()
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        HsmBackend(
+            type(settings)(
+                module_path=tmp_path / "nope.so", pin=settings.pin, token_label=MAIN_TOKEN
+            ),
+            metadata,
+        )
+    fake = tmp_path / "fake.so"
+    fake.write_text("not a shared library")
+    with pytest.raises(ConfigurationError, match="not a loadable PKCS#11 module"):
+        HsmBackend(
+            type(settings)(module_path=fake, pin=settings.pin, token_label=MAIN_TOKEN), metadata
+        )
+
+
+def test_a_shared_library_without_pkcs11_is_a_configuration_error(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    libz = next(
+        (p for p in Path("/usr/lib/x86_64-linux-gnu").glob("libz.so*") if p.is_file()), None
+    )
+    if libz is None:
+        pytest.skip("no libz to load")
+    settings = softhsm.settings()
+    with pytest.raises(ConfigurationError, match="not a loadable PKCS#11 module"):
+        HsmBackend(
+            type(settings)(module_path=libz, pin=settings.pin, token_label=MAIN_TOKEN), metadata
+        )
+
+
+def test_missing_token_label_is_a_configuration_error_naming_present_tokens(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        HsmBackend(softhsm.settings("no-such-token"), metadata)
+    message = str(raised.value)
+    assert "'no-such-token'" in message
+    assert repr(MAIN_TOKEN) in message
+    assert USER_PIN not in message
+
+
+def test_missing_slot_is_a_configuration_error(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    settings = softhsm.settings()
+    with pytest.raises(ConfigurationError, match="slot 424242"):
+        HsmBackend(
+            type(settings)(module_path=settings.module_path, pin=settings.pin, slot=424242),
+            metadata,
+        )
+
+
+def test_token_by_slot_id(softhsm: SoftHsm, metadata: SqliteMetadataStore) -> None:
+    lib = Pkcs11Library.load(softhsm.module).lib
+    slot_id = lib.get_token(token_label=MAIN_TOKEN).slot.slot_id
+    settings = softhsm.settings()
+    backend = HsmBackend(
+        type(settings)(module_path=settings.module_path, pin=settings.pin, slot=slot_id), metadata
+    )
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        assert backend.sign_digest(key, os.urandom(32)).recovery_id in (0, 1)
+    finally:
+        backend.close()
+
+
+# python-pkcs11 finalises the search it could not start and reports that from a __del__.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_module_reinitialised_under_the_backend_recovers_transparently(
+    backend: HsmBackend, softhsm: SoftHsm
+) -> None:
+    (key,) = backend.create_keys("ethereum", eth_address)
+    library = Pkcs11Library.load(softhsm.module)
+    library.reinitialize(library.generation)  # every session and the login are gone
+    digest = os.urandom(32)
+    assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+    backend.check_health()
+
+
+def test_token_removed_then_restored(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, tmp_path: Path
+) -> None:
+    """What SoftHSM2 really does when its token folder disappears while signd runs.
+
+    Cached key handles turn invalid (CKR_OBJECT_HANDLE_INVALID), searches find nothing and
+    C_GetTokenInfo fails with CKR_GENERAL_ERROR; after a re-initialisation the token is gone
+    from the slot list. Once the folder is back, only a re-initialisation makes the module see
+    it again. signd must answer DependencyUnavailable meanwhile and sign again afterwards,
+    without a restart.
+    """
+    backend = HsmBackend(softhsm.settings(LOSS_TOKEN, pool_size=2, reconnect_interval=0), metadata)
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        backend.sign_digest(key, os.urandom(32))
+        folder = softhsm.token_dir(LOSS_TOKEN)
+        parked = tmp_path / "parked-token"
+        shutil.move(folder, parked)
+        try:
+            for _ in range(3):
+                with pytest.raises(DependencyUnavailable) as raised:
+                    backend.sign_digest(key, os.urandom(32))
+                assert repr(LOSS_TOKEN) in str(raised.value)
+                assert USER_PIN not in str(raised.value)
+            with pytest.raises(DependencyUnavailable):
+                backend.check_health()
+        finally:
+            shutil.move(parked, folder)
+        digest = os.urandom(32)
+        assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+        backend.check_health()
+    finally:
+        backend.close()
+
+
+def test_reconnection_attempts_are_spaced_by_the_clock(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    backend = HsmBackend(
+        softhsm.settings(LOSS_TOKEN, pool_size=1, reconnect_interval=5.0),
+        metadata,
+        clock=lambda: now[0],
+    )
+    library = Pkcs11Library.load(softhsm.module)
+    reinits: list[int] = []
+    original = library.reinitialize
+
+    def counting_reinitialize(seen: int) -> None:
+        reinits.append(seen)
+        original(seen)
+
+    monkeypatch.setattr(library, "reinitialize", counting_reinitialize)
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        folder = softhsm.token_dir(LOSS_TOKEN)
+        parked = tmp_path / "parked-token"
+        shutil.move(folder, parked)
+        try:
+            with pytest.raises(DependencyUnavailable):
+                backend.sign_digest(key, os.urandom(32))
+            attempts = len(reinits)
+            assert attempts >= 1
+            now[0] += 1.0
+            with pytest.raises(DependencyUnavailable):
+                backend.sign_digest(key, os.urandom(32))
+            assert len(reinits) == attempts, "no new attempt inside the interval"
+        finally:
+            shutil.move(parked, folder)
+        now[0] += 1.0
+        with pytest.raises(DependencyUnavailable):
+            backend.sign_digest(key, os.urandom(32))
+        now[0] += 5.0
+        digest = os.urandom(32)
+        assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+    finally:
+        backend.close()
+
+
+def test_token_wiped_and_reinitialised_is_an_integrity_error(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    """A token deleted and re-created under the same label comes back without our keys."""
+    backend = HsmBackend(softhsm.settings(WIPE_TOKEN, pool_size=2, reconnect_interval=0), metadata)
+    env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)}
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        backend.sign_digest(key, os.urandom(32))
+        subprocess.run(
+            ["softhsm2-util", "--delete-token", "--token", WIPE_TOKEN],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        with pytest.raises(DependencyUnavailable):
+            backend.sign_digest(key, os.urandom(32))
+        softhsm.init_token(WIPE_TOKEN)
+        with pytest.raises(IntegrityError, match=key.details["cka_id"]):
+            backend.sign_digest(key, os.urandom(32))
+        (fresh,) = backend.create_keys("ethereum", eth_address)
+        digest = os.urandom(32)
+        assert backend.sign_digest(fresh, digest).recover_public_key(digest) == fresh.public_key
+    finally:
+        backend.close()
