@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 from signd.errors import ConfigurationError
 
 HOME_ENV = "SIGND_HOME"
+SECTIONS = ("custody", "enclave", "kms", "blobs", "metadata", "hsm", "proxy")
+"""Config file tables that environment variables ``SIGND_<SECTION>_<KEY>`` may override."""
+_SECRET_KEYS = frozenset({"pin", "passphrase", "password", "secret_access_key"})
 CONFIG_FILE_NAME = "signd.toml"
 KEYSTORE_FILE_NAME = "wallet.data"
 
@@ -45,6 +49,13 @@ class Settings:
     def config_file(self) -> Path:
         return self.home / CONFIG_FILE_NAME
 
+    def section(self, name: str) -> dict[str, Any]:
+        """A config table with its environment overrides applied (empty when absent)."""
+        table = self.raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigurationError(f"[{name}] must be a table in {self.config_file}")
+        return dict(table)
+
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.exists():
@@ -57,10 +68,41 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _env_value(text: str) -> Any:
+    """An environment value read as a TOML value when it is one (5, 2.5, true, [..]), else text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``SIGND_<SECTION>_<KEY>=value`` onto ``[section] key`` (secrets excluded)."""
+    merged = {
+        name: dict(table) if isinstance(table, dict) else table for name, table in raw.items()
+    }
+    for variable, text in environ.items():
+        for section in SECTIONS:
+            prefix = f"SIGND_{section.upper()}_"
+            if variable.startswith(prefix) and len(variable) > len(prefix):
+                key = variable[len(prefix) :].lower()
+                if key in _SECRET_KEYS:
+                    continue
+                table = merged.setdefault(section, {})
+                if isinstance(table, dict):
+                    table[key] = _env_value(text)
+    return merged
+
+
+def expand_home(value: str, home: Path) -> str:
+    """Replace ``{home}`` in a configured path or address."""
+    return value.replace("{home}", str(home))
+
+
 def load_settings(home: Path | None = None) -> Settings:
-    """Build settings from ``home`` (or SIGND_HOME, or ~/.signd) and its signd.toml."""
+    """Build settings from ``home`` (or SIGND_HOME, or ~/.signd), its signd.toml and env."""
     home = (home or default_home()).expanduser()
-    raw = _read_config_file(home / CONFIG_FILE_NAME)
+    raw = apply_environment(_read_config_file(home / CONFIG_FILE_NAME), os.environ)
     section = raw.get("keystore", {})
     if not isinstance(section, dict):
         raise ConfigurationError("[keystore] must be a table")

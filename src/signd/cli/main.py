@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,7 @@ from rich.table import Table
 from signd.chains.ethereum.transactions import decode_transaction
 from signd.cli.context import state
 from signd.cli.output import emit, handles_errors, stderr, stdout
+from signd.cli.services import config_app, enclave_app, proxy_app
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo
 from signd.errors import InvalidField, UnsupportedOperation
@@ -31,6 +33,9 @@ eth_app = typer.Typer(help="Ethereum tools that need no key.", no_args_is_help=T
 app.add_typer(keys_app, name="keys")
 app.add_typer(sign_app, name="sign")
 app.add_typer(eth_app, name="eth")
+app.add_typer(enclave_app, name="enclave")
+app.add_typer(config_app, name="config")
+app.add_typer(proxy_app, name="proxy")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 KeyOption = Annotated[str, typer.Option("--key", help="Key id or address.")]
@@ -153,12 +158,23 @@ def keys_import(
         Path | None, typer.Option(help="File holding the BIP39 passphrase, if any.")
     ] = None,
     label: LabelOption = None,
+    hsm_id: Annotated[
+        str | None, typer.Option("--hsm-id", help="With --custody hsm: adopt by CKA_ID (hex).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Import a key from a private key, a keystore v3 file or a mnemonic."""
+    """Import a key from a private key, a keystore v3 file or a mnemonic into the keystore,
+    or adopt an existing HSM key (``--custody hsm --label CKA_LABEL`` or ``--hsm-id``)."""
     from signd.chains import address_deriver
     from signd.custody.keystore import KeystoreBackend
 
+    address_of = address_deriver(chain)
+    if custody == "hsm":
+        keys = _adopt_hsm_keys(chain, address_of, label, hsm_id)
+        emit(
+            {"keys": [k.to_dict() for k in keys]}, as_json=as_json, human=lambda: _print_keys(keys)
+        )
+        return
     sources = [x for x in (private_key_file, keystore_json, mnemonic_file) if x is not None]
     if len(sources) != 1:
         raise InvalidField(
@@ -166,10 +182,9 @@ def keys_import(
             field="source",
         )
     if custody != "keystore":
-        raise UnsupportedOperation(f"import into {custody} custody is not supported here")
+        raise UnsupportedOperation(f"import into {custody} custody is not supported")
     backend = state.signer.backend("keystore")
     assert isinstance(backend, KeystoreBackend)
-    address_of = address_deriver(chain)
     labels = label or ()
     if private_key_file is not None:
         raw = read_secret_file(private_key_file)
@@ -193,6 +208,22 @@ def keys_import(
             )
         ]
     emit({"keys": [k.to_dict() for k in keys]}, as_json=as_json, human=lambda: _print_keys(keys))
+
+
+def _adopt_hsm_keys(
+    chain: str, address_of: Callable[[bytes], str], label: list[str] | None, hsm_id: str | None
+) -> list[KeyInfo]:
+    from signd.custody.hsm import HsmBackend
+
+    if not label and hsm_id is None:
+        raise InvalidField("adopting HSM keys needs --label CKA_LABEL or --hsm-id", field="label")
+    if label and len(label) > 1:
+        raise InvalidField("give one --label (the HSM object label) to adopt", field="label")
+    backend = state.signer.backend("hsm")
+    assert isinstance(backend, HsmBackend)
+    return backend.adopt_keys(
+        chain, address_of, label=label[0] if label else None, key_id_attr=hsm_id
+    )
 
 
 @keys_app.command("list")

@@ -10,10 +10,16 @@ from collections.abc import Callable
 from signd.config import Settings
 from signd.crypto.secret import Secret
 from signd.custody.base import CustodyBackend
+from signd.custody.enclave import EnclaveBackend
 from signd.custody.keystore import KeystoreBackend, ScryptParams
+from signd.enclave.client import EnclaveClient
+from signd.enclave.transport import transport_for
 from signd.errors import ConfigurationError
+from signd.operations.components import build_metadata_store
+from signd.operations.local_enclave import LocalEnclaveTransport
 from signd.operations.signer import BackendFactory, Signer
 from signd.secrets import resolve_secret
+from signd.storage.base import MetadataStore
 
 KEYSTORE_PASSPHRASE_ENV = "SIGND_KEYSTORE_PASSPHRASE"  # noqa: S105 - a variable name
 
@@ -48,14 +54,82 @@ def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> Backe
     return open_keystore
 
 
+class _OwningEnclaveBackend(EnclaveBackend):
+    """An enclave backend that also owns its metadata store and (local) enclave process."""
+
+    def __init__(
+        self,
+        client: EnclaveClient,
+        metadata: MetadataStore,
+        local: LocalEnclaveTransport | None,
+    ) -> None:
+        super().__init__(client, metadata)
+        self._owned_metadata = metadata
+        self._local = local
+
+    def close(self) -> None:
+        super().close()
+        self._owned_metadata.close()
+        if self._local is not None:
+            self._local.stop()
+
+
+def _enclave_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
+    def open_enclave() -> CustodyBackend:
+        section = settings.section("enclave")
+        address = section.get("transport")
+        local = None if address else LocalEnclaveTransport(settings.home)
+        transport = local if local is not None else transport_for(str(address))
+        timeout = float(section.get("timeout", 10.0))
+        metadata = build_metadata_store(settings)
+        return _OwningEnclaveBackend(EnclaveClient(transport, timeout=timeout), metadata, local)
+
+    return open_enclave
+
+
+def _hsm_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
+    def open_hsm() -> CustodyBackend:
+        from signd.custody.hsm import HsmBackend, HsmSettings  # pkcs11 only when configured
+
+        class OwningHsmBackend(HsmBackend):
+            """An HSM backend that also owns its metadata store."""
+
+            def close(self) -> None:
+                super().close()
+                metadata.close()
+
+        hsm_settings = HsmSettings.from_mapping(settings.section("hsm"))
+        metadata = build_metadata_store(settings)
+        try:
+            return OwningHsmBackend(hsm_settings, metadata)
+        except BaseException:
+            metadata.close()
+            raise
+
+    return open_hsm
+
+
 CUSTODY_REGISTRY: dict[str, Callable[[Settings, PassphraseSource], BackendFactory]] = {
+    "enclave": _enclave_factory,
+    "hsm": _hsm_factory,
     "keystore": _keystore_factory,
 }
 
 
+def default_custody(settings: Settings) -> list[str]:
+    """Enabled custody types, in key-lookup order: those whose lookups need no secret first.
+
+    The HSM joins when it is configured (an ``[hsm]`` table or ``SIGND_HSM_MODULE``).
+    """
+    hsm = ["hsm"] if settings.section("hsm") else []
+    return ["enclave", *hsm, "keystore"]
+
+
 def build_signer(settings: Settings, passphrase: PassphraseSource | None = None) -> Signer:
     """A signer with every custody the settings enable (the keystore always)."""
-    enabled = settings.raw.get("custody", {}).get("enabled", ["keystore"])
+    enabled = settings.section("custody").get("enabled") or default_custody(settings)
+    if not isinstance(enabled, list) or not all(isinstance(tag, str) for tag in enabled):
+        raise ConfigurationError("custody.enabled must be a list of custody types")
     unknown = [tag for tag in enabled if tag not in CUSTODY_REGISTRY]
     if unknown:
         raise ConfigurationError(

@@ -1,0 +1,192 @@
+"""Long-running processes: ``signd enclave`` (the trusted signer) and ``signd config check``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from signd.cli.context import state
+from signd.cli.output import emit, handles_errors, stdout
+from signd.config import Settings, expand_home
+from signd.errors import ConfigurationError, SigndError
+from signd.kms.base import KmsClient
+from signd.storage.base import BlobStore, MetadataStore
+
+enclave_app = typer.Typer(help="The trusted signer process (the enclave side).")
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+
+DEFAULT_ENCLAVE_LISTEN = "unix://{home}/run/enclave.sock"
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+@enclave_app.callback(invoke_without_command=True)
+@handles_errors
+def enclave(
+    ctx: typer.Context,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="unix:///path or vsock://CID:PORT (default [enclave] listen)."),
+    ] = None,
+    exit_with_parent: Annotated[
+        bool, typer.Option(help="Stop when the process that started this one exits.")
+    ] = False,
+) -> None:
+    """Run the enclave: it holds KMS access, unseals keys in its memory and signs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from signd.enclave.cache import UnsealedKeyCache
+    from signd.enclave.server import run_enclave
+    from signd.operations.components import build_blob_store, build_kms
+    from signd.operations.local_enclave import watch_parent
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = state.settings
+    section = settings.section("enclave")
+    address = expand_home(
+        listen or str(section.get("listen", DEFAULT_ENCLAVE_LISTEN)), settings.home
+    )
+    if address.startswith("unix://"):
+        Path(address.removeprefix("unix://")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cache = UnsealedKeyCache[Any, Any](
+        max_age=float(section.get("cache_max_age", 300.0)),
+        max_uses=int(section.get("cache_max_uses", 1000)),
+        max_entries=int(section.get("cache_max_entries", 10_000)),
+    )
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    if exit_with_parent:
+        watch_parent(stop)
+    kms, blobs = build_kms(settings), build_blob_store(settings)
+    try:
+        run_enclave(address, kms, blobs, stop=stop, cache=cache)
+    finally:
+        kms.close()
+        blobs.close()
+
+
+def _probe(name: str, check: Any) -> dict[str, str]:
+    try:
+        check()
+    except SigndError as exc:
+        return {"part": name, "status": "unreachable", "code": exc.code, "message": exc.message}
+    return {"part": name, "status": "ok"}
+
+
+@config_app.command("check")
+@handles_errors
+def config_check(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
+) -> None:
+    """Validate the configuration and report which parts are reachable."""
+    from signd.operations.components import build_blob_store, build_kms, build_metadata_store
+
+    settings = state.settings
+    parts: list[dict[str, str]] = []
+    builders: dict[str, Callable[[Settings], KmsClient | BlobStore | MetadataStore]] = {
+        "kms": build_kms,
+        "blobs": build_blob_store,
+        "metadata": build_metadata_store,
+    }
+    for name, build in builders.items():
+        try:
+            component = build(settings)
+        except ConfigurationError as exc:
+            parts.append({"part": name, "status": "invalid", "message": exc.message})
+            continue
+        parts.append(_probe(name, component.check_health))
+        component.close()
+    signer = state.signer
+    for custody in signer.custody_types:
+        parts.append(
+            _probe(f"custody:{custody}", lambda c=custody: signer.backend(c).check_health())
+        )
+    ok = all(part["status"] == "ok" for part in parts)
+    result = {"config_file": str(settings.config_file), "ok": ok, "parts": parts}
+
+    def human() -> None:
+        stdout.print(f"config: {settings.config_file}")
+        for part in parts:
+            mark = "[green]ok[/green]" if part["status"] == "ok" else f"[red]{part['status']}[/red]"
+            stdout.print(f"  {part['part']:<18} {mark} {part.get('message', '')}")
+
+    emit(result, as_json=as_json, human=human)
+    if not ok:
+        raise typer.Exit(1)
+
+
+proxy_app = typer.Typer(
+    help="The outbound proxy: the enclave reaches KMS and storage only through the host.",
+    no_args_is_help=True,
+)
+
+
+@proxy_app.command("host")
+@handles_errors
+def proxy_host(
+    allowlist: Annotated[
+        Path, typer.Option(help="YAML (vsock-proxy style) or TOML allowlist of host:port.")
+    ],
+    listen: Annotated[
+        str, typer.Option(help="unix:///path or vsock://CID:PORT to accept enclave connections.")
+    ] = "unix://{home}/run/proxy.sock",
+) -> None:
+    """On the host: forward allowlisted destinations for the enclave (like AWS vsock-proxy)."""
+    from signd.proxy import Allowlist, run_host_proxy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    address = expand_home(listen, state.settings.home)
+    if address.startswith("unix://"):
+        Path(address.removeprefix("unix://")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_host_proxy(address, Allowlist.load(allowlist))
+
+
+@proxy_app.command("enclave")
+@handles_errors
+def proxy_enclave(
+    route: Annotated[
+        list[str],
+        typer.Option(help="LOCAL_PORT:HOST:PORT, e.g. 8443:kms.us-east-1.amazonaws.com:443."),
+    ],
+    proxy: Annotated[
+        str, typer.Option(help="Where the host proxy listens: unix:///path or vsock://3:8000.")
+    ] = "unix://{home}/run/proxy.sock",
+) -> None:
+    """Inside the enclave: local TCP listeners that tunnel to the host proxy (like socat)."""
+    from signd.proxy import Route, run_enclave_forwarders
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    routes = [Route.parse(text) for text in route]
+    run_enclave_forwarders(expand_home(proxy, state.settings.home), routes)
+
+
+@enclave_app.command("measure")
+@handles_errors
+def enclave_measure(
+    config: Annotated[
+        Path | None, typer.Option(help="Enclave configuration file measured into PCR2.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
+) -> None:
+    """Print PCR0 (enclave code), PCR1 (runtime) and PCR2 (configuration), SHA-384 each."""
+    from signd.attestation import measure
+
+    config_bytes = config.read_bytes() if config is not None else b""
+    pcrs = {f"PCR{index}": value.hex() for index, value in measure(config_bytes).items()}
+    emit(
+        pcrs,
+        as_json=as_json,
+        human=lambda: stdout.print("\n".join(f"{name}: {value}" for name, value in pcrs.items())),
+    )
