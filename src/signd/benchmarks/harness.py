@@ -35,6 +35,15 @@ class BenchResult:
         return self.baseline_value / self.value
 
 
+def format_figure(value: float) -> str:
+    """Thousands separators for big figures, three decimals for small ones (seconds, ms)."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
 def rate(fn: Callable[[], object], *, iterations: int, rounds: int = 5) -> float:
     """Best-of-``rounds`` calls per second of ``fn``."""
     best = float("inf")
@@ -99,8 +108,8 @@ def run_benchmarks(*, only: list[str] | None, quick: bool, as_json: bool) -> lis
         for r in results:
             table.add_row(
                 r.name,
-                f"{r.value:,.1f} {r.unit}",
-                f"{r.baseline_value:,.1f} {r.unit} ({r.baseline_name})",
+                f"{format_figure(r.value)} {r.unit}",
+                f"{format_figure(r.baseline_value)} {r.unit} ({r.baseline_name})",
                 f"{r.ratio:.2f}×",
                 r.target,
             )
