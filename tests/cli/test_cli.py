@@ -197,4 +197,6 @@ def test_demo_runs_and_verifies(cli: Cli) -> None:
     out = cli.run("demo", "--json")
     assert out["signed_transaction"]["from"] == out["key"]["address"]
     assert any("eth-account recovers the transaction sender" in c for c in out["checks"])
+    assert out["enclave_signed_transaction"]["from"] == out["enclave_key"]["address"]
+    assert out["enclave_key"]["custody"] == "enclave"
     assert not Path(out["home"]).exists()

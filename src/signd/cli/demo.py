@@ -59,6 +59,8 @@ def run_demo(*, as_json: bool) -> None:
             tx = _demo_transaction()
             signed = signer.sign_eth_transaction(key.key_id, tx)
             message = signer.sign_eth_message(key.address, DEMO_MESSAGE.encode())
+            (enclave_key,) = signer.create_keys(chain="ethereum", custody="enclave")
+            enclave_signed = signer.sign_eth_transaction(enclave_key.address, tx)
 
         decoded = decode_transaction(signed.raw)
         recovered = recover_message_signer(
@@ -66,10 +68,14 @@ def run_demo(*, as_json: bool) -> None:
         )
         if decoded.sender != key.address or recovered != key.address:
             raise InvalidSignature("signd's own decoder recovered a different signer")
+        enclave_sender = decode_transaction(enclave_signed.raw).sender
+        if enclave_sender != enclave_key.address:
+            raise InvalidSignature("the enclave-signed transaction recovers a different signer")
         checks = [
             f"signd decodes the raw transaction and recovers {decoded.sender}",
             f"libsecp256k1 recovers the message signer {recovered}",
             *_independent_checks(signed.raw, message.signature, key.address),
+            f"the enclave-signed transaction recovers its address {enclave_sender}",
         ]
         result = {
             "home": str(home),
@@ -78,6 +84,8 @@ def run_demo(*, as_json: bool) -> None:
             "signed_transaction": signed.to_dict(),
             "message": DEMO_MESSAGE,
             "message_signature": message.to_dict(),
+            "enclave_key": enclave_key.to_dict(),
+            "enclave_signed_transaction": enclave_signed.to_dict(),
             "checks": checks,
         }
 
@@ -90,7 +98,11 @@ def run_demo(*, as_json: bool) -> None:
         stdout.print(f"   raw {signed.to_dict()['raw_transaction']}")
         stdout.print(f"[bold]4.[/bold] signed the message {DEMO_MESSAGE!r}")
         stdout.print(f"   signature {message.to_dict()['signature']}")
-        stdout.print("[bold]5.[/bold] verified:")
+        stdout.print(
+            f"[bold]5.[/bold] started a local enclave process; its new address"
+            f" {enclave_key.address} (key sealed under a KMS data key) signed the same transfer"
+        )
+        stdout.print("[bold]6.[/bold] verified:")
         for line in checks:
             stdout.print(f"   [green]✓[/green] {line}")
         stdout.print("the throwaway home is deleted; run `signd --help` for more")
