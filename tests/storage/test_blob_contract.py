@@ -153,3 +153,26 @@ def test_concurrent_writers_of_one_name_one_wins(
 
 def test_check_health(blob_store: BlobStore) -> None:
     blob_store.check_health()
+
+
+def test_get_range_reads_exactly_the_slice(blob_store: BlobStore) -> None:
+    data = bytes(range(256)) * 4
+    blob_store.put("ranged", data)
+    for offset, length in [(0, 1), (0, 1024), (100, 37), (1023, 1), (512, 512)]:
+        assert blob_store.get_range("ranged", offset, length) == data[offset : offset + length]
+
+
+def test_get_range_out_of_bounds_or_missing_is_key_not_found(blob_store: BlobStore) -> None:
+    blob_store.put("short", b"0123456789")
+    for offset, length in [(5, 6), (10, 1), (100, 5)]:
+        with pytest.raises(KeyNotFound):
+            blob_store.get_range("short", offset, length)
+    with pytest.raises(KeyNotFound):
+        blob_store.get_range("absent", 0, 1)
+
+
+@pytest.mark.parametrize(("offset", "length"), [(-1, 5), (0, 0), (0, -3), (0, (1 << 20) + 1)])
+def test_get_range_refuses_bad_ranges(blob_store: BlobStore, offset: int, length: int) -> None:
+    blob_store.put("any", b"data")
+    with pytest.raises(InvalidField):
+        blob_store.get_range("any", offset, length)

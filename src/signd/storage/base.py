@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from signd.errors import InvalidField, KeyNotFound
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
@@ -34,6 +36,20 @@ class RecordPage:
     next_cursor: str | None
 
 
+MAX_RANGE_LENGTH = 1 << 20
+
+
+def check_range(offset: int, length: int) -> None:
+    """A byte range must be non-negative and at most 1 MiB long."""
+    if (
+        isinstance(offset, bool)
+        or isinstance(length, bool)
+        or offset < 0
+        or not 0 < length <= MAX_RANGE_LENGTH
+    ):
+        raise InvalidField("a blob range needs offset >= 0 and 0 < length <= 1 MiB", field="blob")
+
+
 class BlobStore(ABC):
     """Names → bytes, written atomically and durably."""
 
@@ -44,6 +60,18 @@ class BlobStore(ABC):
     @abstractmethod
     def get(self, name: str) -> bytes:
         """The bytes under ``name``; a missing name raises KeyNotFound."""
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of the blob ``name`` from ``offset``; short or missing → KeyNotFound.
+
+        Lets many sealed keys share one blob (one durable write per batch) while a signature
+        still reads only its own key. Stores override it with a real ranged read.
+        """
+        check_range(offset, length)
+        data = self.get(name)[offset : offset + length]
+        if len(data) != length:
+            raise KeyNotFound(f"blob {name!r} has no bytes {offset}..{offset + length}")
+        return data
 
     @abstractmethod
     def delete(self, name: str) -> None:

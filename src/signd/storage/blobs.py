@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 
 from signd.errors import DependencyUnavailable, InvalidField, KeyExists, KeyNotFound
-from signd.storage.base import BlobStore
+from signd.storage.base import BlobStore, check_range
 
 MAX_NAME_BYTES = 200
 """Longest blob name in UTF-8 bytes (a file name is at most 255, with room for a temp suffix)."""
@@ -95,6 +95,21 @@ class FilesystemBlobStore(BlobStore):
             raise KeyNotFound(f"no blob {name!r}") from exc
         except OSError as exc:
             raise _unavailable(self.root, f"read blob {name!r}", exc) from exc
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        path = self.path_of(name)
+        try:
+            with path.open("rb") as file:
+                file.seek(offset)
+                data = file.read(length)
+        except FileNotFoundError as exc:
+            raise KeyNotFound(f"no blob {name!r}") from exc
+        except OSError as exc:
+            raise _unavailable(self.root, f"read blob {name!r}", exc) from exc
+        if len(data) != length:
+            raise KeyNotFound(f"blob {name!r} has no bytes {offset}..{offset + length}")
+        return data
 
     def delete(self, name: str) -> None:
         path = self.path_of(name)

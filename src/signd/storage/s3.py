@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from signd.errors import DependencyUnavailable, KeyExists, KeyNotFound
-from signd.storage.base import BlobStore
+from signd.storage.base import BlobStore, check_range
 from signd.storage.blobs import check_blob_name
 
 if TYPE_CHECKING:
@@ -93,6 +93,23 @@ class S3BlobStore(BlobStore):
             raise self._unavailable(f"read blob {name!r}", exc) from exc
         except BotoCoreError as exc:
             raise self._unavailable(f"read blob {name!r}", exc) from exc
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        check_range(offset, length)
+        key = self._key(name)
+        byte_range = f"bytes={offset}-{offset + length - 1}"
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            data: bytes = response["Body"].read()
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES | {"InvalidRange", "416"}:
+                raise KeyNotFound(f"no blob {name!r} with bytes {byte_range}") from exc
+            raise self._unavailable(f"read blob {name!r}", exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable(f"read blob {name!r}", exc) from exc
+        if len(data) != length:
+            raise KeyNotFound(f"blob {name!r} has no bytes {offset}..{offset + length}")
+        return data
 
     def delete(self, name: str) -> None:
         key = self._key(name)
