@@ -1,0 +1,37 @@
+"""``python -m signd.kms.server --home DIR --port PORT``: the server without the full CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from signd.kms.server.http import DEFAULT_REGION, create_server, serve_until_signalled
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m signd.kms.server")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--region", default=DEFAULT_REGION)
+    parser.add_argument("--dev-ca", type=Path, default=None)
+    parser.add_argument("--trust-aws-root", action="store_true")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server, _ = create_server(
+        arguments.home,
+        port=arguments.port,
+        region=arguments.region,
+        dev_ca_dir=arguments.dev_ca,
+        trust_aws_root=arguments.trust_aws_root,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    serve_until_signalled(server, stop)
+
+
+if __name__ == "__main__":
+    main()
