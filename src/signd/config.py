@@ -16,7 +16,7 @@ from typing import Any
 from signd.errors import ConfigurationError
 
 HOME_ENV = "SIGND_HOME"
-SECTIONS = ("custody", "enclave", "kms", "blobs", "metadata", "hsm", "proxy")
+SECTIONS = ("custody", "enclave", "kms", "blobs", "metadata", "hsm", "proxy", "api", "kms_custody")
 """Config file tables that environment variables ``SIGND_<SECTION>_<KEY>`` may override."""
 _SECRET_KEYS = frozenset({"pin", "passphrase", "password", "secret_access_key"})
 CONFIG_FILE_NAME = "signd.toml"

@@ -16,6 +16,7 @@ from signd.chains.ethereum.transactions import decode_transaction
 from signd.cli.context import state
 from signd.cli.kms import kms_app
 from signd.cli.output import emit, handles_errors, stderr, stdout
+from signd.cli.serve import serve
 from signd.cli.services import config_app, enclave_app, proxy_app
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo
@@ -38,6 +39,7 @@ app.add_typer(enclave_app, name="enclave")
 app.add_typer(config_app, name="config")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(kms_app)
+app.command("serve")(serve)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 KeyOption = Annotated[str, typer.Option("--key", help="Key id or address.")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,14 @@ from signd.chains.ethereum.transactions import SignedTransaction, parse_transact
 from signd.chains.ethereum.typed_data import typed_data_digest
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import CustodyBackend, KeyInfo, KeyPage
-from signd.errors import InvalidField, KeyNotFound
+from signd.errors import (
+    AccessDenied,
+    ConfigurationError,
+    DependencyUnavailable,
+    InvalidField,
+    KeyNotFound,
+    SigndError,
+)
 
 _ETH_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
 MAX_BATCH = 100_000
@@ -58,6 +66,7 @@ class Signer:
     def __init__(self, factories: Mapping[str, BackendFactory]) -> None:
         self._factories = dict(factories)
         self._open: dict[str, CustodyBackend] = {}
+        self._opening = threading.Lock()
 
     @property
     def custody_types(self) -> list[str]:
@@ -71,14 +80,19 @@ class Signer:
                 f"unknown or unconfigured custody {custody!r} (configured: {known})",
                 field="custody",
             )
-        if custody not in self._open:
-            self._open[custody] = self._factories[custody]()
-        return self._open[custody]
+        backend = self._open.get(custody)
+        if backend is None:
+            with self._opening:
+                backend = self._open.get(custody)
+                if backend is None:
+                    backend = self._open[custody] = self._factories[custody]()
+        return backend
 
     def close(self) -> None:
-        for backend in self._open.values():
+        with self._opening:
+            backends, self._open = list(self._open.values()), {}
+        for backend in backends:
             backend.close()
-        self._open.clear()
 
     def __enter__(self) -> Signer:
         return self
@@ -102,19 +116,33 @@ class Signer:
         address_of = address_deriver(chain)
         return self.backend(custody).create_keys(chain, address_of, count, labels, progress)
 
-    def resolve(self, ref: str) -> tuple[CustodyBackend, KeyInfo]:
-        """Find a key by key id or address in every configured custody."""
+    def resolve(self, ref: str | KeyInfo) -> tuple[CustodyBackend, KeyInfo]:
+        """Find a key by key id or address in every configured custody.
+
+        A custody that cannot be opened or reached does not hide keys held by the others; if
+        the key is found nowhere, that custody's error is raised rather than "not found",
+        since the key may be there.
+        """
+        if isinstance(ref, KeyInfo):
+            return self.backend(ref.custody), ref
         if not isinstance(ref, str) or not ref:
             raise InvalidField("key must be a key id or an address", field="key")
         lookup = canonical_address(ref) if _ETH_ADDRESS.match(ref) else ref
+        failure: SigndError | None = None
         for custody in self._factories:
-            backend = self.backend(custody)
-            info = backend.find_key(lookup)
+            try:
+                backend = self.backend(custody)
+                info = backend.find_key(lookup)
+            except (ConfigurationError, DependencyUnavailable, AccessDenied) as exc:
+                failure = failure or exc
+                continue
             if info is not None:
                 return backend, info
+        if failure is not None:
+            raise failure
         raise KeyNotFound(f"no key {ref!r}")
 
-    def get_key(self, ref: str) -> KeyInfo:
+    def get_key(self, ref: str | KeyInfo) -> KeyInfo:
         return self.resolve(ref)[1]
 
     def list_keys(
@@ -130,31 +158,35 @@ class Signer:
 
     # signing
 
-    def sign_hash(self, ref: str, digest: bytes) -> RecoverableSignature:
+    def sign_hash(self, ref: str | KeyInfo, digest: bytes) -> RecoverableSignature:
         """Blind signing of a 32-byte digest (raw-hash signing: policy gates it in the service)."""
         backend, info = self.resolve(ref)
         return backend.sign_digest(info, digest)
 
-    def _ethereum_key(self, ref: str) -> tuple[CustodyBackend, KeyInfo]:
+    def _ethereum_key(self, ref: str | KeyInfo) -> tuple[CustodyBackend, KeyInfo]:
         backend, info = self.resolve(ref)
         if info.chain != "ethereum":
             raise InvalidField(f"key {info.key_id} is a {info.chain} key", field="key")
         return backend, info
 
-    def sign_eth_transaction(self, ref: str, transaction: Mapping[str, Any]) -> SignedTransaction:
+    def sign_eth_transaction(
+        self, ref: str | KeyInfo, transaction: Mapping[str, Any]
+    ) -> SignedTransaction:
         """Validate, hash, sign and assemble an Ethereum transaction given as wallet JSON."""
         backend, info = self._ethereum_key(ref)
         unsigned = parse_transaction(transaction)
         signature = backend.sign_digest(info, unsigned.signing_digest())
         return unsigned.assemble(signature)
 
-    def sign_eth_message(self, ref: str, message: bytes) -> MessageSignature:
+    def sign_eth_message(self, ref: str | KeyInfo, message: bytes) -> MessageSignature:
         """EIP-191 personal_sign."""
         backend, info = self._ethereum_key(ref)
         signature = backend.sign_digest(info, personal_message_digest(message))
         return MessageSignature(to_eth_signature(signature), signature)
 
-    def sign_eth_typed_data(self, ref: str, document: Mapping[str, Any]) -> MessageSignature:
+    def sign_eth_typed_data(
+        self, ref: str | KeyInfo, document: Mapping[str, Any]
+    ) -> MessageSignature:
         """EIP-712 typed data, eth_signTypedData_v4 semantics."""
         backend, info = self._ethereum_key(ref)
         signature = backend.sign_digest(info, typed_data_digest(document))

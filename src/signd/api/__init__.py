@@ -1,0 +1,11 @@
+"""The service: a REST API under ``/v1`` and Ethereum JSON-RPC, over one Signer.
+
+:func:`create_app` builds the ASGI app; ``signd serve`` runs it with uvicorn. Routes, methods
+and examples are in ``docs/API.md``.
+"""
+
+from signd.api.app import create_app
+from signd.api.service import ANONYMOUS, Principal, SigningGate, SigningKind
+from signd.api.settings import ApiSettings
+
+__all__ = ["ANONYMOUS", "ApiSettings", "Principal", "SigningGate", "SigningKind", "create_app"]

@@ -1,0 +1,104 @@
+"""Assembling the service: REST and JSON-RPC on one Starlette app over one Signer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from signd.api.downstream import Downstream
+from signd.api.errors import MethodNotAllowed, RouteNotFound
+from signd.api.metrics import ApiMetrics
+from signd.api.middleware import RequestLog
+from signd.api.rest import RestApi, error_response
+from signd.api.rpc import JsonRpcApi
+from signd.api.service import Authenticator, SigningGate, SigningService, anonymous
+from signd.api.settings import ApiSettings
+from signd.errors import InvalidRequest, SigndError
+from signd.operations import Signer
+
+log = logging.getLogger("signd.api")
+
+
+def open_backends(signer: Signer) -> None:
+    """Open every custody backend before serving, so that concurrent first requests do not
+    race to open one; a backend that cannot open now is retried on use and shown by /readyz."""
+    for custody in signer.custody_types:
+        try:
+            signer.backend(custody)
+        except SigndError as exc:
+            log.warning("custody %s is unavailable: %s", custody, exc.message)
+
+
+def create_app(
+    signer: Signer,
+    settings: ApiSettings | None = None,
+    *,
+    authenticate: Authenticator = anonymous,
+    gate: SigningGate | None = None,
+    downstream_transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The ASGI app. The caller owns ``signer`` (and closes it after the app has stopped).
+
+    ``authenticate`` turns a request into a principal and ``gate`` is consulted before each
+    signature: the seams for client authentication and policy. ``downstream_transport``
+    replaces the network for the downstream node (tests).
+    """
+    settings = settings or ApiSettings()
+    metrics = ApiMetrics()
+    service = SigningService(signer, settings, metrics, gate)
+    downstream = (
+        Downstream(
+            settings.downstream,
+            timeout=settings.downstream_timeout,
+            transport=downstream_transport,
+        )
+        if settings.downstream
+        else None
+    )
+    rest = RestApi(service, authenticate)
+    rpc = JsonRpcApi(service, authenticate, downstream)
+    routes = [*rest.routes(), *rpc.routes()]
+    route_names: dict[Callable[..., Any], str] = {route.endpoint: route.path for route in routes}
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            error: Exception = RouteNotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            error = InvalidRequest(exc.detail)
+        return error_response(error, metrics, exc.headers)
+
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.reset()
+        await service.run(open_backends, signer)
+        try:
+            yield
+        finally:
+            if downstream is not None:
+                await downstream.aclose()
+            service.reset()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestLog, metrics=metrics, routes=route_names)],
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,127 @@
+"""Where errors meet the wire: one function turns any exception into an HTTP status, a JSON
+body and a JSON-RPC error.
+
+The HTTP status is the one each :class:`~signd.errors.SigndError` class declares; the
+JSON-RPC code comes from :data:`JSONRPC_CODES`, most specific class first. Anything that is
+not a ``SigndError`` is a bug: it answers ``500 internal_error`` with a fixed message, and the
+traceback goes to the server log only.
+
+The API adds a few errors that only exist at the HTTP boundary::
+
+    SigndError
+    ├── RouteNotFound                   404: no such route
+    ├── MethodNotAllowed                405: the route exists, the method does not
+    ├── DownstreamError                 502: the downstream node answered with a JSON-RPC error
+    ├── InvalidRequest
+    │   └── PayloadTooLarge             413: the body is over the configured limit
+    └── AccessDenied
+        └── BlindSigningDisabled        403: raw-hash signing is switched off
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Final
+
+from signd.errors import (
+    AccessDenied,
+    CapacityExceeded,
+    ConfigurationError,
+    DependencyUnavailable,
+    IntegrityError,
+    InvalidRequest,
+    KeyExists,
+    KeyNotFound,
+    SigndError,
+    UnsupportedOperation,
+)
+
+log = logging.getLogger("signd.api")
+
+INTERNAL_MESSAGE: Final = "internal error"
+
+
+class RouteNotFound(SigndError):
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(SigndError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class BlindSigningDisabled(AccessDenied):
+    code = "blind_signing_disabled"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "blind signing (raw 32-byte hashes) is disabled on this server; sign the "
+            "transaction or message itself, or start signd with allow_blind_signing",
+            field="type",
+        )
+
+
+class DownstreamError(SigndError):
+    """The downstream node refused a call; its JSON-RPC error object is passed on unchanged."""
+
+    code = "downstream_error"
+    http_status = 502
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(str(error.get("message", "the downstream node refused the request")))
+        self.rpc_error = error
+
+
+# JSON-RPC 2.0 reserves -32768..-32000; -32099..-32000 is for the server to define.
+PARSE_ERROR: Final = -32700
+INVALID_REQUEST: Final = -32600
+METHOD_NOT_FOUND: Final = -32601
+INVALID_PARAMS: Final = -32602
+INTERNAL_ERROR: Final = -32603
+
+JSONRPC_CODES: Final[dict[type[SigndError], int]] = {
+    InvalidRequest: INVALID_PARAMS,
+    UnsupportedOperation: -32009,
+    KeyNotFound: -32001,
+    KeyExists: -32002,
+    AccessDenied: -32003,
+    IntegrityError: -32004,
+    CapacityExceeded: -32005,
+    DependencyUnavailable: -32006,
+    ConfigurationError: -32007,
+    DownstreamError: -32008,
+    SigndError: -32000,
+}
+"""JSON-RPC codes by error class; an error takes the entry of its nearest listed ancestor."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireError:
+    """An exception as the API tells it: HTTP status, ``{code, message, field?}``, JSON-RPC."""
+
+    http_status: int
+    body: dict[str, str]
+    rpc_code: int
+
+    def rpc_error(self) -> dict[str, Any]:
+        """The JSON-RPC ``error`` member: signd's code (and field) go in ``data``."""
+        data = {"code": self.body["code"]}
+        if "field" in self.body:
+            data["field"] = self.body["field"]
+        return {"code": self.rpc_code, "message": self.body["message"], "data": data}
+
+
+def wire_error(exc: BaseException) -> WireError:
+    """The one place an exception becomes an API answer."""
+    if isinstance(exc, SigndError):
+        rpc_code = next(JSONRPC_CODES[cls] for cls in type(exc).__mro__ if cls in JSONRPC_CODES)
+        return WireError(exc.http_status, exc.to_dict(), rpc_code)
+    log.error("unhandled error", exc_info=exc)
+    return WireError(500, {"code": "internal_error", "message": INTERNAL_MESSAGE}, INTERNAL_ERROR)

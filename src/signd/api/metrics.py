@@ -1,0 +1,137 @@
+"""A small Prometheus registry: labelled counters and one latency histogram, text format 0.0.4.
+
+Hand-rolled so the service needs no metrics dependency; every label value comes from a
+bounded set (route templates, status codes, error codes, chains, custody types, method names
+signd knows), never from raw request data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Final
+
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+Labels = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if value != int(value) else str(int(value))
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, label_names: Sequence[str]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.label_names = tuple(label_names)
+        self._values: dict[Labels, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[labels] += amount
+
+    def value(self, *labels: str) -> float:
+        with self._lock:
+            return self._values.get(labels, 0.0)
+
+    def expose(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} counter"]
+        with self._lock:
+            items = sorted(self._values.items())
+        for labels, value in items:
+            lines.append(f"{self.name}{_format_labels(self.label_names, labels)} {_number(value)}")
+        return lines
+
+
+class Histogram:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        label_names: Sequence[str],
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.label_names = tuple(label_names)
+        self.buckets = tuple(buckets)
+        self._counts: dict[Labels, list[int]] = {}
+        self._sums: dict[Labels, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def observe(self, value: float, *labels: str) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(labels, [0] * (len(self.buckets) + 1))
+            for index, bound in enumerate(self.buckets):
+                if value <= bound:
+                    counts[index] += 1
+            counts[-1] += 1
+            self._sums[labels] += value
+
+    def count(self, *labels: str) -> int:
+        with self._lock:
+            counts = self._counts.get(labels)
+            return counts[-1] if counts else 0
+
+    def expose(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
+        with self._lock:
+            items = sorted((labels, list(counts)) for labels, counts in self._counts.items())
+            sums = dict(self._sums)
+        for labels, counts in items:
+            names, bounds = self.label_names, [*map(_number, self.buckets), "+Inf"]
+            for bound, count in zip(bounds, counts, strict=True):
+                label_text = _format_labels(names, labels, f'le="{bound}"')
+                lines.append(f"{self.name}_bucket{label_text} {count}")
+            label_text = _format_labels(names, labels)
+            lines.append(f"{self.name}_sum{label_text} {_number(sums[labels])}")
+            lines.append(f"{self.name}_count{label_text} {counts[-1]}")
+        return lines
+
+
+class ApiMetrics:
+    """The service's metrics; one instance per app."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "signd_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ("route", "method", "status"),
+        )
+        self.latency = Histogram(
+            "signd_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ("route",),
+        )
+        self.signatures = Counter(
+            "signd_signatures_total",
+            "Signatures made, by chain, custody type and kind of request.",
+            ("chain", "custody", "kind"),
+        )
+        self.errors = Counter(
+            "signd_errors_total", "Errors answered, by signd error code.", ("code",)
+        )
+        self.rpc_calls = Counter(
+            "signd_jsonrpc_calls_total",
+            "JSON-RPC calls by method (methods signd does not serve count as 'other').",
+            ("method", "outcome"),
+        )
+
+    def expose(self) -> str:
+        families = (self.requests, self.latency, self.signatures, self.errors, self.rpc_calls)
+        return "\n".join(line for family in families for line in family.expose()) + "\n"

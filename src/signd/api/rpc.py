@@ -1,0 +1,281 @@
+"""Ethereum JSON-RPC 2.0 at ``POST /`` and ``POST /rpc``, so web3.py and ethers.js can use
+signd as their node.
+
+signd serves the account and signing methods itself (:data:`SIGND_METHODS`); with a
+downstream node every other method is forwarded to it, except signing and account methods of
+the node itself (:data:`NEVER_FORWARDED`), so that a node with unlocked accounts is never
+asked to sign. Errors follow JSON-RPC 2.0: -32700 parse error, -32600 invalid request,
+-32601 method not found, -32602 invalid params (signd's ``invalid_*`` errors), -32603
+internal error, and -32001..-32099 for signd's other errors, each with
+``data: {"code", "field"?}``. The HTTP status is 200 whenever a JSON-RPC answer is given, a
+downstream node that is down included (-32006 ``dependency_unavailable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from signd.api import inputs
+from signd.api.downstream import Downstream
+from signd.api.errors import (
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    DownstreamError,
+    wire_error,
+)
+from signd.api.service import Authenticator, Principal, SigningService
+from signd.chains.ethereum import SignedTransaction
+from signd.errors import InvalidField, InvalidRequest, UnsupportedOperation
+
+Params = list[Any]
+Method = Callable[[Principal, object], Awaitable[Any]]
+
+NEVER_FORWARDED: Final = ("eth_sign", "personal_", "account_", "clef_", "eth_sendTransaction")
+"""Method-name prefixes that are never sent to the downstream node, whose own keys must not
+sign anything on signd's behalf."""
+
+_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
+
+
+class MethodNotFound(Exception):
+    """No such JSON-RPC method here (and none to forward to)."""
+
+
+def _positional(params: object, least: int, most: int, method: str) -> Params:
+    if params is None:
+        params = []
+    if not isinstance(params, list) or not least <= len(params) <= most:
+        count = str(least) if least == most else f"{least} to {most}"
+        raise InvalidRequest(f"{method} takes {count} positional parameter(s)")
+    return params
+
+
+def _address(value: object, name: str = "address") -> str:
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise InvalidField(f"{name} must be a 0x-prefixed 20-byte address", field=name)
+    return value
+
+
+def _transaction(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidField("the transaction must be a JSON object", field="transaction")
+    _address(value.get("from"), "from")
+    return value
+
+
+def geth_transaction(signed: SignedTransaction) -> dict[str, Any]:
+    """``eth_signTransaction``'s answer as geth gives it: ``{"raw", "tx"}``."""
+    decoded = signed.to_dict(decoded=True)
+    tx = dict(decoded["transaction"])
+    tx["input"] = tx.pop("data")
+    tx |= decoded["signature"]
+    if signed.transaction.TYPE != 0:
+        tx["yParity"] = tx["v"]
+    tx["hash"] = decoded["hash"]
+    return {"raw": decoded["raw_transaction"], "tx": tx}
+
+
+def _response(request_id: Any, result: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _error(request_id: Any, error: Mapping[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": dict(error)}
+
+
+def _valid_id(value: object) -> bool:
+    return (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, int | float) and not isinstance(value, bool))
+    )
+
+
+class JsonRpcApi:
+    """The JSON-RPC endpoint, bound to one :class:`SigningService` and an optional node."""
+
+    def __init__(
+        self,
+        service: SigningService,
+        authenticate: Authenticator,
+        downstream: Downstream | None,
+    ) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.metrics = service.metrics
+        self.authenticate = authenticate
+        self.downstream = downstream
+        self.methods: dict[str, Method] = {
+            "eth_accounts": self.eth_accounts,
+            "eth_requestAccounts": self.eth_accounts,
+            "eth_chainId": self.eth_chain_id,
+            "eth_sign": self.eth_sign,
+            "personal_sign": self.personal_sign,
+            "eth_signTransaction": self.eth_sign_transaction,
+            "eth_signTypedData_v4": self.eth_sign_typed_data_v4,
+            "eth_sendTransaction": self.eth_send_transaction,
+        }
+        self._sender_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def routes(self) -> list[Route]:
+        async def root(request: Request) -> Response:
+            return await self.endpoint(request)
+
+        return [
+            Route("/", root, methods=["POST"], name="jsonrpc_root"),
+            Route("/rpc", self.endpoint, methods=["POST"], name="jsonrpc"),
+        ]
+
+    async def endpoint(self, request: Request) -> Response:
+        try:
+            principal = await self.authenticate(request)
+            body = await inputs.read_body(request, self.settings.max_body_bytes)
+        except Exception as exc:
+            wire = wire_error(exc)
+            self.metrics.errors.inc(wire.body["code"])
+            return JSONResponse(_error(None, wire.rpc_error()), status_code=wire.http_status)
+        try:
+            message = inputs.parse_json(body)
+        except InvalidRequest:
+            return JSONResponse(_error(None, {"code": PARSE_ERROR, "message": "parse error"}))
+        if isinstance(message, list):
+            if not 1 <= len(message) <= self.settings.max_batch:
+                return JSONResponse(
+                    _error(
+                        None,
+                        {
+                            "code": INVALID_REQUEST,
+                            "message": f"a batch holds 1 to {self.settings.max_batch} requests",
+                        },
+                    )
+                )
+            request.state.rpc_methods = [self._method_label(item) for item in message]
+            answers = [await self.call(principal, item) for item in message]
+            replies = [answer for answer in answers if answer is not None]
+            return JSONResponse(replies) if replies else Response(status_code=204)
+        request.state.rpc_methods = [self._method_label(message)]
+        answer = await self.call(principal, message)
+        return JSONResponse(answer) if answer is not None else Response(status_code=204)
+
+    def _method_label(self, item: object) -> str:
+        """A bounded name for logs and metrics: signd's methods by name, others 'other'."""
+        method = item.get("method") if isinstance(item, dict) else None
+        return method if isinstance(method, str) and method in self.methods else "other"
+
+    async def call(self, principal: Principal, item: object) -> dict[str, Any] | None:
+        """Answer one request object; ``None`` for a notification (no ``id``)."""
+        request_id = item.get("id") if isinstance(item, dict) else None
+        if (
+            not isinstance(item, dict)
+            or item.get("jsonrpc") != "2.0"
+            or not isinstance(item.get("method"), str)
+            or not isinstance(item.get("params", []), list | dict)
+            or not _valid_id(request_id)
+        ):
+            self.metrics.rpc_calls.inc("other", "invalid")
+            return _error(
+                request_id if _valid_id(request_id) else None,
+                {"code": INVALID_REQUEST, "message": "invalid JSON-RPC 2.0 request"},
+            )
+        notification = "id" not in item
+        method: str = item["method"]
+        label = self._method_label(item)
+        try:
+            handler = self.methods.get(method)
+            if handler is not None:
+                answer = _response(request_id, await handler(principal, item.get("params")))
+            elif self.downstream is not None and not method.startswith(NEVER_FORWARDED):
+                answer = await self.downstream.forward(item)
+            else:
+                raise MethodNotFound()
+        except MethodNotFound as exc:
+            self.metrics.rpc_calls.inc(label, "error")
+            message = str(exc) or f"the method {method} does not exist/is not available"
+            answer = _error(request_id, {"code": METHOD_NOT_FOUND, "message": message})
+        except DownstreamError as exc:
+            self.metrics.rpc_calls.inc(label, "error")
+            self.metrics.errors.inc(exc.code)
+            answer = _error(request_id, exc.rpc_error)
+        except Exception as exc:
+            self.metrics.rpc_calls.inc(label, "error")
+            wire = wire_error(exc)
+            self.metrics.errors.inc(wire.body["code"])
+            answer = _error(request_id, wire.rpc_error())
+        else:
+            self.metrics.rpc_calls.inc(label, "error" if "error" in answer else "ok")
+        return None if notification else answer
+
+    # accounts and chain
+
+    async def eth_accounts(self, principal: Principal, params: object) -> list[str]:
+        _positional(params, 0, 0, "eth_accounts")
+        return await self.service.ethereum_accounts(principal)
+
+    async def eth_chain_id(self, principal: Principal, params: object) -> str:
+        _positional(params, 0, 0, "eth_chainId")
+        if self.settings.chain_id is not None:
+            return hex(self.settings.chain_id)
+        if self.downstream is not None:
+            return hex(await self.downstream.chain_id())
+        raise UnsupportedOperation(
+            "no chain id: configure [api] chain_id or start signd with --downstream"
+        )
+
+    # signing
+
+    async def eth_sign(self, principal: Principal, params: object) -> str:
+        """geth's eth_sign: EIP-191 personal message over the data bytes."""
+        address, data = _positional(params, 2, 2, "eth_sign")
+        signature = await self.service.sign_eth_message(
+            principal, _address(address), inputs.hex_bytes(data, "data")
+        )
+        return "0x" + signature.signature.hex()
+
+    async def personal_sign(self, principal: Principal, params: object) -> str:
+        """personal_sign(data, address[, password]): the password is not used by signd."""
+        data, address, *_ = _positional(params, 2, 3, "personal_sign")
+        signature = await self.service.sign_eth_message(
+            principal, _address(address), inputs.hex_bytes(data, "data")
+        )
+        return "0x" + signature.signature.hex()
+
+    async def eth_sign_typed_data_v4(self, principal: Principal, params: object) -> str:
+        address, document = _positional(params, 2, 2, "eth_signTypedData_v4")
+        if isinstance(document, str):
+            document = inputs.parse_json(document.encode())
+        if not isinstance(document, dict):
+            raise InvalidField("typed data must be a JSON object or its JSON text", field="data")
+        signature = await self.service.sign_eth_typed_data(principal, _address(address), document)
+        return "0x" + signature.signature.hex()
+
+    async def eth_sign_transaction(self, principal: Principal, params: object) -> dict[str, Any]:
+        (transaction,) = _positional(params, 1, 1, "eth_signTransaction")
+        transaction = _transaction(transaction)
+        if self.downstream is not None:
+            transaction = await self.downstream.fill_transaction(transaction)
+        signed = await self.service.sign_eth_transaction(
+            principal, transaction["from"], transaction
+        )
+        return geth_transaction(signed)
+
+    async def eth_send_transaction(self, principal: Principal, params: object) -> Any:
+        """Fill from the node, sign, and submit with eth_sendRawTransaction."""
+        if self.downstream is None:
+            raise MethodNotFound(
+                "eth_sendTransaction needs a downstream node (signd serve --downstream)"
+            )
+        (transaction,) = _positional(params, 1, 1, "eth_sendTransaction")
+        transaction = _transaction(transaction)
+        async with self._sender_locks[transaction["from"].lower()]:
+            filled = await self.downstream.fill_transaction(transaction)
+            signed = await self.service.sign_eth_transaction(principal, filled["from"], filled)
+            return await self.downstream.call("eth_sendRawTransaction", ["0x" + signed.raw.hex()])

@@ -1,0 +1,95 @@
+"""The OpenAPI document: valid 3.1, exactly the app's routes, and true to the answers
+(schemathesis fuzzes every operation in-process and checks for 5xx and schema violations)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from openapi_spec_validator import validate
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.routing import Route
+
+from signd.api import ApiSettings, create_app
+from signd.api.openapi import openapi_document
+from tests.api.conftest import ClientFactory, make_home, open_signer
+
+FUZZ_SETTINGS = ApiSettings(max_keys_per_request=3, max_batch=5, allow_blind_signing=True)
+HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+
+
+def test_the_document_is_valid_openapi_3_1() -> None:
+    document = openapi_document()
+    assert document["openapi"].startswith("3.1")
+    validate(document)
+
+
+def test_the_document_lists_exactly_the_routes_of_the_app(tmp_path: Path) -> None:
+    with open_signer(make_home(tmp_path / "home")) as signer:
+        app = create_app(signer)
+    served = set()
+    for route in app.routes:
+        assert isinstance(route, Route)
+        for method in route.methods or ():
+            if method != "HEAD":
+                served.add((route.path, method.lower()))
+    documented = {
+        (path, method)
+        for path, item in openapi_document()["paths"].items()
+        for method in item
+        if method in HTTP_METHODS
+    }
+    assert served == documented
+
+
+def test_the_app_serves_the_document_for_its_settings(make_client: ClientFactory) -> None:
+    client = make_client(FUZZ_SETTINGS)
+    served = client.get("/openapi.json").json()
+    assert served == openapi_document(FUZZ_SETTINGS)
+    batch = served["components"]["schemas"]["BatchRequest"]["properties"]["requests"]
+    assert batch["maxItems"] == 5
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    home = make_home(tmp_path_factory.mktemp("fuzz") / "home")
+    with open_signer(home) as signer:
+        signer.create_keys(chain="ethereum", custody="keystore", count=1)
+        app = create_app(signer, FUZZ_SETTINGS)
+        yield schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+JSON_RPC_PATHS = {"/", "/rpc"}
+
+
+@schema.parametrize()
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+def test_no_server_errors_and_answers_match_the_document(case: Any) -> None:
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    # Bodies the document forbids must be refused with a 4xx, except by JSON-RPC, which
+    # answers them with a JSON-RPC error and HTTP 200, as the protocol asks. (Schema-valid
+    # requests may still be refused: an unconfigured custody, an unknown key.)
+    if case.operation.path not in JSON_RPC_PATHS:
+        checks.append(negative_data_rejection)
+    case.call_and_validate(checks=checks)

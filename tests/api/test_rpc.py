@@ -1,0 +1,435 @@
+"""Ethereum JSON-RPC in-process: signd's own methods, the JSON-RPC error codes, and proxy mode
+against a fake node (an httpx mock transport)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_utils import keccak
+from starlette.testclient import TestClient
+
+from signd.api import ApiSettings
+from signd.chains.ethereum import decode_transaction
+from signd.operations import Signer
+from tests.api import samples
+from tests.api.conftest import ClientFactory
+
+NODE_URL = "http://127.0.0.1:1/v3/secret-api-key"
+CHAIN_ID = 31337
+BASE_FEE = 7 * 10**9
+PRIORITY = 2 * 10**9
+GAS_PRICE = 11 * 10**9
+
+
+def rpc(client: TestClient, method: str, *params: Any, path: str = "/rpc") -> dict[str, Any]:
+    response = client.post(
+        path, json={"jsonrpc": "2.0", "id": 7, "method": method, "params": list(params)}
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    assert answer["jsonrpc"] == "2.0" and answer["id"] == 7
+    return answer
+
+
+def result(client: TestClient, method: str, *params: Any) -> Any:
+    answer = rpc(client, method, *params)
+    assert "error" not in answer, answer
+    return answer["result"]
+
+
+def error(client: TestClient, method: str, *params: Any) -> dict[str, Any]:
+    answer = rpc(client, method, *params)
+    assert "result" not in answer, answer
+    value: dict[str, Any] = answer["error"]
+    return value
+
+
+@pytest.fixture
+def address(client: TestClient) -> str:
+    keys = client.post("/v1/keys", json={"chain": "ethereum", "custody": "keystore", "count": 2})
+    value: str = keys.json()["keys"][0]["address"]
+    return value
+
+
+# signd's own methods
+
+
+def test_eth_accounts_lists_ethereum_keys(client: TestClient, address: str) -> None:
+    accounts = result(client, "eth_accounts")
+    assert len(accounts) == 2 and address in accounts
+    assert result(client, "eth_requestAccounts") == accounts
+
+
+def test_eth_accounts_by_configuration(make_client: ClientFactory) -> None:
+    client = make_client()
+    created = client.post(
+        "/v1/keys", json={"chain": "ethereum", "custody": "keystore", "count": 3}
+    ).json()["keys"]
+    client.post("/v1/keys", json={"chain": "ethereum", "custody": "keystore", "labels": ["rpc"]})
+    listed = make_client(ApiSettings(accounts=(created[2]["key_id"], created[0]["address"])))
+    assert result(listed, "eth_accounts") == [created[2]["address"], created[0]["address"]]
+    labelled = make_client(ApiSettings(accounts_label="rpc"))
+    assert len(result(labelled, "eth_accounts")) == 1
+    capped = make_client(ApiSettings(max_accounts=2))
+    assert result(capped, "eth_accounts") == [created[0]["address"], created[1]["address"]]
+
+
+def test_eth_chain_id_from_configuration_or_unsupported(make_client: ClientFactory) -> None:
+    assert result(make_client(ApiSettings(chain_id=5)), "eth_chainId") == "0x5"
+    failure = error(make_client(), "eth_chainId")
+    assert failure["data"]["code"] == "unsupported_operation"
+
+
+def test_eth_sign_and_personal_sign_are_eip191_over_the_bytes(
+    client: TestClient, address: str
+) -> None:
+    data = "0x" + b"hello \x00 bytes".hex()
+    signature = result(client, "eth_sign", address, data)
+    assert samples.bytes_signer(b"hello \x00 bytes", signature) == address
+    assert result(client, "personal_sign", data, address) == signature
+    assert result(client, "personal_sign", data, address.lower(), "ignored password") == signature
+
+
+def test_eth_sign_typed_data_v4_takes_json_text_or_an_object(
+    client: TestClient, address: str
+) -> None:
+    as_text = result(client, "eth_signTypedData_v4", address, json.dumps(samples.MAIL))
+    as_object = result(client, "eth_signTypedData_v4", address, samples.MAIL)
+    assert as_text == as_object
+    assert samples.typed_data_signer(samples.MAIL, as_text) == address
+
+
+def test_eth_sign_transaction_answers_like_geth(client: TestClient, address: str) -> None:
+    tx = {**samples.transaction(chain_id=CHAIN_ID), "from": address}
+    answer = result(client, "eth_signTransaction", tx)
+    assert set(answer) == {"raw", "tx"}
+    assert samples.transaction_signer(answer["raw"]) == address
+    fields = answer["tx"]
+    assert fields["hash"] == "0x" + keccak(hexstr=answer["raw"]).hex()
+    assert fields["input"] == "0x" and fields["nonce"] == "0x0" and fields["type"] == "0x2"
+    assert {"v", "r", "s", "yParity", "chainId", "maxFeePerGas"} <= set(fields)
+    missing = {key: value for key, value in tx.items() if key != "nonce"}
+    assert error(client, "eth_signTransaction", missing)["data"] == {
+        "code": "invalid_field",
+        "field": "nonce",
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "field"),
+    [
+        ("eth_sign", ["0x1234", "0x00"], "address"),
+        ("eth_sign", ["0x" + "00" * 20, "not hex"], "data"),
+        ("eth_signTypedData_v4", ["0x" + "00" * 20, "{not json"], None),
+        ("eth_signTypedData_v4", ["0x" + "00" * 20, [1]], "data"),
+        ("eth_signTransaction", [{"to": "0x" + "00" * 20}], "from"),
+    ],
+)
+def test_bad_params_are_invalid_params(
+    client: TestClient, method: str, params: list[Any], field: str | None
+) -> None:
+    failure = error(client, method, *params)
+    assert failure["code"] == -32602
+    assert failure["data"].get("field") == field
+
+
+def test_wrong_arity_is_invalid_params(client: TestClient) -> None:
+    assert error(client, "eth_sign", "0x" + "00" * 20)["code"] == -32602
+    assert error(client, "eth_accounts", 1)["code"] == -32602
+
+
+def test_a_key_signd_does_not_hold_is_a_server_error_with_data(client: TestClient) -> None:
+    failure = error(client, "personal_sign", "0x00", "0x" + "ab" * 20)
+    assert failure["code"] == -32001
+    assert failure["data"] == {"code": "key_not_found"}
+
+
+# JSON-RPC 2.0 framing
+
+
+def test_parse_error_invalid_request_and_method_not_found(client: TestClient) -> None:
+    parsed = client.post("/rpc", content=b"{oops")
+    assert parsed.status_code == 200
+    assert parsed.json() == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {"code": -32700, "message": "parse error"},
+    }
+    for bad in (
+        {"jsonrpc": "1.0", "id": 1, "method": "eth_accounts"},
+        {"id": 1},
+        5,
+        {"jsonrpc": "2.0", "id": [1], "method": "x"},
+    ):
+        answer = client.post("/", json=bad).json()
+        assert answer["error"]["code"] == -32600
+    assert (
+        client.post(
+            "/", json={"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": 3}
+        ).json()["error"]["code"]
+        == -32600
+    )
+    assert error(client, "eth_blockNumber")["code"] == -32601
+    no_node = error(client, "eth_sendTransaction", {})
+    assert no_node["code"] == -32601 and "--downstream" in no_node["message"]
+
+
+def test_batches_answer_in_order_and_skip_notifications(client: TestClient, address: str) -> None:
+    batch = [
+        {"jsonrpc": "2.0", "id": "a", "method": "eth_accounts"},
+        {"jsonrpc": "2.0", "method": "eth_accounts"},
+        {"jsonrpc": "2.0", "id": 2, "method": "nope"},
+        {"jsonrpc": "2.0", "id": 3, "method": "personal_sign", "params": ["0x61", address]},
+        17,
+    ]
+    answers = client.post("/rpc", json=batch).json()
+    assert [answer["id"] for answer in answers] == ["a", 2, 3, None]
+    assert address in answers[0]["result"]
+    assert answers[1]["error"]["code"] == -32601
+    assert samples.bytes_signer(b"a", answers[2]["result"]) == address
+    assert answers[3]["error"]["code"] == -32600
+    assert client.post("/rpc", json=[]).json()["error"]["code"] == -32600
+    only_notifications = client.post("/rpc", json=[{"jsonrpc": "2.0", "method": "eth_accounts"}])
+    assert only_notifications.status_code == 204 and only_notifications.content == b""
+
+
+def test_batch_size_is_bounded(make_client: ClientFactory) -> None:
+    client = make_client(ApiSettings(max_batch=2))
+    call = {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts"}
+    assert client.post("/rpc", json=[call] * 3).json()["error"]["code"] == -32600
+
+
+def test_oversized_rpc_body_is_413_in_json_rpc_shape(make_client: ClientFactory) -> None:
+    client = make_client(ApiSettings(max_body_bytes=100))
+    response = client.post("/rpc", json={"jsonrpc": "2.0", "id": 1, "method": "x" * 200})
+    assert response.status_code == 413
+    assert response.json()["error"]["data"]["code"] == "payload_too_large"
+
+
+# proxy mode against a fake node
+
+
+class FakeNode:
+    """Answers the calls signd makes while filling and submitting, and records them."""
+
+    def __init__(self, *, london: bool = True, priority_method: bool = True) -> None:
+        self.london = london
+        self.priority_method = priority_method
+        self.calls: list[dict[str, Any]] = []
+        self.sent: list[str] = []
+        self.paths: set[str] = set()
+
+    def answer(self, method: str, params: list[Any]) -> Any:
+        if method == "eth_chainId":
+            return hex(CHAIN_ID)
+        if method == "eth_getTransactionCount":
+            return "0x5"
+        if method == "eth_getBlockByNumber":
+            return {"number": "0x10", **({"baseFeePerGas": hex(BASE_FEE)} if self.london else {})}
+        if method == "eth_maxPriorityFeePerGas" and self.priority_method:
+            return hex(PRIORITY)
+        if method == "eth_feeHistory":
+            return {"reward": [[hex(PRIORITY)], [hex(PRIORITY + 2)], [hex(PRIORITY - 2)]]}
+        if method == "eth_gasPrice":
+            return hex(GAS_PRICE)
+        if method == "eth_estimateGas":
+            assert not {"nonce", "maxFeePerGas", "gasPrice"} & set(params[0])
+            return hex(21_000)
+        if method == "eth_sendRawTransaction":
+            self.sent.append(params[0])
+            return "0x" + Account.recover_transaction(params[0]).lower()[2:].rjust(64, "0")
+        if method == "eth_blockNumber":
+            return "0x10"
+        raise LookupError(method)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.paths.add(request.url.path)
+        call = json.loads(request.content)
+        self.calls.append(call)
+        try:
+            value = self.answer(call["method"], call.get("params", []))
+        except LookupError:
+            return httpx.Response(
+                200,
+                json={
+                    "jsonrpc": "2.0",
+                    "id": call["id"],
+                    "error": {"code": -32601, "message": "no such method"},
+                },
+            )
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": call["id"], "result": value})
+
+    def methods(self) -> list[str]:
+        return [call["method"] for call in self.calls]
+
+
+def proxy_client(make_client: ClientFactory, node: Any) -> TestClient:
+    handler = httpx.MockTransport(node)
+    return make_client(ApiSettings(downstream=NODE_URL), downstream_transport=handler)
+
+
+def decoded(raw: str) -> dict[str, Any]:
+    """The fields of a signed transaction, quantities as integers."""
+    fields = decode_transaction(bytes.fromhex(raw[2:])).to_dict(decoded=True)["transaction"]
+    return {
+        key: int(value, 16) if isinstance(value, str) and key not in ("to", "data") else value
+        for key, value in fields.items()
+    }
+
+
+def test_send_transaction_fills_an_eip1559_transaction_from_the_node(
+    make_client: ClientFactory, address: str
+) -> None:
+    node = FakeNode()
+    client = proxy_client(make_client, node)
+    to = "0x" + "35" * 20
+    tx_hash = result(client, "eth_sendTransaction", {"from": address, "to": to, "value": "0x1"})
+    assert len(node.sent) == 1
+    assert tx_hash == "0x" + address.lower()[2:].rjust(64, "0")
+    raw = node.sent[0]
+    assert samples.transaction_signer(raw) == address
+    fields = decoded(raw)
+    assert fields["type"] == 2
+    assert fields["chainId"] == CHAIN_ID and fields["nonce"] == 5 and fields["gas"] == 21_000
+    assert fields["maxPriorityFeePerGas"] == PRIORITY
+    assert fields["maxFeePerGas"] == 2 * BASE_FEE + PRIORITY
+    assert "eth_sendRawTransaction" in node.methods()
+    assert node.paths == {"/v3/secret-api-key"}
+
+
+def test_send_transaction_legacy_when_asked_or_before_london(
+    make_client: ClientFactory, address: str
+) -> None:
+    node = FakeNode()
+    client = proxy_client(make_client, node)
+    result(client, "eth_sendTransaction", {"from": address, "to": "0x" + "35" * 20, "type": "0x0"})
+    old_node = FakeNode(london=False)
+    old = proxy_client(make_client, old_node)
+    result(old, "eth_sendTransaction", {"from": address, "to": "0x" + "35" * 20})
+    for raw in (node.sent[0], old_node.sent[0]):
+        fields = decoded(raw)
+        assert fields["type"] == 0 and fields["gasPrice"] == GAS_PRICE
+        assert samples.transaction_signer(raw) == address
+
+
+def test_send_transaction_keeps_what_the_caller_gave(
+    make_client: ClientFactory, address: str
+) -> None:
+    node = FakeNode(priority_method=False)
+    client = proxy_client(make_client, node)
+    tx = {
+        "from": address,
+        "to": "0x" + "35" * 20,
+        "nonce": "0x9",
+        "gas": "0x7530",
+        "maxFeePerGas": hex(10**9),
+    }
+    result(client, "eth_sendTransaction", tx)
+    fields = decoded(node.sent[0])
+    assert (fields["nonce"], fields["gas"], fields["maxFeePerGas"]) == (9, 30_000, 10**9)
+    assert fields["maxPriorityFeePerGas"] == 10**9  # the node's median reward, capped by the fee
+    assert "eth_feeHistory" in node.methods()
+    assert (
+        "eth_getTransactionCount" not in node.methods() and "eth_estimateGas" not in node.methods()
+    )
+
+
+def test_send_transaction_refuses_another_chain(make_client: ClientFactory, address: str) -> None:
+    node = FakeNode()
+    client = proxy_client(make_client, node)
+    failure = error(
+        client, "eth_sendTransaction", {"from": address, "to": address, "chainId": "0x1"}
+    )
+    assert failure["data"] == {"code": "invalid_field", "field": "chainId"}
+    assert node.sent == []
+
+
+def test_sign_transaction_is_filled_too_but_not_sent(
+    make_client: ClientFactory, address: str
+) -> None:
+    node = FakeNode()
+    client = proxy_client(make_client, node)
+    answer = result(client, "eth_signTransaction", {"from": address, "to": address})
+    assert samples.transaction_signer(answer["raw"]) == address
+    assert answer["tx"]["chainId"] == hex(CHAIN_ID) and node.sent == []
+
+
+def test_other_methods_are_forwarded_but_never_signing_ones(
+    make_client: ClientFactory, address: str
+) -> None:
+    node = FakeNode()
+    client = proxy_client(make_client, node)
+    assert result(client, "eth_blockNumber") == "0x10"
+    assert result(client, "eth_chainId") == hex(CHAIN_ID)
+    downstream_error = error(client, "net_peerCount")
+    assert downstream_error == {"code": -32601, "message": "no such method"}
+    for method in (
+        "eth_signTypedData_v3",
+        "personal_unlockAccount",
+        "personal_sendTransaction",
+        "eth_signTypedData",
+    ):
+        assert error(client, method, address)["code"] == -32601
+    forwarded = node.methods()
+    assert "net_peerCount" in forwarded
+    assert not any(name.startswith(("personal_", "eth_sign")) for name in forwarded)
+
+
+def test_a_node_that_is_down_is_a_json_rpc_error_without_its_url(
+    make_client: ClientFactory, address: str
+) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    client = proxy_client(make_client, refuse)
+    for method, params in (
+        ("eth_blockNumber", []),
+        ("eth_sendTransaction", [{"from": address, "to": address}]),
+    ):
+        answer = client.post(
+            "/rpc", json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        )
+        assert answer.status_code == 200
+        failure = answer.json()["error"]
+        assert failure["code"] == -32006
+        assert failure["data"] == {"code": "dependency_unavailable"}
+        assert "unreachable" in failure["message"]
+        assert "secret-api-key" not in answer.text
+
+
+def test_a_node_that_is_slow_times_out(make_client: ClientFactory) -> None:
+    def stall(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    client = proxy_client(make_client, stall)
+    failure = error(client, "eth_gasPrice")
+    assert failure["data"]["code"] == "dependency_unavailable"
+    assert "in time" in failure["message"]
+
+
+def test_unexpected_exceptions_are_internal_errors_without_detail(
+    client: TestClient, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(**kwargs: Any) -> None:
+        raise RuntimeError("secret internals: passphrase=hunter2")
+
+    monkeypatch.setattr(signer, "list_keys", explode)
+    answer = rpc(client, "eth_accounts")
+    assert answer["error"] == {
+        "code": -32603,
+        "message": "internal error",
+        "data": {"code": "internal_error"},
+    }
+
+
+def test_rpc_metrics_count_methods(make_client: ClientFactory, address: str) -> None:
+    client = make_client()
+    result(client, "eth_accounts")
+    error(client, "whatever_method")
+    text = client.get("/metrics").text
+    assert 'signd_jsonrpc_calls_total{method="eth_accounts",outcome="ok"} 1' in text
+    assert 'signd_jsonrpc_calls_total{method="other",outcome="error"} 1' in text

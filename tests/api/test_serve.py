@@ -1,0 +1,81 @@
+"""``signd serve`` as a process: the banner, settings from flags and signd.toml, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import PASSPHRASE, make_home
+from tests.api.processes import SIGND_MAIN, signd_serve
+
+pytestmark = pytest.mark.integration
+
+HASH = "0x" + "42" * 32
+
+
+def test_serve_flags_banner_and_graceful_shutdown(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    downstream = "http://127.0.0.1:9/v3/very-secret-api-key"
+    with signd_serve(home, "--allow-blind-signing", "--downstream", downstream) as server:
+        key = httpx.post(
+            f"{server.url}/v1/keys", json={"chain": "ethereum", "custody": "keystore"}, timeout=30
+        ).json()["keys"][0]
+        signed = httpx.post(
+            f"{server.url}/v1/sign/hash", json={"key": key["key_id"], "hash": HASH}, timeout=30
+        )
+        assert signed.status_code == 200
+        down = httpx.post(
+            server.rpc_url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber"},
+            timeout=30,
+        )
+        assert down.status_code == 200
+        assert down.json()["error"]["data"]["code"] == "dependency_unavailable"
+        assert server.stop() == 0
+        log = server.log.read_text()
+    assert "blind signing (POST /v1/sign/hash): ENABLED" in log
+    assert "downstream node: http://127.0.0.1:9" in log
+    assert "very-secret-api-key" not in log
+    assert "Shutting down" in log or "Finished server process" in log
+
+
+def test_serve_reads_the_api_table_and_refuses_blind_signing_by_default(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home", extra="\n[api]\nchain_id = 5\nmax_batch = 2\n")
+    with signd_serve(home) as server:
+        key = httpx.post(
+            f"{server.url}/v1/keys", json={"chain": "ethereum", "custody": "keystore"}, timeout=30
+        ).json()["keys"][0]
+        refused = httpx.post(
+            f"{server.url}/v1/sign/hash", json={"key": key["key_id"], "hash": HASH}, timeout=30
+        )
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "blind_signing_disabled"
+        chain = httpx.post(
+            server.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}, timeout=30
+        )
+        assert chain.json()["result"] == "0x5"
+        document = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+        assert (
+            document["components"]["schemas"]["BatchRequest"]["properties"]["requests"]["maxItems"]
+            == 2
+        )
+
+
+def test_serve_refuses_an_unknown_api_setting(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home", extra="\n[api]\nallow_everything = true\n")
+    env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}
+    result = subprocess.run(
+        [sys.executable, "-c", SIGND_MAIN, "--home", str(home), "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "allow_everything" in result.stderr
