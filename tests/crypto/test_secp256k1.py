@@ -6,6 +6,7 @@ import os
 
 import coincurve
 import pytest
+from cryptography.exceptions import InvalidSignature as InvalidSignatureError
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -116,3 +117,153 @@ def test_secret_never_prints_its_value() -> None:
         assert "hunter2" not in text
     assert secret.reveal() == "hunter2-very-secret"
     assert secret == Secret("hunter2-very-secret")
+
+
+# Signatures made without a private key. ECDSA lets anyone build a valid (r, s, digest) for a
+# chosen nonce point R and key Q as long as R = a·G + b·Q for known a, b: then r = x(R) mod n,
+# s = r·b⁻¹ and e = a·s verify. That reaches what real signing almost never does: x(R) ≥ n
+# (recovery ids 2 and 3) and keys with x(Q) ≥ n.
+
+FIELD_PRIME = 2**256 - 2**32 - 977
+
+
+def _point(x: int, odd: bool = False) -> coincurve.PublicKey:
+    return coincurve.PublicKey(bytes([3 if odd else 2]) + x.to_bytes(32, "big"))
+
+
+def _points_with_x_at_least_n() -> list[int]:
+    """x-coordinates in [n, p) that lie on the curve (there are few; take the first ones)."""
+    found = []
+    x = CURVE_ORDER + 1
+    while len(found) < 3:
+        if pow((x**3 + 7) % FIELD_PRIME, (FIELD_PRIME - 1) // 2, FIELD_PRIME) == 1:
+            found.append(x)
+        x += 1
+    return found
+
+
+def _scalar() -> int:
+    return int.from_bytes(os.urandom(32), "big") % (CURVE_ORDER - 1) + 1
+
+
+def _times(point: coincurve.PublicKey, k: int) -> coincurve.PublicKey:
+    return point.multiply(k.to_bytes(32, "big"))
+
+
+def _g(k: int) -> coincurve.PublicKey:
+    return coincurve.PublicKey.from_secret(k.to_bytes(32, "big"))
+
+
+def _forge_for_nonce(nonce: coincurve.PublicKey) -> tuple[bytes, int, int, bytes]:
+    """(public key, r, s, digest) whose verification yields exactly ``nonce`` as R."""
+    a, b = _scalar(), _scalar()
+    shifted = coincurve.PublicKey.combine_keys([nonce, _g(CURVE_ORDER - a)])
+    public = _times(shifted, pow(b, -1, CURVE_ORDER)).format()
+    r = int.from_bytes(nonce.format()[1:], "big") % CURVE_ORDER
+    s = r * pow(b, -1, CURVE_ORDER) % CURVE_ORDER
+    return public, r, s, (a * s % CURVE_ORDER).to_bytes(32, "big")
+
+
+def _forge_for_key(public: coincurve.PublicKey) -> tuple[int, int, bytes]:
+    """(r, s, digest) valid for ``public`` (whose private key nobody knows)."""
+    a, b = _scalar(), _scalar()
+    nonce = coincurve.PublicKey.combine_keys([_g(a), _times(public, b)])
+    r = int.from_bytes(nonce.format()[1:], "big") % CURVE_ORDER
+    s = r * pow(b, -1, CURVE_ORDER) % CURVE_ORDER
+    return r, s, (a * s % CURVE_ORDER).to_bytes(32, "big")
+
+
+def _reference_recovery_id(r: int, s: int, digest: bytes, public: bytes) -> int:
+    """The old way: recover with each candidate id (libsecp256k1) and keep the one that fits."""
+    matches = []
+    for candidate in range(4):
+        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([candidate])
+        try:
+            key = coincurve.PublicKey.from_signature_and_message(sig, digest, hasher=None)
+        except ValueError:
+            continue
+        if key.format() == public:
+            matches.append(candidate)
+    assert len(matches) == 1
+    return matches[0]
+
+
+def _openssl_verifies(public: bytes, r: int, s: int, digest: bytes) -> bool:
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public)
+    try:
+        key.verify(encode_dss_signature(r, s), digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    except InvalidSignatureError:
+        return False
+    return True
+
+
+def _check_forms(public: bytes, r: int, s: int, digest: bytes) -> RecoverableSignature:
+    """Every input form of (r, s) and of (r, n − s) normalises to one reference signature."""
+    assert _openssl_verifies(public, r, s, digest)
+    low_s = min(s, CURVE_ORDER - s)
+    expected = RecoverableSignature(r, low_s, _reference_recovery_id(r, low_s, digest, public))
+    for s_in in (s, CURVE_ORDER - s):
+        raw = r.to_bytes(32, "big") + s_in.to_bytes(32, "big")
+        recid = expected.recovery_id ^ (s_in != low_s)
+        for form in (raw, encode_dss_signature(r, s_in), raw + bytes([recid])):
+            assert normalize_signature(form, digest, public) == expected
+        with pytest.raises(InvalidSignature):
+            normalize_signature(raw + bytes([recid ^ 1]), digest, public)
+        with pytest.raises(InvalidSignature):
+            normalize_signature(raw, digest, coincurve.PrivateKey().public_key.format())
+    uncompressed = coincurve.PublicKey(public).format(compressed=False)
+    assert normalize_signature(encode_dss_signature(r, s), digest, uncompressed) == expected
+    return expected
+
+
+def test_nonce_points_with_x_at_least_n_give_recovery_ids_2_and_3() -> None:
+    seen = set()
+    for x in _points_with_x_at_least_n():
+        for odd in (False, True):
+            public, r, s, digest = _forge_for_nonce(_point(x, odd))
+            seen.add(_check_forms(public, r, s, digest).recovery_id)
+    assert seen == {2, 3}
+
+
+def test_keys_with_x_at_least_n_and_the_keys_with_x_equal_to_n() -> None:
+    for x in [*_points_with_x_at_least_n(), CURVE_ORDER]:
+        for odd in (False, True):
+            public = _point(x, odd)
+            for _ in range(4):
+                _check_forms(public.format(), *_forge_for_key(public))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=CURVE_ORDER - 1),
+    st.binary(min_size=32, max_size=32),
+    st.integers(min_value=1, max_value=CURVE_ORDER - 1),
+)
+def test_matches_recovering_each_candidate_and_openssl(secret: int, digest: bytes, k: int) -> None:
+    """Differential: any valid (r, s) — low or high S, any digest — against the old search."""
+    public = _g(secret).format()
+    r = int.from_bytes(_g(k).format()[1:], "big") % CURVE_ORDER
+    e = int.from_bytes(digest, "big") % CURVE_ORDER
+    s = pow(k, -1, CURVE_ORDER) * (e + r * secret) % CURVE_ORDER
+    if s == 0:
+        return
+    _check_forms(public, r, s, digest)
+
+
+def test_a_signature_for_another_digest_or_key_is_refused_in_every_form() -> None:
+    secret = coincurve.PrivateKey()
+    public = secret.public_key.format()
+    digest = os.urandom(32)
+    sig = sign_digest_with(secret, digest)
+    other_digest = bytes([digest[0] ^ 1]) + digest[1:]
+    for s in (sig.s, CURVE_ORDER - sig.s):
+        raw = sig.r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        for form in (raw, encode_dss_signature(sig.r, s)):
+            with pytest.raises(InvalidSignature):
+                normalize_signature(form, other_digest, public)
+            with pytest.raises(InvalidSignature):
+                normalize_signature(form, digest, coincurve.PrivateKey().public_key.format())
+    with pytest.raises(InvalidSignature):
+        normalize_signature(sig.to_bytes()[:64] + b"\x05", digest, public)
+    with pytest.raises(InvalidField):
+        normalize_signature(sig.to_bytes(), digest, b"\x02" + b"\xff" * 32)

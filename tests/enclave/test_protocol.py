@@ -286,9 +286,11 @@ def test_unknown_or_malformed_error_bodies_become_the_root_error() -> None:
 
 
 def test_version_negotiation_picks_the_common_version() -> None:
-    assert negotiate_version([1, 2, 3]) == 1
+    assert negotiate_version([1, 2, 3]) == 2
+    assert negotiate_version([1]) == 1
+    assert negotiate_version([0, 2, 7]) == 2
     with pytest.raises(UnsupportedOperation):
-        negotiate_version([2, 3])
+        negotiate_version([3, 4])
     with pytest.raises(UnsupportedOperation):
         negotiate_version([])
 

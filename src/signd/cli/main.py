@@ -188,7 +188,8 @@ def keys_import(
     if custody != "keystore":
         raise UnsupportedOperation(f"import into {custody} custody is not supported")
     backend = state.signer.backend("keystore")
-    assert isinstance(backend, KeystoreBackend)
+    if not isinstance(backend, KeystoreBackend):
+        raise UnsupportedOperation("the keystore custody is not a local keystore here")
     labels = label or ()
     if private_key_file is not None:
         raw = read_secret_file(private_key_file)
@@ -224,7 +225,10 @@ def _adopt_hsm_keys(
     if label and len(label) > 1:
         raise InvalidField("give one --label (the HSM object label) to adopt", field="label")
     backend = state.signer.backend("hsm")
-    assert isinstance(backend, HsmBackend)
+    if not isinstance(backend, HsmBackend):
+        raise UnsupportedOperation(
+            "adopting HSM keys is not offered while the HSM runs inside the enclave"
+        )
     return backend.adopt_keys(
         chain, address_of, label=label[0] if label else None, key_id_attr=hsm_id
     )

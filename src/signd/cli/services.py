@@ -7,7 +7,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,9 @@ from signd.config import Settings, expand_home
 from signd.errors import ConfigurationError, SigndError
 from signd.kms.base import KmsClient
 from signd.storage.base import BlobStore, MetadataStore
+
+if TYPE_CHECKING:
+    from signd.enclave.hsm import EnclaveHsm
 
 enclave_app = typer.Typer(help="The trusted signer process (the enclave side).")
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -69,19 +72,48 @@ def enclave(
     _stop_on_signals(stop)
     if exit_with_parent:
         watch_parent(stop)
+    hsm = _enclave_hsm(settings)
     kms, blobs = build_kms(settings), build_blob_store(settings)
     try:
-        run_enclave(address, kms, blobs, stop=stop, cache=cache)
+        if hsm is not None:
+            hsm.start()
+        run_enclave(address, kms, blobs, stop=stop, cache=cache, hsm=hsm)
     finally:
         kms.close()
         blobs.close()
+        if hsm is not None:
+            hsm.close()
+
+
+def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:
+    """HSM custody inside this enclave, when ``[hsm] in_enclave`` asks for it.
+
+    The PIN is fetched here (``hsm.pin`` is a secret reference, e.g. ``aws-sm:...`` reached
+    through the outbound proxy), when the token is first connected.
+    """
+    from signd.custody.hsm.settings import HsmSettings, hsm_in_enclave
+
+    section = settings.section("hsm")
+    if not section or not hsm_in_enclave(section):
+        return None
+    from signd.custody.hsm.token import HsmToken
+    from signd.enclave.hsm import EnclaveHsm
+
+    def connect() -> HsmToken:
+        return HsmToken(HsmSettings.from_mapping(section))
+
+    return EnclaveHsm(connect, retry_interval=float(section.get("reconnect_interval", 1.0)))
+
+
+def _unreachable(name: str, exc: SigndError) -> dict[str, str]:
+    return {"part": name, "status": "unreachable", "code": exc.code, "message": exc.message}
 
 
 def _probe(name: str, check: Any) -> dict[str, str]:
     try:
         check()
     except SigndError as exc:
-        return {"part": name, "status": "unreachable", "code": exc.code, "message": exc.message}
+        return _unreachable(name, exc)
     return {"part": name, "status": "ok"}
 
 
@@ -105,6 +137,9 @@ def config_check(
             component = build(settings)
         except ConfigurationError as exc:
             parts.append({"part": name, "status": "invalid", "message": exc.message})
+            continue
+        except SigndError as exc:  # a store that connects when built (PostgreSQL) is down
+            parts.append(_unreachable(name, exc))
             continue
         parts.append(_probe(name, component.check_health))
         component.close()

@@ -1,10 +1,15 @@
-"""Enclave custody: keys sealed by the enclave, described by the metadata store, signed remotely.
+"""Custody held by the enclave, described by the metadata store, signed remotely.
 
-The host holds no key material. ``create_keys`` has the enclave create and seal keys, checks
-each address against the caller's own derivation, and only then records them (blob name in
-``details``); signing sends the key's blob reference and the digest to the enclave, and the
-base class checks the answer against the recorded public key. Keys the enclave sealed but that
-were never recorded (a failed batch) are unreachable, so never usable.
+The host holds no key material. ``create_keys`` has the enclave create keys, checks each
+address against the caller's own derivation, and only then records them; signing sends the
+key's reference and the digest to the enclave, and the answer is checked against the recorded
+public key. Two custodies work this way:
+
+- :class:`EnclaveBackend` (``enclave``): keys the enclave seals under KMS data keys; ``details``
+  name the blob. Keys sealed but never recorded (a failed batch) are unreachable, so unusable.
+- :class:`EnclaveHsmBackend` (``hsm`` with ``[hsm] in_enclave = true``): keys on the HSM token
+  the enclave logs in to; ``details`` hold the CKA_ID and CKA_LABEL exactly as
+  :class:`~signd.custody.hsm.HsmBackend` records them, so the same records work either way.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from signd.custody.base import (
     check_labels,
     utc_now,
 )
-from signd.enclave.client import EnclaveClient
-from signd.enclave.protocol import CreatedKey, KeyReference
+from signd.custody.hsm.records import cka_id_of, token_key_details
+from signd.enclave.client import AnyKeyReference, EnclaveClient
+from signd.enclave.protocol import CreatedHsmKey, CreatedKey, HsmKeyReference, KeyReference
 from signd.errors import IntegrityError, InvalidField, KeyNotFound, SigndError
 from signd.storage.base import KeyRecord, MetadataStore
 
 BLOB_DETAIL = "blob"
 """The ``details`` entry naming a key's sealed blob."""
+
+CreatedBatch = tuple[list[tuple[CreatedKey | CreatedHsmKey, dict[str, str]]], SigndError | None]
+"""Keys the enclave made, each with the ``details`` to record, and the error that cut it short."""
 
 
 class EnclaveBackend(CustodyBackend):
@@ -72,18 +81,39 @@ class EnclaveBackend(CustodyBackend):
         created: list[KeyInfo] = []
         while len(created) < count:
             size = min(count - len(created), self._batch_size, self._client.max_batch)
+            made, error = self._create_batch(chain, size)
             batch = [
-                self._checked(key, chain, address_of, labels)
-                for key in self._client.create_keys(chain, size)
+                self._checked(key, details, chain, address_of, labels) for key, details in made
             ]
-            self._metadata.add([_record(info) for info in batch])
-            created.extend(batch)
-            if progress is not None:
-                progress(len(created))
+            if batch:
+                self._metadata.add([_record(info) for info in batch])
+                created.extend(batch)
+                if progress is not None:
+                    progress(len(created))
+            if error is not None:
+                raise error
         return created
 
+    def _create_batch(self, chain: str, size: int) -> CreatedBatch:
+        """Have the enclave make ``size`` keys."""
+        return [
+            (key, {BLOB_DETAIL: key.blob}) for key in self._client.create_keys(chain, size)
+        ], None
+
+    def _reference(self, key: KeyInfo) -> AnyKeyReference:
+        """What the enclave needs to sign with ``key``."""
+        blob = key.details.get(BLOB_DETAIL)
+        if blob is None:
+            raise KeyNotFound(f"enclave key {key.key_id} has no sealed blob on record")
+        return KeyReference(key.key_id, key.chain, key.address, blob)
+
     def _checked(
-        self, key: CreatedKey, chain: str, address_of: AddressDeriver, labels: tuple[str, ...]
+        self,
+        key: CreatedKey | CreatedHsmKey,
+        details: dict[str, str],
+        chain: str,
+        address_of: AddressDeriver,
+        labels: tuple[str, ...],
     ) -> KeyInfo:
         """The enclave's answer as a KeyInfo, once the host's own derivation agrees with it."""
         public_key = compress_public_key(key.public_key)
@@ -99,7 +129,7 @@ class EnclaveBackend(CustodyBackend):
             custody=self.custody_type,
             created_at=utc_now(),
             labels=labels,
-            details={BLOB_DETAIL: key.blob},
+            details=details,
         )
 
     def find_key(self, ref: str) -> KeyInfo | None:
@@ -120,7 +150,7 @@ class EnclaveBackend(CustodyBackend):
         return KeyPage([_info(record) for record in page.records], page.next_cursor)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> bytes:
-        return self._client.sign_digest(_reference(key), digest)
+        return self._client.sign_digest(self._reference(key), digest)
 
     def sign_digests(
         self, items: Sequence[tuple[KeyInfo | str, bytes]]
@@ -136,7 +166,7 @@ class EnclaveBackend(CustodyBackend):
         step = self._client.max_batch
         for start in range(0, len(prepared), step):
             chunk = prepared[start : start + step]
-            answers = self._client.sign_digests([(_reference(k), d) for k, d in chunk])
+            answers = self._client.sign_digests([(self._reference(k), d) for k, d in chunk])
             for (info, digest), answer in zip(chunk, answers, strict=True):
                 if isinstance(answer, SigndError):
                     raise answer
@@ -144,17 +174,36 @@ class EnclaveBackend(CustodyBackend):
         return signatures
 
     def check_health(self) -> None:
-        self._client.health()
+        self._client.health(self.custody_type)
 
     def close(self) -> None:
         self._client.close()
 
 
-def _reference(key: KeyInfo) -> KeyReference:
-    blob = key.details.get(BLOB_DETAIL)
-    if blob is None:
-        raise KeyNotFound(f"enclave key {key.key_id} has no sealed blob on record")
-    return KeyReference(key.key_id, key.chain, key.address, blob)
+class EnclaveHsmBackend(EnclaveBackend):
+    """HSM custody run by the enclave (``[hsm] in_enclave = true``).
+
+    To its callers it is the ``hsm`` custody, like :class:`~signd.custody.hsm.HsmBackend`: the
+    same records, the same errors (a wrong PIN is AccessDenied, a vanished token
+    DependencyUnavailable), the same signatures. Only the enclave loads the PKCS#11 module and
+    knows the PIN. Keys are made ``batch_size`` per round trip (each is a key generation on the
+    HSM); when the token fails part-way, the keys it made are recorded before the error is
+    raised.
+    """
+
+    custody_type: ClassVar[str] = "hsm"
+
+    def __init__(
+        self, client: EnclaveClient, metadata: MetadataStore, *, batch_size: int = 16
+    ) -> None:
+        super().__init__(client, metadata, batch_size=batch_size)
+
+    def _create_batch(self, chain: str, size: int) -> CreatedBatch:
+        made, error = self._client.create_hsm_keys(chain, size)
+        return [(key, dict(token_key_details(key.cka_id, key.label))) for key in made], error
+
+    def _reference(self, key: KeyInfo) -> AnyKeyReference:
+        return HsmKeyReference(key.key_id, cka_id_of(key))
 
 
 def _record(info: KeyInfo) -> KeyRecord:

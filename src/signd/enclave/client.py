@@ -14,19 +14,25 @@ import itertools
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
 from signd.enclave.protocol import (
+    CUSTODIES,
+    CUSTODY_ENCLAVE,
+    CUSTODY_VERSION,
     DEFAULT_MAX_FRAME_SIZE,
+    HELLO_VERSION,
     MAX_BATCH,
-    PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     U32_MAX,
+    CreatedHsmKey,
     CreatedKey,
     Event,
     FrameDecoder,
+    HsmKeyReference,
     KeyReference,
     MessageType,
     ProtocolViolation,
@@ -37,12 +43,17 @@ from signd.enclave.protocol import (
     require_list,
 )
 from signd.enclave.transport import Transport, close_socket
-from signd.errors import DependencyUnavailable, InvalidField, SigndError
+from signd.errors import ConfigurationError, DependencyUnavailable, InvalidField, SigndError
 
 logger = logging.getLogger(__name__)
 
 RECV_SIZE: Final = 1 << 16
 SIGNATURE_SIZE: Final = 65
+"""A sealed key's signature: r‖s‖recovery id."""
+HSM_SIGNATURE_SIZE: Final = 64
+"""An HSM key's signature: r‖s as the token made it."""
+
+AnyKeyReference = KeyReference | HsmKeyReference
 
 
 @contextlib.contextmanager
@@ -61,6 +72,19 @@ def _request_ids() -> Iterator[int]:
     return itertools.cycle(range(1, U32_MAX + 1))
 
 
+IDEMPOTENT_RETRIES = 2
+"""A dying enclave can still accept one connection before its listener closes: retry twice."""
+RETRY_PAUSE = 0.05
+
+
+class ConnectionLost(DependencyUnavailable):
+    """The connection to the enclave went away before the answer came (nothing was decided).
+
+    Idempotent requests (signing, health) are retried on a new connection when this
+    happens; a key creation is not, since the enclave may have created keys before it died.
+    """
+
+
 class _Connection:
     """One socket, a reader thread, and the requests waiting for answers on it."""
 
@@ -73,7 +97,8 @@ class _Connection:
         self._pending: dict[int, tuple[MessageType, Future[dict[str, Any]]]] = {}
         self._ids = _request_ids()
         self._closed = False
-        self.version = PROTOCOL_VERSION
+        self.version = HELLO_VERSION
+        self.custody: frozenset[str] = frozenset({CUSTODY_ENCLAVE})
         self._reader = threading.Thread(
             target=self._read_loop, name="signd-enclave-client", daemon=True
         )
@@ -120,7 +145,7 @@ class _Connection:
         close_socket(self._sock)
         message = (reason or DependencyUnavailable("the enclave connection was closed")).message
         for _, future in pending:
-            future.set_exception(DependencyUnavailable(message))
+            future.set_exception(ConnectionLost(message))
 
     def _read_loop(self) -> None:
         decoder = FrameDecoder(max_frame_size=self._max_frame_size)
@@ -225,12 +250,16 @@ class EnclaveClient:
                 with _parsing_answer():
                     version = require_int(hello, "version", minimum=0, maximum=255)
                     max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
+                    custody = _offered_custody(hello)
                 if version not in SUPPORTED_VERSIONS:
                     raise DependencyUnavailable(f"the enclave chose unknown version {version}")
             except SigndError:
                 connection.close()
                 raise
             connection.version = version
+            connection.custody = (
+                custody if version >= CUSTODY_VERSION else custody & {CUSTODY_ENCLAVE}
+            )
             self.max_batch = max_batch
             self._connection = connection
             return connection
@@ -263,14 +292,37 @@ class EnclaveClient:
         """
         return self._submit(message_type, body)[1]
 
-    def request(self, message_type: MessageType, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its answer."""
-        connection, future = self._submit(message_type, body)
-        return self._wait(connection, future, self._timeout)
+    def request(
+        self, message_type: MessageType, body: Mapping[str, Any], *, idempotent: bool = False
+    ) -> dict[str, Any]:
+        """Send one request and wait for its answer (retried if idempotent and the connection
+        was lost before the answer came)."""
+        for attempt in range(IDEMPOTENT_RETRIES + 1):
+            connection, future = self._submit(message_type, body)
+            try:
+                return self._wait(connection, future, self._timeout)
+            except ConnectionLost:
+                if not idempotent or attempt == IDEMPOTENT_RETRIES:
+                    raise
+            logger.info("enclave connection lost; retrying %s", message_type.name)
+            time.sleep(RETRY_PAUSE * (attempt + 1))
+        raise AssertionError("unreachable")
 
-    def health(self) -> dict[str, Any]:
-        """The enclave's health report; a dependency it cannot reach raises its error."""
-        return self.request(MessageType.HEALTH, {})
+    def require_custody(self, custody: str) -> None:
+        """Connect, and raise ConfigurationError unless the enclave serves ``custody``."""
+        connection = self._connect()
+        if custody not in connection.custody:
+            raise ConfigurationError(
+                f"the enclave does not hold {custody} custody (it offers "
+                f"{sorted(connection.custody)} over protocol version {connection.version})"
+            )
+
+    def health(self, custody: str = CUSTODY_ENCLAVE) -> dict[str, Any]:
+        """The health of one custody in the enclave; a dependency it cannot reach raises."""
+        if custody == CUSTODY_ENCLAVE:
+            return self.request(MessageType.HEALTH, {}, idempotent=True)
+        self.require_custody(custody)
+        return self.request(MessageType.HEALTH, {"custody": custody}, idempotent=True)
 
     def create_keys(self, chain: str, count: int) -> list[CreatedKey]:
         """Have the enclave create and seal ``count`` keys (at most :attr:`max_batch`)."""
@@ -282,35 +334,68 @@ class EnclaveClient:
             raise DependencyUnavailable(f"the enclave made {len(keys)} keys, not {count}")
         return keys
 
-    def sign_digest(self, key: KeyReference, digest: bytes) -> bytes:
-        """The enclave's 65-byte r‖s‖recid signature over ``digest``."""
-        answer = self.request(MessageType.SIGN_DIGEST, {**key.to_body(), "digest": digest})
-        with _parsing_answer():
-            return require_bytes(answer, "signature", size=SIGNATURE_SIZE)
+    def create_hsm_keys(
+        self, chain: str, count: int
+    ) -> tuple[list[CreatedHsmKey], SigndError | None]:
+        """Have the enclave generate ``count`` keys on its HSM token.
 
-    def sign_digests(self, items: Sequence[tuple[KeyReference, bytes]]) -> list[bytes | SigndError]:
+        Keys made before a failure come back with that failure, so the caller can record them
+        before raising it.
+        """
+        self.require_custody("hsm")
+        body = {"chain": chain, "count": count, "custody": "hsm"}
+        answer = self.request(MessageType.CREATE_KEYS, body)
+        with _parsing_answer():
+            items = require_list(answer, "keys", max_length=count)
+            keys = [CreatedHsmKey.from_body(item) for item in items if isinstance(item, dict)]
+            if len(keys) != len(items):
+                raise InvalidField("each key must be a map", field="keys")
+            error = answer.get("error")
+            failure = error_from_body(error) if isinstance(error, dict) else None
+        if failure is None and len(keys) != count:
+            raise DependencyUnavailable(f"the enclave made {len(keys)} keys, not {count}")
+        return keys, failure
+
+    def sign_digest(self, key: AnyKeyReference, digest: bytes) -> bytes:
+        """The enclave's signature over ``digest``: r‖s‖recid (sealed keys) or r‖s (HSM keys)."""
+        if isinstance(key, HsmKeyReference):
+            self.require_custody("hsm")
+        answer = self.request(
+            MessageType.SIGN_DIGEST, {**key.to_body(), "digest": digest}, idempotent=True
+        )
+        with _parsing_answer():
+            return require_bytes(answer, "signature", size=_signature_size(key))
+
+    def sign_digests(
+        self, items: Sequence[tuple[AnyKeyReference, bytes]]
+    ) -> list[bytes | SigndError]:
         """Sign many digests in one round trip; each item answers a signature or its own error."""
         if len(items) > self.max_batch:
             raise InvalidField(f"at most {self.max_batch} digests per batch", field="items")
+        if any(isinstance(key, HsmKeyReference) for key, _ in items):
+            self.require_custody("hsm")
         body = {"items": [{**key.to_body(), "digest": digest} for key, digest in items]}
-        answer = self.request(MessageType.SIGN_DIGESTS, body)
+        answer = self.request(MessageType.SIGN_DIGESTS, body, idempotent=True)
         with _parsing_answer():
             results = require_list(answer, "results", max_length=len(items))
             if len(results) != len(items):
                 raise InvalidField("one result per item", field="results")
-            return [self._sign_result(result) for result in results]
+            return [
+                self._sign_result(result, _signature_size(key))
+                for result, (key, _) in zip(results, items, strict=True)
+            ]
 
     @staticmethod
-    def _sign_result(result: Any) -> bytes | SigndError:
+    def _sign_result(result: Any, size: int) -> bytes | SigndError:
         if not isinstance(result, dict):
             raise InvalidField("each result must be a map", field="results")
         if isinstance(result.get("error"), dict):
             return error_from_body(result["error"])
-        return require_bytes(result, "signature", size=SIGNATURE_SIZE)
+        return require_bytes(result, "signature", size=size)
 
     def flush_cache(self) -> int:
         """Make the enclave forget every unsealed key; the number forgotten."""
-        answer = self.request(MessageType.FLUSH_CACHE, {})
+        answer = self.request(MessageType.FLUSH_CACHE, {}, idempotent=True)
         with _parsing_answer():
             return require_int(answer, "flushed", minimum=0, maximum=U32_MAX)
 
@@ -319,3 +404,15 @@ class EnclaveClient:
             if self._connection is not None:
                 self._connection.close()
                 self._connection = None
+
+
+def _signature_size(key: AnyKeyReference) -> int:
+    return HSM_SIGNATURE_SIZE if isinstance(key, HsmKeyReference) else SIGNATURE_SIZE
+
+
+def _offered_custody(hello: Mapping[str, Any]) -> frozenset[str]:
+    """The custody an enclave's HELLO offers (version 1 enclaves name none: sealed keys only)."""
+    offered = hello.get("custody", [CUSTODY_ENCLAVE])
+    if not isinstance(offered, list) or not all(isinstance(c, str) for c in offered):
+        raise InvalidField("custody must be a list of names", field="custody")
+    return frozenset(offered) & frozenset(CUSTODIES)

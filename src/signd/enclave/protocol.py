@@ -12,9 +12,14 @@ always read enough of a frame it does not understand to answer it::
     12      4     payload length (u32)
     16      n     payload: one CBOR map with text keys
 
-All integers are big-endian. A response carries the request's id and type with
-``Flag.RESPONSE`` set, or type ``ERROR`` with body ``{code, message[, field]}`` using the codes
-of :mod:`signd.errors`. Request ids let a client pipeline many requests on one connection.
+All integers are big-endian. HELLO is always sent as version 1, which every peer reads, and
+settles the version of the frames that follow. Version 2 added ``custody`` to CREATE_KEYS,
+SIGN_DIGEST(S) and HEALTH: ``"enclave"`` (sealed keys, the default and all version 1 knows) or
+``"hsm"`` (a PKCS#11 token the enclave reaches through the outbound proxy).
+
+A response carries the request's id and type with ``Flag.RESPONSE`` set, or type ``ERROR`` with
+body ``{code, message[, field]}`` using the codes of :mod:`signd.errors`. Request ids let a
+client pipeline many requests on one connection.
 
 :class:`FrameDecoder` is fed bytes and returns events: a :class:`Frame`, or a
 :class:`ProtocolViolation`. A violation that leaves the stream in step (unknown version or
@@ -39,8 +44,18 @@ from signd import errors
 from signd.errors import InvalidField, InvalidRequest, SigndError, UnsupportedOperation
 
 MAGIC: Final = b"SGND"
-PROTOCOL_VERSION: Final = 1
-SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+PROTOCOL_VERSION: Final = 2
+"""The newest version this side speaks."""
+HELLO_VERSION: Final = 1
+"""The version HELLO frames are sent in, so that an enclave of any version can answer them."""
+CUSTODY_VERSION: Final = 2
+"""The first version whose requests may name a custody."""
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
+CUSTODY_ENCLAVE: Final = "enclave"
+"""Keys sealed under KMS data keys, held in blobs (the default)."""
+CUSTODY_HSM: Final = "hsm"
+"""Keys on a PKCS#11 token the enclave logs in to."""
+CUSTODIES: Final = (CUSTODY_ENCLAVE, CUSTODY_HSM)
 HEADER: Final = struct.Struct(">4sBBHII")
 HEADER_SIZE: Final = HEADER.size
 DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
@@ -52,15 +67,21 @@ MAX_PAYLOAD_DEPTH: Final = 16
 
 class MessageType(IntEnum):
     HELLO = 1
-    """Version negotiation: ``{versions: [int]}`` → ``{version, max_frame_size, max_batch}``."""
+    """``{versions: [int]}`` → ``{version, max_frame_size, max_batch, custody: [name]}``."""
     HEALTH = 2
-    """``{}`` → ``{status: "ok", cached_keys}``; an error frame when a dependency is down."""
+    """``{[custody]}`` → ``{status: "ok", cached_keys}``; an error frame when a dependency is
+    down."""
     CREATE_KEYS = 3
-    """``{chain, count}`` → ``{keys: [{key_id, chain, address, public_key, blob}]}``."""
+    """``{chain, count}`` → ``{keys: [{key_id, chain, address, public_key, blob}]}``;
+    ``{chain, count, custody: "hsm"}`` → ``{keys: [{key_id, chain, address, public_key, cka_id,
+    label}][, error]}`` (keys made before a failure come back with the error)."""
     SIGN_DIGEST = 4
-    """``{key_id, chain, address, blob, digest}`` → ``{signature}`` (65 bytes r‖s‖recid)."""
+    """``{key_id, chain, address, blob, digest}`` → ``{signature}`` (65 bytes r‖s‖recid);
+    ``{custody: "hsm", key_id, cka_id, digest}`` → ``{signature}`` (64 bytes r‖s as the token
+    made it, possibly high-S: the host normalises it against the public key it recorded)."""
     SIGN_DIGESTS = 5
-    """``{items: [sign request]}`` → ``{results: [{signature} | {error: {code, message}}]}``."""
+    """``{items: [sign request]}`` → ``{results: [{signature} | {error: {code, message}}]}``;
+    each item names its own custody."""
     FLUSH_CACHE = 6
     """``{}`` → ``{flushed}``: drop every unsealed key held in enclave memory."""
     ERROR = 127
@@ -351,3 +372,73 @@ class CreatedKey:
         ref = KeyReference.from_body(body)
         public_key = require_bytes(body, "public_key", size=33)
         return cls(ref.key_id, ref.chain, ref.address, public_key, ref.blob)
+
+
+MAX_CKA_ID_SIZE: Final = 64
+
+
+def request_custody(body: Mapping[str, Any]) -> str:
+    """The custody a request names (``"enclave"`` when it names none)."""
+    custody = body.get("custody", CUSTODY_ENCLAVE)
+    if custody not in CUSTODIES:
+        raise InvalidField(f"custody must be one of {list(CUSTODIES)}", field="custody")
+    return str(custody)
+
+
+def _require_cka_id(body: Mapping[str, Any]) -> bytes:
+    value = require_bytes(body, "cka_id")
+    if not 0 < len(value) <= MAX_CKA_ID_SIZE:
+        raise InvalidField(f"cka_id must be 1-{MAX_CKA_ID_SIZE} bytes", field="cka_id")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class HsmKeyReference:
+    """Everything the enclave needs to sign with one HSM key: the token object's CKA_ID."""
+
+    key_id: str
+    cka_id: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        return {"custody": CUSTODY_HSM, "key_id": self.key_id, "cka_id": self.cka_id}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> HsmKeyReference:
+        return cls(require_str(body, "key_id", max_length=MAX_NAME_LENGTH), _require_cka_id(body))
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedHsmKey:
+    """A key the enclave generated on the HSM token: its public facts and token object names."""
+
+    key_id: str
+    chain: str
+    address: str
+    public_key: bytes
+    cka_id: bytes
+    label: str
+
+    @property
+    def reference(self) -> HsmKeyReference:
+        return HsmKeyReference(self.key_id, self.cka_id)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "chain": self.chain,
+            "address": self.address,
+            "public_key": self.public_key,
+            "cka_id": self.cka_id,
+            "label": self.label,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> CreatedHsmKey:
+        return cls(
+            require_str(body, "key_id", max_length=MAX_NAME_LENGTH),
+            require_str(body, "chain", max_length=MAX_NAME_LENGTH),
+            require_str(body, "address", max_length=MAX_NAME_LENGTH),
+            require_bytes(body, "public_key", size=33),
+            _require_cka_id(body),
+            require_str(body, "label", max_length=MAX_NAME_LENGTH),
+        )

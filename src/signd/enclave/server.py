@@ -16,24 +16,29 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import coincurve
 
 from signd.chains import address_deriver
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import (
+    CUSTODY_ENCLAVE,
+    CUSTODY_HSM,
+    CUSTODY_VERSION,
     DEFAULT_MAX_FRAME_SIZE,
     MAX_BATCH,
     Flag,
     Frame,
     FrameDecoder,
+    HsmKeyReference,
     KeyReference,
     MessageType,
     ProtocolViolation,
     encode_error,
     encode_frame,
     negotiate_version,
+    request_custody,
     require_bytes,
     require_int,
     require_list,
@@ -41,7 +46,10 @@ from signd.enclave.protocol import (
 )
 from signd.enclave.signer import AddressFunction, EnclaveSigner
 from signd.enclave.transport import close_socket, listen_socket
-from signd.errors import InvalidField, InvalidRequest, SigndError
+from signd.errors import ConfigurationError, InvalidField, InvalidRequest, SigndError
+
+if TYPE_CHECKING:
+    from signd.enclave.hsm import EnclaveHsm
 from signd.kms.base import KmsClient
 from signd.storage.base import BlobStore
 
@@ -53,12 +61,21 @@ MAX_OFFERED_VERSIONS: Final = 16
 
 
 class EnclaveApp:
-    """Answers one request frame with one response frame; never raises."""
+    """Answers one request frame with one response frame; never raises.
+
+    Requests for sealed keys go to ``signer``; requests naming ``custody: "hsm"`` go to ``hsm``
+    (an enclave without one refuses them with ConfigurationError).
+    """
 
     def __init__(
-        self, signer: EnclaveSigner, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+        self,
+        signer: EnclaveSigner,
+        *,
+        hsm: EnclaveHsm | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
         self.signer = signer
+        self.hsm = hsm
         self.max_frame_size = max_frame_size
         self._handlers: dict[MessageType, Callable[[dict[str, Any]], dict[str, Any]]] = {
             MessageType.HELLO: self._hello,
@@ -75,6 +92,8 @@ class EnclaveApp:
             handler = self._handlers.get(frame.message_type)
             if handler is None or frame.is_response:
                 raise InvalidRequest(f"{frame.message_type.name} is not a request")
+            if frame.version < CUSTODY_VERSION and _names_custody(frame.body):
+                raise InvalidRequest(f"custody needs protocol version {CUSTODY_VERSION}")
             body = handler(frame.body)
             return encode_frame(
                 frame.message_type,
@@ -97,24 +116,45 @@ class EnclaveApp:
         offered = require_list(body, "versions", max_length=MAX_OFFERED_VERSIONS)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in offered):
             raise InvalidField("versions must be integers", field="versions")
+        custody = [CUSTODY_ENCLAVE] if self.hsm is None else [CUSTODY_ENCLAVE, CUSTODY_HSM]
         return {
             "version": negotiate_version(offered),
             "max_frame_size": self.max_frame_size,
             "max_batch": self.signer.max_batch,
+            "custody": custody,
         }
 
+    def _hsm(self) -> EnclaveHsm:
+        if self.hsm is None:
+            raise ConfigurationError(
+                "this enclave holds no HSM custody; set [hsm] in_enclave = true in its config"
+            )
+        return self.hsm
+
     def _health(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.signer.check_health()
+        if request_custody(body) == CUSTODY_HSM:
+            self._hsm().check_health()
+        else:
+            self.signer.check_health()
         return {"status": "ok", "cached_keys": self.signer.cached_keys}
 
     def _create_keys(self, body: dict[str, Any]) -> dict[str, Any]:
         chain = require_str(body, "chain")
         count = require_int(body, "count", minimum=1, maximum=self.signer.max_batch)
-        return {"keys": [key.to_body() for key in self.signer.create_keys(chain, count)]}
+        if request_custody(body) == CUSTODY_ENCLAVE:
+            return {"keys": [key.to_body() for key in self.signer.create_keys(chain, count)]}
+        created, error = self._hsm().create_keys(chain, count)
+        answer: dict[str, Any] = {"keys": [key.to_body() for key in created]}
+        if error is not None:
+            answer["error"] = error.to_dict()
+        return answer
 
     def _sign(self, item: Any) -> bytes:
         if not isinstance(item, dict):
             raise InvalidField("each item must be a map", field="items")
+        if request_custody(item) == CUSTODY_HSM:
+            hsm_key = HsmKeyReference.from_body(item)
+            return self._hsm().sign_digest(hsm_key, require_bytes(item, "digest", size=32))
         key = KeyReference.from_body(item)
         return self.signer.sign_digest(key, require_bytes(item, "digest", size=32)).to_bytes()
 
@@ -133,6 +173,14 @@ class EnclaveApp:
 
     def _flush_cache(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"flushed": self.signer.flush_cache()}
+
+
+def _names_custody(body: dict[str, Any]) -> bool:
+    """Whether a request (or any item of a batch) names a custody."""
+    items = body.get("items")
+    return "custody" in body or (
+        isinstance(items, list) and any(isinstance(i, dict) and "custody" in i for i in items)
+    )
 
 
 class _Writer:
@@ -302,12 +350,17 @@ def start_enclave(
     max_batch: int = MAX_BATCH,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     workers: int = 8,
+    hsm: EnclaveHsm | None = None,
 ) -> EnclaveServer:
-    """Build the enclave application and serve it; ``listen=None`` serves in-process only."""
+    """Build the enclave application and serve it; ``listen=None`` serves in-process only.
+
+    ``hsm`` adds HSM custody (the caller keeps owning it and closes it after the server).
+    """
     signer = EnclaveSigner(
         kms, blobs, cache=cache, address_deriver=address_deriver, max_batch=max_batch
     )
-    server = EnclaveServer(EnclaveApp(signer, max_frame_size=max_frame_size), workers=workers)
+    app = EnclaveApp(signer, hsm=hsm, max_frame_size=max_frame_size)
+    server = EnclaveServer(app, workers=workers)
     if listen is not None:
         try:
             server.listen(listen)
@@ -328,6 +381,7 @@ def run_enclave(
     max_batch: int = MAX_BATCH,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     workers: int = 8,
+    hsm: EnclaveHsm | None = None,
 ) -> None:
     """Serve the enclave on ``listen`` until ``stop`` is set (or the process is interrupted)."""
     server = start_enclave(
@@ -339,6 +393,7 @@ def run_enclave(
         max_batch=max_batch,
         max_frame_size=max_frame_size,
         workers=workers,
+        hsm=hsm,
     )
     try:
         if stop is None:

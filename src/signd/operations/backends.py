@@ -5,12 +5,15 @@ An unknown tag in the configuration is an error at start-up, never at first use.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from typing import ClassVar
 
 from signd.config import Settings
 from signd.crypto.secret import Secret
 from signd.custody.base import CustodyBackend
-from signd.custody.enclave import EnclaveBackend
+from signd.custody.enclave import EnclaveBackend, EnclaveHsmBackend
+from signd.custody.hsm.settings import HsmSettings, hsm_in_enclave
 from signd.custody.keystore import KeystoreBackend, ScryptParams
 from signd.enclave.client import EnclaveClient
 from signd.enclave.transport import transport_for
@@ -54,42 +57,99 @@ def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> Backe
     return open_keystore
 
 
-class _OwningEnclaveBackend(EnclaveBackend):
-    """An enclave backend that also owns its metadata store and (local) enclave process."""
+class _SharedEnclave:
+    """One enclave client (and, locally, one enclave process) for every custody it serves.
 
-    def __init__(
-        self,
-        client: EnclaveClient,
-        metadata: MetadataStore,
-        local: LocalEnclaveTransport | None,
-    ) -> None:
-        super().__init__(client, metadata)
-        self._owned_metadata = metadata
-        self._local = local
+    Sealed-key custody and an in-enclave HSM talk to the same enclave; each backend holds a
+    reference, and the last one to close stops the local enclave.
+    """
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _open: ClassVar[dict[int, _SharedEnclave]] = {}
+
+    def __init__(self, settings: Settings) -> None:
+        section = settings.section("enclave")
+        address = section.get("transport")
+        self.local = None if address else LocalEnclaveTransport(settings.home)
+        transport = self.local if self.local is not None else transport_for(str(address))
+        timeout = float(section.get("timeout", 10.0))
+        self.client = EnclaveClient(transport, timeout=timeout)
+        self._key = id(settings)
+        self._users = 0
+
+    @classmethod
+    def acquire(cls, settings: Settings) -> _SharedEnclave:
+        with cls._lock:
+            shared = cls._open.get(id(settings))
+            if shared is None:
+                shared = cls._open[id(settings)] = cls(settings)
+            shared._users += 1
+            return shared
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users:
+                return
+            del self._open[self._key]
+        self.client.close()
+        if self.local is not None:
+            self.local.stop()
+
+
+class _EnclaveShare:
+    """A backend's hold on a shared enclave and on its own metadata store; closes once."""
+
+    def __init__(self, shared: _SharedEnclave, metadata: MetadataStore) -> None:
+        self.shared = shared
+        self._metadata: MetadataStore | None = metadata
 
     def close(self) -> None:
-        super().close()
-        self._owned_metadata.close()
-        if self._local is not None:
-            self._local.stop()
+        metadata, self._metadata = self._metadata, None
+        if metadata is not None:
+            metadata.close()
+            self.shared.release()
+
+
+class _OwningEnclaveBackend(EnclaveBackend):
+    """An enclave backend that also owns its metadata store and its share of the enclave."""
+
+    def __init__(self, shared: _SharedEnclave, metadata: MetadataStore) -> None:
+        super().__init__(shared.client, metadata)
+        self._share = _EnclaveShare(shared, metadata)
+
+    def close(self) -> None:
+        self._share.close()
+
+
+class _OwningEnclaveHsmBackend(EnclaveHsmBackend):
+    """An in-enclave HSM backend that also owns its metadata store and its share of the enclave."""
+
+    def __init__(self, shared: _SharedEnclave, metadata: MetadataStore) -> None:
+        super().__init__(shared.client, metadata)
+        self._share = _EnclaveShare(shared, metadata)
+
+    def close(self) -> None:
+        self._share.close()
 
 
 def _enclave_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
     def open_enclave() -> CustodyBackend:
-        section = settings.section("enclave")
-        address = section.get("transport")
-        local = None if address else LocalEnclaveTransport(settings.home)
-        transport = local if local is not None else transport_for(str(address))
-        timeout = float(section.get("timeout", 10.0))
         metadata = build_metadata_store(settings)
-        return _OwningEnclaveBackend(EnclaveClient(transport, timeout=timeout), metadata, local)
+        return _OwningEnclaveBackend(_SharedEnclave.acquire(settings), metadata)
 
     return open_enclave
 
 
 def _hsm_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
     def open_hsm() -> CustodyBackend:
-        from signd.custody.hsm import HsmBackend, HsmSettings  # pkcs11 only when configured
+        section = settings.section("hsm")
+        if hsm_in_enclave(section):
+            # the enclave loads the module and fetches the PIN; the host reads neither
+            metadata = build_metadata_store(settings)
+            return _OwningEnclaveHsmBackend(_SharedEnclave.acquire(settings), metadata)
+
+        from signd.custody.hsm import HsmBackend  # pkcs11 only when the host drives the HSM
 
         class OwningHsmBackend(HsmBackend):
             """An HSM backend that also owns its metadata store."""
@@ -98,7 +158,7 @@ def _hsm_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFac
                 super().close()
                 metadata.close()
 
-        hsm_settings = HsmSettings.from_mapping(settings.section("hsm"))
+        hsm_settings = HsmSettings.from_mapping(section)
         metadata = build_metadata_store(settings)
         try:
             return OwningHsmBackend(hsm_settings, metadata)

@@ -22,6 +22,8 @@ from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable
 
 STARTUP_TIMEOUT = 20.0
+REAP_TIMEOUT = 1.0
+"""How long a refused connection waits for a killed child to be reaped before restarting."""
 LOG_FILE_NAME = "enclave.log"
 
 
@@ -48,7 +50,24 @@ class LocalEnclaveTransport:
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._start()
+        try:
+            return self._inner.connect(timeout)
+        except DependencyUnavailable:
+            if not self._restart_if_dead():
+                raise
         return self._inner.connect(timeout)
+
+    def _restart_if_dead(self) -> bool:
+        """After a refused connection: if the child is dead or dying, start a new one."""
+        with self._lock:
+            process = self._process
+            if process is not None:
+                try:
+                    process.wait(timeout=REAP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    return False
+            self._start()
+            return True
 
     def _start(self) -> None:
         log_path = self._home / "run" / LOG_FILE_NAME

@@ -16,7 +16,7 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11
 
 from signd.crypto.secp256k1 import CURVE_ORDER, HALF_CURVE_ORDER, RecoverableSignature
-from signd.custody.hsm import HsmBackend, decode_ec_point
+from signd.custody.hsm import HsmBackend, HsmToken, decode_ec_point
 from signd.custody.hsm.backend import SECP256K1_EC_PARAMS
 from signd.custody.hsm.pool import PooledSession
 from signd.errors import CapacityExceeded, InvalidField, KeyExists, KeyNotFound
@@ -238,7 +238,7 @@ def test_signd_made_keys_cannot_be_adopted_twice(backend: HsmBackend) -> None:
 def test_capacity_reached_raises_capacity_exceeded_and_keeps_earlier_keys(
     backend: HsmBackend, metadata: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = HsmBackend._generate
+    original = HsmToken._generate
     calls = 0
 
     def generate_until_full(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:
@@ -248,7 +248,7 @@ def test_capacity_reached_raises_capacity_exceeded_and_keeps_earlier_keys(
             raise p11.DeviceMemory()
         return original(pooled, cka_id, label)
 
-    monkeypatch.setattr(HsmBackend, "_generate", staticmethod(generate_until_full))
+    monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_until_full))
     before = len(metadata.list(custody="hsm", limit=1000).records)
     with pytest.raises(CapacityExceeded):
         backend.create_keys("ethereum", eth_address, 5)

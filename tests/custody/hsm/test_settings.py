@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from signd.crypto.secret import Secret
-from signd.custody.hsm import HsmSettings
+from signd.custody.hsm import HsmSettings, hsm_in_enclave
 from signd.errors import ConfigurationError
 from signd.secrets import default_providers, resolve_reference
 
@@ -100,3 +100,16 @@ def test_bad_settings(section: dict[str, Any], message: str) -> None:
         )
     assert PIN not in str(raised.value)
     assert "crypto_user" not in str(raised.value)
+
+
+def test_in_enclave_flag_from_the_table_or_the_environment() -> None:
+    assert hsm_in_enclave({}, {}) is False
+    assert hsm_in_enclave({"in_enclave": True}, {}) is True
+    assert hsm_in_enclave({"in_enclave": False}, {"SIGND_HSM_IN_ENCLAVE": "true"}) is True
+    assert hsm_in_enclave({"in_enclave": True}, {"SIGND_HSM_IN_ENCLAVE": "0"}) is False
+    for section, env in (({"in_enclave": "yes"}, {}), ({}, {"SIGND_HSM_IN_ENCLAVE": "maybe"})):
+        with pytest.raises(ConfigurationError):
+            hsm_in_enclave(section, env)
+    section = {"module": "/x.so", "token_label": "t", "in_enclave": True}
+    settings = HsmSettings.from_mapping(section, {"SIGND_HSM_PIN": "1234"})
+    assert settings.token_label == "t"

@@ -9,14 +9,10 @@ about a key — id, chain, address, public key, the object's CKA_ID and CKA_LABE
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
-
-from signd.crypto.secp256k1 import RecoverableSignature, compress_public_key
+from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import (
     AddressDeriver,
     CustodyBackend,
@@ -26,47 +22,27 @@ from signd.custody.base import (
     new_key_id,
     utc_now,
 )
-from signd.custody.hsm.library import Pkcs11Library
-from signd.custody.hsm.pool import PooledSession, SessionPool
+from signd.custody.hsm.records import DETAIL_CKA_ID, DETAIL_LABEL, cka_id_of, token_key_details
 from signd.custody.hsm.settings import HsmSettings
-from signd.errors import IntegrityError, InvalidField, KeyExists, KeyNotFound
+from signd.custody.hsm.token import (
+    SECP256K1_EC_PARAMS,
+    HsmToken,
+    TokenKey,
+    decode_ec_point,
+)
+from signd.errors import InvalidField, KeyExists, KeyNotFound
 from signd.storage.base import KeyRecord, MetadataStore
 
-SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
-"""DER of the named-curve OID 1.3.132.0.10."""
-CKA_ID_SIZE = 16
-DETAIL_CKA_ID = "cka_id"
-DETAIL_LABEL = "cka_label"
-
-
-def decode_ec_point(value: bytes) -> bytes:
-    """The compressed public key from CKA_EC_POINT, DER OCTET STRING-wrapped or raw."""
-    point = bytes(value)
-    if len(point) in (33, 65) and point[0] in (2, 3, 4) and not _is_wrapped(point):
-        return compress_public_key(point)
-    if _is_wrapped(point):
-        header = 3 if point[1] == 0x81 else 2
-        return compress_public_key(point[header:])
-    raise InvalidField("CKA_EC_POINT is neither a SEC1 point nor a DER OCTET STRING of one")
-
-
-def _is_wrapped(point: bytes) -> bool:
-    """Whether ``point`` is an OCTET STRING (tag 0x04) whose length byte covers the rest."""
-    if len(point) < 3 or point[0] != 0x04:
-        return False
-    if point[1] == 0x81:
-        return point[2] == len(point) - 3
-    return point[1] == len(point) - 2
-
-
-@dataclass(frozen=True, slots=True)
-class TokenKey:
-    """A secp256k1 private key found on the token, with its public key."""
-
-    cka_id: bytes
-    label: str
-    public_key: bytes
-    """Compressed SEC1."""
+__all__ = [
+    "DETAIL_CKA_ID",
+    "DETAIL_LABEL",
+    "SECP256K1_EC_PARAMS",
+    "HsmBackend",
+    "TokenKey",
+    "cka_id_of",
+    "decode_ec_point",
+    "token_key_details",
+]
 
 
 class HsmBackend(CustodyBackend):
@@ -82,14 +58,11 @@ class HsmBackend(CustodyBackend):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load the module and log in now: a wrong module, token or PIN fails here."""
-        self._settings = settings
         self._metadata = metadata
-        self._pool = SessionPool(Pkcs11Library.load(settings.module_path), settings, clock)
-        self._pool.connect()
+        self._token = HsmToken(settings, clock=clock)
 
     def __repr__(self) -> str:
-        module = str(self._settings.module_path)
-        return f"HsmBackend(module={module!r}, token={self._settings.token_description})"
+        return f"HsmBackend({self._token!r})"
 
     def create_keys(
         self,
@@ -109,50 +82,22 @@ class HsmBackend(CustodyBackend):
         created: list[KeyInfo] = []
         for _ in range(count):
             key_id = new_key_id()
-            cka_id = os.urandom(CKA_ID_SIZE)
-            label = f"{self._settings.key_label_prefix}-{key_id}"
-            public_key = self._pool.run(
-                lambda pooled: self._generate(pooled, cka_id, label),  # noqa: B023
-                "generating a secp256k1 key pair",
-            )
+            made = self._token.generate_key(key_id)
             record = KeyRecord(
                 key_id=key_id,
                 chain=chain,
-                address=address_of(public_key),
-                public_key=public_key,
+                address=address_of(made.public_key),
+                public_key=made.public_key,
                 custody=self.custody_type,
                 created_at=utc_now(),
                 labels=labels,
-                details=((DETAIL_CKA_ID, cka_id.hex()), (DETAIL_LABEL, label)),
+                details=token_key_details(made.cka_id, made.label),
             )
             self._metadata.add([record])
             created.append(_info(record))
             if progress is not None:
                 progress(len(created))
         return created
-
-    @staticmethod
-    def _generate(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:
-        public, _ = pooled.session.generate_keypair(
-            KeyType.EC,
-            mechanism=Mechanism.EC_KEY_PAIR_GEN,
-            id=cka_id,
-            label=label,
-            store=True,
-            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-            public_template={Attribute.EC_PARAMS: SECP256K1_EC_PARAMS, Attribute.TOKEN: True},
-            private_template={
-                Attribute.TOKEN: True,
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.SIGN: True,
-                Attribute.DERIVE: False,
-                Attribute.DECRYPT: False,
-                Attribute.UNWRAP: False,
-            },
-        )
-        return decode_ec_point(public[Attribute.EC_POINT])
 
     def find_key(self, ref: str) -> KeyInfo | None:
         record = self._metadata.find(ref, custody=self.custody_type)
@@ -172,12 +117,11 @@ class HsmBackend(CustodyBackend):
         return KeyPage([_info(record) for record in page.records], page.next_cursor)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> bytes | RecoverableSignature:
-        cka_id = _cka_id_of(key)
-        return self._pool.run(lambda pooled: pooled.sign(cka_id, digest), "signing")
+        return self._token.sign(cka_id_of(key), digest)
 
     def list_token_keys(self) -> list[TokenKey]:
         """The token's EC secp256k1 private keys that have a CKA_ID and a public key object."""
-        return self._pool.run(_token_keys, "listing the token's keys")
+        return self._token.list_keys()
 
     def adopt_keys(
         self,
@@ -220,7 +164,7 @@ class HsmBackend(CustodyBackend):
                     custody=self.custody_type,
                     created_at=utc_now(),
                     labels=labels,
-                    details=((DETAIL_CKA_ID, key.cka_id.hex()), (DETAIL_LABEL, key.label)),
+                    details=token_key_details(key.cka_id, key.label),
                 )
             )
         self._metadata.add(records)
@@ -228,35 +172,10 @@ class HsmBackend(CustodyBackend):
 
     def check_health(self) -> None:
         """A token-info and session-info call on a pooled session."""
-        self._pool.run(lambda pooled: pooled.check_token(), "checking health")
+        self._token.check_health()
 
     def close(self) -> None:
-        self._pool.close()
-
-
-def _token_keys(pooled: PooledSession) -> list[TokenKey]:
-    session = pooled.session
-    privates = list(
-        session.get_objects(
-            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC}
-        )
-    )
-    found = []
-    for private in privates:
-        cka_id = bytes(private[Attribute.ID])
-        if not cka_id or bytes(private[Attribute.EC_PARAMS]) != SECP256K1_EC_PARAMS:
-            continue
-        template = {
-            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-            Attribute.KEY_TYPE: KeyType.EC,
-            Attribute.ID: cka_id,
-        }
-        publics = list(session.get_objects(template))
-        if len(publics) != 1:
-            continue
-        public_key = decode_ec_point(publics[0][Attribute.EC_POINT])
-        found.append(TokenKey(cka_id, str(private[Attribute.LABEL]), public_key))
-    return found
+        self._token.close()
 
 
 def _parse_cka_id(value: bytes | str) -> bytes:
@@ -266,13 +185,6 @@ def _parse_cka_id(value: bytes | str) -> bytes:
         return bytes.fromhex(value.removeprefix("0x"))
     except ValueError:
         raise InvalidField("CKA_ID must be bytes or hex", field="key_id_attr") from None
-
-
-def _cka_id_of(key: KeyInfo) -> bytes:
-    try:
-        return bytes.fromhex(key.details[DETAIL_CKA_ID])
-    except (KeyError, ValueError):
-        raise IntegrityError(f"HSM key {key.key_id} has no valid CKA_ID in its metadata") from None
 
 
 def _info(record: KeyRecord) -> KeyInfo:

@@ -129,21 +129,25 @@ class CallGate:
     @contextmanager
     def call(self) -> Iterator[None]:
         """Hold while calling into the module."""
-        if self.serialized:
-            with self.exclusive():
-                yield
-            return
-        with self._cond:
-            while self._exclusive or self._writers_waiting:
-                self._cond.wait()
-            self._active += 1
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
+            self.leave()
+
+    def enter(self) -> None:
+        """Begin a module call (what :meth:`call` does, without a generator on the hot path)."""
+        with self._cond:
+            while self._exclusive or self._writers_waiting or (self.serialized and self._active):
+                self._cond.wait()
+            self._active += 1
+
+    def leave(self) -> None:
+        """End a module call begun with :meth:`enter`."""
+        with self._cond:
+            self._active -= 1
+            if not self._active and (self._writers_waiting or self.serialized):
+                self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pkcs11
@@ -167,14 +166,21 @@ class SessionPool:
     def run(self, op: Callable[[PooledSession], T], doing: str) -> T:
         """Run ``op`` on a leased session; reconnect and retry once if the token went away."""
         failure: tuple[pkcs11.PKCS11Error, int] | None = None
+        gate = self._library.gate
         for _ in range(2):
-            with self._lease() as pooled:
+            pooled = self._acquire()
+            try:
+                gate.enter()
                 try:
                     return op(pooled)
-                except pkcs11.PKCS11Error as exc:
-                    if not needs_reconnect(exc):
-                        raise translate(exc, doing) from None
-                    failure = (exc, pooled.generation)
+                finally:
+                    gate.leave()
+            except pkcs11.PKCS11Error as exc:
+                if not needs_reconnect(exc):
+                    raise translate(exc, doing) from None
+                failure = (exc, pooled.generation)
+            finally:
+                self._release(pooled)
             self._invalidate(failure[1])
         assert failure is not None
         raise DependencyUnavailable(
@@ -191,36 +197,36 @@ class SessionPool:
             self._cond.notify_all()
         self._discard(idle)
 
-    @contextmanager
-    def _lease(self) -> Iterator[PooledSession]:
-        deadline = time.monotonic() + self._settings.acquire_timeout
+    def _acquire(self) -> PooledSession:
+        """An idle session, connecting first if needed; waits up to ``acquire_timeout``."""
         with self._cond:
+            deadline: float | None = None
             while True:
                 if self._closed:
                     raise DependencyUnavailable("the HSM backend is closed")
                 if not self._connected:
                     self._connect_locked()
                 if self._idle:
-                    pooled = self._idle.pop()
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                    return self._idle.pop()
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._settings.acquire_timeout
+                if now >= deadline:
                     raise DependencyUnavailable(
                         f"all {self._settings.pool_size} HSM sessions stayed busy for "
                         f"{self._settings.acquire_timeout:g} s"
                     )
-                self._cond.wait(remaining)
-        try:
-            with self._library.gate.call():
-                yield pooled
-        finally:
-            with self._cond:
-                keep = pooled.generation == self._generation and not self._closed
-                if keep:
-                    self._idle.append(pooled)
-                    self._cond.notify()
-            if not keep:
-                self._discard([pooled])
+                self._cond.wait(deadline - now)
+
+    def _release(self, pooled: PooledSession) -> None:
+        """Give a session back, or close it if the pool moved on (reconnected or closed)."""
+        with self._cond:
+            keep = pooled.generation == self._generation and not self._closed
+            if keep:
+                self._idle.append(pooled)
+                self._cond.notify()
+        if not keep:
+            self._discard([pooled])
 
     def _invalidate(self, generation: int) -> None:
         """Drop every session of ``generation`` (once, however many threads saw it fail)."""

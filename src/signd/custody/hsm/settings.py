@@ -15,6 +15,7 @@ from signd.secrets import resolve_reference
 ENV_MODULE = "SIGND_HSM_MODULE"
 ENV_TOKEN_LABEL = "SIGND_HSM_TOKEN_LABEL"  # noqa: S105 - a variable name
 ENV_PIN = "SIGND_HSM_PIN"
+ENV_IN_ENCLAVE = "SIGND_HSM_IN_ENCLAVE"
 
 _KNOWN_KEYS = frozenset(
     {
@@ -26,6 +27,7 @@ _KNOWN_KEYS = frozenset(
         "acquire_timeout",
         "reconnect_interval",
         "key_label_prefix",
+        "in_enclave",
     }
 )
 
@@ -112,6 +114,24 @@ class HsmSettings:
             slot=slot,
             **tuning,
         )
+
+
+def hsm_in_enclave(section: Mapping[str, Any], env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``[hsm] in_enclave`` (or ``SIGND_HSM_IN_ENCLAVE``) moves the HSM into the enclave.
+
+    Then ``signd enclave`` loads the PKCS#11 module and fetches the PIN, and the host only
+    talks to the enclave: it reads nothing else from ``[hsm]``.
+    """
+    env = os.environ if env is None else env
+    value: Any = section.get("in_enclave", False)
+    if env.get(ENV_IN_ENCLAVE):
+        value = env[ENV_IN_ENCLAVE].strip().lower()
+        if value not in ("true", "false", "1", "0"):
+            raise ConfigurationError(f"{ENV_IN_ENCLAVE} must be true or false")
+        value = value in ("true", "1")
+    if not isinstance(value, bool):
+        raise ConfigurationError("hsm.in_enclave must be true or false")
+    return value
 
 
 _TUNING_KEYS = ("pool_size", "acquire_timeout", "reconnect_interval", "key_label_prefix")

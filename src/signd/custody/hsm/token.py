@@ -1,0 +1,148 @@
+"""A PKCS#11 token as signd uses it: generate secp256k1 keys, sign digests, list keys.
+
+:class:`HsmToken` knows nothing of key ids, chains or metadata: it is the part of HSM custody
+that must run where the PKCS#11 module runs. :class:`~signd.custody.hsm.HsmBackend` wraps it
+with a metadata store on the host; inside the enclave, :mod:`signd.enclave.hsm` serves it to the
+host over the enclave protocol and the host keeps the metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+
+from signd.crypto.secp256k1 import compress_public_key
+from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.pool import PooledSession, SessionPool
+from signd.custody.hsm.settings import HsmSettings
+from signd.errors import InvalidField
+
+SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
+"""DER of the named-curve OID 1.3.132.0.10."""
+CKA_ID_SIZE = 16
+
+
+def decode_ec_point(value: bytes) -> bytes:
+    """The compressed public key from CKA_EC_POINT, DER OCTET STRING-wrapped or raw."""
+    point = bytes(value)
+    if len(point) in (33, 65) and point[0] in (2, 3, 4) and not _is_wrapped(point):
+        return compress_public_key(point)
+    if _is_wrapped(point):
+        header = 3 if point[1] == 0x81 else 2
+        return compress_public_key(point[header:])
+    raise InvalidField("CKA_EC_POINT is neither a SEC1 point nor a DER OCTET STRING of one")
+
+
+def _is_wrapped(point: bytes) -> bool:
+    """Whether ``point`` is an OCTET STRING (tag 0x04) whose length byte covers the rest."""
+    if len(point) < 3 or point[0] != 0x04:
+        return False
+    if point[1] == 0x81:
+        return point[2] == len(point) - 3
+    return point[1] == len(point) - 2
+
+
+@dataclass(frozen=True, slots=True)
+class TokenKey:
+    """A secp256k1 private key on the token, with its public key."""
+
+    cka_id: bytes
+    label: str
+    public_key: bytes
+    """Compressed SEC1."""
+
+
+class HsmToken:
+    """One PKCS#11 token reached through a pool of logged-in sessions."""
+
+    def __init__(
+        self, settings: HsmSettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Load the module and log in now: a wrong module, token or PIN fails here."""
+        self._settings = settings
+        self._pool = SessionPool(Pkcs11Library.load(settings.module_path), settings, clock)
+        self._pool.connect()
+
+    def __repr__(self) -> str:
+        module = str(self._settings.module_path)
+        return f"HsmToken(module={module!r}, token={self._settings.token_description})"
+
+    def generate_key(self, key_id: str) -> TokenKey:
+        """A new key pair labelled ``{key_label_prefix}-{key_id}`` under a random CKA_ID.
+
+        The private key is sensitive, never extractable and may only sign. Running out of token
+        memory raises CapacityExceeded.
+        """
+        cka_id = os.urandom(CKA_ID_SIZE)
+        label = f"{self._settings.key_label_prefix}-{key_id}"
+        public_key = self._pool.run(
+            lambda pooled: self._generate(pooled, cka_id, label), "generating a secp256k1 key pair"
+        )
+        return TokenKey(cka_id, label, public_key)
+
+    @staticmethod
+    def _generate(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:
+        public, _ = pooled.session.generate_keypair(
+            KeyType.EC,
+            mechanism=Mechanism.EC_KEY_PAIR_GEN,
+            id=cka_id,
+            label=label,
+            store=True,
+            capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            public_template={Attribute.EC_PARAMS: SECP256K1_EC_PARAMS, Attribute.TOKEN: True},
+            private_template={
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.DERIVE: False,
+                Attribute.DECRYPT: False,
+                Attribute.UNWRAP: False,
+            },
+        )
+        return decode_ec_point(public[Attribute.EC_POINT])
+
+    def sign(self, cka_id: bytes, digest: bytes) -> bytes:
+        """Raw ``CKM_ECDSA`` over a 32-byte digest: r‖s as the token returns it (maybe high-S)."""
+        return self._pool.run(lambda pooled: pooled.sign(cka_id, digest), "signing")
+
+    def list_keys(self) -> list[TokenKey]:
+        """The token's EC secp256k1 private keys that have a CKA_ID and a public key object."""
+        return self._pool.run(_token_keys, "listing the token's keys")
+
+    def check_health(self) -> None:
+        """A token-info and session-info call on a pooled session."""
+        self._pool.run(lambda pooled: pooled.check_token(), "checking health")
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _token_keys(pooled: PooledSession) -> list[TokenKey]:
+    session = pooled.session
+    privates = list(
+        session.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.KEY_TYPE: KeyType.EC}
+        )
+    )
+    found = []
+    for private in privates:
+        cka_id = bytes(private[Attribute.ID])
+        if not cka_id or bytes(private[Attribute.EC_PARAMS]) != SECP256K1_EC_PARAMS:
+            continue
+        template = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.ID: cka_id,
+        }
+        publics = list(session.get_objects(template))
+        if len(publics) != 1:
+            continue
+        public_key = decode_ec_point(publics[0][Attribute.EC_POINT])
+        found.append(TokenKey(cka_id, str(private[Attribute.LABEL]), public_key))
+    return found

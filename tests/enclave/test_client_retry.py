@@ -1,0 +1,77 @@
+"""A lost connection: idempotent requests are retried on a new one; key creation is not."""
+
+from __future__ import annotations
+
+import socket
+
+import coincurve
+import pytest
+
+from signd.enclave.client import ConnectionLost, EnclaveClient
+from signd.enclave.protocol import MessageType
+from signd.enclave.server import EnclaveServer
+from signd.enclave.transport import InProcessTransport
+
+DIGEST = b"\x42" * 32
+
+
+class DroppingTransport:
+    """In-process transport that closes the next connection once ``armed`` requests arrive."""
+
+    def __init__(self, server: EnclaveServer) -> None:
+        self._inner = InProcessTransport(server.serve_connection)
+        self.connections = 0
+        self.drop_next = False
+        self._open: list[socket.socket] = []
+
+    def connect(self, timeout: float) -> socket.socket:
+        self.connections += 1
+        sock = self._inner.connect(timeout)
+        self._open.append(sock)
+        return sock
+
+    def drop(self) -> None:
+        """Cut every open connection, as an enclave dying would."""
+        for sock in self._open:
+            sock.shutdown(socket.SHUT_RDWR)
+        self._open.clear()
+
+
+def _dropping_request(client: EnclaveClient, transport: DroppingTransport) -> None:
+    """Make the next submit go out on a connection that is cut before it is answered."""
+    original = client._wait
+
+    def cut_then_wait(connection, future, timeout):  # type: ignore[no-untyped-def]
+        client._wait = original  # type: ignore[method-assign]
+        transport.drop()
+        return original(connection, future, timeout)
+
+    client._wait = cut_then_wait  # type: ignore[method-assign]
+
+
+def test_sign_is_retried_on_a_new_connection(server: EnclaveServer) -> None:
+    transport = DroppingTransport(server)
+    client = EnclaveClient(transport, timeout=5.0)  # type: ignore[arg-type]
+    try:
+        [key] = client.create_keys("ethereum", 1)
+        assert transport.connections == 1
+        _dropping_request(client, transport)
+        signature = client.sign_digest(key.reference, DIGEST)
+        assert transport.connections == 2
+        recovered = coincurve.PublicKey.from_signature_and_message(signature, DIGEST, hasher=None)
+        assert recovered.format() == key.public_key
+    finally:
+        client.close()
+
+
+def test_create_keys_is_not_retried(server: EnclaveServer) -> None:
+    transport = DroppingTransport(server)
+    client = EnclaveClient(transport, timeout=5.0)  # type: ignore[arg-type]
+    try:
+        client.health()
+        _dropping_request(client, transport)
+        with pytest.raises(ConnectionLost):
+            client.request(MessageType.CREATE_KEYS, {"chain": "ethereum", "count": 1})
+        assert transport.connections == 1
+    finally:
+        client.close()
