@@ -41,6 +41,13 @@ def _number(section: str, settings: Mapping[str, Any], key: str, default: float)
     return float(value)
 
 
+def _count(section: str, settings: Mapping[str, Any], key: str, default: int) -> int:
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{section}.{key} must be a positive integer", field=section)
+    return value
+
+
 def _filesystem_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
     from signd.storage.blobs import FilesystemBlobStore
 
@@ -53,13 +60,16 @@ def _filesystem_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
 def _s3_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
     from signd.storage.s3 import S3BlobStore
 
-    _check_keys("blobs", settings, {"bucket", "prefix", "endpoint_url", "region", "timeout"})
+    _check_keys(
+        "blobs", settings, {"bucket", "prefix", "endpoint_url", "region", "timeout", "max_attempts"}
+    )
     return S3BlobStore(
         _text("blobs", settings, "bucket", None),
         str(settings.get("prefix", "signd/")),
         endpoint_url=settings.get("endpoint_url"),
         region=settings.get("region"),
         timeout=_number("blobs", settings, "timeout", 5.0),
+        max_attempts=_count("blobs", settings, "max_attempts", 2),
     )
 
 
