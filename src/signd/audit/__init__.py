@@ -1,0 +1,33 @@
+"""The audit trail: every key creation and signing decision, sealed in the enclave.
+
+- :class:`AuditSigner` (enclave) numbers, MACs and chains :class:`AuditRecord` s into
+  :class:`SealedAuditRecord` s.
+- :class:`AuditLog` (host) stores them; :class:`FileAuditLog` as fsynced JSON lines.
+- :func:`verify_chain` finds altered, removed, reordered and inserted records.
+"""
+
+from signd.audit.log import AuditLog, FileAuditLog
+from signd.audit.records import (
+    GENESIS,
+    GENESIS_HASH,
+    AuditRecord,
+    AuditSigner,
+    ChainHead,
+    SealedAuditRecord,
+)
+from signd.audit.verify import ChainProblem, ProblemKind, VerificationReport, verify_chain
+
+__all__ = [
+    "GENESIS",
+    "GENESIS_HASH",
+    "AuditLog",
+    "AuditRecord",
+    "AuditSigner",
+    "ChainHead",
+    "ChainProblem",
+    "FileAuditLog",
+    "ProblemKind",
+    "SealedAuditRecord",
+    "VerificationReport",
+    "verify_chain",
+]

@@ -1,0 +1,242 @@
+"""Audit records, sealed inside the enclave into a MAC'ed hash chain.
+
+Every key creation and signing decision, allowed or refused, becomes an
+:class:`AuditRecord`. The enclave's :class:`AuditSigner` seals it::
+
+    canonical = canonical JSON of the record (sorted keys, no spaces, ASCII)
+    mac       = HMAC-SHA256(mac_key, canonical || prev_hash)
+    hash      = SHA-256(prev_hash || canonical || mac)
+
+where ``prev_hash`` is the previous record's ``hash`` (32 zero bytes before the first
+record, whose ``seq`` is 1). The host only appends sealed records: without the MAC key it
+cannot alter, insert or reorder them undetected, and a removal breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+from signd.crypto.secret import Secret
+from signd.errors import ConfigurationError, IntegrityError
+
+HASH_SIZE: Final = 32
+GENESIS_HASH: Final = bytes(HASH_SIZE)
+MIN_MAC_KEY_BYTES: Final = 32
+
+Verdict = Literal["allowed", "refused"]
+_VERDICTS: Final = ("allowed", "refused")
+_OPTIONAL_TEXT: Final = (
+    "client_id",
+    "key_id",
+    "chain",
+    "rule",
+    "request_sha256",
+    "result_sha256",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """Where a chain ends: the last record's ``seq`` and ``hash`` (``0`` and zeros if
+    empty)."""
+
+    seq: int
+    hash: bytes
+
+
+GENESIS: Final = ChainHead(0, GENESIS_HASH)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One decision. ``time`` is RFC 3339 UTC with milliseconds; the two digests are hex
+    SHA-256 of the request as received and of the result returned (``None`` if none)."""
+
+    seq: int
+    time: str
+    node: str
+    client_id: str | None
+    operation: str
+    key_id: str | None
+    chain: str | None
+    decision: Verdict
+    rule: str | None
+    reason: str
+    request_sha256: str | None
+    result_sha256: str | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 1:
+            raise IntegrityError("audit record seq must be a positive integer")
+        if self.decision not in _VERDICTS:
+            raise IntegrityError("audit record decision must be 'allowed' or 'refused'")
+        for name in ("time", "node", "operation", "reason"):
+            if not isinstance(getattr(self, name), str):
+                raise IntegrityError(f"audit record {name} must be a string")
+        for name in _OPTIONAL_TEXT:
+            if not isinstance(getattr(self, name), str | None):
+                raise IntegrityError(f"audit record {name} must be a string or null")
+
+    def canonical(self) -> bytes:
+        """The bytes the MAC and hash cover: sorted keys, no whitespace, ASCII only."""
+        return json.dumps(
+            asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        ).encode("ascii")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(data, Mapping) or set(data) != expected:
+            raise IntegrityError("audit record has missing or unknown fields")
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class SealedAuditRecord:
+    """A record with its place in the chain: ``prev_hash``, ``mac`` and ``hash``."""
+
+    record: AuditRecord
+    prev_hash: bytes
+    mac: bytes
+    hash: bytes
+
+    def to_json(self) -> str:
+        """One line of the log (no newline)."""
+        return json.dumps(
+            {
+                "record": asdict(self.record),
+                "prev_hash": self.prev_hash.hex(),
+                "mac": self.mac.hex(),
+                "hash": self.hash.hex(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> SealedAuditRecord:
+        """Parse one log line; anything malformed is an :class:`~signd.errors.IntegrityError`."""
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict) or set(data) != {"record", "prev_hash", "mac", "hash"}:
+                raise IntegrityError("audit line has missing or unknown fields")
+            digests = [bytes.fromhex(data[name]) for name in ("prev_hash", "mac", "hash")]
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise IntegrityError("audit line is not valid JSON with hex digests") from None
+        if any(len(digest) != HASH_SIZE for digest in digests):
+            raise IntegrityError("audit line digests must be 32 bytes")
+        try:
+            record = AuditRecord.from_dict(data["record"])
+        except TypeError:
+            raise IntegrityError("audit record has fields of the wrong type") from None
+        return cls(record, *digests)
+
+    @property
+    def head(self) -> ChainHead:
+        return ChainHead(self.record.seq, self.hash)
+
+
+def compute_mac(mac_key: Secret, canonical: bytes, prev_hash: bytes) -> bytes:
+    return hmac.new(mac_key.reveal_bytes(), canonical + prev_hash, hashlib.sha256).digest()
+
+
+def compute_hash(prev_hash: bytes, canonical: bytes, mac: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + canonical + mac).digest()
+
+
+def seal_is_valid(sealed: SealedAuditRecord, mac_key: Secret) -> tuple[bool, bool]:
+    """Whether the record's MAC verifies, and whether its stored hash is the right one."""
+    canonical = sealed.record.canonical()
+    mac_ok = hmac.compare_digest(compute_mac(mac_key, canonical, sealed.prev_hash), sealed.mac)
+    hash_ok = compute_hash(sealed.prev_hash, canonical, sealed.mac) == sealed.hash
+    return mac_ok, hash_ok
+
+
+def rfc3339(timestamp: float) -> str:
+    """Unix seconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AuditSigner:
+    """Seals records into the chain; lives in the enclave and holds the MAC key.
+
+    ``last`` is the last record of the log the host keeps (``None`` for an empty log): its
+    MAC and hash are checked before the chain is continued from it, so the host cannot seed
+    the signer with a made-up head. Thread-safe: records are numbered and chained in the
+    order :meth:`seal` is called.
+    """
+
+    def __init__(
+        self,
+        mac_key: Secret,
+        node: str,
+        *,
+        last: SealedAuditRecord | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(mac_key, Secret) or len(mac_key.reveal_bytes()) < MIN_MAC_KEY_BYTES:
+            raise ConfigurationError(
+                f"the audit MAC key must be at least {MIN_MAC_KEY_BYTES} bytes"
+            )
+        if last is not None and seal_is_valid(last, mac_key) != (True, True):
+            raise IntegrityError("the audit log's last record does not verify; not continuing it")
+        self._mac_key = mac_key
+        self.node = node
+        self._now = now
+        self._head = GENESIS if last is None else last.head
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"AuditSigner(node={self.node!r}, seq={self._head.seq})"
+
+    @property
+    def head(self) -> ChainHead:
+        return self._head
+
+    def seal(
+        self,
+        *,
+        operation: str,
+        decision: Verdict,
+        reason: str,
+        client_id: str | None = None,
+        key_id: str | None = None,
+        chain: str | None = None,
+        rule: str | None = None,
+        request_sha256: str | None = None,
+        result_sha256: str | None = None,
+    ) -> SealedAuditRecord:
+        """Number, time-stamp, MAC and chain one record."""
+        with self._lock:
+            record = AuditRecord(
+                seq=self._head.seq + 1,
+                time=rfc3339(self._now()),
+                node=self.node,
+                client_id=client_id,
+                operation=operation,
+                key_id=key_id,
+                chain=chain,
+                decision=decision,
+                rule=rule,
+                reason=reason,
+                request_sha256=request_sha256,
+                result_sha256=result_sha256,
+            )
+            canonical = record.canonical()
+            prev_hash = self._head.hash
+            mac = compute_mac(self._mac_key, canonical, prev_hash)
+            sealed = SealedAuditRecord(
+                record, prev_hash, mac, compute_hash(prev_hash, canonical, mac)
+            )
+            self._head = sealed.head
+            return sealed

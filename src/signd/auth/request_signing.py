@@ -1,0 +1,289 @@
+"""Request signatures, scheme v1: the client signs each request, the enclave verifies it.
+
+A signed request carries four headers::
+
+    X-Signd-Client:     the client id
+    X-Signd-Timestamp:  unix seconds, decimal
+    X-Signd-Nonce:      16 to 64 random bytes, lower-case hex
+    X-Signd-Signature:  base64 of the signature over the canonical string
+
+and the canonical string is (UTF-8, ``\\n`` separated, no trailing newline)::
+
+    signd-request-v1
+    METHOD
+    /path?query
+    hex(sha256(body))
+    timestamp
+    nonce
+
+Ed25519 keys sign the canonical bytes; P-256 keys sign them with ECDSA over SHA-256 and send
+the raw 64-byte ``r || s`` (IEEE P1363, as WebCrypto produces), not DER.
+
+:class:`RequestVerifier` refuses an unknown client, a bad signature, a timestamp more than
+``window`` seconds from its clock, a nonce it has seen and any malformed header. A nonce is
+remembered until its request's timestamp leaves the window; after that the timestamp check
+refuses the request anyway, so forgetting it is safe. If more than ``nonce_capacity`` nonces
+are live at once, new requests are refused rather than old nonces forgotten.
+
+Nonces live in enclave memory, so a restarted enclave has forgotten them. A host that restarts
+the enclave to replay recent requests is stopped by ``not_before``: requests signed before the
+verifier was created are refused (a client whose request straddles a restart retries).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import heapq
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Final, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from signd.auth.clients import ClientsRegistry, Principal
+from signd.errors import AccessDenied, ConfigurationError, InvalidField
+
+SCHEME: Final = "signd-request-v1"
+HEADER_CLIENT: Final = "X-Signd-Client"
+HEADER_TIMESTAMP: Final = "X-Signd-Timestamp"
+HEADER_NONCE: Final = "X-Signd-Nonce"
+HEADER_SIGNATURE: Final = "X-Signd-Signature"
+NONCE_BYTES: Final = 16
+MAX_NONCE_BYTES: Final = 64
+DEFAULT_WINDOW: Final = 300
+DEFAULT_NONCE_CAPACITY: Final = 1_000_000
+
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+"""A request-signing private key: Ed25519, or ECDSA on P-256."""
+
+_METHOD: Final = re.compile(r"[A-Z]{1,16}")
+_TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
+_NONCE: Final = re.compile(rf"(?:[0-9a-f]{{2}}){{{NONCE_BYTES},{MAX_NONCE_BYTES}}}")
+_P256_SIGNATURE_BYTES: Final = 64
+_MAX_SIGNATURE_TEXT: Final = 128
+
+
+class RegistrySource(Protocol):
+    """Anything that gives the clients registry in force (a reloadable holder does)."""
+
+    @property
+    def current(self) -> ClientsRegistry: ...
+
+
+def canonical_request(method: str, path: str, body: bytes, timestamp: str, nonce: str) -> bytes:
+    """The bytes a v1 request signature covers. Refuses input that could blur the fields."""
+    if not _METHOD.fullmatch(method):
+        raise InvalidField("method must be 1-16 upper-case letters", field="method")
+    if not path.startswith("/") or not path.isascii() or not path.isprintable() or " " in path:
+        raise InvalidField("path must start with '/' and be printable ASCII", field="path")
+    if not _TIMESTAMP.fullmatch(timestamp):
+        raise InvalidField("timestamp must be decimal unix seconds", field="timestamp")
+    if not _NONCE.fullmatch(nonce):
+        raise InvalidField(
+            f"nonce must be {NONCE_BYTES}-{MAX_NONCE_BYTES} bytes in lower-case hex", field="nonce"
+        )
+    body_hash = hashlib.sha256(body).hexdigest()
+    return "\n".join((SCHEME, method, path, body_hash, timestamp, nonce)).encode("ascii")
+
+
+def sign_request(
+    method: str,
+    path: str,
+    body: bytes,
+    client_id: str,
+    private_key: PrivateKey,
+    *,
+    now: float | None = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """The four ``X-Signd-*`` headers for a request (client side).
+
+    ``path`` is the path with its query string, exactly as sent. ``now`` defaults to the
+    current time; ``nonce`` to 16 fresh random bytes.
+    """
+    timestamp = str(int(time.time() if now is None else now))
+    nonce = os.urandom(NONCE_BYTES).hex() if nonce is None else nonce
+    message = canonical_request(method, path, body, timestamp, nonce)
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        signature = private_key.sign(message)
+    elif isinstance(private_key, ec.EllipticCurvePrivateKey) and isinstance(
+        private_key.curve, ec.SECP256R1
+    ):
+        r, s = decode_dss_signature(private_key.sign(message, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    else:
+        raise InvalidField("request keys are Ed25519 or P-256", field="private_key")
+    return {
+        HEADER_CLIENT: client_id,
+        HEADER_TIMESTAMP: timestamp,
+        HEADER_NONCE: nonce,
+        HEADER_SIGNATURE: base64.b64encode(signature).decode("ascii"),
+    }
+
+
+class NonceTracker:
+    """Nonces seen recently, each kept until its request's timestamp leaves the window.
+
+    Bounded: when ``capacity`` nonces are live, :meth:`remember` refuses instead of
+    forgetting one early (forgetting early would reopen a replay). Not locked by itself;
+    :class:`RequestVerifier` serialises access.
+    """
+
+    def __init__(self, *, capacity: int) -> None:
+        if capacity < 1:
+            raise ConfigurationError("nonce capacity must be at least 1")
+        self.capacity = capacity
+        self._live: set[tuple[str, str]] = set()
+        self._expiries: list[tuple[float, str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def remember(self, client_id: str, nonce: str, *, expires_at: float, now: float) -> None:
+        """Record a nonce; refuse one already live, or any when the tracker is full."""
+        self._expire(now)
+        entry = (client_id, nonce)
+        if entry in self._live:
+            raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
+        if len(self._live) >= self.capacity:
+            raise AccessDenied("too many recent requests to track their nonces; retry later")
+        self._live.add(entry)
+        heapq.heappush(self._expiries, (expires_at, client_id, nonce))
+
+    def _expire(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] < now:
+            _, client_id, nonce = heapq.heappop(self._expiries)
+            self._live.discard((client_id, nonce))
+
+
+class RequestVerifier:
+    """Authenticates callers: request signatures (:meth:`verify`) and bearer tokens
+    (:meth:`verify_bearer`), against the registry in force at each call.
+
+    ``registry`` is a :class:`ClientsRegistry` or a holder whose ``current`` one is read
+    per request, so a reload takes effect at once while the nonces seen are kept. ``now``
+    is the clock in unix seconds, injectable for tests. ``not_before`` (default: the time of
+    construction) refuses requests signed earlier, whose nonces this verifier cannot know.
+    """
+
+    def __init__(
+        self,
+        registry: ClientsRegistry | RegistrySource,
+        *,
+        window: int = DEFAULT_WINDOW,
+        now: Callable[[], float] = time.time,
+        nonce_capacity: int = DEFAULT_NONCE_CAPACITY,
+        not_before: float | None = None,
+    ) -> None:
+        if window < 1:
+            raise ConfigurationError("the request window must be at least one second")
+        self.window = window
+        self.not_before = now() if not_before is None else not_before
+        self._registry = registry
+        self._now = now
+        self._nonces = NonceTracker(capacity=nonce_capacity)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RequestVerifier(window={self.window}, nonces={len(self._nonces)})"
+
+    @property
+    def registry(self) -> ClientsRegistry:
+        source = self._registry
+        return source if isinstance(source, ClientsRegistry) else source.current
+
+    def verify(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> Principal:
+        """The principal that signed this request, or :class:`~signd.errors.AccessDenied`.
+
+        Header names are matched case-insensitively. Checks run cheapest first; the nonce
+        is only recorded once the signature verifies, so unauthenticated traffic cannot
+        fill the nonce tracker or burn a client's nonces.
+        """
+        fields = {name.lower(): value for name, value in headers.items()}
+        client_id = _header(fields, HEADER_CLIENT)
+        timestamp = _header(fields, HEADER_TIMESTAMP)
+        nonce = _header(fields, HEADER_NONCE)
+        signature_text = _header(fields, HEADER_SIGNATURE)
+        client = self.registry.get(client_id)
+        if client is None:
+            raise AccessDenied(f"unknown client {_shown(client_id)}")
+        if client.public_key is None:
+            raise AccessDenied(f"client {client_id!r} authenticates with a bearer token only")
+        try:
+            message = canonical_request(method, path, body, timestamp, nonce)
+        except InvalidField as exc:
+            raise AccessDenied(f"malformed signed request: {exc.message}") from None
+        now = self._now()
+        signed_at = int(timestamp)
+        if signed_at < now - self.window:
+            raise AccessDenied(
+                f"stale timestamp: signed {int(now - signed_at)} s ago, "
+                f"more than the {self.window} s window"
+            )
+        if signed_at > now + self.window:
+            raise AccessDenied(
+                f"future timestamp: {int(signed_at - now)} s ahead, "
+                f"more than the {self.window} s window"
+            )
+        if signed_at < self.not_before:
+            raise AccessDenied("request signed before the enclave started; sign it again")
+        signature = _decode_signature(signature_text)
+        if not _verifies(client.public_key, signature, message):
+            raise AccessDenied(f"request signature does not verify for client {client_id!r}")
+        with self._lock:
+            self._nonces.remember(client_id, nonce, expires_at=signed_at + self.window, now=now)
+        return client.principal("signature")
+
+    def verify_bearer(self, token: str) -> Principal:
+        """The bearer client holding ``token`` (compared as SHA-256, in constant time)."""
+        return self.registry.verify_bearer(token)
+
+
+def _header(fields: Mapping[str, str], name: str) -> str:
+    value = fields.get(name.lower())
+    if not isinstance(value, str) or not value:
+        raise AccessDenied(f"missing header {name}")
+    return value
+
+
+def _shown(client_id: str) -> str:
+    """A client id as it may appear in an error: quoted, printable, cut short."""
+    return repr(client_id[:64]) + ("..." if len(client_id) > 64 else "")
+
+
+def _decode_signature(text: str) -> bytes:
+    if len(text) > _MAX_SIGNATURE_TEXT:
+        raise AccessDenied(f"malformed signed request: {HEADER_SIGNATURE} is too long")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise AccessDenied(f"malformed signed request: {HEADER_SIGNATURE} is not base64") from None
+
+
+def _verifies(
+    key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey, signature: bytes, message: bytes
+) -> bool:
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+            return True
+        if len(signature) != _P256_SIGNATURE_BYTES:
+            return False
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        key.verify(der, message, ec.ECDSA(hashes.SHA256()))
+        return True
+    except InvalidSignature:
+        return False

@@ -1,0 +1,184 @@
+"""The policy decision: deny by default, first granting rule wins, spend counted per window.
+
+A request is allowed only if some rule covers it (client, key labels, operation, chain) and
+every constraint of that rule holds, including its spend window. Rules are tried in file
+order; the first that allows is the one named in the decision and charged for the value. If
+none allows, the refusal names each covering rule and why it refused, or says that no rule
+covers the request.
+
+Spending is recorded by :meth:`PolicyEngine.commit`, called only once the signature exists,
+so a signing failure does not use up allowance. ``commit`` re-checks the window under the
+lock, so two requests checked at the same time cannot together exceed it: the second commit
+is refused and its signature must be discarded::
+
+    decision = engine.check(intent)
+    decision.raise_if_refused()
+    signature = sign(...)
+    engine.commit(decision, intent)   # AccessDenied: drop the signature, report the refusal
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from signd.errors import AccessDenied
+from signd.policy.intent import SigningIntent
+from signd.policy.model import Policy, Rule
+
+
+class PolicySource(Protocol):
+    """Anything that gives the policy in force (a :class:`PolicyHolder` does)."""
+
+    @property
+    def current(self) -> Policy: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer for one intent.
+
+    ``rule`` is the rule that allowed it, or the first covering rule that refused it
+    (``None`` when no rule covers the request); ``reason`` says why in words.
+    """
+
+    allowed: bool
+    rule: str | None
+    reason: str
+    policy_sha256: str
+    intent: SigningIntent = field(repr=False)
+
+    @property
+    def refused(self) -> bool:
+        return not self.allowed
+
+    def raise_if_refused(self) -> None:
+        """Raise :class:`~signd.errors.AccessDenied` with the refusal's reason."""
+        if not self.allowed:
+            raise AccessDenied(self.reason)
+
+
+class SpendLedger:
+    """Value committed per (rule name, key id) with its time, pruned as windows slide.
+
+    An entry at time ``t`` counts while ``now - t < window``. Entries stamped after ``now``
+    (the clock stepped back) keep counting, which errs on the side of refusing. Not locked
+    by itself; :class:`PolicyEngine` serialises access.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+
+    def spent(self, rule: str, key_id: str, *, window: int, now: float) -> int:
+        entries = self._entries.get((rule, key_id))
+        if not entries:
+            return 0
+        horizon = now - window
+        while entries and entries[0][0] <= horizon:
+            entries.popleft()
+        if not entries:
+            del self._entries[(rule, key_id)]
+            return 0
+        return sum(value for at, value in entries if at > horizon)
+
+    def record(self, rule: str, key_id: str, value: int, *, now: float) -> None:
+        self._entries.setdefault((rule, key_id), deque()).append((now, value))
+
+
+class PolicyEngine:
+    """Evaluates intents against the policy in force; thread-safe.
+
+    ``policy`` is a :class:`Policy` or a holder whose ``current`` policy is read on each
+    call; spending is kept across reloads (per rule name), so reloading the same file does
+    not reset the windows. ``now`` is the clock in seconds, injectable for tests.
+    """
+
+    def __init__(
+        self, policy: Policy | PolicySource, *, now: Callable[[], float] = time.time
+    ) -> None:
+        self._source = policy
+        self._now = now
+        self._ledger = SpendLedger()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PolicyEngine(policy={self.policy!r})"
+
+    @property
+    def policy(self) -> Policy:
+        source = self._source
+        return source if isinstance(source, Policy) else source.current
+
+    def check(self, intent: SigningIntent) -> Decision:
+        """Allowed by the first rule that grants ``intent``, else refused with the reasons."""
+        policy = self.policy
+        covering = [rule for rule in policy.rules if rule.covers(intent)]
+        if not covering:
+            return Decision(False, None, _uncovered(intent), policy.sha256, intent)
+        refusals: list[tuple[str, str]] = []
+        with self._lock:
+            now = self._now()
+            for rule in covering:
+                reason = rule.refusal(intent) or self._window_refusal(rule, intent, now)
+                if reason is None:
+                    return Decision(
+                        True, rule.name, f"allowed by rule {rule.name}", policy.sha256, intent
+                    )
+                refusals.append((rule.name, reason))
+        reason = "; ".join(f"rule {name}: {why}" for name, why in refusals)
+        return Decision(False, refusals[0][0], reason, policy.sha256, intent)
+
+    def commit(self, decision: Decision, intent: SigningIntent) -> None:
+        """Record the spend of an allowed, now signed, intent against its rule's window.
+
+        Refuses (:class:`~signd.errors.AccessDenied`; the caller must discard the signature)
+        if the decision was a refusal or for another intent, if the policy was reloaded since
+        the check, or if concurrent commits used up the window in the meantime.
+        """
+        if not decision.allowed or decision.rule is None:
+            raise AccessDenied(f"cannot commit a refused request: {decision.reason}")
+        if decision.intent != intent:
+            raise AccessDenied("the decision was made for a different request")
+        with self._lock:
+            policy = self.policy
+            rule = policy.rule(decision.rule)
+            if policy.sha256 != decision.policy_sha256 or rule is None:
+                raise AccessDenied("the policy was reloaded while signing; retry the request")
+            now = self._now()
+            reason = self._window_refusal(rule, intent, now)
+            if reason is not None:
+                raise AccessDenied(f"rule {rule.name}: {reason}")
+            if rule.max_value_per_window is not None and intent.value > 0:
+                self._ledger.record(rule.name, intent.key_id, intent.value, now=now)
+
+    def spent(self, rule: str, key_id: str) -> int:
+        """Value committed under ``rule`` with ``key_id`` within the rule's current window."""
+        found = self.policy.rule(rule)
+        if found is None or found.max_value_per_window is None:
+            return 0
+        with self._lock:
+            return self._ledger.spent(rule, key_id, window=found.window_seconds, now=self._now())
+
+    def _window_refusal(self, rule: Rule, intent: SigningIntent, now: float) -> str | None:
+        limit = rule.max_value_per_window
+        if limit is None or intent.value == 0:
+            return None
+        spent = self._ledger.spent(rule.name, intent.key_id, window=rule.window_seconds, now=now)
+        if spent + intent.value <= limit:
+            return None
+        return (
+            f"value {intent.value} on top of {spent} spent in the last {rule.window_seconds} s "
+            f"exceeds max_value_per_window {limit}"
+        )
+
+
+def _uncovered(intent: SigningIntent) -> str:
+    labels = sorted(intent.key_labels)
+    return (
+        f"no rule covers client {intent.client_id!r} with key labels {labels} "
+        f"for {intent.operation.value} on {intent.chain}"
+    )

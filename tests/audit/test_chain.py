@@ -1,0 +1,270 @@
+"""Sealing and verifying: every kind of tampering is found, with its position."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import json
+from typing import Any
+
+import pytest
+
+from signd.audit import (
+    GENESIS,
+    GENESIS_HASH,
+    AuditRecord,
+    AuditSigner,
+    ChainHead,
+    ProblemKind,
+    SealedAuditRecord,
+    verify_chain,
+)
+from signd.crypto.secret import Secret
+from signd.errors import ConfigurationError, IntegrityError
+from tests.audit.conftest import MAC_KEY, OTHER_KEY, build_chain, seal_one, ticking_clock
+
+
+def altered(sealed: SealedAuditRecord, **changes: Any) -> SealedAuditRecord:
+    return dataclasses.replace(sealed, record=dataclasses.replace(sealed.record, **changes))
+
+
+def test_intact_chain_verifies(chain: list[SealedAuditRecord]) -> None:
+    report = verify_chain(chain, MAC_KEY)
+    assert report.ok, report.problems
+    assert report.records == 100
+    assert report.head == ChainHead(100, chain[-1].hash)
+    assert [s.record.seq for s in chain] == list(range(1, 101))
+    assert chain[0].prev_hash == GENESIS_HASH
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(chain))
+
+
+def test_seal_follows_the_documented_formulas(chain: list[SealedAuditRecord]) -> None:
+    sealed = chain[41]
+    canonical = sealed.record.canonical()
+    assert (
+        canonical
+        == json.dumps(
+            dataclasses.asdict(sealed.record), sort_keys=True, separators=(",", ":")
+        ).encode()
+    )
+    mac = hmac.new(MAC_KEY.reveal_bytes(), canonical + sealed.prev_hash, hashlib.sha256).digest()
+    assert sealed.mac == mac
+    assert sealed.hash == hashlib.sha256(sealed.prev_hash + canonical + mac).digest()
+
+
+def test_record_fields(chain: list[SealedAuditRecord]) -> None:
+    record = chain[0].record
+    assert record.time == "2023-11-14T22:13:20.000Z"
+    assert record.node == "node-a"
+    assert record.decision == "refused"
+    assert record.result_sha256 is None
+    assert chain[1].record.decision == "allowed"
+
+
+def test_empty_chain_is_fine() -> None:
+    report = verify_chain([], MAC_KEY)
+    assert report.ok and report.head == GENESIS
+
+
+@pytest.mark.parametrize("position", [0, 1, 50, 98])
+def test_removed_record_is_found(chain: list[SealedAuditRecord], position: int) -> None:
+    tampered = chain[:position] + chain[position + 1 :]
+    report = verify_chain(tampered, MAC_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(position, ProblemKind.REMOVED)]
+    assert f"records {position + 1} are missing" in report.problems[0].detail
+
+
+def test_removed_run_is_found(chain: list[SealedAuditRecord]) -> None:
+    report = verify_chain(chain[:10] + chain[20:], MAC_KEY)
+    assert [(p.position, p.kind, p.detail) for p in report.problems] == [
+        (10, ProblemKind.REMOVED, "records 11-20 are missing")
+    ]
+
+
+def test_removed_tail_needs_the_expected_head(chain: list[SealedAuditRecord]) -> None:
+    assert verify_chain(chain[:-3], MAC_KEY).ok
+    report = verify_chain(chain[:-3], MAC_KEY, expected_head=chain[-1].head)
+    assert [(p.position, p.kind) for p in report.problems] == [(97, ProblemKind.TRUNCATED)]
+    assert verify_chain(chain, MAC_KEY, expected_head=chain[-1].head).ok
+
+
+@pytest.mark.parametrize("position", [0, 49, 98])
+def test_swapped_neighbours_are_found(chain: list[SealedAuditRecord], position: int) -> None:
+    tampered = list(chain)
+    tampered[position], tampered[position + 1] = tampered[position + 1], tampered[position]
+    report = verify_chain(tampered, MAC_KEY)
+    assert {p.kind for p in report.problems} == {ProblemKind.REORDERED}
+    assert {p.position for p in report.problems} == {position, position + 1}
+
+
+def test_record_moved_far_is_found(chain: list[SealedAuditRecord]) -> None:
+    tampered = list(chain)
+    moved = tampered.pop(10)
+    tampered.insert(80, moved)
+    report = verify_chain(tampered, MAC_KEY)
+    assert report.problems
+    assert {p.kind for p in report.problems} == {ProblemKind.REORDERED}
+    assert report.kinds_at(10) == {ProblemKind.REORDERED}
+    assert report.kinds_at(80) == {ProblemKind.REORDERED}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"decision": "refused"},
+        {"reason": "allowed by rule cold"},
+        {"client_id": "someone-else"},
+        {"key_id": None},
+        {"time": "2030-01-01T00:00:00.000Z"},
+        {"seq": 52},
+        {"seq": 7},
+        {"seq": 1000},
+    ],
+)
+def test_altered_record_is_found(
+    chain: list[SealedAuditRecord], changes: dict[str, object]
+) -> None:
+    tampered = list(chain)
+    tampered[50] = altered(chain[50], **changes)
+    report = verify_chain(tampered, MAC_KEY)
+    assert report.kinds_at(50) == {ProblemKind.ALTERED}
+    assert {p.position for p in report.problems} == {50}
+
+
+@pytest.mark.parametrize("field", ["prev_hash", "mac", "hash"])
+def test_altered_digests_are_found(chain: list[SealedAuditRecord], field: str) -> None:
+    tampered = list(chain)
+    value = getattr(chain[50], field)
+    tampered[50] = dataclasses.replace(chain[50], **{field: bytes([value[0] ^ 1]) + value[1:]})
+    report = verify_chain(tampered, MAC_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(50, ProblemKind.ALTERED)]
+
+
+def test_forged_insertion_is_found(chain: list[SealedAuditRecord]) -> None:
+    forged = altered(chain[50], reason="nothing to see here")
+    tampered = [*chain[:51], forged, *chain[51:]]
+    report = verify_chain(tampered, MAC_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(51, ProblemKind.INSERTED)]
+
+
+def test_replayed_record_is_found(chain: list[SealedAuditRecord]) -> None:
+    tampered = [*chain[:60], chain[20], *chain[60:]]
+    report = verify_chain(tampered, MAC_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(60, ProblemKind.INSERTED)]
+
+
+def test_record_from_a_fork_is_found(chain: list[SealedAuditRecord]) -> None:
+    """A genuine record numbered right but chained to another history (the enclave was
+    seeded with an older head) breaks the link."""
+    fork_signer = AuditSigner(MAC_KEY, "node-a", last=chain[29], now=ticking_clock())
+    fork = [seal_one(fork_signer, n) for n in range(5)]
+    tampered = [*chain[:30], *fork[:1], *chain[31:]]
+    report = verify_chain(tampered, MAC_KEY)
+    assert report.kinds_at(30) == set()  # record 31 of the fork follows record 30 correctly
+    assert report.kinds_at(31) == {ProblemKind.BROKEN_LINK}
+
+
+def test_wrong_mac_key_is_found(chain: list[SealedAuditRecord]) -> None:
+    report = verify_chain(chain, OTHER_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(0, ProblemKind.BAD_MAC)]
+    assert "wrong MAC key" in report.problems[0].detail
+
+
+def test_chain_sealed_with_another_key_mixed_in_is_found(chain: list[SealedAuditRecord]) -> None:
+    other = build_chain(100, AuditSigner(OTHER_KEY, "node-a", now=ticking_clock()))
+    tampered = [*chain[:70], *other[70:]]
+    report = verify_chain(tampered, MAC_KEY)
+    assert {p.position for p in report.problems} == set(range(70, 100))
+    assert {p.kind for p in report.problems} == {ProblemKind.ALTERED}
+
+
+def test_rotated_log_verifies_from_its_start(chain: list[SealedAuditRecord]) -> None:
+    assert verify_chain(chain[40:], MAC_KEY, start=chain[39].head).ok
+    assert verify_chain(chain[40:], MAC_KEY, start=None).ok
+    report = verify_chain(chain[40:], MAC_KEY)
+    assert [(p.position, p.kind) for p in report.problems] == [(0, ProblemKind.REMOVED)]
+    assert report.problems[0].detail == "records 1-40 are missing"
+
+
+def test_signer_continues_a_chain_only_from_a_genuine_record(
+    chain: list[SealedAuditRecord],
+) -> None:
+    signer = AuditSigner(MAC_KEY, "node-a", last=chain[-1])
+    assert signer.head == chain[-1].head
+    sealed = seal_one(signer, 100)
+    assert sealed.record.seq == 101 and sealed.prev_hash == chain[-1].hash
+    assert verify_chain([*chain, sealed], MAC_KEY).ok
+    with pytest.raises(IntegrityError, match="does not verify"):
+        AuditSigner(MAC_KEY, "node-a", last=altered(chain[-1], reason="x"))
+    with pytest.raises(IntegrityError, match="does not verify"):
+        AuditSigner(OTHER_KEY, "node-a", last=chain[-1])
+
+
+def test_mac_key_stays_secret() -> None:
+    with pytest.raises(ConfigurationError, match="at least 32 bytes"):
+        AuditSigner(Secret(b"short"), "n")
+    signer = AuditSigner(MAC_KEY, "node-a")
+    assert MAC_KEY.reveal_bytes().hex() not in repr(signer)
+    assert repr(signer) == "AuditSigner(node='node-a', seq=0)"
+
+
+def test_json_lines_round_trip(chain: list[SealedAuditRecord]) -> None:
+    for sealed in chain[:5]:
+        line = sealed.to_json()
+        assert "\n" not in line
+        assert SealedAuditRecord.from_json(line) == sealed
+        assert SealedAuditRecord.from_json(line.encode()) == sealed
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: d.pop("mac"),
+        lambda d: d.update(extra=1),
+        lambda d: d.update(mac="zz"),
+        lambda d: d.update(mac="00"),
+        lambda d: d["record"].pop("seq"),
+        lambda d: d["record"].update(colour="red"),
+        lambda d: d["record"].update(seq="1"),
+        lambda d: d["record"].update(seq=0),
+        lambda d: d["record"].update(decision="maybe"),
+        lambda d: d["record"].update(reason=None),
+        lambda d: d["record"].update(rule=7),
+        lambda d: d.update(record=[]),
+    ],
+)
+def test_malformed_lines_are_integrity_errors(
+    chain: list[SealedAuditRecord], mangle: object
+) -> None:
+    data = json.loads(chain[0].to_json())
+    mangle(data)  # type: ignore[operator]
+    with pytest.raises(IntegrityError):
+        SealedAuditRecord.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize("line", ["", "{", "[]", "null", '"x"', b"\xff"])
+def test_garbage_lines_are_integrity_errors(line: str | bytes) -> None:
+    with pytest.raises(IntegrityError):
+        SealedAuditRecord.from_json(line)
+
+
+def test_record_validation() -> None:
+    fields = dict(
+        seq=1,
+        time="t",
+        node="n",
+        client_id=None,
+        operation="o",
+        key_id=None,
+        chain=None,
+        decision="allowed",
+        rule=None,
+        reason="r",
+        request_sha256=None,
+        result_sha256=None,
+    )
+    assert AuditRecord(**fields).seq == 1  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match="seq"):
+        AuditRecord(**{**fields, "seq": True})  # type: ignore[arg-type]

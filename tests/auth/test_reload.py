@@ -1,0 +1,95 @@
+"""Reloading the clients file: a good file takes effect, a bad one is refused and the old stays."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from signd.auth import ClientsHolder, RequestVerifier, sign_request
+from signd.errors import AccessDenied, ConfigurationError
+from tests.auth.conftest import NOW, FakeClock, ed25519_text
+
+
+@pytest.fixture
+def path(tmp_path: Path, clients_text: str) -> Path:
+    file = tmp_path / "clients.toml"
+    file.write_text(clients_text)
+    return file
+
+
+def newcomer_entry(key: ed25519.Ed25519PrivateKey) -> str:
+    return (
+        '\n[[clients]]\nid = "newcomer"\nscopes = ["sign:hash"]\nkey_labels = ["*"]\n'
+        f'public_key = "{ed25519_text(key)}"\n'
+    )
+
+
+def test_good_reload_takes_effect_for_the_verifier(path: Path, clock: FakeClock) -> None:
+    holder = ClientsHolder.load(path)
+    verifier = RequestVerifier(holder, now=clock)
+    key = ed25519.Ed25519PrivateKey.generate()
+    headers = sign_request("GET", "/v1/keys", b"", "newcomer", key, now=NOW)
+    with pytest.raises(AccessDenied, match="unknown client 'newcomer'"):
+        verifier.verify("GET", "/v1/keys", b"", headers)
+
+    path.write_text(path.read_text() + newcomer_entry(key))
+    registry = holder.reload()
+    assert holder.current is registry
+    assert holder.sha256 == registry.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert verifier.verify("GET", "/v1/keys", b"", headers).client_id == "newcomer"
+    with pytest.raises(AccessDenied, match="replayed request"):
+        verifier.verify("GET", "/v1/keys", b"", headers)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'[[clients]]\nid = "x"\nscopes = ["sign:all"]\nkey_labels = ["*"]\n',
+        b"not = [toml",
+        b"\xff",
+    ],
+    ids=["unknown-scope", "not-toml", "not-utf8"],
+)
+def test_bad_reload_keeps_the_old_registry(
+    path: Path, bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = ClientsHolder.load(path)
+    before, digest = holder.current, holder.sha256
+    path.write_bytes(bad)
+    with caplog.at_level(logging.ERROR), pytest.raises(ConfigurationError):
+        holder.reload()
+    assert holder.current is before
+    assert holder.sha256 == digest
+    assert "clients refused, keeping sha256 " + digest in caplog.text
+
+
+def test_missing_file_on_reload_keeps_the_old_registry(path: Path) -> None:
+    holder = ClientsHolder.load(path)
+    before = holder.current
+    path.unlink()
+    with pytest.raises(ConfigurationError, match="cannot read the clients file"):
+        holder.reload()
+    assert holder.current is before
+
+
+def test_replace_from_bytes_and_no_path(clients_text: str) -> None:
+    holder = ClientsHolder(clients_text.encode())
+    assert len(holder.current) == 3
+    with pytest.raises(ConfigurationError, match="not loaded from a path"):
+        holder.reload()
+    with pytest.raises(ConfigurationError):
+        holder.replace(b"version = 9\n")
+    assert len(holder.current) == 3
+    holder.replace(b"")
+    assert len(holder.current) == 0
+
+
+def test_initial_load_of_a_bad_file_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "clients.toml"
+    bad.write_text("version = 2\n")
+    with pytest.raises(ConfigurationError, match="only version = 1"):
+        ClientsHolder.load(bad)
