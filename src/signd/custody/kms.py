@@ -36,13 +36,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from signd.crypto.secp256k1 import RecoverableSignature, compress_public_key
 from signd.custody.base import (
     AddressDeriver,
-    CustodyBackend,
     KeyInfo,
-    KeyPage,
     check_labels,
     new_key_id,
     utc_now,
 )
+from signd.custody.metadata import MetadataBackedBackend, info_from_record
 from signd.errors import (
     AccessDenied,
     CapacityExceeded,
@@ -134,7 +133,7 @@ def public_key_from_spki(der: bytes) -> bytes:
     return compress_public_key(point)
 
 
-class KmsKeyBackend(CustodyBackend):
+class KmsKeyBackend(MetadataBackedBackend):
     """secp256k1 keys held as asymmetric KMS keys, one per address."""
 
     custody_type = "kms"
@@ -176,7 +175,7 @@ class KmsKeyBackend(CustodyBackend):
                     f"cannot configure the KMS custody client: {type(exc).__name__}"
                 ) from None
         self._client = client
-        self._metadata = metadata
+        super().__init__(metadata)
         self._key_policy = key_policy
 
     def __repr__(self) -> str:
@@ -231,27 +230,10 @@ class KmsKeyBackend(CustodyBackend):
                 details=((DETAIL_KEY_ID, kms_key_id), (DETAIL_KEY_ARN, kms_arn)),
             )
             self._metadata.add([record])
-            created.append(_info(record))
+            created.append(info_from_record(record))
             if progress is not None:
                 progress(len(created))
         return created
-
-    def find_key(self, ref: str) -> KeyInfo | None:
-        record = self._metadata.find(ref, custody=self.custody_type)
-        return None if record is None else _info(record)
-
-    def list_keys(
-        self,
-        *,
-        chain: str | None = None,
-        label: str | None = None,
-        cursor: str | None = None,
-        limit: int = 100,
-    ) -> KeyPage:
-        page = self._metadata.list(
-            custody=self.custody_type, chain=chain, label=label, cursor=cursor, limit=limit
-        )
-        return KeyPage([_info(record) for record in page.records], page.next_cursor)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> bytes | RecoverableSignature:
         kms_key_id = key.details.get(DETAIL_KEY_ID)
@@ -318,16 +300,3 @@ def kms_backend_from_settings(
         except OSError as exc:
             raise ConfigurationError(f"cannot read {policy_file}: {exc.strerror}") from None
     return KmsKeyBackend(metadata, **options)
-
-
-def _info(record: KeyRecord) -> KeyInfo:
-    return KeyInfo(
-        key_id=record.key_id,
-        chain=record.chain,
-        address=record.address,
-        public_key=record.public_key,
-        custody=record.custody,
-        created_at=record.created_at,
-        labels=record.labels,
-        details=dict(record.details),
-    )

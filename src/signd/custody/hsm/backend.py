@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import (
     AddressDeriver,
-    CustodyBackend,
     KeyInfo,
-    KeyPage,
     check_labels,
     new_key_id,
     utc_now,
@@ -30,6 +28,7 @@ from signd.custody.hsm.token import (
     TokenKey,
     decode_ec_point,
 )
+from signd.custody.metadata import MetadataBackedBackend, info_from_record
 from signd.errors import InvalidField, KeyExists, KeyNotFound
 from signd.storage.base import KeyRecord, MetadataStore
 
@@ -45,7 +44,7 @@ __all__ = [
 ]
 
 
-class HsmBackend(CustodyBackend):
+class HsmBackend(MetadataBackedBackend):
     """Keys in a PKCS#11 token (AWS CloudHSM, SoftHSM2, ...), signing through a session pool."""
 
     custody_type = "hsm"
@@ -58,7 +57,7 @@ class HsmBackend(CustodyBackend):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Load the module and log in now: a wrong module, token or PIN fails here."""
-        self._metadata = metadata
+        super().__init__(metadata)
         self._token = HsmToken(settings, clock=clock)
 
     def __repr__(self) -> str:
@@ -94,27 +93,10 @@ class HsmBackend(CustodyBackend):
                 details=token_key_details(made.cka_id, made.label),
             )
             self._metadata.add([record])
-            created.append(_info(record))
+            created.append(info_from_record(record))
             if progress is not None:
                 progress(len(created))
         return created
-
-    def find_key(self, ref: str) -> KeyInfo | None:
-        record = self._metadata.find(ref, custody=self.custody_type)
-        return None if record is None else _info(record)
-
-    def list_keys(
-        self,
-        *,
-        chain: str | None = None,
-        label: str | None = None,
-        cursor: str | None = None,
-        limit: int = 100,
-    ) -> KeyPage:
-        page = self._metadata.list(
-            custody=self.custody_type, chain=chain, label=label, cursor=cursor, limit=limit
-        )
-        return KeyPage([_info(record) for record in page.records], page.next_cursor)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> bytes | RecoverableSignature:
         return self._token.sign(cka_id_of(key), digest)
@@ -168,7 +150,7 @@ class HsmBackend(CustodyBackend):
                 )
             )
         self._metadata.add(records)
-        return [_info(record) for record in records]
+        return [info_from_record(record) for record in records]
 
     def check_health(self) -> None:
         """A token-info and session-info call on a pooled session."""
@@ -185,16 +167,3 @@ def _parse_cka_id(value: bytes | str) -> bytes:
         return bytes.fromhex(value.removeprefix("0x"))
     except ValueError:
         raise InvalidField("CKA_ID must be bytes or hex", field="key_id_attr") from None
-
-
-def _info(record: KeyRecord) -> KeyInfo:
-    return KeyInfo(
-        key_id=record.key_id,
-        chain=record.chain,
-        address=record.address,
-        public_key=record.public_key,
-        custody=record.custody,
-        created_at=record.created_at,
-        labels=record.labels,
-        details=dict(record.details),
-    )
