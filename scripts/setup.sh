@@ -2,7 +2,8 @@
 # Installs what signd needs on a fresh Debian machine with Python 3.11, then leaves a
 # virtualenv in .venv. Usage: scripts/setup.sh [runtime|dev]
 #   runtime: signd and the libraries its default (embedded) configuration uses
-#   dev:     also the system services the tests start (PostgreSQL, SoftHSM2) and test tools
+#   dev:     also the system services the tests start (PostgreSQL, SoftHSM2, Mosquitto)
+#            and test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile="${1:-runtime}"
@@ -17,6 +18,9 @@ need_apt() { dpkg -s "$1" >/dev/null 2>&1 || apt_packages+=("$1"); }
 if [ "$profile" = dev ]; then
   need_apt postgresql
   need_apt softhsm2
+  need_apt wrk
+  need_apt mosquitto
+  command -v npm >/dev/null 2>&1 || need_apt npm
 fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
   echo "setup: installing ${apt_packages[*]} with apt-get" >&2
@@ -31,3 +35,7 @@ fi
 extras="aws,postgres,hsm,demo"
 [ "$profile" = dev ] && extras="$extras,dev"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+if [ "$profile" = dev ] && [ ! -d tests/api/e2e/node_modules ]; then
+  echo "setup: installing the end-to-end test clients (hardhat, ethers) with npm ci" >&2
+  (cd tests/api/e2e && npm ci --silent --no-audit --no-fund)
+fi

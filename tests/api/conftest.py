@@ -16,7 +16,7 @@ with warnings.catch_warnings():  # starlette 1.x prefers httpx2; httpx is what i
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from signd.api import ApiSettings, create_app
+from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
 from signd.config import load_settings
 from signd.crypto.secret import Secret
 from signd.operations import Signer
@@ -48,12 +48,14 @@ def signer(tmp_path: Path) -> Iterator[Signer]:
 
 @pytest.fixture
 def make_client(signer: Signer) -> Iterator[ClientFactory]:
-    """Start apps (lifespan included) over ``signer`` or another one; all stop at teardown."""
+    """Start apps (lifespan included) over ``signer`` or another one; all stop at teardown.
+    Without an ``authenticate`` argument the app runs in the no-authentication test mode."""
     with ExitStack() as stack:
 
         def factory(
             settings: ApiSettings | None = None, *, over: Signer | None = None, **kwargs: Any
         ) -> TestClient:
+            kwargs.setdefault("authenticate", allow_anonymous_for_tests)
             app = create_app(over or signer, settings, **kwargs)
             return stack.enter_context(TestClient(app))
 
@@ -71,3 +73,6 @@ def eth_key(client: TestClient) -> dict[str, Any]:
     assert response.status_code == 201
     key: dict[str, Any] = response.json()["keys"][0]
     return key
+
+
+from tests.gate.support import gated, hot_key  # noqa: E402, F401 - the gated service

@@ -6,6 +6,7 @@ whatever happened in between.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,58 @@ from tests.fixtures.servers import _unavailable, free_port
 E2E_DIR = Path(__file__).parent / "e2e"
 STARTUP_TIMEOUT = 60.0
 
+TEST_TOKEN = "signd-tests-bearer-token"
+AUTH = {"authorization": f"Bearer {TEST_TOKEN}"}
+"""``signd serve`` always authenticates: the processes these tests start register a bearer
+client ``tests`` (every scope, every key) under a policy that allows it everything."""
+
+TEST_CLIENTS = f"""\
+version = 1
+
+[[clients]]
+id = "tests"
+scopes = ["keys:create", "keys:read", "sign:hash", "sign:message", "sign:transaction"]
+key_labels = ["*"]
+token_sha256 = "{hashlib.sha256(TEST_TOKEN.encode()).hexdigest()}"
+"""
+TEST_POLICY = """\
+version = 1
+
+[[rules]]
+name = "tests-everything"
+clients = ["tests"]
+key_labels = ["*"]
+operations = ["keys:create", "sign:transaction", "sign:message"]
+chains = ["ethereum"]
+allow_contract_creation = true
+contract_selectors = ["*"]
+
+[[rules]]
+name = "tests-typed-data"
+clients = ["tests"]
+key_labels = ["*"]
+operations = ["sign:typed_data"]
+chains = ["ethereum"]
+eip712_domains = [{chainId = 1}, {chainId = 5}, {chainId = 31337}, {chainId = 11155111}]
+
+[[rules]]
+name = "tests-blind"
+clients = ["tests"]
+key_labels = ["*"]
+operations = ["sign:hash"]
+chains = ["ethereum"]
+blind_signing = true
+"""
+
+
+def provision_test_client(home: Path) -> None:
+    """The ``tests`` bearer client and its policy in ``home`` (kept when already there)."""
+    home.mkdir(parents=True, exist_ok=True)
+    for name, text in (("clients.toml", TEST_CLIENTS), ("policy.toml", TEST_POLICY)):
+        if not (home / name).exists():
+            (home / name).write_text(text)
+
+
 # `signd serve` as the lead registers it in cli/main.py; registered here too until then.
 SIGND_MAIN = """
 from signd.cli.main import app
@@ -38,9 +91,10 @@ app(prog_name="signd")
 
 
 def rpc_call(url: str, method: str, params: list[Any], timeout: float = 10.0) -> Any:
-    """One JSON-RPC call with the standard library; the whole answer object."""
+    """One JSON-RPC call with the standard library; the whole answer object (with the test
+    client's token, which a plain node ignores)."""
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
-    request = urllib.request.Request(url, body, {"content-type": "application/json"})
+    request = urllib.request.Request(url, body, {"content-type": "application/json", **AUTH})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -86,8 +140,11 @@ class SigndProcess:
 
 
 @contextmanager
-def signd_serve(home: Path, *options: str) -> Iterator[SigndProcess]:
-    """``signd --home HOME serve --port FREE OPTIONS`` until the block ends."""
+def signd_serve(home: Path, *options: str, provision: bool = True) -> Iterator[SigndProcess]:
+    """``signd --home HOME serve --port FREE OPTIONS`` until the block ends; with
+    ``provision``, the ``tests`` bearer client (send :data:`AUTH`) is registered first."""
+    if provision:
+        provision_test_client(home)
     port = free_port()
     log = home / "serve.log"
     env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}

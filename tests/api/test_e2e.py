@@ -19,7 +19,15 @@ import pytest
 from web3 import Web3
 
 from tests.api.conftest import PASSPHRASE, make_home
-from tests.api.processes import E2E_DIR, SigndProcess, hardhat_node, rpc_call, signd_serve
+from tests.api.processes import (
+    AUTH,
+    E2E_DIR,
+    TEST_TOKEN,
+    SigndProcess,
+    hardhat_node,
+    rpc_call,
+    signd_serve,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,7 +51,10 @@ def signd(tmp_path_factory: pytest.TempPathFactory, node_url: str) -> Iterator[S
 
 def new_funded_address(signd: SigndProcess, node_url: str, custody: str) -> str:
     response = httpx.post(
-        f"{signd.url}/v1/keys", json={"chain": "ethereum", "custody": custody}, timeout=30
+        f"{signd.url}/v1/keys",
+        json={"chain": "ethereum", "custody": custody},
+        timeout=30,
+        headers=AUTH,
     )
     assert response.status_code == 201, response.text
     address: str = response.json()["keys"][0]["address"]
@@ -57,7 +68,7 @@ def test_web3_sends_eip1559_and_legacy_transactions_through_signd(
     signd: SigndProcess, node_url: str
 ) -> None:
     address = new_funded_address(signd, node_url, "enclave")
-    w3 = Web3(Web3.HTTPProvider(signd.rpc_url, request_kwargs={"timeout": 30}))
+    w3 = Web3(Web3.HTTPProvider(signd.rpc_url, request_kwargs={"timeout": 30, "headers": AUTH}))
     assert w3.eth.chain_id == 31337
     assert address in w3.eth.accounts
     before = w3.eth.get_balance(RECIPIENT)
@@ -86,7 +97,7 @@ def test_ethers_sends_and_signs_typed_data_through_signd(
     node = shutil.which("node")
     assert node is not None
     result = subprocess.run(
-        [node, str(E2E_DIR / "ethers_client.js"), signd.rpc_url, address, RECIPIENT],
+        [node, str(E2E_DIR / "ethers_client.js"), signd.rpc_url, address, RECIPIENT, TEST_TOKEN],
         cwd=E2E_DIR,
         capture_output=True,
         text=True,
@@ -109,7 +120,7 @@ def test_the_service_logs_one_json_line_per_request(signd: SigndProcess) -> None
     httpx.post(
         signd.rpc_url,
         json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"},
-        headers={"x-request-id": "e2e-rpc"},
+        headers={"x-request-id": "e2e-rpc", **AUTH},
         timeout=10,
     )
     deadline = time.monotonic() + 10  # the line is written just after the answer is sent
@@ -123,4 +134,5 @@ def test_the_service_logs_one_json_line_per_request(signd: SigndProcess) -> None
     assert by_id["e2e-probe"]["path"] == "/healthz" and by_id["e2e-probe"]["status"] == 200
     assert by_id["e2e-rpc"]["rpc_methods"] == ["eth_chainId"]
     assert PASSPHRASE not in text
-    assert "curl -s" in text and f"JSON-RPC URL: {signd.rpc_url}" in text
+    assert TEST_TOKEN not in text
+    assert "every request is authenticated" in text and f"JSON-RPC URL: {signd.rpc_url}" in text

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.routing import Route
 
-from signd.api import ApiSettings, create_app
+from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
 from signd.api.openapi import openapi_document
 from tests.api.conftest import ClientFactory, make_home, open_signer
 
@@ -36,7 +36,7 @@ def test_the_document_is_valid_openapi_3_1() -> None:
 
 def test_the_document_lists_exactly_the_routes_of_the_app(tmp_path: Path) -> None:
     with open_signer(make_home(tmp_path / "home")) as signer:
-        app = create_app(signer)
+        app = create_app(signer, authenticate=allow_anonymous_for_tests)
     served = set()
     for route in app.routes:
         assert isinstance(route, Route)
@@ -65,7 +65,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     home = make_home(tmp_path_factory.mktemp("fuzz") / "home")
     with open_signer(home) as signer:
         signer.create_keys(chain="ethereum", custody="keystore", count=1)
-        app = create_app(signer, FUZZ_SETTINGS)
+        app = create_app(signer, FUZZ_SETTINGS, authenticate=allow_anonymous_for_tests)
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

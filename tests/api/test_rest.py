@@ -13,9 +13,11 @@ import pytest
 from eth_utils import keccak
 from starlette.testclient import TestClient
 
-from signd.api import ApiSettings, Principal, SigningKind
+from signd.api import ApiSettings, Principal, SigningKind, create_app
+from signd.api.service import UngatedSigner
 from signd.custody.base import AddressDeriver, CustodyBackend, KeyInfo, KeyPage
-from signd.errors import AccessDenied, DependencyUnavailable
+from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable
+from signd.gate import Signed, SigningCall
 from signd.operations import Signer
 from tests.api import samples
 from tests.api.conftest import ClientFactory, make_home, open_signer
@@ -342,20 +344,23 @@ def test_unexpected_exceptions_are_500_without_detail(
 
 
 def test_the_gate_and_authenticator_are_consulted(
-    make_client: ClientFactory,
+    make_client: ClientFactory, signer: Signer
 ) -> None:
     seen: list[tuple[str, SigningKind, str]] = []
 
     async def authenticate(request: Any) -> Principal:
         return Principal(request.headers.get("x-client", "nobody"))
 
-    class OnlyAlice:
-        def authorize(self, principal: Principal, kind: SigningKind, key: str) -> None:
-            seen.append((principal.name, kind, key))
+    class OnlyAlice(UngatedSigner):
+        def sign(
+            self, principal: Principal, calls: Sequence[SigningCall]
+        ) -> list[Signed | Exception]:
+            seen.extend((principal.name, call.kind, call.key) for call in calls)
             if principal.name != "alice":
-                raise AccessDenied(f"{principal.name} may not sign")
+                return [AccessDenied(f"{principal.name} may not sign") for _ in calls]
+            return super().sign(principal, calls)
 
-    client = make_client(authenticate=authenticate, gate=OnlyAlice())
+    client = make_client(authenticate=authenticate, gate=OnlyAlice(signer))
     key = client.post("/v1/keys", json=ETH).json()["keys"][0]["address"]
     body = {"key": key, "message": "m"}
     assert client.post(
@@ -367,6 +372,14 @@ def test_the_gate_and_authenticator_are_consulted(
         "access_denied",
     )
     assert seen == [("alice", SigningKind.ETH_MESSAGE, key), ("eve", SigningKind.ETH_MESSAGE, key)]
+
+
+def test_an_authenticated_app_needs_a_gate(signer: Signer) -> None:
+    async def authenticate(request: Any) -> Principal:
+        return Principal("someone")
+
+    with pytest.raises(ConfigurationError, match="needs its gate"):
+        create_app(signer, authenticate=authenticate)
 
 
 # health, readiness, metrics, logs

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import PASSPHRASE, make_home
-from tests.api.processes import SIGND_MAIN, signd_serve
+from tests.api.processes import AUTH, SIGND_MAIN, signd_serve
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +23,23 @@ def test_serve_flags_banner_and_graceful_shutdown(tmp_path: Path) -> None:
     downstream = "http://127.0.0.1:9/v3/very-secret-api-key"
     with signd_serve(home, "--allow-blind-signing", "--downstream", downstream) as server:
         key = httpx.post(
-            f"{server.url}/v1/keys", json={"chain": "ethereum", "custody": "keystore"}, timeout=30
+            f"{server.url}/v1/keys",
+            json={"chain": "ethereum", "custody": "keystore"},
+            timeout=30,
+            headers=AUTH,
         ).json()["keys"][0]
         signed = httpx.post(
-            f"{server.url}/v1/sign/hash", json={"key": key["key_id"], "hash": HASH}, timeout=30
+            f"{server.url}/v1/sign/hash",
+            json={"key": key["key_id"], "hash": HASH},
+            timeout=30,
+            headers=AUTH,
         )
         assert signed.status_code == 200
         down = httpx.post(
             server.rpc_url,
             json={"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber"},
             timeout=30,
+            headers=AUTH,
         )
         assert down.status_code == 200
         assert down.json()["error"]["data"]["code"] == "dependency_unavailable"
@@ -48,15 +55,24 @@ def test_serve_reads_the_api_table_and_refuses_blind_signing_by_default(tmp_path
     home = make_home(tmp_path / "home", extra="\n[api]\nchain_id = 5\nmax_batch = 2\n")
     with signd_serve(home) as server:
         key = httpx.post(
-            f"{server.url}/v1/keys", json={"chain": "ethereum", "custody": "keystore"}, timeout=30
+            f"{server.url}/v1/keys",
+            json={"chain": "ethereum", "custody": "keystore"},
+            timeout=30,
+            headers=AUTH,
         ).json()["keys"][0]
         refused = httpx.post(
-            f"{server.url}/v1/sign/hash", json={"key": key["key_id"], "hash": HASH}, timeout=30
+            f"{server.url}/v1/sign/hash",
+            json={"key": key["key_id"], "hash": HASH},
+            timeout=30,
+            headers=AUTH,
         )
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "blind_signing_disabled"
         chain = httpx.post(
-            server.rpc_url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}, timeout=30
+            server.rpc_url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"},
+            timeout=30,
+            headers=AUTH,
         )
         assert chain.json()["result"] == "0x5"
         document = httpx.get(f"{server.url}/openapi.json", timeout=30).json()

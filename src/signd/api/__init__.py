@@ -5,7 +5,21 @@ and examples are in ``docs/API.md``.
 """
 
 from signd.api.app import create_app
-from signd.api.service import ANONYMOUS, Principal, SigningGate, SigningKind
+from signd.api.service import (
+    ANONYMOUS,
+    Principal,
+    SigningGate,
+    SigningKind,
+    allow_anonymous_for_tests,
+)
 from signd.api.settings import ApiSettings
 
-__all__ = ["ANONYMOUS", "ApiSettings", "Principal", "SigningGate", "SigningKind", "create_app"]
+__all__ = [
+    "ANONYMOUS",
+    "ApiSettings",
+    "Principal",
+    "SigningGate",
+    "SigningKind",
+    "allow_anonymous_for_tests",
+    "create_app",
+]

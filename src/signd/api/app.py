@@ -20,9 +20,14 @@ from signd.api.metrics import ApiMetrics
 from signd.api.middleware import RequestLog
 from signd.api.rest import RestApi, error_response
 from signd.api.rpc import JsonRpcApi
-from signd.api.service import Authenticator, SigningGate, SigningService, anonymous
+from signd.api.service import (
+    Authenticator,
+    SigningGate,
+    SigningService,
+    allow_anonymous_for_tests,
+)
 from signd.api.settings import ApiSettings
-from signd.errors import InvalidRequest, SigndError
+from signd.errors import ConfigurationError, InvalidRequest, SigndError
 from signd.operations import Signer
 
 log = logging.getLogger("signd.api")
@@ -42,16 +47,21 @@ def create_app(
     signer: Signer,
     settings: ApiSettings | None = None,
     *,
-    authenticate: Authenticator = anonymous,
+    authenticate: Authenticator,
     gate: SigningGate | None = None,
     downstream_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """The ASGI app. The caller owns ``signer`` (and closes it after the app has stopped).
 
-    ``authenticate`` turns a request into a principal and ``gate`` is consulted before each
-    signature: the seams for client authentication and policy. ``downstream_transport``
-    replaces the network for the downstream node (tests).
+    ``authenticate`` turns a request into a principal and every key and signing call goes
+    through ``gate``: the seams for client authentication and policy. ``signd serve`` passes
+    the gatekeeper's (:mod:`signd.api.gatekeeping`); unit tests of routes pass
+    ``authenticate=allow_anonymous_for_tests`` and no gate (no policy at all), the only
+    combination allowed without a gate. ``downstream_transport`` replaces the network for
+    the downstream node (tests).
     """
+    if gate is None and authenticate is not allow_anonymous_for_tests:
+        raise ConfigurationError("an authenticated app needs its gate (create_app(gate=...))")
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
     service = SigningService(signer, settings, metrics, gate)

@@ -16,6 +16,9 @@ The API adds a few errors that only exist at the HTTP boundary::
     │   └── PayloadTooLarge             413: the body is over the configured limit
     └── AccessDenied
         └── BlindSigningDisabled        403: raw-hash signing is switched off
+
+and the gate's (:mod:`signd.gate.errors`): ``Unauthenticated`` (401), ``OutOfScope`` and
+``PolicyDenied`` (403, with the ``rule`` in the body and in JSON-RPC ``data``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from signd.errors import (
     SigndError,
     UnsupportedOperation,
 )
+from signd.gate.errors import Unauthenticated
 
 log = logging.getLogger("signd.api")
 
@@ -91,6 +95,7 @@ JSONRPC_CODES: Final[dict[type[SigndError], int]] = {
     UnsupportedOperation: -32009,
     KeyNotFound: -32001,
     KeyExists: -32002,
+    Unauthenticated: -32010,
     AccessDenied: -32003,
     IntegrityError: -32004,
     CapacityExceeded: -32005,
@@ -113,8 +118,9 @@ class WireError:
     def rpc_error(self) -> dict[str, Any]:
         """The JSON-RPC ``error`` member: signd's code (and field) go in ``data``."""
         data = {"code": self.body["code"]}
-        if "field" in self.body:
-            data["field"] = self.body["field"]
+        for name in ("field", "rule"):
+            if name in self.body:
+                data[name] = self.body[name]
         return {"code": self.rpc_code, "message": self.body["message"], "data": data}
 
 

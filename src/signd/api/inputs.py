@@ -27,7 +27,13 @@ def parse_json(data: bytes) -> Any:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all."""
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all.
+
+    Kept on the request once read, so that authentication (which needs the body bytes) and
+    the handler can both read it."""
+    cached = getattr(request.state, "signd_body", None)
+    if isinstance(cached, bytes):
+        return cached
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
@@ -38,7 +44,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    request.state.signd_body = body
+    return body
 
 
 async def read_object(request: Request, limit: int) -> dict[str, Any]:

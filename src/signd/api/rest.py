@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,8 +24,10 @@ from signd.api.service import (
     Authenticator,
     Principal,
     SigningKind,
+    SigningResult,
     SigningService,
 )
+from signd.crypto.secp256k1 import RecoverableSignature
 from signd.errors import InvalidField
 from signd.operations.signer import signature_to_dict
 
@@ -74,20 +75,48 @@ def parse_signing_request(kind: SigningKind, body: Mapping[str, Any]) -> Signing
     return SigningRequest(kind, key, payload)
 
 
+SIGNING_KINDS: Final[Mapping[str, SigningKind]] = {kind.value: kind for kind in SigningKind}
+
+
+def parse_typed_request(item: Mapping[str, Any], where: str = "") -> SigningRequest:
+    """A request that names its kind, ``{"type": ..., <that kind's fields>}``: a batch item or
+    an MQTT message. With ``where``, errors name the place, e.g. ``requests[2].hash``."""
+    prefix = f"{where}." if where else ""
+    kind_name = item.get("type")
+    if not isinstance(kind_name, str) or kind_name not in SIGNING_KINDS:
+        raise InvalidField(
+            f"{prefix}type must be one of {', '.join(SIGNING_KINDS)}", field=f"{prefix}type"
+        )
+    body = {name: value for name, value in item.items() if name != "type"}
+    try:
+        return parse_signing_request(SIGNING_KINDS[kind_name], body)
+    except InvalidField as exc:
+        if not where:
+            raise
+        raise InvalidField(f"{where}: {exc.message}", field=f"{prefix}{exc.field}") from None
+
+
 def parse_batch_item(index: int, item: object) -> SigningRequest:
     """One batch item; its errors name it, e.g. ``requests[2].hash``."""
     where = f"requests[{index}]"
     if not isinstance(item, dict):
         raise InvalidField(f"{where} must be a JSON object", field=where)
-    kinds = {kind.value: kind for kind in SigningKind}
-    kind_name = item.get("type")
-    if not isinstance(kind_name, str) or kind_name not in kinds:
-        raise InvalidField(f"{where}.type must be one of {', '.join(kinds)}", field=f"{where}.type")
-    body = {name: value for name, value in item.items() if name != "type"}
-    try:
-        return parse_signing_request(kinds[kind_name], body)
-    except InvalidField as exc:
-        raise InvalidField(f"{where}: {exc.message}", field=f"{where}.{exc.field}") from None
+    return parse_typed_request(item, where)
+
+
+async def perform_signing(
+    service: SigningService, principal: Principal, request: SigningRequest
+) -> dict[str, Any]:
+    """Perform one validated signing request; the answer's JSON shape depends on its kind.
+    REST, its batches and the MQTT adapter all sign through here."""
+    key, payload = request.key, request.payload
+    if request.kind is SigningKind.HASH:
+        return signature_to_dict(await service.sign_hash(principal, key, payload))
+    if request.kind is SigningKind.ETH_TRANSACTION:
+        return (await service.sign_eth_transaction(principal, key, payload)).to_dict()
+    if request.kind is SigningKind.ETH_MESSAGE:
+        return (await service.sign_eth_message(principal, key, payload)).to_dict()
+    return (await service.sign_eth_typed_data(principal, key, payload)).to_dict()
 
 
 def error_body(exc: BaseException, metrics: ApiMetrics) -> tuple[int, dict[str, str]]:
@@ -199,22 +228,12 @@ class RestApi:
 
     # signatures
 
-    async def sign(self, principal: Principal, request: SigningRequest) -> dict[str, Any]:
-        """Perform one validated signing request; the answer's JSON shape depends on its kind."""
-        service, key, payload = self.service, request.key, request.payload
-        if request.kind is SigningKind.HASH:
-            return signature_to_dict(await service.sign_hash(principal, key, payload))
-        if request.kind is SigningKind.ETH_TRANSACTION:
-            return (await service.sign_eth_transaction(principal, key, payload)).to_dict()
-        if request.kind is SigningKind.ETH_MESSAGE:
-            return (await service.sign_eth_message(principal, key, payload)).to_dict()
-        return (await service.sign_eth_typed_data(principal, key, payload)).to_dict()
-
     async def _sign_endpoint(
         self, request: Request, principal: Principal, kind: SigningKind
     ) -> Response:
         body = await inputs.read_object(request, self.settings.max_body_bytes)
-        return JSONResponse(await self.sign(principal, parse_signing_request(kind, body)))
+        signing = parse_signing_request(kind, body)
+        return JSONResponse(await perform_signing(self.service, principal, signing))
 
     async def sign_hash(self, request: Request, principal: Principal) -> Response:
         return await self._sign_endpoint(request, principal, SigningKind.HASH)
@@ -239,18 +258,17 @@ class RestApi:
                 field="requests",
             )
         parsed = [parse_batch_item(index, item) for index, item in enumerate(items)]
-        results: list[dict[str, Any]] = [{} for _ in parsed]
+        outcomes = await self.service.sign_batch(
+            principal, [(item.kind, item.key, item.payload) for item in parsed]
+        )
+        return JSONResponse({"results": [self._batch_answer(outcome) for outcome in outcomes]})
 
-        async def run(index: int, item: SigningRequest) -> None:
-            try:
-                results[index] = await self.sign(principal, item)
-            except Exception as exc:
-                results[index] = {"error": error_body(exc, self.metrics)[1]}
-
-        async with anyio.create_task_group() as group:
-            for index, item in enumerate(parsed):
-                group.start_soon(run, index, item)
-        return JSONResponse({"results": results})
+    def _batch_answer(self, outcome: SigningResult | Exception) -> dict[str, Any]:
+        if isinstance(outcome, Exception):
+            return {"error": error_body(outcome, self.metrics)[1]}
+        if isinstance(outcome, RecoverableSignature):
+            return signature_to_dict(outcome)
+        return outcome.to_dict()
 
     # operations
 

@@ -1,18 +1,21 @@
 """The service between the wire and :class:`~signd.operations.Signer`.
 
 Every request goes through the same steps: the caller is turned into a :class:`Principal`
-(the authentication seam), the :class:`SigningGate` is consulted (the policy seam), and the
-blocking custody call runs in a bounded thread pool. REST and JSON-RPC share this class, so
-they cannot drift apart.
+(the authentication seam), and every key and signing call goes through the
+:class:`SigningGate` (the authorisation seam), run in a bounded thread pool. REST, JSON-RPC
+and MQTT share this class, so they cannot drift apart.
+
+``signd serve`` plugs the :class:`~signd.gate.Gatekeeper` into both seams
+(:mod:`signd.api.gatekeeping`). Unit tests of routes use :func:`allow_anonymous_for_tests`
+with :class:`UngatedSigner`: no authentication and no policy at all.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -25,17 +28,26 @@ from signd.chains.ethereum import SignedTransaction
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
+from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
 from signd.operations import Signer
 from signd.operations.signer import MessageSignature
 
 T = TypeVar("T")
 
+__all__ = ["SigningKind", "SigningResult"]
+
+BATCH_CHUNK: Final = 100
+"""Batch requests signed per worker call: one thread hop per chunk rather than per request,
+while the chunks of a large batch still run in parallel (libsecp256k1 signs without the GIL)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling. Until client authentication exists, everyone is ``anonymous``."""
+    """Who is calling: ``name`` for logs, and the authenticated :class:`~signd.gate.Caller`
+    when the gatekeeper authenticated the request (``None`` in the no-authentication mode)."""
 
     name: str
+    caller: Caller | None = None
 
 
 ANONYMOUS = Principal("anonymous")
@@ -44,43 +56,101 @@ Authenticator = Callable[[Request], Awaitable[Principal]]
 """Turns a request into its principal, or raises :class:`~signd.errors.AccessDenied`."""
 
 
-async def anonymous(request: Request) -> Principal:
-    """The default authenticator: no authentication, every caller is the same principal."""
+async def allow_anonymous_for_tests(request: Request) -> Principal:
+    """No authentication: every caller is the same principal. For unit tests of routes only;
+    ``signd serve`` always authenticates."""
     return ANONYMOUS
 
 
-class SigningKind(enum.StrEnum):
-    """What a signing request asks for; also the ``type`` of a batch item."""
-
-    HASH = "hash"
-    ETH_TRANSACTION = "ethereum/transaction"
-    ETH_MESSAGE = "ethereum/message"
-    ETH_TYPED_DATA = "ethereum/typed-data"
-
-
 class SigningGate(Protocol):
-    """Consulted before every signature; raises :class:`~signd.errors.AccessDenied` to refuse.
+    """Every key and signing call of the service goes through the gate; it raises
+    :class:`~signd.errors.AccessDenied` (or a subclass) to refuse.
 
-    This is the host side's seam for policy: it sees who asks, for what and with which key
-    (as the caller named it), before any key is looked up.
+    Blocking: the service calls it in its thread pool.
     """
 
-    def authorize(self, principal: Principal, kind: SigningKind, key: str) -> None: ...
+    def create_keys(
+        self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]: ...
+
+    def get_key(self, principal: Principal, ref: str) -> KeyInfo: ...
+
+    def list_keys(
+        self,
+        principal: Principal,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage: ...
+
+    def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+        """Sign ``calls`` in order; each one's result or the error it met."""
+        ...
+
+
+_SIGNER_METHODS: Final[Mapping[SigningKind, Callable[[Signer, KeyInfo, Any], SigningResult]]] = {
+    SigningKind.HASH: Signer.sign_hash,
+    SigningKind.ETH_TRANSACTION: Signer.sign_eth_transaction,
+    SigningKind.ETH_MESSAGE: Signer.sign_eth_message,
+    SigningKind.ETH_TYPED_DATA: Signer.sign_eth_typed_data,
+}
+_NOT_SIGNED: Final = RuntimeError("not signed")
 
 
 @dataclass(frozen=True, slots=True)
-class ServerGate:
-    """The default gate: server-wide switches only. Blind signing is refused unless enabled."""
+class UngatedSigner:
+    """The gate of the no-authentication mode: straight to the signer, no policy, no audit.
+    For unit tests of routes (with :func:`allow_anonymous_for_tests`) and benchmarks."""
 
-    allow_blind_signing: bool = False
+    signer: Signer
 
-    def authorize(self, principal: Principal, kind: SigningKind, key: str) -> None:
-        if kind is SigningKind.HASH and not self.allow_blind_signing:
-            raise BlindSigningDisabled()
+    def create_keys(
+        self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]:
+        return self.signer.create_keys(chain=chain, custody=custody, count=count, labels=labels)
+
+    def get_key(self, principal: Principal, ref: str) -> KeyInfo:
+        return self.signer.get_key(ref)
+
+    def list_keys(
+        self,
+        principal: Principal,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage:
+        return self.signer.list_keys(
+            custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
+        )
+
+    def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+        """Resolves each distinct key once per call."""
+        resolved: dict[str, KeyInfo] = {}
+        outcomes: list[Signed | Exception] = []
+        for call in calls:
+            try:
+                info = resolved.get(call.key)
+                if info is None:
+                    info = resolved[call.key] = self.signer.get_key(call.key)
+                result = _SIGNER_METHODS[call.kind](self.signer, info, call.payload)
+                outcomes.append(Signed(info, result))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 class SigningService:
-    """Keys and signatures for the API, off the event loop and counted in the metrics."""
+    """Keys and signatures for the API, off the event loop and counted in the metrics.
+
+    ``allow_blind_signing`` is a server-wide switch applied here, before the gate: with it
+    off, raw-hash requests are refused whoever asks and whatever the policy says.
+    """
 
     def __init__(
         self,
@@ -92,7 +162,7 @@ class SigningService:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
-        self.gate: SigningGate = gate or ServerGate(settings.allow_blind_signing)
+        self.gate: SigningGate = gate or UngatedSigner(signer)
         self._limiter: anyio.CapacityLimiter | None = None
 
     def reset(self) -> None:
@@ -113,11 +183,16 @@ class SigningService:
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]:
         return await self.run(
-            self.signer.create_keys, chain=chain, custody=custody, count=count, labels=labels
+            self.gate.create_keys,
+            principal,
+            chain=chain,
+            custody=custody,
+            count=count,
+            labels=labels,
         )
 
     async def get_key(self, principal: Principal, ref: str) -> KeyInfo:
-        return await self.run(self.signer.get_key, ref)
+        return await self.run(self.gate.get_key, principal, ref)
 
     async def list_keys(
         self,
@@ -130,7 +205,8 @@ class SigningService:
         limit: int,
     ) -> KeyPage:
         return await self.run(
-            self.signer.list_keys,
+            self.gate.list_keys,
+            principal,
             custody=custody,
             chain=chain,
             label=label,
@@ -140,16 +216,17 @@ class SigningService:
 
     async def ethereum_accounts(self, principal: Principal) -> list[str]:
         """The addresses ``eth_accounts`` lists: configured ones, or keys by label, or all."""
-        return await self.run(self._ethereum_accounts)
+        return await self.run(self._ethereum_accounts, principal)
 
-    def _ethereum_accounts(self) -> list[str]:
+    def _ethereum_accounts(self, principal: Principal) -> list[str]:
         if self.settings.accounts:
-            return [self.signer.get_key(ref).address for ref in self.settings.accounts]
+            return [self.gate.get_key(principal, ref).address for ref in self.settings.accounts]
         addresses: list[str] = []
         for custody in self.signer.custody_types:
             cursor: str | None = None
             while len(addresses) < self.settings.max_accounts:
-                page = self.signer.list_keys(
+                page = self.gate.list_keys(
+                    principal,
                     custody=custody,
                     chain="ethereum",
                     label=self.settings.accounts_label,
@@ -164,54 +241,78 @@ class SigningService:
 
     # signatures
 
-    async def _sign(
-        self, principal: Principal, kind: SigningKind, key: str, sign: Callable[[KeyInfo], T]
-    ) -> T:
-        self.gate.authorize(principal, kind, key)
+    def _check_switches(self, kind: SigningKind) -> None:
+        if kind is SigningKind.HASH and not self.settings.allow_blind_signing:
+            raise BlindSigningDisabled()
 
-        def resolve_and_sign() -> tuple[KeyInfo, T]:
-            info = self.signer.get_key(key)
-            return info, sign(info)
+    def _count(self, outcome: Signed | Exception, kind: SigningKind) -> SigningResult | Exception:
+        if isinstance(outcome, Exception):
+            return outcome
+        self.metrics.signatures.inc(outcome.key.chain, outcome.key.custody, kind.value)
+        return outcome.result
 
-        info, result = await self.run(resolve_and_sign)
-        self.metrics.signatures.inc(info.chain, info.custody, kind.value)
+    async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
+        self._check_switches(kind)
+        [outcome] = await self.run(self.gate.sign, principal, [SigningCall(kind, key, payload)])
+        result = self._count(outcome, kind)
+        if isinstance(result, Exception):
+            raise result
         return result
+
+    async def sign_batch(
+        self, principal: Principal, requests: Sequence[tuple[SigningKind, str, Any]]
+    ) -> list[SigningResult | Exception]:
+        """Sign ``(kind, key, payload)`` requests; in order, each one's result or the error it
+        met. Each is checked as a single request is, then signed through the gate in the
+        thread pool :data:`BATCH_CHUNK` at a time."""
+        outcomes: list[SigningResult | Exception] = [_NOT_SIGNED] * len(requests)
+        allowed: list[int] = []
+        for index, (kind, _, _) in enumerate(requests):
+            try:
+                self._check_switches(kind)
+                allowed.append(index)
+            except Exception as exc:
+                outcomes[index] = exc
+
+        async def sign_chunk(indices: Sequence[int]) -> None:
+            calls = [SigningCall(*requests[index]) for index in indices]
+            signed = await self.run(self.gate.sign, principal, calls)
+            for index, call, outcome in zip(indices, calls, signed, strict=True):
+                outcomes[index] = self._count(outcome, call.kind)
+
+        async with anyio.create_task_group() as group:
+            for start in range(0, len(allowed), BATCH_CHUNK):
+                group.start_soon(sign_chunk, allowed[start : start + BATCH_CHUNK])
+        return outcomes
 
     async def sign_hash(
         self, principal: Principal, key: str, digest: bytes
     ) -> RecoverableSignature:
-        return await self._sign(
-            principal, SigningKind.HASH, key, lambda ref: self.signer.sign_hash(ref, digest)
+        return cast(
+            RecoverableSignature, await self._sign(principal, SigningKind.HASH, key, digest)
         )
 
     async def sign_eth_transaction(
         self, principal: Principal, key: str, transaction: Mapping[str, Any]
     ) -> SignedTransaction:
-        return await self._sign(
-            principal,
-            SigningKind.ETH_TRANSACTION,
-            key,
-            lambda ref: self.signer.sign_eth_transaction(ref, transaction),
+        return cast(
+            SignedTransaction,
+            await self._sign(principal, SigningKind.ETH_TRANSACTION, key, transaction),
         )
 
     async def sign_eth_message(
         self, principal: Principal, key: str, message: bytes
     ) -> MessageSignature:
-        return await self._sign(
-            principal,
-            SigningKind.ETH_MESSAGE,
-            key,
-            lambda ref: self.signer.sign_eth_message(ref, message),
+        return cast(
+            MessageSignature, await self._sign(principal, SigningKind.ETH_MESSAGE, key, message)
         )
 
     async def sign_eth_typed_data(
         self, principal: Principal, key: str, document: Mapping[str, Any]
     ) -> MessageSignature:
-        return await self._sign(
-            principal,
-            SigningKind.ETH_TYPED_DATA,
-            key,
-            lambda ref: self.signer.sign_eth_typed_data(ref, document),
+        return cast(
+            MessageSignature,
+            await self._sign(principal, SigningKind.ETH_TYPED_DATA, key, document),
         )
 
     # health

@@ -9,11 +9,64 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 from signd.errors import ConfigurationError
 
 DEFAULT_PORT = 8645
+MQTT_PORTS: Final = {"mqtts": 8883, "mqtt": 1883}
+MQTT_CLIENT: Final = "{client}"
+"""In ``mqtt_reply_topic``: the request topic's levels matched by the request filter's
+wildcards (``device-7`` for ``signd/requests/device-7`` under ``signd/requests/#``)."""
+_MAX_TOPIC_BYTES: Final = 65535
+
+
+def is_topic_name(topic: object) -> bool:
+    """A topic one may publish to: non-empty UTF-8, no wildcards, no NUL, not ``$``-reserved."""
+    return (
+        isinstance(topic, str)
+        and 0 < len(topic.encode("utf-8", "surrogatepass")) <= _MAX_TOPIC_BYTES
+        and not topic.startswith("$")
+        and not any(char in topic for char in "+#\0")
+    )
+
+
+def topic_filter_levels(topic_filter: str) -> list[str]:
+    """The levels of a subscription filter without a ``$share/<group>/`` prefix; raises
+    :class:`ValueError` when the filter is not valid."""
+    levels = topic_filter.split("/")
+    if levels[0] == "$share":
+        if len(levels) < 3 or not levels[1] or any(char in levels[1] for char in "+#"):
+            raise ValueError("a shared subscription is $share/<group>/<filter>")
+        levels = levels[2:]
+    if not topic_filter or "\0" in topic_filter or levels[0].startswith("$"):
+        raise ValueError("not a topic filter")
+    for index, level in enumerate(levels):
+        if ("+" in level or "#" in level) and level not in ("+", "#"):
+            raise ValueError("a wildcard must be a whole topic level")
+        if level == "#" and index != len(levels) - 1:
+            raise ValueError("# must be the last topic level")
+    return levels
+
+
+def wildcard_levels(topic_filter: str, topic: str) -> str | None:
+    """The levels of ``topic`` that the filter's wildcards match, joined with ``/``
+    (``""`` when there are none); ``None`` when the filter does not match the topic."""
+    levels = topic.split("/")
+    filter_levels = topic_filter_levels(topic_filter)
+    matched: list[str] = []
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            matched.extend(levels[index:])
+            return "/".join(matched)
+        if index >= len(levels):
+            return None
+        if level == "+":
+            matched.append(levels[index])
+        elif level != levels[index]:
+            return None
+    return "/".join(matched) if len(levels) == len(filter_levels) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +97,37 @@ class ApiSettings:
     """With no ``accounts``: list Ethereum keys with this label (all of them when unset)."""
     max_accounts: int = 1000
     """Most addresses ``eth_accounts`` lists when it lists keys by label or all of them."""
+    mqtt: str | None = None
+    """An MQTT broker to take signing requests from: ``mqtts://host[:8883]``, or
+    ``mqtt://host[:1883]`` (no TLS) only with ``mqtt_allow_plaintext``."""
+    mqtt_ca: str | None = None
+    """PEM file of the CA(s) that sign the broker's certificate; the system's when unset."""
+    mqtt_cert: str | None = None
+    """PEM file of signd's client certificate (with ``mqtt_key``)."""
+    mqtt_key: str | None = None
+    """PEM file of the client certificate's private key (not encrypted)."""
+    mqtt_allow_plaintext: bool = False
+    """Allow ``mqtt://``: requests and signatures in the clear. Tests only."""
+    mqtt_request_topic: str = "signd/requests/#"
+    """The filter signd subscribes to (``$share/<group>/...`` spreads requests over nodes)."""
+    mqtt_reply_topic: str = "signd/replies/" + MQTT_CLIENT
+    """Where answers go when a request names no reply topic."""
+    mqtt_client_id: str = ""
+    """signd's MQTT client id; empty: the broker assigns one."""
+    mqtt_max_pending: int = 64
+    """Most MQTT requests being handled at once; more are answered ``too_many_requests``."""
+    mqtt_keepalive: int = 30
+    """Seconds between MQTT keep-alive pings."""
+    mqtt_reconnect_min: int = 1
+    """Seconds before the first reconnection attempt; doubled on each failure."""
+    mqtt_reconnect_max: int = 60
+    """Longest wait between reconnection attempts."""
+    clients_file: str | None = None
+    """The registered clients (TOML); ``{home}/clients.toml`` when unset."""
+    policy_file: str | None = None
+    """The signing policy (TOML); ``{home}/policy.toml`` when unset."""
+    audit_log: str | None = None
+    """The sealed audit records (JSON lines); ``{home}/audit.log`` when unset."""
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_batch", "max_keys_per_request", "signing_threads"):
@@ -62,6 +146,73 @@ class ApiSettings:
             raise ConfigurationError("api.chain_id must be an integer", field="api")
         if not isinstance(self.allow_blind_signing, bool):
             raise ConfigurationError("api.allow_blind_signing must be true or false", field="api")
+        for name in ("clients_file", "policy_file", "audit_log"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigurationError(f"api.{name} must be a file path", field="api")
+        if self.mqtt is not None:
+            self._check_mqtt()
+
+    def _check_mqtt(self) -> None:
+        def refuse(message: str) -> ConfigurationError:
+            return ConfigurationError(f"api.{message}", field="api")
+
+        for name in ("mqtt_max_pending", "mqtt_keepalive", "mqtt_reconnect_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise refuse(f"{name} must be a positive integer")
+        if (
+            isinstance(self.mqtt_reconnect_max, bool)
+            or not isinstance(self.mqtt_reconnect_max, int)
+            or self.mqtt_reconnect_max < self.mqtt_reconnect_min
+        ):
+            raise refuse("mqtt_reconnect_max must be an integer >= mqtt_reconnect_min")
+        if not isinstance(self.mqtt_allow_plaintext, bool):
+            raise refuse("mqtt_allow_plaintext must be true or false")
+        if not self.mqtt_address()[2] and (self.mqtt_cert or self.mqtt_ca):
+            raise refuse("mqtt_ca and mqtt_cert need an mqtts:// broker")
+        if (self.mqtt_cert is None) != (self.mqtt_key is None):
+            raise refuse("mqtt_cert and mqtt_key go together")
+        for name in ("mqtt_ca", "mqtt_cert", "mqtt_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise refuse(f"{name} must be a file path")
+        if not isinstance(self.mqtt_client_id, str) or len(self.mqtt_client_id) > 128:
+            raise refuse("mqtt_client_id must be a string of at most 128 characters")
+        try:
+            topic_filter_levels(self.mqtt_request_topic)
+        except (TypeError, ValueError, AttributeError):
+            raise refuse("mqtt_request_topic is not a valid topic filter") from None
+        reply = self.mqtt_reply_topic
+        sample = reply.replace(MQTT_CLIENT, "client") if isinstance(reply, str) else None
+        if not is_topic_name(sample) or "{" in str(sample) or "}" in str(sample):
+            raise refuse("mqtt_reply_topic must be a topic name, with {client} at most")
+        assert sample is not None
+        if wildcard_levels(self.mqtt_request_topic, sample) is not None:
+            raise refuse("mqtt_reply_topic must not match mqtt_request_topic")
+
+    def mqtt_address(self) -> tuple[str, int, bool]:
+        """The broker's host, port and whether to use TLS, from :attr:`mqtt`."""
+
+        def refuse(message: str) -> ConfigurationError:
+            return ConfigurationError(f"api.mqtt {message}", field="api")
+
+        if not isinstance(self.mqtt, str):
+            raise refuse("is not set")
+        try:
+            parts = urlsplit(self.mqtt)
+            port = parts.port
+        except ValueError:
+            raise refuse("is not a valid URL") from None
+        if parts.scheme not in MQTT_PORTS or not parts.hostname:
+            raise refuse("must be mqtts://host[:port] (or mqtt:// for tests)")
+        if parts.username is not None or parts.password is not None:
+            raise refuse("must not hold credentials: signd authenticates with mqtt_cert")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise refuse("must be mqtts://host[:port], without a path")
+        if parts.scheme == "mqtt" and not self.mqtt_allow_plaintext:
+            raise refuse("is plaintext (mqtt://); use mqtts:// or set mqtt_allow_plaintext")
+        return parts.hostname, port or MQTT_PORTS[parts.scheme], parts.scheme == "mqtts"
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], **overrides: Any) -> ApiSettings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -24,6 +24,10 @@ class AuditLog(Protocol):
 
     def append(self, sealed: SealedAuditRecord) -> None:
         """Store ``sealed`` durably; refuse one that does not extend the chain."""
+        ...
+
+    def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
+        """Store consecutive records with one durable write; all or none are accepted."""
         ...
 
     def last_hash(self) -> bytes:
@@ -79,18 +83,24 @@ class FileAuditLog:
         return self._last
 
     def append(self, sealed: SealedAuditRecord) -> None:
-        line = (sealed.to_json() + "\n").encode("ascii")
+        self.append_many([sealed])
+
+    def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
+        if not sealed:
+            return
         with self._lock:
             head = self.head
-            if sealed.prev_hash != head.hash or sealed.record.seq != head.seq + 1:
-                raise IntegrityError(
-                    f"audit record {sealed.record.seq} does not extend the log "
-                    f"(last record is {head.seq})"
-                )
-            self._file.write(line)
+            for record in sealed:
+                if record.prev_hash != head.hash or record.record.seq != head.seq + 1:
+                    raise IntegrityError(
+                        f"audit record {record.record.seq} does not extend the log "
+                        f"(last record is {head.seq})"
+                    )
+                head = record.head
+            self._file.write(b"".join((r.to_json() + "\n").encode("ascii") for r in sealed))
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._last = sealed
+            self._last = sealed[-1]
 
     def records(self) -> Iterator[SealedAuditRecord]:
         with open(self.path, "rb") as lines:

@@ -1,4 +1,9 @@
-"""Per-invocation state shared by the commands: settings and the lazily built signer."""
+"""Per-invocation state shared by the commands: settings and the lazily built signer.
+
+With ``--url`` (or ``SIGND_URL``) the signer is a :class:`~signd.client.RemoteSigner`: the
+key and sign commands go through the running service, signed as ``--client-id`` with
+``--client-key``, and no custody is opened here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from signd.config import Settings, load_settings
+from signd.errors import ConfigurationError
 from signd.operations import Signer
 from signd.operations.backends import build_signer
 
@@ -13,6 +19,9 @@ from signd.operations.backends import build_signer
 @dataclass
 class CliState:
     home: Path | None = None
+    url: str | None = None
+    client_id: str | None = None
+    client_key: Path | None = None
     _signer: Signer | None = field(default=None, repr=False)
 
     @property
@@ -22,8 +31,18 @@ class CliState:
     @property
     def signer(self) -> Signer:
         if self._signer is None:
-            self._signer = build_signer(self.settings)
+            self._signer = self._remote() if self.url is not None else build_signer(self.settings)
         return self._signer
+
+    def _remote(self) -> Signer:
+        from signd.client import RemoteSigner, SigndClient
+
+        assert self.url is not None
+        if not self.client_id or self.client_key is None:
+            raise ConfigurationError(
+                "--url needs --client-id and --client-key (or SIGND_CLIENT_ID, SIGND_CLIENT_KEY)"
+            )
+        return RemoteSigner(SigndClient(self.url, self.client_id, self.client_key))
 
     def close(self) -> None:
         if self._signer is not None:

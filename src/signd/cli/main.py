@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from signd.chains.ethereum.transactions import decode_transaction
+from signd.cli.audit import audit_app
 from signd.cli.context import state
 from signd.cli.kms import kms_app
 from signd.cli.output import emit, handles_errors, stderr, stdout
@@ -39,6 +40,7 @@ app.add_typer(enclave_app, name="enclave")
 app.add_typer(config_app, name="config")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(kms_app)
+app.add_typer(audit_app, name="audit")
 app.command("serve")(serve)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
@@ -56,9 +58,28 @@ def main(
         Path | None,
         typer.Option("--home", envvar="SIGND_HOME", help="Data directory (default ~/.signd)."),
     ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            envvar="SIGND_URL",
+            help="A running signd serve: keys new/list/show and sign go through it.",
+        ),
+    ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option("--client-id", envvar="SIGND_CLIENT_ID", help="Client id for --url."),
+    ] = None,
+    client_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--client-key", envvar="SIGND_CLIENT_KEY", help="PEM request-signing key for --url."
+        ),
+    ] = None,
 ) -> None:
     """signd: a signing machine for exchange and custody wallets."""
     state.home = home
+    state.url, state.client_id, state.client_key = url, client_id, client_key
 
 
 def _parse_hex(value: str, *, field: str, size: int | None = None) -> bytes:

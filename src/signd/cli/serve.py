@@ -1,9 +1,15 @@
-"""``signd serve``: the REST API and Ethereum JSON-RPC over HTTP, with uvicorn.
+"""``signd serve``: the REST API and Ethereum JSON-RPC over HTTP, with uvicorn; with
+``--mqtt``, also signing requests from an MQTT broker (over TLS).
 
 Embedded defaults: the local enclave process (started on first use), SQLite metadata and
 filesystem blobs under the home folder, the keystore passphrase from
 ``SIGND_KEYSTORE_PASSPHRASE``, a file, or a prompt at start-up. Settings come from the
 ``[api]`` table of ``signd.toml``; the options here override it.
+
+Every request is authenticated and every key and signing call passes the
+:class:`~signd.gate.Gatekeeper` (clients file, policy, audit log). On first run with the
+default paths, a development client and policy are written (and announced loudly). SIGHUP
+reloads the clients and policy files; a bad file is refused and the one in force stays.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import signal
 import sys
 import traceback
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import typer
@@ -23,7 +29,20 @@ from signd.cli.context import state
 from signd.cli.output import handles_errors, stderr
 from signd.errors import DependencyUnavailable
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import uvicorn
+
+    from signd.api.mqtt import MqttAdapter
+    from signd.api.settings import ApiSettings
+    from signd.config import Settings
+    from signd.gate import DevDefaults, Gatekeeper
+    from signd.operations import Signer
+
 ACCESS_LOGGER = "signd.api.access"
+STARTUP_FAILURE = 3
+"""The exit status when the server could not start (uvicorn's)."""
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -61,23 +80,119 @@ def _without_secrets(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-def _banner(host: str, port: int, downstream: str | None, blind: bool) -> None:
+def _banner(host: str, port: int, settings: ApiSettings, gatekeeper: Gatekeeper) -> None:
     base = f"http://{host}:{port}"
+    downstream, blind = settings.downstream, settings.allow_blind_signing
+    clients, policy = gatekeeper.clients, gatekeeper.policy
+    assert clients is not None
+    assert policy is not None
     lines = [
         f"signd serving on {base}  (REST under /v1, Ethereum JSON-RPC at / and /rpc)",
-        f"  curl -s {base}/v1/keys?custody=keystore",
-        f"  curl -s -X POST {base}/v1/keys -H 'content-type: application/json'"
-        ' -d \'{"chain": "ethereum", "custody": "keystore"}\'',
-        f"  JSON-RPC URL: {base}/rpc   e.g. Web3(Web3.HTTPProvider('{base}/rpc'))",
+        "  every request is authenticated (request signature or bearer token) and checked",
+        f"  clients: {clients.path} (sha256 {clients.sha256})",
+        f"  policy:  {policy.path} (sha256 {policy.sha256})   reload: kill -HUP <pid>",
+        f"  JSON-RPC URL: {base}/rpc (bearer-token clients: Authorization: Bearer <token>)",
         f"  API description: {base}/openapi.json   health: {base}/readyz",
         f"  downstream node: {_without_secrets(downstream) if downstream else 'none'}",
-        f"  blind signing (POST /v1/sign/hash): {'ENABLED' if blind else 'disabled'}",
+        f"  blind signing (POST /v1/sign/hash): {'ENABLED' if blind else 'disabled'}"
+        " on this server; the policy decides per client",
     ]
+    if settings.mqtt is not None:
+        lines.insert(
+            5,
+            f"  MQTT broker: {_without_secrets(settings.mqtt)}, requests on "
+            f"{settings.mqtt_request_topic}, replies on {settings.mqtt_reply_topic}",
+        )
     stderr.print("\n".join(lines), markup=False, highlight=False)
+
+
+def dev_client_usage(base: str, client_id: str, key: Path, *, created: bool) -> str:
+    """How to call signd as the development client: the CLI and Python (curl cannot sign)."""
+    from signd.gate.setup import DEV_CHAIN_IDS
+
+    chain_ids = ", ".join(str(c) for c in DEV_CHAIN_IDS)
+    rule = "!" * 78
+    return "\n".join(
+        [
+            rule,
+            "!! DEVELOPMENT CLIENT AND POLICY"
+            + (" (written now, on first run)" if created else " in use"),
+            f"!! client {client_id!r} may do EVERYTHING on chain ids {chain_ids},",
+            "!! and BLIND SIGNING (raw hashes) IS ON for it. Not for production:",
+            "!! replace clients.toml and policy.toml (docs/POLICY.md), then kill -HUP signd.",
+            rule,
+            f"  private key: {key} (0600)",
+            "  curl cannot call signd: each request carries a signature over its method, path,",
+            "  body, time and a nonce. Use the CLI or the Python client:",
+            f"    signd --url {base} --client-id {client_id} --client-key {key} keys new",
+            f"    export SIGND_URL={base} SIGND_CLIENT_ID={client_id} SIGND_CLIENT_KEY={key}",
+            "    signd keys list; signd sign eth-message --key 0x... --text hello",
+            "  Python:",
+            "    from signd.client import SigndClient",
+            f"    client = SigndClient({base!r}, {client_id!r}, {str(key)!r})",
+            '    key = client.create_keys(chain="ethereum", custody="keystore")[0]',
+            '    client.sign_eth_message(key.address, b"hello")',
+        ]
+    )
+
+
+def open_gate(
+    settings: Settings, api_settings: ApiSettings, signer: Signer
+) -> tuple[Gatekeeper, DevDefaults | None]:
+    """The gatekeeper over ``signer``, writing the development defaults on first run; and
+    what was written (``None`` when nothing was)."""
+    from signd.gate import GatePaths, open_gatekeeper, write_dev_defaults
+
+    paths = GatePaths.under(
+        settings.home,
+        clients_file=api_settings.clients_file,
+        policy_file=api_settings.policy_file,
+        audit_log=api_settings.audit_log,
+    )
+    created = None
+    if api_settings.clients_file is None and api_settings.policy_file is None:
+        created = write_dev_defaults(settings.home, paths)
+    return open_gatekeeper(signer, paths), created
+
+
+def _reload_on_sighup(gatekeeper: Gatekeeper) -> None:
+    log = logging.getLogger("signd.serve")
+
+    def reload(signum: int, frame: object) -> None:
+        problems = gatekeeper.reload()
+        if problems:
+            log.error("reload refused, the files in force stay: %s", "; ".join(problems))
+        else:
+            log.info("reloaded the clients and policy files")
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def _after_shutdown(signum: int, frame: object) -> None:
     """Ignore the signal uvicorn raises again once it has shut down."""
+
+
+def _server(config: uvicorn.Config, adapter: MqttAdapter | None) -> uvicorn.Server:
+    """uvicorn's server; with an MQTT adapter, one that runs it between start-up (the app's
+    lifespan has started) and shutdown (it stops taking requests when uvicorn is told to
+    exit, answers those in hand, then HTTP shuts down)."""
+    import anyio
+    import uvicorn
+
+    if adapter is None:
+        return uvicorn.Server(config)
+    mqtt_adapter = adapter
+
+    class ServerWithMqtt(uvicorn.Server):
+        async def main_loop(self) -> None:
+            async with anyio.create_task_group() as group:
+                group.start_soon(mqtt_adapter.run)
+                try:
+                    await super().main_loop()
+                finally:
+                    mqtt_adapter.stop()
+
+    return ServerWithMqtt(config)
 
 
 @handles_errors
@@ -92,21 +207,54 @@ def serve(
         bool,
         typer.Option("--allow-blind-signing", help="Serve POST /v1/sign/hash (raw-hash signing)."),
     ] = False,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(help="MQTT broker, mqtts://host:port: also take signing requests from it."),
+    ] = None,
+    mqtt_ca: Annotated[
+        str | None, typer.Option(help="PEM file of the CA that signs the broker's certificate.")
+    ] = None,
+    mqtt_cert: Annotated[
+        str | None, typer.Option(help="PEM file of signd's MQTT client certificate.")
+    ] = None,
+    mqtt_key: Annotated[
+        str | None, typer.Option(help="PEM file of the client certificate's private key.")
+    ] = None,
+    mqtt_request_topic: Annotated[
+        str | None, typer.Option(help="Topic filter of requests [default: signd/requests/#].")
+    ] = None,
+    mqtt_allow_plaintext: Annotated[
+        bool,
+        typer.Option("--mqtt-allow-plaintext", help="Allow mqtt:// without TLS (tests only)."),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the REST API and Ethereum JSON-RPC service until SIGINT or SIGTERM."""
+    """Run the REST API and Ethereum JSON-RPC service (and the MQTT adapter with --mqtt)
+    until SIGINT or SIGTERM."""
     import uvicorn
 
     from signd.api import ApiSettings, create_app
+    from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+    from signd.errors import UnsupportedOperation
+    from signd.gate.setup import DEV_CLIENT_ID, DEV_CLIENT_KEY
 
+    if state.url is not None:
+        raise UnsupportedOperation("signd serve opens custody itself; drop --url / SIGND_URL")
     configure_logging(log_level)
     settings = state.settings
     api_settings = ApiSettings.from_mapping(
         settings.section("api"),
         downstream=downstream,
         allow_blind_signing=True if allow_blind_signing else None,
+        mqtt=mqtt,
+        mqtt_ca=mqtt_ca,
+        mqtt_cert=mqtt_cert,
+        mqtt_key=mqtt_key,
+        mqtt_request_topic=mqtt_request_topic,
+        mqtt_allow_plaintext=True if mqtt_allow_plaintext else None,
     )
     signer = state.signer
+    gatekeeper = None
     try:
         for custody in signer.custody_types:
             try:
@@ -115,14 +263,31 @@ def serve(
                 logging.getLogger("signd.serve").warning(
                     "custody %s is unavailable (%s); /readyz will say so", custody, exc.message
                 )
-        app = create_app(signer, api_settings)
-        _banner(host, port, api_settings.downstream, api_settings.allow_blind_signing)
+        gatekeeper, created = open_gate(settings, api_settings, signer)
+        authenticate = gatekeeper_authenticator(gatekeeper, api_settings)
+        app = create_app(
+            signer, api_settings, authenticate=authenticate, gate=GatekeeperGate(gatekeeper)
+        )
+        adapter = None
+        if api_settings.mqtt is not None:
+            from signd.api.mqtt import MqttAdapter
+
+            adapter = MqttAdapter(app.state.service, authenticate)
+        _banner(host, port, api_settings, gatekeeper)
+        dev_key = settings.home / DEV_CLIENT_KEY
+        assert gatekeeper.clients is not None
+        if dev_key.exists() and DEV_CLIENT_ID in gatekeeper.clients.current:
+            usage = dev_client_usage(
+                f"http://{host}:{port}", DEV_CLIENT_ID, dev_key, created=created is not None
+            )
+            stderr.print(usage, markup=False, highlight=False)
+        _reload_on_sighup(gatekeeper)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with
         # the handlers it found; these make that a no-op, so that the signer is closed below
         # (the local enclave stopped, cached secrets dropped) and the exit status is 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _after_shutdown)
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
             host=host,
             port=port,
@@ -131,5 +296,11 @@ def serve(
             server_header=False,
             timeout_graceful_shutdown=10,
         )
+        server = _server(config, adapter)
+        server.run()
+        if not server.started:
+            sys.exit(STARTUP_FAILURE)
     finally:
+        if gatekeeper is not None:
+            gatekeeper.close()
         state.close()

@@ -85,6 +85,8 @@ class Rule:
     max_value_per_window: int | None = None
     window_seconds: int = DEFAULT_WINDOW_SECONDS
     contract_selectors: frozenset[bytes] = frozenset()
+    any_contract_call: bool = False
+    """``contract_selectors = ["*"]``: calls with any data are allowed."""
     allow_contract_creation: bool = False
     eip712_domains: tuple[DomainPattern, ...] = ()
     blind_signing: bool = False
@@ -127,7 +129,7 @@ class Rule:
                 and intent.to not in self.to_allowlist
             ):
                 return f"destination {to_checksum_address(intent.to)} is not in to_allowlist"
-            if intent.has_data:
+            if intent.has_data and not self.any_contract_call:
                 if not self.contract_selectors:
                     return "contract calls are not allowed (no contract_selectors)"
                 if intent.data_selector is None:
@@ -235,7 +237,11 @@ def _build_rule(name: str, entry: Mapping[str, Any]) -> Rule:
     to_allowlist = None
     if "to_allowlist" in entry:
         to_allowlist = frozenset(parse_address(a) for a in _strings(entry, "to_allowlist"))
-    selectors = frozenset(parse_selector(s) for s in _strings(entry, "contract_selectors"))
+    selector_texts = _strings(entry, "contract_selectors")
+    any_call = ANY in selector_texts
+    if any_call and len(selector_texts) > 1:
+        raise ConfigurationError("contract_selectors ['*'] cannot be mixed with selectors")
+    selectors = frozenset(parse_selector(s) for s in selector_texts if s != ANY)
     domains = tuple(_domain(d) for d in _tables(entry, "eip712_domains"))
 
     max_per_tx = _amount(entry, "max_value_per_tx")
@@ -265,6 +271,7 @@ def _build_rule(name: str, entry: Mapping[str, Any]) -> Rule:
         max_value_per_window=max_per_window,
         window_seconds=window,
         contract_selectors=selectors,
+        any_contract_call=any_call,
         allow_contract_creation=creation,
         eip712_domains=domains,
         blind_signing=blind,

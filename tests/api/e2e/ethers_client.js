@@ -1,12 +1,14 @@
 // ethers.js v6 using signd as its node: send a transaction with provider.getSigner(address),
 // sign EIP-712 typed data and an EIP-191 message, verify both locally, print one JSON line.
-// Usage: node ethers_client.js SIGND_RPC_URL ADDRESS RECIPIENT
+// Usage: node ethers_client.js SIGND_RPC_URL ADDRESS RECIPIENT BEARER_TOKEN
 "use strict";
 const { ethers } = require("ethers");
 
 async function main() {
-  const [url, address, recipient] = process.argv.slice(2);
-  const provider = new ethers.JsonRpcProvider(url);
+  const [url, address, recipient, token] = process.argv.slice(2);
+  const request = new ethers.FetchRequest(url);
+  request.setHeader("Authorization", `Bearer ${token}`);
+  const provider = new ethers.JsonRpcProvider(request);
   try {
     const signer = await provider.getSigner(address);
     const tx = await signer.sendTransaction({ to: recipient, value: ethers.parseEther("0.25") });

@@ -1,0 +1,100 @@
+"""The :class:`~signd.gate.Gatekeeper` in the API's two seams.
+
+- :func:`gatekeeper_authenticator` — the ``authenticate`` seam: the request as received
+  (method, target with its query, raw body, auth headers) goes to
+  :meth:`~signd.gate.Gatekeeper.authenticate`; an MQTT message arrives here as
+  ``POST /mqtt/<topic>`` with the auth headers from its user properties or ``auth`` object.
+- :class:`GatekeeperGate` — the ``gate`` seam: keys and signatures go through the gatekeeper
+  with the authenticated caller.
+
+Only the auth headers are handed over (``Authorization`` and ``X-Signd-*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anyio.to_thread
+from starlette.requests import Request
+
+from signd.api import inputs
+from signd.api.service import Authenticator, Principal
+from signd.api.settings import ApiSettings
+from signd.custody.base import KeyInfo, KeyPage
+from signd.gate import Caller, Gatekeeper, GateRequest, Signed, SigningCall, Unauthenticated
+
+AUTH_HEADER_PREFIX = "x-signd-"
+
+
+def request_target(request: Request) -> str:
+    """The path with its query string, exactly as sent (what a request signature covers)."""
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else request.url.path
+    query = request.scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def auth_headers(request: Request) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in request.headers.items()
+        if name == "authorization" or name.startswith(AUTH_HEADER_PREFIX)
+    }
+
+
+def gatekeeper_authenticator(gatekeeper: Gatekeeper, settings: ApiSettings) -> Authenticator:
+    """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413."""
+
+    async def authenticate(request: Request) -> Principal:
+        body = await inputs.read_body(request, settings.max_body_bytes)
+        received = GateRequest(request.method, request_target(request), body, auth_headers(request))
+        caller = await anyio.to_thread.run_sync(gatekeeper.authenticate, received)
+        return Principal(caller.client_id, caller)
+
+    return authenticate
+
+
+@dataclass(frozen=True, slots=True)
+class GatekeeperGate:
+    """The ``gate`` seam over ``gatekeeper``: refuses a principal it did not authenticate."""
+
+    gatekeeper: Gatekeeper
+
+    @staticmethod
+    def _caller(principal: Principal) -> Caller:
+        if principal.caller is None:
+            raise Unauthenticated("the request was not authenticated")
+        return principal.caller
+
+    def create_keys(
+        self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]:
+        return self.gatekeeper.create_keys(
+            self._caller(principal), chain=chain, custody=custody, count=count, labels=labels
+        )
+
+    def get_key(self, principal: Principal, ref: str) -> KeyInfo:
+        return self.gatekeeper.get_key(self._caller(principal), ref)
+
+    def list_keys(
+        self,
+        principal: Principal,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage:
+        return self.gatekeeper.list_keys(
+            self._caller(principal),
+            custody=custody,
+            chain=chain,
+            label=label,
+            cursor=cursor,
+            limit=limit,
+        )
+
+    def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+        return self.gatekeeper.sign(self._caller(principal), calls)

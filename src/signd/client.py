@@ -1,0 +1,340 @@
+"""A small client for a running ``signd serve``: every request signed (scheme v1).
+
+    from signd.client import SigndClient
+
+    with SigndClient("http://127.0.0.1:8645", "dev", "~/.signd/dev-client.key") as client:
+        key = client.create_keys(chain="ethereum", custody="keystore")[0]
+        signed = client.sign_eth_transaction(key.address, {...})
+
+The private key file is a PEM (PKCS#8) Ed25519 or P-256 key; or pass ``token=`` for a
+bearer-token client. Errors come back as the :class:`~signd.errors.SigndError` subclass the
+server named (``PolicyDenied`` carries the ``rule``); an unreachable server is
+:class:`~signd.errors.DependencyUnavailable`.
+
+:class:`RemoteSigner` offers the :class:`~signd.operations.Signer` methods the CLI uses, over
+a client, so ``signd --url`` runs the same commands against the service.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from signd.auth.request_signing import PrivateKey, sign_request
+from signd.chains.ethereum.transactions import SignedTransaction, decode_transaction
+from signd.crypto.secp256k1 import RecoverableSignature
+from signd.custody.base import CustodyBackend, KeyInfo, KeyPage
+from signd.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    InvalidField,
+    SigndError,
+    UnsupportedOperation,
+)
+from signd.gate.errors import PolicyDenied
+from signd.operations import Signer
+from signd.operations.signer import MessageSignature
+
+MAX_KEYS_PER_REQUEST: Final = 1000
+
+
+def load_request_key(path: str | Path) -> PrivateKey:
+    """A request-signing private key from a PEM file (Ed25519 or P-256, unencrypted)."""
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the client key {path}: {exc.strerror}") from None
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise ConfigurationError(f"{path} is neither an Ed25519 nor a P-256 key")
+    return key
+
+
+def _error_classes() -> dict[str, type[SigndError]]:
+    found: dict[str, type[SigndError]] = {}
+    pending: list[type[SigndError]] = [SigndError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_from(response: httpx.Response) -> SigndError:
+    """The error a signd answer names, as its class (generic when the code is unknown)."""
+    try:
+        body = response.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        return SigndError(f"signd answered HTTP {response.status_code}")
+    field = body.get("field")
+    if code == PolicyDenied.code:
+        return PolicyDenied(message, rule=body.get("rule"))
+    cls = _error_classes().get(code)
+    if cls is None:
+        return SigndError(f"{code}: {message}", field=field)
+    error = cls.__new__(cls)
+    SigndError.__init__(error, message, field=field)
+    return error
+
+
+def key_from_dict(data: Mapping[str, Any]) -> KeyInfo:
+    """A ``KeyInfo`` from its JSON shape."""
+    return KeyInfo(
+        key_id=data["key_id"],
+        chain=data["chain"],
+        address=data["address"],
+        public_key=bytes.fromhex(data["public_key"].removeprefix("0x")),
+        custody=data["custody"],
+        created_at=datetime.fromisoformat(data["created_at"]),
+        labels=tuple(data.get("labels", ())),
+        details=dict(data.get("details", {})),
+    )
+
+
+def _signature(data: Mapping[str, Any]) -> RecoverableSignature:
+    return RecoverableSignature(int(data["r"], 16), int(data["s"], 16), int(data["recovery_id"]))
+
+
+def _message_signature(data: Mapping[str, Any]) -> MessageSignature:
+    raw = bytes.fromhex(data["signature"].removeprefix("0x"))
+    recoverable = RecoverableSignature(int(data["r"], 16), int(data["s"], 16), raw[64] - 27)
+    return MessageSignature(raw, recoverable)
+
+
+class SigndClient:
+    """Signed requests to every REST route of a running ``signd serve``."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str | None = None,
+        private_key_path: str | Path | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if (private_key_path is None) == (token is None) or (
+            private_key_path is not None and not client_id
+        ):
+            raise ConfigurationError("give a client id and its private key file, or a bearer token")
+        self.url = url.rstrip("/")
+        self.client_id = client_id
+        self._key = None if private_key_path is None else load_request_key(private_key_path)
+        self._token = token
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+
+    def __repr__(self) -> str:
+        return f"SigndClient(url={self.url!r}, client_id={self.client_id!r})"
+
+    def __enter__(self) -> SigndClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        signed: bool = True,
+    ) -> httpx.Response:
+        """One request, signed over exactly the bytes and target sent; errors raised."""
+        content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        query = {name: value for name, value in (params or {}).items() if value is not None}
+        request = self._http.build_request(
+            method, path, content=content, params=query or None, headers=headers
+        )
+        if signed:
+            if self._token is not None:
+                request.headers["authorization"] = f"Bearer {self._token}"
+            else:
+                assert self._key is not None
+                assert self.client_id is not None
+                target = request.url.raw_path.decode("ascii")
+                request.headers.update(
+                    sign_request(method, target, content, self.client_id, self._key)
+                )
+        try:
+            response = self._http.send(request)
+        except httpx.HTTPError as exc:
+            raise DependencyUnavailable(
+                f"cannot reach signd at {self.url}: {type(exc).__name__}"
+            ) from None
+        if response.status_code >= 400:
+            raise error_from(response)
+        return response
+
+    def _json(self, method: str, path: str, **options: Any) -> Any:
+        return self.request(method, path, **options).json()
+
+    # keys
+
+    def create_keys(
+        self, *, chain: str, custody: str, count: int = 1, labels: Sequence[str] = ()
+    ) -> list[KeyInfo]:
+        body = {"chain": chain, "custody": custody, "count": count, "labels": list(labels)}
+        return [key_from_dict(k) for k in self._json("POST", "/v1/keys", body=body)["keys"]]
+
+    def list_keys(
+        self,
+        *,
+        custody: str = "keystore",
+        chain: str | None = None,
+        label: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> KeyPage:
+        params = {"custody": custody, "chain": chain, "label": label, "cursor": cursor}
+        answer = self._json("GET", "/v1/keys", params=params | {"limit": limit})
+        return KeyPage([key_from_dict(k) for k in answer["keys"]], answer["next_cursor"])
+
+    def get_key(self, ref: str) -> KeyInfo:
+        return key_from_dict(self._json("GET", f"/v1/keys/{ref}"))
+
+    # signatures
+
+    def sign_hash(self, key: str, digest: bytes) -> RecoverableSignature:
+        body = {"key": key, "hash": "0x" + digest.hex()}
+        return _signature(self._json("POST", "/v1/sign/hash", body=body))
+
+    def sign_eth_transaction(self, key: str, transaction: Mapping[str, Any]) -> SignedTransaction:
+        body = {"key": key, "transaction": dict(transaction)}
+        answer = self._json("POST", "/v1/sign/ethereum/transaction", body=body)
+        return decode_transaction(bytes.fromhex(answer["raw_transaction"].removeprefix("0x")))
+
+    def sign_eth_message(self, key: str, message: bytes | str) -> MessageSignature:
+        shown: Any = message if isinstance(message, str) else {"hex": "0x" + message.hex()}
+        answer = self._json(
+            "POST", "/v1/sign/ethereum/message", body={"key": key, "message": shown}
+        )
+        return _message_signature(answer)
+
+    def sign_eth_typed_data(self, key: str, document: Mapping[str, Any]) -> MessageSignature:
+        body = {"key": key, "typed_data": dict(document)}
+        return _message_signature(self._json("POST", "/v1/sign/ethereum/typed-data", body=body))
+
+    def sign_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Batch items as JSON (``{"type", ...}``); each answer as JSON, result or error."""
+        answer = self._json("POST", "/v1/sign/batch", body={"requests": list(requests)})
+        results: list[dict[str, Any]] = answer["results"]
+        return results
+
+    # operations
+
+    def healthz(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self._json("GET", "/healthz", signed=False)
+        return answer
+
+    def readyz(self) -> dict[str, Any]:
+        response = self._http.get("/readyz")
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics", signed=False).text
+
+    def openapi(self) -> dict[str, Any]:
+        answer: dict[str, Any] = self._json("GET", "/openapi.json", signed=False)
+        return answer
+
+
+class RemoteSigner(Signer):
+    """The :class:`~signd.operations.Signer` operations the CLI's key and sign commands use,
+    performed by a running service. Custody is not opened here: :meth:`backend` and
+    :meth:`resolve` (key import, export, HSM adoption) are refused."""
+
+    def __init__(self, client: SigndClient) -> None:
+        super().__init__({})
+        self.client = client
+
+    def backend(self, custody: str) -> CustodyBackend:
+        raise UnsupportedOperation(
+            f"with --url only keys new/list/show and sign go to {self.client.url}; "
+            "this command needs local custody"
+        )
+
+    def resolve(self, ref: str | KeyInfo) -> tuple[CustodyBackend, KeyInfo]:
+        raise self._local_only()
+
+    def _local_only(self) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            f"with --url only keys new/list/show and sign go to {self.client.url}"
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    def create_keys(
+        self,
+        *,
+        chain: str,
+        custody: str,
+        count: int = 1,
+        labels: Sequence[str] = (),
+        progress: Callable[[int], None] | None = None,
+    ) -> list[KeyInfo]:
+        keys: list[KeyInfo] = []
+        for start in range(0, count, MAX_KEYS_PER_REQUEST):
+            size = min(MAX_KEYS_PER_REQUEST, count - start)
+            keys += self.client.create_keys(chain=chain, custody=custody, count=size, labels=labels)
+            if progress is not None:
+                progress(len(keys))
+        return keys
+
+    def get_key(self, ref: str | KeyInfo) -> KeyInfo:
+        return self.client.get_key(_ref(ref))
+
+    def list_keys(
+        self,
+        *,
+        custody: str,
+        chain: str | None = None,
+        label: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> KeyPage:
+        return self.client.list_keys(
+            custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
+        )
+
+    def sign_hash(self, ref: str | KeyInfo, digest: bytes) -> RecoverableSignature:
+        return self.client.sign_hash(_ref(ref), digest)
+
+    def sign_eth_transaction(
+        self, ref: str | KeyInfo, transaction: Mapping[str, Any]
+    ) -> SignedTransaction:
+        return self.client.sign_eth_transaction(_ref(ref), transaction)
+
+    def sign_eth_message(self, ref: str | KeyInfo, message: bytes) -> MessageSignature:
+        return self.client.sign_eth_message(_ref(ref), message)
+
+    def sign_eth_typed_data(
+        self, ref: str | KeyInfo, document: Mapping[str, Any]
+    ) -> MessageSignature:
+        return self.client.sign_eth_typed_data(_ref(ref), document)
+
+
+def _ref(ref: str | KeyInfo) -> str:
+    if isinstance(ref, KeyInfo):
+        return ref.key_id
+    if not isinstance(ref, str) or not ref:
+        raise InvalidField("key must be a key id or an address", field="key")
+    return ref

@@ -1,0 +1,34 @@
+"""The gate's refusals, each an :class:`~signd.errors.AccessDenied` with its own code::
+
+AccessDenied
+├── Unauthenticated     401: no credentials, or a bad, expired or replayed request signature
+├── OutOfScope          403: the client lacks the scope, or may not use the key's labels
+└── PolicyDenied        403: the policy refused; ``rule`` names the rule (None: none covers)
+"""
+
+from __future__ import annotations
+
+from signd.errors import AccessDenied
+
+
+class Unauthenticated(AccessDenied):
+    code = "unauthenticated"
+    http_status = 401
+
+
+class OutOfScope(AccessDenied):
+    code = "out_of_scope"
+
+
+class PolicyDenied(AccessDenied):
+    code = "policy_denied"
+
+    def __init__(self, message: str, *, rule: str | None) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+    def to_dict(self) -> dict[str, str]:
+        body = super().to_dict()
+        if self.rule is not None:
+            body["rule"] = self.rule
+        return body

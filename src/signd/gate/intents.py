@@ -1,0 +1,108 @@
+"""From a request to what will be signed: the digest, the facts the policy judges, and how
+the signature becomes the answer.
+
+Everything the policy sees comes from decoding the request here (the transaction that will
+be hashed, the typed data's domain), never from what a caller says it contains; the digest
+signed is the one computed from that same decoded object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from signd.chains.ethereum.messages import personal_message_digest, to_eth_signature
+from signd.chains.ethereum.transactions import SignedTransaction, parse_transaction
+from signd.chains.ethereum.typed_data import typed_data_digest
+from signd.crypto.secp256k1 import RecoverableSignature, check_digest
+from signd.custody.base import KeyInfo
+from signd.errors import InvalidField
+from signd.gate.operations import SigningKind, SigningResult
+from signd.operations.signer import MessageSignature
+from signd.policy import Operation
+
+SELECTOR_SIZE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A decoded request: the operation and facts for the policy, the digest to sign, and
+    ``assemble`` to turn the signature over exactly that digest into the result."""
+
+    operation: Operation
+    digest: bytes
+    assemble: Callable[[RecoverableSignature], SigningResult]
+    facts: dict[str, Any] = field(default_factory=dict)
+    """``SigningIntent`` keywords: chain_id, to, value, has_data, data_selector, eip712_domain."""
+
+
+def prepare(kind: SigningKind, payload: Any, key: KeyInfo) -> Prepared:
+    """Decode ``payload`` for signing with ``key``; malformed input raises a 4xx error."""
+    if kind is SigningKind.HASH:
+        return Prepared(Operation.SIGN_HASH, check_digest(payload), _identity)
+    if key.chain != "ethereum":
+        raise InvalidField(f"key {key.key_id} is a {key.chain} key", field="key")
+    if kind is SigningKind.ETH_TRANSACTION:
+        return _transaction(payload, key)
+    if kind is SigningKind.ETH_MESSAGE:
+        return Prepared(Operation.SIGN_MESSAGE, personal_message_digest(payload), _message)
+    return _typed_data(payload)
+
+
+def result_bytes(result: SigningResult) -> bytes:
+    """What the caller receives, as bytes: for the audit record's ``result_sha256``."""
+    if isinstance(result, SignedTransaction):
+        return result.raw
+    if isinstance(result, MessageSignature):
+        return result.signature
+    return result.to_bytes()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _identity(signature: RecoverableSignature) -> SigningResult:
+    return signature
+
+
+def _message(signature: RecoverableSignature) -> SigningResult:
+    return MessageSignature(to_eth_signature(signature), signature)
+
+
+def _transaction(payload: Mapping[str, Any], key: KeyInfo) -> Prepared:
+    unsigned = parse_transaction(payload)
+    sender = unsigned.from_address
+    if sender is not None and sender.lower() != key.address.lower():
+        raise InvalidField(f"from {sender} is not the address of key {key.key_id}", field="from")
+    data = unsigned.data
+    facts = {
+        "chain_id": unsigned.chain_id,
+        "to": unsigned.to,
+        "value": unsigned.value,
+        "has_data": bool(data),
+        "data_selector": data[:SELECTOR_SIZE] if len(data) >= SELECTOR_SIZE else None,
+    }
+    return Prepared(Operation.SIGN_TRANSACTION, unsigned.signing_digest(), unsigned.assemble, facts)
+
+
+def _typed_data(document: Mapping[str, Any]) -> Prepared:
+    digest = typed_data_digest(document)  # validates the whole document, domain included
+    domain = dict(document["domain"])
+    facts = {"chain_id": _domain_chain_id(domain.get("chainId")), "eip712_domain": domain}
+    return Prepared(Operation.SIGN_TYPED_DATA, digest, _message, facts)
+
+
+def _domain_chain_id(value: object) -> int | None:
+    """The domain's ``chainId`` as EIP-712 encodes it (integer, decimal or 0x text)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        try:
+            number = int(value, 16) if value[:2].lower() == "0x" else int(value)
+        except ValueError:
+            return None
+        return number if number >= 0 else None
+    return None

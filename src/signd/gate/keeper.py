@@ -1,0 +1,368 @@
+"""The :class:`Gatekeeper`: the deny-by-default chain every key and signing request passes.
+
+For each request: authenticate (request signature or bearer token) → scope and key labels →
+decode what will be signed and build the :class:`~signd.policy.SigningIntent` from it →
+:meth:`~signd.policy.PolicyEngine.check` → sign exactly the approved digest →
+:meth:`~signd.policy.PolicyEngine.commit` the spend → seal an audit record (refusals too)
+and append it before the result is returned.
+
+It knows nothing of HTTP: a request is a :class:`GateRequest` (method, path, raw body, auth
+headers), so the same object can run inside the enclave process, where the host hands it
+the request as received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn, TypeVar
+
+from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
+from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE
+from signd.chains import address_deriver
+from signd.crypto.secp256k1 import RecoverableSignature
+from signd.custody.base import KeyInfo, KeyPage, check_labels
+from signd.errors import AccessDenied, ConfigurationError, SigndError
+from signd.gate.audit import AuditEntry, AuditTrail
+from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.intents import prepare, result_bytes, sha256_hex
+from signd.gate.operations import Signed, SigningCall, SigningKind
+from signd.operations import Signer
+from signd.policy import Operation, PolicyEngine, PolicyHolder, SigningIntent
+
+log = logging.getLogger("signd.gate")
+
+T = TypeVar("T")
+
+SCOPE_OF: Mapping[SigningKind, Scope] = {
+    SigningKind.HASH: Scope.SIGN_HASH,
+    SigningKind.ETH_TRANSACTION: Scope.SIGN_TRANSACTION,
+    SigningKind.ETH_MESSAGE: Scope.SIGN_MESSAGE,
+    SigningKind.ETH_TYPED_DATA: Scope.SIGN_MESSAGE,
+}
+"""The client scope each kind of signature needs (typed data is a message)."""
+
+OPERATION_OF: Mapping[SigningKind, Operation] = {
+    SigningKind.HASH: Operation.SIGN_HASH,
+    SigningKind.ETH_TRANSACTION: Operation.SIGN_TRANSACTION,
+    SigningKind.ETH_MESSAGE: Operation.SIGN_MESSAGE,
+    SigningKind.ETH_TYPED_DATA: Operation.SIGN_TYPED_DATA,
+}
+AUTHENTICATE = "authenticate"
+"""The audit ``operation`` of a request refused before its caller was known."""
+BEARER = "bearer "
+MAX_SHOWN_PATH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class GateRequest:
+    """A request as received: what its signature covers, and its auth headers."""
+
+    method: str
+    path: str
+    """The request target with its query string, exactly as sent."""
+    body: bytes = field(repr=False)
+    headers: Mapping[str, str] = field(repr=False)
+    """Auth headers (names in any case); never logged."""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated request: who sent it, and the digest of what was sent."""
+
+    principal: Principal
+    request_sha256: str
+
+    @property
+    def client_id(self) -> str:
+        return self.principal.client_id
+
+
+class Gatekeeper:
+    """Authenticates, authorises, signs and audits; thread-safe, blocking.
+
+    ``clients`` and ``policy`` are the holders the verifier and engine read, kept here so
+    that :meth:`reload` can re-read their files.
+    """
+
+    def __init__(
+        self,
+        signer: Signer,
+        verifier: RequestVerifier,
+        engine: PolicyEngine,
+        audit: AuditTrail,
+        *,
+        clients: ClientsHolder | None = None,
+        policy: PolicyHolder | None = None,
+    ) -> None:
+        self.signer = signer
+        self.verifier = verifier
+        self.engine = engine
+        self.audit = audit
+        self.clients = clients
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
+
+    def close(self) -> None:
+        """Close the audit log (the signer belongs to the caller)."""
+        self.audit.close()
+
+    # configuration
+
+    def reload(self) -> list[str]:
+        """Re-read the clients and policy files; a bad file is refused (and logged) and the
+        one in force stays. The problems, one line each (empty when both loaded)."""
+        problems = []
+        for holder in (self.clients, self.policy):
+            if holder is None:
+                continue
+            try:
+                holder.reload()
+            except ConfigurationError as exc:
+                problems.append(f"{holder.kind}: {exc.message}")
+        return problems
+
+    # authentication
+
+    def authenticate(self, request: GateRequest) -> Caller:
+        """The caller, or :class:`Unauthenticated` (audited as refused)."""
+        try:
+            principal = self._identify(request)
+        except AccessDenied as exc:
+            shown = request.path[:MAX_SHOWN_PATH]
+            self.audit.write(
+                [
+                    {
+                        "operation": AUTHENTICATE,
+                        "decision": "refused",
+                        "reason": f"{request.method} {shown}: {exc.message}",
+                        "request_sha256": request.sha256,
+                    }
+                ]
+            )
+            raise Unauthenticated(exc.message) from None
+        return Caller(principal, request.sha256)
+
+    def _identify(self, request: GateRequest) -> Principal:
+        authorization = request.header("authorization")
+        signed = request.header(HEADER_SIGNATURE) is not None
+        if authorization is not None:
+            if signed:
+                raise AccessDenied("give a request signature or a bearer token, not both")
+            if authorization[: len(BEARER)].lower() != BEARER:
+                raise AccessDenied("the Authorization header must be 'Bearer <token>'")
+            return self.verifier.verify_bearer(authorization[len(BEARER) :].strip())
+        if not signed and request.header(HEADER_CLIENT) is None:
+            raise AccessDenied("no credentials: sign the request (X-Signd-*) or send a token")
+        return self.verifier.verify(request.method, request.path, request.body, request.headers)
+
+    # keys
+
+    def create_keys(
+        self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]:
+        """``keys:create``: the client's scope and labels, then the policy, then custody.
+        (Creating a key moves no value, so there is no spend to commit.)"""
+        base = self._entry(caller, Operation.KEYS_CREATE, chain=chain)
+        wanted = check_labels(labels)
+        address_deriver(chain)  # an unknown chain is a bad request, not a policy question
+        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_CREATE))
+        if not caller.principal.may_label(wanted):
+            self._refuse(
+                base,
+                OutOfScope(
+                    f"client {caller.client_id!r} may not create keys labelled {list(wanted)}"
+                ),
+            )
+        intent = SigningIntent(caller.client_id, "", wanted, chain, Operation.KEYS_CREATE)
+        decision = self.engine.check(intent)
+        if decision.refused:
+            self._refuse(base, PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
+        keys = self._guard(
+            base,
+            lambda: self.signer.create_keys(
+                chain=chain, custody=custody, count=count, labels=wanted
+            ),
+            decision.rule,
+        )
+        self.audit.write(
+            [
+                base
+                | {
+                    "decision": "allowed",
+                    "reason": decision.reason,
+                    "rule": decision.rule,
+                    "key_id": key.key_id,
+                    "result_sha256": sha256_hex(key.public_key),
+                }
+                for key in keys
+            ]
+        )
+        return keys
+
+    def get_key(self, caller: Caller, ref: str) -> KeyInfo:
+        """``keys:read``, and only a key the client may use."""
+        base = self._entry(caller, Scope.KEYS_READ)
+        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_READ))
+        info = self.signer.get_key(ref)
+        if not caller.principal.may_use(info.labels):
+            self._refuse(base | _key_fields(info), self._labels_refusal(caller, info))
+        return info
+
+    def list_keys(
+        self,
+        caller: Caller,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage:
+        """``keys:read``; a client restricted to some labels sees only keys with one of them
+        (so a page may hold fewer than ``limit`` keys while ``next_cursor`` goes on)."""
+        base = self._entry(caller, Scope.KEYS_READ)
+        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_READ))
+        page = self.signer.list_keys(
+            custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
+        )
+        keys = [key for key in page.keys if caller.principal.may_use(key.labels)]
+        return KeyPage(keys, page.next_cursor)
+
+    # signatures
+
+    def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+        """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.
+
+        The audit records of all of them are appended with one durable write before any
+        result is returned; if that write fails, every result is withheld (the error takes
+        its place).
+        """
+        entries: list[AuditEntry] = []
+        keys: dict[str, KeyInfo | SigndError] = {}
+        outcomes: list[Signed | Exception] = []
+        for call in calls:
+            try:
+                outcomes.append(self._sign_one(caller, call, keys, entries))
+            except Exception as exc:
+                outcomes.append(exc)
+        try:
+            self.audit.write(entries)
+        except Exception as exc:
+            return [exc for _ in outcomes]
+        return outcomes
+
+    def _sign_one(
+        self,
+        caller: Caller,
+        call: SigningCall,
+        keys: dict[str, KeyInfo | SigndError],
+        entries: list[AuditEntry],
+    ) -> Signed:
+        principal = caller.principal
+        base = self._entry(caller, OPERATION_OF[call.kind])
+
+        def refuse(error: SigndError, rule: str | None = None) -> SigndError:
+            entries.append(base | {"decision": "refused", "reason": error.message, "rule": rule})
+            return error
+
+        scope = SCOPE_OF[call.kind]
+        if not principal.has_scope(scope):
+            raise refuse(OutOfScope(f"client {principal.client_id!r} lacks scope {scope}"))
+        info = keys.get(call.key)
+        if info is None:
+            try:
+                info = keys[call.key] = self.signer.get_key(call.key)
+            except SigndError as exc:
+                keys[call.key] = exc
+                raise refuse(exc) from None
+        if isinstance(info, SigndError):
+            raise refuse(info)
+        base |= _key_fields(info)
+        if not principal.may_use(info.labels):
+            raise refuse(self._labels_refusal(caller, info))
+        try:
+            prepared = prepare(call.kind, call.payload, info)
+            intent = SigningIntent(
+                principal.client_id,
+                info.key_id,
+                info.labels,
+                info.chain,
+                prepared.operation,
+                **prepared.facts,
+            )
+        except SigndError as exc:
+            raise refuse(exc) from None
+        decision = self.engine.check(intent)
+        if decision.refused:
+            raise refuse(PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
+        try:
+            signature: RecoverableSignature = self.signer.backend(info.custody).sign_digest(
+                info, prepared.digest
+            )
+            result = prepared.assemble(signature)
+            self.engine.commit(decision, intent)
+        except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
+            raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
+        except SigndError as exc:
+            raise refuse(exc, decision.rule) from None
+        entries.append(
+            base
+            | {
+                "decision": "allowed",
+                "reason": decision.reason,
+                "rule": decision.rule,
+                "result_sha256": sha256_hex(result_bytes(result)),
+            }
+        )
+        return Signed(info, result)
+
+    # helpers
+
+    @staticmethod
+    def _entry(caller: Caller, operation: str, *, chain: str | None = None) -> AuditEntry:
+        return {
+            "operation": str(operation),
+            "client_id": caller.client_id,
+            "chain": chain,
+            "request_sha256": caller.request_sha256,
+        }
+
+    @staticmethod
+    def _require(principal: Principal, scope: Scope) -> None:
+        if not principal.has_scope(scope):
+            raise OutOfScope(f"client {principal.client_id!r} lacks scope {scope}")
+
+    @staticmethod
+    def _labels_refusal(caller: Caller, info: KeyInfo) -> OutOfScope:
+        return OutOfScope(
+            f"client {caller.client_id!r} may not use key {info.key_id} "
+            f"(labels {list(info.labels)})"
+        )
+
+    def _refuse(self, entry: AuditEntry, error: SigndError, rule: str | None = None) -> NoReturn:
+        self.audit.write([entry | {"decision": "refused", "reason": error.message, "rule": rule}])
+        raise error
+
+    def _guard(self, entry: AuditEntry, action: Callable[[], T], rule: str | None = None) -> T:
+        """Run ``action``; a refusal or failure is audited (as refused) and raised."""
+        try:
+            return action()
+        except SigndError as exc:
+            self._refuse(entry, exc, rule)
+
+
+def _key_fields(info: KeyInfo) -> AuditEntry:
+    return {"key_id": info.key_id, "chain": info.chain}

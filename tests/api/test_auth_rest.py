@@ -1,0 +1,231 @@
+"""Authentication, scope, policy and audit over REST and JSON-RPC, through the gatekeeper."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from signd.auth import sign_request
+from tests.api import samples
+from tests.gate.support import OTHER, TOKEN, TRANSFER, Gated, transaction
+
+SIGN_TX = "/v1/sign/ethereum/transaction"
+
+
+def refused(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code
+    return error
+
+
+def body(key: dict[str, Any], **options: Any) -> dict[str, Any]:
+    return {"key": key["address"], "transaction": transaction(**options)}
+
+
+def test_an_allowed_transaction_is_signed_and_audited(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    response = gated.signed("POST", SIGN_TX, body(hot_key))
+    assert response.status_code == 200, response.text
+    raw = response.json()["raw_transaction"]
+    assert samples.transaction_signer(raw) == hot_key["address"]
+    record = gated.last()
+    assert record["decision"] == "allowed"
+    assert (record["client_id"], record["rule"], record["key_id"]) == (
+        "alice",
+        "hot-eth",
+        hot_key["key_id"],
+    )
+    assert record["operation"] == "sign:transaction"
+    assert record["result_sha256"] == samples_sha256(raw)
+
+
+def samples_sha256(raw_hex: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(bytes.fromhex(raw_hex.removeprefix("0x"))).hexdigest()
+
+
+def test_unsigned_wrongly_signed_expired_and_replayed_requests_get_401_and_are_audited(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    payload = body(hot_key)
+    before = len(gated.records())
+    unsigned = gated.client.post(SIGN_TX, json=payload)
+    wrong_key = gated.signed("POST", SIGN_TX, payload, key=gated.reader)
+    expired = gated.signed("POST", SIGN_TX, payload, now=time.time() - 3600)
+    content = __import__("json").dumps(payload).encode()
+    headers = sign_request("POST", SIGN_TX, content, "alice", gated.alice)
+    first = gated.signed("POST", SIGN_TX, payload, headers=headers)
+    replayed = gated.signed("POST", SIGN_TX, payload, headers=headers)
+    tampered = gated.client.post(
+        SIGN_TX,
+        content=content.replace(b"0x3535", b"0x3636"),
+        headers={**headers, "content-type": "application/json"},
+    )
+
+    assert first.status_code == 200
+    messages = [
+        refused(r, 401, "unauthenticated")["message"]
+        for r in (unsigned, wrong_key, expired, replayed, tampered)
+    ]
+    assert "no credentials" in messages[0]
+    assert "does not verify" in messages[1]
+    assert "stale timestamp" in messages[2]
+    assert "replayed" in messages[3]
+    assert "does not verify" in messages[4]
+    records = [r.record for r in gated.records()[before:]]
+    refusals = [r for r in records if r.decision == "refused"]
+    assert len(refusals) == 5
+    assert all(r.operation == "authenticate" and r.client_id is None for r in refusals)
+    assert all(SIGN_TX in r.reason for r in refusals)
+
+
+def test_out_of_scope_and_foreign_labels_get_403_and_are_audited(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    by_reader = gated.signed("POST", SIGN_TX, body(hot_key), as_client="reader")
+    error = refused(by_reader, 403, "out_of_scope")
+    assert "lacks scope sign:transaction" in error["message"]
+    assert gated.last()["decision"] == "refused"
+    assert gated.last()["client_id"] == "reader"
+
+    cold = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": "keystore", "labels": ["cold"]}
+    )
+    assert "may not create keys labelled ['cold']" in refused(cold, 403, "out_of_scope")["message"]
+    assert gated.last()["operation"] == "keys:create"
+    assert gated.last()["decision"] == "refused"
+
+    unlabelled = gated.signer.create_keys(chain="ethereum", custody="keystore")[0]
+    foreign = gated.signed(
+        "POST", SIGN_TX, {"key": unlabelled.address, "transaction": transaction()}
+    )
+    assert "may not use key" in refused(foreign, 403, "out_of_scope")["message"]
+    assert gated.last()["key_id"] == unlabelled.key_id
+
+
+def test_policy_refusals_name_the_rule(gated: Gated, hot_key: dict[str, Any]) -> None:
+    cases = {
+        "chain id 5 is not in chain_ids": body(hot_key, chain_id=5),
+        f"destination {OTHER} is not in to_allowlist": body(hot_key, to=OTHER),
+        "exceeds max_value_per_tx": body(hot_key, value=2 * 10**18),
+        "selector 0x095ea7b3 is not in contract_selectors": body(
+            hot_key, data="0x095ea7b3" + "00" * 64
+        ),
+        "contract creation is not allowed": body(hot_key, to=None, data="0x6000"),
+    }
+    for reason, request in cases.items():
+        error = refused(gated.signed("POST", SIGN_TX, request), 403, "policy_denied")
+        assert error["rule"] == "hot-eth"
+        assert reason in error["message"]
+        record = gated.last()
+        assert (record["decision"], record["rule"]) == ("refused", "hot-eth")
+        assert reason in record["reason"]
+    allowed = gated.signed("POST", SIGN_TX, body(hot_key, data=TRANSFER + "00" * 64))
+    assert allowed.status_code == 200
+
+
+def test_the_spend_window_is_charged_only_for_signed_transactions(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    for nonce in range(3):
+        ok = gated.signed("POST", SIGN_TX, body(hot_key, value=10**18, nonce=nonce))
+        assert ok.status_code == 200, ok.text
+    over = gated.signed("POST", SIGN_TX, body(hot_key, value=1, nonce=3))
+    assert "exceeds max_value_per_window" in refused(over, 403, "policy_denied")["message"]
+
+
+def test_messages_hashes_and_typed_data_follow_the_policy(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    message = gated.signed(
+        "POST", "/v1/sign/ethereum/message", {"key": hot_key["address"], "message": "hi"}
+    )
+    assert samples.text_signer("hi", message.json()["signature"]) == hot_key["address"]
+    blind = gated.signed(
+        "POST", "/v1/sign/hash", {"key": hot_key["address"], "hash": "0x" + "11" * 32}
+    )
+    error = refused(blind, 403, "policy_denied")
+    assert "no rule covers client 'alice'" in error["message"] and "rule" not in error
+    typed = gated.signed(
+        "POST",
+        "/v1/sign/ethereum/typed-data",
+        {"key": hot_key["address"], "typed_data": samples.MAIL},
+    )
+    assert "for sign:typed_data" in refused(typed, 403, "policy_denied")["message"]
+
+
+def test_a_batch_is_authenticated_once_and_each_item_decided_and_audited(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    before = len(gated.records())
+    items = [
+        {"type": "ethereum/transaction", **body(hot_key)},
+        {"type": "ethereum/transaction", **body(hot_key, chain_id=5)},
+        {"type": "ethereum/message", "key": hot_key["address"], "message": "m"},
+    ]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    results = response.json()["results"]
+    assert "raw_transaction" in results[0]
+    assert results[1]["error"]["code"] == "policy_denied"
+    assert results[1]["error"]["rule"] == "hot-eth"
+    assert "signature" in results[2]
+    decisions = [r.record.decision for r in gated.records()[before:]]
+    assert decisions == ["allowed", "refused", "allowed"]
+
+
+def test_key_reads_need_the_scope_and_show_only_usable_keys(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    gated.signer.create_keys(chain="ethereum", custody="keystore", labels=["cold"])
+    mine = gated.signed("GET", "/v1/keys?custody=keystore").json()["keys"]
+    assert [k["key_id"] for k in mine] == [hot_key["key_id"]]
+    everyone = gated.signed("GET", "/v1/keys?custody=keystore", as_client="reader").json()["keys"]
+    assert len(everyone) == 2
+    assert gated.signed("GET", f"/v1/keys/{hot_key['address']}").status_code == 200
+    assert gated.client.get(f"/v1/keys/{hot_key['address']}").status_code == 401
+    assert gated.client.get("/healthz").status_code == 200  # probes stay public
+
+
+def rpc(gated: Gated, method: str, params: list[Any], token: str | None = TOKEN) -> Any:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    request = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    return gated.client.post("/rpc", json=request, headers=headers)
+
+
+def test_json_rpc_with_a_bearer_token(gated: Gated, hot_key: dict[str, Any]) -> None:
+    tx = transaction() | {"from": hot_key["address"]}
+    signed = rpc(gated, "eth_signTransaction", [tx])
+    assert samples.transaction_signer(signed.json()["result"]["raw"]) == hot_key["address"]
+    assert gated.last()["client_id"] == "bridge"
+
+    denied = rpc(gated, "eth_signTransaction", [tx | {"to": OTHER}]).json()["error"]
+    assert denied["code"] == -32003
+    assert denied["data"] == {"code": "policy_denied", "rule": "hot-eth"}
+
+    for token in (None, "wrong-token"):
+        answer = rpc(gated, "eth_signTransaction", [tx], token=token)
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == -32010
+        assert answer.json()["error"]["data"]["code"] == "unauthenticated"
+    assert gated.last()["operation"] == "authenticate"
+    assert TOKEN not in gated.paths.audit_log.read_text()
+
+
+def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    policy = gated.paths.policy_file
+    good = policy.read_text()
+    policy.write_text(good.replace("chain_ids = [1, 11155111]", "chain_ids = [11155111]"))
+    assert gated.gatekeeper.reload() == []
+    assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 403
+
+    policy.write_text("version = 1\n[[rules]]\nname = 'broken'\n")
+    problems = gated.gatekeeper.reload()
+    assert len(problems) == 1 and problems[0].startswith("policy:")
+    still = gated.signed("POST", SIGN_TX, body(hot_key))
+    assert "chain id 1 is not in chain_ids [11155111]" in still.json()["error"]["message"]
+    assert gated.signed("POST", SIGN_TX, body(hot_key, chain_id=11155111)).status_code == 200

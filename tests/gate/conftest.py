@@ -1,0 +1,1 @@
+from tests.gate.support import gated, hot_key  # noqa: F401

@@ -1,0 +1,220 @@
+"""A gated service in-process: registered clients, a fixed policy, a real audit log."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from starlette.exceptions import StarletteDeprecationWarning
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+from signd.api import ApiSettings, create_app
+from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+from signd.audit import SealedAuditRecord
+from signd.auth import sign_request
+from signd.config import load_settings
+from signd.crypto.secret import Secret
+from signd.gate import Gatekeeper, GatePaths, open_gatekeeper
+from signd.operations import Signer
+from signd.operations.backends import build_signer
+
+PASSPHRASE = "gate tests: correct horse battery staple"
+TOKEN = "bridge-token-for-tests"
+RECIPIENT = "0x3535353535353535353535353535353535353535"
+OTHER = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+TRANSFER = "0xa9059cbb"
+MAX_PER_TX = 10**18
+MAX_PER_WINDOW = 3 * 10**18
+
+
+def make_home(path: Path) -> Path:
+    """A signd home with a cheap-scrypt keystore only."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "signd.toml").write_text(
+        '[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = ["keystore"]\n'
+    )
+    return path
+
+
+def open_signer(home: Path) -> Signer:
+    return build_signer(load_settings(home), passphrase=lambda creating: Secret(PASSPHRASE))
+
+
+def public_text(key: ed25519.Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes_raw()
+    return "ed25519:" + base64.b64encode(raw).decode()
+
+
+def clients_toml(alice: ed25519.Ed25519PrivateKey, reader: ed25519.Ed25519PrivateKey) -> str:
+    return f"""
+version = 1
+
+[[clients]]
+id = "alice"
+scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
+key_labels = ["hot"]
+public_key = "{public_text(alice)}"
+
+[[clients]]
+id = "reader"
+scopes = ["keys:read"]
+key_labels = ["*"]
+public_key = "{public_text(reader)}"
+
+[[clients]]
+id = "bridge"
+scopes = ["keys:read", "sign:transaction", "sign:message"]
+key_labels = ["hot"]
+token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
+"""
+
+
+POLICY = f"""
+version = 1
+
+[[rules]]
+name = "hot-keys"
+clients = ["alice"]
+key_labels = ["hot"]
+operations = ["keys:create"]
+chains = ["ethereum"]
+
+[[rules]]
+name = "hot-eth"
+clients = ["alice", "bridge"]
+key_labels = ["hot"]
+operations = ["sign:transaction"]
+chains = ["ethereum"]
+chain_ids = [1, 11155111]
+to_allowlist = ["{RECIPIENT}"]
+max_value_per_tx = "{MAX_PER_TX}"
+max_value_per_window = "{MAX_PER_WINDOW}"
+window_seconds = 3600
+contract_selectors = ["{TRANSFER}"]
+
+[[rules]]
+name = "hot-messages"
+clients = ["alice", "bridge"]
+key_labels = ["hot"]
+operations = ["sign:message"]
+chains = ["ethereum"]
+"""
+
+
+@dataclass
+class Gated:
+    """A gated app, its gatekeeper, the files and the clients' keys."""
+
+    client: TestClient
+    gatekeeper: Gatekeeper
+    paths: GatePaths
+    signer: Signer
+    alice: ed25519.Ed25519PrivateKey
+    reader: ed25519.Ed25519PrivateKey
+
+    def signed(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        as_client: str = "alice",
+        key: ed25519.Ed25519PrivateKey | None = None,
+        now: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """A request signed as ``as_client`` (with its key unless ``key`` is given)."""
+        content = b"" if body is None else json.dumps(body).encode()
+        signing_key = key or (self.alice if as_client == "alice" else self.reader)
+        auth = headers or sign_request(method, path, content, as_client, signing_key, now=now)
+        return self.client.request(
+            method,
+            path,
+            content=content,
+            headers={**auth, "content-type": "application/json"},
+        )
+
+    def records(self) -> list[SealedAuditRecord]:
+        return [
+            SealedAuditRecord.from_json(line)
+            for line in self.paths.audit_log.read_bytes().splitlines()
+        ]
+
+    def last(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self.records()[-1].record)
+
+
+def gated_files(
+    home: Path,
+) -> tuple[GatePaths, ed25519.Ed25519PrivateKey, ed25519.Ed25519PrivateKey]:
+    alice, reader = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    paths = GatePaths.under(home)
+    paths.clients_file.write_text(clients_toml(alice, reader))
+    paths.policy_file.write_text(POLICY)
+    return paths, alice, reader
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[Gated]:
+    home = make_home(tmp_path / "home")
+    paths, alice, reader = gated_files(home)
+    with ExitStack() as stack:
+        signer = stack.enter_context(open_signer(home))
+        gatekeeper = open_gatekeeper(signer, paths, node="test-node")
+        stack.callback(gatekeeper.close)
+        settings = ApiSettings(allow_blind_signing=True)
+        app = create_app(
+            signer,
+            settings,
+            authenticate=gatekeeper_authenticator(gatekeeper, settings),
+            gate=GatekeeperGate(gatekeeper),
+        )
+        client = stack.enter_context(TestClient(app))
+        yield Gated(client, gatekeeper, paths, signer, alice, reader)
+
+
+@pytest.fixture
+def hot_key(gated: Gated) -> dict[str, Any]:
+    response = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": "keystore", "labels": ["hot"]}
+    )
+    assert response.status_code == 201, response.text
+    key: dict[str, Any] = response.json()["keys"][0]
+    return key
+
+
+def transaction(
+    *,
+    chain_id: int = 1,
+    to: str | None = RECIPIENT,
+    value: int = 10**15,
+    data: str = "0x",
+    nonce: int = 0,
+) -> dict[str, Any]:
+    tx: dict[str, Any] = {
+        "type": "0x2",
+        "chainId": hex(chain_id),
+        "nonce": hex(nonce),
+        "value": hex(value),
+        "gas": hex(100_000),
+        "maxFeePerGas": hex(30 * 10**9),
+        "maxPriorityFeePerGas": hex(10**9),
+        "data": data,
+    }
+    if to is not None:
+        tx["to"] = to
+    return tx
