@@ -22,6 +22,7 @@ from signd.errors import (
     KeyNotFound,
 )
 from signd.storage.sqlite import SqliteMetadataStore
+from tests.enclave.batch_blobs import range_of, read_sealed, swap_sealed
 from tests.enclave.fakes import (
     MemoryBlobStore,
     MemoryKms,
@@ -52,11 +53,12 @@ def test_create_100_keys_sign_and_verify(
         assert key.custody == "enclave"
         assert key.labels == ("deposit",)
         assert key.address == eth_address(key.public_key)
-        assert key.details["blob"] in blobs.blobs
+        assert range_of(key.details["blob"]).name in blobs.blobs
         digest = bytes([i]) * 32
         signature = backend.sign_digest(key.key_id, digest)
         assert verifies(key, digest, signature.r, signature.s)
         assert signature.recover_public_key(digest) == key.public_key
+    assert blobs.puts == len(blobs.blobs) == 1  # one durable write for the whole batch
 
 
 def test_batches_report_progress_and_each_is_recorded(
@@ -126,8 +128,7 @@ def test_swapped_blobs_surface_as_integrity_errors(
     backend: EnclaveBackend, blobs: MemoryBlobStore, client: EnclaveClient
 ) -> None:
     first, second = backend.create_keys("ethereum", eth_address, count=2)
-    a, b = first.details["blob"], second.details["blob"]
-    blobs.blobs[a], blobs.blobs[b] = blobs.blobs[b], blobs.blobs[a]
+    swap_sealed(blobs, first.details["blob"], second.details["blob"])
     client.flush_cache()
     with pytest.raises(IntegrityError):
         backend.sign_digest(first, DIGEST)
@@ -135,7 +136,7 @@ def test_swapped_blobs_surface_as_integrity_errors(
 
 def test_a_deleted_blob_is_key_not_found(backend: EnclaveBackend, blobs: MemoryBlobStore) -> None:
     [key] = backend.create_keys("ethereum", eth_address)
-    del blobs.blobs[key.details["blob"]]
+    del blobs.blobs[range_of(key.details["blob"]).name]
     with pytest.raises(KeyNotFound):
         backend.sign_digest(key, DIGEST)
 
@@ -160,7 +161,7 @@ def test_dependencies_down_are_clear_and_leave_no_usable_key(
     with pytest.raises(DependencyUnavailable):
         backend.check_health()
     kms.down = False
-    blobs.fail_puts_after = 1
+    blobs.fail_puts_after = 0
     with pytest.raises(DependencyUnavailable):
         backend.create_keys("ethereum", eth_address, count=2)
     blobs.fail_puts_after = None
@@ -243,7 +244,7 @@ def test_no_secret_reaches_the_host_logs_or_reprs(
         backend.sign_digest(key, DIGEST)
     backend.sign_digests([(k, DIGEST) for k in keys])
     a, b = keys[0].details["blob"], keys[1].details["blob"]
-    blobs.blobs[a], blobs.blobs[b] = blobs.blobs[b], blobs.blobs[a]
+    swap_sealed(blobs, a, b)
     client.flush_cache()
     with pytest.raises(IntegrityError):
         backend.sign_digest(keys[0], DIGEST)
@@ -251,14 +252,14 @@ def test_no_secret_reaches_the_host_logs_or_reprs(
     with pytest.raises(DependencyUnavailable):
         backend.check_health()
     kms.down = False
-    blobs.blobs[a], blobs.blobs[b] = blobs.blobs[b], blobs.blobs[a]
+    swap_sealed(blobs, a, b)
 
     secrets = list(kms.issued)
     for key in keys:
         created = CreatedKey(
             key.key_id, key.chain, key.address, key.public_key, key.details["blob"]
         )
-        secrets.append(unseal_in_test(kms, blobs.blobs[created.blob], created))
+        secrets.append(unseal_in_test(kms, read_sealed(blobs, created.blob), created))
     assert len(secrets) == 4
     assert len(sent) >= 9
     wire = b"".join(sent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cbor2
@@ -23,6 +24,7 @@ from signd.errors import (
 )
 from signd.kms.local import LocalKms
 from signd.storage.blobs import FilesystemBlobStore
+from tests.enclave.batch_blobs import range_of, read_sealed, replace_sealed, swap_sealed
 from tests.enclave.fakes import ForgingKms, MemoryBlobStore, MemoryKms, unseal_in_test
 
 DIGEST = bytes(range(32))
@@ -43,7 +45,7 @@ def test_created_keys_are_sealed_under_a_round_tripped_data_key(
     assert kms.contexts == [{"service": "signd", "purpose": "enclave-sealed-key"}]
     assert key.chain == "ethereum"
     assert key.address == eth_address(key.public_key)
-    blob = blobs.blobs[key.blob]
+    blob = read_sealed(blobs, key.blob)
     body = cbor2.loads(blob)
     assert body["format"] == "signd.enclave.sealed-key"
     assert body["version"] == 1
@@ -70,7 +72,8 @@ def test_a_batch_shares_one_data_key_with_a_nonce_per_key(
 ) -> None:
     keys = signer.create_keys("ethereum", 20)
     assert kms.generated == 1
-    sealed = [SealedKey.from_bytes(blobs.blobs[k.blob]) for k in keys]
+    assert blobs.puts == 1
+    sealed = [SealedKey.from_bytes(read_sealed(blobs, k.blob)) for k in keys]
     assert len({s.encrypted_data_key for s in sealed}) == 1
     assert len({s.nonce for s in sealed}) == 20
     assert len({k.key_id for k in keys}) == len({k.address for k in keys}) == 20
@@ -116,11 +119,11 @@ def test_tampered_blob_fields_fail_closed(
     signer: EnclaveSigner, blobs: MemoryBlobStore, field: str
 ) -> None:
     [key] = signer.create_keys("ethereum", 1)
-    body = cbor2.loads(blobs.blobs[key.blob])
+    body = cbor2.loads(read_sealed(blobs, key.blob))
     value = bytearray(body[field])
     value[len(value) // 2] ^= 0x01
     body[field] = bytes(value)
-    blobs.blobs[key.blob] = cbor2.dumps(body)
+    assert replace_sealed(blobs, key.blob, cbor2.dumps(body)) == key.blob  # same range
     with pytest.raises(IntegrityError):
         signer.sign_digest(key.reference, DIGEST)
 
@@ -143,9 +146,10 @@ def test_malformed_blobs_are_integrity_errors(
     signer: EnclaveSigner, blobs: MemoryBlobStore, mangle: object
 ) -> None:
     [key] = signer.create_keys("ethereum", 1)
-    blobs.blobs[key.blob] = mangle(blobs.blobs[key.blob])  # type: ignore[operator]
+    mangled = mangle(read_sealed(blobs, key.blob))  # type: ignore[operator]
+    reference = dataclasses.replace(key.reference, blob=replace_sealed(blobs, key.blob, mangled))
     with pytest.raises(IntegrityError) as info:
-        signer.sign_digest(key.reference, DIGEST)
+        signer.sign_digest(reference, DIGEST)
     assert info.value.message == "sealed key blob failed its integrity check"
 
 
@@ -153,10 +157,7 @@ def test_blobs_swapped_between_two_keys_are_detected(
     signer: EnclaveSigner, blobs: MemoryBlobStore
 ) -> None:
     first, second = signer.create_keys("ethereum", 2)
-    blobs.blobs[first.blob], blobs.blobs[second.blob] = (
-        blobs.blobs[second.blob],
-        blobs.blobs[first.blob],
-    )
+    swap_sealed(blobs, first.blob, second.blob)
     for key in (first, second):
         with pytest.raises(IntegrityError):
             signer.sign_digest(key.reference, DIGEST)
@@ -204,16 +205,17 @@ def test_kms_down_at_create_is_clear_and_recovers(
     assert len(signer.create_keys("ethereum", 3)) == 3
 
 
-def test_blob_store_failing_mid_batch_leaves_nothing_and_recovers(
+def test_blob_store_failing_the_batch_write_leaves_nothing_and_recovers(
     signer: EnclaveSigner, blobs: MemoryBlobStore
 ) -> None:
-    blobs.fail_puts_after = 3
+    blobs.fail_puts_after = 0
     with pytest.raises(DependencyUnavailable):
         signer.create_keys("ethereum", 5)
     assert blobs.blobs == {}
     blobs.fail_puts_after = None
     keys = signer.create_keys("ethereum", 5)
-    assert sorted(blobs.blobs) == sorted(k.blob for k in keys)
+    assert list(blobs.blobs) == [range_of(keys[0].blob).name]
+    assert {range_of(k.blob).name for k in keys} == set(blobs.blobs)
 
 
 def test_dependencies_down_at_sign_time_are_clear_and_recover(
@@ -270,8 +272,7 @@ def test_with_the_local_kms_and_filesystem_store(tmp_path: Path) -> None:
     assert fresh.sign_digest(keys[0].reference, DIGEST) == signer.sign_digest(
         keys[0].reference, DIGEST
     )
-    path = blobs.path_of(keys[1].blob)
-    path.write_bytes(blobs.get(keys[2].blob))
+    replace_sealed(blobs, keys[1].blob, read_sealed(blobs, keys[2].blob))
     with pytest.raises(IntegrityError):
         fresh.sign_digest(keys[1].reference, DIGEST)
     other_kms = EnclaveSigner(LocalKms(tmp_path / "other"), blobs)

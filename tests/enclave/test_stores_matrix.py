@@ -31,6 +31,7 @@ from signd.kms.base import KmsClient
 from signd.operations import Signer
 from signd.operations.components import build_blob_store, build_kms, build_metadata_store
 from signd.storage.base import BlobStore, MetadataStore
+from tests.enclave.batch_blobs import range_of, read_sealed, replace_sealed
 from tests.fixtures.servers import (  # noqa: F401 - registers the server fixtures
     MotoServer,
     moto_server_fixture,
@@ -75,12 +76,11 @@ class Stack:
     signer: Signer
 
     def sealed(self, key: KeyInfo) -> SealedKey:
-        return SealedKey.from_bytes(self.blobs.get(key.details["blob"]))
+        return SealedKey.from_bytes(read_sealed(self.blobs, key.details["blob"]))
 
     def replace_blob(self, key: KeyInfo, data: bytes) -> None:
-        """What a hostile host can do to storage: rewrite a key's blob."""
-        self.blobs.delete(key.details["blob"])
-        self.blobs.put(key.details["blob"], data)
+        """What a hostile host can do to storage: rewrite a key's range of its batch blob."""
+        assert replace_sealed(self.blobs, key.details["blob"], data) == key.details["blob"]
 
 
 @pytest.fixture(params=["local", "aws"])
@@ -200,7 +200,12 @@ def flip_last_byte(data: bytes) -> bytes:
 def test_tampered_and_swapped_blobs_are_integrity_errors(stack: Stack) -> None:
     keys = stack.signer.create_keys(chain="ethereum", custody="enclave", count=5)
     other_batch = stack.signer.create_keys(chain="ethereum", custody="enclave", count=1)
-    original = {key.key_id: stack.blobs.get(key.details["blob"]) for key in [*keys, *other_batch]}
+    original = {
+        key.key_id: read_sealed(stack.blobs, key.details["blob"]) for key in [*keys, *other_batch]
+    }
+    batch_blobs = [range_of(key.details["blob"]).name for key in [*keys, *other_batch]]
+    assert len(set(batch_blobs[:4])) == 1  # one blob per batch: keys[0:4], keys[4], other_batch
+    assert len(set(batch_blobs)) == 3
     digest = b"\x33" * 32
     for key in keys:
         stack.signer.sign_hash(key.key_id, digest)  # all warm in the enclave's cache

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from signd.enclave.client import EnclaveClient
+from signd.enclave.signer import BlobRange
 from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable, KeyNotFound
 from signd.storage.base import BlobStore, KeyRecord, MetadataStore
@@ -264,11 +265,20 @@ def all_records(metadata: MetadataStore, *, custody: str = "enclave") -> list[Ke
 
 
 def records_with_missing_blobs(metadata: MetadataStore, blobs: BlobStore) -> list[str]:
-    """Key ids whose record names a blob that is not stored (must always be empty)."""
+    """Key ids whose record names a blob, or a range of a batch blob, that is not stored.
+
+    Must always be empty. A ranged reference (``<batch blob>@<offset>+<length>``) counts as
+    stored only when the batch blob holds all of its bytes.
+    """
     missing = []
     for record in all_records(metadata):
+        reference = dict(record.details)["blob"]
+        where = BlobRange.parse(reference)
         try:
-            blobs.get(dict(record.details)["blob"])
+            if where is None:
+                blobs.get(reference)
+            else:
+                blobs.get_range(where.name, where.offset, where.length)
         except KeyNotFound:
             missing.append(record.key_id)
     return missing

@@ -25,17 +25,25 @@ from signd.crypto.secp256k1 import (
 )
 from signd.custody.base import (
     AddressDeriver,
-    CustodyBackend,
     KeyInfo,
-    KeyPage,
     check_labels,
     utc_now,
 )
 from signd.custody.hsm.records import cka_id_of, token_key_details
+from signd.custody.metadata import (
+    MetadataBackedBackend,
+    record_from_info,
+)
 from signd.enclave.client import AnyKeyReference, EnclaveClient
-from signd.enclave.protocol import CreatedHsmKey, CreatedKey, HsmKeyReference, KeyReference
+from signd.enclave.protocol import (
+    MAX_BATCH,
+    CreatedHsmKey,
+    CreatedKey,
+    HsmKeyReference,
+    KeyReference,
+)
 from signd.errors import IntegrityError, InvalidField, KeyNotFound, SigndError
-from signd.storage.base import KeyRecord, MetadataStore
+from signd.storage.base import MetadataStore
 
 BLOB_DETAIL = "blob"
 """The ``details`` entry naming a key's sealed blob."""
@@ -44,22 +52,25 @@ CreatedBatch = tuple[list[tuple[CreatedKey | CreatedHsmKey, dict[str, str]]], Si
 """Keys the enclave made, each with the ``details`` to record, and the error that cut it short."""
 
 
-class EnclaveBackend(CustodyBackend):
+class EnclaveBackend(MetadataBackedBackend):
     """Custody through an enclave reached by ``client``; key descriptions live in ``metadata``.
 
     ``batch_size`` keys are created per enclave round trip (at most what the enclave accepts)
-    and recorded in one metadata transaction.
+    and recorded in one metadata transaction. The default is the protocol's maximum: the
+    enclave seals a round trip's keys under one data key and stores them as one blob, so
+    bigger batches mean fewer KMS calls, durable writes and transactions per key; a smaller
+    ``batch_size`` buys a smaller blast radius per data key (see ``docs/ENCLAVE.md``).
     """
 
     custody_type: ClassVar[str] = "enclave"
 
     def __init__(
-        self, client: EnclaveClient, metadata: MetadataStore, *, batch_size: int = 100
+        self, client: EnclaveClient, metadata: MetadataStore, *, batch_size: int = MAX_BATCH
     ) -> None:
         if batch_size < 1:
             raise InvalidField("batch_size must be at least 1", field="batch_size")
         self._client = client
-        self._metadata = metadata
+        super().__init__(metadata)
         self._batch_size = batch_size
 
     def __repr__(self) -> str:
@@ -86,7 +97,7 @@ class EnclaveBackend(CustodyBackend):
                 self._checked(key, details, chain, address_of, labels) for key, details in made
             ]
             if batch:
-                self._metadata.add([_record(info) for info in batch])
+                self._metadata.add([record_from_info(info) for info in batch])
                 created.extend(batch)
                 if progress is not None:
                     progress(len(created))
@@ -131,23 +142,6 @@ class EnclaveBackend(CustodyBackend):
             labels=labels,
             details=details,
         )
-
-    def find_key(self, ref: str) -> KeyInfo | None:
-        record = self._metadata.find(ref, custody=self.custody_type)
-        return None if record is None else _info(record)
-
-    def list_keys(
-        self,
-        *,
-        chain: str | None = None,
-        label: str | None = None,
-        cursor: str | None = None,
-        limit: int = 100,
-    ) -> KeyPage:
-        page = self._metadata.list(
-            custody=self.custody_type, chain=chain, label=label, cursor=cursor, limit=limit
-        )
-        return KeyPage([_info(record) for record in page.records], page.next_cursor)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> bytes:
         return self._client.sign_digest(self._reference(key), digest)
@@ -204,29 +198,3 @@ class EnclaveHsmBackend(EnclaveBackend):
 
     def _reference(self, key: KeyInfo) -> AnyKeyReference:
         return HsmKeyReference(key.key_id, cka_id_of(key))
-
-
-def _record(info: KeyInfo) -> KeyRecord:
-    return KeyRecord(
-        key_id=info.key_id,
-        chain=info.chain,
-        address=info.address,
-        public_key=info.public_key,
-        custody=info.custody,
-        created_at=info.created_at,
-        labels=info.labels,
-        details=tuple(sorted(info.details.items())),
-    )
-
-
-def _info(record: KeyRecord) -> KeyInfo:
-    return KeyInfo(
-        key_id=record.key_id,
-        chain=record.chain,
-        address=record.address,
-        public_key=record.public_key,
-        custody=record.custody,
-        created_at=record.created_at,
-        labels=record.labels,
-        details=dict(record.details),
-    )

@@ -4,10 +4,15 @@ A blob is a canonical CBOR map (:class:`SealedKey`) holding only ciphertext and 
 The AEAD associated data binds the ciphertext to the blob format, version, algorithm, key id,
 chain and address, so a blob moved to another key's name, or presented for another address,
 fails to open. Every failure to open reads the same: :class:`signd.errors.IntegrityError`.
+
+Many encodings are concatenated into one batch blob (:mod:`signd.enclave.signer`), and each is
+read back by its byte range, so a range must hold exactly one encoding: trailing bytes after
+the map are refused like any other deviation.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,7 +31,8 @@ ALGORITHM: Final = "AES-256-GCM"
 NONCE_SIZE: Final = 12
 PRIVATE_KEY_SIZE: Final = 32
 _TAG_SIZE: Final = 16
-_MAX_BLOB_SIZE: Final = 4096
+MAX_SEALED_SIZE: Final = 4096
+"""The longest encoding :meth:`SealedKey.from_bytes` accepts."""
 
 
 def associated_data(*, key_id: str, chain: str, address: str) -> bytes:
@@ -63,14 +69,17 @@ class SealedKey:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedKey:
-        """Parse a blob; anything but a well-formed version-1 blob is an IntegrityError."""
+        """Parse a blob; anything but exactly one well-formed version-1 map is an IntegrityError."""
         corrupt = IntegrityError("sealed key blob failed its integrity check")
-        if len(data) > _MAX_BLOB_SIZE:
+        if len(data) > MAX_SEALED_SIZE:
             raise corrupt
+        stream = io.BytesIO(data)
         try:
-            body: Any = cbor2.loads(data, max_depth=2, allow_duplicate_keys=False)
+            body: Any = cbor2.CBORDecoder(stream, max_depth=2, allow_duplicate_keys=False).decode()
         except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, LookupError):
             raise corrupt from None
+        if stream.tell() != len(data):
+            raise corrupt
         if not isinstance(body, dict) or body.get("format") != BLOB_FORMAT:
             raise corrupt
         fields = (

@@ -5,19 +5,32 @@ back to the host is public keys, addresses, blob names and signatures. The host,
 blob store are all outside the trust boundary, so every answer from them is checked:
 
 - a data key from ``GenerateDataKey`` is trusted only after its ``encryptedDataKey`` has been
-  unwrapped again by ``Decrypt`` and found equal (a host that forged the answer, and so knows
-  the plaintext, is caught; once KMS answers ``Decrypt`` to the enclave's attested
-  ``Recipient`` the host can no longer forge that half either);
+  unwrapped again by ``Decrypt`` and found equal: a host that forged the answer, and so knows
+  the plaintext, is caught when it relays the ``Decrypt`` to KMS. In recipient mode
+  (:class:`signd.kms.recipient.Recipient`) KMS answers only to the enclave's attested RSA key
+  and an answer carrying a plaintext is refused; forging *both* answers is stopped only by an
+  authenticated channel to KMS (TLS terminated in the enclave, as on Nitro), see docs/KMS.md;
 - a blob opens only under associated data naming its key id, chain and address
   (:mod:`signd.enclave.sealing`), and the unsealed key must derive the address asked for.
+
+A batch of keys is stored as ONE blob, ``enclave-batch-<uuid>``: the concatenated
+:class:`~signd.enclave.sealing.SealedKey` encodings of its keys. Each key's reference names
+its byte range, ``enclave-batch-<uuid>@<offset>+<length>`` (:class:`BlobRange`), and a
+signature reads only that range. A reference without a range (``enclave-<key_id>``, how keys
+were stored before) names a whole single-key blob and still works.
 """
 
 from __future__ import annotations
 
+import copy
 import hmac
 import logging
+import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 import coincurve
@@ -31,10 +44,16 @@ from signd.crypto.secp256k1 import (
 )
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference
-from signd.enclave.sealing import SealedKey, seal_private_key, unseal_private_key
-from signd.errors import IntegrityError, InvalidField, SigndError
+from signd.enclave.sealing import (
+    MAX_SEALED_SIZE,
+    SealedKey,
+    seal_private_key,
+    unseal_private_key,
+)
+from signd.errors import IntegrityError, InvalidField, KeyExists, SigndError
 from signd.kms.base import DATA_KEY_SIZE, DataKey, KmsClient
 from signd.storage.base import BlobStore
+from signd.storage.blobs import check_blob_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +67,79 @@ ENCRYPTION_CONTEXT: Final[Mapping[str, str]] = {
 """The KMS encryption context of every data key that seals an enclave key."""
 
 BLOB_PREFIX: Final = "enclave-"
+"""Every enclave blob's name starts so; ``enclave-<key_id>`` is a single-key blob of old."""
+BATCH_BLOB_PREFIX: Final = f"{BLOB_PREFIX}batch-"
+MAX_BATCH_BLOB_SIZE: Final = MAX_BATCH * MAX_SEALED_SIZE
+"""No range of a batch blob ends beyond this: MAX_BATCH keys of at most MAX_SEALED_SIZE bytes."""
+DEFAULT_GROUP_MAX_KEYS: Final = 64
+DEFAULT_GROUP_MAX_WAIT: Final = 0.002
+
+_RANGE: Final = re.compile(r"(0|[1-9][0-9]{0,9})\+([1-9][0-9]{0,9})", re.ASCII)
+_MALFORMED: Final = "sealed key blob failed its integrity check"
 
 
-def blob_name(key_id: str) -> str:
-    """Where a key's sealed blob is stored."""
-    return f"{BLOB_PREFIX}{key_id}"
+@dataclass(frozen=True, slots=True)
+class BlobRange:
+    """``length`` bytes of the batch blob ``name`` from ``offset``: where one sealed key is."""
+
+    name: str
+    offset: int
+    length: int
+
+    def __str__(self) -> str:
+        """The key's blob reference, ``<name>@<offset>+<length>``."""
+        return f"{self.name}@{self.offset}+{self.length}"
+
+    @classmethod
+    def parse(cls, reference: str) -> BlobRange | None:
+        """The range a blob reference names; ``None`` for a plain (whole single-key) blob name.
+
+        The host only stores and echoes back what the enclave made, so a malformed range means
+        a corrupted or tampered record: IntegrityError, saying no more than a bad blob does.
+        Digits are ASCII, without sign or leading zeros; the range lies within the largest
+        batch blob and holds at most one sealed key; the name is a batch blob's.
+        """
+        name, at, span = reference.partition("@")
+        if not at:
+            return None
+        match = _RANGE.fullmatch(span)
+        if match is None or not name.startswith(BATCH_BLOB_PREFIX):
+            raise IntegrityError(_MALFORMED)
+        offset, length = int(match[1]), int(match[2])
+        if length > MAX_SEALED_SIZE or offset + length > MAX_BATCH_BLOB_SIZE:
+            raise IntegrityError(_MALFORMED)
+        try:
+            check_blob_name(name)
+        except InvalidField:
+            raise IntegrityError(_MALFORMED) from None
+        return cls(name, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One caller's ``create_keys``: its keys are sealed in whatever batch it is written in."""
+
+    chain: str
+    count: int
+    address_of: AddressFunction
+
+
+@dataclass(eq=False)
+class _Group:
+    """Small create requests sealed under one data key and stored as one batch blob."""
+
+    deadline: float
+    requests: list[_Request] = field(default_factory=list)
+    keys: int = 0
+    created: list[list[CreatedKey]] = field(default_factory=list)
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, request: _Request) -> int:
+        """Take ``request``; its position in the group."""
+        self.requests.append(request)
+        self.keys += request.count
+        return len(self.requests) - 1
 
 
 class EnclaveSigner:
@@ -61,6 +148,20 @@ class EnclaveSigner:
     ``cache`` holds unsealed keys between signatures (see :mod:`signd.enclave.cache`);
     ``address_deriver`` gives a chain's address derivation by chain name (an unknown chain
     raises); by default that of :mod:`signd.chains`.
+
+    **One durable write per batch.** A batch's keys are sealed one by one (each under its own
+    nonce, bound to its own key id, chain and address) and stored together in one batch blob
+    with one ``put``: one fsync, or one S3 PUT, instead of one per key. The trade: a batch's
+    keys share one stored object as well as one data key, so deleting or corrupting that
+    object loses or breaks the whole batch (never silently: a key that does not open is an
+    IntegrityError, a missing blob KeyNotFound).
+
+    **Group commit.** Requests for at most ``group_max_keys`` keys (one deposit address
+    each, say) that arrive while a batch is being written wait, at most ``group_max_wait``
+    seconds, to be written together: one data key and one blob for the whole group, each
+    caller getting only its own keys. A group holds at most ``group_max_keys`` keys; a
+    request that finds nothing being written is written at once. If the group's write
+    fails, every caller in it gets the error and none of its keys exists.
     """
 
     def __init__(
@@ -71,9 +172,15 @@ class EnclaveSigner:
         cache: UnsealedKeyCache[KeyReference, coincurve.PrivateKey] | None = None,
         address_deriver: Callable[[str], AddressFunction] = address_deriver,
         max_batch: int = MAX_BATCH,
+        group_max_keys: int = DEFAULT_GROUP_MAX_KEYS,
+        group_max_wait: float = DEFAULT_GROUP_MAX_WAIT,
     ) -> None:
         if not 1 <= max_batch <= MAX_BATCH:
             raise InvalidField(f"max_batch must be 1..{MAX_BATCH}", field="max_batch")
+        if not 1 <= group_max_keys <= max_batch:
+            raise InvalidField(f"group_max_keys must be 1..{max_batch}", field="group_max_keys")
+        if not 0 <= group_max_wait <= 10:
+            raise InvalidField("group_max_wait must be 0..10 s", field="group_max_wait")
         self._kms = kms
         self._blobs = blobs
         self._cache: UnsealedKeyCache[KeyReference, coincurve.PrivateKey] = (
@@ -81,6 +188,11 @@ class EnclaveSigner:
         )
         self._address_deriver = address_deriver
         self.max_batch = max_batch
+        self._group_max_keys = group_max_keys
+        self._group_max_wait = group_max_wait
+        self._groups = threading.Condition()
+        self._open_group: _Group | None = None
+        self._writes_in_flight = 0
 
     def __repr__(self) -> str:
         return f"EnclaveSigner(kms={self._kms!r}, blobs={self._blobs!r}, cache={self._cache!r})"
@@ -108,49 +220,127 @@ class EnclaveSigner:
         KMS calls per batch instead of two per key, which is what makes creating millions of
         deposit addresses affordable; the price is that whoever unwraps that one data key opens
         every key in the batch (not just one), so batches are capped at ``max_batch`` keys, far
-        below the 2**32 messages AES-GCM allows under one key with random 96-bit nonces.
+        below the 2**32 messages AES-GCM allows under one key with random 96-bit nonces. A
+        small request may share its batch, so its data key, with other callers' small requests
+        (group commit, see the class docstring); a group holds at most ``group_max_keys``.
 
-        Nothing is returned until every blob is stored. If a write fails, the blobs already
-        written for this batch are deleted (best effort) and the error is raised; a blob left
-        behind is unusable, since the host never learns its key and records nothing for it.
+        Nothing is returned until the batch blob is stored. If the write fails, the blob is
+        deleted (best effort) and the error is raised; a blob left behind is unusable, since the
+        host never learns its keys and records nothing for them.
         """
         address_of = self._address_deriver(chain)
-        if isinstance(count, bool) or not 1 <= count <= self.max_batch:
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 1 <= count <= self.max_batch
+        ):
             raise InvalidField(f"count must be 1..{self.max_batch}", field="count")
+        request = _Request(chain, count, address_of)
+        if count > self._group_max_keys:
+            return self._write_batch([request])[0]
+        return self._create_in_group(request)
+
+    def _create_in_group(self, request: _Request) -> list[CreatedKey]:
+        """Have ``request`` written with whatever small requests arrive while a write runs."""
+        with self._groups:
+            group, position, leader = self._join(request)
+            if leader:
+                while self._open_group is group and self._writes_in_flight > 0:
+                    remaining = group.deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._groups.wait(remaining)
+                if self._open_group is group:
+                    self._open_group = None
+                self._writes_in_flight += 1
+        if leader:
+            try:
+                group.created = self._write_batch(group.requests)
+            except BaseException as error:
+                group.error = error
+                raise
+            finally:
+                with self._groups:
+                    self._writes_in_flight -= 1
+                    self._groups.notify_all()
+                group.done.set()
+        else:
+            group.done.wait()
+            if group.error is not None:
+                raise copy.copy(group.error) from group.error
+        return group.created[position]
+
+    def _join(self, request: _Request) -> tuple[_Group, int, bool]:
+        """The group ``request`` is in, its position, and whether this caller writes the group.
+
+        Call with ``_groups`` held. A request joins the open group if it fits; else it starts a
+        group, left open for others only while some write is in flight.
+        """
+        group = self._open_group
+        if group is not None and group.keys + request.count <= self._group_max_keys:
+            position = group.add(request)
+            if group.keys == self._group_max_keys:
+                self._open_group = None
+                self._groups.notify_all()
+            return group, position, False
+        if group is not None:
+            self._open_group = None
+            self._groups.notify_all()
+        group = _Group(time.monotonic() + self._group_max_wait)
+        position = group.add(request)
+        if self._writes_in_flight > 0 and group.keys < self._group_max_keys:
+            self._open_group = group
+        return group, position, True
+
+    def _write_batch(self, requests: list[_Request]) -> list[list[CreatedKey]]:
+        """Seal every requested key under one data key and store them as one batch blob."""
         data_key = self._trusted_data_key()
-        created: list[CreatedKey] = []
+        name = f"{BATCH_BLOB_PREFIX}{uuid.uuid4().hex}"
+        sealed_keys: list[bytes] = []
+        offset = 0
+        created: list[list[CreatedKey]] = []
+        for request in requests:
+            keys: list[CreatedKey] = []
+            for _ in range(request.count):
+                key_id = uuid.uuid4().hex
+                private_key = generate_private_key()
+                public_key = private_key.public_key.format(compressed=True)
+                address = request.address_of(public_key)
+                sealed = seal_private_key(
+                    private_key.secret,
+                    data_key.plaintext,
+                    kms_key_id=data_key.kms_key_id,
+                    encrypted_data_key=data_key.ciphertext,
+                    key_id=key_id,
+                    chain=request.chain,
+                    address=address,
+                ).to_bytes()
+                where = BlobRange(name, offset, len(sealed))
+                keys.append(CreatedKey(key_id, request.chain, address, public_key, str(where)))
+                sealed_keys.append(sealed)
+                offset += len(sealed)
+            created.append(keys)
         try:
-            for _ in range(count):
-                created.append(self._create_one(chain, address_of, data_key))
+            self._blobs.put(name, b"".join(sealed_keys))
+        except KeyExists:
+            raise  # not this batch's blob: leave it alone
         except BaseException:
-            self._delete_blobs([key.blob for key in created])
+            self._delete_blob(name)
             raise
         return created
 
-    def _create_one(self, chain: str, address_of: AddressFunction, data_key: DataKey) -> CreatedKey:
-        key_id = uuid.uuid4().hex
-        private_key = generate_private_key()
-        public_key = private_key.public_key.format(compressed=True)
-        address = address_of(public_key)
-        sealed = seal_private_key(
-            private_key.secret,
-            data_key.plaintext,
-            kms_key_id=data_key.kms_key_id,
-            encrypted_data_key=data_key.ciphertext,
-            key_id=key_id,
-            chain=chain,
-            address=address,
-        )
-        name = blob_name(key_id)
-        self._blobs.put(name, sealed.to_bytes())
-        return CreatedKey(key_id, chain, address, public_key, name)
+    def _delete_blob(self, name: str) -> None:
+        try:
+            self._blobs.delete(name)
+        except SigndError as error:
+            logger.warning("could not remove blob %s of a failed batch: %s", name, error.code)
 
-    def _delete_blobs(self, names: list[str]) -> None:
-        for name in names:
-            try:
-                self._blobs.delete(name)
-            except SigndError as error:
-                logger.warning("could not remove blob %s of a failed batch: %s", name, error.code)
+    def _read_sealed(self, reference: str) -> bytes:
+        """A key's sealed bytes: its range of a batch blob, or a whole single-key blob."""
+        where = BlobRange.parse(reference)
+        if where is None:
+            return self._blobs.get(reference)
+        return self._blobs.get_range(where.name, where.offset, where.length)
 
     def sign_digest(self, key: KeyReference, digest: bytes) -> RecoverableSignature:
         """Sign a 32-byte digest with a sealed key (RFC 6979 nonce, low-S)."""
@@ -163,7 +353,7 @@ class EnclaveSigner:
         return sign_digest_with(private_key, digest)
 
     def _unseal(self, key: KeyReference, address_of: AddressFunction) -> coincurve.PrivateKey:
-        sealed = SealedKey.from_bytes(self._blobs.get(key.blob))
+        sealed = SealedKey.from_bytes(self._read_sealed(key.blob))
         data_key = self._kms.decrypt(
             sealed.encrypted_data_key, encryption_context=ENCRYPTION_CONTEXT
         )

@@ -1,0 +1,44 @@
+"""What a hostile host can do to one sealed key inside a batch blob, on any blob store."""
+
+from __future__ import annotations
+
+from signd.enclave.signer import BlobRange
+from signd.storage.base import BlobStore
+
+
+def range_of(reference: str) -> BlobRange:
+    """The batch-blob range a key's blob reference names (it must name one)."""
+    where = BlobRange.parse(reference)
+    assert where is not None, f"{reference!r} names no range of a batch blob"
+    return where
+
+
+def read_sealed(blobs: BlobStore, reference: str) -> bytes:
+    """The sealed key a reference names: its range of the batch blob, or a whole legacy blob."""
+    where = BlobRange.parse(reference)
+    if where is None:
+        return blobs.get(reference)
+    return blobs.get_range(where.name, where.offset, where.length)
+
+
+def replace_sealed(blobs: BlobStore, reference: str, data: bytes) -> str:
+    """Rewrite the batch blob with ``data`` in place of the key's range; the range now holding it.
+
+    With ``data`` of the range's length (a flipped bit, another key's sealed bytes) the other
+    keys of the batch and the returned reference are unchanged; otherwise the bytes after the
+    range move, so only the returned reference is still right.
+    """
+    where = range_of(reference)
+    whole = blobs.get(where.name)
+    end = where.offset + where.length
+    blobs.delete(where.name)
+    blobs.put(where.name, whole[: where.offset] + data + whole[end:])
+    return f"{where.name}@{where.offset}+{len(data)}"
+
+
+def swap_sealed(blobs: BlobStore, first: str, second: str) -> None:
+    """Exchange the sealed bytes of two keys (same batch or not; equal lengths)."""
+    a, b = read_sealed(blobs, first), read_sealed(blobs, second)
+    assert len(a) == len(b)
+    replace_sealed(blobs, first, b)
+    replace_sealed(blobs, second, a)
