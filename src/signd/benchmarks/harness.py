@@ -85,7 +85,7 @@ def benchmark(name: str) -> Callable[[Benchmark], Benchmark]:
 
 
 def _load_all() -> None:
-    from signd.benchmarks import core, enclave, hsm  # noqa: F401 - they register their benchmarks
+    from signd.benchmarks import api, core, enclave, hsm, kms  # noqa: F401 - they register their benchmarks
 
 
 def run_benchmarks(*, only: list[str] | None, quick: bool, as_json: bool) -> list[BenchResult]:

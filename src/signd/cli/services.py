@@ -20,6 +20,7 @@ from signd.storage.base import BlobStore, MetadataStore
 
 if TYPE_CHECKING:
     from signd.enclave.hsm import EnclaveHsm
+    from signd.kms.recipient import Recipient
 
 enclave_app = typer.Typer(help="The trusted signer process (the enclave side).")
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -73,7 +74,10 @@ def enclave(
     if exit_with_parent:
         watch_parent(stop)
     hsm = _enclave_hsm(settings)
-    kms, blobs = build_kms(settings), build_blob_store(settings)
+    kms, blobs = (
+        build_kms(settings, recipient=_enclave_recipient(settings)),
+        build_blob_store(settings),
+    )
     try:
         if hsm is not None:
             hsm.start()
@@ -83,6 +87,41 @@ def enclave(
         blobs.close()
         if hsm is not None:
             hsm.close()
+
+
+ATTESTATION_MODES = ("simulated", "nsm", "off")
+DEFAULT_DEV_CA = "{home}/attestation/dev-ca"
+
+
+def _enclave_recipient(settings: Settings) -> Recipient | None:
+    """The enclave's attested RSA key for KMS's ``Recipient`` flow, per ``[enclave] attestation``.
+
+    ``simulated`` (the local default): a simulated NSM signing with the development CA in
+    ``[enclave] dev_ca`` (default ``{home}/attestation/dev-ca``, the one ``signd kms-server``
+    trusts by default), PCR2 over the configuration file; ``nsm``: ``/dev/nsm`` on Nitro;
+    ``off``: no attestation, so KMS must release plaintext data keys (development only).
+    """
+    from signd.attestation import NsmProvider, SimulatedNsm
+    from signd.attestation.providers import AttestationProvider
+    from signd.kms.recipient import Recipient
+
+    section = settings.section("enclave")
+    mode = section.get("attestation", "simulated")
+    if mode not in ATTESTATION_MODES:
+        raise ConfigurationError(
+            f"enclave.attestation must be one of {', '.join(ATTESTATION_MODES)}",
+            field="enclave.attestation",
+        )
+    if mode == "off":
+        return None
+    provider: AttestationProvider
+    if mode == "nsm":
+        provider = NsmProvider()
+    else:
+        config = settings.config_file.read_bytes() if settings.config_file.exists() else b""
+        dev_ca = Path(expand_home(str(section.get("dev_ca", DEFAULT_DEV_CA)), settings.home))
+        provider = SimulatedNsm(dev_ca, config=config)
+    return Recipient(provider)
 
 
 def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:

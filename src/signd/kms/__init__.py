@@ -1,7 +1,9 @@
 """Key management services: where data keys come from and get unwrapped.
 
 ``kms_from_config`` builds a client from a settings mapping whose ``type`` tag names the
-backend: ``local`` (the embedded default) or ``aws`` (boto3, imported only when chosen).
+backend: ``local`` (a file-backed master key, no server) or ``aws`` (boto3, imported only when
+chosen; ``recipient = true`` puts the enclave's client in recipient mode). With no ``[kms]`` at
+all, :func:`signd.operations.components.build_kms` starts the embedded ``signd kms-server``.
 """
 
 from __future__ import annotations
@@ -13,22 +15,27 @@ from typing import Any, Final, TypeVar
 from signd.errors import ConfigurationError
 from signd.kms.base import DataKey, KmsClient
 from signd.kms.local import LocalKms
+from signd.kms.recipient import Recipient
 
-__all__ = ["DataKey", "KmsClient", "LocalKms", "kms_from_config"]
+__all__ = ["DataKey", "KmsClient", "LocalKms", "Recipient", "kms_from_config"]
 
 T = TypeVar("T")
 
 
-def _local(settings: Mapping[str, Any], home: Path) -> KmsClient:
+Factory = Callable[[Mapping[str, Any], Path, Recipient | None], KmsClient]
+
+
+def _local(settings: Mapping[str, Any], home: Path, recipient: Recipient | None) -> KmsClient:
     return LocalKms(home, key_alias=_get(settings, "key_alias", str, "signd-default"))
 
 
-def _aws(settings: Mapping[str, Any], home: Path) -> KmsClient:
+def _aws(settings: Mapping[str, Any], home: Path, recipient: Recipient | None) -> KmsClient:
     from signd.kms.aws import AwsKms
 
     key_id = _optional(settings, "key_id", str)
     if key_id is None:
         raise ConfigurationError("kms.key_id is required for the aws KMS", field="kms.key_id")
+    use_recipient = _get(settings, "recipient", bool, False)
     return AwsKms(
         key_id,
         region=_optional(settings, "region", str),
@@ -36,10 +43,11 @@ def _aws(settings: Mapping[str, Any], home: Path) -> KmsClient:
         connect_timeout=_get(settings, "connect_timeout", float, 2.0),
         read_timeout=_get(settings, "read_timeout", float, 5.0),
         max_attempts=_get(settings, "max_attempts", int, 2),
+        recipient=recipient if use_recipient else None,
     )
 
 
-_FACTORIES: Final[dict[str, tuple[Callable[[Mapping[str, Any], Path], KmsClient], set[str]]]] = {
+_FACTORIES: Final[dict[str, tuple[Factory, set[str]]]] = {
     "local": (_local, {"type", "key_alias"}),
     "aws": (
         _aws,
@@ -51,13 +59,20 @@ _FACTORIES: Final[dict[str, tuple[Callable[[Mapping[str, Any], Path], KmsClient]
             "connect_timeout",
             "read_timeout",
             "max_attempts",
+            "recipient",
         },
     ),
 }
 
 
-def kms_from_config(settings: Mapping[str, Any], home: Path) -> KmsClient:
-    """The KMS client that ``settings`` names by its ``type`` tag; unknown tags and keys fail."""
+def kms_from_config(
+    settings: Mapping[str, Any], home: Path, *, recipient: Recipient | None = None
+) -> KmsClient:
+    """The KMS client that ``settings`` names by its ``type`` tag; unknown tags and keys fail.
+
+    ``recipient`` is the enclave's attested key; an ``aws`` KMS with ``recipient = true`` uses
+    it (callers outside the enclave pass None and get a client for health checks only).
+    """
     kms_type = settings.get("type", "local")
     if kms_type not in _FACTORIES:
         known = ", ".join(sorted(_FACTORIES))
@@ -70,7 +85,7 @@ def kms_from_config(settings: Mapping[str, Any], home: Path) -> KmsClient:
         raise ConfigurationError(
             f"unknown settings for the {kms_type} KMS: {', '.join(unknown)}", field="kms"
         )
-    return factory(settings, home)
+    return factory(settings, home, recipient)
 
 
 def _optional(settings: Mapping[str, Any], name: str, kind: type[T]) -> T | None:
@@ -80,7 +95,7 @@ def _optional(settings: Mapping[str, Any], name: str, kind: type[T]) -> T | None
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigurationError(f"kms.{name} must be a {kind.__name__}", field=f"kms.{name}")
     return value
 

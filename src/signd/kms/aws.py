@@ -3,6 +3,15 @@
 Botocore errors are translated here, where they enter signd, so that callers only see the
 :mod:`signd.errors` tree. Timeouts and the attempt budget are explicit so that an unreachable
 KMS turns into ``DependencyUnavailable`` quickly instead of hanging a signing request.
+
+**Recipient mode** (``recipient=Recipient(provider)``, inside an enclave): ``GenerateDataKey``
+and ``Decrypt`` carry ``Recipient`` with the enclave's attestation document, and the data key is
+read from ``CiphertextForRecipient``, opened with the enclave's RSA key. In that mode an answer
+that carries a ``Plaintext`` is refused with :class:`~signd.errors.IntegrityError`, whatever
+else it holds: AWS KMS never sends one to a ``Recipient``, so it is a forged answer or an
+endpoint that ignored ``Recipient`` (moto does); either way the plaintext has crossed the host
+in the clear and must not seal anything. IntegrityError (not AccessDenied) because nothing
+refused the enclave anything: an answer failed a check it must pass to be trusted.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import boto3
 from botocore.config import Config
@@ -32,9 +41,12 @@ from signd.errors import (
     SigndError,
 )
 from signd.kms.base import DATA_KEY_SIZE, DataKey, KmsClient
+from signd.kms.recipient import Recipient
 
 if TYPE_CHECKING:
     from mypy_boto3_kms.client import KMSClient
+
+logger = logging.getLogger(__name__)
 
 _ERRORS_BY_CODE: Final[dict[str, type[SigndError]]] = {
     "InvalidCiphertextException": IntegrityError,
@@ -58,6 +70,7 @@ _CONFIGURATION_ERRORS: Final = (
     ParamValidationError,
 )
 _INTEGRITY_MESSAGE: Final = "data key ciphertext failed its integrity check"
+_PLAINTEXT_REFUSED: Final = "refused a KMS answer with a plaintext data key in recipient mode"
 
 
 class _DropResponseBodies(logging.Filter):
@@ -73,7 +86,10 @@ if not any(isinstance(f, _DropResponseBodies) for f in _BOTOCORE_PARSER_LOG.filt
 
 
 class AwsKms(KmsClient):
-    """Data keys under one AWS KMS key (id, ARN or ``alias/...``)."""
+    """Data keys under one AWS KMS key (id, ARN or ``alias/...``).
+
+    With ``recipient``, data keys are released only to that attested key (see the module doc).
+    """
 
     kms_type = "aws"
 
@@ -87,12 +103,14 @@ class AwsKms(KmsClient):
         connect_timeout: float = 2.0,
         read_timeout: float = 5.0,
         max_attempts: int = 2,
+        recipient: Recipient | None = None,
     ) -> None:
         if not key_id:
             raise ConfigurationError("AWS KMS needs a key id", field="key_id")
         if max_attempts < 1:
             raise ConfigurationError("max_attempts must be at least 1", field="max_attempts")
         self.key_id = key_id
+        self.recipient = recipient
         if client is None:
             config = Config(
                 connect_timeout=connect_timeout,
@@ -108,20 +126,36 @@ class AwsKms(KmsClient):
         self._client = client
 
     def __repr__(self) -> str:
-        return f"AwsKms(key_id={self.key_id!r}, endpoint={self._client.meta.endpoint_url!r})"
+        mode = ", recipient" if self.recipient is not None else ""
+        endpoint = self._client.meta.endpoint_url
+        return f"AwsKms(key_id={self.key_id!r}, endpoint={endpoint!r}{mode})"
+
+    def _recipient_parameter(self) -> dict[str, Any]:
+        return {} if self.recipient is None else {"Recipient": self.recipient.parameter()}
+
+    def _data_key_of(self, response: Mapping[str, Any]) -> Secret:
+        """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it."""
+        if self.recipient is None:
+            plaintext = Secret(response.get("Plaintext") or b"")
+        else:
+            if response.get("Plaintext"):
+                logger.warning(_PLAINTEXT_REFUSED)
+                raise IntegrityError(_PLAINTEXT_REFUSED)
+            plaintext = self.recipient.open(response.get("CiphertextForRecipient") or b"")
+        if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
+            raise IntegrityError("KMS returned a data key of the wrong size")
+        return plaintext
 
     def generate_data_key(self, *, encryption_context: Mapping[str, str] | None = None) -> DataKey:
-        with _translated("GenerateDataKey"):
+        with _translated("GenerateDataKey", attested=self.recipient is not None):
             response = self._client.generate_data_key(
                 KeyId=self.key_id,
                 KeySpec="AES_256",
                 EncryptionContext=dict(encryption_context or {}),
+                **self._recipient_parameter(),
             )
-        plaintext = Secret(response["Plaintext"])
-        if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
-            raise IntegrityError("KMS returned a data key of the wrong size")
         return DataKey(
-            plaintext=plaintext,
+            plaintext=self._data_key_of(response),
             ciphertext=response["CiphertextBlob"],
             kms_key_id=response["KeyId"],
         )
@@ -129,16 +163,14 @@ class AwsKms(KmsClient):
     def decrypt(
         self, ciphertext: bytes, *, encryption_context: Mapping[str, str] | None = None
     ) -> Secret:
-        with _translated("Decrypt"):
+        with _translated("Decrypt", attested=self.recipient is not None):
             response = self._client.decrypt(
                 CiphertextBlob=ciphertext,
                 KeyId=self.key_id,
                 EncryptionContext=dict(encryption_context or {}),
+                **self._recipient_parameter(),
             )
-        plaintext = Secret(response["Plaintext"])
-        if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
-            raise IntegrityError(_INTEGRITY_MESSAGE)
-        return plaintext
+        return self._data_key_of(response)
 
     def check_health(self) -> None:
         with _translated("DescribeKey"):
@@ -151,8 +183,13 @@ class AwsKms(KmsClient):
 
 
 @contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    """Turn botocore errors raised by ``operation`` into signd errors."""
+def _translated(operation: str, *, attested: bool = False) -> Iterator[None]:
+    """Turn botocore errors raised by ``operation`` into signd errors.
+
+    ``attested``: the request carried the enclave's attestation document (recipient mode), so
+    an AccessDenied most likely means the key policy pins other PCRs; the message says how to
+    re-pin after a deliberate upgrade.
+    """
     try:
         yield
     except ClientError as exc:
@@ -163,8 +200,27 @@ def _translated(operation: str) -> Iterator[None]:
         error_class = _ERRORS_BY_CODE.get(code, fallback)
         if error_class is IntegrityError:
             raise IntegrityError(_INTEGRITY_MESSAGE) from None
+        if error_class is AccessDenied:
+            raise AccessDenied(_access_denied_message(operation, code, attested=attested)) from exc
         raise error_class(f"KMS {operation} failed: {code}") from exc
     except _CONFIGURATION_ERRORS as exc:
         raise ConfigurationError(f"KMS {operation} is misconfigured: {type(exc).__name__}") from exc
     except BotoCoreError as exc:
         raise DependencyUnavailable(f"KMS {operation} unavailable: {type(exc).__name__}") from exc
+
+
+def _access_denied_message(operation: str, code: str, *, attested: bool) -> str:
+    """What a key policy's refusal tells the operator (no key material, no request data)."""
+    if not attested:
+        return (
+            f"KMS refused {operation} ({code}): its key policy does not release data keys to"
+            f" this caller; an attestation-gated key refuses an enclave whose measurements"
+            f" (PCRs) differ from the ones it pins"
+        )
+    return (
+        f"KMS refused {operation} ({code}): its key policy does not release data keys to this"
+        f" enclave; most likely the enclave's measurements (PCRs) differ from the ones the key"
+        f" policy pins because the signd code changed. After a deliberate upgrade, run"
+        f" `signd kms repin` (embedded kms-server) or put a key policy with the new PCRs"
+        f" (AWS KMS)"
+    )

@@ -17,8 +17,9 @@ AWS's framing, so :func:`seal_for_recipient` emits the same shape::
           contentType data, contentEncryptionAlgorithm aes256-CBC(iv),
           encryptedContent [0] IMPLICIT OCTET STRING } } }
 
-:func:`open_for_recipient` is the inverse, for the enclave side and for tests: it accepts
-definite and indefinite lengths and a primitive or constructed ``encryptedContent``.
+:func:`open_for_recipient` is the inverse, for the enclave side (:class:`signd.kms.aws.AwsKms` in
+recipient mode) and for tests: it accepts definite and indefinite lengths and a primitive or
+constructed ``encryptedContent``.
 """
 
 from __future__ import annotations

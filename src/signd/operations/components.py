@@ -7,16 +7,18 @@ Paths may use ``{home}``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from signd.config import Settings, expand_home
 from signd.errors import ConfigurationError
-from signd.kms import KmsClient, kms_from_config
+from signd.kms import KmsClient, Recipient, kms_from_config
 from signd.storage.base import BlobStore, MetadataStore
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def _check_keys(section: str, settings: Mapping[str, Any], allowed: set[str]) -> None:
@@ -117,10 +119,33 @@ def _pick(
     return registry[tag]
 
 
-def build_kms(settings: Settings) -> KmsClient:
+EMBEDDED_KMS_TYPE = "kms-server"
+LEGACY_LOCAL_KEY = Path("kms") / "signd-default.key"
+
+
+def build_kms(settings: Settings, *, recipient: Recipient | None = None) -> KmsClient:
+    """The configured KMS; ``recipient`` is the enclave's attested key (None elsewhere).
+
+    With no ``[kms]`` (or ``type = "kms-server"``) it is the embedded kms-server
+    (:mod:`signd.operations.local_kms`), in recipient mode when ``recipient`` is given. A home
+    that already holds the master key of the earlier embedded default (``LocalKms``,
+    ``kms/signd-default.key``) and has no ``[kms]`` keeps using it, so its keys stay usable.
+    """
     section = settings.section("kms")
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return kms_from_config(section, settings.home)
+    if section.get("type", "local" if section else EMBEDDED_KMS_TYPE) != EMBEDDED_KMS_TYPE:
+        return kms_from_config(section, settings.home, recipient=recipient)
+    _check_keys("kms", section, set())
+    if not section and (settings.home / LEGACY_LOCAL_KEY).exists():
+        logger.warning(
+            "using the local KMS master key %s (no [kms] configured); its data keys are not"
+            " attestation-gated",
+            settings.home / LEGACY_LOCAL_KEY,
+        )
+        return kms_from_config({"type": "local"}, settings.home)
+    from signd.operations.local_kms import EmbeddedKms
+
+    return EmbeddedKms(settings.home, recipient=recipient)
 
 
 def build_blob_store(settings: Settings) -> BlobStore:

@@ -4,12 +4,13 @@
   that start it in a thread or a child process;
 - :mod:`~signd.kms.server.service`: the operations, sans I/O;
 - :mod:`~signd.kms.server.policy`: key policies with ``kms:RecipientAttestation`` conditions;
-- :mod:`~signd.kms.server.cms`: ``CiphertextForRecipient`` as CMS EnvelopedData;
+- :mod:`~signd.kms.cms` (shared with the enclave): ``CiphertextForRecipient`` as CMS
+  EnvelopedData;
 - :mod:`~signd.kms.server.sigv4`: request signature verification;
 - :mod:`~signd.kms.server.store`: keys on disk, sealed under a key-encryption key.
 """
 
-from signd.kms.server.cms import open_for_recipient, seal_for_recipient
+from signd.kms.cms import open_for_recipient, seal_for_recipient
 from signd.kms.server.http import (
     INFO_FILE,
     MAX_BODY_SIZE,

@@ -389,17 +389,18 @@ def start_kms_server_process(
             except ConfigurationError:
                 time.sleep(0.05)
                 continue
-            if _answers(running.info.endpoint):
+            if answers(running.info.endpoint):
                 return running
         time.sleep(0.05)
     running.stop()
     raise ConfigurationError(f"kms-server did not start within {timeout} s")
 
 
-def _answers(endpoint: str) -> bool:
+def answers(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at ``endpoint`` (``http://host:port``)."""
     address = urlsplit(endpoint)
     try:
-        with socket.create_connection((address.hostname or "", address.port or 0), timeout=1):
+        with socket.create_connection((address.hostname or "", address.port or 0), timeout=timeout):
             return True
     except OSError:
         return False

@@ -17,7 +17,8 @@ key the request does not carry is false, except for the negated operators (true)
 every request without an attested ``Recipient``.
 
 A document using anything else (``NotAction``, ``NotPrincipal``, another operator) is
-rejected when the key is created, rather than evaluated in a way AWS would not.
+rejected when the key is created or its policy replaced (``PutKeyPolicy``), rather than
+evaluated in a way AWS would not.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any, Final
 from signd.kms.server.errors import KmsApiError
 
 MAX_POLICY_SIZE: Final = 32 * 1024
+POLICY_NAME: Final = "default"
+"""The only key policy name AWS KMS has (GetKeyPolicy/PutKeyPolicy ``PolicyName``)."""
 POLICY_VERSION: Final = "2012-10-17"
 RECIPIENT_IMAGE_SHA384: Final = "kms:RecipientAttestation:ImageSha384"
 RECIPIENT_PCR_PREFIX: Final = "kms:RecipientAttestation:PCR"

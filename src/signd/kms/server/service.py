@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from signd.attestation import verify_attestation
 from signd.crypto.secret import Secret
 from signd.errors import AccessDenied, ConfigurationError, InvalidField
-from signd.kms.server.cms import seal_for_recipient
+from signd.kms.cms import seal_for_recipient
 from signd.kms.server.errors import (
     KmsApiError,
     access_denied,
@@ -53,6 +53,8 @@ from signd.kms.server.errors import (
     serialization as serialization_error,
 )
 from signd.kms.server.policy import (
+    MAX_POLICY_SIZE,
+    POLICY_NAME,
     RECIPIENT_IMAGE_SHA384,
     RECIPIENT_PCR_PREFIX,
     KeyPolicy,
@@ -186,6 +188,7 @@ class KmsService:
             "DisableKey": self.disable_key,
             "CreateAlias": self.create_alias,
             "GetKeyPolicy": self.get_key_policy,
+            "PutKeyPolicy": self.put_key_policy,
             "GenerateDataKey": self.generate_data_key,
             "Encrypt": self.encrypt,
             "Decrypt": self.decrypt,
@@ -298,7 +301,9 @@ class KmsService:
         description = _get(body, "Description", str, required=False) or ""
         if len(description) > 8192:
             raise validation("Description must be at most 8192 characters")
-        document = _text(body, "Policy", max_size=32768) or default_key_policy(self.account)
+        document = _text(body, "Policy", max_size=MAX_POLICY_SIZE) or default_key_policy(
+            self.account
+        )
         policy = KeyPolicy.parse(document)
         tags = _tags(body)
         key_id = self.store.new_key_id()
@@ -378,6 +383,33 @@ class KmsService:
         key = self._key(body)
         self._authorize(key, caller, "GetKeyPolicy")
         return {"Policy": key.policy.document, "PolicyName": "default"}
+
+    def put_key_policy(self, body: dict[str, Any], caller: AccessKey) -> dict[str, Any]:
+        """Replace a key's policy, as AWS does: the current policy must allow the caller
+        ``kms:PutKeyPolicy``, the new one must parse, and (unless
+        ``BypassPolicyLockoutSafetyCheck``) must still allow the caller ``kms:PutKeyPolicy``."""
+        name = _text(body, "PolicyName", max_size=128) or POLICY_NAME
+        if name != POLICY_NAME:
+            raise validation(f"PolicyName must be {POLICY_NAME}")
+        document = _text(body, "Policy", required=True, max_size=MAX_POLICY_SIZE)
+        assert document is not None
+        bypass = _get(body, "BypassPolicyLockoutSafetyCheck", bool, required=False) or False
+        key = self._key(body)
+        self._authorize(key, caller, "PutKeyPolicy")
+        policy = KeyPolicy.parse(document)
+        request_context = {
+            "aws:PrincipalArn": caller.principal_arn,
+            "kms:CallerAccount": self.account,
+        }
+        if not bypass and not policy.allows(
+            caller.principal_arn, self.account, "kms:PutKeyPolicy", request_context
+        ):
+            raise KmsApiError(
+                "MalformedPolicyDocumentException",
+                "The new key policy will not allow you to update the key policy in the future.",
+            )
+        self.store.set_policy(key, policy)
+        return {}
 
     # ----------------------------------------------------------------------- recipient
 

@@ -189,13 +189,25 @@ class KeyStore:
     def put(self, key: StoredKey) -> None:
         """Store a new or changed key."""
         with self._lock:
-            write_private_file(self.directory / "keys" / f"{key.key_id}.json", self._encode(key))
-            self._keys[key.key_id] = key
+            self._write(key)
+
+    def _write(self, key: StoredKey) -> None:
+        write_private_file(self.directory / "keys" / f"{key.key_id}.json", self._encode(key))
+        self._keys[key.key_id] = key
+
+    def _update(self, key: StoredKey, **changes: Any) -> StoredKey:
+        """Change fields of the stored version of ``key`` (not of a stale copy), atomically."""
+        with self._lock:
+            changed = replace(self._keys.get(key.key_id, key), **changes)
+            self._write(changed)
+            return changed
 
     def set_enabled(self, key: StoredKey, enabled: bool) -> StoredKey:
-        changed = replace(key, enabled=enabled)
-        self.put(changed)
-        return changed
+        return self._update(key, enabled=enabled)
+
+    def set_policy(self, key: StoredKey, policy: KeyPolicy) -> StoredKey:
+        """Replace ``key``'s policy (PutKeyPolicy), written through like every other change."""
+        return self._update(key, policy=policy)
 
     def alias(self, name: str) -> str | None:
         return self._aliases.get(name)
