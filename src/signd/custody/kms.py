@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -52,6 +50,7 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
+from signd.kms.aws import new_kms_client
 from signd.storage.base import KeyRecord, MetadataStore
 
 KEY_SPEC: Final = "ECC_SECG_P256K1"
@@ -153,28 +152,19 @@ class KmsKeyBackend(MetadataBackedBackend):
         key_policy: str | None = None,
     ) -> None:
         """Use ``client`` (a boto3 KMS client), or build one; credentials default to boto3's."""
-        if max_attempts < 1:
-            raise ConfigurationError("max_attempts must be at least 1", field="max_attempts")
-        if client is None:
-            config = Config(
+        self._client = (
+            client
+            if client is not None
+            else new_kms_client(
+                region=region,
+                endpoint_url=endpoint_url,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"total_max_attempts": max_attempts, "mode": "standard"},
+                max_attempts=max_attempts,
+                access_key_id=access_key_id,
+                secret_access_key=secret_access_key,
             )
-            try:
-                client = boto3.session.Session().client(
-                    "kms",
-                    region_name=region,
-                    endpoint_url=endpoint_url,
-                    aws_access_key_id=access_key_id,
-                    aws_secret_access_key=secret_access_key,
-                    config=config,
-                )
-            except (BotoCoreError, ValueError) as exc:
-                raise ConfigurationError(
-                    f"cannot configure the KMS custody client: {type(exc).__name__}"
-                ) from None
-        self._client = client
+        )
         super().__init__(metadata)
         self._key_policy = key_policy
 

@@ -85,6 +85,37 @@ if not any(isinstance(f, _DropResponseBodies) for f in _BOTOCORE_PARSER_LOG.filt
     _BOTOCORE_PARSER_LOG.addFilter(_DropResponseBodies())
 
 
+def new_kms_client(
+    *,
+    region: str | None,
+    endpoint_url: str | None,
+    connect_timeout: float,
+    read_timeout: float,
+    max_attempts: int,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+) -> KMSClient:
+    """A boto3 KMS client with bounded timeouts and retries (credentials default to boto3's)."""
+    if max_attempts < 1:
+        raise ConfigurationError("max_attempts must be at least 1", field="max_attempts")
+    config = Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
+    )
+    try:
+        return boto3.session.Session().client(
+            "kms",
+            region_name=region,
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=config,
+        )
+    except (BotoCoreError, ValueError) as exc:
+        raise ConfigurationError(f"cannot configure a KMS client: {type(exc).__name__}") from None
+
+
 class AwsKms(KmsClient):
     """Data keys under one AWS KMS key (id, ARN or ``alias/...``).
 
@@ -111,19 +142,17 @@ class AwsKms(KmsClient):
             raise ConfigurationError("max_attempts must be at least 1", field="max_attempts")
         self.key_id = key_id
         self.recipient = recipient
-        if client is None:
-            config = Config(
+        self._client = (
+            client
+            if client is not None
+            else new_kms_client(
+                region=region,
+                endpoint_url=endpoint_url,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                retries={"total_max_attempts": max_attempts, "mode": "standard"},
+                max_attempts=max_attempts,
             )
-            try:
-                client = boto3.session.Session().client(
-                    "kms", region_name=region, endpoint_url=endpoint_url, config=config
-                )
-            except (BotoCoreError, ValueError) as exc:
-                raise ConfigurationError(f"cannot configure the AWS KMS client: {exc}") from None
-        self._client = client
+        )
 
     def __repr__(self) -> str:
         mode = ", recipient" if self.recipient is not None else ""
