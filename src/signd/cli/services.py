@@ -28,6 +28,14 @@ config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 DEFAULT_ENCLAVE_LISTEN = "unix://{home}/run/enclave.sock"
 
 
+def _positive(section: dict[str, Any], key: str, default: float, table: str = "enclave") -> float:
+    """A positive number from a config table, or a ConfigurationError naming it."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(f"{table}.{key} must be a positive number", field=f"{table}.{key}")
+    return float(value)
+
+
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum: int, frame: object) -> None:
         stop.set()
@@ -65,9 +73,9 @@ def enclave(
     if address.startswith("unix://"):
         Path(address.removeprefix("unix://")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     cache = UnsealedKeyCache[Any, Any](
-        max_age=float(section.get("cache_max_age", 300.0)),
-        max_uses=int(section.get("cache_max_uses", 1000)),
-        max_entries=int(section.get("cache_max_entries", 10_000)),
+        max_age=_positive(section, "cache_max_age", 300.0),
+        max_uses=int(_positive(section, "cache_max_uses", 1000)),
+        max_entries=int(_positive(section, "cache_max_entries", 10_000)),
     )
     stop = threading.Event()
     _stop_on_signals(stop)
@@ -141,7 +149,7 @@ def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:
     def connect() -> HsmToken:
         return HsmToken(HsmSettings.from_mapping(section))
 
-    return EnclaveHsm(connect, retry_interval=float(section.get("reconnect_interval", 1.0)))
+    return EnclaveHsm(connect, retry_interval=_positive(section, "reconnect_interval", 1.0, "hsm"))
 
 
 def _unreachable(name: str, exc: SigndError) -> dict[str, str]:
