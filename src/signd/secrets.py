@@ -253,7 +253,7 @@ class AwsSecretsManager(SecretsProvider):
             raise DependencyUnavailable(
                 f"Secrets Manager is unreachable ({type(exc).__name__})"
             ) from None
-        log.info("fetched secret %r from Secrets Manager", name)
+        log.info("fetched secret %r from Secrets Manager", name)  # safe: name only
         if "SecretString" in answer:
             value: str | bytes = answer["SecretString"]
         elif "SecretBinary" in answer:

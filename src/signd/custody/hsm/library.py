@@ -221,7 +221,7 @@ class Pkcs11Library:
             self.generation += 1
             self._initialize()
 
-    def login(self, session_handle: int, pin: Secret) -> None:
+    def login(self, session_handle: int, pin: Secret) -> None:  # safe: not a log
         """``C_Login`` as the normal user; an already logged-in application is fine.
 
         Login state belongs to the application, not the session, and lasts until its last

@@ -291,7 +291,7 @@ class SessionPool:
             try:
                 for _ in range(self._settings.pool_size):
                     opened.append(token.open(rw=True))
-                self._library.login(opened[0].handle, self._settings.pin)
+                self._library.login(opened[0].handle, self._settings.pin)  # safe: a login call
             except BaseException:
                 for session in opened:
                     PooledSession(session, self._library, -1).close()

@@ -127,7 +127,7 @@ class KeystoreBackend(CustodyBackend):
         try:
             sealer.verify_check_value(header.check_value)
         except SigndError:
-            logger.warning("wrong passphrase for keystore %s", path)
+            logger.warning("wrong passphrase for keystore %s", path)  # safe: a path
             raise
         try:
             conn = connect(path)
@@ -356,7 +356,7 @@ class KeystoreBackend(CustodyBackend):
         """The raw private key of a key: it leaves custody. Never expose this remotely."""
         info = self.get_key(ref)
         signer = self._load_signer(info.key_id)
-        logger.warning("exported the private key of keystore key %s", info.key_id)
+        logger.warning("exported the private key of keystore key %s", info.key_id)  # safe: key id
         return Secret(signer.secret)
 
     def export_mnemonic_unsafe(self, wallet_id: str) -> Secret:
