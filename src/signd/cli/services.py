@@ -28,11 +28,24 @@ config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 DEFAULT_ENCLAVE_LISTEN = "unix://{home}/run/enclave.sock"
 
 
-def _positive(section: dict[str, Any], key: str, default: float, table: str = "enclave") -> float:
-    """A positive number from a config table, or a ConfigurationError naming it."""
+def _positive(
+    section: dict[str, Any],
+    key: str,
+    default: float,
+    table: str = "enclave",
+    *,
+    allow_zero: bool = False,
+) -> float:
+    """A positive (or, with ``allow_zero``, non-negative) number from a config table."""
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{table}.{key} must be a positive number", field=f"{table}.{key}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        wanted = "a non-negative" if allow_zero else "a positive"
+        raise ConfigurationError(f"{table}.{key} must be {wanted} number", field=f"{table}.{key}")
     return float(value)
 
 
@@ -149,7 +162,10 @@ def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:
     def connect() -> HsmToken:
         return HsmToken(HsmSettings.from_mapping(section))
 
-    return EnclaveHsm(connect, retry_interval=_positive(section, "reconnect_interval", 1.0, "hsm"))
+    return EnclaveHsm(
+        connect,
+        retry_interval=_positive(section, "reconnect_interval", 1.0, "hsm", allow_zero=True),
+    )
 
 
 def _unreachable(name: str, exc: SigndError) -> dict[str, str]:
