@@ -248,6 +248,15 @@ class KmsKeyBackend(MetadataBackedBackend):
 
     def close(self) -> None:
         self._client.close()
+        super().close()
+
+
+def _positive(settings: Mapping[str, Any], key: str, default: float) -> float:
+    """A positive number from the settings table, or a ConfigurationError naming it."""
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(f"kms_custody.{key} must be a positive number", field=key)
+    return float(value)
 
 
 def kms_backend_from_settings(
@@ -265,9 +274,9 @@ def kms_backend_from_settings(
     options: dict[str, Any] = {
         "region": settings.get("region"),
         "endpoint_url": settings.get("endpoint_url"),
-        "connect_timeout": float(settings.get("connect_timeout", 2.0)),
-        "read_timeout": float(settings.get("read_timeout", 5.0)),
-        "max_attempts": int(settings.get("max_attempts", 2)),
+        "connect_timeout": _positive(settings, "connect_timeout", 2.0),
+        "read_timeout": _positive(settings, "read_timeout", 5.0),
+        "max_attempts": int(_positive(settings, "max_attempts", 2)),
     }
     if settings.get("kms_server"):
         path = Path(home) / SERVER_INFO_FILE

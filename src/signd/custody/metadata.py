@@ -6,6 +6,8 @@ The store holds :class:`KeyRecord` rows; this module is the one place that turns
 
 from __future__ import annotations
 
+from typing import Self
+
 from signd.custody.base import CustodyBackend, KeyInfo, KeyPage
 from signd.storage.base import KeyRecord, MetadataStore
 
@@ -43,6 +45,16 @@ class MetadataBackedBackend(CustodyBackend):
 
     def __init__(self, metadata: MetadataStore) -> None:
         self._metadata = metadata
+        self._owns_metadata = False
+
+    def own_metadata(self) -> Self:
+        """Close the metadata store with this backend (it was opened for this backend alone)."""
+        self._owns_metadata = True
+        return self
+
+    def close(self) -> None:
+        if self._owns_metadata:
+            self._metadata.close()
 
     def find_key(self, ref: str) -> KeyInfo | None:
         record = self._metadata.find(ref, custody=self.custody_type)

@@ -151,17 +151,10 @@ def _hsm_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFac
 
         from signd.custody.hsm import HsmBackend  # pkcs11 only when the host drives the HSM
 
-        class OwningHsmBackend(HsmBackend):
-            """An HSM backend that also owns its metadata store."""
-
-            def close(self) -> None:
-                super().close()
-                metadata.close()
-
         hsm_settings = HsmSettings.from_mapping(section)
         metadata = build_metadata_store(settings)
         try:
-            return OwningHsmBackend(hsm_settings, metadata)
+            return HsmBackend(hsm_settings, metadata).own_metadata()
         except BaseException:
             metadata.close()
             raise
@@ -169,9 +162,27 @@ def _hsm_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFac
     return open_hsm
 
 
+def _kms_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
+    def open_kms() -> CustodyBackend:
+        from signd.custody.kms import kms_backend_from_settings  # boto3 only when configured
+
+        metadata = build_metadata_store(settings)
+        try:
+            backend = kms_backend_from_settings(
+                settings.section("kms_custody"), metadata, settings.home
+            )
+        except BaseException:
+            metadata.close()
+            raise
+        return backend.own_metadata()
+
+    return open_kms
+
+
 CUSTODY_REGISTRY: dict[str, Callable[[Settings, PassphraseSource], BackendFactory]] = {
     "enclave": _enclave_factory,
     "hsm": _hsm_factory,
+    "kms": _kms_factory,
     "keystore": _keystore_factory,
 }
 
@@ -179,10 +190,12 @@ CUSTODY_REGISTRY: dict[str, Callable[[Settings, PassphraseSource], BackendFactor
 def default_custody(settings: Settings) -> list[str]:
     """Enabled custody types, in key-lookup order: those whose lookups need no secret first.
 
-    The HSM joins when it is configured (an ``[hsm]`` table or ``SIGND_HSM_MODULE``).
+    The HSM joins when it is configured (an ``[hsm]`` table or ``SIGND_HSM_MODULE``), KMS-key
+    custody when a ``[kms_custody]`` table (or a ``SIGND_KMS_CUSTODY_*`` variable) is.
     """
     hsm = ["hsm"] if settings.section("hsm") else []
-    return ["enclave", *hsm, "keystore"]
+    kms = ["kms"] if settings.section("kms_custody") else []
+    return ["enclave", *hsm, *kms, "keystore"]
 
 
 def build_signer(settings: Settings, passphrase: PassphraseSource | None = None) -> Signer:

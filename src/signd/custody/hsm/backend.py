@@ -158,6 +158,7 @@ class HsmBackend(MetadataBackedBackend):
 
     def close(self) -> None:
         self._token.close()
+        super().close()
 
 
 def _parse_cka_id(value: bytes | str) -> bytes:
