@@ -262,7 +262,7 @@ def _positive(settings: Mapping[str, Any], key: str, default: float) -> float:
 def kms_backend_from_settings(
     settings: Mapping[str, Any], metadata: MetadataStore, home: Path
 ) -> KmsKeyBackend:
-    """Build the backend from a ``[custody_kms]``-style table.
+    """Build the backend from the ``[kms_custody]`` table.
 
     ``kms_server = true`` takes endpoint, region and credentials from the
     ``kms-server.json`` a local ``signd kms-server`` wrote into ``home``; otherwise boto3's
