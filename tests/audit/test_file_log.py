@@ -51,14 +51,17 @@ def test_log_is_an_audit_log(tmp_path: Path) -> None:
 
 def test_append_refuses_a_record_that_does_not_extend_the_chain(tmp_path: Path) -> None:
     chain = build_chain(5)
-    with FileAuditLog(tmp_path / "audit.jsonl") as log:
+    with FileAuditLog(tmp_path / "audit.jsonl", order_timeout=0.05) as log:
         log.append(chain[0])
-        with pytest.raises(IntegrityError, match="record 3 does not extend the log"):
+        with pytest.raises(IntegrityError, match=r"record 3 waited 0\.05 s for record 2"):
             log.append(chain[2])
         with pytest.raises(IntegrityError, match="record 1 does not extend"):
             log.append(chain[0])
+        with pytest.raises(IntegrityError, match="record 3 does not follow record 1"):
+            log.append_many([chain[0], chain[2]])
         log.append(chain[1])
-        assert [s.record.seq for s in log.records()] == [1, 2]
+        log.append(chain[2])  # in its turn now
+        assert [s.record.seq for s in log.records()] == [1, 2, 3]
 
 
 def test_long_lines_and_long_logs_are_tailed(tmp_path: Path) -> None:

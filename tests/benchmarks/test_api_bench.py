@@ -71,6 +71,8 @@ def test_benchmark_runs_at_tiny_size(
     results = REGISTRY[name](True)
 
     _check(name, results, api.load_generator()[0])
+    if name == "api-sign-hash":
+        assert results[0].baseline_name.endswith(f"({api.uvicorn_implementations()})")
     assert list(own_tempdir.iterdir()) == []
     assert _children() <= children_before
 
@@ -87,6 +89,20 @@ def test_the_python_load_generator_stands_in_for_wrk(
     _check("api-sign-hash", results, "Python asyncio load")
     assert list(own_tempdir.iterdir()) == []
     assert _children() <= children_before
+
+
+def test_the_baseline_names_the_uvicorn_implementations_both_servers_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    installed = {"uvloop"}
+    monkeypatch.setattr(
+        api.importlib.util, "find_spec", lambda name: object() if name in installed else None
+    )
+    assert api.uvicorn_implementations() == "uvloop + h11"
+    installed.add("httptools")
+    assert api.uvicorn_implementations() == "uvloop + httptools"
+    installed.clear()
+    assert api.uvicorn_implementations() == "asyncio + h11"
 
 
 def test_sizes_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,41 +1,58 @@
 """Where the host keeps sealed audit records: an append-only, hash-chained log.
 
 The host cannot forge records (it has no MAC key); it only stores them in order.
-:class:`AuditLog` is the interface; :class:`FileAuditLog` keeps one JSON object per line and
-fsyncs every append. A database-backed log implements the same four methods.
+:class:`AuditLog` is the interface; :class:`FileAuditLog` keeps one JSON object per line.
+A database-backed log implements the same five methods.
+
+Appends are group-committed: the records of every caller waiting at a given moment go out
+in one write and one fsync, and each caller returns only once its own records are durable.
+Records may be sealed elsewhere (the enclave) and arrive from several threads out of order:
+a caller whose records come before their predecessors waits for them, for a bounded time.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
 from signd.audit.records import GENESIS, ChainHead, SealedAuditRecord
-from signd.errors import IntegrityError
+from signd.errors import DependencyUnavailable, IntegrityError, SigndError
 
 _TAIL_CHUNK: Final = 64 * 1024
+DEFAULT_ORDER_TIMEOUT: Final = 5.0
+"""Seconds a caller's records wait for their predecessors before the caller is refused."""
+MAX_REFUSED_HASHES: Final = 65536
+"""Hashes of refused records remembered, so that their successors are refused at once."""
 
 
 class AuditLog(Protocol):
-    """An append-only store of sealed records, in chain order."""
+    """An append-only store of sealed records, in chain order. Thread-safe."""
 
     def append(self, sealed: SealedAuditRecord) -> None:
         """Store ``sealed`` durably; refuse one that does not extend the chain."""
         ...
 
     def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
-        """Store consecutive records with one durable write; all or none are accepted."""
+        """Store consecutive records durably, all or none; return once they are on disk.
+
+        Callers on several threads may hand in their records out of order: a caller waits
+        for the records before its own, and is refused if they do not come in time.
+        """
         ...
 
     def last_hash(self) -> bytes:
-        """The last record's hash (32 zero bytes for an empty log)."""
+        """The last durable record's hash (32 zero bytes for an empty log)."""
         ...
 
     def last_record(self) -> SealedAuditRecord | None:
-        """The last record, to seed the enclave's :class:`AuditSigner` at start."""
+        """The last durable record, to seed the enclave's :class:`AuditSigner`."""
         ...
 
     def records(self) -> Iterator[SealedAuditRecord]:
@@ -43,22 +60,57 @@ class AuditLog(Protocol):
         ...
 
 
+@dataclass(eq=False)
+class _Append:
+    """One caller's consecutive records, from arrival until written or refused."""
+
+    records: list[SealedAuditRecord]
+    deadline: float
+    written: bool = False
+    error: SigndError | None = field(default=None, repr=False)
+
+    @property
+    def first(self) -> SealedAuditRecord:
+        return self.records[0]
+
+    @property
+    def last(self) -> SealedAuditRecord:
+        return self.records[-1]
+
+
 class FileAuditLog:
-    """JSON lines, appended and fsynced one record at a time.
+    """JSON lines, appended with group commit: one write and one fsync per group.
 
     Opening reads only the last line (from the end of the file), so it is quick however
     long the log is. A final line without its newline (a write torn by a crash) is an
     :class:`~signd.errors.IntegrityError`: an operator must look at it.
+
+    Only whole, chained records reach the file, in ``seq`` order. When a write or fsync
+    fails, every caller in that group, and every caller whose records follow them, gets a
+    :class:`~signd.errors.DependencyUnavailable`; the file is truncated back to its last
+    durable record (if even that fails, the log refuses every later append). A refused
+    caller's records never reach the file, nor do records that follow them.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, order_timeout: float = DEFAULT_ORDER_TIMEOUT) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self.order_timeout = order_timeout
         self._last = _read_last_record(self.path)
         existed = self.path.exists()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for appends
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self._size = os.fstat(self._fd).st_size
         if not existed:
             _fsync_directory(self.path.parent)
+        self._state = threading.Condition(threading.Lock())
+        self._waiting: dict[int, _Append] = {}
+        """Every record's ``seq`` that has arrived and is not yet being written."""
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
+        self._writing = False
+        self._taken = self.head.seq
+        """The last ``seq`` written or being written."""
+        self._closed = False
+        self._unusable: str | None = None
+        """Why every append is refused, once the log is closed or broken."""
 
     def __repr__(self) -> str:
         return f"FileAuditLog(path={str(self.path)!r}, seq={self.head.seq})"
@@ -70,7 +122,17 @@ class FileAuditLog:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        """Finish the write in progress, refuse the callers still waiting, close the file."""
+        with self._state:
+            while self._writing:
+                self._state.wait()
+            if self._closed:
+                return
+            self._closed = True
+            self._unusable = "the audit log is closed"
+            for pending in set(self._waiting.values()):
+                self._refuse(pending, DependencyUnavailable(self._unusable))
+            os.close(self._fd)
 
     @property
     def head(self) -> ChainHead:
@@ -88,19 +150,35 @@ class FileAuditLog:
     def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
         if not sealed:
             return
-        with self._lock:
-            head = self.head
-            for record in sealed:
-                if record.prev_hash != head.hash or record.record.seq != head.seq + 1:
-                    raise IntegrityError(
-                        f"audit record {record.record.seq} does not extend the log "
-                        f"(last record is {head.seq})"
+        pending = _Append(list(sealed), time.monotonic() + self.order_timeout)
+        for before, record in zip(pending.records, pending.records[1:], strict=False):
+            if record.record.seq != before.record.seq + 1 or record.prev_hash != before.hash:
+                raise IntegrityError(
+                    f"audit record {record.record.seq} does not follow record "
+                    f"{before.record.seq} in the same append"
+                )
+        with self._state:
+            self._admit(pending)
+            while not pending.written:
+                if pending.error is not None:
+                    raise _fresh(pending.error)
+                if not self._writing and self.head.seq + 1 in self._waiting:
+                    self._write_group()
+                    continue
+                if pending.first.record.seq not in self._waiting:
+                    self._state.wait()  # in the group being written
+                    continue
+                remaining = pending.deadline - time.monotonic()
+                if remaining <= 0:
+                    self._refuse(
+                        pending,
+                        IntegrityError(
+                            f"audit record {pending.first.record.seq} waited "
+                            f"{self.order_timeout:g} s for record {self.head.seq + 1}"
+                        ),
                     )
-                head = record.head
-            self._file.write(b"".join((r.to_json() + "\n").encode("ascii") for r in sealed))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._last = sealed[-1]
+                    continue
+                self._state.wait(remaining)
 
     def records(self) -> Iterator[SealedAuditRecord]:
         with open(self.path, "rb") as lines:
@@ -109,6 +187,125 @@ class FileAuditLog:
                     yield SealedAuditRecord.from_json(line)
                 except IntegrityError as exc:
                     raise IntegrityError(f"audit log line {number}: {exc.message}") from None
+
+    # with self._state held
+
+    def _admit(self, pending: _Append) -> None:
+        """Take ``pending`` in to wait for its turn, or raise why it is refused."""
+        if self._unusable is not None:
+            raise DependencyUnavailable(self._unusable)
+        first = pending.first.record.seq
+        problem = None
+        if first <= self._taken:
+            problem = f"audit record {first} does not extend the log (last record is {self._taken})"
+        elif any(record.record.seq in self._waiting for record in pending.records):
+            problem = f"audit record {first} is already waiting to be stored"
+        elif pending.first.prev_hash in self._refused:
+            problem = f"audit record {first} follows a record that was not stored"
+        if problem is not None:
+            raise IntegrityError(problem)  # its hashes are not refused: it may be a retry
+        for record in pending.records:
+            self._waiting[record.record.seq] = pending
+
+    def _write_group(self) -> None:
+        """Write every record that extends the log without a gap, as one write and fsync.
+
+        Called with the lock held and no write in progress; releases the lock while writing.
+        """
+        group: list[_Append] = []
+        head = self.head
+        while (pending := self._waiting.get(head.seq + 1)) is not None:
+            if pending.first.record.seq != head.seq + 1 or pending.first.prev_hash != head.hash:
+                self._refuse(
+                    pending,
+                    IntegrityError(
+                        f"audit record {head.seq + 1} does not extend the log "
+                        f"(its prev_hash is not record {head.seq}'s hash)"
+                    ),
+                )
+                break
+            for record in pending.records:
+                del self._waiting[record.record.seq]
+            group.append(pending)
+            head = pending.last.head
+        if not group:
+            return
+        self._writing = True
+        self._taken = head.seq
+        self._state.release()
+        failure: SigndError | None = DependencyUnavailable("the audit log write was interrupted")
+        try:
+            failure = self._write(
+                b"".join(
+                    (record.to_json() + "\n").encode("ascii")
+                    for pending in group
+                    for record in pending.records
+                )
+            )
+        finally:
+            self._state.acquire()
+            self._writing = False
+            if failure is None:
+                self._last = group[-1].last
+                for pending in group:
+                    pending.written = True
+                self._state.notify_all()
+            else:
+                self._taken = self.head.seq
+                for pending in group:
+                    self._refuse(pending, failure)
+
+    def _write(self, data: bytes) -> DependencyUnavailable | None:
+        """Append ``data`` and fsync; on failure, cut the file back to where it was."""
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except BaseException as exc:
+            self._undo(start)
+            if not isinstance(exc, OSError):
+                raise
+            why = os.strerror(exc.errno or errno.EIO)
+            return DependencyUnavailable(f"the audit log could not be written ({why})")
+        self._size = start + len(data)
+        return None
+
+    def _undo(self, size: int) -> None:
+        """Cut the file back to ``size`` bytes, durably; if that fails, refuse every append."""
+        try:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._unusable = (
+                "the audit log is unusable: a failed write could not be undone "
+                f"({os.strerror(exc.errno or errno.EIO)}); restart to check it"
+            )
+
+    def _refuse(self, pending: _Append, error: SigndError) -> None:
+        """Refuse admitted records and, since they can no longer be chained, their successors
+        (those waiting now, and those arriving later)."""
+        pending.error = error
+        refused = [pending]
+        while refused:
+            current = refused.pop()
+            for record in current.records:
+                if self._waiting.get(record.record.seq) is current:
+                    del self._waiting[record.record.seq]
+                self._refused[record.hash] = None
+            for waiting in set(self._waiting.values()):
+                if waiting.error is None and waiting.first.prev_hash in self._refused:
+                    waiting.error = error
+                    refused.append(waiting)
+        while len(self._refused) > MAX_REFUSED_HASHES:
+            self._refused.popitem(last=False)
+        self._state.notify_all()
+
+
+def _fresh(error: SigndError) -> SigndError:
+    """A copy of a group's error for one caller (one exception object per raise)."""
+    return type(error)(error.message, field=error.field)
 
 
 def _read_last_record(path: Path) -> SealedAuditRecord | None:

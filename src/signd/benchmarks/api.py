@@ -6,7 +6,9 @@ keys created beforehand), and stops it and removes the home when done. The REST 
 baseline is :func:`bare_app`, one Starlette POST route that parses a JSON body and answers a
 small JSON object, served by uvicorn in a child process with the settings ``signd serve``
 uses (one worker, uvicorn's default event loop and HTTP implementation, no access log, no
-server header).
+server header). uvicorn's defaults pick uvloop and httptools when they are installed (the
+``uvicorn[standard]`` extra), else asyncio and h11; both servers get the same, and the
+baseline's name says which.
 
 The load comes from ``wrk`` (Debian's package; a Lua script sets the POST body) when it is
 on ``PATH``: one thread, bounded by a duration, stopping by itself. Without it, a Python
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -140,6 +143,14 @@ def bare_app() -> Starlette:
             Route("/healthz", _healthz, methods=["GET"]),
         ]
     )
+
+
+def uvicorn_implementations() -> str:
+    """The event loop and HTTP parser uvicorn's defaults (``auto``) pick here, as
+    ``signd serve`` and the baseline both run them."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"{loop} + {http}"
 
 
 # Child processes
@@ -501,7 +512,7 @@ def api_sign_hash(quick: bool) -> list[BenchResult]:
             )
             _check_signd_counted(signd, ours.answered)
     where = f"{size.connections} connections ({generator_name})"
-    baseline_name = "bare Starlette JSON POST, same uvicorn settings"
+    baseline_name = f"bare Starlette JSON POST, same uvicorn settings ({uvicorn_implementations()})"
     return [
         BenchResult(
             f"REST POST /v1/sign/hash, {where}",

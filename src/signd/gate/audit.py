@@ -1,5 +1,6 @@
 """The audit trail the gate writes: records sealed by the :class:`~signd.audit.AuditSigner`
-and appended to the :class:`~signd.audit.AuditLog`, in the same order, under one lock."""
+and appended to the :class:`~signd.audit.AuditLog`, which writes concurrent callers'
+records together and in ``seq`` order."""
 
 from __future__ import annotations
 
@@ -23,17 +24,24 @@ MAX_REASON = 500
 class AuditTrail:
     """Seals and stores records; nothing the gate returns leaves without its record.
 
-    :meth:`write` appends a group of records with one durable write. When the store refuses
-    or fails, the error propagates (the caller withholds its results) and the signer is
-    reseeded from the log's last record, so that the chain continues where the log ends.
+    :meth:`write` seals a group of records under a lock (so they are numbered in the order
+    the decisions were made) and hands them to the store outside it, so that the store can
+    write the records of concurrent callers together (group commit). When the store refuses
+    or fails, the error propagates (the caller withholds its results) and the chain is
+    reseeded from the log's last durable record before the next record is sealed: once the
+    writes in progress have all finished, so that the log's end is final.
     """
 
     def __init__(self, mac_key: Secret, node: str, store: AuditLog) -> None:
         self._mac_key = mac_key
         self._node = node
         self.store = store
-        self._lock = threading.Lock()
+        self._state = threading.Condition(threading.Lock())
         self._signer = AuditSigner(mac_key, node, last=store.last_record())
+        self._writing = 0
+        """Writes between sealing and their store's answer."""
+        self._reseed = False
+        """A write failed: reseed the signer from the log once no write is in progress."""
 
     def __repr__(self) -> str:
         return f"AuditTrail(signer={self._signer!r})"
@@ -47,19 +55,32 @@ class AuditTrail:
             self.store.close()
 
     def write(self, entries: Sequence[AuditEntry]) -> None:
+        """Seal ``entries`` and return once their records are durable, or raise."""
         if not entries:
             return
-        with self._lock:
+        with self._state:
+            while self._reseed and self._writing:
+                self._state.wait()
+            if self._reseed:
+                self._signer = AuditSigner(self._mac_key, self._node, last=self.store.last_record())
+                self._reseed = False
             sealed = [
                 self._signer.seal(**{**entry, "reason": str(entry["reason"])[:MAX_REASON]})
                 for entry in entries
             ]
-            try:
-                self.store.append_many(sealed)
-            except Exception as exc:
-                log.error("audit log append failed; the results are withheld: %s", _why(exc))
-                self._signer = AuditSigner(self._mac_key, self._node, last=self.store.last_record())
-                raise
+            self._writing += 1
+        try:
+            self.store.append_many(sealed)
+        except Exception as exc:
+            log.error("audit log append failed; the results are withheld: %s", _why(exc))
+            with self._state:
+                self._reseed = True
+            raise
+        finally:
+            with self._state:
+                self._writing -= 1
+                if not self._writing:
+                    self._state.notify_all()
 
 
 def _why(exc: Exception) -> str:
