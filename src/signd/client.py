@@ -17,15 +17,19 @@ a client, so ``signd --url`` runs the same commands against the service.
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from signd.attestation import AttestationDocument, aws_nitro_root_certificate, verify_attestation
 from signd.auth.request_signing import PrivateKey, sign_request
 from signd.chains.ethereum.transactions import SignedTransaction, decode_transaction
 from signd.crypto.secp256k1 import RecoverableSignature
@@ -254,6 +258,36 @@ class SigndClient:
     def openapi(self) -> dict[str, Any]:
         answer: dict[str, Any] = self._json("GET", "/openapi.json", signed=False)
         return answer
+
+    def attestation(
+        self,
+        nonce: bytes | None = None,
+        *,
+        root_certificates: Sequence[x509.Certificate] | None = None,
+        expected_pcrs: Mapping[int, bytes] | None = None,
+        max_age: timedelta = timedelta(minutes=5),
+    ) -> AttestationDocument:
+        """A fresh attestation document of the service's enclave, verified here.
+
+        The server's own verdict is not relied on: the raw document must chain to
+        ``root_certificates`` (the AWS Nitro root unless given; the development root for a
+        simulated NSM), be signed, carry ``nonce`` (32 random bytes unless given), be at most
+        ``max_age`` old and match ``expected_pcrs``. A failed check raises
+        :class:`~signd.errors.AccessDenied` naming it.
+        """
+        nonce = secrets.token_bytes(32) if nonce is None else nonce
+        answer = self._json("GET", "/v1/attestation", params={"nonce": nonce.hex()}, signed=False)
+        try:
+            document = base64.b64decode(answer["document"], validate=True)
+        except (KeyError, TypeError, ValueError):
+            raise DependencyUnavailable("signd answered without an attestation document") from None
+        return verify_attestation(
+            document,
+            root_certificates=root_certificates or [aws_nitro_root_certificate()],
+            expected_pcrs=expected_pcrs,
+            nonce=nonce,
+            max_age=max_age,
+        )
 
 
 class RemoteSigner(Signer):

@@ -68,6 +68,11 @@ class Recipient:
     def __repr__(self) -> str:
         return f"Recipient(provider={type(self._provider).__name__}, rsa={self._rsa_key.key_size})"
 
+    @property
+    def provider(self) -> AttestationProvider:
+        """Where the documents come from (the enclave's other attestation requests use it too)."""
+        return self._provider
+
     def document(self) -> bytes:
         """A signed attestation document binding the public key; reused up to the max age."""
         with self._lock:
