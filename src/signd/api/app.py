@@ -17,7 +17,7 @@ from starlette.responses import Response
 from signd.api.downstream import Downstream
 from signd.api.errors import MethodNotAllowed, RouteNotFound
 from signd.api.metrics import ApiMetrics
-from signd.api.middleware import RequestLog
+from signd.api.middleware import RequestLog, RetryAfter, rate_limited
 from signd.api.rest import RestApi, error_response
 from signd.api.rpc import JsonRpcApi
 from signd.api.service import (
@@ -29,6 +29,7 @@ from signd.api.service import (
 from signd.api.settings import ApiSettings
 from signd.errors import ConfigurationError, InvalidRequest, SigndError
 from signd.operations import Signer
+from signd.operations.attestation import EnclaveAttestor
 
 log = logging.getLogger("signd.api")
 
@@ -49,6 +50,7 @@ def create_app(
     *,
     authenticate: Authenticator,
     gate: SigningGate | None = None,
+    attestor: EnclaveAttestor | None = None,
     downstream_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Starlette:
     """The ASGI app. The caller owns ``signer`` (and closes it after the app has stopped).
@@ -57,14 +59,20 @@ def create_app(
     through ``gate``: the seams for client authentication and policy. ``signd serve`` passes
     the gatekeeper's (:mod:`signd.api.gatekeeping`); unit tests of routes pass
     ``authenticate=allow_anonymous_for_tests`` and no gate (no policy at all), the only
-    combination allowed without a gate. ``downstream_transport`` replaces the network for
+    combination allowed without a gate. ``attestor`` serves ``GET /v1/attestation`` and adds
+    the ``attestation`` part to ``/readyz`` (:func:`signd.operations.attestation.enclave_attestor`
+    builds it from the configuration). ``downstream_transport`` replaces the network for
     the downstream node (tests).
+
+    ``authenticate`` is wrapped in the request rate limits of ``settings``; the wrapped one is
+    ``app.state.authenticate``, for the MQTT adapter to share them.
     """
     if gate is None and authenticate is not allow_anonymous_for_tests:
         raise ConfigurationError("an authenticated app needs its gate (create_app(gate=...))")
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
-    service = SigningService(signer, settings, metrics, gate)
+    authenticate = rate_limited(authenticate, settings)
+    service = SigningService(signer, settings, metrics, gate, attestor)
     downstream = (
         Downstream(
             settings.downstream,
@@ -105,10 +113,14 @@ def create_app(
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(RequestLog, metrics=metrics, routes=route_names)],
+        middleware=[
+            Middleware(RequestLog, metrics=metrics, routes=route_names),
+            Middleware(RetryAfter),
+        ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
     app.state.service = service
     app.state.metrics = metrics
+    app.state.authenticate = authenticate
     return app

@@ -12,6 +12,7 @@ The API adds a few errors that only exist at the HTTP boundary::
     ├── RouteNotFound                   404: no such route
     ├── MethodNotAllowed                405: the route exists, the method does not
     ├── DownstreamError                 502: the downstream node answered with a JSON-RPC error
+    ├── RateLimited                     429: over the request rate limit (Retry-After says when)
     ├── InvalidRequest
     │   └── PayloadTooLarge             413: the body is over the configured limit
     └── AccessDenied
@@ -24,6 +25,7 @@ and the gate's (:mod:`signd.gate.errors`): ``Unauthenticated`` (401), ``OutOfSco
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -72,6 +74,18 @@ class BlindSigningDisabled(AccessDenied):
         )
 
 
+class RateLimited(SigndError):
+    """Over a request rate limit: the client's, or before authentication its address's.
+    ``retry_after`` is in whole seconds, as the ``Retry-After`` header gives it."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(f"over the request rate limit; retry after {self.retry_after} s")
+
+
 class DownstreamError(SigndError):
     """The downstream node refused a call; its JSON-RPC error object is passed on unchanged."""
 
@@ -99,6 +113,7 @@ JSONRPC_CODES: Final[dict[type[SigndError], int]] = {
     AccessDenied: -32003,
     IntegrityError: -32004,
     CapacityExceeded: -32005,
+    RateLimited: -32005,
     DependencyUnavailable: -32006,
     ConfigurationError: -32007,
     DownstreamError: -32008,

@@ -7,14 +7,19 @@ Frozen and validated once at start-up; an unknown or mistyped setting is a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from signd.enclave.protocol import DEFAULT_MAX_FRAME_SIZE
 from signd.errors import ConfigurationError
 
 DEFAULT_PORT = 8645
+MAX_BODY_BYTES: Final = DEFAULT_MAX_FRAME_SIZE // 2
+"""The largest request body: half an enclave frame, so that the body, its auth headers and
+the keys it names fit in the one GATE frame that carries it to the enclave's gate."""
 MQTT_PORTS: Final = {"mqtts": 8883, "mqtt": 1883}
 MQTT_CLIENT: Final = "{client}"
 """In ``mqtt_reply_topic``: the request topic's levels matched by the request filter's
@@ -75,12 +80,24 @@ class ApiSettings:
 
     allow_blind_signing: bool = False
     """Serve ``POST /v1/sign/hash`` (signing an opaque 32-byte digest). Off unless asked for."""
-    max_body_bytes: int = 1 << 20
-    """Larger request bodies are refused with 413."""
+    max_body_bytes: int = MAX_BODY_BYTES
+    """Larger request bodies are refused with 413 (at most :data:`MAX_BODY_BYTES`)."""
     max_batch: int = 100
     """Most requests in one ``POST /v1/sign/batch`` or one JSON-RPC batch."""
     max_keys_per_request: int = 1000
     """Most keys one ``POST /v1/keys`` creates."""
+    rate_limit: float = 0.0
+    """Requests per second each authenticated client may make, on average (a token bucket
+    per client id, REST, JSON-RPC and MQTT together); more get 429 ``rate_limited``. 0: no
+    limit (the default: clients are registered services whose load the operator knows)."""
+    rate_limit_burst: int = 100
+    """Requests a client may make at once before ``rate_limit`` paces it (the bucket's size)."""
+    auth_failure_rate_limit: float = 5.0
+    """Failed authentications per second each remote address may cause, on average; once its
+    bucket is empty, that address's requests get 429 before they are authenticated (no
+    signature check, no audit record) until it refills. 0: no limit."""
+    auth_failure_burst: int = 50
+    """Failed authentications an address may cause at once."""
     signing_threads: int = 8
     """Blocking custody calls run in a thread pool this wide."""
     health_timeout: float = 5.0
@@ -134,6 +151,28 @@ class ApiSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"api.{name} must be a positive integer", field="api")
+        if self.max_body_bytes > MAX_BODY_BYTES:
+            raise ConfigurationError(
+                f"api.max_body_bytes must be at most {MAX_BODY_BYTES} (a request travels to the "
+                "enclave's gate in one frame)",
+                field="api",
+            )
+        for name in ("rate_limit_burst", "auth_failure_burst"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"api.{name} must be a positive integer", field="api")
+        for name in ("rate_limit", "auth_failure_rate_limit"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigurationError(
+                    f"api.{name} must be a number of requests per second (0: no limit)",
+                    field="api",
+                )
         for name in ("health_timeout", "downstream_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:

@@ -242,9 +242,10 @@ class KmsKeyBackend(MetadataBackedBackend):
         return signature
 
     def check_health(self) -> None:
-        """One cheap authenticated call: ListKeys with Limit=1."""
+        """One cheap authenticated call: ListKeys with Limit=1; then the metadata store."""
         with _translated("ListKeys"):
             self._client.list_keys(Limit=1)
+        super().check_health()
 
     def close(self) -> None:
         self._client.close()

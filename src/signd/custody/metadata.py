@@ -56,6 +56,12 @@ class MetadataBackedBackend(CustodyBackend):
         if self._owns_metadata:
             self._metadata.close()
 
+    def check_health(self) -> None:
+        """Raise :class:`~signd.errors.DependencyUnavailable` when the metadata store does not
+        answer: without it no key can be found, so none can sign. Subclasses check their own
+        dependencies, then call this."""
+        self._metadata.check_health()
+
     def find_key(self, ref: str) -> KeyInfo | None:
         record = self._metadata.find(ref, custody=self.custody_type)
         return None if record is None else info_from_record(record)

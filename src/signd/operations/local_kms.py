@@ -56,8 +56,10 @@ UNATTESTED_ALIAS: Final = "alias/signd-enclave-unattested"
 STARTUP_TIMEOUT: Final = 30.0
 _ACCOUNT_ROOT: Final = f"arn:aws:iam::{DEFAULT_ACCOUNT}:root"
 _BOTO_CONFIG: Final = Config(
-    connect_timeout=2.0, read_timeout=10.0, retries={"total_max_attempts": 1, "mode": "standard"}
+    connect_timeout=2.0, read_timeout=5.0, retries={"total_max_attempts": 1, "mode": "standard"}
 )
+"""A read timeout below the enclave client's default request timeout (10 s), so that a stuck
+kms-server fails the enclave's call as KMS unavailable before the host gives up on the enclave."""
 
 
 class LocalKmsServer:
@@ -89,6 +91,11 @@ class LocalKmsServer:
                 self.home, timeout=self._startup_timeout, extra_args=["--exit-with-parent"]
             )
             return self._owned.info
+
+    def serves(self, endpoint: str | None) -> bool:
+        """Whether the home's recorded kms-server is at ``endpoint`` and accepts connections."""
+        info = self._recorded()
+        return info is not None and info.endpoint == endpoint and answers(info.endpoint)
 
     def _recorded(self) -> ServerInfo | None:
         if not (self.home / INFO_FILE).exists():
@@ -179,6 +186,8 @@ class EmbeddedKms(KmsClient):
         self._server = server if server is not None else LocalKmsServer(home)
         self._recipient = recipient
         self._inner: AwsKms | None = None
+        self._endpoint: str | None = None
+        """The kms-server ``_inner`` talks to."""
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -191,6 +200,7 @@ class EmbeddedKms(KmsClient):
 
     def _connect(self) -> AwsKms:
         info = self._server.ensure()
+        self._endpoint = info.endpoint
         client = info.client(config=_BOTO_CONFIG)
         pcr0 = None
         if self._recipient is not None:
@@ -219,6 +229,8 @@ class EmbeddedKms(KmsClient):
         try:
             return getattr(self._client(), operation)(*args, **kwargs)
         except DependencyUnavailable:
+            if self._server.serves(self._endpoint):
+                raise  # it is there but failing or slow: asking again would double the wait
             # the server this client reused may have stopped with its owner: find or start one
             return getattr(self._client(fresh=True), operation)(*args, **kwargs)
 

@@ -92,7 +92,7 @@ class FilesystemBlobStore(BlobStore):
         try:
             return path.read_bytes()
         except FileNotFoundError as exc:
-            raise KeyNotFound(f"no blob {name!r}") from exc
+            raise self._missing(name) from exc
         except OSError as exc:
             raise _unavailable(self.root, f"read blob {name!r}", exc) from exc
 
@@ -104,7 +104,7 @@ class FilesystemBlobStore(BlobStore):
                 file.seek(offset)
                 data = file.read(length)
         except FileNotFoundError as exc:
-            raise KeyNotFound(f"no blob {name!r}") from exc
+            raise self._missing(name) from exc
         except OSError as exc:
             raise _unavailable(self.root, f"read blob {name!r}", exc) from exc
         if len(data) != length:
@@ -127,6 +127,13 @@ class FilesystemBlobStore(BlobStore):
     def check_health(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise DependencyUnavailable(f"blob store at {self.root}: not a writable folder")
+
+    def _missing(self, name: str) -> KeyNotFound | DependencyUnavailable:
+        """No file for ``name``: the blob is missing, or the whole store is (an unmounted
+        volume), which must not read as a key that does not exist."""
+        if not self.root.is_dir():
+            return DependencyUnavailable(f"blob store at {self.root}: the folder is gone")
+        return KeyNotFound(f"no blob {name!r}")
 
     def _make_shard(self, shard: Path) -> None:
         """Create the two shard folders if needed, durably (each parent is fsynced)."""

@@ -153,8 +153,9 @@ class HsmBackend(MetadataBackedBackend):
         return [info_from_record(record) for record in records]
 
     def check_health(self) -> None:
-        """A token-info and session-info call on a pooled session."""
+        """A token-info and session-info call on a pooled session; then the metadata store."""
         self._token.check_health()
+        super().check_health()
 
     def close(self) -> None:
         self._token.close()
