@@ -32,6 +32,21 @@ EXPECTED = {
         ("REST POST /v1/sign/batch, 10 hashes per request over 2 keys, 2 clients", "sig/s"),
     ),
     "api-eth-tx": (("REST EIP-1559 tx sign, 4 connections", "tx/s"),),
+    "api-sign-hash-enclave": (
+        ("REST POST /v1/sign/hash, enclave custody and gate, 4 connections", "req/s"),
+        ("REST POST /v1/sign/hash latency p50, enclave custody and gate, 4 connections", "ms"),
+        ("REST POST /v1/sign/hash latency p99, enclave custody and gate, 4 connections", "ms"),
+    ),
+    "api-sign-batch-enclave": (
+        (
+            "REST POST /v1/sign/batch, 10 hashes per request over 2 keys, enclave custody and "
+            "gate, 2 clients",
+            "sig/s",
+        ),
+    ),
+    "api-eth-tx-enclave": (
+        ("REST EIP-1559 tx sign, enclave custody and gate, 4 connections", "tx/s"),
+    ),
 }
 
 
@@ -71,7 +86,7 @@ def test_benchmark_runs_at_tiny_size(
     results = REGISTRY[name](True)
 
     _check(name, results, api.load_generator()[0])
-    if name == "api-sign-hash":
+    if name.startswith("api-sign-hash"):
         assert results[0].baseline_name.endswith(f"({api.uvicorn_implementations()})")
     assert list(own_tempdir.iterdir()) == []
     assert _children() <= children_before

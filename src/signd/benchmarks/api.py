@@ -1,8 +1,13 @@
 """Benchmarks of ``signd serve`` over HTTP on 127.0.0.1.
 
-Every figure starts ``python -m signd --home HOME serve --allow-blind-signing`` as a child
-process on a free 127.0.0.1 port, over a throwaway home (keystore custody only, cheap scrypt,
-keys created beforehand), and stops it and removes the home when done. The REST figure's
+Every figure starts ``python -m signd --home HOME serve`` as a child process on a free
+127.0.0.1 port, over a throwaway home (blind signing allowed, cheap scrypt, keys created
+beforehand through the service), and stops it and removes the home when done. The home has
+one of two custody set-ups (:data:`CUSTODY_SETUPS`): keystore custody only, so the gate
+(authentication, policy, audit sealing) runs in the server's process; or the default
+custody, as a default home deploys it (an enclave process started on first use, the embedded
+kms-server), so the gate runs in the enclave and the keys are sealed there: the figures
+named ``api-*-enclave``. The hash figure's
 baseline is :func:`bare_app`, one Starlette POST route that parses a JSON body and answers a
 small JSON object, served by uvicorn in a child process with the settings ``signd serve``
 uses (one worker, uvicorn's default event loop and HTTP implementation, no access log, no
@@ -57,11 +62,11 @@ from signd.benchmarks.enclave import SIZE_ENV
 from signd.benchmarks.harness import BenchResult, benchmark, rate
 from signd.config import load_settings
 from signd.crypto.secret import Secret
-from signd.custody.base import KeyInfo
 from signd.operations.backends import KEYSTORE_PASSPHRASE_ENV, build_signer
 from signd.operations.signer import Signer
 
 HOST: Final = "127.0.0.1"
+KEYS_PATH: Final = "/v1/keys"
 HASH_PATH: Final = "/v1/sign/hash"
 BATCH_PATH: Final = "/v1/sign/batch"
 TRANSACTION_PATH: Final = "/v1/sign/ethereum/transaction"
@@ -121,6 +126,31 @@ def sizes(quick: bool) -> Sizes:
     if os.environ.get(SIZE_ENV) == "tiny":
         return TINY
     return QUICK if quick else FULL
+
+
+@dataclass(frozen=True, slots=True)
+class CustodySetup:
+    """Where the benchmark's keys live and, with them, where ``signd serve`` runs its gate."""
+
+    custody: str
+    """The custody type the keys are created with."""
+    config: str
+    """The ``signd.toml`` lines that choose it."""
+    label: str
+    """What the figure names add (nothing for the keystore, the first set measured)."""
+    gate: str
+    """What ``signd serve`` logs at start-up about where its gate runs."""
+
+
+CUSTODY_SETUPS: Final[Mapping[str, CustodySetup]] = {
+    "keystore": CustodySetup(
+        "keystore", '[custody]\nenabled = ["keystore"]\n\n', "", "gate: in this process"
+    ),
+    "enclave": CustodySetup("enclave", "", ", enclave custody and gate", "gate: in the enclave"),
+}
+"""Keystore custody only (the gate in the server's process), or the default custody (enclave
+and keystore; the gate in the enclave, which ``signd serve`` starts with the embedded
+kms-server)."""
 
 
 # The baseline server
@@ -254,28 +284,33 @@ blind_signing = true
 """
 
 
-def _signd_home(folder: Path, *, max_batch: int = 100) -> Path:
-    """A home in ``folder``: keystore custody only (cheap scrypt), blind signing allowed, and a
-    bearer client ``bench`` that the policy allows everything (what every request sends)."""
+def _signd_home(folder: Path, setup: CustodySetup, *, max_batch: int = 100) -> Path:
+    """A home in ``folder`` with ``setup``'s custody (cheap scrypt), blind signing allowed,
+    and a bearer client ``bench`` that the policy allows everything (what every request
+    sends)."""
     home = folder / "home"
     home.mkdir(mode=0o700)
     (home / "clients.toml").write_text(_BENCH_CLIENTS)
     (home / "policy.toml").write_text(_BENCH_POLICY)
     (home / "signd.toml").write_text(
-        '[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = ["keystore"]\n\n'
+        f"[keystore]\nscrypt_n = 1024\n\n{setup.config}"
         f"[api]\nallow_blind_signing = true\nmax_batch = {max_batch}\n"
     )
     return home
 
 
 @contextmanager
-def _signd_serve(home: Path) -> Iterator[str]:
-    """``signd serve`` on ``home`` as deployed (its access log included, to a file)."""
+def _signd_serve(home: Path, setup: CustodySetup) -> Iterator[str]:
+    """``signd serve`` on ``home`` as deployed (its access log included, to a file), once it
+    has logged that its gate runs where ``setup`` puts it."""
     command = [
         *(sys.executable, "-m", "signd", "--home", str(home), "serve"),
         *("--host", HOST, "--port", str(_free_port())),
     ]
-    with _serving("signd serve", command, home / "serve.log", _child_environment()) as url:
+    log_path = home / "serve.log"
+    with _serving("signd serve", command, log_path, _child_environment()) as url:
+        if setup.gate not in log_path.read_text(errors="replace"):
+            raise AssertionError(f"signd serve did not log {setup.gate!r}")
         yield url
 
 
@@ -292,13 +327,18 @@ def _bare_serve(folder: Path) -> Iterator[str]:
 
 
 def _open_signer(home: Path) -> Signer:
-    """A signer over ``home``'s keystore (created on first use)."""
+    """A signer in this process over ``home``'s custody (an enclave custody starts its own
+    enclave process and shares the server's kms-server)."""
     return build_signer(load_settings(home), passphrase=lambda creating: Secret(_PASSPHRASE))
 
 
-def _create_keys(home: Path, count: int) -> list[KeyInfo]:
-    with _open_signer(home) as signer:
-        return signer.create_keys(chain="ethereum", custody="keystore", count=count)
+def _create_keys(base_url: str, setup: CustodySetup, count: int) -> list[Mapping[str, Any]]:
+    """``count`` Ethereum keys with ``setup``'s custody, created through the service."""
+    body = {"chain": "ethereum", "custody": setup.custody, "count": count}
+    keys: list[Mapping[str, Any]] = _post(base_url + KEYS_PATH, json.dumps(body).encode())["keys"]
+    if len(keys) != count or any(key["custody"] != setup.custody for key in keys):
+        raise AssertionError(f"signd did not create {count} {setup.custody} keys")
+    return keys
 
 
 # Load generators
@@ -486,16 +526,14 @@ def _alternate(
 # Benchmarks
 
 
-@benchmark("api-sign-hash")
-def api_sign_hash(quick: bool) -> list[BenchResult]:
-    """POST /v1/sign/hash at 50 connections vs a bare Starlette POST endpoint."""
+def _sign_hash(quick: bool, setup: CustodySetup) -> list[BenchResult]:
     size = sizes(quick)
     generator_name, generate = load_generator()
     with tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder:
-        home = _signd_home(Path(folder))
-        (key,) = _create_keys(home, 1)
-        body = json.dumps({"key": key.key_id, "hash": "0x" + secrets.token_hex(32)}).encode()
-        with _signd_serve(home) as signd, _bare_serve(Path(folder)) as bare:
+        home = _signd_home(Path(folder), setup)
+        with _signd_serve(home, setup) as signd, _bare_serve(Path(folder)) as bare:
+            (key,) = _create_keys(signd, setup, 1)
+            body = json.dumps({"key": key["key_id"], "hash": "0x" + secrets.token_hex(32)}).encode()
             if "signature" not in _post(signd + HASH_PATH, body):
                 raise AssertionError("signd did not answer a signature")
             _post(bare + BARE_PATH, body)
@@ -507,15 +545,15 @@ def api_sign_hash(quick: bool) -> list[BenchResult]:
                 size.rounds,
                 ours.measure,
                 theirs.measure,
-                f"{size.connections} connections on signd, then on the bare app, "
+                f"{size.connections} connections on signd{setup.label}, then on the bare app, "
                 f"{size.seconds} s each ({generator_name})",
             )
             _check_signd_counted(signd, ours.answered)
-    where = f"{size.connections} connections ({generator_name})"
+    where = f"{setup.label}, {size.connections} connections ({generator_name})"
     baseline_name = f"bare Starlette JSON POST, same uvicorn settings ({uvicorn_implementations()})"
     return [
         BenchResult(
-            f"REST POST /v1/sign/hash, {where}",
+            f"REST POST /v1/sign/hash{where}",
             "req/s",
             statistics.median(load.rate for load in loads),
             baseline_name,
@@ -524,7 +562,7 @@ def api_sign_hash(quick: bool) -> list[BenchResult]:
         ),
         *(
             BenchResult(
-                f"REST POST /v1/sign/hash latency {name}, {where}",
+                f"REST POST /v1/sign/hash latency {name}{where}",
                 "ms",
                 statistics.median(figure(load) for load in loads),
                 baseline_name,
@@ -537,25 +575,35 @@ def api_sign_hash(quick: bool) -> list[BenchResult]:
     ]
 
 
-@benchmark("api-sign-batch")
-def api_sign_batch(quick: bool) -> list[BenchResult]:
-    """POST /v1/sign/batch of hash items, several clients, vs raw coincurve in this process."""
+@benchmark("api-sign-hash")
+def api_sign_hash(quick: bool) -> list[BenchResult]:
+    """POST /v1/sign/hash at 50 connections vs a bare Starlette POST endpoint (keystore)."""
+    return _sign_hash(quick, CUSTODY_SETUPS["keystore"])
+
+
+@benchmark("api-sign-hash-enclave")
+def api_sign_hash_enclave(quick: bool) -> list[BenchResult]:
+    """``api-sign-hash`` with enclave custody, the gate in the enclave (the default)."""
+    return _sign_hash(quick, CUSTODY_SETUPS["enclave"])
+
+
+def _sign_batch(quick: bool, setup: CustodySetup) -> list[BenchResult]:
     size = sizes(quick)
     generator_name, generate = load_generator()
     with tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder:
-        home = _signd_home(Path(folder), max_batch=size.batch_items)
-        keys = _create_keys(home, size.keys)
-        items = [
-            {
-                "type": "hash",
-                "key": keys[i % len(keys)].key_id,
-                "hash": "0x" + secrets.token_hex(32),
-            }
-            for i in range(size.batch_items)
-        ]
-        body = json.dumps({"requests": items}).encode()
+        home = _signd_home(Path(folder), setup, max_batch=size.batch_items)
         raw_key, digest = coincurve.PrivateKey(), secrets.token_bytes(32)
-        with _signd_serve(home) as signd:
+        with _signd_serve(home, setup) as signd:
+            keys = _create_keys(signd, setup, size.keys)
+            items = [
+                {
+                    "type": "hash",
+                    "key": keys[i % len(keys)]["key_id"],
+                    "hash": "0x" + secrets.token_hex(32),
+                }
+                for i in range(size.batch_items)
+            ]
+            body = json.dumps({"requests": items}).encode()
             results = _post(signd + BATCH_PATH, body)["results"]
             if len(results) != len(items) or not all("signature" in r for r in results):
                 raise AssertionError("signd did not answer a signature for every batch item")
@@ -568,14 +616,14 @@ def api_sign_batch(quick: bool) -> list[BenchResult]:
                     lambda: raw_key.sign_recoverable(digest, hasher=None),
                     iterations=size.local_iterations,
                 ),
-                f"{size.batch_connections} clients posting batches of {size.batch_items:,} "
-                f"for {size.seconds} s ({generator_name})",
+                f"{size.batch_connections} clients posting batches of {size.batch_items:,}"
+                f"{setup.label} for {size.seconds} s ({generator_name})",
             )
             _check_signd_counted(signd, ours.answered * size.batch_items)
     return [
         BenchResult(
             f"REST POST /v1/sign/batch, {size.batch_items:,} hashes per request over "
-            f"{size.keys} keys, {size.batch_connections} clients ({generator_name})",
+            f"{size.keys} keys{setup.label}, {size.batch_connections} clients ({generator_name})",
             "sig/s",
             statistics.median(load.rate for load in loads) * size.batch_items,
             "coincurve sign_recoverable in-process, 1 thread",
@@ -585,51 +633,73 @@ def api_sign_batch(quick: bool) -> list[BenchResult]:
     ]
 
 
-@benchmark("api-eth-tx")
-def api_eth_transaction(quick: bool) -> list[BenchResult]:
-    """EIP-1559 transactions through POST /v1/sign/ethereum/transaction vs the Signer in-process.
+@benchmark("api-sign-batch")
+def api_sign_batch(quick: bool) -> list[BenchResult]:
+    """POST /v1/sign/batch of hash items, several clients, vs raw coincurve in this process
+    (keystore)."""
+    return _sign_batch(quick, CUSTODY_SETUPS["keystore"])
 
-    The Signer opens the same keystore as the server (SQLite reads from two processes); the
-    server's answer must be byte-identical to its transaction before any load.
-    """
+
+@benchmark("api-sign-batch-enclave")
+def api_sign_batch_enclave(quick: bool) -> list[BenchResult]:
+    """``api-sign-batch`` with enclave custody, the gate in the enclave (the default)."""
+    return _sign_batch(quick, CUSTODY_SETUPS["enclave"])
+
+
+def _eth_transaction(quick: bool, setup: CustodySetup) -> list[BenchResult]:
     size = sizes(quick)
     generator_name, generate = load_generator()
-    with tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder:
-        home = _signd_home(Path(folder))
-        local = _open_signer(home)
-        try:
-            (key,) = local.create_keys(chain="ethereum", custody="keystore")
-            expected = local.sign_eth_transaction(key.key_id, EIP1559_TRANSACTION).raw
-            body = json.dumps({"key": key.address, "transaction": EIP1559_TRANSACTION}).encode()
-            with _signd_serve(home) as signd:
-                if _post(signd + TRANSACTION_PATH, body).get("raw_transaction") != (
-                    "0x" + expected.hex()
-                ):
-                    raise AssertionError("signd over REST and the Signer disagree")
-                ours = _Runs(
-                    generate, signd + TRANSACTION_PATH, body, size.connections, size.seconds
-                )
-                ours.warm_up(size.warmup_seconds)
-                loads, base_rates = _alternate(
-                    size.rounds,
-                    ours.measure,
-                    lambda: rate(
-                        lambda: local.sign_eth_transaction(key.key_id, EIP1559_TRANSACTION),
-                        iterations=size.local_iterations,
-                    ),
-                    f"{size.connections} connections for {size.seconds} s ({generator_name}), "
-                    "then the Signer in-process",
-                )
-                _check_signd_counted(signd, ours.answered)
-        finally:
-            local.close()
+    with (
+        tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder,
+        _signd_serve(_signd_home(Path(folder), setup), setup) as signd,
+    ):
+        (key,) = _create_keys(signd, setup, 1)
+        body = json.dumps({"key": key["address"], "transaction": EIP1559_TRANSACTION}).encode()
+        with _open_signer(Path(folder) / "home") as local:
+            expected = local.sign_eth_transaction(key["key_id"], EIP1559_TRANSACTION).raw
+            if _post(signd + TRANSACTION_PATH, body).get("raw_transaction") != (
+                "0x" + expected.hex()
+            ):
+                raise AssertionError("signd over REST and the Signer disagree")
+            ours = _Runs(generate, signd + TRANSACTION_PATH, body, size.connections, size.seconds)
+            ours.warm_up(size.warmup_seconds)
+            loads, base_rates = _alternate(
+                size.rounds,
+                ours.measure,
+                lambda: rate(
+                    lambda: local.sign_eth_transaction(key["key_id"], EIP1559_TRANSACTION),
+                    iterations=size.local_iterations,
+                ),
+                f"{size.connections} connections{setup.label} for {size.seconds} s "
+                f"({generator_name}), then the Signer in-process",
+            )
+        _check_signd_counted(signd, ours.answered)
     return [
         BenchResult(
-            f"REST EIP-1559 tx sign, {size.connections} connections ({generator_name})",
+            f"REST EIP-1559 tx sign{setup.label}, {size.connections} connections "
+            f"({generator_name})",
             "tx/s",
             statistics.median(load.rate for load in loads),
-            "Signer.sign_eth_transaction in-process (keystore)",
+            f"Signer.sign_eth_transaction in-process ({setup.custody})",
             statistics.median(base_rates),
             "reported (no target)",
         )
     ]
+
+
+@benchmark("api-eth-tx")
+def api_eth_transaction(quick: bool) -> list[BenchResult]:
+    """EIP-1559 transactions through POST /v1/sign/ethereum/transaction vs the Signer in-process
+    (keystore).
+
+    The Signer opens the same home as the server (SQLite reads from two processes); the
+    server's answer must be byte-identical to its transaction before any load.
+    """
+    return _eth_transaction(quick, CUSTODY_SETUPS["keystore"])
+
+
+@benchmark("api-eth-tx-enclave")
+def api_eth_transaction_enclave(quick: bool) -> list[BenchResult]:
+    """``api-eth-tx`` with enclave custody, the gate in the enclave (the default); the Signer
+    in-process signs with the same sealed key through an enclave process of its own."""
+    return _eth_transaction(quick, CUSTODY_SETUPS["enclave"])
