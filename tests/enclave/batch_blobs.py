@@ -1,9 +1,16 @@
-"""What a hostile host can do to one sealed key inside a batch blob, on any blob store."""
+"""What a hostile host can do to one sealed key inside a batch blob, on any blob store; and a
+blob store that holds its first write in flight, for group commit tests."""
 
 from __future__ import annotations
 
-from signd.enclave.signer import BlobRange
+import threading
+import time
+from collections.abc import Callable
+
+from signd.enclave.signer import BlobRange, EnclaveSigner
+from signd.errors import DependencyUnavailable
 from signd.storage.base import BlobStore
+from tests.enclave.fakes import MemoryBlobStore
 
 
 def range_of(reference: str) -> BlobRange:
@@ -42,3 +49,38 @@ def swap_sealed(blobs: BlobStore, first: str, second: str) -> None:
     assert len(a) == len(b)
     replace_sealed(blobs, first, b)
     replace_sealed(blobs, second, a)
+
+
+class GatedBlobStore(MemoryBlobStore):
+    """The first put blocks until ``gate`` is set: a durable write in flight, for as long as the
+    test likes. With ``fail`` set, every later put fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.gate = threading.Event()
+        self.fail = False
+        self._first = True
+        self._first_lock = threading.Lock()
+
+    def put(self, name: str, data: bytes) -> None:
+        with self._first_lock:
+            first, self._first = self._first, False
+        if first:
+            self.writing.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        elif self.fail:
+            raise DependencyUnavailable("memory blob store failed a write")
+        super().put(name, data)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.001)
+
+
+def open_group_keys(signer: EnclaveSigner) -> int:
+    group = signer._open_group
+    return 0 if group is None else group.keys

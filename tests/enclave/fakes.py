@@ -193,5 +193,11 @@ def unseal_in_test(kms: MemoryKms, blob: bytes, key: CreatedKey) -> bytes:
     """Open a blob the way only the enclave should, to check what was sealed."""
     sealed = SealedKey.from_bytes(blob)
     data_key = kms.decrypt(sealed.encrypted_data_key, encryption_context=ENCRYPTION_CONTEXT)
-    ad = associated_data(key_id=key.key_id, chain=key.chain, address=key.address)
+    ad = associated_data(
+        key_id=key.key_id,
+        chain=key.chain,
+        address=key.address,
+        labels=key.labels,
+        version=sealed.version,
+    )
     return AESGCM(data_key.reveal_bytes()).decrypt(sealed.nonce, sealed.encrypted_private_key, ad)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import coincurve
@@ -11,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from signd.chains import address_deriver
 from signd.custody.base import KeyInfo
-from signd.custody.enclave import EnclaveBackend
+from signd.custody.enclave import GROUPS_AT_ONCE, EnclaveBackend
 from signd.enclave import server as server_module
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CreatedKey
@@ -267,3 +269,157 @@ def test_no_secret_reaches_the_host_logs_or_reprs(
     for secret in secrets:
         assert secret not in wire
         assert secret.hex() not in texts
+
+
+# --- batches asked ahead ---------------------------------------------------------------------
+
+
+def in_flight_counter(
+    monkeypatch: pytest.MonkeyPatch, client: EnclaveClient, pause: float = 0.02
+) -> list[int]:
+    """Make each CREATE_KEYS take at least ``pause`` s; the list gets each one's in-flight count."""
+    seen: list[int] = []
+    lock = threading.Lock()
+    running = [0]
+    create_keys = client.create_keys
+
+    def counting(chain: str, count: int, labels: Sequence[str] = ()) -> list[CreatedKey]:
+        with lock:
+            running[0] += 1
+            seen.append(running[0])
+        try:
+            time.sleep(pause)
+            return create_keys(chain, count, labels)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(client, "create_keys", counting)
+    return seen
+
+
+def test_batches_are_asked_ahead_and_recorded_in_order(
+    client: EnclaveClient, metadata: MemoryMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = in_flight_counter(monkeypatch, client)
+    backend = EnclaveBackend(client, metadata, batch_size=5)
+    progress: list[int] = []
+    keys = backend.create_keys("ethereum", eth_address, count=42, progress=progress.append)
+    assert progress == [*range(5, 42, 5), 42]
+    assert [r.key_id for r in metadata.records] == [k.key_id for k in keys]
+    assert max(seen) == EnclaveBackend.batches_ahead
+    signatures = backend.sign_digests([(k, DIGEST) for k in keys])
+    assert [s.recover_public_key(DIGEST) for s in signatures] == [k.public_key for k in keys]
+
+
+def test_a_failed_batch_leaves_earlier_batches_recorded_and_nothing_after(
+    client: EnclaveClient,
+    metadata: MemoryMetadataStore,
+    blobs: MemoryBlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    in_flight_counter(monkeypatch, client)
+    backend = EnclaveBackend(client, metadata, batch_size=5)
+    blobs.fail_puts_after = 3
+    with pytest.raises(DependencyUnavailable):
+        backend.create_keys("ethereum", eth_address, count=60)
+    assert not [t for t in threading.enumerate() if t.name.startswith("signd-keygen")]
+    assert len(metadata.records) in (5, 10, 15)
+    for record in metadata.records:  # no record names a blob that is not there
+        assert range_of(dict(record.details)["blob"]).name in blobs.blobs
+    assert blobs.puts == 3
+
+
+def test_a_batch_the_host_refuses_stops_the_keys_asked_after_it(
+    client: EnclaveClient, metadata: MemoryMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = in_flight_counter(monkeypatch, client)
+    backend = EnclaveBackend(client, metadata, batch_size=4)
+    derived = [0]
+
+    def wrong_from_the_sixth_key(public_key: bytes) -> str:
+        derived[0] += 1
+        return eth_address(public_key) if derived[0] < 6 else "0x" + "00" * 20
+
+    with pytest.raises(IntegrityError):
+        backend.create_keys("ethereum", wrong_from_the_sixth_key, count=40)
+    assert len(metadata.records) == 4
+    assert len(seen) <= 2 + EnclaveBackend.batches_ahead
+
+
+# --- concurrent small requests created together ----------------------------------------------
+
+
+def run_callers(count: int, call: Callable[[int], object]) -> list[object]:
+    """Run ``call(i)`` in ``count`` threads started together; each one's result or error."""
+    barrier = threading.Barrier(count)
+    outcomes: list[object] = [None] * count
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[index] = call(index)
+        except Exception as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_concurrent_small_requests_share_enclave_requests(
+    backend: EnclaveBackend,
+    client: EnclaveClient,
+    metadata: MemoryMetadataStore,
+    blobs: MemoryBlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = in_flight_counter(monkeypatch, client)
+    progress: list[int] = []
+    outcomes = run_callers(
+        24,
+        lambda i: backend.create_keys(
+            "ethereum", eth_address, count=1 + i % 2, progress=progress.append
+        ),
+    )
+    keys = [key for made in outcomes for key in made]  # type: ignore[attr-defined]
+    assert [len(made) for made in outcomes] == [1 + i % 2 for i in range(24)]  # type: ignore[arg-type]
+    assert sorted(progress) == sorted(1 + i % 2 for i in range(24))
+    assert len({k.key_id for k in keys}) == len(keys) == 36
+    assert len(seen) < 24  # requests were created together
+    assert max(seen) <= GROUPS_AT_ONCE
+    assert blobs.puts == len(seen)
+    assert sorted(r.key_id for r in metadata.records) == sorted(k.key_id for k in keys)
+    signatures = backend.sign_digests([(k, DIGEST) for k in keys])
+    assert [s.recover_public_key(DIGEST) for s in signatures] == [k.public_key for k in keys]
+
+
+def test_only_requests_for_the_same_chain_and_labels_are_created_together(
+    backend: EnclaveBackend, client: EnclaveClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_flight_counter(monkeypatch, client)
+    wanted = [("hot",), ("cold",), (), ("hot", "eu")] * 5
+    outcomes = run_callers(
+        len(wanted), lambda i: backend.create_keys("ethereum", eth_address, labels=wanted[i])
+    )
+    for labels, made in zip(wanted, outcomes, strict=True):
+        [key] = made  # type: ignore[misc]
+        assert key.labels == labels
+        assert backend.sign_digest(key, DIGEST).recover_public_key(DIGEST) == key.public_key
+
+
+def test_a_failed_group_fails_each_of_its_callers_and_records_nothing(
+    backend: EnclaveBackend, kms: MemoryKms, metadata: MemoryMetadataStore
+) -> None:
+    kms.down = True
+    outcomes = run_callers(12, lambda _: backend.create_keys("ethereum", eth_address))
+    assert all(isinstance(o, DependencyUnavailable) for o in outcomes)
+    assert len({id(o) for o in outcomes}) == 12  # each caller raises its own error
+    assert metadata.records == []
+    assert backend._lines == {}
+    kms.down = False
+    outcomes = run_callers(4, lambda _: backend.create_keys("ethereum", eth_address))
+    assert len(metadata.records) == 4

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,8 +12,9 @@ from signd.chains import address_deriver
 from signd.crypto.secp256k1 import generate_private_key, recover_public_key
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
-from signd.enclave.protocol import CreatedKey, KeyReference
+from signd.enclave.protocol import CreatedKey, KeyReference, MessageType
 from signd.enclave.sealing import SealedKey, seal_private_key
+from signd.enclave.server import start_enclave
 from signd.enclave.signer import (
     BATCH_BLOB_PREFIX,
     ENCRYPTION_CONTEXT,
@@ -22,8 +22,15 @@ from signd.enclave.signer import (
     BlobRange,
     EnclaveSigner,
 )
+from signd.enclave.transport import InProcessTransport
 from signd.errors import DependencyUnavailable, IntegrityError, KeyExists, KeyNotFound
-from tests.enclave.batch_blobs import range_of, read_sealed
+from tests.enclave.batch_blobs import (
+    GatedBlobStore,
+    open_group_keys,
+    range_of,
+    read_sealed,
+    wait_for,
+)
 from tests.enclave.fakes import MemoryBlobStore, MemoryKms, MemoryMetadataStore
 
 DIGEST = bytes(range(32))
@@ -64,36 +71,6 @@ class RecordingBlobStore(MemoryBlobStore):
     def delete(self, name: str) -> None:
         self.deleted.append(name)
         super().delete(name)
-
-
-class GatedBlobStore(MemoryBlobStore):
-    """The first put blocks until ``gate`` is set: a durable write in flight, for as long as the
-    test likes. With ``fail`` set, every later put fails."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writing = threading.Event()
-        self.gate = threading.Event()
-        self.fail = False
-        self._first = True
-        self._first_lock = threading.Lock()
-
-    def put(self, name: str, data: bytes) -> None:
-        with self._first_lock:
-            first, self._first = self._first, False
-        if first:
-            self.writing.set()
-            assert self.gate.wait(10), "the test never opened the gate"
-        elif self.fail:
-            raise DependencyUnavailable("memory blob store failed a write")
-        super().put(name, data)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.001)
 
 
 def signs(signer: EnclaveSigner, key: CreatedKey | KeyReference, public_key: bytes) -> bool:
@@ -298,11 +275,6 @@ def join(threads: list[threading.Thread]) -> None:
         assert not thread.is_alive()
 
 
-def open_group_keys(signer: EnclaveSigner) -> int:
-    group = signer._open_group
-    return 0 if group is None else group.keys
-
-
 def test_single_key_callers_arriving_during_a_write_share_the_next_one(kms: MemoryKms) -> None:
     blobs = GatedBlobStore()
     other = lambda public_key: "other:" + public_key.hex()  # noqa: E731
@@ -403,3 +375,33 @@ def test_many_concurrent_callers_through_the_backend_each_get_their_own_key(
     for key in keys[::7]:
         signature = backend.sign_digest(key, DIGEST)
         assert signature.recover_public_key(DIGEST) == key.public_key
+
+
+def test_the_server_lets_every_request_in_flight_join_a_group_and_keeps_signing(
+    kms: MemoryKms,
+) -> None:
+    """Waiting creates have threads of their own: neither the group nor signing is capped by
+    the (few) workers that run everything else."""
+    blobs = GatedBlobStore()
+    server = start_enclave(None, kms, blobs, workers=2)
+    client = EnclaveClient(InProcessTransport(server.serve_connection), timeout=10.0)
+    signer = server.app.signer
+    try:
+        signer._group_max_wait = 10.0  # only the write in flight closes the group
+        first = client.submit(MessageType.CREATE_KEYS, {"chain": "ethereum", "count": 1})
+        assert blobs.writing.wait(5)
+        waiting = [
+            client.submit(MessageType.CREATE_KEYS, {"chain": "ethereum", "count": 1})
+            for _ in range(20)
+        ]
+        wait_for(lambda: open_group_keys(signer) == 20)
+        [old] = signer.create_keys("ethereum", 65)[:1]  # a big request is not held either
+        signature = client.sign_digest(old.reference, DIGEST)
+        assert recover_public_key(DIGEST, signature) == old.public_key
+        blobs.gate.set()
+        keys = [CreatedKey.from_body(f.result(10)["keys"][0]) for f in [first, *waiting]]
+        assert len({key.key_id for key in keys}) == 21
+        assert blobs.puts == 3  # the first write, the big request's, and one for the group
+    finally:
+        client.close()
+        server.close()

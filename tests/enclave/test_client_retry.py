@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import coincurve
 import pytest
@@ -37,15 +38,27 @@ class DroppingTransport:
         self._open.clear()
 
 
-def _dropping_request(client: EnclaveClient, transport: DroppingTransport) -> None:
-    """Make the next submit go out on a connection that is cut before it is answered."""
+def _dropping_request(
+    client: EnclaveClient, transport: DroppingTransport, server: EnclaveServer
+) -> None:
+    """Make the next submit go out on a connection that is cut before it is answered: the
+    server holds its answer until the cut, so a quick answer cannot win the race."""
     original = client._wait
+    cut = threading.Event()
+    handle = server.app.handle
+
+    def answer_after_cut(frame):  # type: ignore[no-untyped-def]
+        cut.wait(5.0)
+        return handle(frame)
 
     def cut_then_wait(connection, future, timeout):  # type: ignore[no-untyped-def]
         client._wait = original  # type: ignore[method-assign]
         transport.drop()
+        cut.set()
+        server.app.handle = handle  # type: ignore[method-assign]
         return original(connection, future, timeout)
 
+    server.app.handle = answer_after_cut  # type: ignore[method-assign]
     client._wait = cut_then_wait  # type: ignore[method-assign]
 
 
@@ -55,7 +68,7 @@ def test_sign_is_retried_on_a_new_connection(server: EnclaveServer) -> None:
     try:
         [key] = client.create_keys("ethereum", 1)
         assert transport.connections == 1
-        _dropping_request(client, transport)
+        _dropping_request(client, transport, server)
         signature = client.sign_digest(key.reference, DIGEST)
         assert transport.connections == 2
         recovered = coincurve.PublicKey.from_signature_and_message(signature, DIGEST, hasher=None)
@@ -69,7 +82,7 @@ def test_create_keys_is_not_retried(server: EnclaveServer) -> None:
     client = EnclaveClient(transport, timeout=5.0)  # type: ignore[arg-type]
     try:
         client.health()
-        _dropping_request(client, transport)
+        _dropping_request(client, transport, server)
         with pytest.raises(ConnectionLost):
             client.request(MessageType.CREATE_KEYS, {"chain": "ethereum", "count": 1})
         assert transport.connections == 1

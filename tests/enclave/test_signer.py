@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
@@ -13,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import recover_public_key
 from signd.enclave.cache import UnsealedKeyCache
-from signd.enclave.protocol import KeyReference
+from signd.enclave.protocol import CreatedKey, KeyReference
 from signd.enclave.sealing import SealedKey
 from signd.enclave.signer import ENCRYPTION_CONTEXT, EnclaveSigner
 from signd.errors import (
@@ -47,8 +50,9 @@ def test_created_keys_are_sealed_under_a_round_tripped_data_key(
     assert key.address == eth_address(key.public_key)
     blob = read_sealed(blobs, key.blob)
     body = cbor2.loads(blob)
+    assert cbor2.dumps(body, canonical=True) == blob
     assert body["format"] == "signd.enclave.sealed-key"
-    assert body["version"] == 1
+    assert body["version"] == 2
     assert body["algorithm"] == "AES-256-GCM"
     assert body["kms_key_id"] == "memory-key-1"
     assert set(body) == {
@@ -134,13 +138,24 @@ def test_tampered_blob_fields_fail_closed(
         lambda blob: blob[:-1],
         lambda blob: b"",
         lambda blob: b"\x00" * 100,
-        lambda blob: cbor2.dumps({**cbor2.loads(blob), "version": 2}),
+        lambda blob: cbor2.dumps({**cbor2.loads(blob), "version": 3}),
+        lambda blob: cbor2.dumps({**cbor2.loads(blob), "version": 1}),
         lambda blob: cbor2.dumps({**cbor2.loads(blob), "algorithm": "AES-128-GCM"}),
         lambda blob: cbor2.dumps({k: v for k, v in cbor2.loads(blob).items() if k != "nonce"}),
         lambda blob: cbor2.dumps([1, 2, 3]),
         lambda blob: blob + b"\x00" * 5000,
     ],
-    ids=["truncated", "empty", "zeros", "version", "algorithm", "no-nonce", "list", "huge"],
+    ids=[
+        "truncated",
+        "empty",
+        "zeros",
+        "unknown-version",
+        "downgraded-to-version-1",
+        "algorithm",
+        "no-nonce",
+        "list",
+        "huge",
+    ],
 )
 def test_malformed_blobs_are_integrity_errors(
     signer: EnclaveSigner, blobs: MemoryBlobStore, mangle: object
@@ -278,3 +293,39 @@ def test_with_the_local_kms_and_filesystem_store(tmp_path: Path) -> None:
     other_kms = EnclaveSigner(LocalKms(tmp_path / "other"), blobs)
     with pytest.raises(IntegrityError):
         other_kms.sign_digest(keys[0].reference, DIGEST)
+
+
+def test_big_batches_are_sealed_one_at_a_time(kms: MemoryKms, blobs: MemoryBlobStore) -> None:
+    sealing = [0]
+    most = [0]
+    lock = threading.Lock()
+
+    def counting_deriver(chain: str) -> Callable[[bytes], str]:
+        def address_of(public_key: bytes) -> str:
+            with lock:
+                sealing[0] += 1
+                most[0] = max(most[0], sealing[0])
+            time.sleep(0.0005)
+            with lock:
+                sealing[0] -= 1
+            return eth_address(public_key)
+
+        return address_of
+
+    signer = EnclaveSigner(kms, blobs, address_deriver=counting_deriver)
+    made: list[list[CreatedKey]] = []
+    threads = [
+        threading.Thread(target=lambda: made.append(signer.create_keys("ethereum", 100)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert blobs.puts == 3
+    assert sorted(len(keys) for keys in made) == [100, 100, 100]
+    for keys in made:
+        assert signer.sign_digest(keys[-1].reference, DIGEST).recover_public_key(DIGEST) == (
+            keys[-1].public_key
+        )

@@ -10,8 +10,10 @@ blob store are all outside the trust boundary, so every answer from them is chec
   (:class:`signd.kms.recipient.Recipient`) KMS answers only to the enclave's attested RSA key
   and an answer carrying a plaintext is refused; forging *both* answers is stopped only by an
   authenticated channel to KMS (TLS terminated in the enclave, as on Nitro), see docs/KMS.md;
-- a blob opens only under associated data naming its key id, chain and address
-  (:mod:`signd.enclave.sealing`), and the unsealed key must derive the address asked for.
+- a blob opens only under associated data naming its key id, chain, address and labels
+  (:mod:`signd.enclave.sealing`), and the unsealed key must derive the address asked for. So
+  a key's labels, which policy rules select keys by, are proven by the enclave, not taken
+  from the host's records (:meth:`EnclaveSigner.verified_key`).
 
 A batch of keys is stored as ONE blob, ``enclave-batch-<uuid>``: the concatenated
 :class:`~signd.enclave.sealing.SealedKey` encodings of its keys. Each key's reference names
@@ -22,14 +24,16 @@ were stored before) names a whole single-key blob and still works.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hmac
 import logging
+import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,17 +41,18 @@ import coincurve
 
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import (
+    CURVE_ORDER,
     RecoverableSignature,
     check_digest,
-    generate_private_key,
     sign_digest_with,
 )
 from signd.enclave.cache import UnsealedKeyCache
-from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference
+from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference, canonical_labels
 from signd.enclave.sealing import (
     MAX_SEALED_SIZE,
+    PRIVATE_KEY_SIZE,
+    BatchSealer,
     SealedKey,
-    seal_private_key,
     unseal_private_key,
 )
 from signd.errors import IntegrityError, InvalidField, KeyExists, SigndError
@@ -115,6 +120,19 @@ class BlobRange:
         return cls(name, offset, length)
 
 
+def _new_key() -> tuple[bytes, bytes]:
+    """A private scalar from the OS CSPRNG (0 < k < n) and its compressed public key.
+
+    One EC multiplication: ``coincurve.PrivateKey()`` does a second one, for an x-only public
+    key (BIP 340) that nothing here uses.
+    """
+    while True:
+        secret = os.urandom(PRIVATE_KEY_SIZE)
+        if 0 < int.from_bytes(secret, "big") < CURVE_ORDER:
+            public_key = coincurve.PublicKey.from_valid_secret(secret)
+            return secret, public_key.format(compressed=True)
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
     """One caller's ``create_keys``: its keys are sealed in whatever batch it is written in."""
@@ -122,6 +140,7 @@ class _Request:
     chain: str
     count: int
     address_of: AddressFunction
+    labels: tuple[str, ...]
 
 
 @dataclass(eq=False)
@@ -191,6 +210,7 @@ class EnclaveSigner:
         self._group_max_keys = group_max_keys
         self._group_max_wait = group_max_wait
         self._groups = threading.Condition()
+        self._sealing = threading.Lock()
         self._open_group: _Group | None = None
         self._writes_in_flight = 0
 
@@ -213,8 +233,13 @@ class EnclaveSigner:
             raise IntegrityError("the KMS data key failed its round-trip check")
         return data_key
 
-    def create_keys(self, chain: str, count: int = 1) -> list[CreatedKey]:
+    def create_keys(
+        self, chain: str, count: int = 1, labels: Sequence[str] = ()
+    ) -> list[CreatedKey]:
         """Create, seal and durably store ``count`` keys; return their public facts.
+
+        Each key's blob binds ``labels`` (canonical: checked, de-duplicated, sorted), so the
+        key signs only for a reference that claims exactly those labels.
 
         One data key seals the whole batch, each key under its own random nonce. That costs two
         KMS calls per batch instead of two per key, which is what makes creating millions of
@@ -235,9 +260,9 @@ class EnclaveSigner:
             or not 1 <= count <= self.max_batch
         ):
             raise InvalidField(f"count must be 1..{self.max_batch}", field="count")
-        request = _Request(chain, count, address_of)
+        request = _Request(chain, count, address_of, canonical_labels(labels))
         if count > self._group_max_keys:
-            return self._write_batch([request])[0]
+            return self._write_batch([request], alone=True)[0]
         return self._create_in_group(request)
 
     def _create_in_group(self, request: _Request) -> list[CreatedKey]:
@@ -292,34 +317,20 @@ class EnclaveSigner:
             self._open_group = group
         return group, position, True
 
-    def _write_batch(self, requests: list[_Request]) -> list[list[CreatedKey]]:
-        """Seal every requested key under one data key and store them as one batch blob."""
+    def _write_batch(
+        self, requests: list[_Request], *, alone: bool = False
+    ) -> list[list[CreatedKey]]:
+        """Seal every requested key under one data key and store them as one batch blob.
+
+        A batch written ``alone`` (one big request) is sealed while no other such batch is:
+        the enclave has one interpreter lock, so a second big batch sealed at once would only
+        slow the first, and waiting instead lets it start the moment the first is sealed
+        (while the first is stored and answered).
+        """
         data_key = self._trusted_data_key()
         name = f"{BATCH_BLOB_PREFIX}{uuid.uuid4().hex}"
-        sealed_keys: list[bytes] = []
-        offset = 0
-        created: list[list[CreatedKey]] = []
-        for request in requests:
-            keys: list[CreatedKey] = []
-            for _ in range(request.count):
-                key_id = uuid.uuid4().hex
-                private_key = generate_private_key()
-                public_key = private_key.public_key.format(compressed=True)
-                address = request.address_of(public_key)
-                sealed = seal_private_key(
-                    private_key.secret,
-                    data_key.plaintext,
-                    kms_key_id=data_key.kms_key_id,
-                    encrypted_data_key=data_key.ciphertext,
-                    key_id=key_id,
-                    chain=request.chain,
-                    address=address,
-                ).to_bytes()
-                where = BlobRange(name, offset, len(sealed))
-                keys.append(CreatedKey(key_id, request.chain, address, public_key, str(where)))
-                sealed_keys.append(sealed)
-                offset += len(sealed)
-            created.append(keys)
+        with self._sealing if alone else contextlib.nullcontext():
+            sealed_keys, created = self._seal(requests, data_key, name)
         try:
             self._blobs.put(name, b"".join(sealed_keys))
         except KeyExists:
@@ -328,6 +339,32 @@ class EnclaveSigner:
             self._delete_blob(name)
             raise
         return created
+
+    @staticmethod
+    def _seal(
+        requests: list[_Request], data_key: DataKey, name: str
+    ) -> tuple[list[bytes], list[list[CreatedKey]]]:
+        """New keys for ``requests``, sealed under ``data_key``, laid out in the blob ``name``."""
+        sealer = BatchSealer(data_key.plaintext, data_key.kms_key_id, data_key.ciphertext)
+        sealed_keys: list[bytes] = []
+        offset = 0
+        created: list[list[CreatedKey]] = []
+        for request in requests:
+            chain, labels = request.chain, request.labels
+            keys: list[CreatedKey] = []
+            for _ in range(request.count):
+                key_id = uuid.uuid4().hex
+                secret, public_key = _new_key()
+                address = request.address_of(public_key)
+                sealed = sealer.seal(
+                    secret, key_id=key_id, chain=chain, address=address, labels=labels
+                ).to_bytes()
+                where = str(BlobRange(name, offset, len(sealed)))
+                keys.append(CreatedKey(key_id, chain, address, public_key, where, labels))
+                sealed_keys.append(sealed)
+                offset += len(sealed)
+            created.append(keys)
+        return sealed_keys, created
 
     def _delete_blob(self, name: str) -> None:
         try:
@@ -343,14 +380,33 @@ class EnclaveSigner:
         return self._blobs.get_range(where.name, where.offset, where.length)
 
     def sign_digest(self, key: KeyReference, digest: bytes) -> RecoverableSignature:
-        """Sign a 32-byte digest with a sealed key (RFC 6979 nonce, low-S)."""
+        """Sign a 32-byte digest with a sealed key (RFC 6979 nonce, low-S).
+
+        Signs only if ``key`` is what the blob binds, labels included (else IntegrityError).
+        """
         digest = check_digest(digest)
+        return sign_digest_with(self._private_key(key), digest)
+
+    def verified_key(self, key: KeyReference) -> KeyReference:
+        """``key``, once its sealed blob has proven every claim in it, labels included.
+
+        What the host says about a key is not trusted; a reference this returns is: its key
+        opens under associated data naming exactly its key id, chain, address and labels, and
+        derives its address. Wrong claims raise IntegrityError. The proof is the unseal, so
+        this uses (and counts one use of) the unsealed-key cache as a signature does.
+        """
+        self._private_key(key)
+        return key
+
+    def _private_key(self, key: KeyReference) -> coincurve.PrivateKey:
+        """The unsealed key ``key`` names: cached (the cache is keyed on the whole reference,
+        labels included, and holds only keys unsealed under it), or unsealed now."""
         address_of = self._address_deriver(key.chain)
         private_key = self._cache.get(key)
         if private_key is None:
             private_key = self._unseal(key, address_of)
             self._cache.put(key, private_key)
-        return sign_digest_with(private_key, digest)
+        return private_key
 
     def _unseal(self, key: KeyReference, address_of: AddressFunction) -> coincurve.PrivateKey:
         sealed = SealedKey.from_bytes(self._read_sealed(key.blob))
@@ -358,7 +414,12 @@ class EnclaveSigner:
             sealed.encrypted_data_key, encryption_context=ENCRYPTION_CONTEXT
         )
         secret = unseal_private_key(
-            sealed, data_key, key_id=key.key_id, chain=key.chain, address=key.address
+            sealed,
+            data_key,
+            key_id=key.key_id,
+            chain=key.chain,
+            address=key.address,
+            labels=key.labels,
         )
         try:
             private_key = coincurve.PrivateKey(secret)

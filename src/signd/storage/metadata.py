@@ -6,6 +6,14 @@ meanwhile (PostgreSQL serialises inserts so that ``seq`` order is also commit or
 are kept twice: in the record row (as given, in order) and one row per label in
 ``key_labels``, which is what the label filter searches.
 
+**Group commit.** A commit is a durable write (an fsync for SQLite, a WAL flush for
+PostgreSQL), and inserts are serialised anyway, so concurrent :meth:`SqlMetadataStore.add`
+calls share one: while one transaction runs, the calls that arrive queue, and the next
+transaction inserts all of them. A call that finds nothing running starts at once, so one
+caller alone waits for nothing. Each call's records still succeed or fail together and only
+its own: when a shared transaction is refused for a duplicate, every call in it is retried in
+a transaction of its own, so only the call holding the duplicate sees KeyExists.
+
 A cursor is ``base64(json).base64(mac)``: the last ``seq`` seen and the filters it was issued
 for, authenticated with a random key stored in the database itself (so every node sharing the
 database accepts it). Anything else, or a cursor reused with other filters, is InvalidField.
@@ -15,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import hashlib
 import hmac
 import json
 import secrets
+import threading
 from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -26,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
-from signd.errors import ConfigurationError, InvalidField
+from signd.errors import ConfigurationError, InvalidField, KeyExists, SigndError
 from signd.storage.base import KeyRecord, MetadataStore, RecordPage
 
 MAX_PAGE_SIZE = 1000
@@ -134,6 +144,27 @@ def check_limit(limit: int) -> int:
     return limit
 
 
+@dataclass(eq=False)
+class _Insert:
+    """One :meth:`SqlMetadataStore.add` call's rows, waiting for the transaction that adds them."""
+
+    rows: list[tuple[Any, ...]]
+    labels: list[tuple[str, str]]
+    done: bool = False
+    """Its transaction has ended, one way or the other."""
+    stored: bool = False
+    error: SigndError | None = None
+
+
+def _json(value: tuple[Any, ...], texts: dict[tuple[Any, ...], str]) -> str:
+    """The JSON array of a record's labels or details, remembered in ``texts`` (the records of
+    one call mostly share them)."""
+    text = texts.get(value)
+    if text is None:
+        text = texts[value] = json.dumps(value)
+    return text
+
+
 class SqlMetadataStore(MetadataStore):
     """The metadata store logic, written once over a dialect's connections.
 
@@ -144,6 +175,9 @@ class SqlMetadataStore(MetadataStore):
     migrations: ClassVar[Sequence[Migration]]
 
     _cursors: CursorCodec
+    _inserts: threading.Condition
+    _queued: list[_Insert]
+    _inserting: bool
 
     @abstractmethod
     def _transaction(self, *, write: bool) -> AbstractContextManager[SqlCursor]:
@@ -167,6 +201,9 @@ class SqlMetadataStore(MetadataStore):
 
     def _open(self) -> None:
         """Apply pending migrations and load the cursor key, in one locked transaction."""
+        self._inserts = threading.Condition()
+        self._queued = []
+        self._inserting = False
         with self._transaction(write=True) as cursor:
             self._lock_schema(cursor)
             cursor.execute(
@@ -209,9 +246,12 @@ class SqlMetadataStore(MetadataStore):
             return int(cursor.fetchone()[0])
 
     def add(self, records: Sequence[KeyRecord]) -> None:
+        """Insert ``records`` in one transaction, shared with concurrent calls (group commit)."""
         checked = check_records(records)
         if not checked:
             return
+        times = {when: self._dump_time(when) for when in {r.created_at for r in checked}}
+        texts: dict[tuple[Any, ...], str] = {}
         rows = [
             (
                 r.key_id,
@@ -219,13 +259,54 @@ class SqlMetadataStore(MetadataStore):
                 r.address,
                 r.public_key,
                 r.custody,
-                self._dump_time(r.created_at),
-                json.dumps(list(r.labels)),
-                json.dumps([list(pair) for pair in r.details]),
+                times[r.created_at],
+                _json(r.labels, texts),
+                _json(r.details, texts),
             )
             for r in checked
         ]
-        labels = [(label, r.key_id) for r in checked for label in r.labels]
+        insert = _Insert(rows, [(label, r.key_id) for r in checked for label in r.labels])
+        with self._inserts:
+            self._queued.append(insert)
+            while self._inserting and not insert.done:
+                self._inserts.wait()
+            leader = not insert.done
+            if leader:
+                group, self._queued = self._queued, []
+                self._inserting = True
+        if leader:
+            try:
+                self._insert_group(group)
+            finally:
+                with self._inserts:
+                    self._inserting = False
+                    for member in group:
+                        member.done = True
+                    self._inserts.notify_all()
+        if insert.error is not None:
+            raise insert.error
+        if not insert.stored:
+            raise SigndError("the metadata transaction shared with this insert failed")
+
+    def _insert_group(self, group: list[_Insert]) -> None:
+        """Insert every queued call's rows in one transaction; give each call its outcome."""
+        try:
+            self._insert(group)
+        except SigndError as error:
+            if len(group) == 1:
+                group[0].error = error
+            elif isinstance(error, KeyExists):
+                for member in group:
+                    try:
+                        self._insert([member])
+                    except SigndError as own:
+                        member.error = own
+            else:
+                for member in group:
+                    member.error = copy.copy(error)
+                    member.error.__cause__ = error
+
+    def _insert(self, group: list[_Insert]) -> None:
         with self._transaction(write=True) as cursor:
             self._lock_inserts(cursor)
             cursor.executemany(
@@ -233,8 +314,9 @@ class SqlMetadataStore(MetadataStore):
                     "INSERT INTO key_records (key_id, chain, address, public_key, custody, "
                     "created_at, labels, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
-                rows,
+                [row for member in group for row in member.rows],
             )
+            labels = [label for member in group for label in member.labels]
             if labels:
                 cursor.executemany(
                     self._sql(
@@ -243,6 +325,8 @@ class SqlMetadataStore(MetadataStore):
                     ),
                     labels,
                 )
+        for member in group:
+            member.stored = True
 
     def find(self, ref: str, *, custody: str | None = None) -> KeyRecord | None:
         if not isinstance(ref, str) or not ref:

@@ -3,7 +3,9 @@
 Each thread gets its own connection (WAL lets readers run beside the one writer); writes take
 the database lock up front (``BEGIN IMMEDIATE``) and wait for it up to ``busy_timeout``
 seconds, after which the call raises DependencyUnavailable. ``synchronous=FULL``: a record
-reported stored survives a power cut, since losing it would orphan a handed-out address.
+reported stored survives a power cut, since losing it would orphan a handed-out address. That
+costs an fsync of the WAL per commit, which concurrent inserts share (group commit, see
+:mod:`signd.storage.metadata`).
 """
 
 from __future__ import annotations
