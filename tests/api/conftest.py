@@ -75,4 +75,4 @@ def eth_key(client: TestClient) -> dict[str, Any]:
     return key
 
 
-from tests.gate.support import gated, hot_key  # noqa: E402, F401 - the gated service
+from tests.gate.support import gate_mode, gated, hot_key  # noqa: E402, F401 - the gated service

@@ -140,14 +140,20 @@ class SigndProcess:
 
 
 @contextmanager
-def signd_serve(home: Path, *options: str, provision: bool = True) -> Iterator[SigndProcess]:
+def signd_serve(
+    home: Path, *options: str, provision: bool = True, passphrase: bool = True
+) -> Iterator[SigndProcess]:
     """``signd --home HOME serve --port FREE OPTIONS`` until the block ends; with
-    ``provision``, the ``tests`` bearer client (send :data:`AUTH`) is registered first."""
+    ``provision``, the ``tests`` bearer client (send :data:`AUTH`) is registered first;
+    without ``passphrase``, no keystore passphrase is given (as README's first command)."""
     if provision:
         provision_test_client(home)
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "serve.log"
     env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}
+    if not passphrase:
+        del env["SIGND_KEYSTORE_PASSPHRASE"]
     env.pop("SIGND_HOME", None)
     command = [sys.executable, "-c", SIGND_MAIN, "--home", str(home), "serve", "--port", str(port)]
     with log.open("wb") as output:

@@ -29,9 +29,9 @@ from tests.api.mqtt_support import (
     running_broker,
     wait_for,
 )
-from tests.gate.support import TOKEN, Gated, transaction
+from tests.gate.support import BOTH_GATES, TOKEN, Gated, transaction
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, BOTH_GATES]
 
 TOPIC = "signd/requests/device-1"
 PATH = f"/mqtt/{TOPIC}"

@@ -7,7 +7,9 @@ from typing import Any
 
 from signd.auth import sign_request
 from tests.api import samples
-from tests.gate.support import OTHER, TOKEN, TRANSFER, Gated, transaction
+from tests.gate.support import BOTH_GATES, OTHER, TOKEN, TRANSFER, Gated, transaction
+
+pytestmark = BOTH_GATES
 
 SIGN_TX = "/v1/sign/ethereum/transaction"
 
@@ -179,10 +181,11 @@ def test_a_batch_is_authenticated_once_and_each_item_decided_and_audited(
 def test_key_reads_need_the_scope_and_show_only_usable_keys(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:
-    gated.signer.create_keys(chain="ethereum", custody="keystore", labels=["cold"])
-    mine = gated.signed("GET", "/v1/keys?custody=keystore").json()["keys"]
+    custody = hot_key["custody"]
+    gated.signer.create_keys(chain="ethereum", custody=custody, labels=["cold"])
+    mine = gated.signed("GET", f"/v1/keys?custody={custody}").json()["keys"]
     assert [k["key_id"] for k in mine] == [hot_key["key_id"]]
-    everyone = gated.signed("GET", "/v1/keys?custody=keystore", as_client="reader").json()["keys"]
+    everyone = gated.signed("GET", f"/v1/keys?custody={custody}", as_client="reader").json()["keys"]
     assert len(everyone) == 2
     assert gated.signed("GET", f"/v1/keys/{hot_key['address']}").status_code == 200
     assert gated.client.get(f"/v1/keys/{hot_key['address']}").status_code == 401

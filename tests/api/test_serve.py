@@ -95,3 +95,32 @@ def test_serve_refuses_an_unknown_api_setting(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "allow_everything" in result.stderr
+
+
+def test_serve_with_embedded_defaults_and_no_passphrase(tmp_path: Path) -> None:
+    """README's first command: an empty home, no passphrase, no terminal. signd serves enclave
+    custody with its gate in the enclave, and the development client it prints works."""
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
+    from signd.client import SigndClient
+
+    home = tmp_path / "home"
+    with signd_serve(home, provision=False, passphrase=False) as server:
+        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        parts = {part["part"] for part in ready.json()["parts"]}
+        assert parts == {"custody:enclave", "attestation"}
+        client = SigndClient(server.url, "dev", str(home / "dev-client.key"))
+        try:
+            key = client.create_keys(chain="ethereum", custody="enclave")[0]
+            signed = client.sign_eth_message(key.address, b"hello")
+        finally:
+            client.close()
+        recovered = Account.recover_message(encode_defunct(b"hello"), signature=signed.signature)
+        assert recovered == key.address
+        assert server.stop() == 0
+        log = server.log.read_text()
+    assert "keystore custody is off: no passphrase" in log
+    assert "gate: in the enclave" in log
+    assert "signd --url" in log

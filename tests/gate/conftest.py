@@ -1,1 +1,1 @@
-from tests.gate.support import gated, hot_key  # noqa: F401
+from tests.gate.support import gate_mode, gated, hot_key  # noqa: F401

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -21,14 +23,19 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from signd.api import ApiSettings, create_app
-from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+from signd.api.enclave_gatekeeper import EnclaveGatekeeper
+from signd.api.gatekeeping import GatekeeperGate, Keeper, gatekeeper_authenticator
 from signd.audit import SealedAuditRecord
 from signd.auth import sign_request
 from signd.config import load_settings
 from signd.crypto.secret import Secret
-from signd.gate import Gatekeeper, GatePaths, open_gatekeeper
+from signd.custody.enclave import EnclaveBackend
+from signd.enclave.server import start_enclave
+from signd.gate import GatePaths, open_gatekeeper
+from signd.kms.local import LocalKms
 from signd.operations import Signer
 from signd.operations.backends import build_signer
+from signd.storage.blobs import FilesystemBlobStore
 
 PASSPHRASE = "gate tests: correct horse battery staple"
 TOKEN = "bridge-token-for-tests"
@@ -37,13 +44,20 @@ OTHER = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 TRANSFER = "0xa9059cbb"
 MAX_PER_TX = 10**18
 MAX_PER_WINDOW = 3 * 10**18
+GATE_MODES = ("host", "enclave")
+"""Where the gate runs: in the service process, or in an (in-process) enclave server."""
+BOTH_GATES = pytest.mark.parametrize("gate_mode", GATE_MODES, indirect=True)
+"""Run a module's tests with both gates (``pytestmark = BOTH_GATES``)."""
 
 
-def make_home(path: Path) -> Path:
-    """A signd home with a cheap-scrypt keystore only."""
+def make_home(path: Path, enclave: str | None = None) -> Path:
+    """A signd home with a cheap-scrypt keystore, and enclave custody at ``enclave`` (a
+    transport address) if given."""
     path.mkdir(parents=True, exist_ok=True)
+    custody = '["enclave", "keystore"]' if enclave else '["keystore"]'
+    transport = f'\n[enclave]\ntransport = "{enclave}"\n' if enclave else ""
     (path / "signd.toml").write_text(
-        '[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = ["keystore"]\n'
+        f"[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = {custody}\n{transport}"
     )
     return path
 
@@ -118,7 +132,7 @@ class Gated:
     """A gated app, its gatekeeper, the files and the clients' keys."""
 
     client: TestClient
-    gatekeeper: Gatekeeper
+    gatekeeper: Keeper
     paths: GatePaths
     signer: Signer
     alice: ed25519.Ed25519PrivateKey
@@ -169,12 +183,36 @@ def gated_files(
 
 
 @pytest.fixture
-def gated(tmp_path: Path) -> Iterator[Gated]:
-    home = make_home(tmp_path / "home")
-    paths, alice, reader = gated_files(home)
+def gate_mode(request: pytest.FixtureRequest) -> str:
+    """``host`` unless a module asks for both (:data:`BOTH_GATES`)."""
+    return str(getattr(request, "param", "host"))
+
+
+@pytest.fixture
+def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
+    """The gated app. With the enclave's gate, an enclave server runs in this process on a
+    Unix socket, and keys in ``enclave`` custody are sealed by it."""
     with ExitStack() as stack:
+        address = None
+        if gate_mode == "enclave":
+            sockets = Path(tempfile.mkdtemp(prefix="signd-gate-"))
+            stack.callback(shutil.rmtree, sockets, ignore_errors=True)
+            address = f"unix://{sockets}/enclave.sock"
+        home = make_home(tmp_path / "home", address)
+        paths, alice, reader = gated_files(home)
+        gatekeeper: Keeper
+        if address is not None:
+            server = start_enclave(address, LocalKms(home), FilesystemBlobStore(home / "blobs"))
+            stack.callback(server.close)
         signer = stack.enter_context(open_signer(home))
-        gatekeeper = open_gatekeeper(signer, paths, node="test-node")
+        if address is not None:
+            backend = signer.backend("enclave")
+            assert isinstance(backend, EnclaveBackend)
+            enclave_gatekeeper = EnclaveGatekeeper(backend.client, signer, paths, node="test-node")
+            enclave_gatekeeper.configure()
+            gatekeeper = enclave_gatekeeper
+        else:
+            gatekeeper = open_gatekeeper(signer, paths, node="test-node")
         stack.callback(gatekeeper.close)
         settings = ApiSettings(allow_blind_signing=True)
         app = create_app(
@@ -188,9 +226,12 @@ def gated(tmp_path: Path) -> Iterator[Gated]:
 
 
 @pytest.fixture
-def hot_key(gated: Gated) -> dict[str, Any]:
+def hot_key(gated: Gated, gate_mode: str) -> dict[str, Any]:
+    """A key labelled ``hot``: sealed by the enclave with the enclave's gate, else in the
+    keystore."""
+    custody = "enclave" if gate_mode == "enclave" else "keystore"
     response = gated.signed(
-        "POST", "/v1/keys", {"chain": "ethereum", "custody": "keystore", "labels": ["hot"]}
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
     )
     assert response.status_code == 201, response.text
     key: dict[str, Any] = response.json()["keys"][0]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from signd.cli.context import state
 from signd.cli.main import app
-from tests.gate.support import Gated, transaction
+from tests.gate.support import BOTH_GATES, Gated, transaction
 
 
 def verify(home: Path, log: Path | None = None) -> tuple[int, dict[str, Any]]:
@@ -32,6 +32,7 @@ def produced(gated: Gated, hot_key: dict[str, Any]) -> Gated:
     return gated
 
 
+@BOTH_GATES
 def test_the_produced_log_verifies(produced: Gated) -> None:
     home = produced.paths.audit_log.parent
     code, report = verify(home)
@@ -39,6 +40,7 @@ def test_the_produced_log_verifies(produced: Gated) -> None:
     assert report["ok"] and report["records"] == 6 and report["problems"] == []
 
 
+@BOTH_GATES
 @pytest.mark.parametrize(
     ("tamper", "kind"),
     [

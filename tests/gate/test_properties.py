@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from signd.chains.ethereum.transactions import decode_transaction
 from tests.gate.support import (
+    BOTH_GATES,
     MAX_PER_TX,
     MAX_PER_WINDOW,
     OTHER,
@@ -19,6 +20,8 @@ from tests.gate.support import (
     Gated,
     transaction,
 )
+
+pytestmark = BOTH_GATES
 
 ALLOWED_CHAINS = {1, 11155111}
 APPROVE = "0x095ea7b3"

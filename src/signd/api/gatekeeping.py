@@ -1,4 +1,6 @@
-"""The :class:`~signd.gate.Gatekeeper` in the API's two seams.
+"""The gatekeeper in the API's two seams: :class:`~signd.gate.Gatekeeper` (in this process)
+or :class:`~signd.api.enclave_gatekeeper.EnclaveGatekeeper` (the gate runs in the enclave);
+both are a :class:`Keeper`.
 
 - :func:`gatekeeper_authenticator` — the ``authenticate`` seam: the request as received
   (method, target with its query, raw body, auth headers) goes to
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -22,9 +25,40 @@ from signd.api import inputs
 from signd.api.service import Authenticator, Principal
 from signd.api.settings import ApiSettings
 from signd.custody.base import KeyInfo, KeyPage
-from signd.gate import Caller, Gatekeeper, GateRequest, Signed, SigningCall, Unauthenticated
+from signd.gate import Caller, GateRequest, Signed, SigningCall, Unauthenticated
 
 AUTH_HEADER_PREFIX = "x-signd-"
+
+
+class Keeper(Protocol):
+    """What the seams need of a gatekeeper; blocking, thread-safe."""
+
+    def authenticate(self, request: GateRequest) -> Caller: ...
+
+    def create_keys(
+        self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]: ...
+
+    def get_key(self, caller: Caller, ref: str) -> KeyInfo: ...
+
+    def list_keys(
+        self,
+        caller: Caller,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage: ...
+
+    def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]: ...
+
+    def reload(self) -> list[str]:
+        """Re-read the clients and policy files; the problems (the old ones stay)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def request_target(request: Request) -> str:
@@ -43,7 +77,7 @@ def auth_headers(request: Request) -> dict[str, str]:
     }
 
 
-def gatekeeper_authenticator(gatekeeper: Gatekeeper, settings: ApiSettings) -> Authenticator:
+def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:
     """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413."""
 
     async def authenticate(request: Request) -> Principal:
@@ -59,7 +93,7 @@ def gatekeeper_authenticator(gatekeeper: Gatekeeper, settings: ApiSettings) -> A
 class GatekeeperGate:
     """The ``gate`` seam over ``gatekeeper``: refuses a principal it did not authenticate."""
 
-    gatekeeper: Gatekeeper
+    gatekeeper: Keeper
 
     @staticmethod
     def _caller(principal: Principal) -> Caller:

@@ -17,7 +17,7 @@ device's name (``signd/replies/device-7``).
 
 Requests go through the same steps as REST: the :data:`~signd.api.service.Authenticator`
 seam (it receives a request built from the message: ``POST /mqtt/<topic>``, the auth headers,
-the payload as body), then :func:`~signd.api.rest.parse_typed_request` and
+the payload as body), then :func:`~signd.gate.inputs.parse_mqtt_request` and
 :func:`~signd.api.rest.perform_signing` over the server's :class:`SigningService`, so the
 gate, the bounded thread pool, metrics and error codes are REST's.
 
@@ -53,9 +53,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from starlette.requests import Request
 from starlette.types import Message
 
-from signd.api import inputs
 from signd.api.errors import PayloadTooLarge
-from signd.api.rest import error_body, parse_typed_request, perform_signing
+from signd.api.rest import error_body, perform_signing
 from signd.api.service import Authenticator, SigningService
 from signd.api.settings import MQTT_CLIENT, ApiSettings, is_topic_name, wildcard_levels
 from signd.errors import (
@@ -65,11 +64,10 @@ from signd.errors import (
     InvalidRequest,
     SigndError,
 )
+from signd.gate.inputs import MQTT_ENVELOPE_FIELDS, parse_json, parse_mqtt_request
 
 log = logging.getLogger("signd.api.mqtt")
 
-ENVELOPE_FIELDS: Final = frozenset({"id", "reply_to", "auth"})
-"""Payload fields about the message rather than the signing request."""
 MAX_ID_LENGTH: Final = 256
 MAX_AUTH_HEADERS: Final = 32
 PACKET_HEADROOM: Final = 64 * 1024
@@ -158,7 +156,7 @@ def read_envelope(
     """
     if len(message.payload) > settings.max_body_bytes:
         raise PayloadTooLarge(f"the payload is over {settings.max_body_bytes} bytes")
-    body = inputs.parse_json(message.payload)
+    body = parse_json(message.payload)
     if not isinstance(body, dict):
         raise InvalidRequest("the payload must be a JSON object")
     errors: list[InvalidField] = []
@@ -196,7 +194,8 @@ def read_envelope(
     if errors:
         raise errors[0]
     headers = _auth_headers(message.user_properties, body.get("auth", {}))
-    return {name: value for name, value in body.items() if name not in ENVELOPE_FIELDS}, headers
+    request = {name: value for name, value in body.items() if name not in MQTT_ENVELOPE_FIELDS}
+    return request, headers
 
 
 def _auth_headers(
@@ -480,7 +479,7 @@ class MqttAdapter:
         try:
             body, headers = read_envelope(message, self.settings, reply)
             principal = await self.authenticate(auth_request(message, headers, self._scheme))
-            request = parse_typed_request(body)
+            request = parse_mqtt_request(body)
             result = await perform_signing(self.service, principal, request)
         except Exception as exc:
             return {"error": error_body(exc, self.service.metrics)[1]}

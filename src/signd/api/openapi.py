@@ -12,6 +12,9 @@ from signd.api.settings import ApiSettings
 
 HEX = "^0[xX][0-9a-fA-F]*$"
 HASH32 = "^0[xX][0-9a-fA-F]{64}$"
+NONCE = "^(0[xX])?([0-9a-fA-F]{2}){1,64}$"
+PLAIN_HEX = "^([0-9a-f]{2})*$"
+PCR = "^[0-9a-f]{96}$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -22,6 +25,14 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds until the rate limit lets a request through again",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Malformed JSON, a missing or wrong field (named in error.field)",
@@ -29,14 +40,18 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "No such key",
         409: "The key already exists",
         413: "The request body is too large",
+        429: "Over the request rate limit (rate_limited): retry after Retry-After seconds",
         500: "Internal error (no detail is given)",
         503: "A custody backend or its dependency is unavailable",
         507: "The custody backend is out of room for keys",
     }
-    return {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+    answers = {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
+    if "429" in answers:
+        answers["429"]["headers"] = RETRY_AFTER
+    return answers
 
 
-SIGNING_ERRORS = (400, 403, 404, 413, 500, 503)
+SIGNING_ERRORS = (400, 403, 404, 413, 429, 500, 503)
 
 
 def _signing_operation(
@@ -274,6 +289,58 @@ def _schemas(settings: ApiSettings) -> dict[str, Any]:
             "properties": {"status": {"const": "ok"}},
             "required": ["status"],
         },
+        "Attestation": {
+            "type": "object",
+            "properties": {
+                "document": {
+                    "type": "string",
+                    "contentEncoding": "base64",
+                    "description": "The COSE_Sign1 attestation document exactly as the enclave's"
+                    " NSM signed it: verify this, not the fields beside it",
+                },
+                "pcrs": {
+                    "type": "object",
+                    "description": "PCR index → SHA-384 measurement, as the document says",
+                    "propertyNames": {"pattern": "^([0-9]|[12][0-9]|3[01])$"},
+                    "additionalProperties": {"type": "string", "pattern": PCR},
+                },
+                "user_data": {
+                    "type": ["string", "null"],
+                    "pattern": PLAIN_HEX,
+                    "description": "sha256(policy) ‖ sha256(clients) of the enclave's gate",
+                },
+                "nonce": {"type": ["string", "null"], "pattern": PLAIN_HEX},
+                "module_id": {"type": "string"},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "verified": {
+                    "type": "object",
+                    "description": "What this (untrusted) host found verifying the document",
+                    "properties": {
+                        "ok": {"type": "boolean"},
+                        "root": {"enum": ["aws-nitro", "signd-dev"]},
+                        "pinned_pcr0": {
+                            "type": "array",
+                            "items": {"type": "string", "pattern": PCR},
+                            "description": "The PCR0 values KMS releases data keys to, that"
+                            " PCR0 was compared with (empty: none known)",
+                        },
+                        "error": _ref("ErrorBody"),
+                    },
+                    "required": ["ok", "root", "pinned_pcr0"],
+                    "additionalProperties": False,
+                },
+            },
+            "required": [
+                "document",
+                "pcrs",
+                "user_data",
+                "nonce",
+                "module_id",
+                "timestamp",
+                "verified",
+            ],
+            "additionalProperties": False,
+        },
         "Readiness": {
             "type": "object",
             "properties": {
@@ -353,6 +420,13 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
                 "200": _json(single_or_batch, "The answer (JSON-RPC errors included)"),
                 "204": {"description": "Only notifications were sent"},
                 "413": _json(_ref("JsonRpcResponse"), "The request body is too large"),
+                "429": {
+                    **_json(
+                        _ref("JsonRpcResponse"),
+                        "Over the request rate limit: error -32005, data.code rate_limited",
+                    ),
+                    "headers": RETRY_AFTER,
+                },
             },
         }
     }
@@ -382,7 +456,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _json(_ref("CreatedKeys"), "The new keys"),
-                        **_errors(400, 403, 413, 500, 503, 507),
+                        **_errors(400, 403, 413, 429, 500, 503, 507),
                     },
                 },
                 "get": {
@@ -411,7 +485,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("KeyList"), "One page of keys"),
-                        **_errors(400, 403, 500, 503),
+                        **_errors(400, 403, 429, 500, 503),
                     },
                 },
             },
@@ -430,7 +504,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("KeyInfo"), "The key"),
-                        **_errors(400, 403, 404, 500, 503),
+                        **_errors(400, 403, 404, 429, 500, 503),
                     },
                 }
             },
@@ -470,7 +544,37 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("BatchResponse"), "One result per request, in order"),
-                        **_errors(400, 403, 413, 500),
+                        **_errors(400, 403, 413, 429, 500),
+                    },
+                }
+            },
+            "/v1/attestation": {
+                "get": {
+                    "operationId": "getAttestation",
+                    "summary": "A fresh attestation document of the enclave, binding your nonce"
+                    " (public: no credential needed)",
+                    "tags": ["attestation"],
+                    "parameters": [
+                        {
+                            "name": "nonce",
+                            "in": "query",
+                            "required": True,
+                            "description": "1-64 bytes as hex, 0x optional",
+                            "schema": {"type": "string", "pattern": NONCE},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(
+                            _ref("Attestation"), "The document and this host's verdict on it"
+                        ),
+                        "400": _json(_ref("Error"), "The nonce is missing or malformed"),
+                        "404": _json(
+                            _ref("Error"),
+                            "attestation_not_configured: no custody runs in an enclave, or its"
+                            " attestation is off",
+                        ),
+                        "500": _json(_ref("Error"), "Internal error (no detail is given)"),
+                        "503": _json(_ref("Error"), "The enclave or its NSM is unavailable"),
                     },
                 }
             },
@@ -485,7 +589,8 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
-                    "summary": "Ready when every configured custody backend is healthy",
+                    "summary": "Ready when every configured custody backend is healthy and"
+                    " the enclave's attestation verifies",
                     "tags": ["operations"],
                     "responses": {
                         "200": _json(_ref("Readiness"), "Ready"),

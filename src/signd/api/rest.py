@@ -6,9 +6,9 @@ silently ignored. Every error answers ``{"error": {"code", "message", "field"?}}
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from starlette.requests import Request
@@ -28,84 +28,25 @@ from signd.api.service import (
     SigningService,
 )
 from signd.crypto.secp256k1 import RecoverableSignature
+from signd.enclave.protocol import MAX_ATTESTATION_NONCE
 from signd.errors import InvalidField
+from signd.gate import SigningCall
+from signd.gate.inputs import (
+    DEFAULT_LIST_CUSTODY,
+    KEY_FIELDS,
+    MAX_PAGE,
+    check_fields,
+    parse_batch_item,
+    parse_signing_request,
+)
+from signd.operations.attestation import Attestation
 from signd.operations.signer import signature_to_dict
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
-SIGNING_FIELDS: Final[Mapping[SigningKind, frozenset[str]]] = {
-    SigningKind.HASH: frozenset({"key", "hash"}),
-    SigningKind.ETH_TRANSACTION: frozenset({"key", "transaction"}),
-    SigningKind.ETH_MESSAGE: frozenset({"key", "message"}),
-    SigningKind.ETH_TYPED_DATA: frozenset({"key", "typed_data"}),
-}
-KEY_FIELDS: Final = frozenset({"chain", "custody", "count", "labels"})
-DEFAULT_LIST_CUSTODY: Final = "keystore"
-MAX_PAGE: Final = 1000
-
-
-def check_fields(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    for name in body:
-        if name not in allowed:
-            raise InvalidField(f"unknown field {name}", field=name)
-
-
-@dataclass(frozen=True, slots=True)
-class SigningRequest:
-    """A signing request that passed validation: what to sign, with which key."""
-
-    kind: SigningKind
-    key: str
-    payload: Any
-    """The digest or message bytes, or the transaction or typed-data object."""
-
-
-def parse_signing_request(kind: SigningKind, body: Mapping[str, Any]) -> SigningRequest:
-    check_fields(body, SIGNING_FIELDS[kind])
-    key = inputs.text(body, "key")
-    payload: Any
-    if kind is SigningKind.HASH:
-        payload = inputs.hex_bytes(body.get("hash"), "hash", size=32)
-    elif kind is SigningKind.ETH_TRANSACTION:
-        payload = inputs.json_object(body, "transaction")
-    elif kind is SigningKind.ETH_MESSAGE:
-        payload = inputs.message_bytes(body.get("message"))
-    else:
-        payload = inputs.json_object(body, "typed_data")
-    return SigningRequest(kind, key, payload)
-
-
-SIGNING_KINDS: Final[Mapping[str, SigningKind]] = {kind.value: kind for kind in SigningKind}
-
-
-def parse_typed_request(item: Mapping[str, Any], where: str = "") -> SigningRequest:
-    """A request that names its kind, ``{"type": ..., <that kind's fields>}``: a batch item or
-    an MQTT message. With ``where``, errors name the place, e.g. ``requests[2].hash``."""
-    prefix = f"{where}." if where else ""
-    kind_name = item.get("type")
-    if not isinstance(kind_name, str) or kind_name not in SIGNING_KINDS:
-        raise InvalidField(
-            f"{prefix}type must be one of {', '.join(SIGNING_KINDS)}", field=f"{prefix}type"
-        )
-    body = {name: value for name, value in item.items() if name != "type"}
-    try:
-        return parse_signing_request(SIGNING_KINDS[kind_name], body)
-    except InvalidField as exc:
-        if not where:
-            raise
-        raise InvalidField(f"{where}: {exc.message}", field=f"{prefix}{exc.field}") from None
-
-
-def parse_batch_item(index: int, item: object) -> SigningRequest:
-    """One batch item; its errors name it, e.g. ``requests[2].hash``."""
-    where = f"requests[{index}]"
-    if not isinstance(item, dict):
-        raise InvalidField(f"{where} must be a JSON object", field=where)
-    return parse_typed_request(item, where)
-
 
 async def perform_signing(
-    service: SigningService, principal: Principal, request: SigningRequest
+    service: SigningService, principal: Principal, request: SigningCall
 ) -> dict[str, Any]:
     """Perform one validated signing request; the answer's JSON shape depends on its kind.
     REST, its batches and the MQTT adapter all sign through here."""
@@ -117,6 +58,46 @@ async def perform_signing(
     if request.kind is SigningKind.ETH_MESSAGE:
         return (await service.sign_eth_message(principal, key, payload)).to_dict()
     return (await service.sign_eth_typed_data(principal, key, payload)).to_dict()
+
+
+_HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def query_nonce(raw: str | None) -> bytes:
+    """The ``nonce`` query parameter of ``/v1/attestation``: 1-64 bytes as hex (``0x``
+    optional)."""
+    text = raw[2:] if raw is not None and raw[:2] in ("0x", "0X") else raw
+    if (
+        text is None
+        or not 0 < len(text) <= 2 * MAX_ATTESTATION_NONCE
+        or len(text) % 2
+        or not _HEX_DIGITS.issuperset(text)
+    ):
+        raise InvalidField(
+            f"nonce must be 1-{MAX_ATTESTATION_NONCE} bytes as hex digits", field="nonce"
+        )
+    return bytes.fromhex(text)
+
+
+def attestation_to_dict(attested: Attestation) -> dict[str, Any]:
+    """The answer of ``/v1/attestation``: the raw document, what it says, and the verdict."""
+    payload = attested.payload
+    verified: dict[str, Any] = {
+        "ok": attested.verified,
+        "root": attested.root,
+        "pinned_pcr0": [pin.hex() for pin in attested.pinned_pcr0],
+    }
+    if attested.problem is not None:
+        verified["error"] = attested.problem.to_dict()
+    return {
+        "document": base64.b64encode(attested.document).decode(),
+        "pcrs": {str(index): value.hex() for index, value in sorted(payload.pcrs.items())},
+        "user_data": payload.user_data.hex() if payload.user_data is not None else None,
+        "nonce": payload.nonce.hex() if payload.nonce is not None else None,
+        "module_id": payload.module_id,
+        "timestamp": payload.timestamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "verified": verified,
+    }
 
 
 def error_body(exc: BaseException, metrics: ApiMetrics) -> tuple[int, dict[str, str]]:
@@ -159,6 +140,7 @@ class RestApi:
                 methods=["POST"],
             ),
             Route("/v1/sign/batch", self._wrap(self.sign_batch), methods=["POST"]),
+            Route("/v1/attestation", self._wrap(self.attestation, public=True), methods=["GET"]),
             Route("/healthz", self._wrap(self.healthz, public=True), methods=["GET"]),
             Route("/readyz", self._wrap(self.readyz, public=True), methods=["GET"]),
             Route("/metrics", self._wrap(self.metrics_text, public=True), methods=["GET"]),
@@ -168,8 +150,9 @@ class RestApi:
     def _wrap(
         self, handler: Handler, *, public: bool = False
     ) -> Callable[[Request], Awaitable[Response]]:
-        """Authenticate (unless ``public``: probes and the API description), call, and turn
-        any exception into the JSON error answer."""
+        """Authenticate (unless ``public``: probes, the API description and the enclave's
+        attestation, all public information), call, and turn any exception into the JSON error
+        answer."""
 
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
@@ -269,6 +252,14 @@ class RestApi:
         if isinstance(outcome, RecoverableSignature):
             return signature_to_dict(outcome)
         return outcome.to_dict()
+
+    # attestation
+
+    async def attestation(self, request: Request, principal: Principal) -> Response:
+        """A fresh attestation document of the enclave for the caller's nonce, verified here
+        first (the caller verifies it again: this host is not trusted)."""
+        attested = await self.service.attestation(query_nonce(request.query_params.get("nonce")))
+        return JSONResponse(attestation_to_dict(attested), headers={"cache-control": "no-store"})
 
     # operations
 

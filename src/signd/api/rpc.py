@@ -14,7 +14,6 @@ downstream node that is down included (-32006 ``dependency_unavailable``).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -23,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from signd.api import inputs
 from signd.api.downstream import Downstream
 from signd.api.errors import (
     INVALID_REQUEST,
@@ -32,44 +30,27 @@ from signd.api.errors import (
     DownstreamError,
     wire_error,
 )
+from signd.api.inputs import read_body
 from signd.api.service import Authenticator, Principal, SigningService
 from signd.chains.ethereum import SignedTransaction
-from signd.errors import InvalidField, InvalidRequest, UnsupportedOperation
+from signd.errors import InvalidRequest, UnsupportedOperation
+from signd.gate.inputs import (
+    is_rpc_request,
+    parse_json,
+    positional,
+    rpc_signing_call,
+    valid_rpc_id,
+)
 
-Params = list[Any]
 Method = Callable[[Principal, object], Awaitable[Any]]
 
 NEVER_FORWARDED: Final = ("eth_sign", "personal_", "account_", "clef_", "eth_sendTransaction")
 """Method-name prefixes that are never sent to the downstream node, whose own keys must not
 sign anything on signd's behalf."""
 
-_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
-
 
 class MethodNotFound(Exception):
     """No such JSON-RPC method here (and none to forward to)."""
-
-
-def _positional(params: object, least: int, most: int, method: str) -> Params:
-    if params is None:
-        params = []
-    if not isinstance(params, list) or not least <= len(params) <= most:
-        count = str(least) if least == most else f"{least} to {most}"
-        raise InvalidRequest(f"{method} takes {count} positional parameter(s)")
-    return params
-
-
-def _address(value: object, name: str = "address") -> str:
-    if not isinstance(value, str) or not _ADDRESS.match(value):
-        raise InvalidField(f"{name} must be a 0x-prefixed 20-byte address", field=name)
-    return value
-
-
-def _transaction(value: object) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidField("the transaction must be a JSON object", field="transaction")
-    _address(value.get("from"), "from")
-    return value
 
 
 def geth_transaction(signed: SignedTransaction) -> dict[str, Any]:
@@ -90,14 +71,6 @@ def _response(request_id: Any, result: Any) -> dict[str, Any]:
 
 def _error(request_id: Any, error: Mapping[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": dict(error)}
-
-
-def _valid_id(value: object) -> bool:
-    return (
-        value is None
-        or isinstance(value, str)
-        or (isinstance(value, int | float) and not isinstance(value, bool))
-    )
 
 
 class JsonRpcApi:
@@ -138,13 +111,13 @@ class JsonRpcApi:
     async def endpoint(self, request: Request) -> Response:
         try:
             principal = await self.authenticate(request)
-            body = await inputs.read_body(request, self.settings.max_body_bytes)
+            body = await read_body(request, self.settings.max_body_bytes)
         except Exception as exc:
             wire = wire_error(exc)
             self.metrics.errors.inc(wire.body["code"])
             return JSONResponse(_error(None, wire.rpc_error()), status_code=wire.http_status)
         try:
-            message = inputs.parse_json(body)
+            message = parse_json(body)
         except InvalidRequest:
             return JSONResponse(_error(None, {"code": PARSE_ERROR, "message": "parse error"}))
         if isinstance(message, list):
@@ -174,16 +147,10 @@ class JsonRpcApi:
     async def call(self, principal: Principal, item: object) -> dict[str, Any] | None:
         """Answer one request object; ``None`` for a notification (no ``id``)."""
         request_id = item.get("id") if isinstance(item, dict) else None
-        if (
-            not isinstance(item, dict)
-            or item.get("jsonrpc") != "2.0"
-            or not isinstance(item.get("method"), str)
-            or not isinstance(item.get("params", []), list | dict)
-            or not _valid_id(request_id)
-        ):
+        if not isinstance(item, dict) or not is_rpc_request(item):
             self.metrics.rpc_calls.inc("other", "invalid")
             return _error(
-                request_id if _valid_id(request_id) else None,
+                request_id if valid_rpc_id(request_id) else None,
                 {"code": INVALID_REQUEST, "message": "invalid JSON-RPC 2.0 request"},
             )
         notification = "id" not in item
@@ -217,11 +184,11 @@ class JsonRpcApi:
     # accounts and chain
 
     async def eth_accounts(self, principal: Principal, params: object) -> list[str]:
-        _positional(params, 0, 0, "eth_accounts")
+        positional(params, 0, 0, "eth_accounts")
         return await self.service.ethereum_accounts(principal)
 
     async def eth_chain_id(self, principal: Principal, params: object) -> str:
-        _positional(params, 0, 0, "eth_chainId")
+        positional(params, 0, 0, "eth_chainId")
         if self.settings.chain_id is not None:
             return hex(self.settings.chain_id)
         if self.downstream is not None:
@@ -234,32 +201,23 @@ class JsonRpcApi:
 
     async def eth_sign(self, principal: Principal, params: object) -> str:
         """geth's eth_sign: EIP-191 personal message over the data bytes."""
-        address, data = _positional(params, 2, 2, "eth_sign")
-        signature = await self.service.sign_eth_message(
-            principal, _address(address), inputs.hex_bytes(data, "data")
-        )
+        call = rpc_signing_call("eth_sign", params)
+        signature = await self.service.sign_eth_message(principal, call.key, call.payload)
         return "0x" + signature.signature.hex()
 
     async def personal_sign(self, principal: Principal, params: object) -> str:
         """personal_sign(data, address[, password]): the password is not used by signd."""
-        data, address, *_ = _positional(params, 2, 3, "personal_sign")
-        signature = await self.service.sign_eth_message(
-            principal, _address(address), inputs.hex_bytes(data, "data")
-        )
+        call = rpc_signing_call("personal_sign", params)
+        signature = await self.service.sign_eth_message(principal, call.key, call.payload)
         return "0x" + signature.signature.hex()
 
     async def eth_sign_typed_data_v4(self, principal: Principal, params: object) -> str:
-        address, document = _positional(params, 2, 2, "eth_signTypedData_v4")
-        if isinstance(document, str):
-            document = inputs.parse_json(document.encode())
-        if not isinstance(document, dict):
-            raise InvalidField("typed data must be a JSON object or its JSON text", field="data")
-        signature = await self.service.sign_eth_typed_data(principal, _address(address), document)
+        call = rpc_signing_call("eth_signTypedData_v4", params)
+        signature = await self.service.sign_eth_typed_data(principal, call.key, call.payload)
         return "0x" + signature.signature.hex()
 
     async def eth_sign_transaction(self, principal: Principal, params: object) -> dict[str, Any]:
-        (transaction,) = _positional(params, 1, 1, "eth_signTransaction")
-        transaction = _transaction(transaction)
+        transaction = rpc_signing_call("eth_signTransaction", params).payload
         if self.downstream is not None:
             transaction = await self.downstream.fill_transaction(transaction)
         signed = await self.service.sign_eth_transaction(
@@ -273,8 +231,7 @@ class JsonRpcApi:
             raise MethodNotFound(
                 "eth_sendTransaction needs a downstream node (signd serve --downstream)"
             )
-        (transaction,) = _positional(params, 1, 1, "eth_sendTransaction")
-        transaction = _transaction(transaction)
+        transaction = rpc_signing_call("eth_sendTransaction", params).payload
         async with self._sender_locks[transaction["from"].lower()]:
             filled = await self.downstream.fill_transaction(transaction)
             signed = await self.service.sign_eth_transaction(principal, filled["from"], filled)

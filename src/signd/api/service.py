@@ -30,6 +30,7 @@ from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
 from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
 from signd.operations import Signer
+from signd.operations.attestation import Attestation, AttestationNotConfigured, EnclaveAttestor
 from signd.operations.signer import MessageSignature
 
 T = TypeVar("T")
@@ -150,6 +151,7 @@ class SigningService:
 
     ``allow_blind_signing`` is a server-wide switch applied here, before the gate: with it
     off, raw-hash requests are refused whoever asks and whatever the policy says.
+    ``attestor`` checks the enclave's attestation (``None``: no enclave attests here).
     """
 
     def __init__(
@@ -158,11 +160,13 @@ class SigningService:
         settings: ApiSettings,
         metrics: ApiMetrics,
         gate: SigningGate | None = None,
+        attestor: EnclaveAttestor | None = None,
     ) -> None:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
         self.gate: SigningGate = gate or UngatedSigner(signer)
+        self.attestor = attestor
         self._limiter: anyio.CapacityLimiter | None = None
 
     def reset(self) -> None:
@@ -315,29 +319,53 @@ class SigningService:
             await self._sign(principal, SigningKind.ETH_TYPED_DATA, key, document),
         )
 
+    # attestation
+
+    async def attestation(self, nonce: bytes) -> Attestation:
+        """A fresh attestation document of the enclave binding ``nonce``, with the host's
+        verdict. It runs in the bounded thread pool, which bounds the NSM calls in flight."""
+        if self.attestor is None:
+            raise AttestationNotConfigured("no custody of this service runs in an enclave")
+        return await self.run(self.attestor.attest, nonce)
+
     # health
 
     async def readiness(self) -> list[dict[str, str]]:
-        """One entry per configured custody: ``ok``, or ``unavailable`` with the reason."""
-        parts = []
-        for custody in self.signer.custody_types:
-            part = {"part": f"custody:{custody}", "status": "ok"}
-            try:
-                with anyio.fail_after(self.settings.health_timeout):
-                    await anyio.to_thread.run_sync(
-                        self._check_custody, custody, abandon_on_cancel=True
-                    )
-            except TimeoutError:
-                part |= {
-                    "status": "unavailable",
-                    "code": DependencyUnavailable.code,
-                    "message": f"no answer in {self.settings.health_timeout:g}s",
-                }
-            except Exception as exc:
-                body = wire_error(exc).body
-                part |= {"status": "unavailable", "code": body["code"], "message": body["message"]}
-            parts.append(part)
+        """One entry per configured custody, and ``attestation`` when an enclave attests:
+        ``ok``, or ``unavailable`` with the reason. The checks run concurrently, so the whole
+        answer comes within ``health_timeout``."""
+        checks: list[tuple[str, Callable[[], None]]] = [
+            (f"custody:{custody}", partial(self._check_custody, custody))
+            for custody in self.signer.custody_types
+        ]
+        if self.attestor is not None:
+            checks.append(("attestation", self.attestor.check))
+        parts: list[dict[str, str]] = [{} for _ in checks]
+
+        async def probe(index: int, name: str, check: Callable[[], None]) -> None:
+            parts[index] = await self._probe(name, check)
+
+        async with anyio.create_task_group() as group:
+            for index, (name, check) in enumerate(checks):
+                group.start_soon(probe, index, name, check)
         return parts
+
+    async def _probe(self, name: str, check: Callable[[], None]) -> dict[str, str]:
+        """Run one readiness check in a thread, bounded by ``health_timeout``."""
+        part = {"part": name, "status": "ok"}
+        try:
+            with anyio.fail_after(self.settings.health_timeout):
+                await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+        except TimeoutError:
+            part |= {
+                "status": "unavailable",
+                "code": DependencyUnavailable.code,
+                "message": f"no answer in {self.settings.health_timeout:g}s",
+            }
+        except Exception as exc:
+            body = wire_error(exc).body
+            part |= {"status": "unavailable", "code": body["code"], "message": body["message"]}
+        return part
 
     def _check_custody(self, custody: str) -> None:
         self.signer.backend(custody).check_health()

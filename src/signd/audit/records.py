@@ -10,6 +10,11 @@ Every key creation and signing decision, allowed or refused, becomes an
 where ``prev_hash`` is the previous record's ``hash`` (32 zero bytes before the first
 record, whose ``seq`` is 1). The host only appends sealed records: without the MAC key it
 cannot alter, insert or reorder them undetected, and a removal breaks the chain.
+
+A signing that used up spend-window allowance carries its :class:`Spend`, so that the
+windows can be rebuilt from the log's tail after a restart. Records without one (no spend,
+or written before the field existed) leave ``spend`` out of their canonical form, so their
+MACs verify as before.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -56,6 +61,35 @@ GENESIS: Final = ChainHead(0, GENESIS_HASH)
 
 
 @dataclass(frozen=True, slots=True)
+class Spend:
+    """Value committed to a spend window: ``value`` wei under ``rule`` for ``key_id``
+    (the window's key in :class:`~signd.policy.PolicyEngine`). ``value`` is written as a
+    decimal string, since wei do not fit a JSON number everywhere."""
+
+    rule: str
+    key_id: str
+    value: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str) or not isinstance(self.key_id, str):
+            raise IntegrityError("audit record spend rule and key_id must be strings")
+        if not isinstance(self.value, int) or isinstance(self.value, bool) or self.value < 1:
+            raise IntegrityError("audit record spend value must be a positive integer")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"rule": self.rule, "key_id": self.key_id, "value": str(self.value)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> Spend:
+        if not isinstance(data, Mapping) or set(data) != {"rule", "key_id", "value"}:
+            raise IntegrityError("audit record spend has missing or unknown fields")
+        value = data["value"]
+        if not isinstance(value, str) or not value.isdigit() or not value.isascii():
+            raise IntegrityError("audit record spend value must be a decimal string")
+        return cls(data["rule"], data["key_id"], int(value))
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One decision. ``time`` is RFC 3339 UTC with milliseconds; the two digests are hex
     SHA-256 of the request as received and of the result returned (``None`` if none)."""
@@ -72,6 +106,7 @@ class AuditRecord:
     reason: str
     request_sha256: str | None
     result_sha256: str | None
+    spend: Spend | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 1:
@@ -84,19 +119,39 @@ class AuditRecord:
         for name in _OPTIONAL_TEXT:
             if not isinstance(getattr(self, name), str | None):
                 raise IntegrityError(f"audit record {name} must be a string or null")
+        if not isinstance(self.spend, Spend | None):
+            raise IntegrityError("audit record spend must be a Spend or null")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON data; ``spend`` only when there is one."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spend"}
+        if self.spend is not None:
+            data["spend"] = self.spend.to_dict()
+        return data
 
     def canonical(self) -> bytes:
         """The bytes the MAC and hash cover: sorted keys, no whitespace, ASCII only."""
         return json.dumps(
-            asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
         ).encode("ascii")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
-        expected = {f.name for f in fields(cls)}
-        if not isinstance(data, Mapping) or set(data) != expected:
+        required = {f.name for f in fields(cls)} - {"spend"}
+        if not isinstance(data, Mapping) or not required <= set(data) <= required | {"spend"}:
             raise IntegrityError("audit record has missing or unknown fields")
-        return cls(**data)
+        values = dict(data)
+        if "spend" in values:
+            values["spend"] = Spend.from_dict(values["spend"])
+        return cls(**values)
+
+    @property
+    def timestamp(self) -> float:
+        """``time`` as Unix seconds."""
+        try:
+            return datetime.fromisoformat(self.time.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            raise IntegrityError(f"audit record {self.seq} has a bad time") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +167,7 @@ class SealedAuditRecord:
         """One line of the log (no newline)."""
         return json.dumps(
             {
-                "record": asdict(self.record),
+                "record": self.record.to_dict(),
                 "prev_hash": self.prev_hash.hex(),
                 "mac": self.mac.hex(),
                 "hash": self.hash.hex(),
@@ -215,6 +270,7 @@ class AuditSigner:
         rule: str | None = None,
         request_sha256: str | None = None,
         result_sha256: str | None = None,
+        spend: Spend | None = None,
     ) -> SealedAuditRecord:
         """Number, time-stamp, MAC and chain one record."""
         with self._lock:
@@ -231,6 +287,7 @@ class AuditSigner:
                 reason=reason,
                 request_sha256=request_sha256,
                 result_sha256=result_sha256,
+                spend=spend,
             )
             canonical = record.canonical()
             prev_hash = self._head.hash

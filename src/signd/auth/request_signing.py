@@ -25,6 +25,12 @@ remembered until its request's timestamp leaves the window; after that the times
 refuses the request anyway, so forgetting it is safe. If more than ``nonce_capacity`` nonces
 are live at once, new requests are refused rather than old nonces forgotten.
 
+**Presenting a request again.** The enclave's gate performs a request's calls as the host
+forwards them, and a JSON-RPC batch arrives one item at a time, so :meth:`RequestVerifier.present`
+lets the same signed request be shown again (its signature covers the body, so it is the same
+body) and :meth:`RequestVerifier.perform` lets each of its calls be performed once: a replay
+of a performed call, or of a request whose calls are all performed, is refused.
+
 Nonces live in enclave memory, so a restarted enclave has forgotten them. A host that restarts
 the enclave to replay recent requests is stopped by ``not_before``: requests signed before the
 verifier was created are refused (a client whose request straddles a restart retries).
@@ -40,7 +46,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -132,6 +139,15 @@ def sign_request(
     }
 
 
+@dataclass(slots=True)
+class _Seen:
+    """A live nonce: the body its request carried, its calls and those performed."""
+
+    body_sha256: str
+    calls: frozenset[str]
+    performed: set[str] = field(default_factory=set)
+
+
 class NonceTracker:
     """Nonces seen recently, each kept until its request's timestamp leaves the window.
 
@@ -144,27 +160,66 @@ class NonceTracker:
         if capacity < 1:
             raise ConfigurationError("nonce capacity must be at least 1")
         self.capacity = capacity
-        self._live: set[tuple[str, str]] = set()
+        self._live: dict[tuple[str, str], _Seen] = {}
         self._expiries: list[tuple[float, str, str]] = []
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def remember(self, client_id: str, nonce: str, *, expires_at: float, now: float) -> None:
-        """Record a nonce; refuse one already live, or any when the tracker is full."""
+    def remember(
+        self,
+        client_id: str,
+        nonce: str,
+        *,
+        expires_at: float,
+        now: float,
+        body_sha256: str = "",
+        calls: Collection[str] | None = None,
+    ) -> None:
+        """Record a nonce; refuse one already live, or any when the tracker is full.
+
+        With ``calls`` (the request's call names), a live nonce is accepted again for the
+        same body while some of its calls are not yet performed (:meth:`perform`).
+        """
         self._expire(now)
         entry = (client_id, nonce)
-        if entry in self._live:
-            raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
+        seen = self._live.get(entry)
+        if seen is not None:
+            if calls is None or seen.body_sha256 != body_sha256 or seen.performed >= seen.calls:
+                raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
+            return
         if len(self._live) >= self.capacity:
             raise AccessDenied("too many recent requests to track their nonces; retry later")
-        self._live.add(entry)
+        self._live[entry] = _Seen(body_sha256, frozenset(calls or ()))
         heapq.heappush(self._expiries, (expires_at, client_id, nonce))
+
+    def perform(self, client_id: str, nonce: str, calls: Collection[str], *, now: float) -> None:
+        """Mark ``calls`` of a remembered request performed; refuse if any already was (or
+        is not one of its calls, or the nonce has expired meanwhile)."""
+        self._expire(now)
+        seen = self._live.get((client_id, nonce))
+        wanted = set(calls)
+        if seen is None or not wanted <= seen.calls:
+            raise AccessDenied(f"no such call in client {client_id!r}'s request")
+        if not wanted.isdisjoint(seen.performed):
+            raise AccessDenied(
+                f"call already performed for client {client_id!r} (replayed request)"
+            )
+        seen.performed |= wanted
 
     def _expire(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] < now:
             _, client_id, nonce = heapq.heappop(self._expiries)
-            self._live.discard((client_id, nonce))
+            self._live.pop((client_id, nonce), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Presentation:
+    """A signed request shown to :meth:`RequestVerifier.present`: who signed it, and its
+    nonce, to :meth:`RequestVerifier.perform` its calls with."""
+
+    principal: Principal
+    nonce: str
 
 
 class RequestVerifier:
@@ -210,6 +265,36 @@ class RequestVerifier:
         is only recorded once the signature verifies, so unauthenticated traffic cannot
         fill the nonce tracker or burn a client's nonces.
         """
+        return self._verify(method, path, body, headers, None).principal
+
+    def present(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        calls: Collection[str],
+    ) -> Presentation:
+        """Like :meth:`verify`, for a request whose ``calls`` (names) are performed one by
+        one with :meth:`perform`: it may be presented again until all are performed."""
+        return self._verify(method, path, body, headers, calls)
+
+    def perform(self, presentation: Presentation, calls: Collection[str]) -> None:
+        """Mark ``calls`` of a presented request performed; a call already performed (a
+        replay) is :class:`~signd.errors.AccessDenied`."""
+        with self._lock:
+            self._nonces.perform(
+                presentation.principal.client_id, presentation.nonce, calls, now=self._now()
+            )
+
+    def _verify(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        calls: Collection[str] | None,
+    ) -> Presentation:
         fields = {name.lower(): value for name, value in headers.items()}
         client_id = _header(fields, HEADER_CLIENT)
         timestamp = _header(fields, HEADER_TIMESTAMP)
@@ -242,8 +327,15 @@ class RequestVerifier:
         if not _verifies(client.public_key, signature, message):
             raise AccessDenied(f"request signature does not verify for client {client_id!r}")
         with self._lock:
-            self._nonces.remember(client_id, nonce, expires_at=signed_at + self.window, now=now)
-        return client.principal("signature")
+            self._nonces.remember(
+                client_id,
+                nonce,
+                expires_at=signed_at + self.window,
+                now=now,
+                body_sha256=hashlib.sha256(body).hexdigest(),
+                calls=calls,
+            )
+        return Presentation(client.principal("signature"), nonce)
 
     def verify_bearer(self, token: str) -> Principal:
         """The bearer client holding ``token`` (compared as SHA-256, in constant time)."""

@@ -1,21 +1,27 @@
 """``signd audit verify``: check the audit log's hash chain and MACs.
 
-The MAC key is the one the service keeps (``HOME/audit.key``, created on its first run; in
-the enclave follow-up it lives in the enclave, sealed by KMS, and verification runs there or
-with a key released to auditors). Removed, reordered, altered and inserted records are
+With the enclave's gate the MAC key exists only in the enclave (the host keeps its KMS
+ciphertext, ``HOME/audit.key.sealed``), so the log is verified there: streamed to it in
+chunks, it reports the first bad record (and a log that ends before the enclave's chain
+head). With the in-process gate, or ``--key``, the MAC key file (``HOME/audit.key``) is read
+here and every problem is reported. Removed, reordered, altered and inserted records are
 reported with their position, and the exit status is 1.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from signd.cli.context import state
 from signd.cli.output import emit, handles_errors, stdout
 from signd.errors import IntegrityError
+
+if TYPE_CHECKING:
+    from signd.gate import GatePaths
 
 audit_app = typer.Typer(
     help="The audit log of key creations and signing decisions.", no_args_is_help=True
@@ -34,42 +40,34 @@ def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
 ) -> None:
     """Verify the hash chain and MACs of the audit log; exit 1 on any problem."""
-    from signd.audit import SealedAuditRecord, verify_chain
-    from signd.gate import GatePaths, load_mac_key
+    from signd.gate import GatePaths
 
     settings = state.settings
-    paths = GatePaths.under(settings.home, audit_log=settings.section("api").get("audit_log"))
+    section = settings.section("api")
+    paths = GatePaths.under(
+        settings.home,
+        clients_file=section.get("clients_file"),
+        policy_file=section.get("policy_file"),
+        audit_log=section.get("audit_log"),
+    )
     log_path = log or paths.audit_log
-    mac_key = load_mac_key(key or paths.audit_key_file)
-    records = []
-    unreadable: list[dict[str, object]] = []
     try:
         lines = log_path.read_bytes().splitlines()
     except OSError as exc:
         raise IntegrityError(f"cannot read the audit log {log_path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(SealedAuditRecord.from_json(line))
-        except IntegrityError as exc:
-            unreadable.append({"line": number, "kind": "unreadable", "detail": exc.message})
-    report = verify_chain(records, mac_key)
-    problems = unreadable + [
-        {"position": p.position, "seq": p.seq, "kind": str(p.kind), "detail": p.detail}
-        for p in report.problems
-    ]
-    result = {
-        "log": str(log_path),
-        "ok": not problems,
-        "records": report.records,
-        "head": {"seq": report.head.seq, "hash": report.head.hash.hex()},
-        "problems": problems,
-    }
+    if key is None and paths.sealed_audit_key_file.exists():
+        result = _verify_in_enclave(paths, lines)
+    else:
+        result = _verify_here(key or paths.audit_key_file, lines)
+    result = {"log": str(log_path), **result}
+    problems: list[dict[str, object]] = result["problems"]
 
     def human() -> None:
         if not problems:
+            head = result["head"]
             stdout.print(
-                f"audit log {log_path}: OK, {report.records} records, "
-                f"head seq {report.head.seq} hash {report.head.hash.hex()}",
+                f"audit log {log_path}: OK, {result['records']} records, "
+                f"head seq {head['seq']} hash {head['hash']} (verified {result['where']})",
                 markup=False,
             )
             return
@@ -85,3 +83,50 @@ def audit_verify(
     emit(result, as_json=as_json, human=human)
     if problems:
         raise typer.Exit(1)
+
+
+def _verify_here(key_file: Path, lines: list[bytes]) -> dict[str, Any]:
+    """Every problem, found with the MAC key file."""
+    from signd.audit import SealedAuditRecord, verify_chain
+    from signd.gate import load_mac_key
+
+    mac_key = load_mac_key(key_file)
+    records = []
+    unreadable: list[dict[str, object]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(SealedAuditRecord.from_json(line))
+        except IntegrityError as exc:
+            unreadable.append({"line": number, "kind": "unreadable", "detail": exc.message})
+    report = verify_chain(records, mac_key)
+    problems = unreadable + [
+        {"position": p.position, "seq": p.seq, "kind": str(p.kind), "detail": p.detail}
+        for p in report.problems
+    ]
+    return {
+        "where": "with the MAC key file",
+        "ok": not problems,
+        "records": report.records,
+        "head": {"seq": report.head.seq, "hash": report.head.hash.hex()},
+        "problems": problems,
+    }
+
+
+def _verify_in_enclave(paths: GatePaths, lines: list[bytes]) -> dict[str, Any]:
+    """The first problem, found by the enclave (which holds the MAC key)."""
+    from signd.api.enclave_gatekeeper import verify_in_enclave
+    from signd.custody.enclave import EnclaveBackend
+    from signd.errors import ConfigurationError
+
+    backend = state.signer.backend("enclave")
+    if not isinstance(backend, EnclaveBackend):
+        raise ConfigurationError("the audit key is sealed for the enclave, but no enclave custody")
+    found = verify_in_enclave(backend.client, paths, lines, node=socket.gethostname())
+    problems = [] if found.problem is None else [dict(found.problem)]
+    return {
+        "where": "in the enclave",
+        "ok": not problems,
+        "records": found.records,
+        "head": {"seq": found.head_seq, "hash": found.head_hash.hex()},
+        "problems": problems,
+    }

@@ -6,10 +6,12 @@ filesystem blobs under the home folder, the keystore passphrase from
 ``SIGND_KEYSTORE_PASSPHRASE``, a file, or a prompt at start-up. Settings come from the
 ``[api]`` table of ``signd.toml``; the options here override it.
 
-Every request is authenticated and every key and signing call passes the
-:class:`~signd.gate.Gatekeeper` (clients file, policy, audit log). On first run with the
-default paths, a development client and policy are written (and announced loudly). SIGHUP
-reloads the clients and policy files; a bad file is refused and the one in force stays.
+Every request is authenticated and every key and signing call passes the gate (clients
+file, policy, audit log): the enclave's (:class:`~signd.api.enclave_gatekeeper.EnclaveGatekeeper`)
+whenever enclave custody is enabled, as it is by default (the embedded local enclave), else
+the in-process :class:`~signd.gate.Gatekeeper`; the banner and the log say which. On first run
+with the default paths, a development client and policy are written (and announced loudly).
+SIGHUP reloads the clients and policy files; a bad file is refused and the one in force stays.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import sys
 import traceback
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
@@ -34,10 +38,11 @@ if TYPE_CHECKING:
 
     import uvicorn
 
+    from signd.api.gatekeeping import Keeper
     from signd.api.mqtt import MqttAdapter
     from signd.api.settings import ApiSettings
     from signd.config import Settings
-    from signd.gate import DevDefaults, Gatekeeper
+    from signd.gate import DevDefaults, GatePaths
     from signd.operations import Signer
 
 ACCESS_LOGGER = "signd.api.access"
@@ -80,17 +85,36 @@ def _without_secrets(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}{port}"
 
 
-def _banner(host: str, port: int, settings: ApiSettings, gatekeeper: Gatekeeper) -> None:
+@dataclass(frozen=True, slots=True)
+class OpenGate:
+    """The gatekeeper ``signd serve`` runs, where it runs, and the files it was given."""
+
+    gatekeeper: Keeper
+    in_enclave: bool
+    paths: GatePaths
+    clients_sha256: str
+    policy_sha256: str
+    created: DevDefaults | None
+
+    @property
+    def where(self) -> str:
+        return (
+            "in the enclave (authentication, policy and audit sealing)"
+            if self.in_enclave
+            else "in this process (no enclave custody is enabled)"
+        )
+
+
+def _banner(host: str, port: int, settings: ApiSettings, gate: OpenGate) -> None:
     base = f"http://{host}:{port}"
     downstream, blind = settings.downstream, settings.allow_blind_signing
-    clients, policy = gatekeeper.clients, gatekeeper.policy
-    assert clients is not None
-    assert policy is not None
     lines = [
         f"signd serving on {base}  (REST under /v1, Ethereum JSON-RPC at / and /rpc)",
         "  every request is authenticated (request signature or bearer token) and checked",
-        f"  clients: {clients.path} (sha256 {clients.sha256})",
-        f"  policy:  {policy.path} (sha256 {policy.sha256})   reload: kill -HUP <pid>",
+        f"  gate: {gate.where}",
+        f"  clients: {gate.paths.clients_file} (sha256 {gate.clients_sha256})",
+        f"  policy:  {gate.paths.policy_file} (sha256 {gate.policy_sha256})"
+        "   reload: kill -HUP <pid>",
         f"  JSON-RPC URL: {base}/rpc (bearer-token clients: Authorization: Bearer <token>)",
         f"  API description: {base}/openapi.json   health: {base}/readyz",
         f"  downstream node: {_without_secrets(downstream) if downstream else 'none'}",
@@ -99,7 +123,7 @@ def _banner(host: str, port: int, settings: ApiSettings, gatekeeper: Gatekeeper)
     ]
     if settings.mqtt is not None:
         lines.insert(
-            5,
+            6,
             f"  MQTT broker: {_without_secrets(settings.mqtt)}, requests on "
             f"{settings.mqtt_request_topic}, replies on {settings.mqtt_reply_topic}",
         )
@@ -124,24 +148,26 @@ def dev_client_usage(base: str, client_id: str, key: Path, *, created: bool) -> 
             f"  private key: {key} (0600)",
             "  curl cannot call signd: each request carries a signature over its method, path,",
             "  body, time and a nonce. Use the CLI or the Python client:",
-            f"    signd --url {base} --client-id {client_id} --client-key {key} keys new",
+            f"    signd --url {base} --client-id {client_id} --client-key {key} \\",
+            "      keys new --custody enclave",
             f"    export SIGND_URL={base} SIGND_CLIENT_ID={client_id} SIGND_CLIENT_KEY={key}",
-            "    signd keys list; signd sign eth-message --key 0x... --text hello",
+            "    signd keys list --custody enclave; signd sign eth-message --key 0x... --text hi",
             "  Python:",
             "    from signd.client import SigndClient",
             f"    client = SigndClient({base!r}, {client_id!r}, {str(key)!r})",
-            '    key = client.create_keys(chain="ethereum", custody="keystore")[0]',
+            '    key = client.create_keys(chain="ethereum", custody="enclave")[0]',
             '    client.sign_eth_message(key.address, b"hello")',
         ]
     )
 
 
-def open_gate(
-    settings: Settings, api_settings: ApiSettings, signer: Signer
-) -> tuple[Gatekeeper, DevDefaults | None]:
-    """The gatekeeper over ``signer``, writing the development defaults on first run; and
-    what was written (``None`` when nothing was)."""
+def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> OpenGate:
+    """The gatekeeper over ``signer``, writing the development defaults on first run: the
+    enclave's when enclave custody is enabled, else one in this process."""
+    from signd.api.enclave_gatekeeper import EnclaveGatekeeper
+    from signd.custody.enclave import EnclaveBackend
     from signd.gate import GatePaths, open_gatekeeper, write_dev_defaults
+    from signd.gate.interpret import Limits
 
     paths = GatePaths.under(
         settings.home,
@@ -152,10 +178,38 @@ def open_gate(
     created = None
     if api_settings.clients_file is None and api_settings.policy_file is None:
         created = write_dev_defaults(settings.home, paths)
-    return open_gatekeeper(signer, paths), created
+    if "enclave" not in signer.custody_types:
+        gatekeeper = open_gatekeeper(signer, paths)
+        assert gatekeeper.clients is not None
+        assert gatekeeper.policy is not None
+        clients_sha256, policy_sha256 = gatekeeper.clients.sha256, gatekeeper.policy.sha256
+        logging.getLogger("signd.serve").info("gate: in this process (no enclave custody)")
+        return OpenGate(gatekeeper, False, paths, clients_sha256, policy_sha256, created)
+    backend = signer.backend("enclave")
+    assert isinstance(backend, EnclaveBackend)
+    limits = Limits(api_settings.max_batch, api_settings.max_keys_per_request)
+    enclave_gatekeeper = EnclaveGatekeeper(
+        backend.client, signer, paths, node=socket.gethostname(), limits=limits
+    )
+    try:
+        enclave_gatekeeper.configure()
+    except BaseException:
+        enclave_gatekeeper.close()
+        raise
+    logging.getLogger("signd.serve").info(
+        "gate: in the enclave (authentication, policy and audit sealing)"
+    )
+    return OpenGate(
+        enclave_gatekeeper,
+        True,
+        paths,
+        enclave_gatekeeper.clients_sha256,
+        enclave_gatekeeper.policy_sha256,
+        created,
+    )
 
 
-def _reload_on_sighup(gatekeeper: Gatekeeper) -> None:
+def _reload_on_sighup(gatekeeper: Keeper) -> None:
     log = logging.getLogger("signd.serve")
 
     def reload(signum: int, frame: object) -> None:
@@ -196,6 +250,23 @@ def _server(config: uvicorn.Config, adapter: MqttAdapter | None) -> uvicorn.Serv
 
 
 @handles_errors
+def _keystore_only_with_passphrase(settings: Settings, signer: Signer) -> None:
+    """With the embedded defaults (no ``custody.enabled``), a service that has no way to get
+    the keystore passphrase serves without keystore custody rather than failing to start."""
+    from signd.operations.backends import keystore_passphrase_available
+
+    if (
+        "keystore" in signer.custody_types
+        and not settings.section("custody").get("enabled")
+        and not keystore_passphrase_available(settings)
+    ):
+        signer.disable("keystore")
+        logging.getLogger("signd.serve").warning(
+            "keystore custody is off: no passphrase (set SIGND_KEYSTORE_PASSPHRASE or "
+            "[keystore] passphrase_file to enable it)"
+        )
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8645,
@@ -235,8 +306,10 @@ def serve(
 
     from signd.api import ApiSettings, create_app
     from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+    from signd.auth import ClientsRegistry
     from signd.errors import UnsupportedOperation
     from signd.gate.setup import DEV_CLIENT_ID, DEV_CLIENT_KEY
+    from signd.operations.attestation import enclave_attestor
 
     if state.url is not None:
         raise UnsupportedOperation("signd serve opens custody itself; drop --url / SIGND_URL")
@@ -254,6 +327,7 @@ def serve(
         mqtt_allow_plaintext=True if mqtt_allow_plaintext else None,
     )
     signer = state.signer
+    _keystore_only_with_passphrase(settings, signer)
     gatekeeper = None
     try:
         for custody in signer.custody_types:
@@ -263,22 +337,26 @@ def serve(
                 logging.getLogger("signd.serve").warning(
                     "custody %s is unavailable (%s); /readyz will say so", custody, exc.message
                 )
-        gatekeeper, created = open_gate(settings, api_settings, signer)
+        gate = open_gate(settings, api_settings, signer)
+        gatekeeper = gate.gatekeeper
         authenticate = gatekeeper_authenticator(gatekeeper, api_settings)
         app = create_app(
-            signer, api_settings, authenticate=authenticate, gate=GatekeeperGate(gatekeeper)
+            signer,
+            api_settings,
+            authenticate=authenticate,
+            gate=GatekeeperGate(gatekeeper),
+            attestor=enclave_attestor(settings, signer),
         )
         adapter = None
         if api_settings.mqtt is not None:
             from signd.api.mqtt import MqttAdapter
 
-            adapter = MqttAdapter(app.state.service, authenticate)
-        _banner(host, port, api_settings, gatekeeper)
+            adapter = MqttAdapter(app.state.service, app.state.authenticate)
+        _banner(host, port, api_settings, gate)
         dev_key = settings.home / DEV_CLIENT_KEY
-        assert gatekeeper.clients is not None
-        if dev_key.exists() and DEV_CLIENT_ID in gatekeeper.clients.current:
+        if dev_key.exists() and DEV_CLIENT_ID in ClientsRegistry.load(gate.paths.clients_file):
             usage = dev_client_usage(
-                f"http://{host}:{port}", DEV_CLIENT_ID, dev_key, created=created is not None
+                f"http://{host}:{port}", DEV_CLIENT_ID, dev_key, created=gate.created is not None
             )
             stderr.print(usage, markup=False, highlight=False)
         _reload_on_sighup(gatekeeper)

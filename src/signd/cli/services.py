@@ -95,14 +95,13 @@ def enclave(
     if exit_with_parent:
         watch_parent(stop)
     hsm = _enclave_hsm(settings)
-    kms, blobs = (
-        build_kms(settings, recipient=_enclave_recipient(settings)),
-        build_blob_store(settings),
-    )
+    recipient = _enclave_recipient(settings)
+    kms, blobs = build_kms(settings, recipient=recipient), build_blob_store(settings)
+    attestation = recipient.provider if recipient is not None else None
     try:
         if hsm is not None:
             hsm.start()
-        run_enclave(address, kms, blobs, stop=stop, cache=cache, hsm=hsm)
+        run_enclave(address, kms, blobs, stop=stop, cache=cache, hsm=hsm, attestation=attestation)
     finally:
         kms.close()
         blobs.close()

@@ -36,6 +36,7 @@ from signd.enclave.protocol import (
     KeyReference,
     MessageType,
     ProtocolViolation,
+    check_attestation_nonce,
     encode_frame,
     error_from_body,
     require_bytes,
@@ -226,43 +227,55 @@ class EnclaveClient:
         self._max_frame_size = max_frame_size
         self._connection: _Connection | None = None
         self._connect_lock = threading.Lock()
+        self._failed: tuple[float, str] | None = None
+        """When the last connection attempt failed, and why."""
         self.max_batch = MAX_BATCH
 
     def __repr__(self) -> str:
         return f"EnclaveClient({self._transport!r})"
 
     def _connect(self) -> _Connection:
+        """The open connection, or a new one. Callers that queued behind an attempt that
+        failed get its error at once rather than each trying again in turn, so an enclave that
+        hangs delays a request by one attempt, not by one per request waiting."""
+        asked = time.monotonic()
         with self._connect_lock:
             connection = self._connection
             if connection is not None and not connection.closed:
                 return connection
-            sock = self._transport.connect(self._connect_timeout)
-            connection = _Connection(
-                sock, max_frame_size=self._max_frame_size, io_timeout=self._timeout
-            )
+            if self._failed is not None and self._failed[0] >= asked:
+                raise DependencyUnavailable(self._failed[1])
             try:
-                future = connection.submit(
-                    MessageType.HELLO, {"versions": sorted(SUPPORTED_VERSIONS)}
-                )
-                if future is None:
-                    raise DependencyUnavailable("the enclave closed the connection at once")
-                hello = self._wait(connection, future, self._connect_timeout)
-                with _parsing_answer():
-                    version = require_int(hello, "version", minimum=0, maximum=255)
-                    max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
-                    custody = _offered_custody(hello)
-                if version not in SUPPORTED_VERSIONS:
-                    raise DependencyUnavailable(f"the enclave chose unknown version {version}")
-            except SigndError:
-                connection.close()
+                self._connection = self._handshake()
+            except SigndError as exc:
+                self._failed = (time.monotonic(), exc.message)
                 raise
-            connection.version = version
-            connection.custody = (
-                custody if version >= CUSTODY_VERSION else custody & {CUSTODY_ENCLAVE}
-            )
-            self.max_batch = max_batch
-            self._connection = connection
-            return connection
+            return self._connection
+
+    def _handshake(self) -> _Connection:
+        """A new connection whose HELLO exchange is done."""
+        sock = self._transport.connect(self._connect_timeout)
+        connection = _Connection(
+            sock, max_frame_size=self._max_frame_size, io_timeout=self._timeout
+        )
+        try:
+            future = connection.submit(MessageType.HELLO, {"versions": sorted(SUPPORTED_VERSIONS)})
+            if future is None:
+                raise DependencyUnavailable("the enclave closed the connection at once")
+            hello = self._wait(connection, future, self._connect_timeout)
+            with _parsing_answer():
+                version = require_int(hello, "version", minimum=0, maximum=255)
+                max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
+                custody = _offered_custody(hello)
+            if version not in SUPPORTED_VERSIONS:
+                raise DependencyUnavailable(f"the enclave chose unknown version {version}")
+        except SigndError:
+            connection.close()
+            raise
+        connection.version = version
+        connection.custody = custody if version >= CUSTODY_VERSION else custody & {CUSTODY_ENCLAVE}
+        self.max_batch = max_batch
+        return connection
 
     def _wait(
         self, connection: _Connection, future: Future[dict[str, Any]], timeout: float
@@ -324,9 +337,13 @@ class EnclaveClient:
         self.require_custody(custody)
         return self.request(MessageType.HEALTH, {"custody": custody}, idempotent=True)
 
-    def create_keys(self, chain: str, count: int) -> list[CreatedKey]:
-        """Have the enclave create and seal ``count`` keys (at most :attr:`max_batch`)."""
-        answer = self.request(MessageType.CREATE_KEYS, {"chain": chain, "count": count})
+    def create_keys(self, chain: str, count: int, labels: Sequence[str] = ()) -> list[CreatedKey]:
+        """Have the enclave create and seal ``count`` keys (at most :attr:`max_batch`), their
+        blobs binding ``labels``; each key answered names the labels its blob binds."""
+        body: dict[str, Any] = {"chain": chain, "count": count}
+        if labels:
+            body["labels"] = list(labels)
+        answer = self.request(MessageType.CREATE_KEYS, body)
         with _parsing_answer():
             items = require_list(answer, "keys", max_length=count)
             keys = [CreatedKey.from_body(item) for item in items if isinstance(item, dict)]
@@ -398,6 +415,21 @@ class EnclaveClient:
         answer = self.request(MessageType.FLUSH_CACHE, {}, idempotent=True)
         with _parsing_answer():
             return require_int(answer, "flushed", minimum=0, maximum=U32_MAX)
+
+    def attestation(self, nonce: bytes) -> bytes:
+        """A fresh attestation document of the enclave, binding ``nonce`` (1-64 bytes).
+
+        Returned as the enclave sent it, unverified: check it with
+        :func:`signd.attestation.verify_attestation`. An enclave that cannot attest raises
+        UnsupportedOperation.
+        """
+        body = {"nonce": check_attestation_nonce(nonce)}
+        answer = self.request(MessageType.ATTESTATION, body, idempotent=True)
+        with _parsing_answer():
+            document = require_bytes(answer, "document")
+            if not document:
+                raise InvalidField("document must not be empty", field="document")
+        return document
 
     def close(self) -> None:
         with self._connect_lock:

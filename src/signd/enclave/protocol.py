@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any, Final
@@ -41,6 +41,7 @@ from typing import Any, Final
 import cbor2
 
 from signd import errors
+from signd.custody.base import check_labels
 from signd.errors import InvalidField, InvalidRequest, SigndError, UnsupportedOperation
 
 MAGIC: Final = b"SGND"
@@ -72,11 +73,13 @@ class MessageType(IntEnum):
     """``{[custody]}`` → ``{status: "ok", cached_keys}``; an error frame when a dependency is
     down."""
     CREATE_KEYS = 3
-    """``{chain, count}`` → ``{keys: [{key_id, chain, address, public_key, blob}]}``;
+    """``{chain, count[, labels]}`` → ``{keys: [{key_id, chain, address, public_key, blob[,
+    labels]}]}`` (each key's blob binds ``labels``, see :func:`canonical_labels`);
     ``{chain, count, custody: "hsm"}`` → ``{keys: [{key_id, chain, address, public_key, cka_id,
     label}][, error]}`` (keys made before a failure come back with the error)."""
     SIGN_DIGEST = 4
-    """``{key_id, chain, address, blob, digest}`` → ``{signature}`` (65 bytes r‖s‖recid);
+    """``{key_id, chain, address, blob[, labels], digest}`` → ``{signature}`` (65 bytes
+    r‖s‖recid; only if ``labels``, absent meaning none, are those the key's blob binds);
     ``{custody: "hsm", key_id, cka_id, digest}`` → ``{signature}`` (64 bytes r‖s as the token
     made it, possibly high-S: the host normalises it against the public key it recorded)."""
     SIGN_DIGESTS = 5
@@ -84,6 +87,30 @@ class MessageType(IntEnum):
     each item names its own custody."""
     FLUSH_CACHE = 6
     """``{}`` → ``{flushed}``: drop every unsealed key held in enclave memory."""
+    ATTESTATION = 7
+    """``{nonce}`` (1-64 bytes) → ``{document}``: a fresh COSE_Sign1 attestation document from
+    the enclave's NSM with that nonce and the enclave's ``user_data`` (no ``public_key``); an
+    enclave without an attestation provider answers ``unsupported_operation``."""
+    GATE = 8
+    """``{request: {method, target, body, headers}, keys: [{ref, key_id, chain, address,
+    public_key, custody, labels[, blob]}], fills: {origin: {field: value}}[, select:
+    [origin]]}`` → ``{principal?, outcomes: [{signature, digest} | {approved: digest} |
+    {created: n} | {error}], keys: [created key], audit: [sealed record JSON][, error]}``:
+    the enclave's gate (:mod:`signd.enclave.gate`) authenticates the request as received,
+    derives its calls from its body and performs those ``select`` names (none: authenticate
+    only). Refusals are answers, not error frames, because their audit records come along."""
+    GATE_CONFIGURE = 9
+    """``{clients, policy, audit_key, audit_head[, audit_tail, resume, node, max_batch,
+    max_keys_per_request]}`` → ``{clients_sha256, policy_sha256, seq, windows_ready[,
+    audit_key]}``: the files in force and the audit MAC key (KMS ciphertext; a new one comes
+    back on first run). A bad file is an error frame and the configuration in force stays.
+    ``audit_tail`` (log lines, oldest first, at most 4096) rebuilds the spend windows: on the
+    first call it ends with ``audit_head``; while ``windows_ready`` is false, each later call
+    carries the next older chunk. A tail that does not verify is an error frame."""
+    AUDIT_VERIFY = 10
+    """``{records: [log line], state, final}`` → ``{state, checked, head: {seq, hash}[,
+    problem: {position, seq, kind, detail}]}``: the audit log checked in the enclave, which
+    holds the MAC key, one chunk at a time (``state`` carries the chain between chunks)."""
     ERROR = 127
     """A response only: ``{code, message[, field]}``."""
 
@@ -320,25 +347,64 @@ def require_list(body: Mapping[str, Any], name: str, *, max_length: int) -> list
 
 MAX_BATCH: Final = 1000
 """The most keys one CREATE_KEYS makes and the most items one SIGN_DIGESTS carries."""
+MAX_ATTESTATION_NONCE: Final = 64
+"""The longest nonce an ATTESTATION request may carry, in bytes."""
+
+
+def check_attestation_nonce(nonce: object) -> bytes:
+    """An ATTESTATION nonce: 1 to :data:`MAX_ATTESTATION_NONCE` bytes."""
+    if not isinstance(nonce, bytes) or not 0 < len(nonce) <= MAX_ATTESTATION_NONCE:
+        raise InvalidField(f"nonce must be 1-{MAX_ATTESTATION_NONCE} bytes", field="nonce")
+    return nonce
+
+
 MAX_NAME_LENGTH: Final = 256
+
+
+def canonical_labels(labels: Sequence[str]) -> tuple[str, ...]:
+    """Key labels in the one form a sealed blob binds: each checked as the custody layer checks
+    labels (else InvalidField), then de-duplicated and sorted."""
+    return tuple(sorted(check_labels(labels)))
+
+
+def request_labels(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The optional ``labels`` field of a request, canonical (absent: no labels)."""
+    if "labels" not in body:
+        return ()
+    labels = body["labels"]
+    if not isinstance(labels, list):
+        raise InvalidField("labels must be a list of strings", field="labels")
+    return canonical_labels(labels)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyReference:
-    """Everything the enclave needs to find and check one sealed key (all of it public)."""
+    """Everything the enclave needs to find and check one sealed key (all of it public).
+
+    ``labels`` are the labels claimed for the key, kept canonical (:func:`canonical_labels`);
+    the sealed blob binds the true ones, so a wrong claim fails to unseal.
+    """
 
     key_id: str
     chain: str
     address: str
     blob: str
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.labels != ():
+            object.__setattr__(self, "labels", canonical_labels(self.labels))
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "key_id": self.key_id,
             "chain": self.chain,
             "address": self.address,
             "blob": self.blob,
         }
+        if self.labels:
+            body["labels"] = list(self.labels)
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> KeyReference:
@@ -347,6 +413,7 @@ class KeyReference:
             require_str(body, "chain", max_length=MAX_NAME_LENGTH),
             require_str(body, "address", max_length=MAX_NAME_LENGTH),
             require_str(body, "blob", max_length=MAX_NAME_LENGTH),
+            request_labels(body),
         )
 
 
@@ -359,19 +426,30 @@ class CreatedKey:
     address: str
     public_key: bytes
     blob: str
+    labels: tuple[str, ...] = ()
+    """The labels its blob binds (canonical)."""
 
     @property
     def reference(self) -> KeyReference:
-        return KeyReference(self.key_id, self.chain, self.address, self.blob)
+        return KeyReference(self.key_id, self.chain, self.address, self.blob, self.labels)
 
     def to_body(self) -> dict[str, Any]:
-        return {**self.reference.to_body(), "public_key": self.public_key}
+        body: dict[str, Any] = {
+            "key_id": self.key_id,
+            "chain": self.chain,
+            "address": self.address,
+            "blob": self.blob,
+            "public_key": self.public_key,
+        }
+        if self.labels:
+            body["labels"] = list(self.labels)
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CreatedKey:
         ref = KeyReference.from_body(body)
         public_key = require_bytes(body, "public_key", size=33)
-        return cls(ref.key_id, ref.chain, ref.address, public_key, ref.blob)
+        return cls(ref.key_id, ref.chain, ref.address, public_key, ref.blob, ref.labels)
 
 
 MAX_CKA_ID_SIZE: Final = 64

@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 import coincurve
 
+from signd.attestation.document import MAX_USER_FIELD_SIZE
+from signd.attestation.providers import AttestationProvider
 from signd.chains import address_deriver
 from signd.enclave.cache import UnsealedKeyCache
+from signd.enclave.gate import EnclaveGate
 from signd.enclave.protocol import (
     CUSTODY_ENCLAVE,
     CUSTODY_HSM,
@@ -35,10 +38,12 @@ from signd.enclave.protocol import (
     KeyReference,
     MessageType,
     ProtocolViolation,
+    check_attestation_nonce,
     encode_error,
     encode_frame,
     negotiate_version,
     request_custody,
+    request_labels,
     require_bytes,
     require_int,
     require_list,
@@ -46,7 +51,13 @@ from signd.enclave.protocol import (
 )
 from signd.enclave.signer import AddressFunction, EnclaveSigner
 from signd.enclave.transport import close_socket, listen_socket
-from signd.errors import ConfigurationError, InvalidField, InvalidRequest, SigndError
+from signd.errors import (
+    ConfigurationError,
+    InvalidField,
+    InvalidRequest,
+    SigndError,
+    UnsupportedOperation,
+)
 
 if TYPE_CHECKING:
     from signd.enclave.hsm import EnclaveHsm
@@ -58,13 +69,33 @@ logger = logging.getLogger(__name__)
 RECV_SIZE: Final = 1 << 16
 ACCEPT_POLL: Final = 0.2
 MAX_OFFERED_VERSIONS: Final = 16
+DEFAULT_MAX_IN_FLIGHT: Final = 64
+DEFAULT_WORKERS: Final = 8
+"""Threads for requests other than CREATE_KEYS: signing is CPU-bound, and more threads than
+this only contend for the interpreter lock (measured: 64 sign ~20% slower than 8)."""
+
+AttestationUserData = Callable[[], bytes | None]
+"""Gives the ``user_data`` of each ATTESTATION document (``None``: the document has none)."""
+
+
+def no_attestation_user_data() -> bytes | None:
+    """The default :attr:`EnclaveApp.attestation_user_data`: documents carry no user data."""
+    return None
 
 
 class EnclaveApp:
     """Answers one request frame with one response frame; never raises.
 
     Requests for sealed keys go to ``signer``; requests naming ``custody: "hsm"`` go to ``hsm``
-    (an enclave without one refuses them with ConfigurationError).
+    (an enclave without one refuses them with ConfigurationError). ATTESTATION asks
+    ``attestation`` (the NSM, or the simulated one) for a document; an enclave without one
+    refuses with UnsupportedOperation.
+
+    :attr:`attestation_user_data` is called for every ATTESTATION and its answer becomes the
+    document's ``user_data``: assign it to bind what the enclave enforces into its documents.
+    Intended content: ``sha256(policy file) || sha256(clients file)`` of the files in force
+    (64 bytes), so a verifier can check which policy and clients the attested code applies.
+    It must return quickly, at most 1024 bytes or ``None``, and never a secret.
     """
 
     def __init__(
@@ -72,10 +103,15 @@ class EnclaveApp:
         signer: EnclaveSigner,
         *,
         hsm: EnclaveHsm | None = None,
+        attestation: AttestationProvider | None = None,
+        gate: EnclaveGate | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
         self.signer = signer
         self.hsm = hsm
+        self.attestation = attestation
+        self.attestation_user_data: AttestationUserData = no_attestation_user_data
+        self.gate = gate
         self.max_frame_size = max_frame_size
         self._handlers: dict[MessageType, Callable[[dict[str, Any]], dict[str, Any]]] = {
             MessageType.HELLO: self._hello,
@@ -84,7 +120,15 @@ class EnclaveApp:
             MessageType.SIGN_DIGEST: self._sign_digest,
             MessageType.SIGN_DIGESTS: self._sign_digests,
             MessageType.FLUSH_CACHE: self._flush_cache,
+            MessageType.ATTESTATION: self._attestation,
         }
+        if gate is not None:
+            self.attestation_user_data = gate.attestation_user_data
+            self._handlers |= {
+                MessageType.GATE: gate.gate,
+                MessageType.GATE_CONFIGURE: gate.configure,
+                MessageType.AUDIT_VERIFY: gate.audit_verify,
+            }
 
     def handle(self, frame: Frame) -> bytes:
         """The encoded answer to a request frame: its result, or an ERROR frame."""
@@ -141,8 +185,12 @@ class EnclaveApp:
     def _create_keys(self, body: dict[str, Any]) -> dict[str, Any]:
         chain = require_str(body, "chain")
         count = require_int(body, "count", minimum=1, maximum=self.signer.max_batch)
+        labels = request_labels(body)
         if request_custody(body) == CUSTODY_ENCLAVE:
-            return {"keys": [key.to_body() for key in self.signer.create_keys(chain, count)]}
+            created_keys = self.signer.create_keys(chain, count, labels)
+            return {"keys": [key.to_body() for key in created_keys]}
+        if labels:
+            raise InvalidField("only sealed keys bind labels", field="labels")
         created, error = self._hsm().create_keys(chain, count)
         answer: dict[str, Any] = {"keys": [key.to_body() for key in created]}
         if error is not None:
@@ -173,6 +221,21 @@ class EnclaveApp:
 
     def _flush_cache(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"flushed": self.signer.flush_cache()}
+
+    def _attestation(self, body: dict[str, Any]) -> dict[str, Any]:
+        nonce = check_attestation_nonce(body.get("nonce"))
+        if self.attestation is None:
+            raise UnsupportedOperation(
+                "this enclave has no attestation provider ([enclave] attestation is off)"
+            )
+        user_data = self.attestation_user_data()
+        if user_data is not None and (
+            type(user_data) is not bytes or len(user_data) > MAX_USER_FIELD_SIZE
+        ):
+            raise ConfigurationError(
+                f"attestation_user_data must give at most {MAX_USER_FIELD_SIZE} bytes or None"
+            )
+        return {"document": self.attestation.attest(user_data=user_data, nonce=nonce)}
 
 
 def _names_custody(body: dict[str, Any]) -> bool:
@@ -207,20 +270,27 @@ class EnclaveServer:
     ``workers`` threads run requests; each connection may have ``max_in_flight`` requests
     running at once (its reader stops reading until one finishes). ``io_timeout`` bounds how
     long a send to a client that stopped reading may block.
+
+    CREATE_KEYS run on a pool of their own, of ``max_in_flight`` threads: a small one waits
+    in its thread for its group commit (:class:`~signd.enclave.signer.EnclaveSigner`), so
+    this lets as many share a group as a connection may send, and none holds up signing.
     """
 
     def __init__(
         self,
         app: EnclaveApp,
         *,
-        workers: int = 8,
-        max_in_flight: int = 64,
+        workers: int = DEFAULT_WORKERS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         io_timeout: float = 30.0,
     ) -> None:
         self.app = app
         self._max_in_flight = max_in_flight
         self._io_timeout = io_timeout
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="signd-enclave")
+        self._create_pool = ThreadPoolExecutor(
+            max_workers=max_in_flight, thread_name_prefix="signd-enclave-create"
+        )
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._accept_thread: threading.Thread | None = None
@@ -310,8 +380,9 @@ class EnclaveServer:
             finally:
                 slots.release()
 
+        creates = frame.message_type is MessageType.CREATE_KEYS
         try:
-            self._pool.submit(respond)
+            (self._create_pool if creates else self._pool).submit(respond)
         except RuntimeError:
             slots.release()
             return False
@@ -334,6 +405,7 @@ class EnclaveServer:
         for sock in connections:
             close_socket(sock)
         self._pool.shutdown(wait=True)
+        self._create_pool.shutdown(wait=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until :meth:`close`; False if ``timeout`` passed first."""
@@ -349,17 +421,25 @@ def start_enclave(
     address_deriver: Callable[[str], AddressFunction] = address_deriver,
     max_batch: int = MAX_BATCH,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-    workers: int = 8,
+    workers: int = DEFAULT_WORKERS,
     hsm: EnclaveHsm | None = None,
+    attestation: AttestationProvider | None = None,
 ) -> EnclaveServer:
     """Build the enclave application and serve it; ``listen=None`` serves in-process only.
 
-    ``hsm`` adds HSM custody (the caller keeps owning it and closes it after the server).
+    ``hsm`` adds HSM custody (the caller keeps owning it and closes it after the server);
+    ``attestation`` answers ATTESTATION requests.
     """
     signer = EnclaveSigner(
         kms, blobs, cache=cache, address_deriver=address_deriver, max_batch=max_batch
     )
-    app = EnclaveApp(signer, hsm=hsm, max_frame_size=max_frame_size)
+    app = EnclaveApp(
+        signer,
+        hsm=hsm,
+        attestation=attestation,
+        gate=EnclaveGate(signer, kms),
+        max_frame_size=max_frame_size,
+    )
     server = EnclaveServer(app, workers=workers)
     if listen is not None:
         try:
@@ -380,8 +460,9 @@ def run_enclave(
     address_deriver: Callable[[str], AddressFunction] = address_deriver,
     max_batch: int = MAX_BATCH,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-    workers: int = 8,
+    workers: int = DEFAULT_WORKERS,
     hsm: EnclaveHsm | None = None,
+    attestation: AttestationProvider | None = None,
 ) -> None:
     """Serve the enclave on ``listen`` until ``stop`` is set (or the process is interrupted)."""
     server = start_enclave(
@@ -394,6 +475,7 @@ def run_enclave(
         max_frame_size=max_frame_size,
         workers=workers,
         hsm=hsm,
+        attestation=attestation,
     )
     try:
         if stop is None:

@@ -19,8 +19,7 @@ from signd.chains.ethereum.typed_data import typed_data_digest
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo
 from signd.errors import InvalidField
-from signd.gate.operations import SigningKind, SigningResult
-from signd.operations.signer import MessageSignature
+from signd.gate.operations import MessageSignature, SigningKind, SigningResult
 from signd.policy import Operation
 
 SELECTOR_SIZE = 4

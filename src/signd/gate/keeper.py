@@ -3,8 +3,9 @@
 For each request: authenticate (request signature or bearer token) → scope and key labels →
 decode what will be signed and build the :class:`~signd.policy.SigningIntent` from it →
 :meth:`~signd.policy.PolicyEngine.check` → sign exactly the approved digest →
-:meth:`~signd.policy.PolicyEngine.commit` the spend → seal an audit record (refusals too)
-and append it before the result is returned.
+:meth:`~signd.policy.PolicyEngine.commit` the spend → seal an audit record (refusals too;
+an allowed signing's record carries the spend it committed, so that the windows can be
+rebuilt from the log after a restart) and append it before the result is returned.
 
 It knows nothing of HTTP: a request is a :class:`GateRequest` (method, path, raw body, auth
 headers), so the same object can run inside the enclave process, where the host hands it
@@ -17,7 +18,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE
@@ -27,10 +28,9 @@ from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, ConfigurationError, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
-from signd.gate.intents import prepare, result_bytes, sha256_hex
+from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.operations import Signed, SigningCall, SigningKind
-from signd.operations import Signer
-from signd.policy import Operation, PolicyEngine, PolicyHolder, SigningIntent
+from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
 
 log = logging.getLogger("signd.gate")
 
@@ -56,6 +56,32 @@ BEARER = "bearer "
 MAX_SHOWN_PATH = 200
 
 
+class GateCustody(Protocol):
+    """The custody the gatekeeper works with; a :class:`~signd.operations.Signer` is one."""
+
+    def get_key(self, ref: str, /) -> KeyInfo:
+        """The key with this key id or address, in any custody."""
+        ...
+
+    def sign_hash(self, key: KeyInfo, digest: bytes, /) -> RecoverableSignature:
+        """Sign a 32-byte digest with ``key`` (low-S, recovery id checked)."""
+        ...
+
+    def create_keys(
+        self, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]: ...
+
+    def list_keys(
+        self,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage: ...
+
+
 @dataclass(frozen=True, slots=True)
 class GateRequest:
     """A request as received: what its signature covers, and its auth headers."""
@@ -78,10 +104,16 @@ class GateRequest:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated request: who sent it, and the digest of what was sent."""
+    """An authenticated request: who sent it, and the digest of what was sent.
+
+    ``request`` is the request itself when a gate in another process must be shown it again
+    (the enclave re-verifies it for every call it performs)."""
 
     principal: Principal
     request_sha256: str
+    request: GateRequest | None = field(default=None, repr=False, compare=False)
+    session: object | None = field(default=None, repr=False, compare=False)
+    """What the gate that authenticated the request keeps about it while it is served."""
 
     @property
     def client_id(self) -> str:
@@ -97,7 +129,7 @@ class Gatekeeper:
 
     def __init__(
         self,
-        signer: Signer,
+        signer: GateCustody,
         verifier: RequestVerifier,
         engine: PolicyEngine,
         audit: AuditTrail,
@@ -139,34 +171,17 @@ class Gatekeeper:
     def authenticate(self, request: GateRequest) -> Caller:
         """The caller, or :class:`Unauthenticated` (audited as refused)."""
         try:
-            principal = self._identify(request)
-        except AccessDenied as exc:
-            shown = request.path[:MAX_SHOWN_PATH]
-            self.audit.write(
-                [
-                    {
-                        "operation": AUTHENTICATE,
-                        "decision": "refused",
-                        "reason": f"{request.method} {shown}: {exc.message}",
-                        "request_sha256": request.sha256,
-                    }
-                ]
+            principal = identify(
+                request,
+                lambda: self.verifier.verify(
+                    request.method, request.path, request.body, request.headers
+                ),
+                self.verifier.verify_bearer,
             )
+        except AccessDenied as exc:
+            self.audit.write([authentication_refusal(request, exc.message)])
             raise Unauthenticated(exc.message) from None
         return Caller(principal, request.sha256)
-
-    def _identify(self, request: GateRequest) -> Principal:
-        authorization = request.header("authorization")
-        signed = request.header(HEADER_SIGNATURE) is not None
-        if authorization is not None:
-            if signed:
-                raise AccessDenied("give a request signature or a bearer token, not both")
-            if authorization[: len(BEARER)].lower() != BEARER:
-                raise AccessDenied("the Authorization header must be 'Bearer <token>'")
-            return self.verifier.verify_bearer(authorization[len(BEARER) :].strip())
-        if not signed and request.header(HEADER_CLIENT) is None:
-            raise AccessDenied("no credentials: sign the request (X-Signd-*) or send a token")
-        return self.verifier.verify(request.method, request.path, request.body, request.headers)
 
     # keys
 
@@ -218,7 +233,7 @@ class Gatekeeper:
         self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_READ))
         info = self.signer.get_key(ref)
         if not caller.principal.may_use(info.labels):
-            self._refuse(base | _key_fields(info), self._labels_refusal(caller, info))
+            self._refuse(base | key_fields(info), self._labels_refusal(caller, info))
         return info
 
     def list_keys(
@@ -278,9 +293,9 @@ class Gatekeeper:
             entries.append(base | {"decision": "refused", "reason": error.message, "rule": rule})
             return error
 
-        scope = SCOPE_OF[call.kind]
-        if not principal.has_scope(scope):
-            raise refuse(OutOfScope(f"client {principal.client_id!r} lacks scope {scope}"))
+        lacking = scope_refusal(principal, call.kind)
+        if lacking is not None:
+            raise refuse(lacking)
         info = keys.get(call.key)
         if info is None:
             try:
@@ -290,30 +305,16 @@ class Gatekeeper:
                 raise refuse(exc) from None
         if isinstance(info, SigndError):
             raise refuse(info)
-        base |= _key_fields(info)
-        if not principal.may_use(info.labels):
-            raise refuse(self._labels_refusal(caller, info))
+        base |= key_fields(info)
         try:
-            prepared = prepare(call.kind, call.payload, info)
-            intent = SigningIntent(
-                principal.client_id,
-                info.key_id,
-                info.labels,
-                info.chain,
-                prepared.operation,
-                **prepared.facts,
-            )
+            approval = approve(principal, call, info, self.engine)
         except SigndError as exc:
-            raise refuse(exc) from None
-        decision = self.engine.check(intent)
-        if decision.refused:
-            raise refuse(PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
+            raise refuse(exc, rule_of(exc)) from None
+        decision = approval.decision
         try:
-            signature: RecoverableSignature = self.signer.backend(info.custody).sign_digest(
-                info, prepared.digest
-            )
-            result = prepared.assemble(signature)
-            self.engine.commit(decision, intent)
+            signature = self.signer.sign_hash(info, approval.prepared.digest)
+            result = approval.prepared.assemble(signature)
+            spend = self.engine.commit(decision, approval.intent)
         except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
             raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
         except SigndError as exc:
@@ -325,6 +326,7 @@ class Gatekeeper:
                 "reason": decision.reason,
                 "rule": decision.rule,
                 "result_sha256": sha256_hex(result_bytes(result)),
+                "spend": spend,
             }
         )
         return Signed(info, result)
@@ -333,12 +335,7 @@ class Gatekeeper:
 
     @staticmethod
     def _entry(caller: Caller, operation: str, *, chain: str | None = None) -> AuditEntry:
-        return {
-            "operation": str(operation),
-            "client_id": caller.client_id,
-            "chain": chain,
-            "request_sha256": caller.request_sha256,
-        }
+        return caller_entry(caller.client_id, caller.request_sha256, operation, chain=chain)
 
     @staticmethod
     def _require(principal: Principal, scope: Scope) -> None:
@@ -347,10 +344,7 @@ class Gatekeeper:
 
     @staticmethod
     def _labels_refusal(caller: Caller, info: KeyInfo) -> OutOfScope:
-        return OutOfScope(
-            f"client {caller.client_id!r} may not use key {info.key_id} "
-            f"(labels {list(info.labels)})"
-        )
+        return labels_refusal(caller.client_id, info)
 
     def _refuse(self, entry: AuditEntry, error: SigndError, rule: str | None = None) -> NoReturn:
         self.audit.write([entry | {"decision": "refused", "reason": error.message, "rule": rule}])
@@ -364,5 +358,103 @@ class Gatekeeper:
             self._refuse(entry, exc, rule)
 
 
-def _key_fields(info: KeyInfo) -> AuditEntry:
+def key_fields(info: KeyInfo) -> AuditEntry:
     return {"key_id": info.key_id, "chain": info.chain}
+
+
+# The steps every gate shares, in this process or in the enclave.
+
+
+def identify(
+    request: GateRequest,
+    verify_signed: Callable[[], Principal],
+    verify_bearer: Callable[[str], Principal],
+) -> Principal:
+    """Who sent ``request``: its bearer token or its request signature (not both), or
+    :class:`~signd.errors.AccessDenied`."""
+    authorization = request.header("authorization")
+    signed = request.header(HEADER_SIGNATURE) is not None
+    if authorization is not None:
+        if signed:
+            raise AccessDenied("give a request signature or a bearer token, not both")
+        if authorization[: len(BEARER)].lower() != BEARER:
+            raise AccessDenied("the Authorization header must be 'Bearer <token>'")
+        return verify_bearer(authorization[len(BEARER) :].strip())
+    if not signed and request.header(HEADER_CLIENT) is None:
+        raise AccessDenied("no credentials: sign the request (X-Signd-*) or send a token")
+    return verify_signed()
+
+
+def authentication_refusal(request: GateRequest, why: str) -> AuditEntry:
+    """The audit entry of a request refused before its caller was known."""
+    return {
+        "operation": AUTHENTICATE,
+        "decision": "refused",
+        "reason": f"{request.method} {request.path[:MAX_SHOWN_PATH]}: {why}",
+        "request_sha256": request.sha256,
+    }
+
+
+def caller_entry(
+    client_id: str, request_sha256: str, operation: str, *, chain: str | None = None
+) -> AuditEntry:
+    return {
+        "operation": str(operation),
+        "client_id": client_id,
+        "chain": chain,
+        "request_sha256": request_sha256,
+    }
+
+
+def scope_refusal(principal: Principal, kind: SigningKind) -> OutOfScope | None:
+    """The refusal of a client that lacks the scope ``kind`` needs, else ``None``."""
+    scope = SCOPE_OF[kind]
+    if principal.has_scope(scope):
+        return None
+    return OutOfScope(f"client {principal.client_id!r} lacks scope {scope}")
+
+
+def labels_refusal(client_id: str, info: KeyInfo) -> OutOfScope:
+    return OutOfScope(
+        f"client {client_id!r} may not use key {info.key_id} (labels {list(info.labels)})"
+    )
+
+
+def rule_of(error: SigndError) -> str | None:
+    """The policy rule a refusal names (``None`` for anything but a policy refusal)."""
+    return error.rule if isinstance(error, PolicyDenied) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """A call the policy allowed: what to sign (``prepared.digest``), and the decision to
+    :meth:`~signd.policy.PolicyEngine.commit` once it is signed."""
+
+    key: KeyInfo
+    prepared: Prepared
+    intent: SigningIntent
+    decision: Decision
+
+
+def approve(
+    principal: Principal, call: SigningCall, info: KeyInfo, engine: PolicyEngine
+) -> Approval:
+    """Key labels → decode the payload → intent → policy. A refusal raises: OutOfScope,
+    the decoding error, or :class:`PolicyDenied` naming its rule (see :func:`rule_of`).
+    The scope is checked before, with :func:`scope_refusal`, so that a client without it
+    learns nothing about keys."""
+    if not principal.may_use(info.labels):
+        raise labels_refusal(principal.client_id, info)
+    prepared = prepare(call.kind, call.payload, info)
+    intent = SigningIntent(
+        principal.client_id,
+        info.key_id,
+        info.labels,
+        info.chain,
+        prepared.operation,
+        **prepared.facts,
+    )
+    decision = engine.check(intent)
+    if decision.refused:
+        raise PolicyDenied(decision.reason, rule=decision.rule)
+    return Approval(info, prepared, intent, decision)

@@ -9,7 +9,23 @@ from typing import Any
 from signd.chains.ethereum import SignedTransaction
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo
-from signd.operations.signer import MessageSignature
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSignature:
+    """An Ethereum message signature: 65 bytes r‖s‖v with v in {27, 28}."""
+
+    signature: bytes
+    recoverable: RecoverableSignature
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "signature": "0x" + self.signature.hex(),
+            "v": self.signature[64],
+            "r": hex(self.recoverable.r),
+            "s": hex(self.recoverable.s),
+        }
+
 
 SigningResult = RecoverableSignature | SignedTransaction | MessageSignature
 

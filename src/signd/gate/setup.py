@@ -9,11 +9,13 @@ Files under the signd home unless configured (``[api] clients_file``, ``policy_f
 | ``clients.toml`` | registered clients (``signd.auth``) |
 | ``policy.toml`` | the signing policy (``signd.policy``) |
 | ``audit.log`` | the sealed audit records, one JSON line each |
-| ``audit.key`` | the audit MAC key (hex, 0600), created on first run |
+| ``audit.key`` | the audit MAC key (hex, 0600), created on first run (in-process gate) |
+| ``audit.key.sealed`` | the audit MAC key as KMS ciphertext (enclave gate; 0600) |
 | ``dev-client.key`` | the development client's Ed25519 private key (PEM, 0600) |
 
-In the enclave follow-up the MAC key lives in the enclave, sealed by KMS like a data key;
-here the service process holds it, and ``signd audit verify`` reads the same file.
+With the enclave's gate (:mod:`signd.enclave.gate`) the MAC key is a KMS data key that only
+the enclave unwraps; the host keeps its ciphertext. With the in-process gate the service
+process holds it in ``audit.key``, and ``signd audit verify`` reads the same file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -33,13 +36,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.audit import FileAuditLog
-from signd.audit.records import MIN_MAC_KEY_BYTES
+from signd.audit.records import MIN_MAC_KEY_BYTES, ChainHead
+from signd.audit.tail import check_tail, reaches, read_tail, spends
 from signd.auth import SCOPES, ClientsHolder, RequestVerifier
 from signd.crypto.secret import Secret
-from signd.errors import ConfigurationError
+from signd.errors import ConfigurationError, IntegrityError
 from signd.gate.audit import AuditTrail
-from signd.gate.keeper import Gatekeeper
-from signd.operations import Signer
+from signd.gate.keeper import GateCustody, Gatekeeper
 from signd.policy import PolicyEngine, PolicyHolder
 
 log = logging.getLogger("signd.gate")
@@ -48,6 +51,7 @@ CLIENTS_FILE: Final = "clients.toml"
 POLICY_FILE: Final = "policy.toml"
 AUDIT_LOG: Final = "audit.log"
 AUDIT_KEY_FILE: Final = "audit.key"
+SEALED_AUDIT_KEY_FILE: Final = "audit.key.sealed"
 DEV_CLIENT_ID: Final = "dev"
 DEV_CLIENT_KEY: Final = "dev-client.key"
 DEV_CHAIN_IDS: Final = (1, 11155111, 31337)
@@ -60,6 +64,7 @@ class GatePaths:
     policy_file: Path
     audit_log: Path
     audit_key_file: Path
+    sealed_audit_key_file: Path
 
     @classmethod
     def under(
@@ -82,10 +87,11 @@ class GatePaths:
             path(policy_file, POLICY_FILE),
             path(audit_log, AUDIT_LOG),
             home / AUDIT_KEY_FILE,
+            home / SEALED_AUDIT_KEY_FILE,
         )
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create ``path`` readable by its owner only; refuse to overwrite."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
@@ -96,7 +102,7 @@ def _write_private(path: Path, data: bytes) -> None:
 def load_mac_key(path: Path, *, create: bool = False) -> Secret:
     """The audit MAC key (hex in ``path``); with ``create``, 32 fresh bytes when missing."""
     if create and not path.exists():
-        _write_private(path, secrets.token_bytes(32).hex().encode() + b"\n")
+        write_private(path, secrets.token_bytes(32).hex().encode() + b"\n")
         log.warning("created the audit MAC key %s (keep it: audit verify needs it)", path)
     try:
         text = path.read_text().strip()
@@ -195,7 +201,7 @@ def write_dev_defaults(home: Path, paths: GatePaths) -> DevDefaults | None:
         raise ConfigurationError(f"{missing} is missing (the clients and policy files go together)")
     key = ed25519.Ed25519PrivateKey.generate()
     key_path = home / DEV_CLIENT_KEY
-    _write_private(
+    write_private(
         key_path,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -222,16 +228,25 @@ public_key = "{ed25519_public_key_text(key)}"
     return DevDefaults(DEV_CLIENT_ID, key_path, paths.clients_file, paths.policy_file)
 
 
-def open_gatekeeper(signer: Signer, paths: GatePaths, *, node: str | None = None) -> Gatekeeper:
+def open_gatekeeper(
+    signer: GateCustody,
+    paths: GatePaths,
+    *,
+    node: str | None = None,
+    now: Callable[[], float] = time.time,
+) -> Gatekeeper:
     """The gatekeeper over ``signer`` with the clients, policy and audit files of ``paths``
-    (the MAC key is created on first run). Logs each file's SHA-256."""
+    (the MAC key is created on first run), its spend windows rebuilt from the audit log's
+    tail. Logs each file's SHA-256. ``now`` is the clock of the policy's spend windows."""
     clients = ClientsHolder.load(paths.clients_file)
     policy = PolicyHolder.load(paths.policy_file)
     mac_key = load_mac_key(paths.audit_key_file, create=not paths.audit_log.exists())
     paths.audit_log.parent.mkdir(parents=True, exist_ok=True)
     store = FileAuditLog(paths.audit_log)
+    engine = PolicyEngine(policy, now=now)
     try:
         trail = AuditTrail(mac_key, node or socket.gethostname(), store)
+        replayed = replay_audit_tail(engine, mac_key, paths.audit_log, trail.signer.head, now=now())
     except Exception:
         store.close()
         raise
@@ -244,13 +259,35 @@ def open_gatekeeper(signer: Signer, paths: GatePaths, *, node: str | None = None
         paths.audit_log,
         trail.signer.head.seq,
     )
+    log.info("gate: %d spends replayed into the policy's windows", replayed)
     # Request timestamps are whole seconds: refuse those signed before this second (a
     # restarted process has forgotten the nonces seen before it), not before this instant.
     return Gatekeeper(
         signer,
         RequestVerifier(clients, not_before=math.floor(time.time())),
-        PolicyEngine(policy),
+        engine,
         trail,
         clients=clients,
         policy=policy,
     )
+
+
+def replay_audit_tail(
+    engine: PolicyEngine, mac_key: Secret, path: Path, head: ChainHead, *, now: float
+) -> int:
+    """Rebuild ``engine``'s spend windows from the audit log at ``path``, whose last record
+    is ``head``: the records over the policy's longest window are read back, checked
+    (MACs, links, ending at ``head``) and their spends replayed. A tail that does not verify
+    is an :class:`~signd.errors.IntegrityError`: nothing is signed over windows that may be
+    short. The number of spends replayed."""
+    window = engine.longest_window
+    if window == 0 or head.seq == 0:
+        return 0
+    since = now - window
+    tail = read_tail(path, since=since)
+    check_tail(tail, mac_key, ends_at=head.hash)
+    if not reaches(tail[0], since):
+        raise IntegrityError(f"audit log {path} does not reach back over the spend windows")
+    found = spends(tail)
+    engine.replay(found)
+    return len(found)

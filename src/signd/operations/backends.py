@@ -5,6 +5,8 @@ An unknown tag in the configuration is an error at start-up, never at first use.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import ClassVar
@@ -40,6 +42,16 @@ def keystore_passphrase_source(settings: Settings) -> PassphraseSource:
         )
 
     return source
+
+
+def keystore_passphrase_available(settings: Settings) -> bool:
+    """Whether a keystore passphrase can be had without failing: the variable, a configured
+    file, or a terminal to prompt in."""
+    return bool(
+        os.environ.get(KEYSTORE_PASSPHRASE_ENV)
+        or settings.keystore.passphrase_file is not None
+        or sys.stdin.isatty()
+    )
 
 
 def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:

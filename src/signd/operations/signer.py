@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from signd.chains import address_deriver
@@ -23,27 +22,12 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
+from signd.gate.operations import MessageSignature as MessageSignature
 
 _ETH_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
 MAX_BATCH = 100_000
 
 BackendFactory = Callable[[], CustodyBackend]
-
-
-@dataclass(frozen=True, slots=True)
-class MessageSignature:
-    """An Ethereum message signature: 65 bytes r‖s‖v with v in {27, 28}."""
-
-    signature: bytes
-    recoverable: RecoverableSignature
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "signature": "0x" + self.signature.hex(),
-            "v": self.signature[64],
-            "r": hex(self.recoverable.r),
-            "s": hex(self.recoverable.s),
-        }
 
 
 def signature_to_dict(signature: RecoverableSignature) -> dict[str, Any]:
@@ -71,6 +55,14 @@ class Signer:
     @property
     def custody_types(self) -> list[str]:
         return list(self._factories)
+
+    def disable(self, custody: str) -> None:
+        """Stop offering a custody type that has not been opened (e.g. a keystore without a
+        passphrase in a service started with the embedded defaults)."""
+        with self._opening:
+            if custody in self._open:
+                raise ConfigurationError(f"custody {custody!r} is open; it cannot be disabled")
+            self._factories.pop(custody, None)
 
     def backend(self, custody: str) -> CustodyBackend:
         """The open backend for a custody type."""

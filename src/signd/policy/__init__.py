@@ -8,7 +8,7 @@
   rule; :meth:`~PolicyEngine.commit` records spend once the signature exists.
 """
 
-from signd.policy.engine import Decision, PolicyEngine, SpendLedger
+from signd.policy.engine import Decision, PolicyEngine, SpendLedger, SpendWindowsUnavailable
 from signd.policy.intent import Operation, SigningIntent
 from signd.policy.model import ANY, DomainPattern, Policy, PolicyHolder, Rule
 
@@ -23,4 +23,5 @@ __all__ = [
     "Rule",
     "SigningIntent",
     "SpendLedger",
+    "SpendWindowsUnavailable",
 ]

@@ -14,7 +14,14 @@ is refused and its signature must be discarded::
     decision = engine.check(intent)
     decision.raise_if_refused()
     signature = sign(...)
-    engine.commit(decision, intent)   # AccessDenied: drop the signature, report the refusal
+    spend = engine.commit(decision, intent)   # AccessDenied: drop the signature
+    audit(..., spend=spend)                   # the spend goes into the audit record
+
+Windows live in memory. After a restart they are rebuilt from the audit log's tail with
+:meth:`PolicyEngine.replay`, each spend at its record's own time. Until the whole tail over
+:attr:`PolicyEngine.longest_window` has been replayed (:meth:`PolicyEngine.await_replay`
+says it has not), a request that would count against a window raises
+:class:`SpendWindowsUnavailable` rather than be checked against windows that may be short.
 """
 
 from __future__ import annotations
@@ -22,13 +29,21 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from signd.errors import AccessDenied
+from signd.audit.records import Spend
+from signd.errors import AccessDenied, DependencyUnavailable
 from signd.policy.intent import SigningIntent
 from signd.policy.model import Policy, Rule
+
+
+class SpendWindowsUnavailable(DependencyUnavailable):
+    """A request under a rule with a spend window, while the windows are not yet rebuilt
+    from the audit log (503: retry once the log's tail has been replayed)."""
+
+    code = "spend_windows_unavailable"
 
 
 class PolicySource(Protocol):
@@ -86,7 +101,10 @@ class SpendLedger:
         return sum(value for at, value in entries if at > horizon)
 
     def record(self, rule: str, key_id: str, value: int, *, now: float) -> None:
-        self._entries.setdefault((rule, key_id), deque()).append((now, value))
+        entries = self._entries.setdefault((rule, key_id), deque())
+        entries.append((now, value))
+        if len(entries) > 1 and entries[-2][0] > now:  # replayed out of order
+            self._entries[(rule, key_id)] = deque(sorted(entries))
 
 
 class PolicyEngine:
@@ -104,6 +122,7 @@ class PolicyEngine:
         self._now = now
         self._ledger = SpendLedger()
         self._lock = threading.Lock()
+        self._unreplayed: str | None = None
 
     def __repr__(self) -> str:
         return f"PolicyEngine(policy={self.policy!r})"
@@ -113,8 +132,38 @@ class PolicyEngine:
         source = self._source
         return source if isinstance(source, Policy) else source.current
 
+    @property
+    def longest_window(self) -> int:
+        """The longest spend window of the policy in force, in seconds (0: none)."""
+        return longest_window(self.policy)
+
+    @property
+    def windows_ready(self) -> bool:
+        """Whether the windows hold every spend they should (see :meth:`await_replay`)."""
+        return self._unreplayed is None
+
+    def await_replay(self, why: str) -> None:
+        """Mark the windows incomplete: until :meth:`replay` is called with ``complete``,
+        requests that would count against a window raise :class:`SpendWindowsUnavailable`
+        (saying ``why``)."""
+        with self._lock:
+            self._unreplayed = why
+
+    def replay(self, spends: Iterable[tuple[float, Spend]], *, complete: bool = True) -> None:
+        """Put spends read back from the audit log into the windows, each at its own time
+        (Unix seconds), not now. ``complete``: these were the last of them, so the windows
+        are whole again."""
+        with self._lock:
+            for at, spend in spends:
+                self._ledger.record(spend.rule, spend.key_id, spend.value, now=at)
+            if complete:
+                self._unreplayed = None
+
     def check(self, intent: SigningIntent) -> Decision:
-        """Allowed by the first rule that grants ``intent``, else refused with the reasons."""
+        """Allowed by the first rule that grants ``intent``, else refused with the reasons.
+
+        Raises :class:`SpendWindowsUnavailable` if the first rule that would otherwise
+        allow it has a spend window and the windows are not yet rebuilt."""
         policy = self.policy
         covering = [rule for rule in policy.rules if rule.covers(intent)]
         if not covering:
@@ -132,8 +181,9 @@ class PolicyEngine:
         reason = "; ".join(f"rule {name}: {why}" for name, why in refusals)
         return Decision(False, refusals[0][0], reason, policy.sha256, intent)
 
-    def commit(self, decision: Decision, intent: SigningIntent) -> None:
-        """Record the spend of an allowed, now signed, intent against its rule's window.
+    def commit(self, decision: Decision, intent: SigningIntent) -> Spend | None:
+        """Record the spend of an allowed, now signed, intent against its rule's window, and
+        return it for the audit record (``None``: nothing was counted).
 
         Refuses (:class:`~signd.errors.AccessDenied`; the caller must discard the signature)
         if the decision was a refusal or for another intent, if the policy was reloaded since
@@ -152,8 +202,10 @@ class PolicyEngine:
             reason = self._window_refusal(rule, intent, now)
             if reason is not None:
                 raise AccessDenied(f"rule {rule.name}: {reason}")
-            if rule.max_value_per_window is not None and intent.value > 0:
-                self._ledger.record(rule.name, intent.key_id, intent.value, now=now)
+            if rule.max_value_per_window is None or intent.value == 0:
+                return None
+            self._ledger.record(rule.name, intent.key_id, intent.value, now=now)
+            return Spend(rule.name, intent.key_id, intent.value)
 
     def spent(self, rule: str, key_id: str) -> int:
         """Value committed under ``rule`` with ``key_id`` within the rule's current window."""
@@ -167,6 +219,12 @@ class PolicyEngine:
         limit = rule.max_value_per_window
         if limit is None or intent.value == 0:
             return None
+        if self._unreplayed is not None:
+            raise SpendWindowsUnavailable(
+                f"rule {rule.name}: its spend window is not yet rebuilt from the audit log "
+                f"({self._unreplayed}); requests under rules with windows are refused until "
+                "it is"
+            )
         spent = self._ledger.spent(rule.name, intent.key_id, window=rule.window_seconds, now=now)
         if spent + intent.value <= limit:
             return None
@@ -174,6 +232,14 @@ class PolicyEngine:
             f"value {intent.value} on top of {spent} spent in the last {rule.window_seconds} s "
             f"exceeds max_value_per_window {limit}"
         )
+
+
+def longest_window(policy: Policy) -> int:
+    """The longest spend window of ``policy``, in seconds (0: it has none)."""
+    return max(
+        (r.window_seconds for r in policy.rules if r.max_value_per_window is not None),
+        default=0,
+    )
 
 
 def _uncovered(intent: SigningIntent) -> str:

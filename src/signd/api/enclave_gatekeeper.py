@@ -1,0 +1,597 @@
+"""The host's side of the enclave's gate: :class:`EnclaveGatekeeper`.
+
+It has the shape of :class:`~signd.gate.Gatekeeper` (``authenticate``, ``create_keys``,
+``get_key``, ``list_keys``, ``sign``, ``reload``), so the API's two seams
+(:mod:`signd.api.gatekeeping`) take either, but it decides nothing: every request goes to
+the enclave (GATE, :mod:`signd.enclave.gate`) exactly as received, and the enclave
+authenticates it, derives its calls from its bytes, applies the policy, signs (sealed keys)
+or approves a digest (custody the host holds), and seals the audit records.
+
+The host's part:
+
+- find the keys a request names and describe them (the enclave proves a sealed key's
+  labels by unsealing it; for other custody it takes the description on trust);
+- match each call the API parsed to the call of the request it is (its *origin*), with the
+  fields the host filled from its downstream node (a host that changed anything else finds
+  no match, and the enclave would not sign it anyway);
+- append the sealed audit records durably **before** releasing any result;
+- check each signature against the key's public key, sign approved digests with its own
+  custody, and assemble the results;
+- hand the enclave its configuration (GATE_CONFIGURE) at start, on reload and when the
+  enclave comes back empty after a restart; keep the audit MAC key's KMS ciphertext
+  (``audit.key.sealed``), whose plaintext it never sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from signd.audit import FileAuditLog, SealedAuditRecord
+from signd.audit.tail import read_tail
+from signd.auth import Principal, Scope
+from signd.chains import address_deriver
+from signd.crypto.secp256k1 import normalize_signature
+from signd.custody.base import KeyInfo, KeyPage, check_labels
+from signd.custody.enclave import EnclaveBackend
+from signd.enclave.client import EnclaveClient
+from signd.enclave.gate import MAX_TAIL_RECORDS, UNCONFIGURED, principal_from_body
+from signd.enclave.protocol import CreatedKey, KeyReference, MessageType, error_from_body
+from signd.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    IntegrityError,
+    InvalidRequest,
+    SigndError,
+)
+from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.intents import prepare
+from signd.gate.interpret import (
+    FILLABLE,
+    Action,
+    CreateKeys,
+    Limits,
+    SignCalls,
+    apply_fills,
+    interpret,
+)
+from signd.gate.keeper import Caller, GateRequest, labels_refusal
+from signd.gate.operations import Signed, SigningCall, SigningKind
+from signd.gate.setup import GatePaths, write_private
+from signd.operations import Signer
+from signd.policy import Policy, SpendWindowsUnavailable
+from signd.policy.engine import longest_window
+
+log = logging.getLogger("signd.gate")
+
+NOT_IN_REQUEST: Final = "the call is not one the authenticated request asks for"
+TAIL_CHUNK_BYTES: Final = 256 * 1024
+"""The most audit log bytes one GATE_CONFIGURE carries (with both files, under a frame)."""
+TAIL_CLOCK_MARGIN: Final = 300.0
+"""Seconds of audit log read back beyond the longest spend window, for the enclave's clock."""
+_GATE_ERRORS: Final[Mapping[str, type[SigndError]]] = {
+    Unauthenticated.code: Unauthenticated,
+    OutOfScope.code: OutOfScope,
+    SpendWindowsUnavailable.code: SpendWindowsUnavailable,
+}
+
+
+def gate_error(body: Mapping[str, Any]) -> SigndError:
+    """The error an enclave answer carries, as the class that raised it there."""
+    code = body.get("code")
+    message = body.get("message")
+    if code == PolicyDenied.code and isinstance(message, str):
+        rule = body.get("rule")
+        return PolicyDenied(message, rule=rule if isinstance(rule, str) else None)
+    cls = _GATE_ERRORS.get(code) if isinstance(code, str) else None
+    if cls is not None and isinstance(message, str):
+        return cls(message)
+    return error_from_body(body)
+
+
+@dataclass(slots=True)
+class _Session:
+    """What the host keeps about an authenticated request while serving it: what it asks
+    for, and which of its calls have been sent to the enclave."""
+
+    action: Action | SigndError
+    claimed: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True, slots=True)
+class _Matched:
+    """A call the API parsed, matched to the request's call ``origin``."""
+
+    index: int
+    call: SigningCall
+    origin: int
+    fills: dict[str, Any]
+
+
+class EnclaveGatekeeper:
+    """Keys and signatures through the enclave's gate; thread-safe, blocking.
+
+    ``signer`` finds keys (all custody) and signs what the enclave approves for custody the
+    host holds; ``client`` reaches the enclave; ``paths`` are the clients, policy and audit
+    files. Call :meth:`configure` once before serving.
+    """
+
+    def __init__(
+        self,
+        client: EnclaveClient,
+        signer: Signer,
+        paths: GatePaths,
+        *,
+        node: str,
+        limits: Limits | None = None,
+    ) -> None:
+        self.client = client
+        self.signer = signer
+        self.paths = paths
+        self.node = node
+        self.limits = limits or Limits()
+        self.audit = FileAuditLog(paths.audit_log)
+        self.clients_sha256 = ""
+        self.policy_sha256 = ""
+        self._configure_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
+
+    def close(self) -> None:
+        """Close the audit log (the signer and the client belong to the caller)."""
+        self.audit.close()
+
+    # configuration
+
+    def configure(self, *, resume: bool = False) -> None:
+        """Send the clients and policy files and the audit key to the enclave (GATE_CONFIGURE).
+
+        A bad file raises :class:`~signd.errors.ConfigurationError` and the enclave keeps
+        the configuration in force. On first run the enclave makes the audit MAC key and the
+        host stores its KMS ciphertext. The audit log's tail over the policy's longest spend
+        window goes along (in chunks, newest first, while the enclave says its windows are
+        not yet whole), so that a restarted enclave rebuilds its spend windows. ``resume``:
+        the log lost records the enclave sealed; the enclave continues from the log's last
+        record and seals a record saying so.
+        """
+        paths = self.paths
+        with self._configure_lock:
+            sealed_key = _read(paths.sealed_audit_key_file, missing_ok=True)
+            last = self.audit.last_record()
+            policy_data = _read(paths.policy_file)
+            chunks = _tail_chunks(paths, last, policy_data)
+            if not sealed_key and last is not None:
+                raise ConfigurationError(
+                    f"{paths.sealed_audit_key_file} is missing but the audit log "
+                    f"{paths.audit_log} is not empty: restore the key file"
+                )
+            body: dict[str, Any] = {
+                "clients": _read(paths.clients_file),
+                "policy": policy_data,
+                "audit_key": sealed_key,
+                "audit_head": b"" if last is None else last.to_json().encode("ascii"),
+                "audit_tail": chunks.pop() if chunks else [],
+                "node": self.node,
+                "max_batch": self.limits.max_batch,
+                "max_keys_per_request": self.limits.max_keys_per_request,
+            }
+            if resume:
+                body["resume"] = True
+            answer = self.client.request(MessageType.GATE_CONFIGURE, body)
+            while answer.get("windows_ready") is False and chunks:
+                body |= {"audit_tail": chunks.pop(), "resume": False}
+                answer |= self.client.request(MessageType.GATE_CONFIGURE, body)
+            if answer.get("windows_ready") is False:
+                log.error(
+                    "the enclave could not rebuild its spend windows from %s: requests under "
+                    "rules with spend windows are refused (spend_windows_unavailable)",
+                    paths.audit_log,
+                )
+            new_key = answer.get("audit_key")
+            if isinstance(new_key, bytes) and new_key:
+                write_private(paths.sealed_audit_key_file, new_key)
+                log.warning(
+                    "created the audit MAC key in the enclave; its KMS ciphertext is %s "
+                    "(keep it: the audit log cannot be verified without it)",
+                    paths.sealed_audit_key_file,
+                )
+            self.clients_sha256 = str(answer.get("clients_sha256", ""))
+            self.policy_sha256 = str(answer.get("policy_sha256", ""))
+        log.info(
+            "enclave gate: clients %s (sha256 %s), policy %s (sha256 %s), audit log %s at seq %s",
+            paths.clients_file,
+            self.clients_sha256,
+            paths.policy_file,
+            self.policy_sha256,
+            paths.audit_log,
+            answer.get("seq"),
+        )
+
+    def reload(self) -> list[str]:
+        """Send the files again; a bad one is refused by the enclave and the ones in force
+        stay. The problems, one line each (empty when both loaded)."""
+        try:
+            self.configure()
+        except SigndError as exc:
+            return [exc.message]
+        return []
+
+    # the enclave round trip
+
+    def _gate(
+        self,
+        request: GateRequest,
+        *,
+        select: Sequence[int] | None = None,
+        keys: Sequence[dict[str, Any]] = (),
+        fills: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """One GATE: the answer, once its audit records are durable in the log."""
+        body: dict[str, Any] = {
+            "request": {
+                "method": request.method,
+                "target": request.path,
+                "body": request.body,
+                "headers": dict(request.headers),
+            },
+            "keys": list(keys),
+            "fills": dict(fills or {}),
+        }
+        if select is not None:
+            body["select"] = list(select)
+        try:
+            answer = self.client.request(MessageType.GATE, body)
+        except ConfigurationError as exc:
+            if exc.message != UNCONFIGURED:
+                raise
+            log.warning("the enclave has lost its gate configuration (restarted?); sending it")
+            self.configure()
+            answer = self.client.request(MessageType.GATE, body)
+        self._append(answer.get("audit"))
+        return answer
+
+    def _append(self, lines: object) -> None:
+        """Append the enclave's sealed records; nothing is released unless this succeeds."""
+        if not isinstance(lines, list):
+            raise DependencyUnavailable("the enclave sent no audit records")
+        records = [SealedAuditRecord.from_json(line) for line in lines]
+        try:
+            self.audit.append_many(records)
+        except (IntegrityError, DependencyUnavailable) as exc:
+            log.error("audit log append failed; the results are withheld: %s", exc.message)
+            self._resume()
+            raise
+
+    def _resume(self) -> None:
+        """After records were lost on their way to the log, have the enclave continue the
+        chain from the log's last record (best effort)."""
+        try:
+            self.configure(resume=True)
+        except SigndError as exc:
+            log.error("could not resume the audit chain: %s", exc.message)
+
+    # authentication
+
+    def authenticate(self, request: GateRequest) -> Caller:
+        """The caller as the enclave authenticated it, or the refusal (audited there)."""
+        answer = self._gate(request)
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise gate_error(error)
+        try:
+            action: Action | SigndError = interpret(
+                request.method, request.path, request.body, limits=self.limits
+            )
+        except SigndError as exc:
+            action = exc
+        principal = principal_from_body(answer)
+        return Caller(principal, request.sha256, request, _Session(action))
+
+    @staticmethod
+    def _presented(caller: Caller) -> tuple[GateRequest, _Session]:
+        if caller.request is None or not isinstance(caller.session, _Session):
+            raise Unauthenticated("the request was not authenticated by the enclave")
+        return caller.request, caller.session
+
+    # keys
+
+    def create_keys(
+        self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
+    ) -> list[KeyInfo]:
+        """``keys:create``, decided (and, for sealed keys, done) by the enclave."""
+        request, session = self._presented(caller)
+        wanted = check_labels(labels)
+        if session.action != CreateKeys(chain, custody, count, tuple(labels)):
+            raise InvalidRequest(NOT_IN_REQUEST)
+        address_of = address_deriver(chain)
+        backend = self.signer.backend(custody)
+        answer = self._gate(request, select=[0])
+        made = [CreatedKey.from_body(key) for key in answer.get("keys", [])]
+        created: list[KeyInfo] = []
+        if made:
+            if not isinstance(backend, EnclaveBackend):
+                raise IntegrityError("the enclave made keys for custody it does not hold")
+            created = backend.record_keys(chain, address_of, made, wanted)
+        error = answer.get("error")
+        if isinstance(error, dict):
+            raise gate_error(error)
+        [outcome] = answer.get("outcomes", [None])
+        if isinstance(outcome, dict) and "approved" in outcome:
+            return self.signer.create_keys(chain=chain, custody=custody, count=count, labels=wanted)
+        if len(created) != count:
+            raise DependencyUnavailable(f"the enclave made {len(created)} keys, not {count}")
+        return created
+
+    def get_key(self, caller: Caller, ref: str) -> KeyInfo:
+        """``keys:read`` (checked, and refusals audited, by the enclave when the request is a
+        key read); only a key the client may use (by the host's records)."""
+        self._require_read(caller.principal)
+        info = self.signer.get_key(ref)
+        if not caller.principal.may_use(info.labels):
+            raise labels_refusal(caller.client_id, info)
+        return info
+
+    def list_keys(
+        self,
+        caller: Caller,
+        *,
+        custody: str,
+        chain: str | None,
+        label: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> KeyPage:
+        self._require_read(caller.principal)
+        page = self.signer.list_keys(
+            custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
+        )
+        keys = [key for key in page.keys if caller.principal.may_use(key.labels)]
+        return KeyPage(keys, page.next_cursor)
+
+    @staticmethod
+    def _require_read(principal: Principal) -> None:
+        if not principal.has_scope(Scope.KEYS_READ):
+            raise OutOfScope(f"client {principal.client_id!r} lacks scope {Scope.KEYS_READ}")
+
+    # signatures
+
+    def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+        """Sign ``calls`` through the enclave; each one's result or the error it met. The
+        audit records come back with the answer and are appended before anything is
+        returned; if that fails, every result is withheld (the error takes its place)."""
+        request, session = self._presented(caller)
+        outcomes: list[Signed | Exception] = [InvalidRequest(NOT_IN_REQUEST) for _ in calls]
+        matched = self._match(session, calls)
+        if not matched:
+            return outcomes
+        infos: dict[str, KeyInfo] = {}
+        missing: dict[str, SigndError] = {}
+        for item in matched:
+            key = item.call.key
+            if key not in infos and key not in missing:
+                try:
+                    infos[key] = self.signer.get_key(key)
+                except SigndError as exc:  # the enclave refuses (and audits) the call
+                    missing[key] = exc
+        try:
+            answer = self._gate(
+                request,
+                select=[item.origin for item in matched],
+                keys=[self._describe(ref, info) for ref, info in infos.items()],
+                fills={item.origin: item.fills for item in matched if item.fills},
+            )
+        except Exception as exc:
+            return [exc for _ in calls]
+        error = answer.get("error")
+        if isinstance(error, dict):
+            failure = gate_error(error)
+            return [failure for _ in calls]
+        results = answer.get("outcomes")
+        if not isinstance(results, list) or len(results) != len(matched):
+            failure = DependencyUnavailable("the enclave answered the wrong number of calls")
+            return [failure for _ in calls]
+        for item, result in zip(matched, results, strict=True):
+            if item.call.key in missing:
+                outcomes[item.index] = missing[item.call.key]
+                continue
+            try:
+                outcomes[item.index] = self._finish(item.call, infos.get(item.call.key), result)
+            except Exception as exc:
+                outcomes[item.index] = exc
+        return outcomes
+
+    def _match(self, session: _Session, calls: Sequence[SigningCall]) -> list[_Matched]:
+        """Each call the request asks for, with its origin and the host's fills; a call
+        that is not one of them (or is one already claimed) gets none."""
+        action = session.action
+        if not isinstance(action, SignCalls):
+            return []
+        matched: list[_Matched] = []
+        with session.lock:
+            for index, call in enumerate(calls):
+                for origin, asked in zip(action.origins, action.calls, strict=True):
+                    if origin in session.claimed or isinstance(asked, SigndError):
+                        continue
+                    fills = _fills_for(asked, call)
+                    if fills is not None:
+                        session.claimed.add(origin)
+                        matched.append(_Matched(index, call, origin, fills))
+                        break
+        return matched
+
+    def _describe(self, ref: str, info: KeyInfo) -> dict[str, Any]:
+        """A key as the enclave is shown it: its facts and the labels claimed for it (a
+        sealed key's blob proves them; for other custody they are the host's word)."""
+        body: dict[str, Any] = {
+            "ref": ref,
+            "key_id": info.key_id,
+            "chain": info.chain,
+            "address": info.address,
+            "public_key": info.public_key,
+            "custody": info.custody,
+            "labels": list(info.labels),
+        }
+        backend = self.signer.backend(info.custody)
+        if type(backend).custody_type == "enclave" and isinstance(backend, EnclaveBackend):
+            reference = backend.reference(info)
+            if isinstance(reference, KeyReference):
+                body["blob"] = reference.blob
+                body["labels"] = list(reference.labels)
+        return body
+
+    def _finish(self, call: SigningCall, info: KeyInfo | None, result: object) -> Signed:
+        """The result of one call from the enclave's outcome."""
+        if not isinstance(result, dict):
+            raise DependencyUnavailable("the enclave sent a malformed outcome")
+        if isinstance(result.get("error"), dict):
+            raise gate_error(result["error"])
+        if info is None:
+            raise DependencyUnavailable("the enclave decided a call for a key it was not shown")
+        prepared = prepare(call.kind, call.payload, info)
+        digest = result.get("digest", result.get("approved"))
+        if digest != prepared.digest:
+            raise IntegrityError("the enclave decided another digest than this call's")
+        signature_bytes = result.get("signature")
+        if isinstance(signature_bytes, bytes):
+            signature = normalize_signature(signature_bytes, prepared.digest, info.public_key)
+        elif "approved" in result:
+            signature = self.signer.sign_hash(info, prepared.digest)
+        else:
+            raise DependencyUnavailable("the enclave sent a malformed outcome")
+        return Signed(info, prepared.assemble(signature))
+
+
+def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
+    """The fields the host filled into ``call`` if it is the request's ``asked`` call with
+    only :data:`~signd.gate.interpret.FILLABLE` fields the caller left out added; else
+    ``None``."""
+    if asked.kind is not call.kind or asked.key != call.key:
+        return None
+    if asked.payload == call.payload:
+        return {}
+    if (
+        call.kind is not SigningKind.ETH_TRANSACTION
+        or not isinstance(asked.payload, dict)
+        or not isinstance(call.payload, dict)
+    ):
+        return None
+    fills = {
+        name: value
+        for name, value in call.payload.items()
+        if name in FILLABLE and value is not None and asked.payload.get(name) is None
+    }
+    try:
+        filled = apply_fills(asked.payload, fills)
+    except SigndError:
+        return None
+    return fills if filled == call.payload else None
+
+
+def _read(path: Any, *, missing_ok: bool = False) -> bytes:
+    try:
+        data: bytes = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return b""
+        raise ConfigurationError(f"{path} is missing") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror}") from None
+    return data
+
+
+VERIFY_CHUNK: Final = 500
+"""Log lines per AUDIT_VERIFY message (well under the frame limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnclaveVerification:
+    """What the enclave found in an audit log: the first problem, if any."""
+
+    records: int
+    """Records checked (all of them when there is no problem)."""
+    head_seq: int
+    head_hash: bytes
+    problem: dict[str, Any] | None
+
+
+def _tail_chunks(
+    paths: GatePaths, last: SealedAuditRecord | None, policy_data: bytes
+) -> list[list[str]]:
+    """The audit log's records over the policy's longest spend window (and a margin for the
+    enclave's clock), up to ``last``, as GATE_CONFIGURE chunks: oldest first, so that the
+    newest is popped first. Empty for an empty log."""
+    if last is None:
+        return []
+    try:
+        window = longest_window(Policy.from_bytes(policy_data))
+    except ConfigurationError:
+        window = 0  # the enclave refuses the file and says why
+    since = time.time() - window - TAIL_CLOCK_MARGIN if window else math.inf
+    tail = read_tail(paths.audit_log, since=since)
+    ends = next((i for i, item in enumerate(tail) if item.hash == last.hash), len(tail) - 1)
+    lines = [item.to_json() for item in tail[: ends + 1]]
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    size = 0
+    for line in reversed(lines):
+        if chunk and (size + len(line) > TAIL_CHUNK_BYTES or len(chunk) >= MAX_TAIL_RECORDS):
+            chunks.append(chunk[::-1])
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    chunks.append(chunk[::-1])
+    return chunks[::-1]
+
+
+def verify_in_enclave(
+    client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes], *, node: str
+) -> EnclaveVerification:
+    """Verify audit log ``lines`` in the enclave, which holds the MAC key (the host has only
+    its ciphertext, ``paths.sealed_audit_key_file``). The enclave is first given the files and
+    the key (GATE_CONFIGURE; an enclave already configured keeps its chain), then the lines,
+    :data:`VERIFY_CHUNK` at a time, with the state it returns carried between chunks."""
+    sealed_key = _read(paths.sealed_audit_key_file)
+    last = b""
+    if lines:
+        try:
+            last = SealedAuditRecord.from_json(lines[-1]).to_json().encode("ascii")
+        except IntegrityError:
+            last = b""  # reported below, where the enclave reads it
+    configuration = {
+        "clients": _read(paths.clients_file),
+        "policy": _read(paths.policy_file),
+        "audit_key": sealed_key,
+        "audit_head": last,
+        "node": node,
+    }
+    try:
+        client.request(MessageType.GATE_CONFIGURE, configuration)
+    except IntegrityError:  # the last line was altered: verification will say where
+        client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
+    state = b""
+    answer: dict[str, Any] = {}
+    starts = range(0, len(lines), VERIFY_CHUNK) or range(1)
+    for start in starts:
+        chunk = [line.decode("ascii", "replace") for line in lines[start : start + VERIFY_CHUNK]]
+        answer = client.request(
+            MessageType.AUDIT_VERIFY,
+            {"records": chunk, "state": state, "final": start + VERIFY_CHUNK >= len(lines)},
+            idempotent=True,
+        )
+        state = answer["state"]
+        if "problem" in answer:
+            break
+    head = answer.get("head", {})
+    return EnclaveVerification(
+        int(answer.get("checked", 0)),
+        int(head.get("seq", 0)),
+        bytes(head.get("hash", b"")),
+        answer.get("problem"),
+    )

@@ -1,0 +1,904 @@
+"""The gate inside the enclave: authentication, policy and audit sealing, where the host
+cannot reach them.
+
+The host hands over each request exactly as it received it (method, target, body, auth
+headers) with the descriptions of the keys it names. The enclave
+
+1. authenticates it: the request signature (time window, nonce) or the bearer token. A signed
+   request may be shown again, for the same body, but each of its calls is performed once
+   (:meth:`~signd.auth.RequestVerifier.present`), so a host cannot replay a call;
+2. derives what to do from the authenticated bytes (:func:`~signd.gate.interpret.interpret`),
+   never from the host's parsed calls; a host may only add the transaction fields the caller
+   left out and its downstream node filled (:func:`~signd.gate.interpret.apply_fills`);
+3. checks scope, key labels and the policy (:func:`~signd.gate.keeper.approve`). A sealed key's
+   labels are proven by unsealing it (:meth:`~signd.enclave.signer.EnclaveSigner.verified_key`),
+   not taken from the host's records;
+4. signs sealed keys itself, or, for custody the host holds (keystore, KMS keys, a host-side
+   HSM), answers ``approved`` with the digest for the host to sign: the host holds those keys
+   anyway, so for them the gate authorises and audits but cannot enforce;
+5. commits the spend and seals an audit record for every decision, refusals and failed
+   authentications included, all returned with the answer for the host to append before it
+   releases any result. An allowed signing's record carries the spend it committed.
+
+Spend windows are rebuilt at the first GATE_CONFIGURE from ``audit_tail``: the log's last
+records (oldest first, ending with ``audit_head``), which must verify, link and reach back
+over the policy's longest window (:mod:`signd.audit.tail`). A tail too long for one message
+comes in several: each later GATE_CONFIGURE carries the next older chunk, and the part of
+it up to where the previous one began is checked and replayed (a chunk without that record
+is left aside). Until the window is covered, requests under rules with windows are
+refused (:class:`~signd.policy.SpendWindowsUnavailable`) rather than checked against
+windows that may be short.
+
+Messages (:class:`~signd.enclave.protocol.MessageType`): GATE_CONFIGURE (the clients file,
+the policy file and the audit MAC key, which is a KMS data key generated and unwrapped here
+and kept by the host only as ciphertext), GATE, and AUDIT_VERIFY (the host has no MAC key,
+so the log is verified here, streamed in chunks with a MAC'ed state carried between them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cbor2
+
+from signd.audit.records import (
+    GENESIS,
+    AuditSigner,
+    ChainHead,
+    SealedAuditRecord,
+    seal_is_valid,
+)
+from signd.audit.tail import check_tail, reaches, spends
+from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
+from signd.auth.request_signing import Presentation
+from signd.chains import address_deriver
+from signd.crypto.secret import Secret
+from signd.custody.base import KeyInfo, check_labels, utc_now
+from signd.enclave.protocol import (
+    CUSTODY_ENCLAVE,
+    MAX_NAME_LENGTH,
+    CreatedKey,
+    KeyReference,
+    canonical_labels,
+    require_bytes,
+    require_list,
+    require_str,
+)
+from signd.enclave.signer import EnclaveSigner
+from signd.errors import (
+    AccessDenied,
+    ConfigurationError,
+    IntegrityError,
+    InvalidField,
+    InvalidRequest,
+    KeyNotFound,
+    SigndError,
+)
+from signd.gate.audit import MAX_REASON, AuditEntry
+from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.intents import result_bytes, sha256_hex
+from signd.gate.interpret import (
+    DEFAULT_LIMITS,
+    Action,
+    CreateKeys,
+    Limits,
+    ReadKeys,
+    SignCalls,
+    apply_fills,
+    interpret,
+)
+from signd.gate.keeper import (
+    Approval,
+    GateRequest,
+    approve,
+    authentication_refusal,
+    caller_entry,
+    identify,
+    key_fields,
+    rule_of,
+    scope_refusal,
+)
+from signd.gate.operations import SigningCall, SigningKind
+from signd.kms.base import DATA_KEY_SIZE, KmsClient
+from signd.policy import Operation, PolicyEngine, PolicyHolder, SigningIntent
+
+log = logging.getLogger(__name__)
+
+AUDIT_KEY_CONTEXT: Final[Mapping[str, str]] = {"service": "signd", "purpose": "audit-mac-key"}
+"""The KMS encryption context of the audit MAC key."""
+UNCONFIGURED: Final = "the enclave's gate is not configured (send GATE_CONFIGURE)"
+MAX_CONFIG_SIZE: Final = 256 * 1024
+MAX_HEADERS: Final = 32
+MAX_HEADER_SIZE: Final = 4096
+MAX_KEYS: Final = 1000
+MAX_SELECT: Final = 1000
+MAX_VERIFY_CHUNK: Final = 4096
+MAX_TAIL_RECORDS: Final = 4096
+"""The most audit log lines one GATE_CONFIGURE carries in ``audit_tail``."""
+MAX_LINE_SIZE: Final = 64 * 1024
+SIGNATURE_SIZE: Final = 65
+_VERIFY_STATE_LABEL: Final = b"signd audit-verify state v1"
+
+
+def _bytes(body: Mapping[str, Any], name: str, *, limit: int) -> bytes:
+    value = body.get(name, b"")
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise InvalidField(f"{name} must be at most {limit} bytes", field=name)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Configured:
+    """What a GATE_CONFIGURE put in force."""
+
+    clients: ClientsHolder
+    policy: PolicyHolder
+    verifier: RequestVerifier
+    engine: PolicyEngine
+    limits: Limits
+
+
+@dataclass(frozen=True, slots=True)
+class _Presented:
+    """An authenticated request: its caller and the digest of its body."""
+
+    principal: Principal
+    request_sha256: str
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A GATE answer being built, and the audit entries it will carry."""
+
+    entries: list[AuditEntry] = field(default_factory=list)
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EnclaveGate:
+    """The GATE, GATE_CONFIGURE and AUDIT_VERIFY handlers of an enclave; thread-safe.
+
+    ``now`` is the clock (request windows, spend windows, audit times), injectable for tests.
+    """
+
+    def __init__(
+        self,
+        signer: EnclaveSigner,
+        kms: KmsClient,
+        *,
+        node: str = "enclave",
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._signer = signer
+        self._kms = kms
+        self._node = node
+        self._now = now
+        self._configured: _Configured | None = None
+        self._audit: AuditSigner | None = None
+        self._audit_key: Secret | None = None
+        self._audit_key_ciphertext = b""
+        self._lock = threading.Lock()
+        self._seal_lock = threading.Lock()
+        self._tail_wanted: tuple[bytes, float] | None = None
+        """While the spend windows are incomplete: the hash the next older chunk of the
+        audit tail must end at, and the time it must reach back to."""
+
+    def __repr__(self) -> str:
+        return f"EnclaveGate(configured={self._configured is not None}, audit={self._audit!r})"
+
+    # configuration
+
+    def attestation_user_data(self) -> bytes | None:
+        """``sha256(policy) || sha256(clients)`` of the files in force (``None`` before the
+        first GATE_CONFIGURE): what an attestation document binds."""
+        configured = self._configured
+        if configured is None:
+            return None
+        return bytes.fromhex(configured.policy.sha256) + bytes.fromhex(configured.clients.sha256)
+
+    def configure(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """GATE_CONFIGURE: put the clients and policy files in force, and the audit key.
+
+        Both files are parsed before either replaces the one in force, so a bad file changes
+        nothing. On the first call the audit MAC key is unwrapped (or, given none, generated:
+        its ciphertext comes back for the host to keep) and the chain continues from
+        ``audit_head`` once its MAC verifies. Later calls keep the enclave's own chain head
+        unless ``resume`` asks to continue from the host's (after records were lost on the
+        way to the log): a record saying so is sealed first, so the loss shows in the log.
+        """
+        clients_data = _bytes(body, "clients", limit=MAX_CONFIG_SIZE)
+        policy_data = _bytes(body, "policy", limit=MAX_CONFIG_SIZE)
+        key_ciphertext = _bytes(body, "audit_key", limit=MAX_CONFIG_SIZE)
+        head_data = _bytes(body, "audit_head", limit=MAX_CONFIG_SIZE)
+        resume = body.get("resume", False) is True
+        limits = Limits(
+            max_batch=_limit(body, "max_batch", DEFAULT_LIMITS.max_batch),
+            max_keys_per_request=_limit(
+                body, "max_keys_per_request", DEFAULT_LIMITS.max_keys_per_request
+            ),
+        )
+        node = body.get("node", self._node)
+        if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
+            raise InvalidField("node must be 1-256 characters of text", field="node")
+        for holder, data in ((ClientsHolder, clients_data), (PolicyHolder, policy_data)):
+            try:  # both are checked before either is replaced
+                holder.parse(data)
+            except ConfigurationError as exc:
+                log.error("%s refused, the one in force stays: %s", holder.kind, exc.message)
+                raise ConfigurationError(f"{holder.kind}: {exc.message}") from None
+        last = SealedAuditRecord.from_json(head_data) if head_data else None
+        tail = _audit_tail(body)
+        answer: dict[str, Any] = {}
+        with self._lock:
+            mac_key = self._open_audit_key(key_ciphertext, answer)
+            if last is not None and seal_is_valid(last, mac_key) != (True, True):
+                raise IntegrityError("the audit log's last record does not verify")
+            first_tail = _first_tail(mac_key, last, tail) if self._configured is None else []
+            if self._audit is None:
+                self._audit = AuditSigner(mac_key, node, last=last, now=self._now)
+            elif resume:
+                self._resume(mac_key, node, last)
+            configured = self._configured
+            if configured is None:
+                clients = ClientsHolder(clients_data)
+                policy = PolicyHolder(policy_data)
+                # Request timestamps are whole seconds: refuse those signed before this
+                # second (the nonces seen before it are not known here).
+                verifier = RequestVerifier(
+                    clients, now=self._now, not_before=math.floor(self._now())
+                )
+                engine = PolicyEngine(policy, now=self._now)
+                since = self._now() - engine.longest_window
+                self._replay(engine, first_tail, since)
+            else:
+                clients, policy = configured.clients, configured.policy
+                verifier, engine = configured.verifier, configured.engine
+                clients.replace(clients_data)
+                policy.replace(policy_data)
+                if self._tail_wanted is not None:
+                    ends_at, since = self._tail_wanted
+                    older = _ending_at(tail, ends_at)
+                    if older:
+                        check_tail(older, mac_key, ends_at=ends_at)
+                        self._replay(engine, older, since)
+            self._configured = _Configured(clients, policy, verifier, engine, limits)
+            head = self._audit.head
+            answer["windows_ready"] = engine.windows_ready
+        log.info(
+            "gate configured: clients sha256 %s, policy sha256 %s, audit seq %d",
+            clients.sha256,
+            policy.sha256,
+            head.seq,
+        )
+        return answer | {
+            "clients_sha256": clients.sha256,
+            "policy_sha256": policy.sha256,
+            "seq": head.seq,
+        }
+
+    def _replay(
+        self, engine: PolicyEngine, tail: Sequence[SealedAuditRecord], since: float
+    ) -> None:
+        """Replay a checked chunk of the audit tail; the windows are whole once the tail
+        reaches back to ``since`` (or the log's first record)."""
+        complete = not tail or engine.longest_window == 0 or reaches(tail[0], since)
+        if not complete:
+            engine.await_replay(
+                f"the host has sent the audit log back to record {tail[0].record.seq} only"
+            )
+        engine.replay(spends(tail), complete=complete)
+        self._tail_wanted = None if complete else (tail[0].prev_hash, since)
+        if not complete:
+            log.warning(
+                "spend windows incomplete: the audit tail reaches back to record %d only",
+                tail[0].record.seq,
+            )
+
+    def _open_audit_key(self, ciphertext: bytes, answer: dict[str, Any]) -> Secret:
+        """The audit MAC key: the one in force, or ``ciphertext`` unwrapped through KMS, or
+        (none given on the first call) a new data key whose ciphertext goes in ``answer``."""
+        if self._audit_key is not None:
+            if ciphertext and not hmac.compare_digest(ciphertext, self._audit_key_ciphertext):
+                raise ConfigurationError("this enclave keeps another audit key; not replacing it")
+            return self._audit_key
+        if ciphertext:
+            plaintext = self._kms.decrypt(ciphertext, encryption_context=AUDIT_KEY_CONTEXT)
+        else:
+            data_key = self._kms.generate_data_key(encryption_context=AUDIT_KEY_CONTEXT)
+            ciphertext = data_key.ciphertext
+            # A data key is trusted only once KMS has unwrapped its ciphertext to it.
+            plaintext = self._kms.decrypt(ciphertext, encryption_context=AUDIT_KEY_CONTEXT)
+            if not hmac.compare_digest(plaintext.reveal_bytes(), data_key.plaintext.reveal_bytes()):
+                raise IntegrityError("the KMS data key failed its round-trip check")
+            answer["audit_key"] = ciphertext
+            log.warning("created the audit MAC key; the host keeps it, sealed by KMS")
+        if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
+            raise IntegrityError("the audit key is not a KMS data key")
+        self._audit_key, self._audit_key_ciphertext = plaintext, ciphertext
+        return plaintext
+
+    def _resume(self, mac_key: Secret, node: str, last: SealedAuditRecord | None) -> None:
+        """Continue the chain from the host's ``last`` record, first sealing what was lost."""
+        assert self._audit is not None
+        ours = self._audit.head
+        theirs = GENESIS if last is None else last.head
+        if theirs == ours:
+            return
+        if theirs.seq > ours.seq:
+            raise IntegrityError("the host's audit head is ahead of the enclave's chain")
+        with self._seal_lock:
+            signer = AuditSigner(mac_key, node, last=last, now=self._now)
+            signer.seal(
+                operation="audit:resume",
+                decision="refused",
+                reason=(
+                    f"the log resumed after record {theirs.seq}: records "
+                    f"{theirs.seq + 1}-{ours.seq} sealed by the enclave were not stored"
+                ),
+            )
+            self._audit = signer
+        log.warning("audit chain resumed after record %d (enclave was at %d)", theirs.seq, ours.seq)
+
+    def _in_force(self) -> tuple[_Configured, AuditSigner]:
+        configured, audit = self._configured, self._audit
+        if configured is None or audit is None:
+            raise ConfigurationError(UNCONFIGURED)
+        return configured, audit
+
+    # the gate
+
+    def gate(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """GATE: authenticate the request, then perform its calls named in ``select`` (none
+        when absent: authentication only). See :class:`~signd.enclave.protocol.MessageType`."""
+        configured, audit = self._in_force()
+        request = _gate_request(body.get("request"))
+        keys = _key_descriptors(body.get("keys", []))
+        fills = _fills(body.get("fills", {}))
+        select = _select(body.get("select"))
+        answer = _Answer()
+        try:
+            action: Action | SigndError = interpret(
+                request.method, request.path, request.body, limits=configured.limits
+            )
+        except SigndError as exc:
+            action = exc
+        try:
+            presented = self._authenticate(configured, request, action, select)
+        except AccessDenied as exc:
+            answer.entries.append(authentication_refusal(request, exc.message))
+            return self._seal(audit, answer, error=Unauthenticated(exc.message))
+        result: dict[str, Any] = {"principal": _principal_body(presented.principal)}
+        try:
+            if isinstance(action, SigndError):
+                if select:
+                    raise action
+            elif isinstance(action, ReadKeys):
+                self._read_keys(presented, answer)
+            elif select and isinstance(action, CreateKeys):
+                self._create_keys(configured, presented, action, answer)
+            elif select and isinstance(action, SignCalls):
+                self._sign_calls(configured, presented, action, select, keys, fills, answer)
+            elif select:
+                raise InvalidRequest("the request has no calls to perform")
+        except SigndError as exc:
+            return self._seal(audit, answer, error=exc, result=result)
+        return self._seal(audit, answer, result=result)
+
+    def _authenticate(
+        self,
+        configured: _Configured,
+        request: GateRequest,
+        action: Action | SigndError,
+        select: list[int],
+    ) -> _Presented:
+        calls: frozenset[str] = frozenset()
+        if isinstance(action, SignCalls):
+            calls = frozenset(str(origin) for origin in action.origins)
+        elif isinstance(action, CreateKeys):
+            calls = frozenset({"0"})
+        verifier = configured.verifier
+        presentation: Presentation | None = None
+
+        def signed() -> Principal:
+            nonlocal presentation
+            presentation = verifier.present(
+                request.method, request.path, request.body, request.headers, calls
+            )
+            return presentation.principal
+
+        principal = identify(request, signed, verifier.verify_bearer)
+        if presentation is not None and select:  # (a bearer token: the host holds it anyway)
+            verifier.perform(presentation, [str(origin) for origin in select])
+        return _Presented(principal, request.sha256)
+
+    def _read_keys(self, presented: _Presented, answer: _Answer) -> None:
+        """A read needs ``keys:read``; which keys it shows is the host's to filter (the host
+        keeps the key records, and reading them signs nothing)."""
+        principal = presented.principal
+        if not principal.has_scope(Scope.KEYS_READ):
+            error = OutOfScope(f"client {principal.client_id!r} lacks scope {Scope.KEYS_READ}")
+            answer.entries.append(
+                self._entry(presented, Scope.KEYS_READ)
+                | {"decision": "refused", "reason": error.message}
+            )
+            raise error
+
+    def _create_keys(
+        self,
+        configured: _Configured,
+        presented: _Presented,
+        action: CreateKeys,
+        answer: _Answer,
+    ) -> None:
+        principal = presented.principal
+        base = self._entry(presented, Operation.KEYS_CREATE, chain=action.chain)
+
+        def refuse(error: SigndError, rule: str | None = None) -> SigndError:
+            answer.entries.append(
+                base | {"decision": "refused", "reason": error.message, "rule": rule}
+            )
+            return error
+
+        wanted = check_labels(action.labels)
+        address_deriver(action.chain)  # an unknown chain is a bad request, not a refusal
+        if not principal.has_scope(Scope.KEYS_CREATE):
+            raise refuse(
+                OutOfScope(f"client {principal.client_id!r} lacks scope {Scope.KEYS_CREATE}")
+            )
+        if not principal.may_label(wanted):
+            raise refuse(
+                OutOfScope(
+                    f"client {principal.client_id!r} may not create keys labelled {list(wanted)}"
+                )
+            )
+        intent = SigningIntent(principal.client_id, "", wanted, action.chain, Operation.KEYS_CREATE)
+        decision = configured.engine.check(intent)
+        if decision.refused:
+            raise refuse(PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
+        allowed = base | {"decision": "allowed", "reason": decision.reason, "rule": decision.rule}
+        if action.custody != CUSTODY_ENCLAVE:
+            answer.entries.append(
+                allowed
+                | {
+                    "reason": f"{decision.reason}; {action.count} key(s) made by the host's "
+                    f"{action.custody} custody"
+                }
+            )
+            answer.outcomes.append({"approved": None})
+            return
+        created: list[CreatedKey] = []
+        failure: SigndError | None = None
+        try:
+            while len(created) < action.count:
+                size = min(action.count - len(created), self._signer.max_batch)
+                created.extend(self._signer.create_keys(action.chain, size, labels=wanted))
+        except SigndError as exc:
+            failure = exc  # the keys made before it are still returned, and audited
+        for key in created:
+            answer.keys.append(key.to_body())
+            answer.entries.append(
+                allowed | {"key_id": key.key_id, "result_sha256": sha256_hex(key.public_key)}
+            )
+        if failure is not None:
+            raise refuse(failure, decision.rule)
+        answer.outcomes.append({"created": len(created)})
+
+    def _sign_calls(
+        self,
+        configured: _Configured,
+        presented: _Presented,
+        action: SignCalls,
+        select: list[int],
+        keys: Mapping[str, KeyInfo],
+        fills: Mapping[int, Mapping[str, Any]],
+        answer: _Answer,
+    ) -> None:
+        slots = dict(zip(action.origins, action.calls, strict=True))
+        for origin in select:
+            call = slots.get(origin)
+            if call is None:
+                answer.outcomes.append(_error(InvalidRequest(f"the request has no call {origin}")))
+                continue
+            if isinstance(call, SigndError):
+                answer.outcomes.append(_error(call))
+                continue
+            try:
+                answer.outcomes.append(
+                    self._sign_one(configured, presented, call, fills.get(origin), keys, answer)
+                )
+            except SigndError as exc:
+                answer.outcomes.append(_error(exc))
+
+    def _sign_one(
+        self,
+        configured: _Configured,
+        presented: _Presented,
+        call: SigningCall,
+        fill: Mapping[str, Any] | None,
+        keys: Mapping[str, KeyInfo],
+        answer: _Answer,
+    ) -> dict[str, Any]:
+        principal = presented.principal
+        base = self._entry(presented, _OPERATION_OF[call.kind])
+
+        def refuse(error: SigndError, rule: str | None = None) -> SigndError:
+            answer.entries.append(
+                base | {"decision": "refused", "reason": error.message, "rule": rule}
+            )
+            return error
+
+        lacking = scope_refusal(principal, call.kind)
+        if lacking is not None:
+            raise refuse(lacking)
+        info = keys.get(call.key)
+        if info is None or not _names(call.key, info):
+            raise refuse(KeyNotFound(f"no key {call.key!r}"))
+        base |= key_fields(info)
+        try:
+            if fill:
+                if call.kind is not SigningKind.ETH_TRANSACTION:
+                    raise InvalidRequest("only a transaction has fields to fill")
+                call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
+            if info.custody == CUSTODY_ENCLAVE:
+                info = self._proven(info)
+            approval = approve(principal, call, info, configured.engine)
+        except SigndError as exc:
+            raise refuse(exc, rule_of(exc)) from None
+        return self._perform(configured, approval, base, answer)
+
+    def _perform(
+        self,
+        configured: _Configured,
+        approval: Approval,
+        base: AuditEntry,
+        answer: _Answer,
+    ) -> dict[str, Any]:
+        decision, info, digest = approval.decision, approval.key, approval.prepared.digest
+        outcome: dict[str, Any]
+        result_sha256 = None
+        reason = decision.reason
+        try:
+            if info.custody == CUSTODY_ENCLAVE:
+                signature = self._signer.sign_digest(_reference(info), digest)
+                result = approval.prepared.assemble(signature)
+                result_sha256 = sha256_hex(result_bytes(result))
+                outcome = {"signature": signature.to_bytes(), "digest": digest}
+            else:
+                reason = f"{reason}; signed by the host's {info.custody} custody"
+                outcome = {"approved": digest}
+            spend = configured.engine.commit(decision, approval.intent)
+        except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
+            error = PolicyDenied(exc.message, rule=decision.rule)
+            answer.entries.append(
+                base | {"decision": "refused", "reason": error.message, "rule": decision.rule}
+            )
+            raise error from None
+        except SigndError as exc:
+            answer.entries.append(
+                base | {"decision": "refused", "reason": exc.message, "rule": decision.rule}
+            )
+            raise
+        answer.entries.append(
+            base
+            | {
+                "decision": "allowed",
+                "reason": reason,
+                "rule": decision.rule,
+                "result_sha256": result_sha256,
+                "spend": spend,
+            }
+        )
+        return outcome
+
+    def _proven(self, info: KeyInfo) -> KeyInfo:
+        """``info`` once its sealed blob proves its key id, chain, address and labels."""
+        self._signer.verified_key(_reference(info))
+        return info
+
+    def _entry(
+        self, presented: _Presented, operation: str, *, chain: str | None = None
+    ) -> AuditEntry:
+        return caller_entry(
+            presented.principal.client_id, presented.request_sha256, operation, chain=chain
+        )
+
+    def _seal(
+        self,
+        audit: AuditSigner,
+        answer: _Answer,
+        *,
+        error: SigndError | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The GATE answer, with its audit records sealed consecutively (so that the host
+        can append them as one group)."""
+        with self._seal_lock:
+            audit = self._audit or audit
+            sealed = [
+                audit.seal(**{**entry, "reason": str(entry["reason"])[:MAX_REASON]})
+                for entry in answer.entries
+            ]
+        body: dict[str, Any] = dict(result or {})
+        body |= {
+            "outcomes": answer.outcomes,
+            "keys": answer.keys,
+            "audit": [record.to_json() for record in sealed],
+        }
+        if error is not None:
+            body["error"] = error.to_dict()
+        return body
+
+    # audit verification
+
+    def audit_verify(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """AUDIT_VERIFY: check a chunk of log lines, continuing from ``state`` (empty for
+        the first chunk); the answer is the new state and the first problem, if any. With
+        ``final``, a log that ends before this enclave's chain head is reported truncated."""
+        _, audit = self._in_force()
+        assert self._audit_key is not None
+        mac_key = self._audit_key
+        lines = require_list(body, "records", max_length=MAX_VERIFY_CHUNK)
+        state = _bytes(body, "state", limit=1024)
+        final = body.get("final", False) is True
+        position, head = self._verify_state(mac_key, state) if state else (0, GENESIS)
+        problem: dict[str, Any] | None = None
+        for index, line in enumerate(lines):
+            problem = _check_line(line, head, mac_key, position)
+            if problem is not None:
+                if problem["kind"] == "removed" and _appears(lines[index + 1 :], head.seq + 1):
+                    problem |= {
+                        "kind": "reordered",
+                        "detail": f"comes before record {head.seq + 1}",
+                    }
+                break
+            record = SealedAuditRecord.from_json(line)
+            head = record.head
+            position += 1
+        if problem is None and final and audit.head.seq > head.seq:
+            problem = {
+                "position": position,
+                "kind": "truncated",
+                "detail": f"the log ends at record {head.seq}; the enclave has sealed "
+                f"up to record {audit.head.seq}",
+            }
+        answer: dict[str, Any] = {
+            "state": self._state_bytes(mac_key, position, head),
+            "checked": position,
+            "head": {"seq": head.seq, "hash": head.hash},
+        }
+        if problem is not None:
+            answer["problem"] = problem
+        return answer
+
+    @staticmethod
+    def _state_mac(mac_key: Secret, payload: bytes) -> bytes:
+        key = hmac.new(mac_key.reveal_bytes(), _VERIFY_STATE_LABEL, hashlib.sha256).digest()
+        return hmac.new(key, payload, hashlib.sha256).digest()
+
+    def _state_bytes(self, mac_key: Secret, position: int, head: ChainHead) -> bytes:
+        payload = cbor2.dumps([position, head.seq, head.hash])
+        return payload + self._state_mac(mac_key, payload)
+
+    def _verify_state(self, mac_key: Secret, state: bytes) -> tuple[int, ChainHead]:
+        payload, mac = state[:-32], state[-32:]
+        if len(state) <= 32 or not hmac.compare_digest(mac, self._state_mac(mac_key, payload)):
+            raise IntegrityError("the verification state was not made by this enclave")
+        position, seq, digest = cbor2.loads(payload)
+        return position, ChainHead(seq, digest)
+
+
+_OPERATION_OF: Final[Mapping[SigningKind, Operation]] = {
+    SigningKind.HASH: Operation.SIGN_HASH,
+    SigningKind.ETH_TRANSACTION: Operation.SIGN_TRANSACTION,
+    SigningKind.ETH_MESSAGE: Operation.SIGN_MESSAGE,
+    SigningKind.ETH_TYPED_DATA: Operation.SIGN_TYPED_DATA,
+}
+
+
+def _check_line(
+    line: object, head: ChainHead, mac_key: Secret, position: int
+) -> dict[str, Any] | None:
+    """The problem with the log line after ``head``, or ``None``."""
+
+    def problem(kind: str, detail: str, seq: int | None = None) -> dict[str, Any]:
+        return {"position": position, "seq": seq, "kind": kind, "detail": detail}
+
+    if not isinstance(line, str | bytes):
+        return problem("unreadable", "a log line must be text")
+    try:
+        record = SealedAuditRecord.from_json(line)
+    except IntegrityError as exc:
+        return problem("unreadable", exc.message)
+    seq = record.record.seq
+    mac_ok, hash_ok = seal_is_valid(record, mac_key)
+    if not mac_ok:
+        return problem("altered", f"record {seq}: MAC does not verify", seq)
+    if not hash_ok:
+        return problem("altered", f"record {seq}: stored hash is not the record's", seq)
+    if seq > head.seq + 1:
+        return problem("removed", f"records {head.seq + 1}-{seq - 1} are missing", seq)
+    if seq <= head.seq:
+        return problem("reordered", f"record {seq} comes after record {head.seq}", seq)
+    if record.prev_hash != head.hash:
+        return problem("broken_link", f"prev_hash is not the hash of record {seq - 1}", seq)
+    return None
+
+
+def _appears(lines: Sequence[object], seq: int) -> bool:
+    """Whether a later line of the chunk claims record ``seq`` (so it was moved, not removed)."""
+    for line in lines:
+        try:
+            if (
+                isinstance(line, str | bytes)
+                and SealedAuditRecord.from_json(line).record.seq == seq
+            ):
+                return True
+        except IntegrityError:
+            continue
+    return False
+
+
+def _audit_tail(body: Mapping[str, Any]) -> list[SealedAuditRecord]:
+    """GATE_CONFIGURE's ``audit_tail``: sealed log lines, oldest first (none when absent)."""
+    if "audit_tail" not in body:
+        return []
+    lines = require_list(body, "audit_tail", max_length=MAX_TAIL_RECORDS)
+    if not all(isinstance(line, str) and len(line) <= MAX_LINE_SIZE for line in lines):
+        raise InvalidField("audit_tail must hold audit log lines", field="audit_tail")
+    return [SealedAuditRecord.from_json(line) for line in lines]
+
+
+def _ending_at(tail: list[SealedAuditRecord], digest: bytes) -> list[SealedAuditRecord]:
+    """``tail`` up to the record whose hash is ``digest`` (empty if none is): the part of a
+    chunk the windows still need, the later records having been replayed already."""
+    ends = next((i for i, item in enumerate(tail) if item.hash == digest), -1)
+    return tail[: ends + 1]
+
+
+def _first_tail(
+    mac_key: Secret, last: SealedAuditRecord | None, tail: list[SealedAuditRecord]
+) -> list[SealedAuditRecord]:
+    """The checked tail the first GATE_CONFIGURE starts the windows from: ``tail`` ending at
+    the host's last record ``last`` (or ``last`` alone when no tail is sent)."""
+    if last is None:
+        if tail:
+            raise IntegrityError("an audit tail was sent without the log's last record")
+        return []
+    chunk = tail or [last]
+    check_tail(chunk, mac_key, ends_at=last.hash)
+    return chunk
+
+
+def _limit(body: Mapping[str, Any], name: str, default: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise InvalidField(f"{name} must be an integer in 1..100000", field=name)
+    return value
+
+
+def _gate_request(value: object) -> GateRequest:
+    if not isinstance(value, dict):
+        raise InvalidField("request must be a map", field="request")
+    method = require_str(value, "method", max_length=16)
+    target = require_str(value, "target", max_length=8192)
+    body = value.get("body")
+    if not isinstance(body, bytes):
+        raise InvalidField("request.body must be bytes", field="body")
+    headers = value.get("headers", {})
+    if (
+        not isinstance(headers, dict)
+        or len(headers) > MAX_HEADERS
+        or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= MAX_HEADER_SIZE
+            for k, v in headers.items()
+        )
+    ):
+        raise InvalidField("request.headers must map names to text", field="headers")
+    return GateRequest(method, target, body, headers)
+
+
+def _key_descriptors(value: object) -> dict[str, KeyInfo]:
+    """The keys the host says the request names, by the reference the request uses."""
+    if not isinstance(value, list) or len(value) > MAX_KEYS:
+        raise InvalidField(f"keys must be a list of at most {MAX_KEYS} maps", field="keys")
+    found: dict[str, KeyInfo] = {}
+    for item in value:
+        if not isinstance(item, dict):
+            raise InvalidField("each key must be a map", field="keys")
+        ref = require_str(item, "ref", max_length=MAX_NAME_LENGTH)
+        custody = require_str(item, "custody", max_length=MAX_NAME_LENGTH)
+        labels = item.get("labels", [])
+        if not isinstance(labels, list):
+            raise InvalidField("labels must be a list", field="labels")
+        details = {}
+        if custody == CUSTODY_ENCLAVE:
+            details["blob"] = require_str(item, "blob", max_length=MAX_NAME_LENGTH)
+        found[ref] = KeyInfo(
+            key_id=require_str(item, "key_id", max_length=MAX_NAME_LENGTH),
+            chain=require_str(item, "chain", max_length=MAX_NAME_LENGTH),
+            address=require_str(item, "address", max_length=MAX_NAME_LENGTH),
+            public_key=require_bytes(item, "public_key", size=33),
+            custody=custody,
+            created_at=utc_now(),
+            labels=canonical_labels(labels),
+            details=details,
+        )
+    return found
+
+
+def _fills(value: object) -> dict[int, Mapping[str, Any]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, int) and isinstance(v, dict) for k, v in value.items()
+    ):
+        raise InvalidField("fills must map call origins to maps", field="fills")
+    return value
+
+
+def _select(value: object) -> list[int]:
+    if value is None:
+        return []
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_SELECT
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise InvalidField("select must be a list of distinct call origins", field="select")
+    return value
+
+
+def _names(ref: str, info: KeyInfo) -> bool:
+    """Whether the request's key reference ``ref`` names ``info`` (its id or its address)."""
+    if ref == info.key_id:
+        return True
+    if ref.startswith(("0x", "0X")) and info.address.startswith(("0x", "0X")):
+        return ref.lower() == info.address.lower()
+    return ref == info.address
+
+
+def _reference(info: KeyInfo) -> KeyReference:
+    return KeyReference(info.key_id, info.chain, info.address, info.details["blob"], info.labels)
+
+
+def _principal_body(principal: Principal) -> dict[str, Any]:
+    return {
+        "client_id": principal.client_id,
+        "scopes": sorted(principal.scopes),
+        "key_labels": sorted(principal.key_labels),
+        "credential": principal.credential,
+    }
+
+
+def _error(error: SigndError) -> dict[str, Any]:
+    return {"error": error.to_dict()}
+
+
+def principal_from_body(body: Mapping[str, Any]) -> Principal:
+    """The principal a GATE answer names (the host's copy, for logs and key reads)."""
+    value = body.get("principal")
+    if not isinstance(value, dict):
+        raise InvalidField("principal must be a map", field="principal")
+    credential = value.get("credential")
+    if credential not in ("signature", "bearer"):
+        raise InvalidField("principal.credential is unknown", field="principal")
+    return Principal(
+        require_str(value, "client_id"),
+        frozenset(_strings(value, "scopes")),
+        frozenset(_strings(value, "key_labels")),
+        credential,
+    )
+
+
+def _strings(body: Mapping[str, Any], name: str) -> Sequence[str]:
+    value = body.get(name)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidField(f"{name} must be a list of text", field=name)
+    return value
