@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from signd.errors import ConfigurationError
 
@@ -122,3 +122,17 @@ def load_settings(home: Path | None = None) -> Settings:
         ),
         raw=raw,
     )
+
+
+ATTESTATION_MODES: Final = ("simulated", "nsm", "off")
+
+
+def attestation_mode(settings: Settings) -> str:
+    """``[enclave] attestation``: ``simulated`` (the local default), ``nsm`` or ``off``."""
+    mode = settings.section("enclave").get("attestation", "simulated")
+    if mode not in ATTESTATION_MODES:
+        raise ConfigurationError(
+            f"enclave.attestation must be one of {', '.join(ATTESTATION_MODES)}",
+            field="enclave.attestation",
+        )
+    return str(mode)

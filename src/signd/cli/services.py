@@ -13,7 +13,7 @@ import typer
 
 from signd.cli.context import state
 from signd.cli.output import emit, handles_errors, stdout
-from signd.config import Settings, expand_home
+from signd.config import Settings, attestation_mode, expand_home
 from signd.errors import ConfigurationError, SigndError
 from signd.kms.base import KmsClient
 from signd.storage.base import BlobStore, MetadataStore
@@ -109,7 +109,6 @@ def enclave(
             hsm.close()
 
 
-ATTESTATION_MODES = ("simulated", "nsm", "off")
 DEFAULT_DEV_CA = "{home}/attestation/dev-ca"
 
 
@@ -126,12 +125,7 @@ def _enclave_recipient(settings: Settings) -> Recipient | None:
     from signd.kms.recipient import Recipient
 
     section = settings.section("enclave")
-    mode = section.get("attestation", "simulated")
-    if mode not in ATTESTATION_MODES:
-        raise ConfigurationError(
-            f"enclave.attestation must be one of {', '.join(ATTESTATION_MODES)}",
-            field="enclave.attestation",
-        )
+    mode = attestation_mode(settings)
     if mode == "off":
         return None
     provider: AttestationProvider

@@ -42,7 +42,7 @@ from signd.attestation import (
     load_dev_root,
     verify_attestation,
 )
-from signd.config import Settings, expand_home
+from signd.config import Settings, attestation_mode, expand_home
 from signd.custody.enclave import EnclaveBackend
 from signd.custody.hsm.settings import hsm_in_enclave
 from signd.enclave.protocol import MAX_ATTESTATION_NONCE
@@ -256,9 +256,6 @@ class KmsServerPin:
         return pcr0_pins(str(policy))
 
 
-ATTESTATION_MODES: Final = ("simulated", "nsm", "off")
-
-
 def _uses_embedded_kms(settings: Settings) -> bool:
     """Whether the enclave's KMS is the home's kms-server (as ``build_kms`` decides)."""
     section = settings.section("kms")
@@ -270,13 +267,7 @@ def _uses_embedded_kms(settings: Settings) -> bool:
 def enclave_attestor(settings: Settings, signer: Signer) -> EnclaveAttestor | None:
     """The attestation check of the enclave ``signer`` reaches, per ``[enclave] attestation``;
     ``None`` when no configured custody runs in the enclave, or attestation is ``"off"``."""
-    section = settings.section("enclave")
-    mode = section.get("attestation", "simulated")
-    if mode not in ATTESTATION_MODES:
-        raise ConfigurationError(
-            f"enclave.attestation must be one of {', '.join(ATTESTATION_MODES)}",
-            field="enclave.attestation",
-        )
+    mode = attestation_mode(settings)
     in_enclave = [
         custody
         for custody in signer.custody_types
@@ -295,7 +286,7 @@ def enclave_attestor(settings: Settings, signer: Signer) -> EnclaveAttestor | No
     if mode == "nsm":
         anchor = TrustAnchor(AWS_NITRO_ROOT, aws_nitro_root_certificate)
     else:
-        configured = section.get("dev_ca")
+        configured = settings.section("enclave").get("dev_ca")
         dev_ca = (
             Path(expand_home(str(configured), settings.home))
             if configured is not None
