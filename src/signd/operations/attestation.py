@@ -249,7 +249,8 @@ class KmsServerPin:
         except client.exceptions.NotFoundException:
             return ()
         except (BotoCoreError, ClientError) as exc:
-            logger.warning("cannot read the KMS PCR0 pin: %s", type(exc).__name__)
+            reason = type(exc).__name__
+            logger.warning("cannot read the KMS PCR0 pin: %s", reason)  # safe: a class name
             return ()
         finally:
             client.close()
