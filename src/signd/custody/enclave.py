@@ -249,12 +249,8 @@ class EnclaveBackend(MetadataBackedBackend):
 
     def _create_batch(self, order: _Order, size: int) -> CreatedBatch:
         """Have the enclave make ``size`` keys whose blobs bind the labels ordered."""
-        labelled = {SEALED_LABELS_DETAIL: "true"} if order.sealed_labels else {}
-        made: list[tuple[CreatedKey | CreatedHsmKey, dict[str, str]]] = [
-            (key, {BLOB_DETAIL: key.blob, **labelled})
-            for key in self._client.create_keys(order.chain, size, order.sealed_labels)
-        ]
-        return made, None
+        keys = self._client.create_keys(order.chain, size, order.sealed_labels)
+        return _with_details(keys, order), None
 
     def _reference(self, key: KeyInfo) -> AnyKeyReference:
         """What the enclave needs to sign with ``key``, claiming the labels on record.
@@ -339,12 +335,8 @@ class EnclaveBackend(MetadataBackedBackend):
         as :meth:`create_keys` records the keys it asks for."""
         labels = check_labels(labels)
         order = _Order(chain, address_of, labels, canonical_labels(labels))
-        labelled = {SEALED_LABELS_DETAIL: "true"} if order.sealed_labels else {}
-        made: list[tuple[CreatedKey | CreatedHsmKey, dict[str, str]]] = [
-            (key, {BLOB_DETAIL: key.blob, **labelled}) for key in keys
-        ]
         created: list[KeyInfo] = []
-        self._record((made, None), order, created, None)
+        self._record((_with_details(keys, order), None), order, created, None)
         return created
 
     def check_health(self) -> None:
@@ -357,6 +349,15 @@ class EnclaveBackend(MetadataBackedBackend):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _with_details(
+    keys: Sequence[CreatedKey], order: _Order
+) -> list[tuple[CreatedKey | CreatedHsmKey, dict[str, str]]]:
+    """Sealed keys with the details their records keep: the blob, and whether it binds the
+    labels ordered (a record without the flag is claimed unlabelled)."""
+    labelled = {SEALED_LABELS_DETAIL: "true"} if order.sealed_labels else {}
+    return [(key, {BLOB_DETAIL: key.blob, **labelled}) for key in keys]
 
 
 class EnclaveHsmBackend(EnclaveBackend):
