@@ -8,8 +8,10 @@ signd knows), never from raw request data.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Final
 
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -59,6 +61,9 @@ class Counter:
 
 
 class Histogram:
+    """Observations counted per bucket; each is counted once, in the first bucket whose bound
+    it does not exceed (or above them all), and made cumulative when exposed."""
+
     def __init__(
         self,
         name: str,
@@ -71,22 +76,23 @@ class Histogram:
         self.label_names = tuple(label_names)
         self.buckets = tuple(buckets)
         self._counts: dict[Labels, list[int]] = {}
+        """labels -> observations per bucket, the last above every bound (not cumulative)"""
         self._sums: dict[Labels, float] = defaultdict(float)
         self._lock = threading.Lock()
 
     def observe(self, value: float, *labels: str) -> None:
+        bucket = bisect_left(self.buckets, value)
         with self._lock:
-            counts = self._counts.setdefault(labels, [0] * (len(self.buckets) + 1))
-            for index, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[index] += 1
-            counts[-1] += 1
+            counts = self._counts.get(labels)
+            if counts is None:
+                counts = self._counts[labels] = [0] * (len(self.buckets) + 1)
+            counts[bucket] += 1
             self._sums[labels] += value
 
     def count(self, *labels: str) -> int:
         with self._lock:
             counts = self._counts.get(labels)
-            return counts[-1] if counts else 0
+            return sum(counts) if counts else 0
 
     def expose(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
@@ -95,12 +101,13 @@ class Histogram:
             sums = dict(self._sums)
         for labels, counts in items:
             names, bounds = self.label_names, [*map(_number, self.buckets), "+Inf"]
-            for bound, count in zip(bounds, counts, strict=True):
+            cumulative = list(accumulate(counts))
+            for bound, count in zip(bounds, cumulative, strict=True):
                 label_text = _format_labels(names, labels, f'le="{bound}"')
                 lines.append(f"{self.name}_bucket{label_text} {count}")
             label_text = _format_labels(names, labels)
             lines.append(f"{self.name}_sum{label_text} {_number(sums[labels])}")
-            lines.append(f"{self.name}_count{label_text} {counts[-1]}")
+            lines.append(f"{self.name}_count{label_text} {cumulative[-1]}")
         return lines
 
 

@@ -3,7 +3,8 @@ and the request rate limits.
 
 The log line holds the method, path, route, status, duration and request id (and the
 JSON-RPC method names signd serves); never a body, a header value or a query string, which
-may carry secrets.
+may carry secrets. :class:`BatchingLogHandler` writes those lines in batches, each within
+50 ms (``signd serve`` installs it).
 
 Rate limits wrap the authentication seam (:func:`rate_limited`), which REST, JSON-RPC and
 MQTT all pass: a token bucket per authenticated client id, and one per remote address that
@@ -14,17 +15,20 @@ only failed authentications drain. A refusal is :class:`~signd.api.errors.RateLi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
+import threading
 import time
-import uuid
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from json.encoder import encode_basestring_ascii as json_string
+from typing import Any, Final, TextIO
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,9 +38,11 @@ from signd.api.service import Authenticator, Principal
 from signd.api.settings import ApiSettings
 from signd.gate.errors import Unauthenticated
 
-access_log = logging.getLogger("signd.api.access")
+ACCESS_LOGGER: Final = "signd.api.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_HEADER: Final = "x-request-id"
+_REQUEST_ID_HEADER_NAME: Final = REQUEST_ID_HEADER.encode()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 UNMATCHED: Final = "unmatched"
 HTTP_METHODS: Final = frozenset(
@@ -44,14 +50,80 @@ HTTP_METHODS: Final = frozenset(
 )
 
 
+class _RequestIds:
+    """Fresh request ids: 32 hex digits, 16 random ones drawn once per process (again in a
+    forked child) followed by a counter, so ids never repeat; not secrets."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.restart)
+
+
+def new_request_id() -> str:
+    """A fresh request id, unique across processes: 32 lowercase hex digits (like a uuid4's)."""
+    return _request_ids.next()
+
+
 def request_id_from(scope: Scope) -> str:
     """The caller's X-Request-ID when it is a short plain token, else a fresh one."""
     for name, value in scope.get("headers", ()):
-        if name == REQUEST_ID_HEADER.encode():
+        if name == _REQUEST_ID_HEADER_NAME:
             text = bytes(value).decode("latin-1")
             if _REQUEST_ID.match(text):
                 return text
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+_MILLISECONDS_SUFFIX: Final = "+00:00"
+_second_text: tuple[int, str] = (-1, "")
+"""The last whole second :func:`utc_timestamp` formatted, and its text up to the seconds."""
+
+
+def utc_timestamp(time_ns: int | None = None) -> str:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")`` (of ``time_ns``, nanoseconds
+    since the epoch, when given), the same text for less: each second is formatted once."""
+    global _second_text
+    nanoseconds = time.time_ns() if time_ns is None else time_ns
+    second, within = divmod(nanoseconds, 1_000_000_000)
+    cached_second, text = _second_text
+    if second != cached_second:
+        text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:-6]
+        _second_text = (second, text)
+    return f"{text}.{within // 1_000_000:03d}{_MILLISECONDS_SUFFIX}"
+
+
+def access_line(
+    request_id: str,
+    method: str,
+    path: str,
+    route: str,
+    status: int,
+    duration_ms: float,
+    rpc_methods: list[str] | None = None,
+) -> str:
+    """The access log line: the text ``json.dumps`` gives for its fields, in this order.
+
+    ``request_id`` is a plain token and ``method`` an upper-case HTTP method (or "other"),
+    which JSON needs no escape for; the path and route are escaped.
+    """
+    line = (
+        f'{{"ts": "{utc_timestamp()}", "event": "request", "request_id": "{request_id}", '
+        f'"method": "{method}", "path": {json_string(path)}, "route": {json_string(route)}, '
+        f'"status": {status:d}, "duration_ms": {duration_ms!r}'
+    )
+    if rpc_methods is not None:
+        return f'{line}, "rpc_methods": {json.dumps(rpc_methods)}}}'
+    return line + "}"
 
 
 class RequestLog:
@@ -71,37 +143,154 @@ class RequestLog:
         request_id = request_id_from(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        id_header = (_REQUEST_ID_HEADER_NAME, request_id.encode("latin-1"))
         status = 500
         started = time.perf_counter()
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, request_id)
-            await send(message)
+                message["headers"] = [*message.get("headers", ()), id_header]
+            return send(message)  # awaited by the caller: no coroutine of its own
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             duration = time.perf_counter() - started
             route = self.routes.get(scope.get("endpoint"), UNMATCHED)  # type: ignore[arg-type]
-            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            method = scope["method"]
+            if method not in HTTP_METHODS:
+                method = "other"
             self.metrics.requests.inc(route, method, str(status))
             self.metrics.latency.observe(duration, route)
-            line: dict[str, Any] = {
-                "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "event": "request",
-                "request_id": request_id,
-                "method": method,
-                "path": scope["path"],
-                "route": route,
-                "status": status,
-                "duration_ms": round(duration * 1000, 3),
-            }
-            if "rpc_methods" in state:
-                line["rpc_methods"] = state["rpc_methods"]
-            access_log.info(json.dumps(line))
+            if access_log.isEnabledFor(logging.INFO):
+                line = access_line(
+                    request_id,
+                    method,
+                    scope["path"],
+                    route,
+                    status,
+                    round(duration * 1000, 3),
+                    state.get("rpc_methods"),
+                )
+                access_log.info(line)
+
+
+ACCESS_LINE_DELAY: Final = 0.05
+"""At most this many seconds pass between an access line's logging and its write."""
+MAX_BATCHED_LINES: Final = 256
+
+
+class BatchingLogHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes access lines (``signd.api.access``, INFO) in batches:
+    each reaches the stream, flushed, within ``delay`` seconds (a thread sees to it) or as soon
+    as ``max_lines`` wait. Any other record is written and flushed at once, after the lines
+    waiting, so the order holds; :meth:`flush`, :meth:`close` and :func:`logging.shutdown`
+    (at interpreter exit) write what waits.
+
+    Without it, every access line costs a write system call on the event loop.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        delay: float = ACCESS_LINE_DELAY,
+        max_lines: int = MAX_BATCHED_LINES,
+    ) -> None:
+        super().__init__(stream)
+        self.delay = delay
+        self.max_lines = max_lines
+        self._waiting: list[str] = []
+        self._due = threading.Event()
+        """Set when lines wait; the flushing thread then writes them ``delay`` later."""
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        _batching_handlers.add(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+            if record.name != ACCESS_LOGGER or record.levelno != logging.INFO or self._closed:
+                self._write(text)
+                return
+            self._waiting.append(text)
+            if len(self._waiting) >= self.max_lines:
+                self._write("")
+            elif len(self._waiting) == 1:
+                self._wake_flusher()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write("")
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._closed = True
+            self._write("")
+        finally:
+            self.release()
+        self._due.set()  # the flushing thread sees the handler closed and ends
+        super().close()
+
+    def _write(self, text: str) -> None:
+        """Write the waiting lines, then ``text``, and flush the stream (under the lock)."""
+        if self._waiting:
+            text = "".join(self._waiting) + text
+            self._waiting.clear()
+        if text:
+            self.stream.write(text)
+        self.stream.flush()
+
+    def _wake_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_when_due, name="signd-log-flusher", daemon=True
+            )
+            self._flusher.start()
+        self._due.set()
+
+    def _flush_when_due(self) -> None:
+        while True:
+            self._due.wait()
+            if not self._closed:
+                time.sleep(self.delay)
+            self.acquire()
+            try:
+                self._due.clear()
+                if self._closed:
+                    return
+                self._write("")
+            except (OSError, ValueError):
+                pass  # the stream is gone, and the lines with it
+            finally:
+                self.release()
+
+    def _after_fork_in_child(self) -> None:
+        """The parent writes the lines waiting; the child starts its own flushing thread."""
+        self._waiting.clear()
+        self._due = threading.Event()
+        self._flusher = None
+
+
+_batching_handlers: weakref.WeakSet[BatchingLogHandler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_batching_handlers):
+        handler._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 RETRY_AFTER_STATE: Final = "retry_after"
@@ -225,11 +414,12 @@ class RetryAfter:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_retry_after(message: Message) -> None:
+        def send_with_retry_after(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start" and message["status"] == 429:
                 seconds = scope.get("state", {}).get(RETRY_AFTER_STATE)
                 if seconds is not None:
-                    MutableHeaders(scope=message).append("retry-after", str(seconds))
-            await send(message)
+                    retry_after = (b"retry-after", str(seconds).encode("latin-1"))
+                    message["headers"] = [*message.get("headers", ()), retry_after]
+            return send(message)  # awaited by the caller: no coroutine of its own
 
         await self.app(scope, receive, send_with_retry_after)

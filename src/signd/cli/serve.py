@@ -68,9 +68,24 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """JSON lines on stderr for every logger, uvicorn's too; access lines are batched (each
+    written within 50 ms, all at exit; see :class:`~signd.api.middleware.BatchingLogHandler`).
+
+    The lines carry no caller, thread or process, so records do not collect them (the
+    optimisations the logging HOWTO lists): that is most of a record's cost.
+    """
+    from signd.api.middleware import BatchingLogHandler
+
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    handler = BatchingLogHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter())
     root = logging.getLogger()
+    for previous in root.handlers:
+        if isinstance(previous, BatchingLogHandler):
+            previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
