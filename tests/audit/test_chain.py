@@ -270,3 +270,32 @@ def test_record_validation() -> None:
     assert AuditRecord(**fields).seq == 1  # type: ignore[arg-type]
     with pytest.raises(IntegrityError, match="seq"):
         AuditRecord(**{**fields, "seq": True})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reason", ["plain", 'quote " and \\ backslash', "non-ASCII é ✓ \u2028"])
+def test_log_line_from_kept_canonical_bytes_is_the_json_encoding(reason: str) -> None:
+    """A sealed record keeps its canonical bytes and builds its log line from them; the line
+    is exactly what encoding the whole record as sorted JSON gives, and reads back."""
+    sealed = AuditSigner(MAC_KEY, "node", now=ticking_clock()).seal(
+        operation="sign:hash", decision="allowed", reason=reason, client_id="c"
+    )
+    assert sealed.canonical is not None
+    recoded = dataclasses.replace(sealed, canonical=None)
+    assert sealed.to_json() == recoded.to_json()
+    assert json.loads(sealed.to_json())["record"]["reason"] == reason
+    assert SealedAuditRecord.from_json(sealed.to_json()) == sealed
+
+
+def test_record_times_match_datetime_rounding() -> None:
+    """The cached formatting of record times gives what ``datetime`` gives, at the edges of
+    milliseconds and seconds too."""
+    from datetime import UTC, datetime
+
+    from signd.audit.records import rfc3339
+
+    edges = [0.0, 0.0005, 0.0009995, 0.9995, 0.9999995, 0.999999, 1.0000004]
+    for base in (0, 1_700_000_000, 4_102_444_799):
+        for edge in edges:
+            stamp = base + edge
+            expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
+            assert rfc3339(stamp) == expected.replace("+00:00", "Z")

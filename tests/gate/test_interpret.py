@@ -488,6 +488,9 @@ class RecordingGate:
         self.reads.append(ReadKeys(None, chain, label, custody, cursor, limit))
         return KeyPage([], None)
 
+    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
+        return False
+
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         with self._lock:
             self.calls.extend(calls)

@@ -24,22 +24,26 @@ The host's part:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
+from signd.api.service import Runner, answer_of
 from signd.audit import FileAuditLog, SealedAuditRecord
+from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Principal, Scope
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import normalize_signature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.custody.enclave import EnclaveBackend
-from signd.enclave.client import EnclaveClient
+from signd.enclave.client import ConnectionLost, EnclaveClient
 from signd.enclave.gate import MAX_TAIL_RECORDS, UNCONFIGURED, principal_from_body
 from signd.enclave.protocol import CreatedKey, KeyReference, MessageType, error_from_body
 from signd.errors import (
@@ -104,6 +108,49 @@ class _Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass(slots=True)
+class _Signing:
+    """A signing request on its way through the enclave: the calls matched to the
+    request's, their keys (found, or the error finding them), and the outcomes so far."""
+
+    request: GateRequest
+    outcomes: list[Signed | Exception]
+    matched: list[_Matched] = field(default_factory=list)
+    infos: dict[str, KeyInfo] = field(default_factory=dict)
+    missing: dict[str, SigndError] = field(default_factory=dict)
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+    """Nothing to send: every outcome is final."""
+
+    def gate_arguments(self) -> dict[str, Any]:
+        return {
+            "select": [item.origin for item in self.matched],
+            "keys": self.keys,
+            "fills": {item.origin: item.fills for item in self.matched if item.fills},
+        }
+
+
+def _gate_body(
+    request: GateRequest,
+    select: Sequence[int] | None,
+    keys: Sequence[dict[str, Any]],
+    fills: Mapping[int, Mapping[str, Any]] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "request": {
+            "method": request.method,
+            "target": request.path,
+            "body": request.body,
+            "headers": dict(request.headers),
+        },
+        "keys": list(keys),
+        "fills": dict(fills or {}),
+    }
+    if select is not None:
+        body["select"] = list(select)
+    return body
+
+
 @dataclass(frozen=True, slots=True)
 class _Matched:
     """A call the API parsed, matched to the request's call ``origin``."""
@@ -140,6 +187,11 @@ class EnclaveGatekeeper:
         self.clients_sha256 = ""
         self.policy_sha256 = ""
         self._configure_lock = threading.Lock()
+        self._resume_wanted = False
+        """An append failed: have the enclave resume from the log before the next GATE."""
+
+    authenticates_inline = False
+    """Authentication is a round trip to the enclave."""
 
     def __repr__(self) -> str:
         return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
@@ -185,6 +237,9 @@ class EnclaveGatekeeper:
             if resume:
                 body["resume"] = True
             answer = self.client.request(MessageType.GATE_CONFIGURE, body)
+            resumed = answer.get("audit")
+            if isinstance(resumed, list) and resumed:  # the record saying what was lost
+                self.audit.append_many([SealedAuditRecord.from_json(line) for line in resumed])
             while answer.get("windows_ready") is False and chunks:
                 body |= {"audit_tail": chunks.pop(), "resume": False}
                 answer |= self.client.request(MessageType.GATE_CONFIGURE, body)
@@ -233,19 +288,12 @@ class EnclaveGatekeeper:
         keys: Sequence[dict[str, Any]] = (),
         fills: Mapping[int, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """One GATE: the answer, once its audit records are durable in the log."""
-        body: dict[str, Any] = {
-            "request": {
-                "method": request.method,
-                "target": request.path,
-                "body": request.body,
-                "headers": dict(request.headers),
-            },
-            "keys": list(keys),
-            "fills": dict(fills or {}),
-        }
-        if select is not None:
-            body["select"] = list(select)
+        """One GATE: the answer, once its audit records are durable in the log (inside
+        :func:`~signd.audit.log.deferring_appends`: once they are submitted)."""
+        body = _gate_body(request, select, keys, fills)
+        if self._resume_wanted:
+            self._resume_wanted = False
+            self._resume()
         try:
             answer = self.client.request(MessageType.GATE, body)
         except ConfigurationError as exc:
@@ -257,17 +305,67 @@ class EnclaveGatekeeper:
         self._append(answer.get("audit"))
         return answer
 
+    async def _gate_async(
+        self,
+        request: GateRequest,
+        run: Runner,
+        *,
+        select: Sequence[int] | None = None,
+        keys: Sequence[dict[str, Any]] = (),
+        fills: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`_gate` without a thread: the request goes out on the open connection and
+        its answer is awaited. Whatever may block (connecting, resuming the audit chain,
+        configuring a restarted enclave) is left to :meth:`_gate`, in ``run``'s thread."""
+        if self._resume_wanted:
+            return await self._gate_in_thread(request, run, select, keys, fills)
+        sent = self.client.submit_if_connected(
+            MessageType.GATE, _gate_body(request, select, keys, fills)
+        )
+        if sent is None:
+            return await self._gate_in_thread(request, run, select, keys, fills)
+        future, overdue = sent
+        try:
+            answer = await asyncio.wait_for(answer_of(future), self.client.timeout)
+        except TimeoutError:
+            overdue()
+            raise DependencyUnavailable(
+                f"the enclave did not answer within {self.client.timeout:g} s"
+            ) from None
+        except ConnectionLost:
+            return await self._gate_in_thread(request, run, select, keys, fills)
+        except ConfigurationError as exc:
+            if exc.message != UNCONFIGURED:
+                raise
+            return await self._gate_in_thread(request, run, select, keys, fills)
+        self._append(answer.get("audit"))
+        return answer
+
+    async def _gate_in_thread(
+        self,
+        request: GateRequest,
+        run: Runner,
+        select: Sequence[int] | None,
+        keys: Sequence[dict[str, Any]],
+        fills: Mapping[int, Mapping[str, Any]] | None,
+    ) -> dict[str, Any]:
+        answer: dict[str, Any] = await run(
+            partial(self._gate, request, select=select, keys=keys, fills=fills)
+        )
+        return answer
+
     def _append(self, lines: object) -> None:
-        """Append the enclave's sealed records; nothing is released unless this succeeds."""
+        """Append the enclave's sealed records; nothing is released unless this succeeds
+        (inside :func:`~signd.audit.log.deferring_appends`, the caller waits for it)."""
         if not isinstance(lines, list):
             raise DependencyUnavailable("the enclave sent no audit records")
         records = [SealedAuditRecord.from_json(line) for line in lines]
-        try:
-            self.audit.append_many(records)
-        except (IntegrityError, DependencyUnavailable) as exc:
-            log.error("audit log append failed; the results are withheld: %s", exc.message)
-            self._resume()
-            raise
+        store_records(self.audit, records, failed=self._append_failed)
+
+    def _append_failed(self, exc: BaseException) -> None:
+        why = exc.message if isinstance(exc, SigndError) else type(exc).__name__
+        log.error("audit log append failed; the results are withheld: %s", why)
+        self._resume_wanted = True
 
     def _resume(self) -> None:
         """After records were lost on their way to the log, have the enclave continue the
@@ -281,7 +379,13 @@ class EnclaveGatekeeper:
 
     def authenticate(self, request: GateRequest) -> Caller:
         """The caller as the enclave authenticated it, or the refusal (audited there)."""
-        answer = self._gate(request)
+        return self._authenticated(request, self._gate(request))
+
+    async def authenticate_async(self, request: GateRequest, run: Runner) -> Caller:
+        """:meth:`authenticate` without a thread (see :meth:`_gate_async`)."""
+        return self._authenticated(request, await self._gate_async(request, run))
+
+    def _authenticated(self, request: GateRequest, answer: Mapping[str, Any]) -> Caller:
         error = answer.get("error")
         if isinstance(error, dict):
             raise gate_error(error)
@@ -362,47 +466,84 @@ class EnclaveGatekeeper:
 
     # signatures
 
+    def signs_inline(self, calls: Sequence[SigningCall]) -> bool:
+        """Never: signing is a round trip to the enclave."""
+        return False
+
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` through the enclave; each one's result or the error it met. The
         audit records come back with the answer and are appended before anything is
         returned; if that fails, every result is withheld (the error takes its place)."""
-        request, session = self._presented(caller)
-        outcomes: list[Signed | Exception] = [InvalidRequest(NOT_IN_REQUEST) for _ in calls]
-        matched = self._match(session, calls)
-        if not matched:
-            return outcomes
-        infos: dict[str, KeyInfo] = {}
-        missing: dict[str, SigndError] = {}
-        for item in matched:
-            key = item.call.key
-            if key not in infos and key not in missing:
-                try:
-                    infos[key] = self.signer.get_key(key)
-                except SigndError as exc:  # the enclave refuses (and audits) the call
-                    missing[key] = exc
+        signing = self._prepare(caller, calls)
+        if signing.done:
+            return signing.outcomes
         try:
-            answer = self._gate(
-                request,
-                select=[item.origin for item in matched],
-                keys=[self._describe(ref, info) for ref, info in infos.items()],
-                fills={item.origin: item.fills for item in matched if item.fills},
-            )
+            answer = self._gate(signing.request, **signing.gate_arguments())
         except Exception as exc:
             return [exc for _ in calls]
+        return self._complete(signing, answer)
+
+    async def sign_async(
+        self, caller: Caller, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]:
+        """:meth:`sign` without a thread when the keys are known and what the enclave
+        approves needs no I/O here (see :meth:`_gate_async`); otherwise those steps run in
+        ``run``'s thread."""
+        if all(self.signer.key_is_known(call.key) for call in calls):
+            signing = self._prepare(caller, calls)
+        else:
+            signing = await run(self._prepare, caller, calls)
+        if signing.done:
+            return signing.outcomes
+        try:
+            answer = await self._gate_async(signing.request, run, **signing.gate_arguments())
+        except Exception as exc:
+            return [exc for _ in calls]
+        if all(
+            info.custody == "enclave" or self.signer.key_is_local(info.key_id)
+            for info in signing.infos.values()
+        ):
+            return self._complete(signing, answer)
+        outcomes: list[Signed | Exception] = await run(self._complete, signing, answer)
+        return outcomes
+
+    def _prepare(self, caller: Caller, calls: Sequence[SigningCall]) -> _Signing:
+        """Match the calls to the request's, find and describe their keys."""
+        request, session = self._presented(caller)
+        signing = _Signing(request, [InvalidRequest(NOT_IN_REQUEST) for _ in calls])
+        signing.matched = self._match(session, calls)
+        if not signing.matched:
+            signing.done = True
+            return signing
+        for item in signing.matched:
+            key = item.call.key
+            if key not in signing.infos and key not in signing.missing:
+                try:
+                    signing.infos[key] = self.signer.get_key(key)
+                except SigndError as exc:  # the enclave refuses (and audits) the call
+                    signing.missing[key] = exc
+        signing.keys = [self._describe(ref, info) for ref, info in signing.infos.items()]
+        return signing
+
+    def _complete(self, signing: _Signing, answer: Mapping[str, Any]) -> list[Signed | Exception]:
+        """The results from the enclave's answer (approved digests signed here)."""
+        outcomes = signing.outcomes
         error = answer.get("error")
         if isinstance(error, dict):
             failure = gate_error(error)
-            return [failure for _ in calls]
+            return [failure for _ in outcomes]
         results = answer.get("outcomes")
-        if not isinstance(results, list) or len(results) != len(matched):
+        if not isinstance(results, list) or len(results) != len(signing.matched):
             failure = DependencyUnavailable("the enclave answered the wrong number of calls")
-            return [failure for _ in calls]
-        for item, result in zip(matched, results, strict=True):
-            if item.call.key in missing:
-                outcomes[item.index] = missing[item.call.key]
+            return [failure for _ in outcomes]
+        for item, result in zip(signing.matched, results, strict=True):
+            if item.call.key in signing.missing:
+                outcomes[item.index] = signing.missing[item.call.key]
                 continue
             try:
-                outcomes[item.index] = self._finish(item.call, infos.get(item.call.key), result)
+                outcomes[item.index] = self._finish(
+                    item.call, signing.infos.get(item.call.key), result
+                )
             except Exception as exc:
                 outcomes[item.index] = exc
         return outcomes

@@ -22,7 +22,7 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from signd.api import inputs
-from signd.api.service import Authenticator, Principal
+from signd.api.service import Authenticator, Principal, Runner, gated, gated_async
 from signd.api.settings import ApiSettings
 from signd.custody.base import KeyInfo, KeyPage
 from signd.gate import Caller, GateRequest, Signed, SigningCall, Unauthenticated
@@ -33,7 +33,15 @@ AUTH_HEADER_PREFIX = "x-signd-"
 class Keeper(Protocol):
     """What the seams need of a gatekeeper; blocking, thread-safe."""
 
+    authenticates_inline: bool
+    """True when :meth:`authenticate` needs no I/O but deferrable audit appends, so that the
+    service may call it on the event loop (:func:`~signd.api.service.gated`)."""
+
     def authenticate(self, request: GateRequest) -> Caller: ...
+
+    def signs_inline(self, calls: Sequence[SigningCall]) -> bool:
+        """True when :meth:`sign` of ``calls`` needs no I/O but deferrable audit appends."""
+        ...
 
     def create_keys(
         self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -80,10 +88,17 @@ def auth_headers(request: Request) -> dict[str, str]:
 def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:
     """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413."""
 
+    inline = gatekeeper.authenticates_inline
+    authenticate_async = getattr(gatekeeper, "authenticate_async", None)
+    run = anyio.to_thread.run_sync
+
     async def authenticate(request: Request) -> Principal:
         body = await inputs.read_body(request, settings.max_body_bytes)
         received = GateRequest(request.method, request_target(request), body, auth_headers(request))
-        caller = await anyio.to_thread.run_sync(gatekeeper.authenticate, received)
+        if authenticate_async is not None:
+            caller: Caller = await gated_async(authenticate_async, received, run)
+        else:
+            caller = await gated(inline, run, gatekeeper.authenticate, received)
         return Principal(caller.client_id, caller)
 
     return authenticate
@@ -100,6 +115,9 @@ class GatekeeperGate:
         if principal.caller is None:
             raise Unauthenticated("the request was not authenticated")
         return principal.caller
+
+    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
+        return principal.caller is not None and self.gatekeeper.signs_inline(calls)
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -132,3 +150,19 @@ class GatekeeperGate:
 
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         return self.gatekeeper.sign(self._caller(principal), calls)
+
+    async def sign_async(
+        self, principal: Principal, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]:
+        """:meth:`sign` without a thread where none is needed: the enclave's gate is awaited,
+        and the in-process gate runs on the event loop when :meth:`signs_inline`. Audit
+        appends are deferred to the caller (:func:`~signd.api.service.gated_async`)."""
+        caller = self._caller(principal)
+        sign_async = getattr(self.gatekeeper, "sign_async", None)
+        if sign_async is not None:
+            outcomes: list[Signed | Exception] = await sign_async(caller, calls, run)
+            return outcomes
+        if self.gatekeeper.signs_inline(calls):
+            return self.gatekeeper.sign(caller, calls)
+        signed: list[Signed | Exception] = await run(self.gatekeeper.sign, caller, calls)
+        return signed

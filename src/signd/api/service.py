@@ -12,7 +12,11 @@ with :class:`UngatedSigner`: no authentication and no policy at all.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Protocol, TypeVar, cast
@@ -24,6 +28,7 @@ from starlette.requests import Request
 from signd.api.errors import BlindSigningDisabled, wire_error
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
+from signd.audit.log import DeferredAppends, deferring_appends
 from signd.chains.ethereum import SignedTransaction
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
@@ -63,12 +68,149 @@ async def allow_anonymous_for_tests(request: Request) -> Principal:
     return ANONYMOUS
 
 
+class _LoopDelivery:
+    """Completes futures of one event loop from other threads, with one wake-up of the loop
+    for all the completions that pile up meanwhile (the audit writer ends whole groups)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+
+    def deliver(
+        self, future: asyncio.Future[Any], result: Any, error: BaseException | None
+    ) -> None:
+        with self._lock:
+            self._ready.append((future, result, error))
+            if len(self._ready) > 1:
+                return  # a flush is scheduled already
+        self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        for future, result, error in ready:
+            if future.done():  # its request was cancelled
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
+_DELIVERIES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDelivery] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _delivery(loop: asyncio.AbstractEventLoop) -> _LoopDelivery:
+    delivery = _DELIVERIES.get(loop)
+    if delivery is None:
+        delivery = _DELIVERIES[loop] = _LoopDelivery(loop)
+    return delivery
+
+
+async def answer_of(future: Future[T]) -> T:
+    """Await a future that another thread completes (the enclave client's reader), with
+    the loop woken once for every answer that arrived meanwhile. Cancelling the wait leaves
+    ``future`` alone."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[T] = loop.create_future()
+    delivery = _delivery(loop)
+
+    def done(finished: Future[T]) -> None:
+        if finished.cancelled():
+            delivery.deliver(waiter, None, asyncio.CancelledError())
+            return
+        error = finished.exception()
+        delivery.deliver(waiter, None if error is not None else finished.result(), error)
+
+    future.add_done_callback(done)
+    return await waiter
+
+
+class _Countdown:
+    """Ends ``future`` once every one of ``count`` submissions has ended: with the first
+    error, if any."""
+
+    def __init__(self, count: int, future: asyncio.Future[None], delivery: _LoopDelivery) -> None:
+        self._left = count
+        self._error: BaseException | None = None
+        self._future = future
+        self._delivery = delivery
+        self._lock = threading.Lock()
+
+    def ended(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            if self._left:
+                return
+        self._delivery.deliver(self._future, None, self._error)
+
+
+async def durable(appends: DeferredAppends) -> None:
+    """Wake the audit logs appended to (once per pass of the event loop, so that one write
+    carries the records of every request of the pass) and wait until every deferred append
+    is durable; raise the first that failed."""
+    if not appends.submissions:
+        return
+    loop = asyncio.get_running_loop()
+    delivery = _delivery(loop)
+    for log in appends.logs:
+        if log.request_wake():
+            loop.call_soon(log.wake)
+    waiter: asyncio.Future[None] = loop.create_future()
+    countdown = _Countdown(len(appends.submissions), waiter, delivery)
+    for log, submission in appends.submissions:
+        log.listen(submission, countdown.ended)
+    await waiter
+
+
+Runner = Callable[..., Awaitable[Any]]
+"""Runs a blocking call in a thread pool: ``await run(function, *args)``."""
+
+
+async def gated(inline: bool, run: Runner, function: Callable[..., T], *args: Any) -> T:
+    """Call a gate method with its audit appends deferred (:func:`~signd.audit.log.
+    deferring_appends`), then wait until they are durable before returning or raising: the
+    result leaves only with its records, and a failed append replaces it (as when the gate
+    appends and waits itself). ``inline`` runs it on the event loop (for calls that need no
+    I/O besides the append), else through ``run``, so no thread waits for an fsync."""
+    with deferring_appends() as appends:
+        try:
+            result: T = function(*args) if inline else await run(function, *args)
+        except BaseException:
+            await durable(appends)
+            raise
+    await durable(appends)
+    return result
+
+
+async def gated_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """:func:`gated` for a coroutine function (a gate that awaits the enclave)."""
+    with deferring_appends() as appends:
+        try:
+            result: T = await function(*args)
+        except BaseException:
+            await durable(appends)
+            raise
+    await durable(appends)
+    return result
+
+
 class SigningGate(Protocol):
     """Every key and signing call of the service goes through the gate; it raises
     :class:`~signd.errors.AccessDenied` (or a subclass) to refuse.
 
-    Blocking: the service calls it in its thread pool.
+    Blocking: the service calls it in its thread pool, or on the event loop when
+    :meth:`signs_inline` says a signing call needs no I/O.
     """
+
+    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
+        """True when :meth:`sign` of ``calls`` needs no I/O but deferrable audit appends."""
+        ...
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -107,6 +249,9 @@ class UngatedSigner:
     For unit tests of routes (with :func:`allow_anonymous_for_tests`) and benchmarks."""
 
     signer: Signer
+
+    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
+        return all(self.signer.key_is_local(call.key) for call in calls)
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -181,12 +326,28 @@ class SigningService:
             partial(function, *args, **kwargs), limiter=self._limiter
         )
 
+    async def through_gate(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A gate call in the thread pool, its audit appends awaited here (:func:`gated`)."""
+        return await gated(False, self.run, partial(function, *args, **kwargs))
+
+    async def _gate_sign(
+        self, principal: Principal, calls: Sequence[SigningCall]
+    ) -> list[Signed | Exception]:
+        sign_async = getattr(self.gate, "sign_async", None)
+        if sign_async is not None:
+            outcome: list[Signed | Exception] = await gated_async(
+                sign_async, principal, calls, self.run
+            )
+            return outcome
+        inline = self.gate.signs_inline(principal, calls)
+        return await gated(inline, self.run, self.gate.sign, principal, calls)
+
     # keys
 
     async def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]:
-        return await self.run(
+        return await self.through_gate(
             self.gate.create_keys,
             principal,
             chain=chain,
@@ -196,7 +357,7 @@ class SigningService:
         )
 
     async def get_key(self, principal: Principal, ref: str) -> KeyInfo:
-        return await self.run(self.gate.get_key, principal, ref)
+        return await self.through_gate(self.gate.get_key, principal, ref)
 
     async def list_keys(
         self,
@@ -208,7 +369,7 @@ class SigningService:
         cursor: str | None,
         limit: int,
     ) -> KeyPage:
-        return await self.run(
+        return await self.through_gate(
             self.gate.list_keys,
             principal,
             custody=custody,
@@ -220,7 +381,7 @@ class SigningService:
 
     async def ethereum_accounts(self, principal: Principal) -> list[str]:
         """The addresses ``eth_accounts`` lists: configured ones, or keys by label, or all."""
-        return await self.run(self._ethereum_accounts, principal)
+        return await self.through_gate(self._ethereum_accounts, principal)
 
     def _ethereum_accounts(self, principal: Principal) -> list[str]:
         if self.settings.accounts:
@@ -257,7 +418,7 @@ class SigningService:
 
     async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
         self._check_switches(kind)
-        [outcome] = await self.run(self.gate.sign, principal, [SigningCall(kind, key, payload)])
+        [outcome] = await self._gate_sign(principal, [SigningCall(kind, key, payload)])
         result = self._count(outcome, kind)
         if isinstance(result, Exception):
             raise result
@@ -280,7 +441,10 @@ class SigningService:
 
         async def sign_chunk(indices: Sequence[int]) -> None:
             calls = [SigningCall(*requests[index]) for index in indices]
-            signed = await self.run(self.gate.sign, principal, calls)
+            try:
+                signed = await self._gate_sign(principal, calls)
+            except Exception as exc:  # the audit append failed: every result is withheld
+                signed = [exc for _ in calls]
             for index, call, outcome in zip(indices, calls, signed, strict=True):
                 outcomes[index] = self._count(outcome, call.kind)
 

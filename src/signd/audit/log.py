@@ -8,16 +8,24 @@ Appends are group-committed: the records of every caller waiting at a given mome
 in one write and one fsync, and each caller returns only once its own records are durable.
 Records may be sealed elsewhere (the enclave) and arrive from several threads out of order:
 a caller whose records come before their predecessors waits for them, for a bounded time.
+
+:meth:`FileAuditLog.submit` is the same append without a waiting thread: it returns a
+:class:`Submission` at once, and the log's writer thread tells its listeners once the records
+are durable (or why they are not). The service's event loop appends this way, so that a
+request waiting for its records costs no thread.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -26,6 +34,10 @@ from signd.audit.records import GENESIS, ChainHead, SealedAuditRecord
 from signd.errors import DependencyUnavailable, IntegrityError, SigndError
 
 _TAIL_CHUNK: Final = 64 * 1024
+DEFAULT_COMMIT_INTERVAL: Final = 0.002
+"""Seconds the writer thread of submissions lets pass between the starts of two groups, so
+that under load each fsync carries the records of many requests (an append that finds the
+log idle is written at once)."""
 DEFAULT_ORDER_TIMEOUT: Final = 5.0
 """Seconds a caller's records wait for their predecessors before the caller is refused."""
 MAX_REFUSED_HASHES: Final = 65536
@@ -61,13 +73,33 @@ class AuditLog(Protocol):
 
 
 @dataclass(eq=False)
-class _Append:
+class Submission:
     """One caller's consecutive records, from arrival until written or refused."""
 
     records: list[SealedAuditRecord]
     deadline: float
     written: bool = False
     error: SigndError | None = field(default=None, repr=False)
+    asynchronous: bool = False
+    """Submitted (:meth:`FileAuditLog.submit`): nobody waits in :meth:`append_many` for it."""
+    listeners: list[Callable[[SigndError | None], None]] = field(default_factory=list, repr=False)
+    """Told once, with ``None`` when written or the error when refused (lock held)."""
+
+    @property
+    def settled(self) -> bool:
+        return self.written or self.error is not None
+
+    def settle(self, error: SigndError | None = None) -> None:
+        """Mark written (no ``error``) or refused, and tell the listeners."""
+        if self.settled:
+            return
+        if error is None:
+            self.written = True
+        else:
+            self.error = error
+        for listener in self.listeners:
+            listener(None if error is None else _fresh(error))
+        self.listeners.clear()
 
     @property
     def first(self) -> SealedAuditRecord:
@@ -92,17 +124,30 @@ class FileAuditLog:
     caller's records never reach the file, nor do records that follow them.
     """
 
-    def __init__(self, path: str | Path, *, order_timeout: float = DEFAULT_ORDER_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        order_timeout: float = DEFAULT_ORDER_TIMEOUT,
+        commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+    ) -> None:
         self.path = Path(path)
         self.order_timeout = order_timeout
+        self.commit_interval = commit_interval
+        self._group_started = -math.inf
+        self._wake_requested = False
         self._last = _read_last_record(self.path)
         existed = self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         self._size = os.fstat(self._fd).st_size
         if not existed:
             _fsync_directory(self.path.parent)
-        self._state = threading.Condition(threading.Lock())
-        self._waiting: dict[int, _Append] = {}
+        lock = threading.Lock()
+        self._state = threading.Condition(lock)
+        self._work = threading.Condition(lock)
+        """Wakes the writer thread of submissions (same lock as ``_state``)."""
+        self._writer: threading.Thread | None = None
+        self._waiting: dict[int, Submission] = {}
         """Every record's ``seq`` that has arrived and is not yet being written."""
         self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._writing = False
@@ -133,6 +178,10 @@ class FileAuditLog:
             for pending in set(self._waiting.values()):
                 self._refuse(pending, DependencyUnavailable(self._unusable))
             os.close(self._fd)
+            self._work.notify_all()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
 
     @property
     def head(self) -> ChainHead:
@@ -147,16 +196,56 @@ class FileAuditLog:
     def append(self, sealed: SealedAuditRecord) -> None:
         self.append_many([sealed])
 
-    def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
-        if not sealed:
-            return
-        pending = _Append(list(sealed), time.monotonic() + self.order_timeout)
-        for before, record in zip(pending.records, pending.records[1:], strict=False):
-            if record.record.seq != before.record.seq + 1 or record.prev_hash != before.hash:
-                raise IntegrityError(
-                    f"audit record {record.record.seq} does not follow record "
-                    f"{before.record.seq} in the same append"
+    def submit(self, sealed: Sequence[SealedAuditRecord], *, wake: bool = True) -> Submission:
+        """:meth:`append_many` without waiting: the submission, whose listeners
+        (:meth:`listen`) hear once the records are durable or why they are not. Records
+        refused on arrival raise here.
+
+        ``wake=False`` leaves the writer thread asleep: the caller promises a :meth:`wake`
+        soon (an event loop wakes it once per pass, for all the requests of that pass)."""
+        pending = self._checked(sealed)
+        pending.asynchronous = True
+        if not pending.records:
+            pending.settle()
+            return pending
+        with self._state:
+            self._admit(pending)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_submissions, name="signd-audit-writer", daemon=True
                 )
+                self._writer.start()
+            if wake:
+                self._work.notify()
+        return pending
+
+    def listen(self, submission: Submission, listener: Callable[[SigndError | None], None]) -> None:
+        """Tell ``listener`` how ``submission`` ended: ``None`` once its records are durable,
+        else the error. At once if it has ended; otherwise from the thread that ends it,
+        with the log's lock held (so the listener must be quick and leave the log alone)."""
+        with self._state:
+            if not submission.settled:
+                submission.listeners.append(listener)
+                return
+        listener(None if submission.error is None else _fresh(submission.error))
+
+    def request_wake(self) -> bool:
+        """True for the first caller since the last :meth:`wake`: that caller schedules it."""
+        if self._wake_requested:
+            return False
+        self._wake_requested = True
+        return True
+
+    def wake(self) -> None:
+        """Wake the writer thread of submissions."""
+        self._wake_requested = False
+        with self._state:
+            self._work.notify()
+
+    def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
+        pending = self._checked(sealed)
+        if not pending.records:
+            return
         with self._state:
             self._admit(pending)
             while not pending.written:
@@ -180,6 +269,49 @@ class FileAuditLog:
                     continue
                 self._state.wait(remaining)
 
+    def _checked(self, sealed: Sequence[SealedAuditRecord]) -> Submission:
+        pending = Submission(list(sealed), time.monotonic() + self.order_timeout)
+        for before, record in zip(pending.records, pending.records[1:], strict=False):
+            if record.record.seq != before.record.seq + 1 or record.prev_hash != before.hash:
+                raise IntegrityError(
+                    f"audit record {record.record.seq} does not follow record "
+                    f"{before.record.seq} in the same append"
+                )
+        return pending
+
+    def _write_submissions(self) -> None:
+        """The writer thread: writes whatever extends the log, and refuses submissions that
+        waited too long for their predecessors (callers of :meth:`append_many` write and
+        time out for themselves)."""
+        with self._state:
+            while not self._closed:
+                now = time.monotonic()
+                if not self._writing and self.head.seq + 1 in self._waiting:
+                    early = self._group_started + self.commit_interval - now
+                    if early <= 0:
+                        self._write_group()
+                    else:
+                        self._work.wait(early)
+                    continue
+                overdue = [
+                    pending
+                    for pending in set(self._waiting.values())
+                    if pending.asynchronous and pending.deadline <= now
+                ]
+                for pending in overdue:
+                    if pending.error is None:
+                        self._refuse(
+                            pending,
+                            IntegrityError(
+                                f"audit record {pending.first.record.seq} waited "
+                                f"{self.order_timeout:g} s for record {self.head.seq + 1}"
+                            ),
+                        )
+                deadlines = [
+                    pending.deadline for pending in self._waiting.values() if pending.asynchronous
+                ]
+                self._work.wait(max(0.0, min(deadlines) - now) if deadlines else None)
+
     def records(self) -> Iterator[SealedAuditRecord]:
         with open(self.path, "rb") as lines:
             for number, line in enumerate(lines, start=1):
@@ -190,7 +322,7 @@ class FileAuditLog:
 
     # with self._state held
 
-    def _admit(self, pending: _Append) -> None:
+    def _admit(self, pending: Submission) -> None:
         """Take ``pending`` in to wait for its turn, or raise why it is refused."""
         if self._unusable is not None:
             raise DependencyUnavailable(self._unusable)
@@ -212,7 +344,7 @@ class FileAuditLog:
 
         Called with the lock held and no write in progress; releases the lock while writing.
         """
-        group: list[_Append] = []
+        group: list[Submission] = []
         head = self.head
         while (pending := self._waiting.get(head.seq + 1)) is not None:
             if pending.first.record.seq != head.seq + 1 or pending.first.prev_hash != head.hash:
@@ -230,6 +362,7 @@ class FileAuditLog:
             head = pending.last.head
         if not group:
             return
+        self._group_started = time.monotonic()
         self._writing = True
         self._taken = head.seq
         self._state.release()
@@ -245,10 +378,11 @@ class FileAuditLog:
         finally:
             self._state.acquire()
             self._writing = False
+            self._work.notify()  # the writer thread takes what arrived meanwhile
             if failure is None:
                 self._last = group[-1].last
                 for pending in group:
-                    pending.written = True
+                    pending.settle()
                 self._state.notify_all()
             else:
                 self._taken = self.head.seq
@@ -283,10 +417,10 @@ class FileAuditLog:
                 f"({os.strerror(exc.errno or errno.EIO)}); restart to check it"
             )
 
-    def _refuse(self, pending: _Append, error: SigndError) -> None:
+    def _refuse(self, pending: Submission, error: SigndError) -> None:
         """Refuse admitted records and, since they can no longer be chained, their successors
         (those waiting now, and those arriving later)."""
-        pending.error = error
+        pending.settle(error)
         refused = [pending]
         while refused:
             current = refused.pop()
@@ -296,11 +430,79 @@ class FileAuditLog:
                 self._refused[record.hash] = None
             for waiting in set(self._waiting.values()):
                 if waiting.error is None and waiting.first.prev_hash in self._refused:
-                    waiting.error = error
+                    waiting.settle(error)
                     refused.append(waiting)
         while len(self._refused) > MAX_REFUSED_HASHES:
             self._refused.popitem(last=False)
         self._state.notify_all()
+
+
+@dataclass(eq=False)
+class DeferredAppends:
+    """The submissions made inside :func:`deferring_appends`, with their logs, whose writer
+    threads were left asleep (``wake=False``) for the caller to :meth:`wake
+    <FileAuditLog.wake>`."""
+
+    submissions: list[tuple[FileAuditLog, Submission]] = field(default_factory=list)
+    logs: list[FileAuditLog] = field(default_factory=list)
+
+
+_DEFERRED: ContextVar[DeferredAppends | None] = ContextVar("signd_audit_deferred", default=None)
+
+
+@contextmanager
+def deferring_appends() -> Iterator[DeferredAppends]:
+    """Within this block (and the threads it hands work to), :func:`store_records` submits
+    to a :class:`FileAuditLog` instead of waiting: whoever entered the block must wake the
+    logs and wait for every submission before releasing any result those records account
+    for."""
+    deferred = DeferredAppends()
+    token = _DEFERRED.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _DEFERRED.reset(token)
+
+
+def store_records(
+    store: AuditLog,
+    sealed: Sequence[SealedAuditRecord],
+    *,
+    failed: Callable[[BaseException], None],
+    finished: Callable[[], None] = lambda: None,
+) -> None:
+    """Append ``sealed`` to ``store``: durably before returning, or, inside
+    :func:`deferring_appends`, submitted. ``failed`` hears of a failure (then the error is
+    raised, or the submission ends with it) and ``finished`` is called once the append is
+    over, either way: at once, or when the submission ends (from the writer's thread)."""
+    deferred = _DEFERRED.get()
+    if deferred is None or not isinstance(store, FileAuditLog):
+        try:
+            store.append_many(sealed)
+        except BaseException as exc:
+            failed(exc)
+            raise
+        finally:
+            finished()
+        return
+    try:
+        submission = store.submit(sealed, wake=False)
+    except BaseException as exc:
+        failed(exc)
+        finished()
+        raise
+
+    def ended(error: SigndError | None) -> None:
+        try:
+            if error is not None:
+                failed(error)
+        finally:
+            finished()
+
+    store.listen(submission, ended)
+    deferred.submissions.append((store, submission))
+    if store not in deferred.logs:
+        deferred.logs.append(store)
 
 
 def _fresh(error: SigndError) -> SigndError:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -124,7 +125,20 @@ class AuditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON data; ``spend`` only when there is one."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spend"}
+        data = {
+            "seq": self.seq,
+            "time": self.time,
+            "node": self.node,
+            "client_id": self.client_id,
+            "operation": self.operation,
+            "key_id": self.key_id,
+            "chain": self.chain,
+            "decision": self.decision,
+            "rule": self.rule,
+            "reason": self.reason,
+            "request_sha256": self.request_sha256,
+            "result_sha256": self.result_sha256,
+        }
         if self.spend is not None:
             data["spend"] = self.spend.to_dict()
         return data
@@ -162,9 +176,16 @@ class SealedAuditRecord:
     prev_hash: bytes
     mac: bytes
     hash: bytes
+    canonical: bytes | None = field(default=None, repr=False, compare=False)
+    """The record's canonical bytes when the sealer kept them (saves encoding them again)."""
 
     def to_json(self) -> str:
         """One line of the log (no newline)."""
+        if self.canonical is not None:  # the same text json.dumps gives, with sorted keys
+            return (
+                f'{{"hash":"{self.hash.hex()}","mac":"{self.mac.hex()}",'
+                f'"prev_hash":"{self.prev_hash.hex()}","record":{self.canonical.decode("ascii")}}}'
+            )
         return json.dumps(
             {
                 "record": self.record.to_dict(),
@@ -217,9 +238,24 @@ def seal_is_valid(sealed: SealedAuditRecord, mac_key: Secret) -> tuple[bool, boo
 
 
 def rfc3339(timestamp: float) -> str:
-    """Unix seconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ``."""
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Unix seconds as ``YYYY-MM-DDTHH:MM:SS.mmmZ``, as ``datetime`` rounds them (to the
+    microsecond, then cut to the millisecond); each whole second is formatted once."""
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    cached = _SECOND_TEXT
+    if cached[0] != second:
+        moment = datetime.fromtimestamp(second, UTC)
+        cached = _SECOND_TEXT[:] = [second, moment.strftime("%Y-%m-%dT%H:%M:%S.")]
+    return f"{cached[1]}{micros // 1000:03d}Z"
+
+
+_SECOND_TEXT: list[Any] = [None, ""]
+"""The last whole second :func:`rfc3339` formatted, and its text up to the milliseconds."""
 
 
 class AuditSigner:
@@ -293,7 +329,7 @@ class AuditSigner:
             prev_hash = self._head.hash
             mac = compute_mac(self._mac_key, canonical, prev_hash)
             sealed = SealedAuditRecord(
-                record, prev_hash, mac, compute_hash(prev_hash, canonical, mac)
+                record, prev_hash, mac, compute_hash(prev_hash, canonical, mac), canonical
             )
             self._head = sealed.head
             return sealed

@@ -157,6 +157,11 @@ class CustodyBackend(ABC):
             return result
         return normalize_signature(result, digest, info.public_key)
 
+    def signs_locally(self, key: KeyInfo) -> bool:
+        """True when signing with ``key`` needs no I/O (its private key is in this process's
+        memory), so a caller may sign on an event loop; False by default."""
+        return False
+
     def check_health(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Raise :class:`signd.errors.DependencyUnavailable` when the backend cannot serve."""
 

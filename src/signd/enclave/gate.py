@@ -245,7 +245,9 @@ class EnclaveGate:
             if self._audit is None:
                 self._audit = AuditSigner(mac_key, node, last=last, now=self._now)
             elif resume:
-                self._resume(mac_key, node, last)
+                resumed = self._resume(mac_key, node, last)
+                if resumed is not None:
+                    answer["audit"] = [resumed.to_json()]
             configured = self._configured
             if configured is None:
                 clients = ClientsHolder(clients_data)
@@ -325,18 +327,21 @@ class EnclaveGate:
         self._audit_key, self._audit_key_ciphertext = plaintext, ciphertext
         return plaintext
 
-    def _resume(self, mac_key: Secret, node: str, last: SealedAuditRecord | None) -> None:
-        """Continue the chain from the host's ``last`` record, first sealing what was lost."""
+    def _resume(
+        self, mac_key: Secret, node: str, last: SealedAuditRecord | None
+    ) -> SealedAuditRecord | None:
+        """Continue the chain from the host's ``last`` record, first sealing a record of
+        what was lost: returned for the host to append (``None`` when nothing was lost)."""
         assert self._audit is not None
         ours = self._audit.head
         theirs = GENESIS if last is None else last.head
         if theirs == ours:
-            return
+            return None
         if theirs.seq > ours.seq:
             raise IntegrityError("the host's audit head is ahead of the enclave's chain")
         with self._seal_lock:
             signer = AuditSigner(mac_key, node, last=last, now=self._now)
-            signer.seal(
+            resumed = signer.seal(
                 operation="audit:resume",
                 decision="refused",
                 reason=(
@@ -346,6 +351,7 @@ class EnclaveGate:
             )
             self._audit = signer
         log.warning("audit chain resumed after record %d (enclave was at %d)", theirs.seq, ours.seq)
+        return resumed
 
     def _in_force(self) -> tuple[_Configured, AuditSigner]:
         configured, audit = self._configured, self._audit

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from signd.audit import AuditLog, AuditSigner, FileAuditLog
+from signd.audit.log import store_records
 from signd.crypto.secret import Secret
 from signd.errors import SigndError
 
@@ -55,7 +56,8 @@ class AuditTrail:
             self.store.close()
 
     def write(self, entries: Sequence[AuditEntry]) -> None:
-        """Seal ``entries`` and return once their records are durable, or raise."""
+        """Seal ``entries`` and return once their records are durable, or raise; inside
+        :func:`~signd.audit.log.deferring_appends`, once they are submitted."""
         if not entries:
             return
         with self._state:
@@ -69,18 +71,19 @@ class AuditTrail:
                 for entry in entries
             ]
             self._writing += 1
-        try:
-            self.store.append_many(sealed)
-        except Exception as exc:
-            log.error("audit log append failed; the results are withheld: %s", _why(exc))
-            with self._state:
-                self._reseed = True
-            raise
-        finally:
-            with self._state:
-                self._writing -= 1
-                if not self._writing:
-                    self._state.notify_all()
+        store_records(self.store, sealed, failed=self._failed, finished=self._finished)
+
+    def _failed(self, exc: BaseException) -> None:
+        why = _why(exc) if isinstance(exc, Exception) else type(exc).__name__
+        log.error("audit log append failed; the results are withheld: %s", why)
+        with self._state:
+            self._reseed = True
+
+    def _finished(self) -> None:
+        with self._state:
+            self._writing -= 1
+            if not self._writing:
+                self._state.notify_all()
 
 
 def _why(exc: Exception) -> str:

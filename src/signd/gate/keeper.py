@@ -67,6 +67,10 @@ class GateCustody(Protocol):
         """Sign a 32-byte digest with ``key`` (low-S, recovery id checked)."""
         ...
 
+    def key_is_local(self, ref: str, /) -> bool:
+        """True when signing with ``ref`` needs no I/O (see :meth:`Gatekeeper.signs_inline`)."""
+        ...
+
     def create_keys(
         self, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]: ...
@@ -143,6 +147,9 @@ class Gatekeeper:
         self.audit = audit
         self.clients = clients
         self.policy = policy
+
+    authenticates_inline = True
+    """Authentication here is CPU work only (and an audit append, which may be deferred)."""
 
     def __repr__(self) -> str:
         return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
@@ -257,6 +264,12 @@ class Gatekeeper:
         return KeyPage(keys, page.next_cursor)
 
     # signatures
+
+    def signs_inline(self, calls: Sequence[SigningCall]) -> bool:
+        """True when :meth:`sign` of ``calls`` needs no I/O but its audit append (which a
+        caller inside :func:`~signd.audit.log.deferring_appends` does not wait for): every
+        key is known and signs in this process. Authentication never needs I/O here."""
+        return all(self.signer.key_is_local(call.key) for call in calls)
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.

@@ -26,6 +26,9 @@ from signd.gate.operations import MessageSignature as MessageSignature
 
 _ETH_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
 MAX_BATCH = 100_000
+KNOWN_KEYS = 65_536
+"""Key records remembered by reference (key id, or address as given): a key's record never
+changes once made and keys are never deleted, so a remembered one never goes stale."""
 
 BackendFactory = Callable[[], CustodyBackend]
 
@@ -51,6 +54,8 @@ class Signer:
         self._factories = dict(factories)
         self._open: dict[str, CustodyBackend] = {}
         self._opening = threading.Lock()
+        self._known: dict[str, KeyInfo] = {}
+        self._knowing = threading.Lock()
 
     @property
     def custody_types(self) -> list[str]:
@@ -119,6 +124,9 @@ class Signer:
             return self.backend(ref.custody), ref
         if not isinstance(ref, str) or not ref:
             raise InvalidField("key must be a key id or an address", field="key")
+        known = self._known.get(ref)
+        if known is not None:
+            return self.backend(known.custody), known
         lookup = canonical_address(ref) if _ETH_ADDRESS.match(ref) else ref
         failure: SigndError | None = None
         for custody in self._factories:
@@ -129,10 +137,28 @@ class Signer:
                 failure = failure or exc
                 continue
             if info is not None:
+                self._remember(ref, info)
                 return backend, info
         if failure is not None:
             raise failure
         raise KeyNotFound(f"no key {ref!r}")
+
+    def _remember(self, ref: str, info: KeyInfo) -> None:
+        with self._knowing:
+            self._known[ref] = info
+            while len(self._known) > KNOWN_KEYS:
+                del self._known[next(iter(self._known))]
+
+    def key_is_known(self, ref: str) -> bool:
+        """True when finding ``ref`` needs no lookup (its record is remembered)."""
+        return ref in self._known
+
+    def key_is_local(self, ref: str) -> bool:
+        """True when signing with ``ref`` needs no I/O: its record is remembered and its
+        custody signs in this process with a key already in memory."""
+        info = self._known.get(ref)
+        backend = self._open.get(info.custody) if info is not None else None
+        return info is not None and backend is not None and backend.signs_locally(info)
 
     def get_key(self, ref: str | KeyInfo) -> KeyInfo:
         return self.resolve(ref)[1]

@@ -418,6 +418,9 @@ class KeystoreBackend(CustodyBackend):
 
     # -- signing -----------------------------------------------------------------------------
 
+    def signs_locally(self, key: KeyInfo) -> bool:
+        return key.key_id in self._signers
+
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> RecoverableSignature:
         signer = self._signers.get(key.key_id)
         if signer is None:
