@@ -10,6 +10,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from signd.audit import (
     GENESIS,
@@ -299,3 +301,37 @@ def test_record_times_match_datetime_rounding() -> None:
             stamp = base + edge
             expected = datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds")
             assert rfc3339(stamp) == expected.replace("+00:00", "Z")
+
+
+@given(
+    text=st.text(max_size=40),
+    optional=st.none() | st.text(max_size=20),
+    seq=st.integers(min_value=1, max_value=2**63),
+    value=st.none() | st.integers(min_value=1, max_value=2**256),
+)
+def test_canonical_bytes_are_sorted_ascii_json(
+    text: str, optional: str | None, seq: int, value: int | None
+) -> None:
+    """The hand-written canonical form is byte for byte the JSON encoding it stands for,
+    whatever the text holds (quotes, control characters, any Unicode)."""
+    from signd.audit.records import AuditRecord, Spend
+
+    record = AuditRecord(
+        seq=seq,
+        time="2026-11-22T00:00:00.000Z",
+        node=text,
+        client_id=optional,
+        operation=text[:5] or "op",
+        key_id=optional,
+        chain=None,
+        decision="allowed",
+        rule=optional,
+        reason=text,
+        request_sha256=optional,
+        result_sha256=None,
+        spend=None if value is None else Spend(text or "r", optional or "k", value),
+    )
+    expected = json.dumps(
+        record.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    ).encode("ascii")
+    assert record.canonical() == expected

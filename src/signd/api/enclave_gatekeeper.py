@@ -24,26 +24,27 @@ The host's part:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
+import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from signd.api.service import Runner, answer_of
+from signd.api.service import Runner
 from signd.audit import FileAuditLog, SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Principal, Scope
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import normalize_signature
+from signd.crypto.secp256k1 import RecoverableSignature, normalize_signature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.custody.enclave import EnclaveBackend
-from signd.enclave.client import ConnectionLost, EnclaveClient
+from signd.enclave.channel import Connect, EnclaveChannel, NotSent
+from signd.enclave.client import EnclaveClient
 from signd.enclave.gate import MAX_TAIL_RECORDS, UNCONFIGURED, principal_from_body
 from signd.enclave.protocol import CreatedKey, KeyReference, MessageType, error_from_body
 from signd.errors import (
@@ -106,6 +107,9 @@ class _Session:
     action: Action | SigndError
     claimed: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    performed: tuple[_Signing, dict[str, Any]] | None = None
+    """Calls the enclave performed with the authentication (one round trip), and its
+    answer: :meth:`EnclaveGatekeeper.sign` takes their outcomes from there."""
 
 
 @dataclass(slots=True)
@@ -121,6 +125,23 @@ class _Signing:
     keys: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
     """Nothing to send: every outcome is final."""
+    handed: set[int] = field(default_factory=set)
+    """Positions in ``matched`` whose outcome :meth:`EnclaveGatekeeper._hand_out` gave."""
+    first_free: int = 0
+    """No position before this one is free (calls are usually asked for in order)."""
+    raw: list[Any] | None = None
+    """The enclave's outcome of each call, once read."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self, call: SigningCall) -> int | None:
+        """The first free position whose call is ``call`` exactly (taken), else ``None``."""
+        for position in range(self.first_free, len(self.matched)):
+            if position not in self.handed and _fills_for(self.matched[position].call, call) == {}:
+                self.handed.add(position)
+                while self.first_free in self.handed:
+                    self.first_free += 1
+                return position
+        return None
 
     def gate_arguments(self) -> dict[str, Any]:
         return {
@@ -128,6 +149,29 @@ class _Signing:
             "keys": self.keys,
             "fills": {item.origin: item.fills for item in self.matched if item.fills},
         }
+
+
+def _connect_with(run: Runner) -> Connect:
+    """Connecting to the enclave (which may start the local one) in ``run``'s thread."""
+
+    async def connect(
+        open_socket: Callable[[float], socket.socket], timeout: float
+    ) -> socket.socket:
+        sock: socket.socket = await run(open_socket, timeout)
+        return sock
+
+    return connect
+
+
+def _performable(action: Action | SigndError, kinds: frozenset[SigningKind]) -> list[SigningCall]:
+    """The calls of a request that asks only for signatures of ``kinds`` (all well formed),
+    else none."""
+    if not kinds or not isinstance(action, SignCalls) or not action.calls:
+        return []
+    calls = [call for call in action.calls if isinstance(call, SigningCall)]
+    if len(calls) != len(action.calls) or any(call.kind not in kinds for call in calls):
+        return []
+    return calls
 
 
 def _gate_body(
@@ -189,6 +233,7 @@ class EnclaveGatekeeper:
         self._configure_lock = threading.Lock()
         self._resume_wanted = False
         """An append failed: have the enclave resume from the log before the next GATE."""
+        self._event_channel: EnclaveChannel | None = None
 
     authenticates_inline = False
     """Authentication is a round trip to the enclave."""
@@ -197,7 +242,10 @@ class EnclaveGatekeeper:
         return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
 
     def close(self) -> None:
-        """Close the audit log (the signer and the client belong to the caller)."""
+        """Close the audit log and the event loop's channel (the signer and the client
+        belong to the caller)."""
+        if self._event_channel is not None:
+            self._event_channel.close()
         self.audit.close()
 
     # configuration
@@ -319,20 +367,10 @@ class EnclaveGatekeeper:
         configuring a restarted enclave) is left to :meth:`_gate`, in ``run``'s thread."""
         if self._resume_wanted:
             return await self._gate_in_thread(request, run, select, keys, fills)
-        sent = self.client.submit_if_connected(
-            MessageType.GATE, _gate_body(request, select, keys, fills)
-        )
-        if sent is None:
-            return await self._gate_in_thread(request, run, select, keys, fills)
-        future, overdue = sent
+        body = _gate_body(request, select, keys, fills)
         try:
-            answer = await asyncio.wait_for(answer_of(future), self.client.timeout)
-        except TimeoutError:
-            overdue()
-            raise DependencyUnavailable(
-                f"the enclave did not answer within {self.client.timeout:g} s"
-            ) from None
-        except ConnectionLost:
+            answer = await self._channel().request(MessageType.GATE, body, _connect_with(run))
+        except NotSent:  # connecting failed: the blocking client retries and reports
             return await self._gate_in_thread(request, run, select, keys, fills)
         except ConfigurationError as exc:
             if exc.message != UNCONFIGURED:
@@ -340,6 +378,17 @@ class EnclaveGatekeeper:
             return await self._gate_in_thread(request, run, select, keys, fills)
         self._append(answer.get("audit"))
         return answer
+
+    def _channel(self) -> EnclaveChannel:
+        """The event loop's connection to the enclave (made on first use)."""
+        if self._event_channel is None:
+            self._event_channel = EnclaveChannel(
+                self.client.transport,
+                timeout=self.client.timeout,
+                connect_timeout=self.client.connect_timeout,
+                max_frame_size=self.client.max_frame_size,
+            )
+        return self._event_channel
 
     async def _gate_in_thread(
         self,
@@ -381,22 +430,53 @@ class EnclaveGatekeeper:
         """The caller as the enclave authenticated it, or the refusal (audited there)."""
         return self._authenticated(request, self._gate(request))
 
-    async def authenticate_async(self, request: GateRequest, run: Runner) -> Caller:
-        """:meth:`authenticate` without a thread (see :meth:`_gate_async`)."""
-        return self._authenticated(request, await self._gate_async(request, run))
+    async def authenticate_async(
+        self, request: GateRequest, run: Runner, perform: frozenset[SigningKind] = frozenset()
+    ) -> Caller:
+        """:meth:`authenticate` without a thread (see :meth:`_gate_async`).
 
-    def _authenticated(self, request: GateRequest, answer: Mapping[str, Any]) -> Caller:
-        error = answer.get("error")
-        if isinstance(error, dict):
-            raise gate_error(error)
+        ``perform``: when the request asks only for signatures of these kinds, the enclave
+        authenticates it and performs all its calls in the same round trip, and :meth:`sign`
+        later hands out their outcomes. The caller passes the kinds nothing on the host may
+        refuse after authentication (so that no signing is audited as allowed and then
+        withheld), and none when a per-client rate limit follows authentication.
+        """
+        session = _Session(self._interpret(request))
+        calls = _performable(session.action, perform)
+        if not calls:
+            return self._authenticated(request, await self._gate_async(request, run), session)
+        if all(self.signer.key_is_known(call.key) for call in calls):
+            signing = self._prepare(request, session, calls)
+        else:
+            signing = await run(self._prepare, request, session, calls)
+        answer = await self._gate_async(request, run, **signing.gate_arguments())
+        caller = self._authenticated(request, answer, session, performed=True)
+        session.performed = (signing, answer)
+        return caller
+
+    def _interpret(self, request: GateRequest) -> Action | SigndError:
         try:
-            action: Action | SigndError = interpret(
-                request.method, request.path, request.body, limits=self.limits
-            )
+            return interpret(request.method, request.path, request.body, limits=self.limits)
         except SigndError as exc:
-            action = exc
+            return exc
+
+    def _authenticated(
+        self,
+        request: GateRequest,
+        answer: Mapping[str, Any],
+        session: _Session | None = None,
+        *,
+        performed: bool = False,
+    ) -> Caller:
+        """The caller the enclave's answer names, or its refusal. With calls ``performed``,
+        an error after authentication (the answer names the principal) belongs to the calls
+        and is handed out by :meth:`sign`."""
+        error = answer.get("error")
+        if isinstance(error, dict) and not (performed and "principal" in answer):
+            raise gate_error(error)
         principal = principal_from_body(answer)
-        return Caller(principal, request.sha256, request, _Session(action))
+        session = session or _Session(self._interpret(request))
+        return Caller(principal, request.sha256, request, session)
 
     @staticmethod
     def _presented(caller: Caller) -> tuple[GateRequest, _Session]:
@@ -474,7 +554,10 @@ class EnclaveGatekeeper:
         """Sign ``calls`` through the enclave; each one's result or the error it met. The
         audit records come back with the answer and are appended before anything is
         returned; if that fails, every result is withheld (the error takes its place)."""
-        signing = self._prepare(caller, calls)
+        request, session = self._presented(caller)
+        if session.performed is not None:
+            return self._hand_out(session.performed, calls)
+        signing = self._prepare(request, session, calls)
         if signing.done:
             return signing.outcomes
         try:
@@ -489,10 +572,13 @@ class EnclaveGatekeeper:
         """:meth:`sign` without a thread when the keys are known and what the enclave
         approves needs no I/O here (see :meth:`_gate_async`); otherwise those steps run in
         ``run``'s thread."""
+        request, session = self._presented(caller)
+        if session.performed is not None:
+            return self._hand_out(session.performed, calls)
         if all(self.signer.key_is_known(call.key) for call in calls):
-            signing = self._prepare(caller, calls)
+            signing = self._prepare(request, session, calls)
         else:
-            signing = await run(self._prepare, caller, calls)
+            signing = await run(self._prepare, request, session, calls)
         if signing.done:
             return signing.outcomes
         try:
@@ -507,9 +593,33 @@ class EnclaveGatekeeper:
         outcomes: list[Signed | Exception] = await run(self._complete, signing, answer)
         return outcomes
 
-    def _prepare(self, caller: Caller, calls: Sequence[SigningCall]) -> _Signing:
+    def _hand_out(
+        self, performed: tuple[_Signing, dict[str, Any]], calls: Sequence[SigningCall]
+    ) -> list[Signed | Exception]:
+        """The outcomes of ``calls`` among those performed with the authentication (each
+        call of the request once, in any grouping, as a batch is signed in chunks)."""
+        signing, answer = performed
+        handed: list[Any] = []
+        with signing.lock:
+            if signing.raw is None:
+                signing.raw = self._complete(signing, answer, finish=False)
+            outcomes = signing.raw
+            for call in calls:
+                found = signing.claim(call)
+                handed.append(
+                    InvalidRequest(NOT_IN_REQUEST)
+                    if found is None
+                    else outcomes[signing.matched[found].index]
+                )
+        return [
+            self._finish_one(signing, call, outcome) if isinstance(outcome, dict) else outcome
+            for call, outcome in zip(calls, handed, strict=True)
+        ]
+
+    def _prepare(
+        self, request: GateRequest, session: _Session, calls: Sequence[SigningCall]
+    ) -> _Signing:
         """Match the calls to the request's, find and describe their keys."""
-        request, session = self._presented(caller)
         signing = _Signing(request, [InvalidRequest(NOT_IN_REQUEST) for _ in calls])
         signing.matched = self._match(session, calls)
         if not signing.matched:
@@ -525,9 +635,12 @@ class EnclaveGatekeeper:
         signing.keys = [self._describe(ref, info) for ref, info in signing.infos.items()]
         return signing
 
-    def _complete(self, signing: _Signing, answer: Mapping[str, Any]) -> list[Signed | Exception]:
-        """The results from the enclave's answer (approved digests signed here)."""
-        outcomes = signing.outcomes
+    def _complete(
+        self, signing: _Signing, answer: Mapping[str, Any], *, finish: bool = True
+    ) -> list[Any]:
+        """The results from the enclave's answer (approved digests signed here); with
+        ``finish=False``, each call's raw outcome (or its error) for :meth:`_hand_out`."""
+        outcomes: list[Any] = list(signing.outcomes)
         error = answer.get("error")
         if isinstance(error, dict):
             failure = gate_error(error)
@@ -539,14 +652,19 @@ class EnclaveGatekeeper:
         for item, result in zip(signing.matched, results, strict=True):
             if item.call.key in signing.missing:
                 outcomes[item.index] = signing.missing[item.call.key]
-                continue
-            try:
-                outcomes[item.index] = self._finish(
-                    item.call, signing.infos.get(item.call.key), result
-                )
-            except Exception as exc:
-                outcomes[item.index] = exc
+            elif not finish:
+                outcomes[item.index] = result if isinstance(result, dict) else {}
+            else:
+                outcomes[item.index] = self._finish_one(signing, item.call, result)
         return outcomes
+
+    def _finish_one(
+        self, signing: _Signing, call: SigningCall, result: object
+    ) -> Signed | Exception:
+        try:
+            return self._finish(call, signing.infos.get(call.key), result)
+        except Exception as exc:
+            return exc
 
     def _match(self, session: _Session, calls: Sequence[SigningCall]) -> list[_Matched]:
         """Each call the request asks for, with its origin and the host's fills; a call
@@ -600,7 +718,12 @@ class EnclaveGatekeeper:
         if digest != prepared.digest:
             raise IntegrityError("the enclave decided another digest than this call's")
         signature_bytes = result.get("signature")
-        if isinstance(signature_bytes, bytes):
+        if isinstance(signature_bytes, bytes) and info.custody == EnclaveBackend.custody_type:
+            # Made by libsecp256k1 in the attested enclave, with its recovery id: ranges and
+            # low-S are checked, but not recomputed (the enclave is the trusted side here,
+            # and a faulty signature would already have left it).
+            signature = RecoverableSignature.from_bytes(signature_bytes)
+        elif isinstance(signature_bytes, bytes):  # a device's output (HSM in the enclave)
             signature = normalize_signature(signature_bytes, prepared.digest, info.public_key)
         elif "approved" in result:
             signature = self.signer.sign_hash(info, prepared.digest)

@@ -25,9 +25,11 @@ from signd.api import inputs
 from signd.api.service import Authenticator, Principal, Runner, gated, gated_async
 from signd.api.settings import ApiSettings
 from signd.custody.base import KeyInfo, KeyPage
-from signd.gate import Caller, GateRequest, Signed, SigningCall, Unauthenticated
+from signd.gate import Caller, GateRequest, Signed, SigningCall, SigningKind, Unauthenticated
 
 AUTH_HEADER_PREFIX = "x-signd-"
+SIGN_PREFIX = "/v1/sign/"
+"""The REST signing routes, whose calls a gate may perform while authenticating."""
 
 
 class Keeper(Protocol):
@@ -91,12 +93,22 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
     inline = gatekeeper.authenticates_inline
     authenticate_async = getattr(gatekeeper, "authenticate_async", None)
     run = anyio.to_thread.run_sync
+    # What a gate in another process may perform along with authenticating a REST signing
+    # request (one round trip): signatures the service cannot refuse after authentication.
+    # Not with a per-client rate limit, which takes its token only once the client is known.
+    perform = (
+        frozenset()
+        if settings.rate_limit
+        else frozenset(SigningKind)
+        - (frozenset() if settings.allow_blind_signing else {SigningKind.HASH})
+    )
 
     async def authenticate(request: Request) -> Principal:
         body = await inputs.read_body(request, settings.max_body_bytes)
         received = GateRequest(request.method, request_target(request), body, auth_headers(request))
         if authenticate_async is not None:
-            caller: Caller = await gated_async(authenticate_async, received, run)
+            kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
+            caller: Caller = await gated_async(authenticate_async, received, run, kinds)
         else:
             caller = await gated(inline, run, gatekeeper.authenticate, received)
         return Principal(caller.client_id, caller)

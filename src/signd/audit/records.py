@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any, Final, Literal
 
 from signd.crypto.secret import Secret
@@ -90,6 +91,11 @@ class Spend:
         return cls(data["rule"], data["key_id"], int(value))
 
 
+def _text(value: str | None) -> str:
+    """A JSON string (ASCII, as ``json.dumps`` escapes it) or ``null``."""
+    return "null" if value is None else _quote(value)
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     """One decision. ``time`` is RFC 3339 UTC with milliseconds; the two digests are hex
@@ -144,9 +150,24 @@ class AuditRecord:
         return data
 
     def canonical(self) -> bytes:
-        """The bytes the MAC and hash cover: sorted keys, no whitespace, ASCII only."""
-        return json.dumps(
-            self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        """The bytes the MAC and hash cover: sorted keys, no whitespace, ASCII only.
+
+        Written out field by field (in sorted order, with :mod:`json`'s own string encoder),
+        which gives exactly ``json.dumps(self.to_dict(), sort_keys=True, separators=(",",
+        ":"), ensure_ascii=True)`` at a fraction of its cost: every signature seals one."""
+        spend = ""
+        if self.spend is not None:
+            spend = (
+                f',"spend":{{"key_id":{_quote(self.spend.key_id)},'
+                f'"rule":{_quote(self.spend.rule)},"value":"{self.spend.value}"}}'
+            )
+        return (
+            f'{{"chain":{_text(self.chain)},"client_id":{_text(self.client_id)},'
+            f'"decision":{_quote(self.decision)},"key_id":{_text(self.key_id)},'
+            f'"node":{_quote(self.node)},"operation":{_quote(self.operation)},'
+            f'"reason":{_quote(self.reason)},"request_sha256":{_text(self.request_sha256)},'
+            f'"result_sha256":{_text(self.result_sha256)},"rule":{_text(self.rule)},'
+            f'"seq":{self.seq}{spend},"time":{_quote(self.time)}}}'
         ).encode("ascii")
 
     @classmethod
@@ -214,7 +235,7 @@ class SealedAuditRecord:
             record = AuditRecord.from_dict(data["record"])
         except TypeError:
             raise IntegrityError("audit record has fields of the wrong type") from None
-        return cls(record, *digests)
+        return cls(record, *digests, record.canonical())
 
     @property
     def head(self) -> ChainHead:

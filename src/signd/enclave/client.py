@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
@@ -298,29 +298,22 @@ class EnclaveClient:
                 return connection, future
         raise DependencyUnavailable("the enclave keeps closing the connection")
 
-    def submit_if_connected(
-        self, message_type: MessageType, body: Mapping[str, Any]
-    ) -> tuple[Future[dict[str, Any]], Callable[[], None]] | None:
-        """Send one request on the open connection without waiting for anything; ``None``
-        (nothing sent) when there is none, since connecting blocks. The future holds the
-        answer; call the function returned with it when the answer is overdue (it drops the
-        connection, as :meth:`request` does)."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            return None
-        future = connection.submit(message_type, body)
-        if future is None:
-            return None
-
-        def overdue() -> None:
-            connection.close(DependencyUnavailable("the enclave stopped answering"))
-
-        return future, overdue
-
     @property
     def timeout(self) -> float:
         """Seconds a request may wait for its answer."""
         return self._timeout
+
+    @property
+    def connect_timeout(self) -> float:
+        return self._connect_timeout
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    @property
+    def max_frame_size(self) -> int:
+        return self._max_frame_size
 
     def submit(self, message_type: MessageType, body: Mapping[str, Any]) -> Future[dict[str, Any]]:
         """Send one request without waiting; the future holds the answer's body or its error.

@@ -104,10 +104,11 @@ class MessageType(IntEnum):
     max_keys_per_request]}`` → ``{clients_sha256, policy_sha256, seq, windows_ready[,
     audit_key, audit]}``: the files in force and the audit MAC key (KMS ciphertext; a new one
     comes back on first run); with ``resume``, ``audit`` holds the record sealed to say which
-    records the log lost, for the host to append before anything else. A bad file is an error frame and the configuration in force stays.
-    ``audit_tail`` (log lines, oldest first, at most 4096) rebuilds the spend windows: on the
-    first call it ends with ``audit_head``; while ``windows_ready`` is false, each later call
-    carries the next older chunk. A tail that does not verify is an error frame."""
+    records the log lost, for the host to append before anything else. A bad file is an
+    error frame and the configuration in force stays. ``audit_tail`` (log lines, oldest
+    first, at most 4096) rebuilds the spend windows: on the first call it ends with
+    ``audit_head``; while ``windows_ready`` is false, each later call carries the next older
+    chunk. A tail that does not verify is an error frame."""
     AUDIT_VERIFY = 10
     """``{records: [log line], state, final}`` → ``{state, checked, head: {seq, hash}[,
     problem: {position, seq, kind, detail}]}``: the audit log checked in the enclave, which

@@ -1,0 +1,143 @@
+"""With the enclave's gate, a REST signing request is authenticated and performed in one
+round trip to the enclave (its calls then handed out as the API asks for them), unless the
+service could still refuse it after authentication."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+from starlette.exceptions import StarletteDeprecationWarning
+
+from signd.api import ApiSettings, create_app, service
+from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+from signd.enclave.channel import Connect, EnclaveChannel
+from signd.enclave.client import EnclaveClient
+from signd.enclave.protocol import MessageType
+from tests.gate.support import GATE_MODES, Gated
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
+
+pytestmark = pytest.mark.parametrize("gate_mode", [GATE_MODES[1]], indirect=True)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> Counter[MessageType]:
+    """The GATE (and other) messages the host sends, by either way to the enclave."""
+    counts: Counter[MessageType] = Counter()
+    through_channel = EnclaveChannel.request
+    through_client = EnclaveClient.request
+
+    async def channel_request(
+        self: EnclaveChannel, message_type: MessageType, body: Mapping[str, Any], connect: Connect
+    ) -> dict[str, Any]:
+        counts[message_type] += 1
+        return await through_channel(self, message_type, body, connect)
+
+    def client_request(
+        self: EnclaveClient, message_type: MessageType, body: Mapping[str, Any], **options: Any
+    ) -> dict[str, Any]:
+        counts[message_type] += 1
+        return through_client(self, message_type, body, **options)
+
+    monkeypatch.setattr(EnclaveChannel, "request", channel_request)
+    monkeypatch.setattr(EnclaveClient, "request", client_request)
+    return counts
+
+
+def message(key: Mapping[str, Any], text: str) -> dict[str, Any]:
+    return {"key": key["key_id"], "message": text}
+
+
+def test_a_signing_request_is_one_round_trip(
+    gated: Gated, hot_key: dict[str, Any], sent: Counter[MessageType]
+) -> None:
+    response = gated.signed("POST", "/v1/sign/ethereum/message", message(hot_key, "one trip"))
+    assert response.status_code == 200, response.text
+    assert sent[MessageType.GATE] == 1
+    assert gated.last()["decision"] == "allowed"
+    sent.clear()
+    created = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": "enclave", "labels": ["hot"]}
+    )
+    assert created.status_code == 201, created.text
+    assert sent[MessageType.GATE] == 2  # keys: authenticate, then perform
+
+
+def test_a_batch_signed_in_chunks_is_one_round_trip(
+    gated: Gated,
+    hot_key: dict[str, Any],
+    sent: Counter[MessageType],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service, "BATCH_CHUNK", 7)  # the API asks for 26 calls in 4 chunks
+    requests = [{"type": "ethereum/message"} | message(hot_key, f"item {n}") for n in range(25)]
+    requests.append({"type": "ethereum/message"} | message(hot_key, "item 3"))  # asked twice
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": requests})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 26 and all("signature" in result for result in results)
+    assert results[25] == results[3]
+    assert len({result["signature"] for result in results}) == 25
+    assert sent[MessageType.GATE] == 1
+
+
+def test_a_refused_signing_request_is_one_round_trip_and_audited(
+    gated: Gated, hot_key: dict[str, Any], sent: Counter[MessageType]
+) -> None:
+    refused = gated.signed(
+        "POST", "/v1/sign/ethereum/message", message(hot_key, "x"), as_client="reader"
+    )
+    assert refused.status_code == 403, refused.text
+    assert sent[MessageType.GATE] == 1
+    assert gated.last()["decision"] == "refused"
+
+
+def test_unauthenticated_signing_is_refused_in_the_same_round_trip(
+    gated: Gated, hot_key: dict[str, Any], sent: Counter[MessageType]
+) -> None:
+    response = gated.client.post(
+        "/v1/sign/ethereum/message",
+        json=message(hot_key, "no credentials"),
+        headers={"authorization": "Bearer not-a-token"},
+    )
+    assert response.status_code == 401, response.text
+    assert sent[MessageType.GATE] == 1
+    assert gated.last()["operation"] == "authenticate"
+
+
+@pytest.fixture
+def without_blind_signing(gated: Gated) -> Iterator[TestClient]:
+    settings = ApiSettings(allow_blind_signing=False)
+    app = create_app(
+        gated.signer,
+        settings,
+        authenticate=gatekeeper_authenticator(gated.gatekeeper, settings),
+        gate=GatekeeperGate(gated.gatekeeper),
+    )
+    with TestClient(app) as client:
+        yield client
+
+
+def test_what_the_service_refuses_after_authentication_is_not_performed(
+    gated: Gated,
+    hot_key: dict[str, Any],
+    sent: Counter[MessageType],
+    without_blind_signing: TestClient,
+) -> None:
+    """Blind signing switched off in the service: the enclave only authenticates the hash
+    request, so no signature is made (or audited as allowed) and then withheld."""
+    gated.client = without_blind_signing
+    before = len(gated.records())
+    response = gated.signed(
+        "POST", "/v1/sign/hash", {"key": hot_key["key_id"], "hash": "0x" + "11" * 32}
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "blind_signing_disabled"
+    assert sent[MessageType.GATE] == 1
+    assert all(record.record.operation != "sign:hash" for record in gated.records()[before:])
