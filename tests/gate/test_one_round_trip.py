@@ -14,9 +14,11 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from signd.api import ApiSettings, create_app, service
 from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel
 from signd.enclave.client import EnclaveClient
-from signd.enclave.protocol import MessageType
+from signd.enclave.protocol import Frame, MessageType
+from signd.enclave.server import EnclaveApp
 from tests.gate.support import GATE_MODES, Gated
 
 with warnings.catch_warnings():
@@ -141,3 +143,35 @@ def test_what_the_service_refuses_after_authentication_is_not_performed(
     assert response.json()["error"]["code"] == "blind_signing_disabled"
     assert sent[MessageType.GATE] == 1
     assert all(record.record.operation != "sign:hash" for record in gated.records()[before:])
+
+
+def test_the_enclave_answers_from_memory_on_the_connection_thread(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GATE that needs no KMS, storage or HSM call is answered by the connection's own
+    thread; key creation and keys not unsealed in memory go to the worker pool."""
+    decisions: list[tuple[str, bool]] = []
+    answers_at_once = EnclaveApp.answers_at_once
+
+    def recording(self: EnclaveApp, frame: Frame) -> bool:
+        decided = answers_at_once(self, frame)
+        if frame.message_type is MessageType.GATE:
+            decisions.append((frame.body["request"]["target"], decided))
+        return decided
+
+    monkeypatch.setattr(EnclaveApp, "answers_at_once", recording)
+    signing = "/v1/sign/ethereum/message"
+    assert gated.signed("POST", signing, message(hot_key, "warm")).status_code == 200
+    assert gated.signed("POST", signing, message(hot_key, "again")).status_code == 200
+    assert decisions[-1] == (signing, True)  # unsealed by now: answered at once
+    backend = gated.signer.backend("enclave")
+    assert isinstance(backend, EnclaveBackend)
+    backend.client.flush_cache()
+    decisions.clear()
+    assert gated.signed("POST", signing, message(hot_key, "cold")).status_code == 200
+    assert decisions == [(signing, False)]  # its blob must be opened: the pool does it
+    created = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": "enclave", "labels": ["hot"]}
+    )
+    assert created.status_code == 201
+    assert decisions[-1] == ("/v1/keys", False)

@@ -107,6 +107,8 @@ class _Session:
     action: Action | SigndError
     claimed: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    first_free: int = 0
+    """No call before this position in the request's calls is still unclaimed."""
     performed: tuple[_Signing, dict[str, Any]] | None = None
     """Calls the enclave performed with the authentication (one round trip), and its
     answer: :meth:`EnclaveGatekeeper.sign` takes their outcomes from there."""
@@ -673,9 +675,12 @@ class EnclaveGatekeeper:
         if not isinstance(action, SignCalls):
             return []
         matched: list[_Matched] = []
+        asked_calls = list(zip(action.origins, action.calls, strict=True))
         with session.lock:
             for index, call in enumerate(calls):
-                for origin, asked in zip(action.origins, action.calls, strict=True):
+                # Calls come in the request's order: search from the first unclaimed one.
+                for position in range(session.first_free, len(asked_calls)):
+                    origin, asked = asked_calls[position]
                     if origin in session.claimed or isinstance(asked, SigndError):
                         continue
                     fills = _fills_for(asked, call)
@@ -683,6 +688,10 @@ class EnclaveGatekeeper:
                         session.claimed.add(origin)
                         matched.append(_Matched(index, call, origin, fills))
                         break
+                while session.first_free < len(asked_calls) and (
+                    asked_calls[session.first_free][0] in session.claimed
+                ):
+                    session.first_free += 1
         return matched
 
     def _describe(self, ref: str, info: KeyInfo) -> dict[str, Any]:

@@ -235,7 +235,8 @@ class SealedAuditRecord:
             record = AuditRecord.from_dict(data["record"])
         except TypeError:
             raise IntegrityError("audit record has fields of the wrong type") from None
-        return cls(record, *digests, record.canonical())
+        prev_hash, mac, hash_ = digests
+        return cls(record, prev_hash, mac, hash_, record.canonical())
 
     @property
     def head(self) -> ChainHead:

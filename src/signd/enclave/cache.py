@@ -85,6 +85,16 @@ class UnsealedKeyCache(Generic[K, V]):
             self._entries.move_to_end(key)
             return entry.value
 
+    def holds(self, key: K, uses: int = 1) -> bool:
+        """Whether :meth:`get` would serve ``key`` ``uses`` more times now (nothing counted)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return (
+                entry is not None
+                and not self._expired(entry, self._now())
+                and entry.uses + uses <= self.max_uses
+            )
+
     def put(self, key: K, value: V) -> None:
         """Cache a freshly unsealed value (its first use), evicting to stay within limits."""
         with self._lock:

@@ -64,6 +64,7 @@ from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, check_labels, utc_now
 from signd.enclave.protocol import (
     CUSTODY_ENCLAVE,
+    CUSTODY_HSM,
     MAX_NAME_LENGTH,
     CreatedKey,
     KeyReference,
@@ -118,6 +119,8 @@ UNCONFIGURED: Final = "the enclave's gate is not configured (send GATE_CONFIGURE
 MAX_CONFIG_SIZE: Final = 256 * 1024
 MAX_HEADERS: Final = 32
 MAX_HEADER_SIZE: Final = 4096
+KEYS_TARGET: Final = "/v1/keys"
+"""Requests under this path may make keys (KMS data keys, blob writes)."""
 MAX_KEYS: Final = 1000
 MAX_SELECT: Final = 1000
 MAX_VERIFY_CHUNK: Final = 4096
@@ -360,6 +363,36 @@ class EnclaveGate:
         return configured, audit
 
     # the gate
+
+    def answers_without_io(self, body: Mapping[str, Any]) -> bool:
+        """Whether GATE ``body`` can be answered from memory: it only authenticates, or it
+        signs with sealed keys already unsealed (for a proof and a signature each) or with
+        custody the host holds. Key creation and HSM keys need I/O; so does anything this
+        cannot tell at a glance (the server then answers it on its worker pool)."""
+        request = body.get("request")
+        target = request.get("target") if isinstance(request, dict) else None
+        if not isinstance(target, str) or target.startswith(KEYS_TARGET):
+            return False
+        if not body.get("select"):
+            return True
+        keys = body.get("keys")
+        if not isinstance(keys, list) or not keys:
+            return False
+        for item in keys:
+            if not isinstance(item, dict) or item.get("custody") == CUSTODY_HSM:
+                return False
+            if item.get("custody") != CUSTODY_ENCLAVE:
+                continue  # approved for the host's own custody: nothing to open here
+            labels = item.get("labels", [])
+            try:
+                reference = KeyReference(
+                    item["key_id"], item["chain"], item["address"], item["blob"], tuple(labels)
+                )
+            except (KeyError, TypeError, SigndError):
+                return False
+            if not self._signer.holds_unsealed(reference, uses=2):
+                return False
+        return True
 
     def gate(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """GATE: authenticate the request, then perform its calls named in ``select`` (none

@@ -130,6 +130,17 @@ class EnclaveApp:
                 MessageType.AUDIT_VERIFY: gate.audit_verify,
             }
 
+    def answers_at_once(self, frame: Frame) -> bool:
+        """Whether ``frame`` is a GATE this enclave answers from memory (no KMS, storage or
+        HSM call), so the connection's own thread may answer it without a hand-off to the
+        worker pool."""
+        return (
+            self.gate is not None
+            and frame.message_type is MessageType.GATE
+            and not frame.is_response
+            and self.gate.answers_without_io(frame.body)
+        )
+
     def handle(self, frame: Frame) -> bytes:
         """The encoded answer to a request frame: its result, or an ERROR frame."""
         try:
@@ -268,7 +279,9 @@ class EnclaveServer:
     """Serves the enclave protocol on any number of connections.
 
     ``workers`` threads run requests; each connection may have ``max_in_flight`` requests
-    running at once (its reader stops reading until one finishes). ``io_timeout`` bounds how
+    running at once (its reader stops reading until one finishes). A GATE the enclave can
+    answer from memory (:meth:`EnclaveApp.answers_at_once`) is answered by the connection's
+    own thread, at once. ``io_timeout`` bounds how
     long a send to a client that stopped reading may block.
 
     CREATE_KEYS run on a pool of their own, of ``max_in_flight`` threads: a small one waits
@@ -361,6 +374,9 @@ class EnclaveServer:
                         if event.fatal:
                             logger.warning("closed a connection: %s", event.error.message)
                             return
+                        continue
+                    if self.app.answers_at_once(event):
+                        writer.send(self.app.handle(event))
                         continue
                     slots.acquire()
                     if not self._submit(writer, slots, event):

@@ -387,6 +387,10 @@ class EnclaveSigner:
         digest = check_digest(digest)
         return sign_digest_with(self._private_key(key), digest)
 
+    def holds_unsealed(self, key: KeyReference, uses: int = 1) -> bool:
+        """Whether ``key`` is unsealed in memory for ``uses`` more uses (no I/O to use it)."""
+        return self._cache.holds(key, uses)
+
     def verified_key(self, key: KeyReference) -> KeyReference:
         """``key``, once its sealed blob has proven every claim in it, labels included.
 
