@@ -242,17 +242,25 @@ def _after_shutdown(signum: int, frame: object) -> None:
 
 
 def _server(config: uvicorn.Config, adapter: MqttAdapter | None) -> uvicorn.Server:
-    """uvicorn's server; with an MQTT adapter, one that runs it between start-up (the app's
-    lifespan has started) and shutdown (it stops taking requests when uvicorn is told to
-    exit, answers those in hand, then HTTP shuts down)."""
+    """uvicorn's server, which freezes what start-up made out of the garbage collector's way
+    once the app's lifespan has started (:func:`~signd.memory.freeze_startup_objects`); with
+    an MQTT adapter, it also runs that between start-up and shutdown (it stops taking
+    requests when uvicorn is told to exit, answers those in hand, then HTTP shuts down)."""
     import anyio
     import uvicorn
 
+    from signd.memory import freeze_startup_objects
+
+    class SigndServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            freeze_startup_objects()
+
     if adapter is None:
-        return uvicorn.Server(config)
+        return SigndServer(config)
     mqtt_adapter = adapter
 
-    class ServerWithMqtt(uvicorn.Server):
+    class ServerWithMqtt(SigndServer):
         async def main_loop(self) -> None:
             async with anyio.create_task_group() as group:
                 group.start_soon(mqtt_adapter.run)

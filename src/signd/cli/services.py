@@ -74,6 +74,7 @@ def enclave(
         return
     from signd.enclave.cache import UnsealedKeyCache
     from signd.enclave.server import run_enclave
+    from signd.memory import freeze_startup_objects
     from signd.operations.components import build_blob_store, build_kms
     from signd.operations.local_enclave import watch_parent
 
@@ -101,6 +102,7 @@ def enclave(
     try:
         if hsm is not None:
             hsm.start()
+        freeze_startup_objects()
         run_enclave(address, kms, blobs, stop=stop, cache=cache, hsm=hsm, attestation=attestation)
     finally:
         kms.close()
