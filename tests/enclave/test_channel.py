@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from signd.enclave.channel import EnclaveChannel, NotSent
-from signd.enclave.client import ConnectionLost
+from signd.enclave.client import ConnectionLost, Link
 from signd.enclave.protocol import (
     HELLO_VERSION,
     PROTOCOL_VERSION,
@@ -40,7 +40,7 @@ def socket_path() -> Iterator[Path]:
 
 
 def channel(path: Path, **options: Any) -> EnclaveChannel:
-    return EnclaveChannel(UnixTransport(str(path)), **options)
+    return EnclaveChannel(Link(UnixTransport(str(path)), **options))
 
 
 def test_pipelined_requests_against_the_enclave(tmp_path: Path, socket_path: Path) -> None:

@@ -384,12 +384,7 @@ class EnclaveGatekeeper:
     def _channel(self) -> EnclaveChannel:
         """The event loop's connection to the enclave (made on first use)."""
         if self._event_channel is None:
-            self._event_channel = EnclaveChannel(
-                self.client.transport,
-                timeout=self.client.timeout,
-                connect_timeout=self.client.connect_timeout,
-                max_frame_size=self.client.max_frame_size,
-            )
+            self._event_channel = EnclaveChannel(self.client.link)
         return self._event_channel
 
     async def _gate_in_thread(

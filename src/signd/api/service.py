@@ -73,7 +73,7 @@ class _LoopDelivery:
     for all the completions that pile up meanwhile (the audit writer ends whole groups)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)  # weak: the loop keys it in _DELIVERIES
         self._lock = threading.Lock()
         self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
 
@@ -84,7 +84,9 @@ class _LoopDelivery:
             self._ready.append((future, result, error))
             if len(self._ready) > 1:
                 return  # a flush is scheduled already
-        self._loop.call_soon_threadsafe(self._flush)
+        loop = self._loop()
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         with self._lock:

@@ -24,20 +24,20 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, cast
 
-from signd.enclave.client import ConnectionLost
+from signd.enclave.client import ConnectionLost, Link
 from signd.enclave.protocol import (
-    DEFAULT_MAX_FRAME_SIZE,
     HELLO_VERSION,
     SUPPORTED_VERSIONS,
     U32_MAX,
     FrameDecoder,
     MessageType,
     ProtocolViolation,
+    Reply,
     encode_frame,
-    error_from_body,
+    next_request_id,
+    reply_to,
     require_int,
 )
-from signd.enclave.transport import Transport
 from signd.errors import DependencyUnavailable, SigndError
 
 logger = logging.getLogger(__name__)
@@ -68,22 +68,13 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for event in self.decoder.feed(data):
-            if isinstance(event, ProtocolViolation):
-                if event.fatal:
+            reply = reply_to(event, self.pending.get(event.request_id, (None, None))[0])
+            if reply.broken is not None:
+                if isinstance(event, ProtocolViolation):
                     logger.warning("enclave sent a garbled stream: %s", event.error.message)
-                    self.close(DependencyUnavailable("the enclave sent a garbled stream"))
-                    return
-                self._settle(event.request_id, error=event.error)
-            elif event.message_type is MessageType.ERROR:
-                self._settle(event.request_id, error=error_from_body(event.body))
-            elif (
-                not event.is_response
-                or event.message_type is not self.pending.get(event.request_id, (None, None))[0]
-            ):
-                self.close(DependencyUnavailable("the enclave answered out of protocol"))
+                self.close(DependencyUnavailable(reply.broken))
                 return
-            else:
-                self._settle(event.request_id, body=event.body)
+            self._settle(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(DependencyUnavailable("the enclave closed the connection"))
@@ -102,45 +93,33 @@ class _Protocol(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionLost(reason.message))
 
-    def _settle(
-        self,
-        request_id: int,
-        *,
-        body: dict[str, Any] | None = None,
-        error: SigndError | None = None,
-    ) -> None:
-        entry = self.pending.pop(request_id, None)
+    def _settle(self, reply: Reply) -> None:
+        """Complete the request ``reply`` answers."""
+        entry = self.pending.pop(reply.request_id, None)
         if entry is None:
-            logger.warning("enclave answered unknown request id %d", request_id)
+            logger.warning("enclave answered unknown request id %d", reply.request_id)
             return
         future = entry[1]
         if future.done():  # its caller stopped waiting
             return
-        if error is not None:
-            future.set_exception(error)
+        if reply.error is not None:
+            future.set_exception(reply.error)
         else:
-            future.set_result(body or {})
+            future.set_result(reply.body or {})
 
 
 class EnclaveChannel:
-    """Requests to the enclave from one event loop (not thread-safe: that loop only).
-
-    ``timeout`` bounds each answer; ``connect_timeout`` bounds connecting and the HELLO
-    exchange. The connection is made on first use and again after it breaks.
+    """Requests to the enclave from one event loop (not thread-safe: that loop only), over
+    ``link`` (the same transport and limits as the threads' :class:`~signd.enclave.client.
+    EnclaveClient`, whose :attr:`~signd.enclave.client.EnclaveClient.link` gives them). The
+    connection is made on first use and again after it breaks.
     """
 
-    def __init__(
-        self,
-        transport: Transport,
-        *,
-        timeout: float = 10.0,
-        connect_timeout: float = 2.0,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-    ) -> None:
-        self._transport = transport
-        self.timeout = timeout
-        self._connect_timeout = connect_timeout
-        self._max_frame_size = max_frame_size
+    def __init__(self, link: Link) -> None:
+        self._transport = link.transport
+        self.timeout = link.timeout
+        self._connect_timeout = link.connect_timeout
+        self._max_frame_size = link.max_frame_size
         self._protocol: _Protocol | None = None
         self._connecting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._ids = itertools.cycle(range(1, U32_MAX + 1))
@@ -173,9 +152,7 @@ class EnclaveChannel:
     ) -> dict[str, Any]:
         if protocol.closed or protocol.transport is None:
             raise NotSent(CLOSED)
-        request_id = next(self._ids)
-        while request_id in protocol.pending:
-            request_id = next(self._ids)
+        request_id = next_request_id(self._ids, protocol.pending)
         data = encode_frame(
             message_type,
             request_id,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Final
 
 from signd.enclave.protocol import (
@@ -36,9 +37,12 @@ from signd.enclave.protocol import (
     KeyReference,
     MessageType,
     ProtocolViolation,
+    Reply,
     check_attestation_nonce,
     encode_frame,
     error_from_body,
+    next_request_id,
+    reply_to,
     require_bytes,
     require_int,
     require_list,
@@ -117,9 +121,7 @@ class _Connection:
         with self._lock:
             if self._closed:
                 return None
-            request_id = next(self._ids)
-            while request_id in self._pending:
-                request_id = next(self._ids)
+            request_id = next_request_id(self._ids, self._pending)
             data = encode_frame(
                 message_type,
                 request_id,
@@ -166,41 +168,44 @@ class _Connection:
 
     def _dispatch(self, event: Event) -> bool:
         """Settle the request an event answers; False when the connection must close."""
-        if isinstance(event, ProtocolViolation):
-            if event.fatal:
-                logger.warning("enclave sent a garbled stream: %s", event.error.message)
-                self.close(DependencyUnavailable("the enclave sent a garbled stream"))
-                return False
-            self._settle(event.request_id, error=event.error)
-            return True
-        if event.message_type is MessageType.ERROR:
-            self._settle(event.request_id, error=error_from_body(event.body))
-            return True
         with self._lock:
             expected = self._pending.get(event.request_id, (None, None))[0]
-        if not event.is_response or event.message_type is not expected:
-            self.close(DependencyUnavailable("the enclave answered out of protocol"))
+        reply = reply_to(event, expected)
+        if reply.broken is not None:
+            if isinstance(event, ProtocolViolation):
+                logger.warning("enclave sent a garbled stream: %s", event.error.message)
+            self.close(DependencyUnavailable(reply.broken))
             return False
-        self._settle(event.request_id, body=event.body)
+        self._settle(reply)
         return True
 
-    def _settle(
-        self,
-        request_id: int,
-        *,
-        body: dict[str, Any] | None = None,
-        error: SigndError | None = None,
-    ) -> None:
+    def _settle(self, reply: Reply) -> None:
+        """Complete the request ``reply`` answers."""
         with self._lock:
-            entry = self._pending.pop(request_id, None)
+            entry = self._pending.pop(reply.request_id, None)
         if entry is None:
-            logger.warning("enclave answered unknown request id %d", request_id)
+            logger.warning("enclave answered unknown request id %d", reply.request_id)
             return
         future = entry[1]
-        if error is not None:
-            future.set_exception(error)
+        if reply.error is not None:
+            future.set_exception(reply.error)
         else:
-            future.set_result(body or {})
+            future.set_result(reply.body or {})
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """What any connection to the enclave needs: its transport, how long an answer may take
+    (``timeout``), how long connecting and the HELLO exchange may take, and the frame limit."""
+
+    transport: Transport
+    timeout: float = 10.0
+    connect_timeout: float = 2.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise InvalidField("timeouts must be positive", field="timeout")
 
 
 class EnclaveClient:
@@ -219,8 +224,7 @@ class EnclaveClient:
         connect_timeout: float = 2.0,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
-        if timeout <= 0 or connect_timeout <= 0:
-            raise InvalidField("timeouts must be positive", field="timeout")
+        Link(transport, timeout, connect_timeout, max_frame_size)  # checks the timeouts
         self._transport = transport
         self._timeout = timeout
         self._connect_timeout = connect_timeout
@@ -299,21 +303,10 @@ class EnclaveClient:
         raise DependencyUnavailable("the enclave keeps closing the connection")
 
     @property
-    def timeout(self) -> float:
-        """Seconds a request may wait for its answer."""
-        return self._timeout
-
-    @property
-    def connect_timeout(self) -> float:
-        return self._connect_timeout
-
-    @property
-    def transport(self) -> Transport:
-        return self._transport
-
-    @property
-    def max_frame_size(self) -> int:
-        return self._max_frame_size
+    def link(self) -> Link:
+        """Where the enclave is and how long to wait for it, for another connection to it
+        (:class:`~signd.enclave.channel.EnclaveChannel`)."""
+        return Link(self._transport, self._timeout, self._connect_timeout, self._max_frame_size)
 
     def submit(self, message_type: MessageType, body: Mapping[str, Any]) -> Future[dict[str, Any]]:
         """Send one request without waiting; the future holds the answer's body or its error.

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any, Final
@@ -151,6 +151,40 @@ class ProtocolViolation:
 
 
 Event = Frame | ProtocolViolation
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What an event a client received means: the request ``request_id`` it answers, with
+    its ``body`` or ``error``; or, with ``broken`` set, that the connection must close (and
+    every waiting request fail with that reason)."""
+
+    request_id: int
+    body: dict[str, Any] | None = None
+    error: SigndError | None = None
+    broken: str | None = None
+
+
+def reply_to(event: Event, expected: MessageType | None) -> Reply:
+    """Read an event on the client's side of a connection; ``expected`` is the type of the
+    request waiting under the event's request id (``None`` if none waits)."""
+    if isinstance(event, ProtocolViolation):
+        if event.fatal:
+            return Reply(event.request_id, broken="the enclave sent a garbled stream")
+        return Reply(event.request_id, error=event.error)
+    if event.message_type is MessageType.ERROR:
+        return Reply(event.request_id, error=error_from_body(event.body))
+    if not event.is_response or event.message_type is not expected:
+        return Reply(event.request_id, broken="the enclave answered out of protocol")
+    return Reply(event.request_id, body=event.body)
+
+
+def next_request_id(ids: Iterator[int], in_use: Container[int]) -> int:
+    """The next id from ``ids`` that no waiting request holds."""
+    request_id = next(ids)
+    while request_id in in_use:
+        request_id = next(ids)
+    return request_id
 
 
 def _check_max_frame_size(max_frame_size: int) -> int:

@@ -146,9 +146,8 @@ def test_keys_made_in_the_enclave_are_recorded_on_the_host_like_host_side_hsm_ke
     seen: list[int] = []
     keys = in_enclave.create_keys("ethereum", eth_address, 5, labels=["hot"], progress=seen.append)
     assert seen == [2, 4, 5]
-    on_token = {
-        key.label: key for key in HsmBackend(softhsm.settings(), metadata).list_token_keys()
-    }
+    with HsmBackend(softhsm.settings(), metadata) as host_side:  # closed: its login ends
+        on_token = {key.label: key for key in host_side.list_token_keys()}
     for key in keys:
         assert key.custody == "hsm"
         assert key.address == eth_address(key.public_key)
