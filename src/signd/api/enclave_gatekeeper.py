@@ -105,13 +105,31 @@ class _Session:
     for, and which of its calls have been sent to the enclave."""
 
     action: Action | SigndError
-    claimed: set[int] = field(default_factory=set)
+    claimed: _Claims = field(default_factory=lambda: _Claims())
+    """Which of the request's calls (by position) have been sent to the enclave."""
     lock: threading.Lock = field(default_factory=threading.Lock)
-    first_free: int = 0
-    """No call before this position in the request's calls is still unclaimed."""
     performed: tuple[_Signing, dict[str, Any]] | None = None
     """Calls the enclave performed with the authentication (one round trip), and its
     answer: :meth:`EnclaveGatekeeper.sign` takes their outcomes from there."""
+
+
+@dataclass(slots=True)
+class _Claims:
+    """Positions of a list, each taken at most once; searched from the first free one,
+    since calls usually come in the request's order (a 1,000-call batch is then one pass)."""
+
+    taken: set[int] = field(default_factory=set)
+    first_free: int = 0
+
+    def take(self, count: int, fits: Callable[[int], bool]) -> int | None:
+        """The first free position below ``count`` that ``fits``, now taken; else ``None``."""
+        for position in range(self.first_free, count):
+            if position not in self.taken and fits(position):
+                self.taken.add(position)
+                while self.first_free in self.taken:
+                    self.first_free += 1
+                return position
+        return None
 
 
 @dataclass(slots=True)
@@ -127,23 +145,17 @@ class _Signing:
     keys: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
     """Nothing to send: every outcome is final."""
-    handed: set[int] = field(default_factory=set)
+    handed: _Claims = field(default_factory=lambda: _Claims())
     """Positions in ``matched`` whose outcome :meth:`EnclaveGatekeeper._hand_out` gave."""
-    first_free: int = 0
-    """No position before this one is free (calls are usually asked for in order)."""
     raw: list[Any] | None = None
     """The enclave's outcome of each call, once read."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def claim(self, call: SigningCall) -> int | None:
-        """The first free position whose call is ``call`` exactly (taken), else ``None``."""
-        for position in range(self.first_free, len(self.matched)):
-            if position not in self.handed and _fills_for(self.matched[position].call, call) == {}:
-                self.handed.add(position)
-                while self.first_free in self.handed:
-                    self.first_free += 1
-                return position
-        return None
+        """The first position not yet handed out whose call is ``call`` exactly, taken."""
+        return self.handed.take(
+            len(self.matched), lambda position: _fills_for(self.matched[position].call, call) == {}
+        )
 
     def gate_arguments(self) -> dict[str, Any]:
         return {
@@ -670,23 +682,13 @@ class EnclaveGatekeeper:
         if not isinstance(action, SignCalls):
             return []
         matched: list[_Matched] = []
-        asked_calls = list(zip(action.origins, action.calls, strict=True))
+        asked = action.calls
         with session.lock:
             for index, call in enumerate(calls):
-                # Calls come in the request's order: search from the first unclaimed one.
-                for position in range(session.first_free, len(asked_calls)):
-                    origin, asked = asked_calls[position]
-                    if origin in session.claimed or isinstance(asked, SigndError):
-                        continue
-                    fills = _fills_for(asked, call)
-                    if fills is not None:
-                        session.claimed.add(origin)
-                        matched.append(_Matched(index, call, origin, fills))
-                        break
-                while session.first_free < len(asked_calls) and (
-                    asked_calls[session.first_free][0] in session.claimed
-                ):
-                    session.first_free += 1
+                position = session.claimed.take(len(asked), _fitting(asked, call))
+                fills = None if position is None else _fills_from(asked[position], call)
+                if position is not None and fills is not None:
+                    matched.append(_Matched(index, call, action.origins[position], fills))
         return matched
 
     def _describe(self, ref: str, info: KeyInfo) -> dict[str, Any]:
@@ -734,6 +736,16 @@ class EnclaveGatekeeper:
         else:
             raise DependencyUnavailable("the enclave sent a malformed outcome")
         return Signed(info, prepared.assemble(signature))
+
+
+def _fitting(asked: Sequence[SigningCall | SigndError], call: SigningCall) -> Callable[[int], bool]:
+    """Whether the request's call at a position is ``call`` (fills allowed)."""
+    return lambda position: _fills_from(asked[position], call) is not None
+
+
+def _fills_from(asked: SigningCall | SigndError, call: SigningCall) -> dict[str, Any] | None:
+    """:func:`_fills_for` a call of the request, which may be one it failed to parse."""
+    return None if isinstance(asked, SigndError) else _fills_for(asked, call)
 
 
 def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:

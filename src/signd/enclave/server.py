@@ -134,12 +134,12 @@ class EnclaveApp:
         """Whether ``frame`` is a GATE this enclave answers from memory (no KMS, storage or
         HSM call), so the connection's own thread may answer it without a hand-off to the
         worker pool."""
-        return (
-            self.gate is not None
-            and frame.message_type is MessageType.GATE
-            and not frame.is_response
-            and self.gate.answers_without_io(frame.body)
-        )
+        if self.gate is None or frame.message_type is not MessageType.GATE or frame.is_response:
+            return False
+        try:
+            return self.gate.answers_without_io(frame.body)
+        except Exception:  # a body too odd to judge: the pool answers it (with its error)
+            return False
 
     def handle(self, frame: Frame) -> bytes:
         """The encoded answer to a request frame: its result, or an ERROR frame."""
