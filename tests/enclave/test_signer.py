@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import coincurve
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import recover_public_key
+from signd.crypto.secret import Secret
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import CreatedKey, KeyReference
 from signd.enclave.sealing import SealedKey
@@ -329,3 +331,37 @@ def test_big_batches_are_sealed_one_at_a_time(kms: MemoryKms, blobs: MemoryBlobS
         assert signer.sign_digest(keys[-1].reference, DIGEST).recover_public_key(DIGEST) == (
             keys[-1].public_key
         )
+
+
+class SlowKms(MemoryKms):
+    """Each decrypt takes a while, as a round trip to KMS does."""
+
+    def decrypt(self, ciphertext: bytes, **options: Any) -> Secret:
+        time.sleep(0.05)
+        return super().decrypt(ciphertext, **options)
+
+
+def test_callers_missing_the_cache_together_unseal_a_key_once(blobs: MemoryBlobStore) -> None:
+    """When a key's cache entry runs out under load, the callers that miss it at the same
+    moment wait for one unseal instead of each calling KMS (and each reading its blob)."""
+    kms = SlowKms()
+    signer = EnclaveSigner(kms, blobs)
+    [created] = signer.create_keys("ethereum", 1)
+    reference = created.reference
+    signer.flush_cache()
+    kms.decrypted = 0
+    start = threading.Barrier(8)
+    signatures: list[bytes] = []
+
+    def sign() -> None:
+        start.wait()
+        signatures.append(signer.sign_digest(reference, DIGEST).to_bytes())
+
+    threads = [threading.Thread(target=sign) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(signatures) == 8
+    assert kms.decrypted == 1
+    assert recover_public_key(DIGEST, signatures[0]) == created.public_key

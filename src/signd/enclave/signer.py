@@ -78,6 +78,8 @@ MAX_BATCH_BLOB_SIZE: Final = MAX_BATCH * MAX_SEALED_SIZE
 """No range of a batch blob ends beyond this: MAX_BATCH keys of at most MAX_SEALED_SIZE bytes."""
 DEFAULT_GROUP_MAX_KEYS: Final = 64
 DEFAULT_GROUP_MAX_WAIT: Final = 0.002
+UNSEAL_STRIPES: Final = 64
+"""Locks that serialise unsealing the same key (a reference always maps to the same one)."""
 
 _RANGE: Final = re.compile(r"(0|[1-9][0-9]{0,9})\+([1-9][0-9]{0,9})", re.ASCII)
 _MALFORMED: Final = "sealed key blob failed its integrity check"
@@ -213,6 +215,9 @@ class EnclaveSigner:
         self._sealing = threading.Lock()
         self._open_group: _Group | None = None
         self._writes_in_flight = 0
+        self._unsealing = tuple(threading.Lock() for _ in range(UNSEAL_STRIPES))
+        """Held while a key is unsealed (striped by reference), so that callers missing the
+        cache for the same key wait for one unseal instead of each calling KMS."""
 
     def __repr__(self) -> str:
         return f"EnclaveSigner(kms={self._kms!r}, blobs={self._blobs!r}, cache={self._cache!r})"
@@ -407,9 +412,13 @@ class EnclaveSigner:
         labels included, and holds only keys unsealed under it), or unsealed now."""
         address_of = self._address_deriver(key.chain)
         private_key = self._cache.get(key)
-        if private_key is None:
-            private_key = self._unseal(key, address_of)
-            self._cache.put(key, private_key)
+        if private_key is not None:
+            return private_key
+        with self._unsealing[hash(key) % UNSEAL_STRIPES]:
+            private_key = self._cache.get(key)  # unsealed by another caller meanwhile?
+            if private_key is None:
+                private_key = self._unseal(key, address_of)
+                self._cache.put(key, private_key)
         return private_key
 
     def _unseal(self, key: KeyReference, address_of: AddressFunction) -> coincurve.PrivateKey:
