@@ -28,7 +28,7 @@ from starlette.requests import Request
 from signd.api.errors import BlindSigningDisabled, wire_error
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
-from signd.audit.log import DeferredAppends, deferring_appends
+from signd.audit.log import DeferredAppends, FileAuditLog, deferring_appends
 from signd.chains.ethereum import SignedTransaction
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
@@ -76,6 +76,23 @@ class _LoopDelivery:
         self._loop = weakref.ref(loop)  # weak: the loop keys it in _DELIVERIES
         self._lock = threading.Lock()
         self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._to_wake: list[FileAuditLog] = []
+        """Audit logs to wake at the end of this pass of the loop (loop thread only)."""
+
+    def wake_soon(self, log: FileAuditLog) -> None:
+        """Wake ``log``'s writer once the requests of this pass of the loop have submitted
+        their records, so that they share one write (call from the loop's thread)."""
+        if log in self._to_wake:
+            return
+        self._to_wake.append(log)
+        loop = self._loop()
+        if len(self._to_wake) == 1 and loop is not None:
+            loop.call_soon(self._wake_all)
+
+    def _wake_all(self) -> None:
+        logs, self._to_wake = self._to_wake, []
+        for log in logs:
+            log.wake()
 
     def deliver(
         self, future: asyncio.Future[Any], result: Any, error: BaseException | None
@@ -161,8 +178,7 @@ async def durable(appends: DeferredAppends) -> None:
     loop = asyncio.get_running_loop()
     delivery = _delivery(loop)
     for log in appends.logs:
-        if log.request_wake():
-            loop.call_soon(log.wake)
+        delivery.wake_soon(log)
     waiter: asyncio.Future[None] = loop.create_future()
     countdown = _Countdown(len(appends.submissions), waiter, delivery)
     for log, submission in appends.submissions:

@@ -135,7 +135,6 @@ class FileAuditLog:
         self.order_timeout = order_timeout
         self.commit_interval = commit_interval
         self._group_started = -math.inf
-        self._wake_requested = False
         self._last = _read_last_record(self.path)
         existed = self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -229,16 +228,8 @@ class FileAuditLog:
                 return
         listener(None if submission.error is None else _fresh(submission.error))
 
-    def request_wake(self) -> bool:
-        """True for the first caller since the last :meth:`wake`: that caller schedules it."""
-        if self._wake_requested:
-            return False
-        self._wake_requested = True
-        return True
-
     def wake(self) -> None:
         """Wake the writer thread of submissions."""
-        self._wake_requested = False
         with self._state:
             self._work.notify()
 
