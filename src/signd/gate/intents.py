@@ -84,7 +84,12 @@ def _transaction(payload: Mapping[str, Any], key: KeyInfo) -> Prepared:
         "has_data": bool(data),
         "data_selector": data[:SELECTOR_SIZE] if len(data) >= SELECTOR_SIZE else None,
     }
-    return Prepared(Operation.SIGN_TRANSACTION, unsigned.signing_digest(), unsigned.assemble, facts)
+    signer = key.address  # signatures reach assemble checked against this key
+
+    def assemble(signature: RecoverableSignature) -> SignedTransaction:
+        return unsigned.assemble(signature, signer=signer)
+
+    return Prepared(Operation.SIGN_TRANSACTION, unsigned.signing_digest(), assemble, facts)
 
 
 def _typed_data(document: Mapping[str, Any]) -> Prepared:

@@ -194,7 +194,7 @@ class Signer:
         backend, info = self._ethereum_key(ref)
         unsigned = parse_transaction(transaction)
         signature = backend.sign_digest(info, unsigned.signing_digest())
-        return unsigned.assemble(signature)
+        return unsigned.assemble(signature, signer=info.address)  # checked against the key
 
     def sign_eth_message(self, ref: str | KeyInfo, message: bytes) -> MessageSignature:
         """EIP-191 personal_sign."""

@@ -16,7 +16,7 @@ from signd.chains.ethereum.transactions import (
     decode_transaction,
     parse_transaction,
 )
-from signd.crypto.secp256k1 import CURVE_ORDER, RecoverableSignature
+from signd.crypto.secp256k1 import CURVE_ORDER, RecoverableSignature, sign_digest_with
 from signd.errors import InvalidField, InvalidSignature, InvalidTransaction
 from tests.chains.ethereum.support import address_of, private_key, sign
 
@@ -374,3 +374,18 @@ def test_typed_transactions_need_a_chain_id() -> None:
     transaction = parse_transaction(EIP1559)
     with pytest.raises(InvalidField):
         dataclasses.replace(transaction, chain_id=None)
+
+
+def test_a_known_signer_is_the_sender_without_recovering_it() -> None:
+    """A caller that knows which key made the signature (its recovery id was checked against
+    that key) names it, and gets the same transaction as recovering the sender would give;
+    a transaction whose ``from`` is another address is still refused."""
+    transaction = parse_transaction(EIP1559)
+    signature = sign_digest_with(KEY, transaction.signing_digest())
+    recovered = transaction.assemble(signature)
+    named = transaction.assemble(signature, signer=address_of(KEY))
+    assert named.to_dict() == recovered.to_dict()
+    assert named.raw == recovered.raw and named.hash == recovered.hash
+    claimed = parse_transaction(EIP1559 | {"from": "0x" + "11" * 20})
+    with pytest.raises(InvalidSignature):
+        claimed.assemble(sign_digest_with(KEY, claimed.signing_digest()), signer=address_of(KEY))

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 from signd.chains.ethereum.encoding import is_hex
 from signd.crypto.hashing import keccak256
 from signd.crypto.secp256k1 import uncompressed_public_key
 from signd.errors import InvalidField
 
 ADDRESS_SIZE = 20
+CHECKSUMS_REMEMBERED = 65_536
 
 
 def _checksum(hex40: str) -> str:
     """EIP-55: upper-case each letter whose nibble in keccak(lower-case hex) is >= 8."""
-    lower = hex40.lower()
+    return _checksum_of_lower(hex40.lower())
+
+
+@functools.lru_cache(maxsize=CHECKSUMS_REMEMBERED)
+def _checksum_of_lower(lower: str) -> str:
+    """:func:`_checksum` of lower-case hex, remembered: a service checks and writes the same
+    few addresses (its keys, the usual destinations) over and over, a keccak each time."""
     digest = keccak256(lower.encode("ascii")).hex()
     return "0x" + "".join(
         char.upper() if nibble >= "8" else char for char, nibble in zip(lower, digest, strict=False)

@@ -282,8 +282,14 @@ class UnsignedTransaction(ABC):
         """The 32-byte digest a custody backend signs."""
         return keccak256(self.signing_payload())
 
-    def assemble(self, signature: RecoverableSignature) -> SignedTransaction:
-        """Attach a signature over :meth:`signing_digest` and return the signed transaction."""
+    def assemble(
+        self, signature: RecoverableSignature, *, signer: str | None = None
+    ) -> SignedTransaction:
+        """Attach a signature over :meth:`signing_digest` and return the signed transaction.
+
+        ``signer`` is the checksummed address of the key that made ``signature``, when the
+        caller knows it (its recovery id was checked against that key, or libsecp256k1 made
+        it with that key): the sender is then not recovered again."""
         if signature.recovery_id > 1:
             raise InvalidSignature("Ethereum signatures need a recovery id of 0 or 1")
         v = self._v(signature.recovery_id)
@@ -294,6 +300,7 @@ class UnsignedTransaction(ABC):
             self,
             TransactionSignature(signature.r, signature.s, v),
             signature,
+            signer,
         )
         if self.from_address is not None and signed.sender != self.from_address:
             raise InvalidSignature("the signature does not recover to the transaction's from")
