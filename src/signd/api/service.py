@@ -16,7 +16,6 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, Protocol, TypeVar, cast
@@ -127,25 +126,6 @@ def _delivery(loop: asyncio.AbstractEventLoop) -> _LoopDelivery:
     if delivery is None:
         delivery = _DELIVERIES[loop] = _LoopDelivery(loop)
     return delivery
-
-
-async def answer_of(future: Future[T]) -> T:
-    """Await a future that another thread completes (the enclave client's reader), with
-    the loop woken once for every answer that arrived meanwhile. Cancelling the wait leaves
-    ``future`` alone."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[T] = loop.create_future()
-    delivery = _delivery(loop)
-
-    def done(finished: Future[T]) -> None:
-        if finished.cancelled():
-            delivery.deliver(waiter, None, asyncio.CancelledError())
-            return
-        error = finished.exception()
-        delivery.deliver(waiter, None if error is not None else finished.result(), error)
-
-    future.add_done_callback(done)
-    return await waiter
 
 
 class _Countdown:

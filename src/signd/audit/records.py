@@ -269,14 +269,15 @@ def rfc3339(timestamp: float) -> str:
         second, micros = second + 1, micros - 1_000_000
     elif micros < 0:
         second, micros = second - 1, micros + 1_000_000
-    cached = _SECOND_TEXT
-    if cached[0] != second:
-        moment = datetime.fromtimestamp(second, UTC)
-        cached = _SECOND_TEXT[:] = [second, moment.strftime("%Y-%m-%dT%H:%M:%S.")]
-    return f"{cached[1]}{micros // 1000:03d}Z"
+    global _second_text
+    cached_second, text = _second_text  # one read: a second and its text, never mixed
+    if cached_second != second:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_text = (second, text)
+    return f"{text}{micros // 1000:03d}Z"
 
 
-_SECOND_TEXT: list[Any] = [None, ""]
+_second_text: tuple[int, str] = (-1, "")
 """The last whole second :func:`rfc3339` formatted, and its text up to the milliseconds."""
 
 
