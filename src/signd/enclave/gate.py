@@ -190,6 +190,8 @@ class EnclaveGate:
         self._audit_key_ciphertext = b""
         self._lock = threading.Lock()
         self._seal_lock = threading.Lock()
+        self._started = math.floor(now())
+        """The whole second this gate came up: requests signed before it are refused."""
         self._tail_wanted: tuple[bytes, float] | None = None
         """While the spend windows are incomplete: the hash the next older chunk of the
         audit tail must end at, and the time it must reach back to."""
@@ -255,11 +257,10 @@ class EnclaveGate:
             if configured is None:
                 clients = ClientsHolder(clients_data)
                 policy = PolicyHolder(policy_data)
-                # Request timestamps are whole seconds: refuse those signed before this
-                # second (the nonces seen before it are not known here).
-                verifier = RequestVerifier(
-                    clients, now=self._now, not_before=math.floor(self._now())
-                )
+                # Request timestamps are whole seconds: refuse those signed before the second
+                # this enclave started (an earlier one may have seen their nonces). A request
+                # signed after that and before this configuration reached no enclave.
+                verifier = RequestVerifier(clients, now=self._now, not_before=self._started)
                 engine = PolicyEngine(policy, now=self._now)
                 since = self._now() - engine.longest_window
                 self._replay(engine, first_tail, since)
