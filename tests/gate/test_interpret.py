@@ -488,8 +488,10 @@ class RecordingGate:
         self.reads.append(ReadKeys(None, chain, label, custody, cursor, limit))
         return KeyPage([], None)
 
-    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
-        return False
+    async def sign_async(
+        self, principal: Principal, calls: Sequence[SigningCall], run: Any
+    ) -> list[Signed | Exception]:
+        return self.sign(principal, calls)
 
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         with self._lock:

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from signd.api.service import Runner
 from signd.audit import FileAuditLog, SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
-from signd.auth import Principal, Scope
+from signd.auth import Scope
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature, normalize_signature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
@@ -65,8 +64,14 @@ from signd.gate.interpret import (
     apply_fills,
     interpret,
 )
-from signd.gate.keeper import Caller, GateRequest, labels_refusal
-from signd.gate.operations import Signed, SigningCall, SigningKind
+from signd.gate.keeper import (
+    Caller,
+    GateRequest,
+    labels_refusal,
+    require_scope,
+    visible_page,
+)
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
 from signd.gate.setup import GatePaths, write_private
 from signd.operations import Signer
 from signd.policy import Policy, SpendWindowsUnavailable
@@ -248,9 +253,6 @@ class EnclaveGatekeeper:
         self._resume_wanted = False
         """An append failed: have the enclave resume from the log before the next GATE."""
         self._event_channel: EnclaveChannel | None = None
-
-    authenticates_inline = False
-    """Authentication is a round trip to the enclave."""
 
     def __repr__(self) -> str:
         return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
@@ -525,7 +527,7 @@ class EnclaveGatekeeper:
     def get_key(self, caller: Caller, ref: str) -> KeyInfo:
         """``keys:read`` (checked, and refusals audited, by the enclave when the request is a
         key read); only a key the client may use (by the host's records)."""
-        self._require_read(caller.principal)
+        require_scope(caller.principal, Scope.KEYS_READ)
         info = self.signer.get_key(ref)
         if not caller.principal.may_use(info.labels):
             raise labels_refusal(caller.client_id, info)
@@ -541,17 +543,11 @@ class EnclaveGatekeeper:
         cursor: str | None,
         limit: int,
     ) -> KeyPage:
-        self._require_read(caller.principal)
+        require_scope(caller.principal, Scope.KEYS_READ)
         page = self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
         )
-        keys = [key for key in page.keys if caller.principal.may_use(key.labels)]
-        return KeyPage(keys, page.next_cursor)
-
-    @staticmethod
-    def _require_read(principal: Principal) -> None:
-        if not principal.has_scope(Scope.KEYS_READ):
-            raise OutOfScope(f"client {principal.client_id!r} lacks scope {Scope.KEYS_READ}")
+        return visible_page(caller.principal, page)
 
     # signatures
 

@@ -22,10 +22,11 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from signd.api import inputs
-from signd.api.service import Authenticator, Principal, Runner, gated, gated_async
+from signd.api.service import Authenticator, Principal, gated
 from signd.api.settings import ApiSettings
 from signd.custody.base import KeyInfo, KeyPage
 from signd.gate import Caller, GateRequest, Signed, SigningCall, SigningKind, Unauthenticated
+from signd.gate.operations import Runner
 
 AUTH_HEADER_PREFIX = "x-signd-"
 SIGN_PREFIX = "/v1/sign/"
@@ -33,17 +34,26 @@ SIGN_PREFIX = "/v1/sign/"
 
 
 class Keeper(Protocol):
-    """What the seams need of a gatekeeper; blocking, thread-safe."""
-
-    authenticates_inline: bool
-    """True when :meth:`authenticate` needs no I/O but deferrable audit appends, so that the
-    service may call it on the event loop (:func:`~signd.api.service.gated`)."""
+    """What the seams need of a gatekeeper; thread-safe. Authentication and signing are
+    awaited (each gate decides what runs on the event loop and what in ``run``'s thread);
+    the rest blocks and the service calls it in its thread pool."""
 
     def authenticate(self, request: GateRequest) -> Caller: ...
+
+    async def authenticate_async(
+        self, request: GateRequest, run: Runner, perform: frozenset[SigningKind] = frozenset()
+    ) -> Caller:
+        """:meth:`authenticate`; a gate in another process may also perform the request's
+        calls of the kinds ``perform`` names, in the same round trip."""
+        ...
 
     def signs_inline(self, calls: Sequence[SigningCall]) -> bool:
         """True when :meth:`sign` of ``calls`` needs no I/O but deferrable audit appends."""
         ...
+
+    async def sign_async(
+        self, caller: Caller, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]: ...
 
     def create_keys(
         self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -90,8 +100,6 @@ def auth_headers(request: Request) -> dict[str, str]:
 def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:
     """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413."""
 
-    inline = gatekeeper.authenticates_inline
-    authenticate_async = getattr(gatekeeper, "authenticate_async", None)
     run = anyio.to_thread.run_sync
     # What a gate in another process may perform along with authenticating a REST signing
     # request (one round trip): signatures the service cannot refuse after authentication.
@@ -106,11 +114,8 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
     async def authenticate(request: Request) -> Principal:
         body = await inputs.read_body(request, settings.max_body_bytes)
         received = GateRequest(request.method, request_target(request), body, auth_headers(request))
-        if authenticate_async is not None:
-            kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
-            caller: Caller = await gated_async(authenticate_async, received, run, kinds)
-        else:
-            caller = await gated(inline, run, gatekeeper.authenticate, received)
+        kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
+        caller = await gated(gatekeeper.authenticate_async, received, run, kinds)
         return Principal(caller.client_id, caller)
 
     return authenticate
@@ -127,9 +132,6 @@ class GatekeeperGate:
         if principal.caller is None:
             raise Unauthenticated("the request was not authenticated")
         return principal.caller
-
-    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
-        return principal.caller is not None and self.gatekeeper.signs_inline(calls)
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -160,21 +162,7 @@ class GatekeeperGate:
             limit=limit,
         )
 
-    def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
-        return self.gatekeeper.sign(self._caller(principal), calls)
-
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
-        """:meth:`sign` without a thread where none is needed: the enclave's gate is awaited,
-        and the in-process gate runs on the event loop when :meth:`signs_inline`. Audit
-        appends are deferred to the caller (:func:`~signd.api.service.gated_async`)."""
-        caller = self._caller(principal)
-        sign_async = getattr(self.gatekeeper, "sign_async", None)
-        if sign_async is not None:
-            outcomes: list[Signed | Exception] = await sign_async(caller, calls, run)
-            return outcomes
-        if self.gatekeeper.signs_inline(calls):
-            return self.gatekeeper.sign(caller, calls)
-        signed: list[Signed | Exception] = await run(self.gatekeeper.sign, caller, calls)
-        return signed
+        return await self.gatekeeper.sign_async(self._caller(principal), calls, run)

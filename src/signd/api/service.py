@@ -33,6 +33,7 @@ from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
 from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
+from signd.gate.operations import Runner
 from signd.operations import Signer
 from signd.operations.attestation import Attestation, AttestationNotConfigured, EnclaveAttestor
 from signd.operations.signer import MessageSignature
@@ -166,28 +167,11 @@ async def durable(appends: DeferredAppends) -> None:
     await waiter
 
 
-Runner = Callable[..., Awaitable[Any]]
-"""Runs a blocking call in a thread pool: ``await run(function, *args)``."""
-
-
-async def gated(inline: bool, run: Runner, function: Callable[..., T], *args: Any) -> T:
-    """Call a gate method with its audit appends deferred (:func:`~signd.audit.log.
+async def gated(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Await a gate call with its audit appends deferred (:func:`~signd.audit.log.
     deferring_appends`), then wait until they are durable before returning or raising: the
     result leaves only with its records, and a failed append replaces it (as when the gate
-    appends and waits itself). ``inline`` runs it on the event loop (for calls that need no
-    I/O besides the append), else through ``run``, so no thread waits for an fsync."""
-    with deferring_appends() as appends:
-        try:
-            result: T = function(*args) if inline else await run(function, *args)
-        except BaseException:
-            await durable(appends)
-            raise
-    await durable(appends)
-    return result
-
-
-async def gated_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """:func:`gated` for a coroutine function (a gate that awaits the enclave)."""
+    appends and waits itself). No thread waits for an fsync."""
     with deferring_appends() as appends:
         try:
             result: T = await function(*args)
@@ -202,13 +186,10 @@ class SigningGate(Protocol):
     """Every key and signing call of the service goes through the gate; it raises
     :class:`~signd.errors.AccessDenied` (or a subclass) to refuse.
 
-    Blocking: the service calls it in its thread pool, or on the event loop when
-    :meth:`signs_inline` says a signing call needs no I/O.
+    The key methods are blocking (the service calls them in its thread pool); signing is
+    awaited, so that a gate may sign on the event loop when that needs no I/O, or await an
+    enclave, and use ``run`` (the pool) only for what blocks.
     """
-
-    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
-        """True when :meth:`sign` of ``calls`` needs no I/O but deferrable audit appends."""
-        ...
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -227,7 +208,9 @@ class SigningGate(Protocol):
         limit: int,
     ) -> KeyPage: ...
 
-    def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
+    async def sign_async(
+        self, principal: Principal, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]:
         """Sign ``calls`` in order; each one's result or the error it met."""
         ...
 
@@ -247,9 +230,6 @@ class UngatedSigner:
     For unit tests of routes (with :func:`allow_anonymous_for_tests`) and benchmarks."""
 
     signer: Signer
-
-    def signs_inline(self, principal: Principal, calls: Sequence[SigningCall]) -> bool:
-        return all(self.signer.key_is_local(call.key) for call in calls)
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -272,6 +252,15 @@ class UngatedSigner:
         return self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
         )
+
+    async def sign_async(
+        self, principal: Principal, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]:
+        """On the event loop when every key signs in this process without I/O."""
+        if all(self.signer.key_is_local(call.key) for call in calls):
+            return self.sign(principal, calls)
+        signed: list[Signed | Exception] = await run(self.sign, principal, calls)
+        return signed
 
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Resolves each distinct key once per call."""
@@ -326,19 +315,12 @@ class SigningService:
 
     async def through_gate(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A gate call in the thread pool, its audit appends awaited here (:func:`gated`)."""
-        return await gated(False, self.run, partial(function, *args, **kwargs))
+        return await gated(self.run, partial(function, *args, **kwargs))
 
     async def _gate_sign(
         self, principal: Principal, calls: Sequence[SigningCall]
     ) -> list[Signed | Exception]:
-        sign_async = getattr(self.gate, "sign_async", None)
-        if sign_async is not None:
-            outcome: list[Signed | Exception] = await gated_async(
-                sign_async, principal, calls, self.run
-            )
-            return outcome
-        inline = self.gate.signs_inline(principal, calls)
-        return await gated(inline, self.run, self.gate.sign, principal, calls)
+        return await gated(self.gate.sign_async, principal, calls, self.run)
 
     # keys
 

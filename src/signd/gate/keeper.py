@@ -29,7 +29,7 @@ from signd.errors import AccessDenied, ConfigurationError, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
-from signd.gate.operations import Signed, SigningCall, SigningKind
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
 from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
 
 log = logging.getLogger("signd.gate")
@@ -148,9 +148,6 @@ class Gatekeeper:
         self.clients = clients
         self.policy = policy
 
-    authenticates_inline = True
-    """Authentication here is CPU work only (and an audit append, which may be deferred)."""
-
     def __repr__(self) -> str:
         return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
 
@@ -190,6 +187,15 @@ class Gatekeeper:
             raise Unauthenticated(exc.message) from None
         return Caller(principal, request.sha256)
 
+    async def authenticate_async(
+        self, request: GateRequest, run: Runner, perform: frozenset[SigningKind] = frozenset()
+    ) -> Caller:
+        """:meth:`authenticate` for an event loop: it is CPU work only here, so it runs on
+        the loop (inside :func:`~signd.audit.log.deferring_appends` a refusal's audit append
+        is submitted, and the caller awaits it). ``run`` and ``perform`` matter to a gate in
+        another process; this one performs nothing ahead."""
+        return self.authenticate(request)
+
     # keys
 
     def create_keys(
@@ -200,7 +206,7 @@ class Gatekeeper:
         base = self._entry(caller, Operation.KEYS_CREATE, chain=chain)
         wanted = check_labels(labels)
         address_deriver(chain)  # an unknown chain is a bad request, not a policy question
-        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_CREATE))
+        self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_CREATE))
         if not caller.principal.may_label(wanted):
             self._refuse(
                 base,
@@ -237,7 +243,7 @@ class Gatekeeper:
     def get_key(self, caller: Caller, ref: str) -> KeyInfo:
         """``keys:read``, and only a key the client may use."""
         base = self._entry(caller, Scope.KEYS_READ)
-        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_READ))
+        self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         info = self.signer.get_key(ref)
         if not caller.principal.may_use(info.labels):
             self._refuse(base | key_fields(info), self._labels_refusal(caller, info))
@@ -256,12 +262,11 @@ class Gatekeeper:
         """``keys:read``; a client restricted to some labels sees only keys with one of them
         (so a page may hold fewer than ``limit`` keys while ``next_cursor`` goes on)."""
         base = self._entry(caller, Scope.KEYS_READ)
-        self._guard(base, lambda: self._require(caller.principal, Scope.KEYS_READ))
+        self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         page = self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
         )
-        keys = [key for key in page.keys if caller.principal.may_use(key.labels)]
-        return KeyPage(keys, page.next_cursor)
+        return visible_page(caller.principal, page)
 
     # signatures
 
@@ -270,6 +275,16 @@ class Gatekeeper:
         caller inside :func:`~signd.audit.log.deferring_appends` does not wait for): every
         key is known and signs in this process. Authentication never needs I/O here."""
         return all(self.signer.key_is_local(call.key) for call in calls)
+
+    async def sign_async(
+        self, caller: Caller, calls: Sequence[SigningCall], run: Runner
+    ) -> list[Signed | Exception]:
+        """:meth:`sign` for an event loop: on the loop when :meth:`signs_inline`, else in
+        ``run``'s thread."""
+        if self.signs_inline(calls):
+            return self.sign(caller, calls)
+        signed: list[Signed | Exception] = await run(self.sign, caller, calls)
+        return signed
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.
@@ -351,11 +366,6 @@ class Gatekeeper:
         return caller_entry(caller.client_id, caller.request_sha256, operation, chain=chain)
 
     @staticmethod
-    def _require(principal: Principal, scope: Scope) -> None:
-        if not principal.has_scope(scope):
-            raise OutOfScope(f"client {principal.client_id!r} lacks scope {scope}")
-
-    @staticmethod
     def _labels_refusal(caller: Caller, info: KeyInfo) -> OutOfScope:
         return labels_refusal(caller.client_id, info)
 
@@ -425,6 +435,18 @@ def scope_refusal(principal: Principal, kind: SigningKind) -> OutOfScope | None:
     if principal.has_scope(scope):
         return None
     return OutOfScope(f"client {principal.client_id!r} lacks scope {scope}")
+
+
+def require_scope(principal: Principal, scope: Scope) -> None:
+    """Raise :class:`OutOfScope` unless the client holds ``scope``."""
+    if not principal.has_scope(scope):
+        raise OutOfScope(f"client {principal.client_id!r} lacks scope {scope}")
+
+
+def visible_page(principal: Principal, page: KeyPage) -> KeyPage:
+    """The keys of ``page`` the client may use; the cursor goes on regardless (so a page may
+    hold fewer keys than asked for)."""
+    return KeyPage([key for key in page.keys if principal.may_use(key.labels)], page.next_cursor)
 
 
 def labels_refusal(client_id: str, info: KeyInfo) -> OutOfScope:

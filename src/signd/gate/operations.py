@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,3 +56,7 @@ class Signed:
 
     key: KeyInfo
     result: SigningResult
+
+
+Runner = Callable[..., Awaitable[Any]]
+"""Runs a blocking call in a thread pool: ``await run(function, *args)`` (the API's)."""
