@@ -1,4 +1,4 @@
-"""Reading request bodies off Starlette requests, with a size limit.
+"""Reading request bodies, off ASGI messages or Starlette requests, with a size limit.
 
 The pure parsing (strict JSON, typed fields that name themselves) lives in
 :mod:`signd.gate.inputs`, shared with the enclave; its helpers are re-exported here.
@@ -6,9 +6,10 @@ The pure parsing (strict JSON, typed fields that name themselves) lives in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope
 
 from signd.api.errors import PayloadTooLarge
 from signd.gate.inputs import (
@@ -32,9 +33,14 @@ __all__ = [
     "query_integer",
     "read_body",
     "read_object",
+    "receive_body",
     "string_list",
     "text",
 ]
+
+
+BODY_STATE: Final = "signd_body"
+"""Where the body, once read, is kept in the request's state."""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -42,21 +48,35 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     Kept on the request once read, so that authentication (which needs the body bytes) and
     the handler can both read it."""
-    cached = getattr(request.state, "signd_body", None)
+    return await receive_body(request.scope, request.receive, limit)
+
+
+async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """:func:`read_body` straight off an ASGI request's messages (no Starlette request)."""
+    state = scope.setdefault("state", {})
+    cached = state.get(BODY_STATE)
     if isinstance(cached, bytes):
         return cached
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise PayloadTooLarge(f"the request body is over {limit} bytes")
+            break
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    request.state.signd_body = body
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    state[BODY_STATE] = body
     return body
 
 

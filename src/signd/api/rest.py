@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from signd.api import inputs
 from signd.api.errors import wire_error
@@ -37,12 +39,15 @@ from signd.gate.inputs import (
     MAX_PAGE,
     check_fields,
     parse_batch_item,
+    parse_object,
     parse_signing_request,
 )
 from signd.operations.attestation import Attestation
 from signd.operations.signer import signature_to_dict
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
+SigningHandler = Callable[[Principal, bytes], Awaitable[Any]]
+"""A signing route's work once its caller is known: the body in, the JSON answer out."""
 
 
 async def perform_signing(
@@ -114,6 +119,47 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
+_JSON_HEADERS: Final = (b"content-type", b"application/json")
+
+
+async def send_json(send: Send, status: int, content: Any) -> None:
+    """Answer with ``content`` as JSON, encoded as :class:`~starlette.responses.JSONResponse`
+    encodes it."""
+    body = json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode("latin-1")), _JSON_HEADERS],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class SigningEndpoint:
+    """A REST signing route as a plain ASGI app: the body is read off the ASGI messages and
+    the answer sent as one JSON body, without Starlette's request and response objects.
+    Signing routes carry nearly all the load, and those objects cost as much as the gate's
+    own work; authentication, the gate and the error answers are the same as everywhere."""
+
+    def __init__(self, api: RestApi, handler: SigningHandler) -> None:
+        self.api = api
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = self.api
+        try:
+            body = await inputs.receive_body(scope, receive, api.settings.max_body_bytes)
+            principal = await api.authenticate(Request(scope, receive))
+            status, answer = 200, await self.handler(principal, body)
+        except Exception as exc:
+            status, error = error_body(exc, api.metrics)
+            answer = {"error": error}
+        await send_json(send, status, answer)
+
+
 class RestApi:
     """The REST endpoints, bound to one :class:`SigningService`."""
 
@@ -127,19 +173,11 @@ class RestApi:
         return [
             Route("/v1/keys", self._wrap(self.keys), methods=["GET", "POST"]),
             Route("/v1/keys/{key}", self._wrap(self.get_key), methods=["GET"]),
-            Route("/v1/sign/hash", self._wrap(self.sign_hash), methods=["POST"]),
-            Route(
-                "/v1/sign/ethereum/transaction",
-                self._wrap(self.sign_eth_transaction),
-                methods=["POST"],
-            ),
-            Route("/v1/sign/ethereum/message", self._wrap(self.sign_eth_message), methods=["POST"]),
-            Route(
-                "/v1/sign/ethereum/typed-data",
-                self._wrap(self.sign_eth_typed_data),
-                methods=["POST"],
-            ),
-            Route("/v1/sign/batch", self._wrap(self.sign_batch), methods=["POST"]),
+            self._signing_route("/v1/sign/hash", SigningKind.HASH),
+            self._signing_route("/v1/sign/ethereum/transaction", SigningKind.ETH_TRANSACTION),
+            self._signing_route("/v1/sign/ethereum/message", SigningKind.ETH_MESSAGE),
+            self._signing_route("/v1/sign/ethereum/typed-data", SigningKind.ETH_TYPED_DATA),
+            Route("/v1/sign/batch", SigningEndpoint(self, self.sign_batch), methods=["POST"]),
             Route("/v1/attestation", self._wrap(self.attestation, public=True), methods=["GET"]),
             Route("/healthz", self._wrap(self.healthz, public=True), methods=["GET"]),
             Route("/readyz", self._wrap(self.readyz, public=True), methods=["GET"]),
@@ -211,30 +249,19 @@ class RestApi:
 
     # signatures
 
-    async def _sign_endpoint(
-        self, request: Request, principal: Principal, kind: SigningKind
-    ) -> Response:
-        body = await inputs.read_object(request, self.settings.max_body_bytes)
-        signing = parse_signing_request(kind, body)
-        return JSONResponse(await perform_signing(self.service, principal, signing))
+    def _signing_route(self, path: str, kind: SigningKind) -> Route:
+        async def sign(principal: Principal, body: bytes) -> dict[str, Any]:
+            signing = parse_signing_request(kind, parse_object(body))
+            return await perform_signing(self.service, principal, signing)
 
-    async def sign_hash(self, request: Request, principal: Principal) -> Response:
-        return await self._sign_endpoint(request, principal, SigningKind.HASH)
+        return Route(path, SigningEndpoint(self, sign), methods=["POST"])
 
-    async def sign_eth_transaction(self, request: Request, principal: Principal) -> Response:
-        return await self._sign_endpoint(request, principal, SigningKind.ETH_TRANSACTION)
-
-    async def sign_eth_message(self, request: Request, principal: Principal) -> Response:
-        return await self._sign_endpoint(request, principal, SigningKind.ETH_MESSAGE)
-
-    async def sign_eth_typed_data(self, request: Request, principal: Principal) -> Response:
-        return await self._sign_endpoint(request, principal, SigningKind.ETH_TYPED_DATA)
-
-    async def sign_batch(self, request: Request, principal: Principal) -> Response:
+    async def sign_batch(self, principal: Principal, body: bytes) -> dict[str, Any]:
         """Validate every request first (a malformed one fails the batch with 400), then sign
         them all concurrently; each answer is a result or the error that request met."""
-        body = await self._body(request, frozenset({"requests"}))
-        items = body.get("requests")
+        document = parse_object(body)
+        check_fields(document, frozenset({"requests"}))
+        items = document.get("requests")
         if not isinstance(items, list) or not 1 <= len(items) <= self.settings.max_batch:
             raise InvalidField(
                 f"requests must be a list of 1 to {self.settings.max_batch} requests",
@@ -244,7 +271,7 @@ class RestApi:
         outcomes = await self.service.sign_batch(
             principal, [(item.kind, item.key, item.payload) for item in parsed]
         )
-        return JSONResponse({"results": [self._batch_answer(outcome) for outcome in outcomes]})
+        return {"results": [self._batch_answer(outcome) for outcome in outcomes]}
 
     def _batch_answer(self, outcome: SigningResult | Exception) -> dict[str, Any]:
         if isinstance(outcome, Exception):
