@@ -120,6 +120,31 @@ def test_cache_use_limit_forces_a_fresh_unseal(kms: MemoryKms, blobs: MemoryBlob
     assert kms.decrypted == before + 2
 
 
+def test_a_proven_key_signs_with_the_cache_use_of_its_proof(
+    kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    """The gate proves a key's labels, then signs: one use of the cache between them, so
+    ``max_uses`` counts signatures."""
+    signer = EnclaveSigner(kms, blobs, cache=UnsealedKeyCache(max_uses=2))
+    [key] = signer.create_keys("ethereum", 1)
+    before = kms.decrypted
+    signatures = [signer.proven_key(key.reference).sign_digest(DIGEST) for _ in range(4)]
+    assert kms.decrypted == before + 2
+    public_key = signatures[0].recover_public_key(DIGEST)
+    assert eth_address(public_key) == key.address
+    assert "ProvenKey(" in repr(signer.proven_key(key.reference))
+    assert key.key_id in repr(signer.proven_key(key.reference))
+
+
+def test_a_proof_with_a_wrong_claim_gives_no_key(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    [key] = signer.create_keys("ethereum", 1)
+    claimed = dataclasses.replace(key.reference, labels=("treasury",))
+    with pytest.raises(IntegrityError):
+        signer.proven_key(claimed)
+
+
 @pytest.mark.parametrize("field", ["encrypted_private_key", "nonce", "encrypted_data_key"])
 def test_tampered_blob_fields_fail_closed(
     signer: EnclaveSigner, blobs: MemoryBlobStore, field: str

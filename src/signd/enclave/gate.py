@@ -73,7 +73,7 @@ from signd.enclave.protocol import (
     require_list,
     require_str,
 )
-from signd.enclave.signer import EnclaveSigner
+from signd.enclave.signer import EnclaveSigner, ProvenKey
 from signd.errors import (
     AccessDenied,
     ConfigurationError,
@@ -391,7 +391,7 @@ class EnclaveGate:
                 )
             except (KeyError, TypeError, SigndError):
                 return False
-            if not self._signer.holds_unsealed(reference, uses=2):
+            if not self._signer.holds_unsealed(reference):
                 return False
         return True
 
@@ -582,17 +582,18 @@ class EnclaveGate:
         if info is None or not _names(call.key, info):
             raise refuse(KeyNotFound(f"no key {call.key!r}"))
         base |= key_fields(info)
+        proven: ProvenKey | None = None
         try:
             if fill:
                 if call.kind is not SigningKind.ETH_TRANSACTION:
                     raise InvalidRequest("only a transaction has fields to fill")
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
-                info = self._proven(info)
+                proven = self._signer.proven_key(_reference(info))
             approval = approve(principal, call, info, configured.engine)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
-        return self._perform(configured, approval, base, answer)
+        return self._perform(configured, approval, base, answer, proven)
 
     def _perform(
         self,
@@ -600,14 +601,17 @@ class EnclaveGate:
         approval: Approval,
         base: AuditEntry,
         answer: _Answer,
+        proven: ProvenKey | None,
     ) -> dict[str, Any]:
+        """Sign an approved call with ``proven`` (an enclave key, proven while approving), or
+        pass the approval to the host's custody."""
         decision, info, digest = approval.decision, approval.key, approval.prepared.digest
         outcome: dict[str, Any]
         result_sha256 = None
         reason = decision.reason
         try:
-            if info.custody == CUSTODY_ENCLAVE:
-                signature = self._signer.sign_digest(_reference(info), digest)
+            if proven is not None:
+                signature = proven.sign_digest(digest)
                 result = approval.prepared.assemble(signature)
                 result_sha256 = sha256_hex(result_bytes(result))
                 outcome = {"signature": signature.to_bytes(), "digest": digest}
@@ -637,11 +641,6 @@ class EnclaveGate:
             }
         )
         return outcome
-
-    def _proven(self, info: KeyInfo) -> KeyInfo:
-        """``info`` once its sealed blob proves its key id, chain, address and labels."""
-        self._signer.verified_key(_reference(info))
-        return info
 
     def _entry(
         self, presented: _Presented, operation: str, *, chain: str | None = None

@@ -163,6 +163,25 @@ class _Group:
         return len(self.requests) - 1
 
 
+class ProvenKey:
+    """A sealed key whose blob proved every claim of its reference, unsealed: it signs
+    without another use of the unsealed-key cache (:meth:`EnclaveSigner.proven_key`). Lives
+    only for the call it was proven for; its repr shows the reference only."""
+
+    __slots__ = ("_private_key", "reference")
+
+    def __init__(self, reference: KeyReference, private_key: coincurve.PrivateKey) -> None:
+        self.reference = reference
+        self._private_key = private_key
+
+    def __repr__(self) -> str:
+        return f"ProvenKey({self.reference.key_id})"
+
+    def sign_digest(self, digest: bytes) -> RecoverableSignature:
+        """Sign a 32-byte digest (RFC 6979 nonce, low-S)."""
+        return sign_digest_with(self._private_key, check_digest(digest))
+
+
 class EnclaveSigner:
     """Creates secp256k1 keys sealed under KMS data keys, and signs 32-byte digests with them.
 
@@ -406,6 +425,11 @@ class EnclaveSigner:
         """
         self._private_key(key)
         return key
+
+    def proven_key(self, key: KeyReference) -> ProvenKey:
+        """:meth:`verified_key`, kept unsealed to sign with: the proof and the signature that
+        follows it use the cache once between them."""
+        return ProvenKey(key, self._private_key(key))
 
     def _private_key(self, key: KeyReference) -> coincurve.PrivateKey:
         """The unsealed key ``key`` names: cached (the cache is keyed on the whole reference,
