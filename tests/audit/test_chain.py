@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signd.audit import (
@@ -23,6 +23,7 @@ from signd.audit import (
     SealedAuditRecord,
     verify_chain,
 )
+from signd.audit.records import RecordMac, compute_mac
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError, IntegrityError
 from tests.audit.conftest import MAC_KEY, OTHER_KEY, build_chain, seal_one, ticking_clock
@@ -335,3 +336,62 @@ def test_canonical_bytes_are_sorted_ascii_json(
         record.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     ).encode("ascii")
     assert record.canonical() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.binary(min_size=32, max_size=200), canonical=st.binary(max_size=600))
+def test_the_precomputed_record_mac_is_hmac_sha256(key: bytes, canonical: bytes) -> None:
+    """RFC 2104 with the padded key states kept: the same MAC as the standard library's,
+    keys longer than SHA-256's block (which HMAC hashes first) included."""
+    prev_hash = hashlib.sha256(canonical).digest()
+    expected = hmac.new(key, canonical + prev_hash, hashlib.sha256).digest()
+    assert RecordMac(Secret(key))(canonical, prev_hash) == expected
+    assert compute_mac(Secret(key), canonical, prev_hash) == expected
+    assert "<secret>" in repr(RecordMac(Secret(key)))
+
+
+def _record_fields() -> dict[str, Any]:
+    return seal_one(AuditSigner(MAC_KEY, "node-a"), 1).record.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("seq", "1"),
+        ("seq", True),
+        ("seq", 0),
+        ("decision", "maybe"),
+        ("time", 5),
+        ("node", None),
+        ("operation", ["sign"]),
+        ("reason", None),
+        ("client_id", 3),
+        ("key_id", b"k"),
+        ("chain", 1.5),
+        ("rule", {}),
+        ("request_sha256", 7),
+        ("result_sha256", []),
+    ],
+)
+def test_a_record_field_of_the_wrong_type_is_refused(name: str, value: object) -> None:
+    data = _record_fields() | {name: value}
+    with pytest.raises(IntegrityError, match=name):
+        AuditRecord.from_dict(data)
+
+
+@pytest.mark.parametrize("change", ["missing", "unknown", "not a mapping"])
+def test_a_record_with_missing_or_unknown_fields_is_refused(change: str) -> None:
+    data: Any = _record_fields()
+    if change == "missing":
+        del data["reason"]
+    elif change == "unknown":
+        data["extra"] = 1
+    else:
+        data = list(data.items())
+    with pytest.raises(IntegrityError, match="missing or unknown fields"):
+        AuditRecord.from_dict(data)
+
+
+def test_a_whole_record_parses_back_to_itself() -> None:
+    data = _record_fields()
+    assert AuditRecord.from_dict(data).to_dict() == data

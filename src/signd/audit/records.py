@@ -91,6 +91,10 @@ class Spend:
         return cls(data["rule"], data["key_id"], int(value))
 
 
+def _text_or_none(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
 def _text(value: str | None) -> str:
     """A JSON string (ASCII, as ``json.dumps`` escapes it) or ``null``."""
     return "null" if value is None else _quote(value)
@@ -120,13 +124,28 @@ class AuditRecord:
             raise IntegrityError("audit record seq must be a positive integer")
         if self.decision not in _VERDICTS:
             raise IntegrityError("audit record decision must be 'allowed' or 'refused'")
-        for name in ("time", "node", "operation", "reason"):
-            if not isinstance(getattr(self, name), str):
-                raise IntegrityError(f"audit record {name} must be a string")
-        for name in _OPTIONAL_TEXT:
-            if not isinstance(getattr(self, name), str | None):
-                raise IntegrityError(f"audit record {name} must be a string or null")
-        if not isinstance(self.spend, Spend | None):
+        # Written out rather than looped over getattr: every signature seals a record.
+        if not (
+            isinstance(self.time, str)
+            and isinstance(self.node, str)
+            and isinstance(self.operation, str)
+            and isinstance(self.reason, str)
+        ):
+            for name in ("time", "node", "operation", "reason"):
+                if not isinstance(getattr(self, name), str):
+                    raise IntegrityError(f"audit record {name} must be a string")
+        if not (
+            _text_or_none(self.client_id)
+            and _text_or_none(self.key_id)
+            and _text_or_none(self.chain)
+            and _text_or_none(self.rule)
+            and _text_or_none(self.request_sha256)
+            and _text_or_none(self.result_sha256)
+        ):
+            for name in _OPTIONAL_TEXT:
+                if not _text_or_none(getattr(self, name)):
+                    raise IntegrityError(f"audit record {name} must be a string or null")
+        if self.spend is not None and not isinstance(self.spend, Spend):
             raise IntegrityError("audit record spend must be a Spend or null")
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,8 +191,10 @@ class AuditRecord:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AuditRecord:
-        required = {f.name for f in fields(cls)} - {"spend"}
-        if not isinstance(data, Mapping) or not required <= set(data) <= required | {"spend"}:
+        if not isinstance(data, Mapping):
+            raise IntegrityError("audit record has missing or unknown fields")
+        names = data.keys()
+        if names != _REQUIRED_FIELDS and names != _ALL_FIELDS:
             raise IntegrityError("audit record has missing or unknown fields")
         values = dict(data)
         if "spend" in values:
@@ -244,7 +265,38 @@ class SealedAuditRecord:
 
 
 def compute_mac(mac_key: Secret, canonical: bytes, prev_hash: bytes) -> bytes:
-    return hmac.new(mac_key.reveal_bytes(), canonical + prev_hash, hashlib.sha256).digest()
+    return hmac.digest(mac_key.reveal_bytes(), canonical + prev_hash, "sha256")
+
+
+_BLOCK: Final = 64
+"""SHA-256's block size, in bytes: HMAC pads its key to it."""
+
+
+class RecordMac:
+    """:func:`compute_mac` for one key, with the key's two padded SHA-256 states computed
+    once (RFC 2104), which makes each MAC about three times cheaper than ``hmac.digest``.
+    The states are as secret as the key; they live where the key does."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, mac_key: Secret) -> None:
+        key = mac_key.reveal_bytes()
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
+        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+
+    def __repr__(self) -> str:
+        return "RecordMac(<secret>)"
+
+    def __call__(self, canonical: bytes, prev_hash: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(canonical)
+        inner.update(prev_hash)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def compute_hash(prev_hash: bytes, canonical: bytes, mac: bytes) -> bytes:
@@ -257,6 +309,10 @@ def seal_is_valid(sealed: SealedAuditRecord, mac_key: Secret) -> tuple[bool, boo
     mac_ok = hmac.compare_digest(compute_mac(mac_key, canonical, sealed.prev_hash), sealed.mac)
     hash_ok = compute_hash(sealed.prev_hash, canonical, sealed.mac) == sealed.hash
     return mac_ok, hash_ok
+
+
+_ALL_FIELDS: Final = frozenset(f.name for f in fields(AuditRecord))
+_REQUIRED_FIELDS: Final = _ALL_FIELDS - {"spend"}
 
 
 def rfc3339(timestamp: float) -> str:
@@ -304,7 +360,7 @@ class AuditSigner:
             )
         if last is not None and seal_is_valid(last, mac_key) != (True, True):
             raise IntegrityError("the audit log's last record does not verify; not continuing it")
-        self._mac_key = mac_key
+        self._mac = RecordMac(mac_key)
         self.node = node
         self._now = now
         self._head = GENESIS if last is None else last.head
@@ -350,7 +406,7 @@ class AuditSigner:
             )
             canonical = record.canonical()
             prev_hash = self._head.hash
-            mac = compute_mac(self._mac_key, canonical, prev_hash)
+            mac = self._mac(canonical, prev_hash)
             sealed = SealedAuditRecord(
                 record, prev_hash, mac, compute_hash(prev_hash, canonical, mac), canonical
             )
