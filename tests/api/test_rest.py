@@ -198,6 +198,18 @@ def test_sign_message_text_or_hex(
     assert check(result["signature"]) == eth_key["address"]
 
 
+def test_a_signing_body_sent_in_chunks_is_signed_whole(
+    client: TestClient, eth_key: dict[str, Any]
+) -> None:
+    body = json.dumps({"key": eth_key["address"], "message": "in pieces"}).encode()
+    chunks = iter([body[:5], body[5:17], body[17:]])  # chunked transfer: no content-length
+    response = client.post("/v1/sign/ethereum/message", content=chunks)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert samples.text_signer("in pieces", response.json()["signature"]) == eth_key["address"]
+
+
 @pytest.mark.parametrize(
     ("message", "field"),
     [(5, "message"), ({"hex": "0xabc"}, "message.hex"), ({"hex": "00", "x": 1}, "message")],
