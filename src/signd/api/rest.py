@@ -151,8 +151,10 @@ class SigningEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         api = self.api
         try:
-            body = await inputs.receive_body(scope, receive, api.settings.max_body_bytes)
+            # Authentication comes first, as on every route: a caller the rate limits refuse
+            # is answered before its body is read. It reads the body and keeps it.
             principal = await api.authenticate(Request(scope, receive))
+            body = await inputs.receive_body(scope, receive, api.settings.max_body_bytes)
             status, answer = 200, await self.handler(principal, body)
         except Exception as exc:
             status, error = error_body(exc, api.metrics)

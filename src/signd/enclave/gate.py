@@ -11,7 +11,7 @@ headers) with the descriptions of the keys it names. The enclave
    never from the host's parsed calls; a host may only add the transaction fields the caller
    left out and its downstream node filled (:func:`~signd.gate.interpret.apply_fills`);
 3. checks scope, key labels and the policy (:func:`~signd.gate.keeper.approve`). A sealed key's
-   labels are proven by unsealing it (:meth:`~signd.enclave.signer.EnclaveSigner.verified_key`),
+   labels are proven by unsealing it (:meth:`~signd.enclave.signer.EnclaveSigner.proven_key`),
    not taken from the host's records;
 4. signs sealed keys itself, or, for custody the host holds (keystore, KMS keys, a host-side
    HSM), answers ``approved`` with the digest for the host to sign: the host holds those keys
@@ -367,7 +367,7 @@ class EnclaveGate:
 
     def answers_without_io(self, body: Mapping[str, Any]) -> bool:
         """Whether GATE ``body`` can be answered from memory: it only authenticates, or it
-        signs with sealed keys already unsealed (for a proof and a signature each) or with
+        signs with sealed keys already unsealed (one use each: the proof signs) or with
         custody the host holds. Key creation and HSM keys need I/O; so does anything this
         cannot tell at a glance (the server then answers it on its worker pool)."""
         request = body.get("request")
