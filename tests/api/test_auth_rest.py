@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from signd.api.openapi import openapi_document
 from signd.auth import sign_request
 from tests.api import samples
 from tests.gate.support import BOTH_GATES, OTHER, TOKEN, TRANSFER, Gated, transaction
@@ -232,3 +233,32 @@ def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(
     still = gated.signed("POST", SIGN_TX, body(hot_key))
     assert "chain id 1 is not in chain_ids [11155111]" in still.json()["error"]["message"]
     assert gated.signed("POST", SIGN_TX, body(hot_key, chain_id=11155111)).status_code == 200
+
+
+def test_the_document_says_which_operations_need_credentials_and_they_answer_401_without(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    """Every operation the OpenAPI document secures refuses a request without credentials
+    with a 401 it documents; the public ones (probes, the document, attestation) answer."""
+    document = openapi_document()
+    assert set(document["components"]["securitySchemes"]) == {"bearerToken", "requestSignature"}
+    checked = 0
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            security = operation.get("security", document["security"])
+            url = path.replace("{key}", hot_key["key_id"])
+            if path == "/v1/attestation":
+                url += "?nonce=00"
+            response = gated.client.request(
+                method.upper(), url, json={} if method == "post" else None
+            )
+            if not security:
+                assert response.status_code != 401, (method, path)
+                continue
+            assert response.status_code == 401, (method, path, response.text)
+            assert "401" in operation["responses"], (method, path)
+            answer = response.json()
+            code = answer["error"]["data"]["code"] if path in ("/", "/rpc") else None
+            assert (code or answer["error"]["code"]) == "unauthenticated"
+            checked += 1
+    assert checked == 10  # three key operations, five signing routes, JSON-RPC at / and /rpc

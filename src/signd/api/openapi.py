@@ -34,8 +34,12 @@ RETRY_AFTER = {
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
+    """Error answers: an operation that needs credentials also lists 401 (see
+    :func:`_authenticated_errors`)."""
     reasons = {
         400: "Malformed JSON, a missing or wrong field (named in error.field)",
+        401: "No valid credentials: unsigned, wrongly signed, expired or replayed request, or"
+        " an unknown bearer token (code unauthenticated)",
         403: "Refused by the server's signing gate (e.g. blind signing is disabled)",
         404: "No such key",
         409: "The key already exists",
@@ -51,7 +55,29 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return answers
 
 
-SIGNING_ERRORS = (400, 403, 404, 413, 429, 500, 503)
+SIGNING_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
+
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearerToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A token registered for the client (the server keeps only its SHA-256);"
+        " for JSON-RPC clients that cannot sign requests.",
+    },
+    "requestSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Signd-Signature",
+        "description": "The client's Ed25519 or P-256 signature over the method, the path with"
+        " its query, the body's SHA-256, X-Signd-Timestamp and X-Signd-Nonce, sent with"
+        " X-Signd-Client, X-Signd-Timestamp and X-Signd-Nonce (docs/API.md); signd.client"
+        " signs for you. The enclave checks it, the time window and that the nonce is new.",
+    },
+}
+AUTHENTICATED: list[dict[str, list[str]]] = [{"bearerToken": []}, {"requestSignature": []}]
+"""Either credential, never both in one request."""
+PUBLIC: list[dict[str, list[str]]] = []
+"""No credential: probes, this document and the enclave's attestation."""
 
 
 def _signing_operation(
@@ -419,6 +445,10 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
             "responses": {
                 "200": _json(single_or_batch, "The answer (JSON-RPC errors included)"),
                 "204": {"description": "Only notifications were sent"},
+                "401": _json(
+                    _ref("JsonRpcResponse"),
+                    "No valid credentials: error -32010, data.code unauthenticated",
+                ),
                 "413": _json(_ref("JsonRpcResponse"), "The request body is too large"),
                 "429": {
                     **_json(
@@ -427,6 +457,11 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
                     ),
                     "headers": RETRY_AFTER,
                 },
+                "503": _json(
+                    _ref("JsonRpcResponse"),
+                    "The enclave could not authenticate the request (down or not answering):"
+                    " error -32006, data.code dependency_unavailable",
+                ),
             },
         }
     }
@@ -456,7 +491,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _json(_ref("CreatedKeys"), "The new keys"),
-                        **_errors(400, 403, 413, 429, 500, 503, 507),
+                        **_errors(400, 401, 403, 413, 429, 500, 503, 507),
                     },
                 },
                 "get": {
@@ -485,7 +520,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("KeyList"), "One page of keys"),
-                        **_errors(400, 403, 429, 500, 503),
+                        **_errors(400, 401, 403, 429, 500, 503),
                     },
                 },
             },
@@ -504,7 +539,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": _json(_ref("KeyInfo"), "The key"),
-                        **_errors(400, 403, 404, 429, 500, 503),
+                        **_errors(400, 401, 403, 404, 429, 500, 503),
                     },
                 }
             },
@@ -544,13 +579,14 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("BatchResponse"), "One result per request, in order"),
-                        **_errors(400, 403, 413, 429, 500),
+                        **_errors(400, 401, 403, 413, 429, 500, 503),
                     },
                 }
             },
             "/v1/attestation": {
                 "get": {
                     "operationId": "getAttestation",
+                    "security": PUBLIC,
                     "summary": "A fresh attestation document of the enclave, binding your nonce"
                     " (public: no credential needed)",
                     "tags": ["attestation"],
@@ -581,6 +617,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
+                    "security": PUBLIC,
                     "summary": "The process is alive",
                     "tags": ["operations"],
                     "responses": {"200": _json(_ref("Health"), "Alive")},
@@ -589,6 +626,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
+                    "security": PUBLIC,
                     "summary": "Ready when every configured custody backend is healthy and"
                     " the enclave's attestation verifies",
                     "tags": ["operations"],
@@ -601,6 +639,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
+                    "security": PUBLIC,
                     "summary": "Prometheus metrics (text format 0.0.4)",
                     "tags": ["operations"],
                     "responses": {
@@ -614,6 +653,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
+                    "security": PUBLIC,
                     "summary": "This document",
                     "tags": ["operations"],
                     "responses": {"200": _json({"type": "object"}, "The OpenAPI document")},
@@ -622,5 +662,6 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/": _jsonrpc_operation("jsonRpcRoot"),
             "/rpc": _jsonrpc_operation("jsonRpc"),
         },
-        "components": {"schemas": _schemas(settings)},
+        "security": AUTHENTICATED,
+        "components": {"schemas": _schemas(settings), "securitySchemes": SECURITY_SCHEMES},
     }
