@@ -172,14 +172,14 @@ class RestApi:
         self.authenticate = authenticate
 
     def routes(self) -> list[Route]:
-        return [
-            Route("/v1/keys", self._wrap(self.keys), methods=["GET", "POST"]),
-            Route("/v1/keys/{key}", self._wrap(self.get_key), methods=["GET"]),
+        return [  # the signing routes first: Starlette tries routes in order
             self._signing_route("/v1/sign/hash", SigningKind.HASH),
             self._signing_route("/v1/sign/ethereum/transaction", SigningKind.ETH_TRANSACTION),
             self._signing_route("/v1/sign/ethereum/message", SigningKind.ETH_MESSAGE),
             self._signing_route("/v1/sign/ethereum/typed-data", SigningKind.ETH_TYPED_DATA),
             Route("/v1/sign/batch", SigningEndpoint(self, self.sign_batch), methods=["POST"]),
+            Route("/v1/keys", self._wrap(self.keys), methods=["GET", "POST"]),
+            Route("/v1/keys/{key}", self._wrap(self.get_key), methods=["GET"]),
             Route("/v1/attestation", self._wrap(self.attestation, public=True), methods=["GET"]),
             Route("/healthz", self._wrap(self.healthz, public=True), methods=["GET"]),
             Route("/readyz", self._wrap(self.readyz, public=True), methods=["GET"]),

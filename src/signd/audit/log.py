@@ -24,8 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
@@ -441,18 +440,26 @@ class DeferredAppends:
 _DEFERRED: ContextVar[DeferredAppends | None] = ContextVar("signd_audit_deferred", default=None)
 
 
-@contextmanager
-def deferring_appends() -> Iterator[DeferredAppends]:
+class deferring_appends:  # noqa: N801 - used as a function-like context manager
     """Within this block (and the threads it hands work to), :func:`store_records` submits
     to a :class:`FileAuditLog` instead of waiting: whoever entered the block must wake the
     logs and wait for every submission before releasing any result those records account
-    for."""
-    deferred = DeferredAppends()
-    token = _DEFERRED.set(deferred)
-    try:
-        yield deferred
-    finally:
-        _DEFERRED.reset(token)
+    for.
+
+    A class rather than a generator: every signing request enters it twice."""
+
+    __slots__ = ("_deferred", "_token")
+
+    _deferred: DeferredAppends
+    _token: Token[DeferredAppends | None]
+
+    def __enter__(self) -> DeferredAppends:
+        self._deferred = DeferredAppends()
+        self._token = _DEFERRED.set(self._deferred)
+        return self._deferred
+
+    def __exit__(self, *exc_info: object) -> None:
+        _DEFERRED.reset(self._token)
 
 
 def store_records(
