@@ -29,6 +29,7 @@ from signd.gate import Caller, GateRequest, Signed, SigningCall, SigningKind, Un
 from signd.gate.operations import Runner
 
 AUTH_HEADER_PREFIX = "x-signd-"
+_AUTH_HEADER_PREFIX_BYTES = AUTH_HEADER_PREFIX.encode("ascii")
 SIGN_PREFIX = "/v1/sign/"
 """The REST signing routes, whose calls a gate may perform while authenticating."""
 
@@ -90,11 +91,12 @@ def request_target(request: Request) -> str:
 
 
 def auth_headers(request: Request) -> dict[str, str]:
-    return {
-        name: value
-        for name, value in request.headers.items()
-        if name == "authorization" or name.startswith(AUTH_HEADER_PREFIX)
-    }
+    """The auth headers, read off the ASGI scope's raw (lower-case) names."""
+    found: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        if name == b"authorization" or name.startswith(_AUTH_HEADER_PREFIX_BYTES):
+            found[name.decode("latin-1")] = value.decode("latin-1")
+    return found
 
 
 def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:

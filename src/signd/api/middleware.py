@@ -347,8 +347,9 @@ class TokenBuckets:
 
 def remote_address(request: Request) -> str:
     """Who sent an unauthenticated request: its peer address; an MQTT message, its topic."""
-    if request.client is not None:
-        return request.client.host
+    client = request.scope.get("client")
+    if client:
+        return str(client[0])
     mqtt = request.scope.get("extensions", {}).get("signd.mqtt")
     if isinstance(mqtt, dict) and "topic" in mqtt:
         return f"mqtt:{mqtt['topic']}"
