@@ -4,6 +4,7 @@ service could still refuse it after authentication."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -15,10 +16,13 @@ from starlette.exceptions import StarletteDeprecationWarning
 from signd.api import ApiSettings, create_app, service
 from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
 from signd.custody.enclave import EnclaveBackend
+from signd.enclave import signer as enclave_signer
+from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.channel import Connect, EnclaveChannel
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import Frame, MessageType
 from signd.enclave.server import EnclaveApp
+from signd.kms.local import LocalKms
 from tests.gate.support import GATE_MODES, Gated
 
 with warnings.catch_warnings():
@@ -175,3 +179,34 @@ def test_the_enclave_answers_from_memory_on_the_connection_thread(
     )
     assert created.status_code == 201
     assert decisions[-1] == ("/v1/keys", False)
+
+
+@pytest.fixture
+def two_use_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The enclave (started by ``gated`` after this) keeps an unsealed key for 2 uses."""
+    monkeypatch.setattr(
+        enclave_signer, "UnsealedKeyCache", functools.partial(UnsealedKeyCache, max_uses=2)
+    )
+
+
+def test_a_gated_signature_counts_one_use_of_the_unsealed_key(
+    two_use_cache: None, gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proving a key's labels and signing with it share one unseal: with 2 uses per entry,
+    4 signatures open the key twice (4 times if the proof and the signature each used it)."""
+    decrypts = 0
+    decrypt = LocalKms.decrypt
+
+    def counting(self: LocalKms, *args: Any, **kwargs: Any) -> Any:
+        nonlocal decrypts
+        decrypts += 1
+        return decrypt(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalKms, "decrypt", counting)
+    backend = gated.signer.backend("enclave")
+    assert isinstance(backend, EnclaveBackend)
+    backend.client.flush_cache()
+    for text in ("one", "two", "three", "four"):
+        signing = gated.signed("POST", "/v1/sign/ethereum/message", message(hot_key, text))
+        assert signing.status_code == 200, signing.text
+    assert decrypts == 2
