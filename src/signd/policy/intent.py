@@ -82,21 +82,21 @@ class SigningIntent:
                 raise InvalidField("data_selector must be 4 bytes or None", field="data_selector")
             if not has_data:
                 raise InvalidField("a data_selector implies has_data", field="data_selector")
-        values = {
-            "client_id": client_id,
-            "key_id": key_id,
-            "key_labels": frozenset(key_labels),
-            "chain": chain,
-            "operation": operation,
-            "chain_id": chain_id,
-            "to": to,
-            "value": value,
-            "data_selector": data_selector,
-            "has_data": bool(has_data),
-            "eip712_domain": None if eip712_domain is None else dict(eip712_domain),
-        }
-        for name, item in values.items():
-            object.__setattr__(self, name, item)
+        # One update of the instance's dict instead of object.__setattr__ per field (the
+        # class is frozen, and not slotted, for this): the gate builds an intent per call.
+        self.__dict__.update(
+            client_id=client_id,
+            key_id=key_id,
+            key_labels=frozenset(key_labels),
+            chain=chain,
+            operation=operation,
+            chain_id=chain_id,
+            to=to,
+            value=value,
+            data_selector=data_selector,
+            has_data=bool(has_data),
+            eip712_domain=None if eip712_domain is None else dict(eip712_domain),
+        )
 
     @property
     def creates_contract(self) -> bool:
