@@ -209,17 +209,23 @@ def test_pipelined_requests_share_one_connection(
 
 
 class SlowBlobStore(MemoryBlobStore):
+    """Reads of the blobs named in ``slow`` wait until ``release`` is set (at most 10 s)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.slow: set[str] = set()
+        self.release = threading.Event()
 
     def get(self, name: str) -> bytes:
         if name in self.slow:
-            time.sleep(0.5)
+            self.release.wait(timeout=10)
         return super().get(name)
 
 
 def test_answers_are_matched_by_request_id_even_out_of_order(kms: MemoryKms) -> None:
+    """The first request waits on its blob while the four after it are answered: each answer
+    reaches its own caller. (The slow read waits for the test, not for a fixed time, so a
+    loaded machine cannot reorder the answers.)"""
     blobs = SlowBlobStore()
     server = start_enclave(None, kms, blobs)
     client = EnclaveClient(InProcessTransport(server.serve_connection))
@@ -235,12 +241,18 @@ def test_answers_are_matched_by_request_id_even_out_of_order(kms: MemoryKms) -> 
             )
             future.add_done_callback(lambda _, k=key.key_id: finished.append(k))
             futures.append((key, future))
-        for key, future in futures:
+        for key, future in futures[1:]:
             assert (
                 recover_public_key(DIGEST, future.result(timeout=5)["signature"]) == key.public_key
             )
+        assert not futures[0][1].done()
+        blobs.release.set()
+        signature = futures[0][1].result(timeout=5)["signature"]
+        assert recover_public_key(DIGEST, signature) == slow.public_key
         assert finished[-1] == slow.key_id
+        assert sorted(finished[:-1]) == sorted(key.key_id for key in fast)
     finally:
+        blobs.release.set()
         client.close()
         server.close()
 
