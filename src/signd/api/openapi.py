@@ -34,8 +34,7 @@ RETRY_AFTER = {
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    """Error answers: an operation that needs credentials also lists 401 (see
-    :func:`_authenticated_errors`)."""
+    """The error answers of ``statuses``, each ``{"error": {...}}``."""
     reasons = {
         400: "Malformed JSON, a missing or wrong field (named in error.field)",
         401: "No valid credentials: unsigned, wrongly signed, expired or replayed request, or"
@@ -57,27 +56,36 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 SIGNING_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
 
-SECURITY_SCHEMES: dict[str, Any] = {
-    "bearerToken": {
-        "type": "http",
-        "scheme": "bearer",
-        "description": "A token registered for the client (the server keeps only its SHA-256);"
-        " for JSON-RPC clients that cannot sign requests.",
-    },
-    "requestSignature": {
-        "type": "apiKey",
-        "in": "header",
-        "name": "X-Signd-Signature",
-        "description": "The client's Ed25519 or P-256 signature over the method, the path with"
-        " its query, the body's SHA-256, X-Signd-Timestamp and X-Signd-Nonce, sent with"
-        " X-Signd-Client, X-Signd-Timestamp and X-Signd-Nonce (docs/API.md); signd.client"
-        " signs for you. The enclave checks it, the time window and that the nonce is new.",
-    },
-}
-AUTHENTICATED: list[dict[str, list[str]]] = [{"bearerToken": []}, {"requestSignature": []}]
-"""Either credential, never both in one request."""
-PUBLIC: list[dict[str, list[str]]] = []
-"""No credential: probes, this document and the enclave's attestation."""
+
+def _security_schemes() -> dict[str, Any]:
+    """The two credentials; every operation needs one unless it says ``security: []``."""
+    return {
+        "bearerToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token registered for the client (the server keeps only its SHA-256);"
+            " for JSON-RPC clients that cannot sign requests.",
+        },
+        "requestSignature": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Signd-Signature",
+            "description": "The client's Ed25519 or P-256 signature over the method, the path with"
+            " its query, the body's SHA-256, X-Signd-Timestamp and X-Signd-Nonce, sent with"
+            " X-Signd-Client, X-Signd-Timestamp and X-Signd-Nonce (docs/API.md); signd.client"
+            " signs for you. The enclave checks it, the time window and that the nonce is new.",
+        },
+    }
+
+
+def _authenticated() -> list[dict[str, list[str]]]:
+    """Either credential, never both in one request."""
+    return [{"bearerToken": []}, {"requestSignature": []}]
+
+
+def _public() -> list[dict[str, list[str]]]:
+    """No credential: probes, this document and the enclave's attestation."""
+    return []
 
 
 def _signing_operation(
@@ -586,7 +594,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/v1/attestation": {
                 "get": {
                     "operationId": "getAttestation",
-                    "security": PUBLIC,
+                    "security": _public(),
                     "summary": "A fresh attestation document of the enclave, binding your nonce"
                     " (public: no credential needed)",
                     "tags": ["attestation"],
@@ -617,7 +625,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/healthz": {
                 "get": {
                     "operationId": "healthz",
-                    "security": PUBLIC,
+                    "security": _public(),
                     "summary": "The process is alive",
                     "tags": ["operations"],
                     "responses": {"200": _json(_ref("Health"), "Alive")},
@@ -626,7 +634,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/readyz": {
                 "get": {
                     "operationId": "readyz",
-                    "security": PUBLIC,
+                    "security": _public(),
                     "summary": "Ready when every configured custody backend is healthy and"
                     " the enclave's attestation verifies",
                     "tags": ["operations"],
@@ -639,7 +647,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
-                    "security": PUBLIC,
+                    "security": _public(),
                     "summary": "Prometheus metrics (text format 0.0.4)",
                     "tags": ["operations"],
                     "responses": {
@@ -653,7 +661,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
-                    "security": PUBLIC,
+                    "security": _public(),
                     "summary": "This document",
                     "tags": ["operations"],
                     "responses": {"200": _json({"type": "object"}, "The OpenAPI document")},
@@ -662,6 +670,6 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "/": _jsonrpc_operation("jsonRpcRoot"),
             "/rpc": _jsonrpc_operation("jsonRpc"),
         },
-        "security": AUTHENTICATED,
-        "components": {"schemas": _schemas(settings), "securitySchemes": SECURITY_SCHEMES},
+        "security": _authenticated(),
+        "components": {"schemas": _schemas(settings), "securitySchemes": _security_schemes()},
     }
