@@ -341,13 +341,17 @@ def test_canonical_bytes_are_sorted_ascii_json(
 @settings(max_examples=200, deadline=None)
 @given(key=st.binary(min_size=32, max_size=200), canonical=st.binary(max_size=600))
 def test_the_precomputed_record_mac_is_hmac_sha256(key: bytes, canonical: bytes) -> None:
-    """RFC 2104 with the padded key states kept: the same MAC as the standard library's,
-    keys longer than SHA-256's block (which HMAC hashes first) included."""
+    """The keyed HMAC copied per record gives the MAC of a fresh one, whatever the key's
+    length (keys longer than SHA-256's block are hashed first) and however many records."""
     prev_hash = hashlib.sha256(canonical).digest()
     expected = hmac.new(key, canonical + prev_hash, hashlib.sha256).digest()
-    assert RecordMac(Secret(key))(canonical, prev_hash) == expected
+    record_mac = RecordMac(Secret(key))
+    assert record_mac(canonical, prev_hash) == expected
+    other = canonical + b"!"
+    assert record_mac(other, prev_hash) == hmac.new(key, other + prev_hash, "sha256").digest()
+    assert record_mac(canonical, prev_hash) == expected  # the keyed state is never used up
     assert compute_mac(Secret(key), canonical, prev_hash) == expected
-    assert "<secret>" in repr(RecordMac(Secret(key)))
+    assert "<secret>" in repr(record_mac)
 
 
 def _record_fields() -> dict[str, Any]:

@@ -268,35 +268,25 @@ def compute_mac(mac_key: Secret, canonical: bytes, prev_hash: bytes) -> bytes:
     return hmac.digest(mac_key.reveal_bytes(), canonical + prev_hash, "sha256")
 
 
-_BLOCK: Final = 64
-"""SHA-256's block size, in bytes: HMAC pads its key to it."""
-
-
 class RecordMac:
-    """:func:`compute_mac` for one key, with the key's two padded SHA-256 states computed
-    once (RFC 2104), which makes each MAC about three times cheaper than ``hmac.digest``.
-    The states are as secret as the key; they live where the key does."""
+    """:func:`compute_mac` for one key: the standard library's HMAC keyed once, and copied
+    for each record (its keyed state kept instead of rebuilt), which saves about a quarter
+    of ``hmac.digest``'s cost per record. The keyed state is as secret as the key; it lives
+    where the key does."""
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_keyed",)
 
     def __init__(self, mac_key: Secret) -> None:
-        key = mac_key.reveal_bytes()
-        if len(key) > _BLOCK:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(_BLOCK, b"\0")
-        self._inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in key))
-        self._outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in key))
+        self._keyed = hmac.new(mac_key.reveal_bytes(), digestmod=hashlib.sha256)
 
     def __repr__(self) -> str:
         return "RecordMac(<secret>)"
 
     def __call__(self, canonical: bytes, prev_hash: bytes) -> bytes:
-        inner = self._inner.copy()
-        inner.update(canonical)
-        inner.update(prev_hash)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        mac = self._keyed.copy()
+        mac.update(canonical)
+        mac.update(prev_hash)
+        return mac.digest()
 
 
 def compute_hash(prev_hash: bytes, canonical: bytes, mac: bytes) -> bytes:
