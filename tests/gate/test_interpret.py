@@ -598,6 +598,10 @@ def batch_items(draw: st.DrawFn) -> Any:
     return {"type": kind.value, **draw(signing_bodies(kind, odds=40))}
 
 
+URL_CHARACTERS = st.characters(exclude_categories=("Cs",))
+"""Any character a URL can carry once UTF-8 encoded (lone surrogates cannot be)."""
+
+
 @st.composite
 def rest_requests(draw: st.DrawFn) -> tuple[str, str, Any]:
     route = draw(st.sampled_from(["sign", "batch", "create", "list", "get"]))
@@ -619,14 +623,17 @@ def rest_requests(draw: st.DrawFn) -> tuple[str, str, Any]:
         return "POST", "/v1/keys", fields
     if route == "list":
         names = st.sampled_from(["custody", "chain", "label", "cursor", "limit"])
-        values = st.one_of(st.text(max_size=5), st.integers(1, 1000).map(str))
+        # No lone surrogates: a URL is UTF-8, and they have no UTF-8 form.
+        values = st.one_of(st.text(URL_CHARACTERS, max_size=5), st.integers(1, 1000).map(str))
         pairs = draw(st.dictionaries(names, values, max_size=4))
         query = str(httpx.QueryParams(pairs))
         return "GET", "/v1/keys" + (f"?{query}" if query else ""), None
     key = draw(  # not "/" (Starlette answers 404, interpret InvalidRequest), no dot segments
-        st.text(st.characters(exclude_characters="/"), min_size=1, max_size=12).filter(
-            lambda text: text not in (".", "..")
-        )
+        st.text(
+            st.characters(exclude_characters="/", exclude_categories=("Cs",)),
+            min_size=1,
+            max_size=12,
+        ).filter(lambda text: text not in (".", ".."))
     )
     return "GET", f"/v1/keys/{quote(key, safe='')}", None
 
