@@ -18,7 +18,6 @@ from signd.enclave.protocol import (
     HELLO_VERSION,
     PROTOCOL_VERSION,
     Flag,
-    Frame,
     FrameDecoder,
     MessageType,
     encode_frame,
@@ -172,86 +171,5 @@ def test_an_answer_of_another_type_closes_the_connection(socket_path: Path) -> N
         async with server:
             with pytest.raises(ConnectionLost, match="out of protocol"):
                 await channel(socket_path).request(MessageType.HEALTH, {}, in_thread)
-
-    asyncio.run(main())
-
-
-def test_the_requests_of_one_pass_of_the_loop_share_one_write(socket_path: Path) -> None:
-    """Twenty requests made together reach the enclave in one read: one write (and one
-    wake-up of the enclave's reader) instead of twenty."""
-    frames_per_read: list[int] = []
-
-    async def main() -> None:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            decoder = FrameDecoder()
-            while data := await reader.read(65536):
-                frames = [frame for frame in decoder.feed(data) if isinstance(frame, Frame)]
-                frames_per_read.append(len(frames))
-                for frame in frames:
-                    hello = frame.message_type is MessageType.HELLO
-                    body = {"version": PROTOCOL_VERSION} if hello else {"status": "ok"}
-                    writer.write(
-                        encode_frame(
-                            frame.message_type,
-                            frame.request_id,
-                            body,
-                            flags=Flag.RESPONSE,
-                            version=HELLO_VERSION if hello else PROTOCOL_VERSION,
-                        )
-                    )
-
-        server = await asyncio.start_unix_server(serve, path=str(socket_path))
-        async with server:
-            link = channel(socket_path)
-            assert (await link.request(MessageType.HEALTH, {}, in_thread))["status"] == "ok"
-            transport = link._protocol.transport  # type: ignore[union-attr]  # white box
-            assert transport is not None
-            write = transport.write
-
-            def counting(data: Any) -> None:
-                writes.append(len(FrameDecoder().feed(bytes(data))))
-                write(data)
-
-            transport.write = counting  # type: ignore[method-assign]
-            answers = await asyncio.gather(
-                *(link.request(MessageType.HEALTH, {}, in_thread) for _ in range(20))
-            )
-            assert [answer["status"] for answer in answers] == ["ok"] * 20
-            link.close()
-
-    writes: list[int] = []
-    asyncio.run(main())
-    assert writes == [20]  # one write of twenty frames
-    assert sum(frames_per_read) == 22  # HELLO, the first request, then the twenty
-
-
-def test_a_request_still_queued_when_the_connection_closes_was_not_sent(
-    socket_path: Path,
-) -> None:
-    """A frame waits for the end of its pass of the loop; if the connection closes first,
-    nothing reached the enclave and the caller hears NotSent (it may send it again)."""
-    received: list[MessageType] = []
-
-    async def record(message_type: MessageType, request_id: int, writer: Any) -> bool:
-        received.append(message_type)
-        return True
-
-    async def main() -> None:
-        server = await fake_enclave(socket_path, record, [])
-        async with server:
-            link = channel(socket_path, timeout=1.0)
-            warm = asyncio.ensure_future(link.request(MessageType.HEALTH, {}, in_thread))
-            while not link.connected:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # the first request has gone out
-            queued = asyncio.ensure_future(link.request(MessageType.HEALTH, {}, in_thread))
-            await asyncio.sleep(0)  # it runs up to its queued frame; the write comes later
-            link.close()
-            with pytest.raises(NotSent):
-                await queued
-            with pytest.raises(ConnectionLost):
-                await warm
-            await asyncio.sleep(0.05)
-        assert received == [MessageType.HEALTH]  # only the first reached the enclave
 
     asyncio.run(main())

@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -452,32 +451,3 @@ def test_listening_on_a_regular_file_is_refused(tmp_path: Path) -> None:
     path.write_text("x")
     with pytest.raises(ConfigurationError):
         listen_socket(f"unix://{path}")
-
-
-def test_the_answers_made_for_one_read_go_out_in_one_write(
-    unix_server: EnclaveServer, socket_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ten GATEs the connection's thread answers at once (here refusals: the gate is not
-    configured), arriving in one read, leave in one write: each write wakes the host."""
-    from signd.enclave import server as enclave_server
-
-    frames_per_send: list[int] = []
-    send = enclave_server._Writer.send
-
-    def counting(self: Any, data: bytes) -> None:
-        frames_per_send.append(len(FrameDecoder().feed(data)))
-        send(self, data)
-
-    monkeypatch.setattr(enclave_server._Writer, "send", counting)
-    gate = {"request": {"method": "POST", "target": "/v1/sign/hash", "body": b"{}", "headers": {}}}
-    with raw_connect(socket_path) as sock:
-        sock.sendall(b"".join(encode_frame(MessageType.GATE, n, gate) for n in range(1, 11)))
-        decoder = FrameDecoder()
-        answers: list[Frame] = []
-        while len(answers) < 10:
-            answers += [
-                frame for frame in decoder.feed(sock.recv(65536)) if isinstance(frame, Frame)
-            ]
-    assert sorted(frame.request_id for frame in answers) == list(range(1, 11))
-    assert all(frame.message_type is MessageType.ERROR for frame in answers)
-    assert frames_per_send == [10]

@@ -1,6 +1,5 @@
 """The host's side of the enclave protocol for an event loop: one pipelined connection whose
-frames the loop writes and reads itself, so a request to the enclave costs no thread (and the
-requests of one pass of the loop share one write).
+frames the loop writes and reads itself, so a request to the enclave costs no thread.
 
 :class:`~signd.enclave.client.EnclaveClient` serves threads (a reader thread per connection,
 answers as :class:`concurrent.futures.Future`); the service's hot path instead asks an
@@ -9,10 +8,10 @@ answers as :class:`concurrent.futures.Future`); the service's hot path instead a
 enclave, runs in a thread (``connect``'s caller passes one).
 
 A request that could not be sent raises :class:`NotSent` (nothing reached the enclave, so the
-caller may send it another way: there was no connection, or it closed before the pass's
-write); once sent, a lost connection raises :class:`~signd.enclave.client.ConnectionLost` and
-an overdue answer drops the connection and raises :class:`~signd.errors.DependencyUnavailable`:
-the enclave may have acted on it, so it is not sent again.
+caller may send it another way); once sent, a lost connection raises
+:class:`~signd.enclave.client.ConnectionLost` and an overdue answer drops the connection and
+raises :class:`~signd.errors.DependencyUnavailable`: the enclave may have acted on it, so it
+is not sent again.
 """
 
 from __future__ import annotations
@@ -63,9 +62,6 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.version = HELLO_VERSION
-        self._unsent: list[bytes] = []
-        self._unsent_ids: set[int] = set()
-        """Frames queued in this pass of the loop, and their request ids (see :meth:`send`)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -80,21 +76,6 @@ class _Protocol(asyncio.Protocol):
                 return
             self._settle(reply)
 
-    def send(self, request_id: int, frame: bytes) -> None:
-        """Queue ``frame``: the requests of one pass of the loop go out in one write, at its
-        end. Every write wakes the enclave's reader (on a virtual machine, an interrupt to
-        another core), which cost as much as the rest of the channel's work per request."""
-        self._unsent.append(frame)
-        self._unsent_ids.add(request_id)
-        if len(self._unsent) == 1:
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        frames, self._unsent = self._unsent, []
-        self._unsent_ids.clear()
-        if frames and not self.closed and self.transport is not None:
-            self.transport.write(b"".join(frames))
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.close(DependencyUnavailable("the enclave closed the connection"))
 
@@ -104,17 +85,13 @@ class _Protocol(asyncio.Protocol):
             return
         self.closed = True
         pending, self.pending = self.pending, {}
-        unsent, self._unsent_ids = self._unsent_ids, set()
-        self._unsent = []
         if self.loop.is_closed():  # its loop is gone, and its socket and waiters with it
             return
         if self.transport is not None:
             self.transport.close()
-        for request_id, (_, future) in pending.items():
+        for _, future in pending.values():
             if not future.done():
-                # A frame still queued never reached the enclave: the caller may send it again.
-                lost = NotSent if request_id in unsent else ConnectionLost
-                future.set_exception(lost(reason.message))
+                future.set_exception(ConnectionLost(reason.message))
 
     def _settle(self, reply: Reply) -> None:
         """Complete the request ``reply`` answers."""
@@ -186,7 +163,7 @@ class EnclaveChannel:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         protocol.pending[request_id] = (message_type, future)
-        protocol.send(request_id, data)
+        protocol.transport.write(data)
 
         def overdue() -> None:
             if not future.done():

@@ -368,28 +368,19 @@ class EnclaveServer:
                     break
                 if not data:
                     break
-                # Answers made here for the frames of one read go out in one write: each
-                # write wakes the host, and a read usually brings several requests.
-                answers: list[bytes] = []
                 for event in decoder.feed(data):
                     if isinstance(event, ProtocolViolation):
-                        answers.append(encode_error(event.request_id, event.error))
+                        writer.send(encode_error(event.request_id, event.error))
                         if event.fatal:
-                            writer.send(b"".join(answers))
                             logger.warning("closed a connection: %s", event.error.message)
                             return
                         continue
                     if self.app.answers_at_once(event):
-                        answers.append(self.app.handle(event))
+                        writer.send(self.app.handle(event))
                         continue
-                    if answers:  # before waiting for a slot, which may take a while
-                        writer.send(b"".join(answers))
-                        answers = []
                     slots.acquire()
                     if not self._submit(writer, slots, event):
                         return
-                if answers:
-                    writer.send(b"".join(answers))
         finally:
             self._drain(slots)
             with self._lock:
