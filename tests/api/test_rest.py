@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -11,9 +12,13 @@ from typing import Any
 
 import pytest
 from eth_utils import keccak
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
 from signd.api import ApiSettings, Principal, SigningKind, create_app
+from signd.api.rest import send_json
 from signd.api.service import UngatedSigner
 from signd.custody.base import AddressDeriver, CustodyBackend, KeyInfo, KeyPage
 from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable
@@ -567,3 +572,32 @@ def test_enclave_custody_through_the_local_enclave_process(
         ready = client.get("/readyz").json()
         assert ready["ready"] is True
         assert {part["part"] for part in ready["parts"]} == {"custody:enclave", "custody:keystore"}
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(content=JSON_VALUES, status=st.sampled_from([200, 400, 401, 503]))
+def test_signing_answers_are_encoded_as_starlette_encodes_json(content: Any, status: int) -> None:
+    """The signing routes send their JSON without JSONResponse (send_json); the bytes and
+    headers must stay what JSONResponse would give, as every other route answers."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    asyncio.run(send_json(send, status, content))
+    expected = JSONResponse(content, status_code=status)
+    start, body = sent
+    assert start["status"] == status
+    assert body["body"] == expected.body
+    assert sorted(start["headers"]) == sorted(expected.raw_headers)
