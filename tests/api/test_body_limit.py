@@ -7,10 +7,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive
 
-from signd.api.errors import PayloadTooLarge
+from signd.api.errors import ClientDisconnected, PayloadTooLarge, wire_error
 from signd.api.inputs import BODY_STATE, receive_body
 from signd.api.settings import MAX_BODY_BYTES, ApiSettings
 from signd.enclave.protocol import DEFAULT_MAX_FRAME_SIZE
@@ -80,5 +79,9 @@ def test_a_client_gone_before_its_body_arrived_is_a_disconnect() -> None:
     receive, _ = _receiving(
         {"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}
     )
-    with pytest.raises(ClientDisconnect):
-        asyncio.run(receive_body(_scope([]), receive, 64))
+    scope = _scope([])
+    with pytest.raises(ClientDisconnected) as gone:
+        asyncio.run(receive_body(scope, receive, 64))
+    assert BODY_STATE not in scope["state"]  # no half body kept for the next reader
+    wire = wire_error(gone.value)  # an answer of its own, not the 500 of an unhandled error
+    assert (wire.http_status, wire.body["code"]) == (499, "client_disconnected")

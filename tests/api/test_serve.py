@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -124,3 +127,43 @@ def test_serve_with_embedded_defaults_and_no_passphrase(tmp_path: Path) -> None:
     assert "keystore custody is off: no passphrase" in log
     assert "gate: in the enclave" in log
     assert "signd --url" in log
+
+
+def test_a_client_gone_in_the_middle_of_its_body_is_logged_as_499_not_as_a_crash(
+    tmp_path: Path,
+) -> None:
+    home = make_home(tmp_path / "home")
+    with signd_serve(home, "--allow-blind-signing") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for path in ("/v1/sign/hash", "/rpc"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                head = (
+                    f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: {AUTH['authorization']}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                )
+                connection.sendall(head.encode() + b'{"key": "0x')
+                time.sleep(0.3)  # the server is waiting for the rest of the body
+        wait_for_lines = time.monotonic() + 10
+        while time.monotonic() < wait_for_lines:  # access lines are written within 50 ms
+            statuses = _access_statuses(server.log.read_text())
+            if all(path in statuses for path in ("/v1/sign/hash", "/rpc")):
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        log = server.log.read_text()
+    assert (statuses["/v1/sign/hash"], statuses["/rpc"]) == ([499], [499])
+    assert 'code="client_disconnected"' in metrics
+    assert "unhandled error" not in log
+    assert "Traceback" not in log
+
+
+def _access_statuses(log: str) -> dict[str, list[int]]:
+    """Each path's statuses in the access lines of ``log``."""
+    statuses: dict[str, list[int]] = {}
+    for line in log.splitlines():
+        if line.startswith("{") and '"event": "request"' in line:
+            entry = json.loads(line)
+            statuses.setdefault(entry["path"], []).append(entry["status"])
+    return statuses

@@ -14,7 +14,8 @@ The API adds a few errors that only exist at the HTTP boundary::
     ├── DownstreamError                 502: the downstream node answered with a JSON-RPC error
     ├── RateLimited                     429: over the request rate limit (Retry-After says when)
     ├── InvalidRequest
-    │   └── PayloadTooLarge             413: the body is over the configured limit
+    │   ├── PayloadTooLarge             413: the body is over the configured limit
+    │   └── ClientDisconnected          499: the client left before its body arrived
     └── AccessDenied
         └── BlindSigningDisabled        403: raw-hash signing is switched off
 
@@ -61,6 +62,18 @@ class MethodNotAllowed(SigndError):
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
     http_status = 413
+
+
+class ClientDisconnected(InvalidRequest):
+    """The client closed the connection before its whole body arrived: nothing was done
+    for it, and its answer reaches nobody. 499 is the status proxies log for it ("client
+    closed request"); here it is what the access log and the metrics record."""
+
+    code = "client_disconnected"
+    http_status = 499
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected before its request body arrived")
 
 
 class BlindSigningDisabled(AccessDenied):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.types import Receive, Scope
 
-from signd.api.errors import PayloadTooLarge
+from signd.api.errors import ClientDisconnected, PayloadTooLarge
 from signd.gate.inputs import (
     hex_bytes,
     integer,
@@ -67,7 +67,7 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            raise ClientDisconnect()
+            raise ClientDisconnected()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
