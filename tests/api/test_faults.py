@@ -372,8 +372,11 @@ def test_a_stuck_embedded_kms_server_fails_a_call_once_within_its_read_timeout(
 
 
 def process_state(pid: int) -> str:
-    """The state letter /proc shows for ``pid`` (``T``: stopped by a signal)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    """The state letter /proc shows for ``pid`` (``T``: stopped by a signal), or ``gone``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
 
 
 class KmsServerProcess:
@@ -492,28 +495,41 @@ def test_blob_storage_gone_answers_503_and_readyz_names_it_until_it_is_back(
 # --------------------------------------------------------------------------- the enclave
 
 
-def test_enclave_stuck_then_killed_answers_503_then_a_new_one_serves(tmp_path: Path) -> None:
-    """The enclave stops answering (SIGSTOP): 503s and /readyz names it. Then it is killed:
-    signd serve starts a new enclave process by itself and every key signs again."""
-    home = make_home(tmp_path / "home", custody=("enclave",), extra=FAST_FAILURE)
+HANGS_AFTER: Final = 20.0
+"""``[enclave] hang_timeout`` of the stuck-enclave test: longer than its checks of the 503s."""
+
+
+def test_a_stuck_enclave_answers_503_then_serve_replaces_it_by_itself(tmp_path: Path) -> None:
+    """The enclave stops answering (SIGSTOP): 503s and /readyz names it. Once it has been
+    silent for ``[enclave] hang_timeout``, signd serve kills it and starts a new one by itself,
+    and every key signs again."""
+    extra = FAST_FAILURE.replace("[enclave]\n", f"[enclave]\nhang_timeout = {HANGS_AFTER:g}\n")
+    home = make_home(tmp_path / "home", custody=("enclave",), extra=extra)
     with serving(home) as (server, api):
         keys = api.created(8)
         enclave = enclave_pid(server, home)
         with Load(server, home, keys) as load:
             time.sleep(0.5)
             os.kill(enclave, signal.SIGSTOP)
+            stopped = time.monotonic()
             try:
                 assert "enclave" in quick_503(lambda: api.sign(keys[0]))["message"]
                 quick_503(api.create)
                 not_ready_because(api, "enclave")
                 load.met_the_fault()
+                assert time.monotonic() - stopped < HANGS_AFTER, "the checks came too late"
+                assert process_state(enclave) == "T"  # still there, stuck
+                wait_for_replacement(server.process.pid, f"--home {home} enclave", enclave)
             finally:
-                os.kill(enclave, signal.SIGKILL)
+                if process_state(enclave) == "T":  # not replaced: do not leave it behind
+                    os.kill(enclave, signal.SIGKILL)
             wait_until_ready(api)
             time.sleep(0.5)
         load.check(saw_fault=True, enclave_restarted=True)
         no_key_lost(api, keys + load.created)
         assert enclave_pid(server, home) != enclave
+        log = server.log.read_text()
+    assert f"the local enclave process (pid {enclave}) has not answered for" in log
 
 
 def test_a_killed_enclave_is_replaced_under_load(tmp_path: Path) -> None:

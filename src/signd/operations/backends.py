@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from signd.config import Settings
 from signd.crypto.secret import Secret
@@ -21,7 +21,7 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.transport import transport_for
 from signd.errors import ConfigurationError
 from signd.operations.components import build_metadata_store
-from signd.operations.local_enclave import LocalEnclaveTransport
+from signd.operations.local_enclave import HANG_TIMEOUT, LocalEnclaveTransport
 from signd.operations.signer import BackendFactory, Signer
 from signd.secrets import resolve_secret
 from signd.storage.base import MetadataStore
@@ -69,6 +69,20 @@ def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> Backe
     return open_keystore
 
 
+def _seconds(section: Mapping[str, Any], key: str, default: float, *, zero_allowed: bool) -> float:
+    """``[enclave] key``, a number of seconds: positive (or 0, when that turns it off)."""
+    value = section.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value < 0
+        or (value == 0 and not zero_allowed)
+    ):
+        wanted = "0 (off) or a positive number" if zero_allowed else "a positive number"
+        raise ConfigurationError(f"enclave.{key} must be {wanted} of seconds", field="enclave")
+    return float(value)
+
+
 class _SharedEnclave:
     """One enclave client (and, locally, one enclave process) for every custody it serves.
 
@@ -82,9 +96,12 @@ class _SharedEnclave:
     def __init__(self, settings: Settings) -> None:
         section = settings.section("enclave")
         address = section.get("transport")
-        self.local = None if address else LocalEnclaveTransport(settings.home)
+        timeout = _seconds(section, "timeout", 10.0, zero_allowed=False)
+        hang_timeout = _seconds(section, "hang_timeout", HANG_TIMEOUT, zero_allowed=True)
+        self.local = (
+            None if address else LocalEnclaveTransport(settings.home, hang_timeout=hang_timeout)
+        )
         transport = self.local if self.local is not None else transport_for(str(address))
-        timeout = float(section.get("timeout", 10.0))
         self.client = EnclaveClient(transport, timeout=timeout)
         self._key = id(settings)
         self._users = 0

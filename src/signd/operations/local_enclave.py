@@ -8,6 +8,7 @@ close. The child exits by itself if its parent dies.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -18,21 +19,47 @@ import threading
 import time
 from pathlib import Path
 
+from signd.enclave.client import EnclaveClient
+from signd.enclave.protocol import CUSTODY_ENCLAVE
 from signd.enclave.transport import UnixTransport
-from signd.errors import DependencyUnavailable
+from signd.errors import DependencyUnavailable, SigndError
+
+log = logging.getLogger("signd.enclave.local")
 
 STARTUP_TIMEOUT = 20.0
 REAP_TIMEOUT = 1.0
 """How long a refused connection waits for a killed child to be reaped before restarting."""
 LOG_FILE_NAME = "enclave.log"
+HANG_TIMEOUT = 30.0
+"""Seconds a live enclave process may go without answering before it is replaced."""
+MAX_PROBE_INTERVAL = 5.0
 
 
 class LocalEnclaveTransport:
-    """A Unix-socket transport whose enclave process is started on demand."""
+    """A Unix-socket transport whose enclave process is started on demand.
 
-    def __init__(self, home: Path, *, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+    A watchdog thread probes the running process (a HELLO on a connection of its own, which
+    needs none of the enclave's dependencies). A process that is alive but has answered no
+    probe for ``hang_timeout`` seconds (stopped, deadlocked, spinning) is killed, so that the
+    next call starts a new one, as after a crash. ``hang_timeout = 0`` turns this off.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        hang_timeout: float = HANG_TIMEOUT,
+    ) -> None:
+        if hang_timeout < 0:
+            raise ValueError("hang_timeout must not be negative")
         self._home = home
         self._startup_timeout = startup_timeout
+        self._hang_timeout = hang_timeout
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._starting = False
+        """Whether a process is being started (its silence is the start-up timeout's)."""
         self._socket_dir = Path(tempfile.mkdtemp(prefix="signd-enclave-"))
         self._socket_path = self._socket_dir / "enclave.sock"
         self._inner = UnixTransport(str(self._socket_path))
@@ -87,11 +114,19 @@ class LocalEnclaveTransport:
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
+        self._watch()
+        self._starting = True
+        try:
+            self._wait_for_start(self._process, log_path)
+        finally:
+            self._starting = False
+
+    def _wait_for_start(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
         deadline = time.monotonic() + self._startup_timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if process.poll() is not None:
                 raise DependencyUnavailable(
-                    f"the local enclave process exited with status {self._process.returncode};"
+                    f"the local enclave process exited with status {process.returncode};"
                     f" see {log_path}"
                 )
             if self._socket_path.exists():
@@ -101,21 +136,75 @@ class LocalEnclaveTransport:
                 except DependencyUnavailable:
                     pass
             time.sleep(0.05)
-        self.stop()
+        self._end(process)
         raise DependencyUnavailable(f"the local enclave did not start in time; see {log_path}")
+
+    def _watch(self) -> None:
+        """Start the watchdog (once; it runs until :meth:`stop`)."""
+        if self._hang_timeout and self._watchdog is None:
+            self._watchdog = threading.Thread(
+                target=self._watch_for_hangs, name="signd-enclave-watchdog", daemon=True
+            )
+            self._watchdog.start()
+
+    def _watch_for_hangs(self) -> None:
+        interval = min(MAX_PROBE_INTERVAL, self._hang_timeout / 3)
+        watched: subprocess.Popen[bytes] | None = None
+        answered = time.monotonic()
+        while not self._stopping.wait(interval):
+            process = self._process
+            if process is not watched or self._starting:  # its time starts when it is up
+                watched, answered = process, time.monotonic()
+            if process is None or self._starting or process.poll() is not None:
+                continue
+            if self._answers(interval):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= self._hang_timeout:
+                self._replace_hung(process, time.monotonic() - answered)
+
+    def _answers(self, timeout: float) -> bool:
+        """Whether the enclave answers a HELLO on a new connection within ``timeout``."""
+        probe = EnclaveClient(self._inner, timeout=timeout, connect_timeout=timeout)
+        try:
+            probe.require_custody(CUSTODY_ENCLAVE)
+            return True
+        except SigndError:
+            return False
+        finally:
+            probe.close()
+
+    def _replace_hung(self, process: subprocess.Popen[bytes], silent_for: float) -> None:
+        """Kill ``process`` if it is still the current one; the next call starts another."""
+        with self._lock:
+            if process is not self._process or process.poll() is not None:
+                return
+            log.error(
+                "the local enclave process (pid %d) has not answered for %.0f s; replacing it",
+                process.pid,
+                silent_for,
+            )
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
         """Stop the child process (if running) and remove its socket directory."""
+        self._stopping.set()
         with self._lock:
             process, self._process = self._process, None
-        if process is not None and process.poll() is None:
+        if process is not None:
+            self._end(process)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    @staticmethod
+    def _end(process: subprocess.Popen[bytes]) -> None:
+        """Terminate ``process`` (killed if it has not ended within 10 s)."""
+        if process.poll() is None:
             process.terminate()
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     @property
     def pid(self) -> int | None:

@@ -1,0 +1,153 @@
+"""The auto-started local enclave process: started on use, replaced when it hangs (and only
+then), and started again after a start that timed out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from signd.config import load_settings
+from signd.enclave.client import EnclaveClient
+from signd.enclave.protocol import CUSTODY_ENCLAVE
+from signd.errors import ConfigurationError, DependencyUnavailable
+from signd.operations.backends import build_signer
+from signd.operations.local_enclave import LocalEnclaveTransport
+from tests.integration.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+HANG_TIMEOUT = 1.5
+
+
+@pytest.fixture
+def transports(tmp_path: Path) -> Iterator[list[LocalEnclaveTransport]]:
+    """Transports a test makes (over a fresh home each); all stopped afterwards."""
+    made: list[LocalEnclaveTransport] = []
+    yield made
+    for transport in made:
+        pid = transport.pid
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        transport.stop()
+
+
+def started(
+    transports: list[LocalEnclaveTransport], home: Path, **options: float
+) -> tuple[LocalEnclaveTransport, int]:
+    transport = LocalEnclaveTransport(home, **options)
+    transports.append(transport)
+    transport.connect(5.0).close()
+    assert transport.pid is not None
+    return transport, transport.pid
+
+
+def answers(transport: LocalEnclaveTransport) -> bool:
+    client = EnclaveClient(transport, timeout=5.0, connect_timeout=5.0)
+    try:
+        client.require_custody(CUSTODY_ENCLAVE)
+        return True
+    finally:
+        client.close()
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def test_a_hung_enclave_is_killed_and_the_next_call_starts_another(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport, first = started(transports, tmp_path / "home", hang_timeout=HANG_TIMEOUT)
+    caplog.set_level(logging.ERROR, logger="signd.enclave.local")
+    os.kill(first, signal.SIGSTOP)
+    stopped = time.monotonic()
+    wait_until(lambda: state(first) == "gone", timeout=10.0, what="the hung enclave killed")
+    assert time.monotonic() - stopped >= HANG_TIMEOUT - 0.5  # not before it was silent that long
+    assert transport.pid is None
+    assert answers(transport)  # a new process, started on use
+    assert transport.pid not in (None, first)
+    [message] = [record.getMessage() for record in caplog.records]
+    assert f"(pid {first}) has not answered for" in message
+
+
+def test_an_enclave_that_answers_is_left_alone_even_while_it_is_busy(
+    transports: list[LocalEnclaveTransport], tmp_path: Path
+) -> None:
+    transport, pid = started(transports, tmp_path / "home", hang_timeout=HANG_TIMEOUT)
+    stop = threading.Event()
+
+    def keep_it_busy() -> None:
+        client = EnclaveClient(transport, timeout=5.0)
+        try:
+            while not stop.is_set():
+                client.health()
+        finally:
+            client.close()
+
+    busy = threading.Thread(target=keep_it_busy, daemon=True)
+    busy.start()
+    time.sleep(HANG_TIMEOUT * 3)
+    stop.set()
+    busy.join(10)
+    assert transport.pid == pid
+    assert state(pid) != "gone"
+
+
+def test_hang_timeout_zero_never_replaces_it(
+    transports: list[LocalEnclaveTransport], tmp_path: Path
+) -> None:
+    transport, pid = started(transports, tmp_path / "home", hang_timeout=0)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(3.0)
+    assert (transport.pid, state(pid)) == (pid, "T")
+    os.kill(pid, signal.SIGCONT)
+    assert answers(transport)
+    assert transport.pid == pid
+
+
+def test_a_start_that_timed_out_leaves_the_next_start_working(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transport = LocalEnclaveTransport(tmp_path / "home", startup_timeout=0.01)
+    transports.append(transport)
+    with pytest.raises(DependencyUnavailable, match="did not start in time"):
+        transport.connect(5.0)
+    monkeypatch.setattr(transport, "_startup_timeout", 20.0)
+    assert answers(transport)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("hang_timeout", "-1"),
+        ("hang_timeout", '"soon"'),
+        ("hang_timeout", "true"),
+        ("timeout", "0"),
+        ("timeout", '"ten"'),
+        ("timeout", "-3"),
+    ],
+)
+def test_bad_enclave_timeouts_are_refused_with_their_name(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        f'[custody]\nenabled = ["enclave"]\n\n[enclave]\n{key} = {value}\n'
+    )
+    signer = build_signer(load_settings(home))
+    try:
+        with pytest.raises(ConfigurationError, match=f"enclave.{key} must be"):
+            signer.backend(CUSTODY_ENCLAVE)
+    finally:
+        signer.close()
