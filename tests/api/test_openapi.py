@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from starlette.routing import Route
 
 from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
 from signd.api.openapi import openapi_document
+from signd.gate import GatePaths
 from tests.api.conftest import ClientFactory, make_home, open_signer
+from tests.gate.support import GATE_MODES, gated_service
 
 FUZZ_SETTINGS = ApiSettings(max_keys_per_request=3, max_batch=5, allow_blind_signing=True)
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -73,6 +77,22 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 JSON_RPC_PATHS = {"/", "/rpc"}
 
 
+def checks_for(case: Any) -> list[Any]:
+    """No 5xx, and statuses, content types and bodies as documented. Bodies the document
+    forbids must be refused with a 4xx, except by JSON-RPC, which answers them with a JSON-RPC
+    error and HTTP 200, as the protocol asks. (Schema-valid requests may still be refused: an
+    unconfigured custody, an unknown key.)"""
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    if case.operation.path not in JSON_RPC_PATHS:
+        checks.append(negative_data_rejection)
+    return checks
+
+
 @schema.parametrize()
 @settings(
     max_examples=50,
@@ -81,15 +101,75 @@ JSON_RPC_PATHS = {"/", "/rpc"}
     derandomize=True,
 )
 def test_no_server_errors_and_answers_match_the_document(case: Any) -> None:
-    checks = [
-        not_a_server_error,
-        status_code_conformance,
-        content_type_conformance,
-        response_schema_conformance,
-    ]
-    # Bodies the document forbids must be refused with a 4xx, except by JSON-RPC, which
-    # answers them with a JSON-RPC error and HTTP 200, as the protocol asks. (Schema-valid
-    # requests may still be refused: an unconfigured custody, an unknown key.)
-    if case.operation.path not in JSON_RPC_PATHS:
-        checks.append(negative_data_rejection)
-    case.call_and_validate(checks=checks)
+    case.call_and_validate(checks=checks_for(case))
+
+
+FUZZ_TOKEN = "fuzzing-bearer-token"
+FUZZ_CLIENTS = f"""
+version = 1
+
+[[clients]]
+id = "fuzzer"
+scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
+key_labels = ["*"]
+token_sha256 = "{hashlib.sha256(FUZZ_TOKEN.encode()).hexdigest()}"
+"""
+FUZZ_POLICY = """
+version = 1
+
+[[rules]]
+name = "everything-but-typed-data"
+clients = ["fuzzer"]
+key_labels = ["*"]
+operations = ["keys:create", "sign:transaction", "sign:message", "sign:hash"]
+chains = ["ethereum"]
+blind_signing = true
+allow_contract_creation = true
+"""
+
+
+GATED_FUZZ_SETTINGS = replace(FUZZ_SETTINGS, auth_failure_rate_limit=0.0)
+
+
+def write_fuzz_files(paths: GatePaths) -> None:
+    paths.clients_file.write_text(FUZZ_CLIENTS)
+    paths.policy_file.write_text(FUZZ_POLICY)
+
+
+@pytest.fixture(scope="module", params=GATE_MODES)
+def gated_api_schema(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The app as ``signd serve`` gates it (authentication, policy, audit; in the service or
+    in an enclave), for a bearer client that every scope and a broad policy let through."""
+    home = tmp_path_factory.mktemp(f"fuzz-{request.param}") / "home"
+    with gated_service(home, request.param, GATED_FUZZ_SETTINGS, write_fuzz_files) as service:
+        custody = "enclave" if request.param == "enclave" else "keystore"
+        service.signer.create_keys(chain="ethereum", custody=custody, count=1)
+        yield schemathesis.openapi.from_asgi("/openapi.json", service.app)
+
+
+gated_schema = schemathesis.pytest.from_fixture("gated_api_schema")
+
+
+@gated_schema.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+def test_the_gated_app_has_no_server_errors_and_answers_match_the_document(case: Any) -> None:
+    """The same checks through the gate as deployed: what passes authentication reaches the
+    gate's own parsing, policy and audit, with the host's gate and with the enclave's."""
+    generated = case.headers or {}
+    case.headers = {
+        name: value
+        for name, value in generated.items()
+        if name.lower() != "authorization" and not name.lower().startswith("x-signd-")
+    }
+    response = case.call_and_validate(
+        headers={"authorization": f"Bearer {FUZZ_TOKEN}"}, checks=checks_for(case)
+    )
+    # The credential is good and nothing limits its rate: every request reaches the gate.
+    assert response.status_code not in (401, 429), response.text

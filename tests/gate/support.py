@@ -8,14 +8,15 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 
 with warnings.catch_warnings():
@@ -188,9 +189,25 @@ def gate_mode(request: pytest.FixtureRequest) -> str:
     return str(getattr(request, "param", "host"))
 
 
-@pytest.fixture
-def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
-    """The gated app. With the enclave's gate, an enclave server runs in this process on a
+@dataclass
+class GatedService:
+    """A gated app (not yet started) over its own signer, gatekeeper and files."""
+
+    app: Starlette
+    gatekeeper: Keeper
+    paths: GatePaths
+    signer: Signer
+
+
+@contextmanager
+def gated_service(
+    home_path: Path,
+    gate_mode: str,
+    settings: ApiSettings,
+    write_files: Callable[[GatePaths], None],
+) -> Iterator[GatedService]:
+    """The gated app over a fresh home at ``home_path``, its gate files written by
+    ``write_files``. With the enclave's gate, an enclave server runs in this process on a
     Unix socket, and keys in ``enclave`` custody are sealed by it."""
     with ExitStack() as stack:
         address = None
@@ -198,8 +215,9 @@ def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
             sockets = Path(tempfile.mkdtemp(prefix="signd-gate-"))
             stack.callback(shutil.rmtree, sockets, ignore_errors=True)
             address = f"unix://{sockets}/enclave.sock"
-        home = make_home(tmp_path / "home", address)
-        paths, alice, reader = gated_files(home)
+        home = make_home(home_path, address)
+        paths = GatePaths.under(home)
+        write_files(paths)
         gatekeeper: Keeper
         if address is not None:
             server = start_enclave(address, LocalKms(home), FilesystemBlobStore(home / "blobs"))
@@ -214,15 +232,31 @@ def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
         else:
             gatekeeper = open_gatekeeper(signer, paths, node="test-node")
         stack.callback(gatekeeper.close)
-        settings = ApiSettings(allow_blind_signing=True)
         app = create_app(
             signer,
             settings,
             authenticate=gatekeeper_authenticator(gatekeeper, settings),
             gate=GatekeeperGate(gatekeeper),
         )
-        client = stack.enter_context(TestClient(app))
-        yield Gated(client, gatekeeper, paths, signer, alice, reader)
+        yield GatedService(app, gatekeeper, paths, signer)
+
+
+@pytest.fixture
+def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
+    """The gated app (:func:`gated_service`) with alice, reader and bridge, and the fixed
+    policy, started in a test client."""
+    alice, reader = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+
+    def write_files(paths: GatePaths) -> None:
+        paths.clients_file.write_text(clients_toml(alice, reader))
+        paths.policy_file.write_text(POLICY)
+
+    settings = ApiSettings(allow_blind_signing=True)
+    with (
+        gated_service(tmp_path / "home", gate_mode, settings, write_files) as service,
+        TestClient(service.app) as client,
+    ):
+        yield Gated(client, service.gatekeeper, service.paths, service.signer, alice, reader)
 
 
 @pytest.fixture
