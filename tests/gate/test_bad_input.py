@@ -1,0 +1,244 @@
+"""Mostly valid signing requests with one thing wrong, through the real gates (in the service
+and in an enclave) with a real key and a policy that allows them: every answer is either a
+signature that eth-account recovers to the key's address, or a 4xx with a code and a
+message. Never a 5xx, and the audit log stays whole."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from signd.api import ApiSettings
+from signd.api.enclave_gatekeeper import EnclaveGatekeeper, verify_in_enclave
+from signd.audit import SealedAuditRecord, verify_chain
+from signd.gate import GatePaths
+from signd.gate.setup import load_mac_key
+from tests.api.samples import (
+    MAIL,
+    bytes_signer,
+    hash_signer,
+    text_signer,
+    transaction_signer,
+    typed_data_signer,
+)
+from tests.gate.support import BOTH_GATES, TestClient, gated_service
+
+pytestmark = BOTH_GATES
+
+TOKEN = "bad-input-token"
+CLIENTS = f"""
+version = 1
+
+[[clients]]
+id = "wallet"
+scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
+key_labels = ["*"]
+token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
+"""
+POLICY = """
+version = 1
+
+[[rules]]
+name = "all-but-typed-data"
+clients = ["wallet"]
+key_labels = ["*"]
+operations = ["keys:create", "sign:transaction", "sign:message", "sign:hash"]
+chains = ["ethereum"]
+blind_signing = true
+allow_contract_creation = true
+contract_selectors = ["0xa9059cbb"]
+
+[[rules]]
+name = "typed-data"
+clients = ["wallet"]
+key_labels = ["*"]
+operations = ["sign:typed_data"]
+chains = ["ethereum"]
+eip712_domains = [{chainId = 1}]
+"""
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+VALID_TRANSACTION: dict[str, Any] = {
+    "type": "0x2",
+    "chainId": "0x1",
+    "nonce": "0x7",
+    "to": "0x3535353535353535353535353535353535353535",
+    "value": hex(10**15),
+    "gas": hex(60_000),
+    "maxFeePerGas": hex(30 * 10**9),
+    "maxPriorityFeePerGas": hex(10**9),
+    "data": "0xa9059cbb" + "00" * 64,
+}
+VALID_PAYLOADS: dict[str, tuple[str, Any]] = {
+    "hash": ("hash", "0x" + "ab" * 32),
+    "ethereum/transaction": ("transaction", VALID_TRANSACTION),
+    "ethereum/message": ("message", "hello"),
+    "ethereum/typed-data": ("typed_data", MAIL),
+}
+
+EDGE_VALUES = st.sampled_from(
+    [
+        None,
+        True,
+        -1,
+        0,
+        1.5,
+        2**64,
+        2**256,
+        2**256 - 1,
+        "",
+        "0x",
+        "0x0",
+        "0x00",
+        "0X1",
+        "0xzz",
+        "1",
+        " 0x1",
+        "0x" + "f" * 65,
+        "0x" + "00" * 32,
+        [],
+        {},
+        {"hex": "0x00"},
+        "é",
+    ]
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=5,
+)
+JUNK = st.one_of(EDGE_VALUES, JSON_VALUES)
+
+
+def paths_of(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value where one thing can go wrong (``()`` is the whole)."""
+    found: list[tuple[Any, ...]] = [prefix]
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            found += paths_of(inner, (*prefix, name))
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            found += paths_of(inner, (*prefix, index))
+    return found
+
+
+@st.composite
+def one_thing_wrong(draw: st.DrawFn, valid: Any) -> Any:
+    """``valid`` unchanged, or with one value replaced, removed, or an unknown one added."""
+    body = copy.deepcopy(valid)
+    how = draw(st.sampled_from(["as is", "replace", "replace", "replace", "remove", "add"]))
+    if how == "as is":
+        return body
+    path = draw(st.sampled_from(paths_of(body)))
+    if not path:
+        return draw(JUNK) if how == "replace" else body
+    *outer, last = path
+    parent = body
+    for step in outer:
+        parent = parent[step]
+    if how == "replace":
+        parent[last] = draw(JUNK)
+    elif how == "remove":
+        del parent[last]
+    elif isinstance(parent, dict):
+        parent[draw(st.text(min_size=1, max_size=6))] = draw(JUNK)
+    else:
+        parent.append(draw(JUNK))
+    return body
+
+
+@st.composite
+def signing_requests(draw: st.DrawFn, key_refs: list[str]) -> tuple[str, Any]:
+    kind = draw(st.sampled_from(sorted(VALID_PAYLOADS)))
+    field, payload = VALID_PAYLOADS[kind]
+    valid = {"key": draw(st.sampled_from(key_refs)), field: payload}
+    if draw(st.integers(0, 4)) == 0:
+        drawn = [draw(one_thing_wrong(valid)) for _ in range(2)]
+        items = [{"type": kind, **item} if isinstance(item, dict) else item for item in drawn]
+        return "/v1/sign/batch", {"requests": items}
+    return f"/v1/sign/{kind}", draw(one_thing_wrong(valid))
+
+
+def write_files(paths: GatePaths) -> None:
+    paths.clients_file.write_text(CLIENTS)
+    paths.policy_file.write_text(POLICY)
+
+
+@pytest.fixture
+def service(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
+    """The gated app and one key (sealed by the enclave with the enclave's gate). Afterwards
+    the audit log must verify: with the MAC key here, or in the enclave that holds it."""
+    settings_ = ApiSettings(allow_blind_signing=True, auth_failure_rate_limit=0.0)
+    with (
+        gated_service(tmp_path / "home", gate_mode, settings_, write_files) as gated,
+        TestClient(gated.app) as client,
+    ):
+        custody = "enclave" if gate_mode == "enclave" else "keystore"
+        made = client.post("/v1/keys", json={"chain": "ethereum", "custody": custody}, headers=AUTH)
+        assert made.status_code == 201, made.text
+        yield client, made.json()["keys"][0]
+        lines = gated.paths.audit_log.read_bytes().splitlines()
+        assert len(lines) > 1
+        if isinstance(gated.gatekeeper, EnclaveGatekeeper):
+            found = verify_in_enclave(gated.gatekeeper.client, gated.paths, lines, node="t")
+            assert (found.problem, found.records) == (None, len(lines))
+        else:
+            records = [SealedAuditRecord.from_json(line) for line in lines]
+            report = verify_chain(records, load_mac_key(gated.paths.audit_key_file))
+            assert report.ok and report.records == len(lines), report.problems
+
+
+def signer_of(kind_path: str, request: dict[str, Any], answer: dict[str, Any]) -> str:
+    """Who eth-account says signed ``answer`` to ``request``."""
+    if kind_path.endswith("/hash"):
+        return hash_signer(bytes.fromhex(request["hash"][2:]), answer)
+    if kind_path.endswith("/transaction"):
+        return transaction_signer(answer["raw_transaction"])
+    if kind_path.endswith("/message"):
+        message = request["message"]
+        if isinstance(message, str):
+            return text_signer(message, answer["signature"])
+        return bytes_signer(bytes.fromhex(message["hex"][2:]), answer["signature"])
+    return typed_data_signer(request["typed_data"], answer["signature"])
+
+
+def check_error(status: int, answer: Any) -> None:
+    assert 400 <= status < 500, (status, answer)
+    error = answer["error"]
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+@given(data=st.data())
+def test_every_answer_is_a_true_signature_or_a_clear_4xx(
+    service: tuple[TestClient, dict[str, Any]], data: st.DataObject
+) -> None:
+    client, key = service
+    refs = [key["key_id"], key["address"], key["address"].lower(), "0x" + "12" * 20, "nokey"]
+    path, body = data.draw(signing_requests(refs))
+    response = client.post(path, json=body, headers=AUTH)
+    answer = response.json()
+    if response.status_code != 200:
+        check_error(response.status_code, answer)
+        return
+    if path != "/v1/sign/batch":
+        assert signer_of(path, body, answer) == key["address"]
+        return
+    for item, result in zip(body["requests"], answer["results"], strict=True):
+        if "error" in result:
+            check_error(400, {"error": result["error"]})
+        else:
+            assert signer_of("/" + item["type"], item, result) == key["address"]
