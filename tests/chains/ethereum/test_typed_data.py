@@ -211,6 +211,34 @@ def test_unknown_domain_key_when_inferring() -> None:
     assert caught.value.field == "domain.chain"
 
 
+@pytest.mark.parametrize("value", [None, 1, "x"])
+@pytest.mark.parametrize("inferred", [False, True])
+def test_a_domain_key_the_domain_type_lacks_is_refused_even_when_null(
+    value: Any, inferred: bool
+) -> None:
+    """A key that is not a field of EIP712Domain is not signed, so it is refused (as
+    eth-account and ethers refuse it), whether the domain type is given or inferred, and
+    even when its value is null, which otherwise means "absent"."""
+    document: dict[str, Any] = copy.deepcopy(MAIL["typed_data"])
+    if inferred:
+        del document["types"]["EIP712Domain"]
+    document["domain"]["0"] = value
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(document)
+    assert caught.value.field == ("domain.0" if inferred else "domain")
+    with pytest.raises(InvalidTypedData):
+        domain_separator(document["domain"], document["types"])
+
+
+@pytest.mark.parametrize("inferred", [False, True])
+def test_a_null_standard_domain_field_is_absent(inferred: bool) -> None:
+    document: dict[str, Any] = copy.deepcopy(MAIL["typed_data"])
+    if inferred:
+        del document["types"]["EIP712Domain"]
+    document["domain"]["salt"] = None
+    assert typed_data_digest(document) == unhex(MAIL["signHash"])
+
+
 def test_domain_only_primary_type() -> None:
     """``primaryType: EIP712Domain`` signs keccak256(0x1901 ‖ domainSeparator), as MetaMask does."""
     document = {**MAIL["typed_data"], "primaryType": "EIP712Domain", "message": {}}

@@ -37,6 +37,7 @@ _INTEGER = re.compile(r"(u?)int([1-9][0-9]*)")
 _FIXED_BYTES = re.compile(r"bytes([1-9][0-9]?)")
 _ATOMIC = frozenset({"address", "bool", "string", "bytes"})
 _DOCUMENT_KEYS = frozenset({"types", "primaryType", "domain", "message"})
+_STANDARD_DOMAIN_FIELDS = frozenset(name for name, _ in DOMAIN_FIELDS)
 
 StructFields = tuple[tuple[str, str], ...]
 
@@ -242,8 +243,19 @@ def _domain_types(domain: object, types: object) -> dict[str, Any]:
     return {**types, DOMAIN_TYPE: inferred}
 
 
-def _present(domain: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in domain.items() if value is not None}
+def _present(types: _Types, domain: Mapping[str, Any]) -> dict[str, Any]:
+    """The domain's fields that are not null. A null standard field (``salt: null``) is
+    absent; any other key the domain type lacks is refused, null or not: it would not be
+    signed, and a reader of the request could take it for part of what is."""
+    names = {name for name, _ in types.struct(DOMAIN_TYPE, "types")}
+    present: dict[str, Any] = {}
+    for key, value in domain.items():
+        if key in names:
+            if value is not None:
+                present[key] = value
+        elif value is not None or key not in _STANDARD_DOMAIN_FIELDS:
+            raise InvalidTypedData(f"domain has no field {key!r} in {DOMAIN_TYPE}", field="domain")
+    return present
 
 
 def encode_type(primary_type: str, types: Mapping[str, Any]) -> str:
@@ -268,8 +280,8 @@ def hash_struct(primary_type: str, types: Mapping[str, Any], value: Mapping[str,
 
 def domain_separator(domain: Mapping[str, Any], types: Mapping[str, Any] | None = None) -> bytes:
     """``hashStruct(EIP712Domain, domain)``; the domain type comes from ``types`` or the keys."""
-    full = _domain_types(domain, types or {})
-    return keccak256(_Types(full).encode_data(DOMAIN_TYPE, _present(domain), "domain"))
+    full = _Types(_domain_types(domain, types or {}))
+    return keccak256(full.encode_data(DOMAIN_TYPE, _present(full, domain), "domain"))
 
 
 def typed_data_digest(document: Mapping[str, Any]) -> bytes:
@@ -281,7 +293,7 @@ def typed_data_digest(document: Mapping[str, Any]) -> bytes:
         raise InvalidTypedData("primaryType must be a string", field="primaryType")
     domain = document["domain"]
     all_types = _Types(_domain_types(domain, document["types"]))
-    separator = keccak256(all_types.encode_data(DOMAIN_TYPE, _present(domain), "domain"))
+    separator = keccak256(all_types.encode_data(DOMAIN_TYPE, _present(all_types, domain), "domain"))
     if primary == DOMAIN_TYPE:
         return keccak256(b"\x19\x01" + separator)
     message = keccak256(all_types.encode_data(primary, document["message"], "message"))
