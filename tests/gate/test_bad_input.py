@@ -242,3 +242,64 @@ def test_every_answer_is_a_true_signature_or_a_clear_4xx(
             check_error(400, {"error": result["error"]})
         else:
             assert signer_of("/" + item["type"], item, result) == key["address"]
+
+
+RPC_INTERNAL_ERROR = -32603
+
+
+@st.composite
+def rpc_calls(draw: st.DrawFn, address: str) -> dict[str, Any]:
+    """A JSON-RPC signing call with one thing wrong (or none), in its params or envelope."""
+    transaction = {**VALID_TRANSACTION, "from": address}
+    params = draw(
+        st.sampled_from(
+            [
+                ("eth_sign", [address, "0x68656c6c6f"]),
+                ("personal_sign", ["0x68656c6c6f", address]),
+                ("eth_signTypedData_v4", [address, MAIL]),
+                ("eth_signTransaction", [transaction]),
+            ]
+        )
+    )
+    method, valid = params
+    call = {"jsonrpc": "2.0", "id": 7, "method": method, "params": valid}
+    if draw(st.integers(0, 5)) == 0:
+        return draw(one_thing_wrong(call))  # type: ignore[no-any-return]
+    return {**call, "params": draw(one_thing_wrong(valid))}
+
+
+def rpc_signer(call: dict[str, Any], result: Any) -> str:
+    """Who eth-account says made the JSON-RPC ``result`` of ``call``."""
+    method, params = call["method"], call["params"]
+    if method == "eth_signTransaction":
+        return transaction_signer(result["raw"])
+    if method == "eth_signTypedData_v4":
+        return typed_data_signer(params[1], result)
+    data = params[1] if method == "eth_sign" else params[0]
+    return bytes_signer(bytes.fromhex(data[2:]), result)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
+@given(data=st.data())
+def test_every_json_rpc_answer_is_a_true_signature_or_a_clear_error(
+    service: tuple[TestClient, dict[str, Any]], data: st.DataObject
+) -> None:
+    client, key = service
+    call = data.draw(rpc_calls(key["address"]))
+    response = client.post("/rpc", json=call, headers=AUTH)
+    assert response.status_code < 500, response.text
+    if response.status_code == 204:  # a notification (no id): no answer
+        return
+    answer = response.json()
+    for item in answer if isinstance(answer, list) else [answer]:  # junk may be a batch
+        if "error" in item:
+            error = item["error"]
+            assert isinstance(error["code"], int) and error["code"] != RPC_INTERNAL_ERROR, error
+            assert isinstance(error["message"], str) and error["message"]
+        else:
+            assert rpc_signer(call, item["result"]) == key["address"]
