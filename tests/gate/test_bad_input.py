@@ -5,7 +5,6 @@ message. Never a 5xx, and the audit log stays whole."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from tests.api.samples import (
     typed_data_signer,
 )
 from tests.gate.support import BOTH_GATES, TestClient, gated_service
+from tests.mutations import one_thing_wrong
 
 pytestmark = BOTH_GATES
 
@@ -82,76 +82,6 @@ VALID_PAYLOADS: dict[str, tuple[str, Any]] = {
     "ethereum/message": ("message", "hello"),
     "ethereum/typed-data": ("typed_data", MAIL),
 }
-
-EDGE_VALUES = st.sampled_from(
-    [
-        None,
-        True,
-        -1,
-        0,
-        1.5,
-        2**64,
-        2**256,
-        2**256 - 1,
-        "",
-        "0x",
-        "0x0",
-        "0x00",
-        "0X1",
-        "0xzz",
-        "1",
-        " 0x1",
-        "0x" + "f" * 65,
-        "0x" + "00" * 32,
-        [],
-        {},
-        {"hex": "0x00"},
-        "é",
-    ]
-)
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
-    max_leaves=5,
-)
-JUNK = st.one_of(EDGE_VALUES, JSON_VALUES)
-
-
-def paths_of(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in a JSON value where one thing can go wrong (``()`` is the whole)."""
-    found: list[tuple[Any, ...]] = [prefix]
-    if isinstance(value, dict):
-        for name, inner in value.items():
-            found += paths_of(inner, (*prefix, name))
-    elif isinstance(value, list):
-        for index, inner in enumerate(value):
-            found += paths_of(inner, (*prefix, index))
-    return found
-
-
-@st.composite
-def one_thing_wrong(draw: st.DrawFn, valid: Any) -> Any:
-    """``valid`` unchanged, or with one value replaced, removed, or an unknown one added."""
-    body = copy.deepcopy(valid)
-    how = draw(st.sampled_from(["as is", "replace", "replace", "replace", "remove", "add"]))
-    if how == "as is":
-        return body
-    path = draw(st.sampled_from(paths_of(body)))
-    if not path:
-        return draw(JUNK) if how == "replace" else body
-    *outer, last = path
-    parent = body
-    for step in outer:
-        parent = parent[step]
-    if how == "replace":
-        parent[last] = draw(JUNK)
-    elif how == "remove":
-        del parent[last]
-    elif isinstance(parent, dict):
-        parent[draw(st.text(min_size=1, max_size=6))] = draw(JUNK)
-    else:
-        parent.append(draw(JUNK))
-    return body
 
 
 @st.composite

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signd.kms.server import RunningServer, start_kms_server
-from tests.gate.test_bad_input import one_thing_wrong
 from tests.kms.server.conftest import raw_request
+from tests.mutations import one_thing_wrong
 
 pytestmark = pytest.mark.integration
 
