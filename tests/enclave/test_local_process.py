@@ -1,5 +1,5 @@
-"""The auto-started local enclave process: started on use, replaced when it hangs (and only
-then), and started again after a start that timed out."""
+"""The auto-started local enclave process: started on use (gate-only when asked), replaced
+when it hangs (and only then), and started again after a start that timed out."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ def transports(tmp_path: Path) -> Iterator[list[LocalEnclaveTransport]]:
 
 
 def started(
-    transports: list[LocalEnclaveTransport], home: Path, **options: float
+    transports: list[LocalEnclaveTransport], home: Path, **options: Any
 ) -> tuple[LocalEnclaveTransport, int]:
     transport = LocalEnclaveTransport(home, **options)
     transports.append(transport)
@@ -148,6 +149,42 @@ def test_bad_enclave_timeouts_are_refused_with_their_name(
     signer = build_signer(load_settings(home))
     try:
         with pytest.raises(ConfigurationError, match=f"enclave.{key} must be"):
+            signer.backend(CUSTODY_ENCLAVE)
+    finally:
+        signer.close()
+
+
+def gate_only(transport: LocalEnclaveTransport) -> bool:
+    client = EnclaveClient(transport, timeout=5.0, connect_timeout=5.0)
+    try:
+        return client.gate_only()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("flag", "config", "expected"),
+    [(False, "", False), (True, "", True), (False, "[enclave]\ngate_only = true\n", True)],
+)
+def test_gate_only_comes_from_the_flag_or_the_enclaves_own_configuration(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, flag: bool, config: str, expected: bool
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(config)
+    transport, _ = started(transports, home, gate_only=flag)
+    assert gate_only(transport) is expected
+
+
+def test_a_bad_gate_only_setting_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        '[custody]\nenabled = ["enclave"]\n\n[enclave]\ngate_only = "yes"\n'
+    )
+    signer = build_signer(load_settings(home))
+    try:
+        with pytest.raises(ConfigurationError, match=r"enclave\.gate_only must be true or false"):
             signer.backend(CUSTODY_ENCLAVE)
     finally:
         signer.close()

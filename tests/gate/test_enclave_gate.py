@@ -31,12 +31,13 @@ from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
 from signd.attestation.document import AttestationDocument, CoseSign1
 from signd.audit import SealedAuditRecord
 from signd.auth import sign_request
+from signd.client import key_from_dict
 from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
-from signd.enclave.protocol import MessageType
+from signd.enclave.protocol import KeyReference, MessageType
 from signd.enclave.transport import UnixTransport
-from signd.errors import DependencyUnavailable, IntegrityError
+from signd.errors import AccessDenied, DependencyUnavailable, IntegrityError
 from signd.gate import GateRequest, SigningCall, SigningKind
 from signd.gate.intents import prepare
 from signd.operations import Signer
@@ -119,11 +120,13 @@ def wait_for_enclave(address: str, process: subprocess.Popen[bytes], log: Path) 
         client.close()
 
 
-def start_enclave_process(home: Path, address: str) -> subprocess.Popen[bytes]:
+def start_enclave_process(home: Path, address: str, *options: str) -> subprocess.Popen[bytes]:
+    """``signd enclave --listen ADDRESS --gate-only OPTIONS``: as ``signd serve`` starts it."""
     log = home / "enclave.log"
+    command = ["enclave", "--listen", address, "--gate-only", *options]
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "signd", "--home", str(home), "enclave", "--listen", address],
+            [sys.executable, "-m", "signd", "--home", str(home), *command],
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
@@ -282,8 +285,44 @@ def test_the_enclave_signs_what_the_body_says_not_what_the_host_parsed(
     assert len(outcome["signature"]) == 65
 
 
+def test_a_host_cannot_sign_or_make_sealed_keys_around_the_gate(enclave: Enclave) -> None:
+    """The bare SIGN_DIGEST(S) and CREATE_KEYS a host could send instead of a GATE are refused
+    by a gate-only enclave (as signd serve runs it): nothing is signed or made that no client
+    asked for, the policy allowed and the audit log records."""
+    hot = new_key(enclave, ["hot"])
+    backend = enclave.gated.signer.backend("enclave")
+    assert isinstance(backend, EnclaveBackend)
+    reference = backend.reference(enclave.gated.signer.get_key(hot["address"]))
+    assert isinstance(reference, KeyReference)
+    audited = len(enclave.gated.records())
+    assert enclave.client.gate_only()
+    with pytest.raises(AccessDenied, match="outside its gate"):
+        enclave.client.sign_digest(reference, bytes(32))
+    refused = enclave.client.sign_digests([(reference, bytes(32)), (reference, bytes([1]) * 32)])
+    assert all(isinstance(result, AccessDenied) for result in refused)
+    with pytest.raises(AccessDenied, match="outside its gate"):
+        enclave.client.create_keys("ethereum", 1, ["hot"])
+    assert len(enclave.gated.records()) == audited
+    # through the gate, what the policy allows is still signed
+    signed = enclave.gated.signed("POST", SIGN_TX, tx_body(hot))
+    assert signed.status_code == 200, signed.text
+    assert samples.transaction_signer(signed.json()["raw_transaction"]) == hot["address"]
+
+
+def made_by_an_operator(enclave: Enclave, labels: list[str]) -> KeyInfo:
+    """A sealed key made with ``signd keys new`` on the host, whose own local enclave (not
+    gate-only, no client) seals it with the same KMS and store: no client here may make it."""
+    env = {**os.environ, "SIGND_ENCLAVE_TRANSPORT": "", "SIGND_HOME": str(enclave.home)}
+    command = [sys.executable, "-m", "signd", "keys", "new", "--custody", "enclave", "--json"]
+    for label in labels:
+        command += ["--label", label]
+    made = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    return key_from_dict(json.loads(made.stdout)["keys"][0])
+
+
 def test_a_key_relabelled_by_the_host_is_refused(enclave: Enclave) -> None:
-    cold = enclave.gated.signer.create_keys(chain="ethereum", custody="enclave", labels=["cold"])[0]
+    cold = made_by_an_operator(enclave, ["cold"])
     body = tx_body({"address": cold.address})
     honest = enclave.gate(
         enclave.request("POST", SIGN_TX, body),

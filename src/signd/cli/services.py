@@ -68,6 +68,14 @@ def enclave(
     exit_with_parent: Annotated[
         bool, typer.Option(help="Stop when the process that started this one exits.")
     ] = False,
+    gate_only: Annotated[
+        bool,
+        typer.Option(
+            "--gate-only",
+            help="Make and use sealed keys only through the gate (GATE), never on the"
+            " host's bare request ([enclave] gate_only).",
+        ),
+    ] = False,
 ) -> None:
     """Run the enclave: it holds KMS access, unseals keys in its memory and signs."""
     if ctx.invoked_subcommand is not None:
@@ -95,6 +103,9 @@ def enclave(
     _stop_on_signals(stop)
     if exit_with_parent:
         watch_parent(stop)
+    configured_gate_only = section.get("gate_only", False)
+    if not isinstance(configured_gate_only, bool):
+        raise ConfigurationError("enclave.gate_only must be true or false", field="enclave")
     hsm = _enclave_hsm(settings)
     recipient = _enclave_recipient(settings)
     kms, blobs = build_kms(settings, recipient=recipient), build_blob_store(settings)
@@ -103,7 +114,16 @@ def enclave(
         if hsm is not None:
             hsm.start()
         freeze_startup_objects()
-        run_enclave(address, kms, blobs, stop=stop, cache=cache, hsm=hsm, attestation=attestation)
+        run_enclave(
+            address,
+            kms,
+            blobs,
+            stop=stop,
+            cache=cache,
+            hsm=hsm,
+            attestation=attestation,
+            gate_only=gate_only or configured_gate_only,
+        )
     finally:
         kms.close()
         blobs.close()

@@ -104,6 +104,7 @@ class _Connection:
         self._closed = False
         self.version = HELLO_VERSION
         self.custody: frozenset[str] = frozenset({CUSTODY_ENCLAVE})
+        self.gate_only = False
         self._reader = threading.Thread(
             target=self._read_loop, name="signd-enclave-client", daemon=True
         )
@@ -271,6 +272,7 @@ class EnclaveClient:
                 version = require_int(hello, "version", minimum=0, maximum=255)
                 max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
                 custody = _offered_custody(hello)
+                gate_only = hello.get("gate_only", False) is True
             if version not in SUPPORTED_VERSIONS:
                 raise DependencyUnavailable(f"the enclave chose unknown version {version}")
         except SigndError:
@@ -278,6 +280,7 @@ class EnclaveClient:
             raise
         connection.version = version
         connection.custody = custody if version >= CUSTODY_VERSION else custody & {CUSTODY_ENCLAVE}
+        connection.gate_only = gate_only
         self.max_batch = max_batch
         return connection
 
@@ -339,6 +342,11 @@ class EnclaveClient:
                 f"the enclave does not hold {custody} custody (it offers "
                 f"{sorted(connection.custody)} over protocol version {connection.version})"
             )
+
+    def gate_only(self) -> bool:
+        """Whether the enclave makes and uses sealed keys only through its gate (it says so
+        in HELLO; an enclave that does not say is not)."""
+        return self._connect().gate_only
 
     def health(self, custody: str = CUSTODY_ENCLAVE) -> dict[str, Any]:
         """The health of one custody in the enclave; a dependency it cannot reach raises."""

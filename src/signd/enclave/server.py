@@ -52,6 +52,7 @@ from signd.enclave.protocol import (
 from signd.enclave.signer import AddressFunction, EnclaveSigner
 from signd.enclave.transport import close_socket, listen_socket
 from signd.errors import (
+    AccessDenied,
     ConfigurationError,
     InvalidField,
     InvalidRequest,
@@ -91,6 +92,13 @@ class EnclaveApp:
     ``attestation`` (the NSM, or the simulated one) for a document; an enclave without one
     refuses with UnsupportedOperation.
 
+    With ``gate_only``, sealed keys are made and used only through the gate (GATE): raw
+    CREATE_KEYS, SIGN_DIGEST and SIGN_DIGESTS for them are refused, so a compromised host
+    cannot get a digest signed that the policy would refuse, nor skip its audit record.
+    ``signd serve`` starts its local enclave so; on Nitro the image's configuration says so.
+    HSM custody in the enclave stays reachable without the gate (its labels are the host's
+    word, see docs/POLICY.md).
+
     :attr:`attestation_user_data` is called for every ATTESTATION and its answer becomes the
     document's ``user_data``: assign it to bind what the enclave enforces into its documents.
     Intended content: ``sha256(policy file) || sha256(clients file)`` of the files in force
@@ -105,13 +113,17 @@ class EnclaveApp:
         hsm: EnclaveHsm | None = None,
         attestation: AttestationProvider | None = None,
         gate: EnclaveGate | None = None,
+        gate_only: bool = False,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ) -> None:
+        if gate_only and gate is None:
+            raise ConfigurationError("a gate-only enclave needs its gate")
         self.signer = signer
         self.hsm = hsm
         self.attestation = attestation
         self.attestation_user_data: AttestationUserData = no_attestation_user_data
         self.gate = gate
+        self.gate_only = gate_only
         self.max_frame_size = max_frame_size
         self._handlers: dict[MessageType, Callable[[dict[str, Any]], dict[str, Any]]] = {
             MessageType.HELLO: self._hello,
@@ -177,6 +189,7 @@ class EnclaveApp:
             "max_frame_size": self.max_frame_size,
             "max_batch": self.signer.max_batch,
             "custody": custody,
+            "gate_only": self.gate_only,
         }
 
     def _hsm(self) -> EnclaveHsm:
@@ -198,6 +211,7 @@ class EnclaveApp:
         count = require_int(body, "count", minimum=1, maximum=self.signer.max_batch)
         labels = request_labels(body)
         if request_custody(body) == CUSTODY_ENCLAVE:
+            self._refuse_without_gate("make")
             created_keys = self.signer.create_keys(chain, count, labels)
             return {"keys": [key.to_body() for key in created_keys]}
         if labels:
@@ -214,8 +228,17 @@ class EnclaveApp:
         if request_custody(item) == CUSTODY_HSM:
             hsm_key = HsmKeyReference.from_body(item)
             return self._hsm().sign_digest(hsm_key, require_bytes(item, "digest", size=32))
+        self._refuse_without_gate("sign with")
         key = KeyReference.from_body(item)
         return self.signer.sign_digest(key, require_bytes(item, "digest", size=32)).to_bytes()
+
+    def _refuse_without_gate(self, what: str) -> None:
+        if self.gate_only:
+            raise AccessDenied(
+                f"this enclave does not {what} sealed keys outside its gate: send the request"
+                " in a GATE message (signd serve does), where it is authenticated, checked"
+                " against the policy and audited"
+            )
 
     def _sign_digest(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"signature": self._sign(body)}
@@ -440,11 +463,13 @@ def start_enclave(
     workers: int = DEFAULT_WORKERS,
     hsm: EnclaveHsm | None = None,
     attestation: AttestationProvider | None = None,
+    gate_only: bool = False,
 ) -> EnclaveServer:
     """Build the enclave application and serve it; ``listen=None`` serves in-process only.
 
     ``hsm`` adds HSM custody (the caller keeps owning it and closes it after the server);
-    ``attestation`` answers ATTESTATION requests.
+    ``attestation`` answers ATTESTATION requests; ``gate_only`` refuses sealed keys' raw
+    requests (see :class:`EnclaveApp`).
     """
     signer = EnclaveSigner(
         kms, blobs, cache=cache, address_deriver=address_deriver, max_batch=max_batch
@@ -454,6 +479,7 @@ def start_enclave(
         hsm=hsm,
         attestation=attestation,
         gate=EnclaveGate(signer, kms),
+        gate_only=gate_only,
         max_frame_size=max_frame_size,
     )
     server = EnclaveServer(app, workers=workers)
@@ -479,6 +505,7 @@ def run_enclave(
     workers: int = DEFAULT_WORKERS,
     hsm: EnclaveHsm | None = None,
     attestation: AttestationProvider | None = None,
+    gate_only: bool = False,
 ) -> None:
     """Serve the enclave on ``listen`` until ``stop`` is set (or the process is interrupted)."""
     server = start_enclave(
@@ -492,6 +519,7 @@ def run_enclave(
         workers=workers,
         hsm=hsm,
         attestation=attestation,
+        gate_only=gate_only,
     )
     try:
         if stop is None:

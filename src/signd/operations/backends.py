@@ -98,8 +98,15 @@ class _SharedEnclave:
         address = section.get("transport")
         timeout = _seconds(section, "timeout", 10.0, zero_allowed=False)
         hang_timeout = _seconds(section, "hang_timeout", HANG_TIMEOUT, zero_allowed=True)
+        gate_only = section.get("gate_only", False)
+        if not isinstance(gate_only, bool):
+            raise ConfigurationError("enclave.gate_only must be true or false", field="enclave")
         self.local = (
-            None if address else LocalEnclaveTransport(settings.home, hang_timeout=hang_timeout)
+            None
+            if address
+            else LocalEnclaveTransport(
+                settings.home, hang_timeout=hang_timeout, gate_only=gate_only
+            )
         )
         transport = self.local if self.local is not None else transport_for(str(address))
         self.client = EnclaveClient(transport, timeout=timeout)

@@ -38,6 +38,9 @@ MAX_PROBE_INTERVAL = 5.0
 class LocalEnclaveTransport:
     """A Unix-socket transport whose enclave process is started on demand.
 
+    With ``gate_only`` the process is started ``--gate-only`` (sealed keys only through its
+    gate), as ``signd serve`` wants it.
+
     A watchdog thread probes the running process (a HELLO on a connection of its own, which
     needs none of the enclave's dependencies). A process that is alive but has answered no
     probe for ``hang_timeout`` seconds (stopped, deadlocked, spinning) is killed, so that the
@@ -50,12 +53,14 @@ class LocalEnclaveTransport:
         *,
         startup_timeout: float = STARTUP_TIMEOUT,
         hang_timeout: float = HANG_TIMEOUT,
+        gate_only: bool = False,
     ) -> None:
         if hang_timeout < 0:
             raise ValueError("hang_timeout must not be negative")
         self._home = home
         self._startup_timeout = startup_timeout
         self._hang_timeout = hang_timeout
+        self._gate_only = gate_only
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._starting = False
@@ -109,6 +114,7 @@ class LocalEnclaveTransport:
             "--listen",
             self.address,
             "--exit-with-parent",
+            *(["--gate-only"] if self._gate_only else []),
         ]
         with log_path.open("ab") as log:
             self._process = subprocess.Popen(
