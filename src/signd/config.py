@@ -6,6 +6,7 @@ from, and :mod:`signd.secrets` fetches it, wrapped in :class:`signd.crypto.secre
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -55,6 +56,10 @@ class Settings:
         if not isinstance(table, dict):
             raise ConfigurationError(f"[{name}] must be a table in {self.config_file}")
         return dict(table)
+
+    def overriding(self, name: str, **values: Any) -> Settings:
+        """These settings with ``[name]``'s ``values`` set (for what a command decides)."""
+        return dataclasses.replace(self, raw={**self.raw, name: {**self.section(name), **values}})
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -8,7 +8,15 @@ from typing import Any
 from signd.api.openapi import openapi_document
 from signd.auth import sign_request
 from tests.api import samples
-from tests.gate.support import BOTH_GATES, OTHER, TOKEN, TRANSFER, Gated, transaction
+from tests.gate.support import (
+    BOTH_GATES,
+    OTHER,
+    TOKEN,
+    TRANSFER,
+    Gated,
+    operator_key,
+    transaction,
+)
 
 pytestmark = BOTH_GATES
 
@@ -183,7 +191,7 @@ def test_key_reads_need_the_scope_and_show_only_usable_keys(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:
     custody = hot_key["custody"]
-    gated.signer.create_keys(chain="ethereum", custody=custody, labels=["cold"])
+    operator_key(gated.signer, gated.paths.audit_log.parent, custody, ["cold"])
     mine = gated.signed("GET", f"/v1/keys?custody={custody}").json()["keys"]
     assert [k["key_id"] for k in mine] == [hot_key["key_id"]]
     everyone = gated.signed("GET", f"/v1/keys?custody={custody}", as_client="reader").json()["keys"]

@@ -25,10 +25,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.audit import SealedAuditRecord
 from signd.auth import sign_request
+from signd.custody.enclave import EnclaveBackend
+from signd.enclave.client import EnclaveClient
+from signd.enclave.protocol import KeyReference
+from signd.enclave.transport import UnixTransport
+from signd.errors import AccessDenied
 from tests.api import samples
 from tests.api.conftest import PASSPHRASE, make_home
 from tests.api.processes import SigndProcess, signd_serve
-from tests.gate.support import POLICY, clients_toml, transaction
+from tests.gate.support import POLICY, clients_toml, open_signer, transaction
+from tests.integration.support import child_pids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,6 +90,31 @@ def test_the_gate_runs_in_the_enclave_and_the_host_has_no_mac_key(service: Servi
     assert "gate: in the enclave" in log
     assert (service.home / "audit.key.sealed").exists()
     assert not (service.home / "audit.key").exists()
+
+
+def test_the_enclave_serve_started_signs_sealed_keys_only_through_its_gate(
+    service: Service, hot_key: dict[str, Any]
+) -> None:
+    """A compromised host that talks to serve's own enclave directly, with a key reference
+    from the metadata store, gets nothing signed without a GATE."""
+    [pid] = child_pids(service.process.process.pid, containing=f"--home {service.home} enclave")
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert "--gate-only" in command
+    socket_path = command[command.index("--listen") + 1].removeprefix("unix://")
+    with open_signer(service.home) as signer:
+        backend = signer.backend("enclave")
+        assert isinstance(backend, EnclaveBackend)
+        reference = backend.reference(signer.get_key(hot_key["address"]))
+    assert isinstance(reference, KeyReference)
+    client = EnclaveClient(UnixTransport(socket_path), timeout=10.0)
+    try:
+        assert client.gate_only()
+        with pytest.raises(AccessDenied, match="outside its gate"):
+            client.sign_digest(reference, bytes(32))
+    finally:
+        client.close()
+    log = service.process.log.read_text()
+    assert "outside its gate: a compromised host" not in log  # serve's warning: not needed
 
 
 def test_signed_requests_pass_and_refusals_replays_are_audited(

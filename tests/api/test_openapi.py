@@ -26,7 +26,7 @@ from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
 from signd.api.openapi import openapi_document
 from signd.gate import GatePaths
 from tests.api.conftest import ClientFactory, make_home, open_signer
-from tests.gate.support import GATE_MODES, gated_service
+from tests.gate.support import GATE_MODES, TestClient, gated_service
 
 FUZZ_SETTINGS = ApiSettings(max_keys_per_request=3, max_batch=5, allow_blind_signing=True)
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -145,7 +145,13 @@ def gated_api_schema(
     home = tmp_path_factory.mktemp(f"fuzz-{request.param}") / "home"
     with gated_service(home, request.param, GATED_FUZZ_SETTINGS, write_fuzz_files) as service:
         custody = "enclave" if request.param == "enclave" else "keystore"
-        service.signer.create_keys(chain="ethereum", custody=custody, count=1)
+        with TestClient(service.app) as client:  # through the gate: the enclave is gate-only
+            made = client.post(
+                "/v1/keys",
+                json={"chain": "ethereum", "custody": custody},
+                headers={"authorization": f"Bearer {FUZZ_TOKEN}"},
+            )
+            assert made.status_code == 201, made.text
         yield schemathesis.openapi.from_asgi("/openapi.json", service.app)
 
 

@@ -30,6 +30,7 @@ from signd.audit import SealedAuditRecord
 from signd.auth import sign_request
 from signd.config import load_settings
 from signd.crypto.secret import Secret
+from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.server import start_enclave
 from signd.gate import GatePaths, open_gatekeeper
@@ -128,6 +129,25 @@ chains = ["ethereum"]
 """
 
 
+def operator_key(signer: Signer, home: Path, custody: str, labels: list[str]) -> KeyInfo:
+    """A key made on the host by an operator (``signd keys new``), which no client may have
+    asked for. A gate-only enclave makes no sealed key outside its gate, so a sealed one is
+    made by an enclave of the operator's own (not gate-only) over the same KMS, blob store
+    and metadata store, as ``signd keys new`` starts one."""
+    if custody != "enclave":
+        return signer.create_keys(chain="ethereum", custody=custody, labels=labels)[0]
+    sockets = Path(tempfile.mkdtemp(prefix="signd-operator-"))
+    address = f"unix://{sockets}/enclave.sock"
+    server = start_enclave(address, LocalKms(home), FilesystemBlobStore(home / "blobs"))
+    try:
+        settings = load_settings(home).overriding("enclave", transport=address)
+        with build_signer(settings, passphrase=lambda creating: Secret(PASSPHRASE)) as own:
+            return own.create_keys(chain="ethereum", custody=custody, labels=labels)[0]
+    finally:
+        server.close()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
 @dataclass
 class Gated:
     """A gated app, its gatekeeper, the files and the clients' keys."""
@@ -220,7 +240,9 @@ def gated_service(
         write_files(paths)
         gatekeeper: Keeper
         if address is not None:
-            server = start_enclave(address, LocalKms(home), FilesystemBlobStore(home / "blobs"))
+            server = start_enclave(  # gate-only, as signd serve runs it
+                address, LocalKms(home), FilesystemBlobStore(home / "blobs"), gate_only=True
+            )
             stack.callback(server.close)
         signer = stack.enter_context(open_signer(home))
         if address is not None:

@@ -22,6 +22,9 @@ class CliState:
     url: str | None = None
     client_id: str | None = None
     client_key: Path | None = None
+    gate_only_enclave: bool = False
+    """Start the local enclave so that it makes and uses sealed keys only through its gate
+    (``signd serve`` sets it: every sealed key's request goes through the gate there)."""
     _signer: Signer | None = field(default=None, repr=False)
 
     @property
@@ -31,8 +34,14 @@ class CliState:
     @property
     def signer(self) -> Signer:
         if self._signer is None:
-            self._signer = self._remote() if self.url is not None else build_signer(self.settings)
+            self._signer = self._remote() if self.url is not None else self._local()
         return self._signer
+
+    def _local(self) -> Signer:
+        settings = self.settings
+        if self.gate_only_enclave:
+            settings = settings.overriding("enclave", gate_only=True)
+        return build_signer(settings)
 
     def _remote(self) -> Signer:
         from signd.client import RemoteSigner, SigndClient

@@ -214,6 +214,12 @@ def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> 
     logging.getLogger("signd.serve").info(
         "gate: in the enclave (authentication, policy and audit sealing)"
     )
+    if not backend.client.gate_only():
+        logging.getLogger("signd.serve").warning(
+            "the enclave also makes and signs with sealed keys outside its gate: a compromised"
+            " host could sign what the policy refuses. Run it with [enclave] gate_only = true"
+            " (signd enclave --gate-only)"
+        )
     return OpenGate(
         enclave_gatekeeper,
         True,
@@ -337,6 +343,7 @@ def serve(
     if state.url is not None:
         raise UnsupportedOperation("signd serve opens custody itself; drop --url / SIGND_URL")
     configure_logging(log_level)
+    state.gate_only_enclave = True
     settings = state.settings
     api_settings = ApiSettings.from_mapping(
         settings.section("api"),
