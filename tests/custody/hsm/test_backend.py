@@ -93,6 +93,20 @@ def test_decode_ec_point_accepts_wrapped_and_raw_points() -> None:
     assert decode_ec_point(b"\x04\x81\x41" + raw) == compressed
     with pytest.raises(InvalidField):
         decode_ec_point(b"\x04\x42" + raw)
+
+
+def test_a_raw_point_whose_x_starts_like_a_der_length_is_read_as_raw() -> None:
+    """0x04 then 0x3F: a wrapped point of 63 bytes, or a raw point whose X starts with 0x3F.
+    No point has 63 bytes, so it is the raw point (this once failed 1 run in 256)."""
+    secret = next(
+        n for n in range(1, 10_000) if _uncompressed(n)[1] == 0x3F
+    )  # a fixed key with that X
+    raw = _uncompressed(secret)
+    assert decode_ec_point(raw) == coincurve.PrivateKey.from_int(secret).public_key.format()
+
+
+def _uncompressed(secret: int) -> bytes:
+    return coincurve.PrivateKey.from_int(secret).public_key.format(compressed=False)
     with pytest.raises(InvalidField):
         decode_ec_point(b"\x05" * 65)
 

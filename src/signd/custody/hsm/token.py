@@ -38,12 +38,15 @@ def decode_ec_point(value: bytes) -> bytes:
 
 
 def _is_wrapped(point: bytes) -> bool:
-    """Whether ``point`` is an OCTET STRING (tag 0x04) whose length byte covers the rest."""
+    """Whether ``point`` is an OCTET STRING (tag 0x04) whose length byte covers the rest,
+    which is a SEC1 point's 33 or 65 bytes. A raw uncompressed point also starts with 0x04,
+    and its next byte (the first of X) is 0x3F for one key in 256: read as a length it covers
+    63 bytes, which no point has, so that key is not taken for a wrapped one."""
     if len(point) < 3 or point[0] != 0x04:
         return False
-    if point[1] == 0x81:
-        return point[2] == len(point) - 3
-    return point[1] == len(point) - 2
+    header = 3 if point[1] == 0x81 else 2
+    covered = point[2] if header == 3 else point[1]
+    return covered == len(point) - header and covered in (33, 65)
 
 
 @dataclass(frozen=True, slots=True)
