@@ -45,7 +45,13 @@ from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel, NotSent
 from signd.enclave.client import EnclaveClient
 from signd.enclave.gate import MAX_TAIL_RECORDS, UNCONFIGURED, principal_from_body
-from signd.enclave.protocol import CreatedKey, KeyReference, MessageType, error_from_body
+from signd.enclave.protocol import (
+    CreatedKey,
+    HsmKeyReference,
+    KeyReference,
+    MessageType,
+    error_from_body,
+)
 from signd.errors import (
     ConfigurationError,
     DependencyUnavailable,
@@ -700,11 +706,13 @@ class EnclaveGatekeeper:
             "labels": list(info.labels),
         }
         backend = self.signer.backend(info.custody)
-        if type(backend).custody_type == "enclave" and isinstance(backend, EnclaveBackend):
+        if isinstance(backend, EnclaveBackend):  # the enclave signs it: name what with
             reference = backend.reference(info)
             if isinstance(reference, KeyReference):
                 body["blob"] = reference.blob
                 body["labels"] = list(reference.labels)
+            elif isinstance(reference, HsmKeyReference):
+                body["cka_id"] = reference.cka_id
         return body
 
     def _finish(self, call: SigningCall, info: KeyInfo | None, result: object) -> Signed:

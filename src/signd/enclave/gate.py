@@ -13,9 +13,11 @@ headers) with the descriptions of the keys it names. The enclave
 3. checks scope, key labels and the policy (:func:`~signd.gate.keeper.approve`). A sealed key's
    labels are proven by unsealing it (:meth:`~signd.enclave.signer.EnclaveSigner.proven_key`),
    not taken from the host's records;
-4. signs sealed keys itself, or, for custody the host holds (keystore, KMS keys, a host-side
-   HSM), answers ``approved`` with the digest for the host to sign: the host holds those keys
-   anyway, so for them the gate authorises and audits but cannot enforce;
+4. signs sealed keys itself, and keys of its own HSM (the host names the token object, and the
+   signature must verify under the public key it described, or it is not released); for
+   custody the host holds (keystore, KMS keys, a host-side HSM) it answers ``approved`` with
+   the digest for the host to sign: the host holds those keys anyway, so for them the gate
+   authorises and audits but cannot enforce;
 5. commits the spend and seals an audit record for every decision, refusals and failed
    authentications included, all returned with the answer for the host to append before it
    releases any result. An allowed signing's record carries the spend it committed.
@@ -45,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import cbor2
 
@@ -60,6 +62,7 @@ from signd.audit.tail import check_tail, reaches, spends
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import Presentation
 from signd.chains import address_deriver
+from signd.crypto.secp256k1 import normalize_signature
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, check_labels, utc_now
 from signd.enclave.protocol import (
@@ -67,6 +70,7 @@ from signd.enclave.protocol import (
     CUSTODY_HSM,
     MAX_NAME_LENGTH,
     CreatedKey,
+    HsmKeyReference,
     KeyReference,
     canonical_labels,
     require_bytes,
@@ -110,6 +114,9 @@ from signd.gate.keeper import (
 from signd.gate.operations import SigningCall, SigningKind
 from signd.kms.base import DATA_KEY_SIZE, KmsClient
 from signd.policy import Operation, PolicyEngine, PolicyHolder, SigningIntent
+
+if TYPE_CHECKING:
+    from signd.enclave.hsm import EnclaveHsm
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +186,11 @@ class EnclaveGate:
         *,
         node: str = "enclave",
         now: Callable[[], float] = time.time,
+        hsm: EnclaveHsm | None = None,
     ) -> None:
         self._signer = signer
         self._kms = kms
+        self._hsm = hsm
         self._node = node
         self._now = now
         self._configured: _Configured | None = None
@@ -615,6 +624,19 @@ class EnclaveGate:
                 result = approval.prepared.assemble(signature)
                 result_sha256 = sha256_hex(result_bytes(result))
                 outcome = {"signature": signature.to_bytes(), "digest": digest}
+            elif (device := self._hsm_reference(info)) is not None:
+                assert self._hsm is not None
+                raw = self._hsm.sign_digest(device, digest)
+                try:  # the token object the host named must hold the key it described
+                    signature = normalize_signature(raw, digest, info.public_key)
+                except SigndError:
+                    raise IntegrityError(
+                        f"the HSM object named for key {info.key_id} signs with another key"
+                    ) from None
+                result = approval.prepared.assemble(signature)
+                result_sha256 = sha256_hex(result_bytes(result))
+                reason = f"{reason}; signed by the enclave's HSM"
+                outcome = {"signature": raw, "digest": digest}
             else:
                 reason = f"{reason}; signed by the host's {info.custody} custody"
                 outcome = {"approved": digest}
@@ -641,6 +663,13 @@ class EnclaveGate:
             }
         )
         return outcome
+
+    def _hsm_reference(self, info: KeyInfo) -> HsmKeyReference | None:
+        """The token object of an HSM key this enclave holds, as the host named it."""
+        cka_id = info.details.get("cka_id")
+        if info.custody != CUSTODY_HSM or self._hsm is None or cka_id is None:
+            return None
+        return HsmKeyReference(info.key_id, bytes.fromhex(cka_id))
 
     def _entry(
         self, presented: _Presented, operation: str, *, chain: str | None = None
@@ -860,6 +889,8 @@ def _key_descriptors(value: object) -> dict[str, KeyInfo]:
         details = {}
         if custody == CUSTODY_ENCLAVE:
             details["blob"] = require_str(item, "blob", max_length=MAX_NAME_LENGTH)
+        elif custody == CUSTODY_HSM and "cka_id" in item:  # a key of the enclave's own HSM
+            details["cka_id"] = HsmKeyReference.from_body(item).cka_id.hex()
         found[ref] = KeyInfo(
             key_id=require_str(item, "key_id", max_length=MAX_NAME_LENGTH),
             chain=require_str(item, "chain", max_length=MAX_NAME_LENGTH),

@@ -92,12 +92,13 @@ class EnclaveApp:
     ``attestation`` (the NSM, or the simulated one) for a document; an enclave without one
     refuses with UnsupportedOperation.
 
-    With ``gate_only``, sealed keys are made and used only through the gate (GATE): raw
-    CREATE_KEYS, SIGN_DIGEST and SIGN_DIGESTS for them are refused, so a compromised host
-    cannot get a digest signed that the policy would refuse, nor skip its audit record.
-    ``signd serve`` starts its local enclave so; on Nitro the image's configuration says so.
-    HSM custody in the enclave stays reachable without the gate (its labels are the host's
-    word, see docs/POLICY.md).
+    With ``gate_only``, the enclave's keys sign only through the gate (GATE): raw SIGN_DIGEST
+    and SIGN_DIGESTS are refused for sealed keys and for keys of its HSM, and raw CREATE_KEYS
+    for sealed keys, so a compromised host cannot get a digest signed that the policy would
+    refuse, nor skip its audit record. ``signd serve`` starts its local enclave so; on Nitro
+    the image's configuration says so. Keys of the enclave's HSM are still made on the host's
+    request once the gate has approved it (their labels are the host's word, see
+    docs/POLICY.md).
 
     :attr:`attestation_user_data` is called for every ATTESTATION and its answer becomes the
     document's ``user_data``: assign it to bind what the enclave enforces into its documents.
@@ -225,17 +226,17 @@ class EnclaveApp:
     def _sign(self, item: Any) -> bytes:
         if not isinstance(item, dict):
             raise InvalidField("each item must be a map", field="items")
+        self._refuse_without_gate("sign with")
         if request_custody(item) == CUSTODY_HSM:
             hsm_key = HsmKeyReference.from_body(item)
             return self._hsm().sign_digest(hsm_key, require_bytes(item, "digest", size=32))
-        self._refuse_without_gate("sign with")
         key = KeyReference.from_body(item)
         return self.signer.sign_digest(key, require_bytes(item, "digest", size=32)).to_bytes()
 
     def _refuse_without_gate(self, what: str) -> None:
         if self.gate_only:
             raise AccessDenied(
-                f"this enclave does not {what} sealed keys outside its gate: send the request"
+                f"this enclave does not {what} its keys outside its gate: send the request"
                 " in a GATE message (signd serve does), where it is authenticated, checked"
                 " against the policy and audited"
             )
@@ -478,7 +479,7 @@ def start_enclave(
         signer,
         hsm=hsm,
         attestation=attestation,
-        gate=EnclaveGate(signer, kms),
+        gate=EnclaveGate(signer, kms, hsm=hsm),
         gate_only=gate_only,
         max_frame_size=max_frame_size,
     )

@@ -11,9 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import coincurve
@@ -494,3 +496,169 @@ def test_sealed_and_hsm_custody_share_one_local_enclave(
     signer.close()
     assert local.pid is None, "the last custody to close stops the local enclave"
     assert hsm_key.details["cka_label"].endswith(hsm_key.key_id)
+
+
+# -- through the enclave's gate: the enclave signs with its HSM itself, and only there
+
+
+HOT_CLIENTS_POLICY = """
+version = 1
+
+[[rules]]
+name = "hot-keys"
+clients = ["alice"]
+key_labels = ["hot"]
+operations = ["keys:create"]
+chains = ["ethereum"]
+
+[[rules]]
+name = "hot-eth"
+clients = ["alice"]
+key_labels = ["hot"]
+operations = ["sign:transaction"]
+chains = ["ethereum"]
+chain_ids = [1]
+to_allowlist = ["0x3535353535353535353535353535353535353535"]
+"""
+
+
+@pytest.fixture
+def gated_hsm(tmp_path: Path, softhsm: SoftHsm) -> Iterator[Any]:
+    """A gate-only in-process enclave holding SoftHSM2 custody, the host's signer over it
+    (sealed and in-enclave HSM custody), and the gated app."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from starlette.testclient import TestClient
+
+    from signd.api import ApiSettings, create_app
+    from signd.api.enclave_gatekeeper import EnclaveGatekeeper
+    from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+    from signd.config import load_settings
+    from signd.crypto.secret import Secret
+    from signd.gate import GatePaths
+    from signd.kms.local import LocalKms
+    from signd.operations.backends import build_signer
+    from signd.storage.blobs import FilesystemBlobStore
+    from tests.gate.support import clients_toml
+
+    sockets = Path(tempfile.mkdtemp(prefix="signd-hsm-gate-"))
+    address = f"unix://{sockets}/enclave.sock"
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        '[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = ["enclave", "hsm", "keystore"]\n\n'
+        f'[enclave]\ntransport = "{address}"\n\n[hsm]\nin_enclave = true\n'
+    )
+    alice = ed25519.Ed25519PrivateKey.generate()
+    paths = GatePaths.under(home)
+    paths.clients_file.write_text(clients_toml(alice, ed25519.Ed25519PrivateKey.generate()))
+    paths.policy_file.write_text(HOT_CLIENTS_POLICY)
+    hsm = EnclaveHsm(lambda: HsmToken(softhsm.settings(pool_size=2)))
+    server = start_enclave(
+        address, LocalKms(home), FilesystemBlobStore(home / "blobs"), hsm=hsm, gate_only=True
+    )
+    signer = build_signer(load_settings(home), passphrase=lambda creating: Secret("p" * 12))
+    gatekeeper = EnclaveGatekeeper(signer.backend("enclave").client, signer, paths, node="t")  # type: ignore[attr-defined]
+    try:
+        gatekeeper.configure()
+        settings = ApiSettings()
+        app = create_app(
+            signer,
+            settings,
+            authenticate=gatekeeper_authenticator(gatekeeper, settings),
+            gate=GatekeeperGate(gatekeeper),
+        )
+        with TestClient(app) as client:
+            yield client, alice, signer, home
+    finally:
+        gatekeeper.close()
+        signer.close()
+        server.close()
+        hsm.close()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+RECIPIENT = "0x3535353535353535353535353535353535353535"
+
+
+def _signed(gated: Any, path: str, body: Any) -> Any:
+    from signd.auth import sign_request
+
+    client, alice, _, _ = gated
+    content = json.dumps(body).encode()
+    headers = {**sign_request("POST", path, content, "alice", alice)}
+    headers["content-type"] = "application/json"
+    return client.post(path, content=content, headers=headers)
+
+
+def _new_hsm_key(gated: Any) -> dict[str, Any]:
+    made = _signed(gated, "/v1/keys", {"chain": "ethereum", "custody": "hsm", "labels": ["hot"]})
+    assert made.status_code == 201, made.text
+    key: dict[str, Any] = made.json()["keys"][0]
+    return key
+
+
+def _transfer(key: dict[str, Any], nonce: int, to: str = RECIPIENT) -> Any:
+    return {
+        "key": key["address"],
+        "transaction": {
+            "type": "0x2",
+            "chainId": "0x1",
+            "nonce": hex(nonce),
+            "to": to,
+            "value": "0x1",
+            "gas": "0x5208",
+            "maxFeePerGas": "0x3b9aca00",
+            "maxPriorityFeePerGas": "0x1",
+        },
+    }
+
+
+def _last_record(home: Path) -> dict[str, Any]:
+    from signd.audit import SealedAuditRecord
+
+    line = (home / "audit.log").read_bytes().splitlines()[-1]
+    record: dict[str, Any] = json.loads(SealedAuditRecord.from_json(line).to_json())["record"]
+    return record
+
+
+def test_the_gate_signs_with_the_enclaves_hsm_and_nothing_signs_around_it(
+    gated_hsm: Any,
+) -> None:
+    _, _, signer, home = gated_hsm
+    key = _new_hsm_key(gated_hsm)
+    signed = _signed(gated_hsm, "/v1/sign/ethereum/transaction", _transfer(key, 0))
+    assert signed.status_code == 200, signed.text
+    assert Account.recover_transaction(signed.json()["raw_transaction"]) == key["address"]
+    assert "signed by the enclave's HSM" in _last_record(home)["reason"]
+    refused = _signed(
+        gated_hsm, "/v1/sign/ethereum/transaction", _transfer(key, 1, to="0x" + "12" * 20)
+    )
+    assert (refused.status_code, refused.json()["error"]["rule"]) == (403, "hot-eth")
+
+    backend = signer.backend("hsm")
+    assert isinstance(backend, EnclaveHsmBackend)
+    info = signer.get_key(key["address"])
+    with pytest.raises(AccessDenied, match="outside its gate"):
+        backend.sign_digest(info, bytes(32))  # the bare request a taken-over host would send
+
+
+def test_an_hsm_object_swapped_by_the_host_signs_nothing(gated_hsm: Any) -> None:
+    """The host names the token object: naming another key's object for an allowed call is
+    caught in the enclave, which releases no signature and audits the refusal."""
+    import sqlite3
+
+    home = gated_hsm[3]
+    first, second = _new_hsm_key(gated_hsm), _new_hsm_key(gated_hsm)
+    with sqlite3.connect(home / "metadata.db") as database:
+        [(details,)] = database.execute(
+            "SELECT details FROM key_records WHERE key_id = ?", (second["key_id"],)
+        ).fetchall()
+        database.execute(
+            "UPDATE key_records SET details = ? WHERE key_id = ?", (details, first["key_id"])
+        )
+    response = _signed(gated_hsm, "/v1/sign/ethereum/transaction", _transfer(first, 0))
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["code"] == "integrity_error"
+    record = _last_record(home)
+    assert (record["decision"], record["key_id"]) == ("refused", first["key_id"])
+    assert "signs with another key" in record["reason"]
