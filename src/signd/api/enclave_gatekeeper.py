@@ -39,8 +39,8 @@ from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import RecoverableSignature, normalize_signature
-from signd.custody.base import KeyInfo, KeyPage, check_labels
+from signd.crypto.secp256k1 import RecoverableSignature
+from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel, NotSent
 from signd.enclave.client import EnclaveClient
@@ -734,7 +734,7 @@ class EnclaveGatekeeper:
             # and a faulty signature would already have left it).
             signature = RecoverableSignature.from_bytes(signature_bytes)
         elif isinstance(signature_bytes, bytes):  # a device's output (HSM in the enclave)
-            signature = normalize_signature(signature_bytes, prepared.digest, info.public_key)
+            signature = device_signature(signature_bytes, prepared.digest, info)
         elif "approved" in result:
             signature = self.signer.sign_hash(info, prepared.digest)
         else:

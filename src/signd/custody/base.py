@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest, normalize_signature
-from signd.errors import InvalidField, KeyNotFound
+from signd.errors import IntegrityError, InvalidField, InvalidSignature, KeyNotFound
 
 AddressDeriver = Callable[[bytes], str]
 """Turns a compressed SEC1 public key into the chain's address string (given by the caller)."""
@@ -92,6 +92,19 @@ class KeyPage:
     next_cursor: str | None
 
 
+def device_signature(output: bytes, digest: bytes, key: KeyInfo) -> RecoverableSignature:
+    """A device's signature (an HSM's, KMS's, the enclave's) over ``digest`` as a low-S
+    recoverable signature for ``key``. Output that is malformed or made with another key is the
+    custody's fault, not the caller's: :class:`~signd.errors.IntegrityError` (500), never the
+    400 ``invalid_signature`` a caller's own bad signature gets."""
+    try:
+        return normalize_signature(output, digest, key.public_key)
+    except InvalidSignature as exc:
+        raise IntegrityError(
+            f"the {key.custody} custody's signature for key {key.key_id} is unusable: {exc.message}"
+        ) from None
+
+
 class CustodyBackend(ABC):
     """Creates keys, describes them, and signs 32-byte digests with them."""
 
@@ -155,7 +168,7 @@ class CustodyBackend(ABC):
         result = self._sign_digest(info, digest)
         if isinstance(result, RecoverableSignature):
             return result
-        return normalize_signature(result, digest, info.public_key)
+        return device_signature(result, digest, info)
 
     def signs_locally(self, key: KeyInfo) -> bool:
         """True when signing with ``key`` needs no I/O (its private key is in this process's

@@ -29,12 +29,12 @@ from signd.crypto.secp256k1 import (
     RecoverableSignature,
     check_digest,
     compress_public_key,
-    normalize_signature,
 )
 from signd.custody.base import (
     AddressDeriver,
     KeyInfo,
     check_labels,
+    device_signature,
     utc_now,
 )
 from signd.custody.hsm.records import cka_id_of, token_key_details
@@ -312,7 +312,7 @@ class EnclaveBackend(MetadataBackedBackend):
             for (info, digest), answer in zip(chunk, answers, strict=True):
                 if isinstance(answer, SigndError):
                     raise answer
-                signatures.append(normalize_signature(answer, digest, info.public_key))
+                signatures.append(device_signature(answer, digest, info))
         return signatures
 
     @property
