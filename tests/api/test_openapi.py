@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,9 +23,14 @@ from starlette.routing import Route
 
 from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
 from signd.api.openapi import openapi_document
-from signd.gate import GatePaths
 from tests.api.conftest import ClientFactory, make_home, open_signer
-from tests.gate.support import GATE_MODES, TestClient, gated_service
+from tests.gate.support import (
+    BROAD_TOKEN,
+    GATE_MODES,
+    TestClient,
+    broad_gate_files,
+    gated_service,
+)
 
 FUZZ_SETTINGS = ApiSettings(max_keys_per_request=3, max_batch=5, allow_blind_signing=True)
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -104,36 +108,7 @@ def test_no_server_errors_and_answers_match_the_document(case: Any) -> None:
     case.call_and_validate(checks=checks_for(case))
 
 
-FUZZ_TOKEN = "fuzzing-bearer-token"
-FUZZ_CLIENTS = f"""
-version = 1
-
-[[clients]]
-id = "fuzzer"
-scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
-key_labels = ["*"]
-token_sha256 = "{hashlib.sha256(FUZZ_TOKEN.encode()).hexdigest()}"
-"""
-FUZZ_POLICY = """
-version = 1
-
-[[rules]]
-name = "everything-but-typed-data"
-clients = ["fuzzer"]
-key_labels = ["*"]
-operations = ["keys:create", "sign:transaction", "sign:message", "sign:hash"]
-chains = ["ethereum"]
-blind_signing = true
-allow_contract_creation = true
-"""
-
-
 GATED_FUZZ_SETTINGS = replace(FUZZ_SETTINGS, auth_failure_rate_limit=0.0)
-
-
-def write_fuzz_files(paths: GatePaths) -> None:
-    paths.clients_file.write_text(FUZZ_CLIENTS)
-    paths.policy_file.write_text(FUZZ_POLICY)
 
 
 @pytest.fixture(scope="module", params=GATE_MODES)
@@ -143,13 +118,13 @@ def gated_api_schema(
     """The app as ``signd serve`` gates it (authentication, policy, audit; in the service or
     in an enclave), for a bearer client that every scope and a broad policy let through."""
     home = tmp_path_factory.mktemp(f"fuzz-{request.param}") / "home"
-    with gated_service(home, request.param, GATED_FUZZ_SETTINGS, write_fuzz_files) as service:
+    with gated_service(home, request.param, GATED_FUZZ_SETTINGS, broad_gate_files) as service:
         custody = "enclave" if request.param == "enclave" else "keystore"
         with TestClient(service.app) as client:  # through the gate: the enclave is gate-only
             made = client.post(
                 "/v1/keys",
                 json={"chain": "ethereum", "custody": custody},
-                headers={"authorization": f"Bearer {FUZZ_TOKEN}"},
+                headers={"authorization": f"Bearer {BROAD_TOKEN}"},
             )
             assert made.status_code == 201, made.text
         yield schemathesis.openapi.from_asgi("/openapi.json", service.app)
@@ -175,7 +150,7 @@ def test_the_gated_app_has_no_server_errors_and_answers_match_the_document(case:
         if name.lower() != "authorization" and not name.lower().startswith("x-signd-")
     }
     response = case.call_and_validate(
-        headers={"authorization": f"Bearer {FUZZ_TOKEN}"}, checks=checks_for(case)
+        headers={"authorization": f"Bearer {BROAD_TOKEN}"}, checks=checks_for(case)
     )
     # The credential is good and nothing limits its rate: every request reaches the gate.
     assert response.status_code not in (401, 429), response.text

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -39,6 +39,9 @@ from signd.operations import Signer
 from signd.operations.backends import build_signer
 from signd.storage.blobs import FilesystemBlobStore
 
+if TYPE_CHECKING:
+    from signd.enclave.hsm import EnclaveHsm
+
 PASSPHRASE = "gate tests: correct horse battery staple"
 TOKEN = "bridge-token-for-tests"
 RECIPIENT = "0x3535353535353535353535353535353535353535"
@@ -52,12 +55,15 @@ BOTH_GATES = pytest.mark.parametrize("gate_mode", GATE_MODES, indirect=True)
 """Run a module's tests with both gates (``pytestmark = BOTH_GATES``)."""
 
 
-def make_home(path: Path, enclave: str | None = None) -> Path:
+def make_home(path: Path, enclave: str | None = None, *, enclave_hsm: bool = False) -> Path:
     """A signd home with a cheap-scrypt keystore, and enclave custody at ``enclave`` (a
-    transport address) if given."""
+    transport address) if given, with HSM custody in that enclave if ``enclave_hsm``."""
     path.mkdir(parents=True, exist_ok=True)
     custody = '["enclave", "keystore"]' if enclave else '["keystore"]'
     transport = f'\n[enclave]\ntransport = "{enclave}"\n' if enclave else ""
+    if enclave_hsm:
+        custody = '["enclave", "hsm", "keystore"]'
+        transport += "\n[hsm]\nin_enclave = true\n"
     (path / "signd.toml").write_text(
         f"[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = {custody}\n{transport}"
     )
@@ -148,6 +154,47 @@ def operator_key(signer: Signer, home: Path, custody: str, labels: list[str]) ->
         shutil.rmtree(sockets, ignore_errors=True)
 
 
+BROAD_TOKEN = "broad-bearer-token"
+BROAD_CLIENTS = f"""
+version = 1
+
+[[clients]]
+id = "wallet"
+scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
+key_labels = ["*"]
+token_sha256 = "{hashlib.sha256(BROAD_TOKEN.encode()).hexdigest()}"
+"""
+BROAD_POLICY = """
+version = 1
+
+[[rules]]
+name = "all-but-typed-data"
+clients = ["wallet"]
+key_labels = ["*"]
+operations = ["keys:create", "sign:transaction", "sign:message", "sign:hash"]
+chains = ["ethereum"]
+blind_signing = true
+allow_contract_creation = true
+contract_selectors = ["0xa9059cbb"]
+
+[[rules]]
+name = "typed-data"
+clients = ["wallet"]
+key_labels = ["*"]
+operations = ["sign:typed_data"]
+chains = ["ethereum"]
+eip712_domains = [{chainId = 1}]
+"""
+
+
+def broad_gate_files(paths: GatePaths) -> None:
+    """One bearer client, ``wallet`` (token :data:`BROAD_TOKEN`), with every scope on every
+    key, and a policy that lets well-formed requests through: for tests of bad input, which
+    must reach the gate's own checks."""
+    paths.clients_file.write_text(BROAD_CLIENTS)
+    paths.policy_file.write_text(BROAD_POLICY)
+
+
 @dataclass
 class Gated:
     """A gated app, its gatekeeper, the files and the clients' keys."""
@@ -225,23 +272,30 @@ def gated_service(
     gate_mode: str,
     settings: ApiSettings,
     write_files: Callable[[GatePaths], None],
+    *,
+    hsm: EnclaveHsm | None = None,
 ) -> Iterator[GatedService]:
     """The gated app over a fresh home at ``home_path``, its gate files written by
     ``write_files``. With the enclave's gate, an enclave server runs in this process on a
-    Unix socket, and keys in ``enclave`` custody are sealed by it."""
+    Unix socket, gate-only, and keys in ``enclave`` custody are sealed by it; with ``hsm``,
+    that enclave also holds HSM custody (the caller closes ``hsm`` afterwards)."""
     with ExitStack() as stack:
         address = None
         if gate_mode == "enclave":
             sockets = Path(tempfile.mkdtemp(prefix="signd-gate-"))
             stack.callback(shutil.rmtree, sockets, ignore_errors=True)
             address = f"unix://{sockets}/enclave.sock"
-        home = make_home(home_path, address)
+        home = make_home(home_path, address, enclave_hsm=hsm is not None)
         paths = GatePaths.under(home)
         write_files(paths)
         gatekeeper: Keeper
         if address is not None:
             server = start_enclave(  # gate-only, as signd serve runs it
-                address, LocalKms(home), FilesystemBlobStore(home / "blobs"), gate_only=True
+                address,
+                LocalKms(home),
+                FilesystemBlobStore(home / "blobs"),
+                hsm=hsm,
+                gate_only=True,
             )
             stack.callback(server.close)
         signer = stack.enter_context(open_signer(home))

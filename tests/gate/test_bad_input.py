@@ -5,7 +5,6 @@ message. Never a 5xx, and the audit log stays whole."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from hypothesis import strategies as st
 from signd.api import ApiSettings
 from signd.api.enclave_gatekeeper import EnclaveGatekeeper, verify_in_enclave
 from signd.audit import SealedAuditRecord, verify_chain
-from signd.gate import GatePaths
 from signd.gate.setup import load_mac_key
 from tests.api.samples import (
     MAIL,
@@ -27,43 +25,24 @@ from tests.api.samples import (
     transaction_signer,
     typed_data_signer,
 )
-from tests.gate.support import BOTH_GATES, TestClient, gated_service
+from tests.gate.support import (
+    BOTH_GATES,
+    BROAD_TOKEN,
+    TestClient,
+    broad_gate_files,
+    gated_service,
+)
 from tests.mutations import one_thing_wrong
 
 pytestmark = BOTH_GATES
 
-TOKEN = "bad-input-token"
-CLIENTS = f"""
-version = 1
-
-[[clients]]
-id = "wallet"
-scopes = ["keys:create", "keys:read", "sign:transaction", "sign:message", "sign:hash"]
-key_labels = ["*"]
-token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
-"""
-POLICY = """
-version = 1
-
-[[rules]]
-name = "all-but-typed-data"
-clients = ["wallet"]
-key_labels = ["*"]
-operations = ["keys:create", "sign:transaction", "sign:message", "sign:hash"]
-chains = ["ethereum"]
-blind_signing = true
-allow_contract_creation = true
-contract_selectors = ["0xa9059cbb"]
-
-[[rules]]
-name = "typed-data"
-clients = ["wallet"]
-key_labels = ["*"]
-operations = ["sign:typed_data"]
-chains = ["ethereum"]
-eip712_domains = [{chainId = 1}]
-"""
-AUTH = {"authorization": f"Bearer {TOKEN}"}
+AUTH = {"authorization": f"Bearer {BROAD_TOKEN}"}
+PROPERTY = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    database=None,
+)
 
 VALID_TRANSACTION: dict[str, Any] = {
     "type": "0x2",
@@ -96,18 +75,13 @@ def signing_requests(draw: st.DrawFn, key_refs: list[str]) -> tuple[str, Any]:
     return f"/v1/sign/{kind}", draw(one_thing_wrong(valid))
 
 
-def write_files(paths: GatePaths) -> None:
-    paths.clients_file.write_text(CLIENTS)
-    paths.policy_file.write_text(POLICY)
-
-
 @pytest.fixture
 def service(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
     """The gated app and one key (sealed by the enclave with the enclave's gate). Afterwards
     the audit log must verify: with the MAC key here, or in the enclave that holds it."""
     settings_ = ApiSettings(allow_blind_signing=True, auth_failure_rate_limit=0.0)
     with (
-        gated_service(tmp_path / "home", gate_mode, settings_, write_files) as gated,
+        gated_service(tmp_path / "home", gate_mode, settings_, broad_gate_files) as gated,
         TestClient(gated.app) as client,
     ):
         custody = "enclave" if gate_mode == "enclave" else "keystore"
@@ -146,12 +120,7 @@ def check_error(status: int, answer: Any) -> None:
     assert isinstance(error["message"], str) and error["message"]
 
 
-@settings(
-    max_examples=120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+@PROPERTY
 @given(data=st.data())
 def test_every_answer_is_a_true_signature_or_a_clear_4xx(
     service: tuple[TestClient, dict[str, Any]], data: st.DataObject
@@ -209,12 +178,7 @@ def rpc_signer(call: dict[str, Any], result: Any) -> str:
     return bytes_signer(bytes.fromhex(data[2:]), result)
 
 
-@settings(
-    max_examples=120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    database=None,
-)
+@PROPERTY
 @given(data=st.data())
 def test_every_json_rpc_answer_is_a_true_signature_or_a_clear_error(
     service: tuple[TestClient, dict[str, Any]], data: st.DataObject

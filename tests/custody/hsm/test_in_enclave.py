@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -501,83 +500,32 @@ def test_sealed_and_hsm_custody_share_one_local_enclave(
 # -- through the enclave's gate: the enclave signs with its HSM itself, and only there
 
 
-HOT_CLIENTS_POLICY = """
-version = 1
-
-[[rules]]
-name = "hot-keys"
-clients = ["alice"]
-key_labels = ["hot"]
-operations = ["keys:create"]
-chains = ["ethereum"]
-
-[[rules]]
-name = "hot-eth"
-clients = ["alice"]
-key_labels = ["hot"]
-operations = ["sign:transaction"]
-chains = ["ethereum"]
-chain_ids = [1]
-to_allowlist = ["0x3535353535353535353535353535353535353535"]
-"""
-
-
 @pytest.fixture
 def gated_hsm(tmp_path: Path, softhsm: SoftHsm) -> Iterator[Any]:
-    """A gate-only in-process enclave holding SoftHSM2 custody, the host's signer over it
-    (sealed and in-enclave HSM custody), and the gated app."""
+    """The gated app over a gate-only in-process enclave that holds SoftHSM2 custody."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
     from starlette.testclient import TestClient
 
-    from signd.api import ApiSettings, create_app
-    from signd.api.enclave_gatekeeper import EnclaveGatekeeper
-    from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
-    from signd.config import load_settings
-    from signd.crypto.secret import Secret
+    from signd.api import ApiSettings
     from signd.gate import GatePaths
-    from signd.kms.local import LocalKms
-    from signd.operations.backends import build_signer
-    from signd.storage.blobs import FilesystemBlobStore
-    from tests.gate.support import clients_toml
+    from tests.gate.support import POLICY, clients_toml, gated_service
 
-    sockets = Path(tempfile.mkdtemp(prefix="signd-hsm-gate-"))
-    address = f"unix://{sockets}/enclave.sock"
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "signd.toml").write_text(
-        '[keystore]\nscrypt_n = 1024\n\n[custody]\nenabled = ["enclave", "hsm", "keystore"]\n\n'
-        f'[enclave]\ntransport = "{address}"\n\n[hsm]\nin_enclave = true\n'
-    )
     alice = ed25519.Ed25519PrivateKey.generate()
-    paths = GatePaths.under(home)
-    paths.clients_file.write_text(clients_toml(alice, ed25519.Ed25519PrivateKey.generate()))
-    paths.policy_file.write_text(HOT_CLIENTS_POLICY)
+
+    def write_files(paths: GatePaths) -> None:
+        paths.clients_file.write_text(clients_toml(alice, ed25519.Ed25519PrivateKey.generate()))
+        paths.policy_file.write_text(POLICY)
+
     hsm = EnclaveHsm(lambda: HsmToken(softhsm.settings(pool_size=2)))
-    server = start_enclave(
-        address, LocalKms(home), FilesystemBlobStore(home / "blobs"), hsm=hsm, gate_only=True
-    )
-    signer = build_signer(load_settings(home), passphrase=lambda creating: Secret("p" * 12))
-    gatekeeper = EnclaveGatekeeper(signer.backend("enclave").client, signer, paths, node="t")  # type: ignore[attr-defined]
+    home = tmp_path / "home"
     try:
-        gatekeeper.configure()
-        settings = ApiSettings()
-        app = create_app(
-            signer,
-            settings,
-            authenticate=gatekeeper_authenticator(gatekeeper, settings),
-            gate=GatekeeperGate(gatekeeper),
-        )
-        with TestClient(app) as client:
-            yield client, alice, signer, home
+        with (
+            gated_service(home, "enclave", ApiSettings(), write_files, hsm=hsm) as service,
+            TestClient(service.app) as client,
+        ):
+            yield client, alice, service.signer, home
     finally:
-        gatekeeper.close()
-        signer.close()
-        server.close()
         hsm.close()
-        shutil.rmtree(sockets, ignore_errors=True)
-
-
-RECIPIENT = "0x3535353535353535353535353535353535353535"
 
 
 def _signed(gated: Any, path: str, body: Any) -> Any:
@@ -597,14 +545,16 @@ def _new_hsm_key(gated: Any) -> dict[str, Any]:
     return key
 
 
-def _transfer(key: dict[str, Any], nonce: int, to: str = RECIPIENT) -> Any:
+def _transfer(key: dict[str, Any], nonce: int, to: str | None = None) -> Any:
+    from tests.gate.support import RECIPIENT
+
     return {
         "key": key["address"],
         "transaction": {
             "type": "0x2",
             "chainId": "0x1",
             "nonce": hex(nonce),
-            "to": to,
+            "to": to or RECIPIENT,
             "value": "0x1",
             "gas": "0x5208",
             "maxFeePerGas": "0x3b9aca00",
