@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +17,10 @@ from typing import Any
 import pytest
 
 from signd.config import load_settings
+from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
+from signd.enclave.transport import UnixTransport
 from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.operations.backends import build_signer
 from signd.operations.local_enclave import LocalEnclaveTransport
@@ -162,18 +166,31 @@ def gate_only(transport: LocalEnclaveTransport) -> bool:
         client.close()
 
 
-@pytest.mark.parametrize(
-    ("flag", "config", "expected"),
-    [(False, "", False), (True, "", True), (False, "[enclave]\ngate_only = true\n", True)],
-)
-def test_gate_only_comes_from_the_flag_or_the_enclaves_own_configuration(
-    transports: list[LocalEnclaveTransport], tmp_path: Path, flag: bool, config: str, expected: bool
+@pytest.mark.parametrize("flag", [False, True])
+def test_the_local_enclave_is_started_with_the_transports_gate_only(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, flag: bool
 ) -> None:
+    """Explicitly, whatever the enclave's configuration would choose by itself."""
     home = tmp_path / "home"
     home.mkdir()
-    (home / "signd.toml").write_text(config)
+    (home / "signd.toml").write_text(f"[enclave]\ngate_only = {str(not flag).lower()}\n")
     transport, _ = started(transports, home, gate_only=flag)
-    assert gate_only(transport) is expected
+    assert gate_only(transport) is flag
+
+
+@pytest.mark.parametrize(("config", "expected"), [("", False), ("gate_only = true\n", True)])
+def test_the_operators_local_enclave_is_gate_only_when_configured(
+    tmp_path: Path, config: str, expected: bool
+) -> None:
+    """``signd keys new`` and friends send bare requests, so their local enclave allows them
+    unless ``[enclave] gate_only = true`` says otherwise."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n[enclave]\n{config}')
+    with build_signer(load_settings(home)) as signer:
+        backend = signer.backend(CUSTODY_ENCLAVE)
+        assert isinstance(backend, EnclaveBackend)
+        assert backend.client.gate_only() is expected
 
 
 def test_a_bad_gate_only_setting_is_refused(tmp_path: Path) -> None:
@@ -188,3 +205,43 @@ def test_a_bad_gate_only_setting_is_refused(tmp_path: Path) -> None:
             signer.backend(CUSTODY_ENCLAVE)
     finally:
         signer.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "config", "expected"),
+    [
+        ((), "", True),
+        (("--allow-bare",), "", False),
+        ((), "[enclave]\ngate_only = false\n", False),
+        (("--gate-only",), "[enclave]\ngate_only = false\n", True),
+    ],
+)
+def test_signd_enclave_is_gate_only_unless_told_otherwise(
+    tmp_path: Path, options: tuple[str, ...], config: str, expected: bool
+) -> None:
+    """Run on its own (as on Nitro), ``signd enclave`` signs only through its gate; the
+    operator's tools ask for bare requests with ``--allow-bare`` (or the configuration)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(config)
+    socket_path = tmp_path / "enclave.sock"
+    command = [sys.executable, "-m", "signd", "--home", str(home), "enclave"]
+    command += ["--listen", f"unix://{socket_path}", *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = EnclaveClient(UnixTransport(str(socket_path)), timeout=5.0, connect_timeout=1.0)
+    try:
+        wait_until(lambda: socket_path.exists(), timeout=30.0, what="signd enclave to listen")
+        wait_until(lambda: _answers_hello(client), timeout=30.0, what="signd enclave's HELLO")
+        assert client.gate_only() is expected
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def _answers_hello(client: EnclaveClient) -> bool:
+    try:
+        client.gate_only()
+        return True
+    except DependencyUnavailable:
+        return False

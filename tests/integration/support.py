@@ -225,6 +225,7 @@ def enclave_process(home: Path, socket_path: Path, *, env: Mapping[str, str]) ->
         "enclave",
         "--listen",
         f"unix://{socket_path}",
+        "--allow-bare",  # the tests' host signs with bare requests, as operator tools do
         log=home / "enclave.log",
         env=env,
     )

@@ -69,13 +69,15 @@ def enclave(
         bool, typer.Option(help="Stop when the process that started this one exits.")
     ] = False,
     gate_only: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--gate-only",
-            help="Make and use sealed keys only through the gate (GATE), never on the"
-            " host's bare request ([enclave] gate_only).",
+            "--gate-only/--allow-bare",
+            help="Sign with the enclave's keys only through its gate (GATE), or also on the"
+            " host's bare request (operator tools) [default: [enclave] gate_only, else"
+            " gate-only].",
+            show_default=False,
         ),
-    ] = False,
+    ] = None,
 ) -> None:
     """Run the enclave: it holds KMS access, unseals keys in its memory and signs."""
     if ctx.invoked_subcommand is not None:
@@ -103,7 +105,7 @@ def enclave(
     _stop_on_signals(stop)
     if exit_with_parent:
         watch_parent(stop)
-    configured_gate_only = section.get("gate_only", False)
+    configured_gate_only = section.get("gate_only", True)
     if not isinstance(configured_gate_only, bool):
         raise ConfigurationError("enclave.gate_only must be true or false", field="enclave")
     hsm = _enclave_hsm(settings)
@@ -122,7 +124,7 @@ def enclave(
             cache=cache,
             hsm=hsm,
             attestation=attestation,
-            gate_only=gate_only or configured_gate_only,
+            gate_only=configured_gate_only if gate_only is None else gate_only,
         )
     finally:
         kms.close()

@@ -38,8 +38,9 @@ MAX_PROBE_INTERVAL = 5.0
 class LocalEnclaveTransport:
     """A Unix-socket transport whose enclave process is started on demand.
 
-    With ``gate_only`` the process is started ``--gate-only`` (sealed keys only through its
-    gate), as ``signd serve`` wants it.
+    The process is started ``--gate-only`` (its keys sign only through its gate) when
+    ``gate_only``, as ``signd serve`` wants it, and ``--allow-bare`` otherwise: the operator's
+    own commands (``signd keys new``, ``signd sign``) send bare requests.
 
     A watchdog thread probes the running process (a HELLO on a connection of its own, which
     needs none of the enclave's dependencies). A process that is alive but has answered no
@@ -114,7 +115,7 @@ class LocalEnclaveTransport:
             "--listen",
             self.address,
             "--exit-with-parent",
-            *(["--gate-only"] if self._gate_only else []),
+            "--gate-only" if self._gate_only else "--allow-bare",
         ]
         with log_path.open("ab") as log:
             self._process = subprocess.Popen(

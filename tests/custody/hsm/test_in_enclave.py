@@ -316,6 +316,7 @@ class HsmEnclaveProcess:
                     "enclave",
                     "--listen",
                     "unix://" + self.socket_path,
+                    "--allow-bare",  # these tests drive the enclave's HSM with bare requests
                 ],
                 cwd=REPO,
                 env=self.env,
