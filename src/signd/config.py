@@ -99,6 +99,31 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[s
     return merged
 
 
+def config_number(
+    table: str, section: Mapping[str, Any], key: str, default: float, *, allow_zero: bool = False
+) -> float:
+    """``[table] key``: a positive number (or, with ``allow_zero``, a non-negative one, where 0
+    usually turns something off), else a ConfigurationError naming it."""
+    value = section.get(key, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
+        wanted = "a non-negative" if allow_zero else "a positive"
+        raise ConfigurationError(f"{table}.{key} must be {wanted} number", field=f"{table}.{key}")
+    return float(value)
+
+
+def config_flag(table: str, section: Mapping[str, Any], key: str, default: bool) -> bool:
+    """``[table] key``: true or false, else a ConfigurationError naming it."""
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{table}.{key} must be true or false", field=f"{table}.{key}")
+    return value
+
+
 def expand_home(value: str, home: Path) -> str:
     """Replace ``{home}`` in a configured path or address."""
     return value.replace("{home}", str(home))

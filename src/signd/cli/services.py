@@ -13,7 +13,7 @@ import typer
 
 from signd.cli.context import state
 from signd.cli.output import emit, handles_errors, stdout
-from signd.config import Settings, attestation_mode, expand_home
+from signd.config import Settings, attestation_mode, config_flag, config_number, expand_home
 from signd.errors import ConfigurationError, SigndError
 from signd.kms.base import KmsClient
 from signd.storage.base import BlobStore, MetadataStore
@@ -26,27 +26,6 @@ enclave_app = typer.Typer(help="The trusted signer process (the enclave side).")
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 
 DEFAULT_ENCLAVE_LISTEN = "unix://{home}/run/enclave.sock"
-
-
-def _positive(
-    section: dict[str, Any],
-    key: str,
-    default: float,
-    table: str = "enclave",
-    *,
-    allow_zero: bool = False,
-) -> float:
-    """A positive (or, with ``allow_zero``, non-negative) number from a config table."""
-    value = section.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        wanted = "a non-negative" if allow_zero else "a positive"
-        raise ConfigurationError(f"{table}.{key} must be {wanted} number", field=f"{table}.{key}")
-    return float(value)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -97,17 +76,15 @@ def enclave(
     if address.startswith("unix://"):
         Path(address.removeprefix("unix://")).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     cache = UnsealedKeyCache[Any, Any](
-        max_age=_positive(section, "cache_max_age", 300.0),
-        max_uses=int(_positive(section, "cache_max_uses", 1000)),
-        max_entries=int(_positive(section, "cache_max_entries", 10_000)),
+        max_age=config_number("enclave", section, "cache_max_age", 300.0),
+        max_uses=int(config_number("enclave", section, "cache_max_uses", 1000)),
+        max_entries=int(config_number("enclave", section, "cache_max_entries", 10_000)),
     )
+    configured_gate_only = config_flag("enclave", section, "gate_only", True)
     stop = threading.Event()
     _stop_on_signals(stop)
     if exit_with_parent:
         watch_parent(stop)
-    configured_gate_only = section.get("gate_only", True)
-    if not isinstance(configured_gate_only, bool):
-        raise ConfigurationError("enclave.gate_only must be true or false", field="enclave")
     hsm = _enclave_hsm(settings)
     recipient = _enclave_recipient(settings)
     kms, blobs = build_kms(settings, recipient=recipient), build_blob_store(settings)
@@ -124,7 +101,7 @@ def enclave(
             cache=cache,
             hsm=hsm,
             attestation=attestation,
-            gate_only=configured_gate_only if gate_only is None else gate_only,
+            gate_only=gate_only if gate_only is not None else configured_gate_only,
         )
     finally:
         kms.close()
@@ -181,7 +158,7 @@ def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:
 
     return EnclaveHsm(
         connect,
-        retry_interval=_positive(section, "reconnect_interval", 1.0, "hsm", allow_zero=True),
+        retry_interval=config_number("hsm", section, "reconnect_interval", 1.0, allow_zero=True),
     )
 
 

@@ -31,6 +31,7 @@ from botocore.exceptions import (
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from signd.config import config_number
 from signd.crypto.secp256k1 import RecoverableSignature, compress_public_key
 from signd.custody.base import (
     AddressDeriver,
@@ -252,14 +253,6 @@ class KmsKeyBackend(MetadataBackedBackend):
         super().close()
 
 
-def _positive(settings: Mapping[str, Any], key: str, default: float) -> float:
-    """A positive number from the settings table, or a ConfigurationError naming it."""
-    value = settings.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"kms_custody.{key} must be a positive number", field=key)
-    return float(value)
-
-
 def kms_backend_from_settings(
     settings: Mapping[str, Any], metadata: MetadataStore, home: Path
 ) -> KmsKeyBackend:
@@ -275,9 +268,9 @@ def kms_backend_from_settings(
     options: dict[str, Any] = {
         "region": settings.get("region"),
         "endpoint_url": settings.get("endpoint_url"),
-        "connect_timeout": _positive(settings, "connect_timeout", 2.0),
-        "read_timeout": _positive(settings, "read_timeout", 5.0),
-        "max_attempts": int(_positive(settings, "max_attempts", 2)),
+        "connect_timeout": config_number("kms_custody", settings, "connect_timeout", 2.0),
+        "read_timeout": config_number("kms_custody", settings, "read_timeout", 5.0),
+        "max_attempts": int(config_number("kms_custody", settings, "max_attempts", 2)),
     }
     if settings.get("kms_server"):
         path = Path(home) / SERVER_INFO_FILE

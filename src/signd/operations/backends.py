@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
-from signd.config import Settings
+from signd.config import Settings, config_flag, config_number
 from signd.crypto.secret import Secret
 from signd.custody.base import CustodyBackend
 from signd.custody.enclave import EnclaveBackend, EnclaveHsmBackend
@@ -69,20 +69,6 @@ def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> Backe
     return open_keystore
 
 
-def _seconds(section: Mapping[str, Any], key: str, default: float, *, zero_allowed: bool) -> float:
-    """``[enclave] key``, a number of seconds: positive (or 0, when that turns it off)."""
-    value = section.get(key, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or value < 0
-        or (value == 0 and not zero_allowed)
-    ):
-        wanted = "0 (off) or a positive number" if zero_allowed else "a positive number"
-        raise ConfigurationError(f"enclave.{key} must be {wanted} of seconds", field="enclave")
-    return float(value)
-
-
 class _SharedEnclave:
     """One enclave client (and, locally, one enclave process) for every custody it serves.
 
@@ -96,11 +82,11 @@ class _SharedEnclave:
     def __init__(self, settings: Settings) -> None:
         section = settings.section("enclave")
         address = section.get("transport")
-        timeout = _seconds(section, "timeout", 10.0, zero_allowed=False)
-        hang_timeout = _seconds(section, "hang_timeout", HANG_TIMEOUT, zero_allowed=True)
-        gate_only = section.get("gate_only", False)
-        if not isinstance(gate_only, bool):
-            raise ConfigurationError("enclave.gate_only must be true or false", field="enclave")
+        timeout = config_number("enclave", section, "timeout", 10.0)
+        hang_timeout = config_number(
+            "enclave", section, "hang_timeout", HANG_TIMEOUT, allow_zero=True
+        )
+        gate_only = config_flag("enclave", section, "gate_only", False)
         self.local = (
             None
             if address

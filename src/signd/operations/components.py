@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from signd.config import Settings, expand_home
+from signd.config import Settings, config_number, expand_home
 from signd.errors import ConfigurationError
 from signd.kms import KmsClient, Recipient, kms_from_config
 from signd.storage.base import BlobStore, MetadataStore
@@ -34,13 +34,6 @@ def _text(section: str, settings: Mapping[str, Any], key: str, default: str | No
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{section}.{key} must be a non-empty string", field=section)
     return value
-
-
-def _number(section: str, settings: Mapping[str, Any], key: str, default: float) -> float:
-    value = settings.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{section}.{key} must be a positive number", field=section)
-    return float(value)
 
 
 def _count(section: str, settings: Mapping[str, Any], key: str, default: int) -> int:
@@ -70,7 +63,7 @@ def _s3_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
         str(settings.get("prefix", "signd/")),
         endpoint_url=settings.get("endpoint_url"),
         region=settings.get("region"),
-        timeout=_number("blobs", settings, "timeout", 5.0),
+        timeout=config_number("blobs", settings, "timeout", 5.0),
         max_attempts=_count("blobs", settings, "max_attempts", 2),
     )
 
@@ -87,10 +80,10 @@ def _postgres_metadata(settings: Mapping[str, Any], home: Path) -> MetadataStore
     from signd.storage.postgres import PostgresMetadataStore
 
     _check_keys("metadata", settings, {"dsn", "pool_size", "timeout"})
-    timeout = _number("metadata", settings, "timeout", 5.0)
+    timeout = config_number("metadata", settings, "timeout", 5.0)
     return PostgresMetadataStore(
         _text("metadata", settings, "dsn", None),
-        pool_size=int(_number("metadata", settings, "pool_size", 4)),
+        pool_size=int(config_number("metadata", settings, "pool_size", 4)),
         connect_timeout=timeout,
         statement_timeout=timeout,
         pool_timeout=timeout,
