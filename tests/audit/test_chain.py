@@ -48,8 +48,12 @@ def test_seal_follows_the_documented_formulas(chain: list[SealedAuditRecord]) ->
     canonical = sealed.record.canonical()
     assert (
         canonical
-        == json.dumps(  # a record without a spend leaves the field out
-            {k: v for k, v in dataclasses.asdict(sealed.record).items() if k != "spend"},
+        == json.dumps(  # a record without a spend or a results list leaves them out
+            {
+                k: v
+                for k, v in dataclasses.asdict(sealed.record).items()
+                if k not in ("spend", "results_sha256")
+            },
             sort_keys=True,
             separators=(",", ":"),
         ).encode()
@@ -309,9 +313,10 @@ def test_record_times_match_datetime_rounding() -> None:
     optional=st.none() | st.text(max_size=20),
     seq=st.integers(min_value=1, max_value=2**63),
     value=st.none() | st.integers(min_value=1, max_value=2**256),
+    results=st.none() | st.lists(st.text(max_size=70), min_size=2, max_size=5),
 )
 def test_canonical_bytes_are_sorted_ascii_json(
-    text: str, optional: str | None, seq: int, value: int | None
+    text: str, optional: str | None, seq: int, value: int | None, results: list[str] | None
 ) -> None:
     """The hand-written canonical form is byte for byte the JSON encoding it stands for,
     whatever the text holds (quotes, control characters, any Unicode)."""
@@ -331,7 +336,9 @@ def test_canonical_bytes_are_sorted_ascii_json(
         request_sha256=optional,
         result_sha256=None,
         spend=None if value is None else Spend(text or "r", optional or "k", value),
+        results_sha256=None if results is None else tuple(results),
     )
+    assert ("results_sha256" in record.to_dict()) is (results is not None)
     expected = json.dumps(
         record.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     ).encode("ascii")
@@ -375,6 +382,11 @@ def _record_fields() -> dict[str, Any]:
         ("rule", {}),
         ("request_sha256", 7),
         ("result_sha256", []),
+        ("results_sha256", None),
+        ("results_sha256", "ab"),
+        ("results_sha256", ["ab"]),
+        ("results_sha256", ["ab", 1]),
+        ("results_sha256", []),
     ],
 )
 def test_a_record_field_of_the_wrong_type_is_refused(name: str, value: object) -> None:
@@ -399,3 +411,34 @@ def test_a_record_with_missing_or_unknown_fields_is_refused(change: str) -> None
 def test_a_whole_record_parses_back_to_itself() -> None:
     data = _record_fields()
     assert AuditRecord.from_dict(data).to_dict() == data
+
+
+def test_a_record_of_several_signatures_seals_parses_and_verifies() -> None:
+    """One decision over several signatures lists each result's digest, in order; the list
+    is covered by the MAC like every other field."""
+    signer = AuditSigner(MAC_KEY, "node-a", now=ticking_clock())
+    results = tuple(f"{n:064x}" for n in range(3))
+    sealed = [
+        seal_one(signer, 1),
+        signer.seal(
+            operation="sign:hash",
+            decision="allowed",
+            reason="allowed by rule blind",
+            client_id="client-1",
+            key_id="key-1",
+            chain="ethereum",
+            rule="blind",
+            request_sha256="ab" * 32,
+            results_sha256=results,
+        ),
+        seal_one(signer, 2),
+    ]
+    line = sealed[1].to_json()
+    assert json.loads(line)["record"]["results_sha256"] == list(results)
+    parsed = SealedAuditRecord.from_json(line)
+    assert parsed.record == sealed[1].record
+    assert parsed.record.result_sha256 is None
+    assert verify_chain([SealedAuditRecord.from_json(s.to_json()) for s in sealed], MAC_KEY).ok
+    for changed in (results[::-1], results[:2], (*results, "00" * 32)):
+        tampered = [sealed[0], altered(sealed[1], results_sha256=changed), sealed[2]]
+        assert verify_chain(tampered, MAC_KEY).kinds_at(1) == {ProblemKind.ALTERED}

@@ -24,9 +24,9 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 from signd.api import ApiSettings, create_app
-from signd.api.enclave_gatekeeper import EnclaveGatekeeper
+from signd.api.enclave_gatekeeper import EnclaveGatekeeper, verify_in_enclave
 from signd.api.gatekeeping import GatekeeperGate, Keeper, gatekeeper_authenticator
-from signd.audit import SealedAuditRecord
+from signd.audit import SealedAuditRecord, verify_chain
 from signd.auth import sign_request
 from signd.config import load_settings
 from signd.crypto.secret import Secret
@@ -34,6 +34,7 @@ from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.server import start_enclave
 from signd.gate import GatePaths, open_gatekeeper
+from signd.gate.setup import load_mac_key
 from signd.kms.local import LocalKms
 from signd.operations import Signer
 from signd.operations.backends import build_signer
@@ -238,6 +239,19 @@ class Gated:
         from dataclasses import asdict
 
         return asdict(self.records()[-1].record)
+
+
+def assert_log_verifies(gatekeeper: Keeper, paths: GatePaths) -> int:
+    """The audit log verifies whole (in the enclave when it holds the MAC key); its length."""
+    lines = paths.audit_log.read_bytes().splitlines()
+    if isinstance(gatekeeper, EnclaveGatekeeper):
+        found = verify_in_enclave(gatekeeper.client, paths, lines, node="t")
+        assert (found.problem, found.records) == (None, len(lines))
+    else:
+        records = [SealedAuditRecord.from_json(line) for line in lines]
+        report = verify_chain(records, load_mac_key(paths.audit_key_file))
+        assert report.ok and report.records == len(lines), report.problems
+    return len(lines)
 
 
 def gated_files(

@@ -14,9 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signd.api import ApiSettings
-from signd.api.enclave_gatekeeper import EnclaveGatekeeper, verify_in_enclave
-from signd.audit import SealedAuditRecord, verify_chain
-from signd.gate.setup import load_mac_key
 from tests.api.samples import (
     MAIL,
     bytes_signer,
@@ -29,6 +26,7 @@ from tests.gate.support import (
     BOTH_GATES,
     BROAD_TOKEN,
     TestClient,
+    assert_log_verifies,
     broad_gate_files,
     gated_service,
 )
@@ -88,15 +86,7 @@ def service(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[s
         made = client.post("/v1/keys", json={"chain": "ethereum", "custody": custody}, headers=AUTH)
         assert made.status_code == 201, made.text
         yield client, made.json()["keys"][0]
-        lines = gated.paths.audit_log.read_bytes().splitlines()
-        assert len(lines) > 1
-        if isinstance(gated.gatekeeper, EnclaveGatekeeper):
-            found = verify_in_enclave(gated.gatekeeper.client, gated.paths, lines, node="t")
-            assert (found.problem, found.records) == (None, len(lines))
-        else:
-            records = [SealedAuditRecord.from_json(line) for line in lines]
-            report = verify_chain(records, load_mac_key(gated.paths.audit_key_file))
-            assert report.ok and report.records == len(lines), report.problems
+        assert assert_log_verifies(gated.gatekeeper, gated.paths) > 1
 
 
 def signer_of(kind_path: str, request: dict[str, Any], answer: dict[str, Any]) -> str:

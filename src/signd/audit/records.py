@@ -15,6 +15,10 @@ A signing that used up spend-window allowance carries its :class:`Spend`, so tha
 windows can be rebuilt from the log's tail after a restart. Records without one (no spend,
 or written before the field existed) leave ``spend`` out of their canonical form, so their
 MACs verify as before.
+
+One decision may cover several signatures: the hash or message items of one request signed
+with one key under the same rule. Their record lists each result's digest, in request order,
+in ``results_sha256`` (and ``result_sha256`` is null); other records leave that field out.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _quote
@@ -95,6 +99,14 @@ def _text_or_none(value: object) -> bool:
     return value is None or isinstance(value, str)
 
 
+def _digest_list(value: object) -> bool:
+    return (
+        isinstance(value, tuple)
+        and len(value) > 1
+        and all(isinstance(digest, str) for digest in value)
+    )
+
+
 def _text(value: str | None) -> str:
     """A JSON string (ASCII, as ``json.dumps`` escapes it) or ``null``."""
     return "null" if value is None else _quote(value)
@@ -118,6 +130,8 @@ class AuditRecord:
     request_sha256: str | None
     result_sha256: str | None
     spend: Spend | None = None
+    results_sha256: tuple[str, ...] | None = None
+    """The digest of each result when one decision covered several signatures, in order."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 1:
@@ -147,9 +161,13 @@ class AuditRecord:
                     raise IntegrityError(f"audit record {name} must be a string or null")
         if self.spend is not None and not isinstance(self.spend, Spend):
             raise IntegrityError("audit record spend must be a Spend or null")
+        if self.results_sha256 is not None and not _digest_list(self.results_sha256):
+            raise IntegrityError(
+                "audit record results_sha256 must be a list of at least two strings"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON data; ``spend`` only when there is one."""
+        """The record as JSON data; ``spend`` and ``results_sha256`` only when there are."""
         data = {
             "seq": self.seq,
             "time": self.time,
@@ -166,6 +184,8 @@ class AuditRecord:
         }
         if self.spend is not None:
             data["spend"] = self.spend.to_dict()
+        if self.results_sha256 is not None:
+            data["results_sha256"] = list(self.results_sha256)
         return data
 
     def canonical(self) -> bytes:
@@ -180,12 +200,15 @@ class AuditRecord:
                 f',"spend":{{"key_id":{_quote(self.spend.key_id)},'
                 f'"rule":{_quote(self.spend.rule)},"value":"{self.spend.value}"}}'
             )
+        results = ""
+        if self.results_sha256 is not None:
+            results = f',"results_sha256":[{",".join(map(_quote, self.results_sha256))}]'
         return (
             f'{{"chain":{_text(self.chain)},"client_id":{_text(self.client_id)},'
             f'"decision":{_quote(self.decision)},"key_id":{_text(self.key_id)},'
             f'"node":{_quote(self.node)},"operation":{_quote(self.operation)},'
             f'"reason":{_quote(self.reason)},"request_sha256":{_text(self.request_sha256)},'
-            f'"result_sha256":{_text(self.result_sha256)},"rule":{_text(self.rule)},'
+            f'"result_sha256":{_text(self.result_sha256)}{results},"rule":{_text(self.rule)},'
             f'"seq":{self.seq}{spend},"time":{_quote(self.time)}}}'
         ).encode("ascii")
 
@@ -194,11 +217,16 @@ class AuditRecord:
         if not isinstance(data, Mapping):
             raise IntegrityError("audit record has missing or unknown fields")
         names = data.keys()
-        if names != _REQUIRED_FIELDS and names != _ALL_FIELDS:
+        if names != _REQUIRED_FIELDS and not _REQUIRED_FIELDS < names <= _ALL_FIELDS:
             raise IntegrityError("audit record has missing or unknown fields")
         values = dict(data)
         if "spend" in values:
             values["spend"] = Spend.from_dict(values["spend"])
+        if "results_sha256" in values:
+            results = values["results_sha256"]
+            if not isinstance(results, list):
+                raise IntegrityError("audit record results_sha256 must be a list")
+            values["results_sha256"] = tuple(results)
         return cls(**values)
 
     @property
@@ -302,7 +330,7 @@ def seal_is_valid(sealed: SealedAuditRecord, mac_key: Secret) -> tuple[bool, boo
 
 
 _ALL_FIELDS: Final = frozenset(f.name for f in fields(AuditRecord))
-_REQUIRED_FIELDS: Final = _ALL_FIELDS - {"spend"}
+_REQUIRED_FIELDS: Final = _ALL_FIELDS - {"spend", "results_sha256"}
 
 
 def rfc3339(timestamp: float) -> str:
@@ -376,6 +404,7 @@ class AuditSigner:
         request_sha256: str | None = None,
         result_sha256: str | None = None,
         spend: Spend | None = None,
+        results_sha256: Sequence[str] | None = None,
     ) -> SealedAuditRecord:
         """Number, time-stamp, MAC and chain one record."""
         with self._lock:
@@ -393,6 +422,7 @@ class AuditSigner:
                 request_sha256=request_sha256,
                 result_sha256=result_sha256,
                 spend=spend,
+                results_sha256=None if results_sha256 is None else tuple(results_sha256),
             )
             canonical = record.canonical()
             prev_hash = self._head.hash

@@ -87,7 +87,7 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
-from signd.gate.audit import MAX_REASON, AuditEntry
+from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
@@ -102,6 +102,7 @@ from signd.gate.interpret import (
 )
 from signd.gate.keeper import (
     Approval,
+    Decided,
     GateRequest,
     approve,
     authentication_refusal,
@@ -168,7 +169,9 @@ class _Presented:
 class _Answer:
     """A GATE answer being built, and the audit entries it will carry."""
 
-    entries: list[AuditEntry] = field(default_factory=list)
+    entries: DecisionLog = field(default_factory=DecisionLog)
+    decided: Decided = field(default_factory=dict)
+    """The decisions this answer's signatures may share (see :func:`~signd.gate.approve`)."""
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     keys: list[dict[str, Any]] = field(default_factory=list)
 
@@ -599,7 +602,7 @@ class EnclaveGate:
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
                 proven = self._signer.proven_key(_reference(info))
-            approval = approve(principal, call, info, configured.engine)
+            approval = approve(principal, call, info, configured.engine, answer.decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         return self._perform(configured, approval, base, answer, proven)
@@ -652,15 +655,8 @@ class EnclaveGate:
                 base | {"decision": "refused", "reason": exc.message, "rule": decision.rule}
             )
             raise
-        answer.entries.append(
-            base
-            | {
-                "decision": "allowed",
-                "reason": reason,
-                "rule": decision.rule,
-                "result_sha256": result_sha256,
-                "spend": spend,
-            }
+        answer.entries.signed(
+            base, reason=reason, rule=decision.rule, result_sha256=result_sha256, spend=spend
         )
         return outcome
 
@@ -692,7 +688,7 @@ class EnclaveGate:
             audit = self._audit or audit
             sealed = [
                 audit.seal(**{**entry, "reason": str(entry["reason"])[:MAX_REASON]})
-                for entry in answer.entries
+                for entry in answer.entries.entries
             ]
         body: dict[str, Any] = dict(result or {})
         body |= {

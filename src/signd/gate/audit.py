@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from signd.audit import AuditLog, AuditSigner, FileAuditLog
 from signd.audit.log import store_records
+from signd.audit.records import Spend
 from signd.crypto.secret import Secret
 from signd.errors import SigndError
+from signd.policy import Operation
 
 log = logging.getLogger("signd.gate.audit")
 
@@ -20,6 +22,67 @@ AuditEntry = dict[str, Any]
 """The keyword arguments of one :meth:`~signd.audit.AuditSigner.seal`."""
 
 MAX_REASON = 500
+
+GROUPED_OPERATIONS: Final = frozenset({str(Operation.SIGN_HASH), str(Operation.SIGN_MESSAGE)})
+"""Operations whose policy intent is the client and the key alone (nothing of the payload
+reaches the policy): every such signature a request asks of one key is the same decision."""
+
+
+class DecisionLog:
+    """The audit entries of one gate call, in the order its decisions were made.
+
+    An allowed signature joins the entry of an earlier one of the same call when both are
+    one decision: an operation in :data:`GROUPED_OPERATIONS`, the same key, rule and reason,
+    and no spend. That entry then lists each result's SHA-256 in ``results_sha256`` (in
+    request order, ``result_sha256`` null), so a batch of a thousand hashes over a few keys
+    seals a few records rather than a thousand, and still names every signature it made.
+    """
+
+    __slots__ = ("_groups", "entries")
+
+    def __init__(self) -> None:
+        self.entries: list[AuditEntry] = []
+        self._groups: dict[tuple[str, str | None, str | None, str], AuditEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def append(self, entry: AuditEntry) -> None:
+        """A decision of its own (a refusal, a key, a transaction)."""
+        self.entries.append(entry)
+
+    def signed(
+        self,
+        base: AuditEntry,
+        *,
+        reason: str,
+        rule: str | None,
+        result_sha256: str | None,
+        spend: Spend | None,
+    ) -> None:
+        """An allowed signature, its own entry or one more result of an earlier one."""
+        group = None
+        if spend is None and result_sha256 is not None and base["operation"] in GROUPED_OPERATIONS:
+            group = (base["operation"], base.get("key_id"), rule, reason)
+            entry = self._groups.get(group)
+            if entry is not None:
+                results: list[str] | None = entry.get("results_sha256")
+                if results is None:
+                    entry["results_sha256"] = [entry["result_sha256"], result_sha256]
+                    entry["result_sha256"] = None
+                else:
+                    results.append(result_sha256)
+                return
+        entry = base | {
+            "decision": "allowed",
+            "reason": reason,
+            "rule": rule,
+            "result_sha256": result_sha256,
+            "spend": spend,
+        }
+        self.entries.append(entry)
+        if group is not None:
+            self._groups[group] = entry
 
 
 class AuditTrail:

@@ -26,7 +26,7 @@ from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, ConfigurationError, SigndError
-from signd.gate.audit import AuditEntry, AuditTrail
+from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
@@ -293,16 +293,17 @@ class Gatekeeper:
         result is returned; if that write fails, every result is withheld (the error takes
         its place).
         """
-        entries: list[AuditEntry] = []
+        entries = DecisionLog()
         keys: dict[str, KeyInfo | SigndError] = {}
+        decided: Decided = {}
         outcomes: list[Signed | Exception] = []
         for call in calls:
             try:
-                outcomes.append(self._sign_one(caller, call, keys, entries))
+                outcomes.append(self._sign_one(caller, call, keys, decided, entries))
             except Exception as exc:
                 outcomes.append(exc)
         try:
-            self.audit.write(entries)
+            self.audit.write(entries.entries)
         except Exception as exc:
             return [exc for _ in outcomes]
         return outcomes
@@ -312,7 +313,8 @@ class Gatekeeper:
         caller: Caller,
         call: SigningCall,
         keys: dict[str, KeyInfo | SigndError],
-        entries: list[AuditEntry],
+        decided: Decided,
+        entries: DecisionLog,
     ) -> Signed:
         principal = caller.principal
         base = self._entry(caller, OPERATION_OF[call.kind])
@@ -335,7 +337,7 @@ class Gatekeeper:
             raise refuse(info)
         base |= key_fields(info)
         try:
-            approval = approve(principal, call, info, self.engine)
+            approval = approve(principal, call, info, self.engine, decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         decision = approval.decision
@@ -347,15 +349,12 @@ class Gatekeeper:
             raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
         except SigndError as exc:
             raise refuse(exc, decision.rule) from None
-        entries.append(
-            base
-            | {
-                "decision": "allowed",
-                "reason": decision.reason,
-                "rule": decision.rule,
-                "result_sha256": sha256_hex(result_bytes(result)),
-                "spend": spend,
-            }
+        entries.signed(
+            base,
+            reason=decision.reason,
+            rule=decision.rule,
+            result_sha256=sha256_hex(result_bytes(result)),
+            spend=spend,
         )
         return Signed(info, result)
 
@@ -471,16 +470,33 @@ class Approval:
     decision: Decision
 
 
+Decided = dict[tuple[str, Operation], tuple[SigningIntent, Decision]]
+"""The allowed decisions of one gate call whose intent is the client and key alone, by key
+id and operation (see :func:`approve`)."""
+
+
 def approve(
-    principal: Principal, call: SigningCall, info: KeyInfo, engine: PolicyEngine
+    principal: Principal,
+    call: SigningCall,
+    info: KeyInfo,
+    engine: PolicyEngine,
+    decided: Decided | None = None,
 ) -> Approval:
     """Key labels → decode the payload → intent → policy. A refusal raises: OutOfScope,
     the decoding error, or :class:`PolicyDenied` naming its rule (see :func:`rule_of`).
     The scope is checked before, with :func:`scope_refusal`, so that a client without it
-    learns nothing about keys."""
+    learns nothing about keys.
+
+    With ``decided`` (one per gate call), a payload that gives the policy no facts (a hash,
+    a message) reuses the decision of an earlier call of the same operation with the same
+    key: its intent is the same. The spend is still committed per signature."""
     if not principal.may_use(info.labels):
         raise labels_refusal(principal.client_id, info)
     prepared = prepare(call.kind, call.payload, info)
+    if decided is not None and not prepared.facts:
+        known = decided.get((info.key_id, prepared.operation))
+        if known is not None:
+            return Approval(info, prepared, *known)
     intent = SigningIntent(
         principal.client_id,
         info.key_id,
@@ -492,4 +508,6 @@ def approve(
     decision = engine.check(intent)
     if decision.refused:
         raise PolicyDenied(decision.reason, rule=decision.rule)
+    if decided is not None and not prepared.facts:
+        decided[info.key_id, prepared.operation] = (intent, decision)
     return Approval(info, prepared, intent, decision)

@@ -1,0 +1,97 @@
+"""A request's signatures that are one decision (hash and message items with the same key
+under the same rule) are one audit record naming each result; everything else keeps a
+record of its own. Through both gates."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from signd.audit import AuditRecord
+from tests.gate.support import BOTH_GATES, Gated, assert_log_verifies, transaction
+
+pytestmark = BOTH_GATES
+
+
+def digest_of(answer: dict[str, Any]) -> str:
+    """The SHA-256 the audit record gives a result: of the signature or raw transaction."""
+    hex_result = answer.get("raw_transaction") or answer["signature"]
+    return hashlib.sha256(bytes.fromhex(hex_result[2:])).hexdigest()
+
+
+def message(key: dict[str, Any], text: str) -> dict[str, Any]:
+    return {"type": "ethereum/message", "key": key["address"], "message": text}
+
+
+def blind(key: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "hash", "key": key["key_id"], "hash": "0x" + "ab" * 32}
+
+
+def test_one_record_per_decision_naming_every_signature(
+    gated: Gated, hot_key: dict[str, Any], gate_mode: str
+) -> None:
+    custody = "enclave" if gate_mode == "enclave" else "keystore"
+    made = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
+    )
+    other = made.json()["keys"][0]
+    items = [
+        message(hot_key, "a0"),
+        message(other, "b0"),
+        {"type": "ethereum/transaction", "key": hot_key["address"], "transaction": transaction()},
+        message(hot_key, "a1"),
+        {
+            "type": "ethereum/transaction",
+            "key": hot_key["address"],
+            "transaction": transaction(chain_id=5, nonce=1),
+        },
+        blind(hot_key),  # no rule allows alice blind signing
+        message(hot_key, "a2"),
+        blind(hot_key),
+    ]
+    before = len(gated.records())
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [("error" in result) for result in results] == [0, 0, 0, 0, 1, 1, 0, 1]
+
+    records = [sealed.record for sealed in gated.records()[before:]]
+    allowed = [r for r in records if r.decision == "allowed"]
+    refused = [r for r in records if r.decision == "refused"]
+    assert len(records) == 6  # not 8: the three messages with hot_key are one decision
+    [grouped] = [r for r in allowed if r.results_sha256 is not None]
+    assert (grouped.operation, grouped.key_id, grouped.rule) == (
+        "sign:message",
+        hot_key["key_id"],
+        "hot-messages",
+    )
+    assert grouped.result_sha256 is None
+    assert grouped.results_sha256 == tuple(digest_of(results[i]) for i in (0, 3, 6))
+
+    def single(operation: str, key: dict[str, Any]) -> AuditRecord:
+        [record] = [
+            r
+            for r in allowed
+            if (r.operation, r.key_id, r.results_sha256) == (operation, key["key_id"], None)
+        ]
+        return record
+
+    assert single("sign:message", other).result_sha256 == digest_of(results[1])
+    assert single("sign:transaction", hot_key).result_sha256 == digest_of(results[2])
+    assert sorted((r.operation, r.rule) for r in refused) == [
+        ("sign:hash", None),
+        ("sign:hash", None),
+        ("sign:transaction", "hot-eth"),
+    ]
+    assert all(r.request_sha256 == records[0].request_sha256 for r in records)
+    assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+def test_one_message_keeps_its_result_in_result_sha256(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": [message(hot_key, "only")]})
+    [result] = response.json()["results"]
+    record = gated.records()[-1].record
+    assert (record.result_sha256, record.results_sha256) == (digest_of(result), None)
+    assert "results_sha256" not in gated.paths.audit_log.read_text().splitlines()[-1]
