@@ -13,7 +13,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from signd.auth.clients import check_client_id, labels_match
@@ -153,12 +153,18 @@ class Policy:
 
     rules: tuple[Rule, ...]
     sha256: str
+    _by_name: Mapping[str, Rule] = field(init=False, repr=False, compare=False)
+    """The rules by name (names are unique): every signature's commit looks its rule up."""
+
+    def __post_init__(self) -> None:
+        by_name = {rule.name: rule for rule in reversed(self.rules)}  # the first of a name
+        object.__setattr__(self, "_by_name", by_name)
 
     def __repr__(self) -> str:
         return f"Policy(rules={len(self.rules)}, sha256={self.sha256[:16]}...)"
 
     def rule(self, name: str) -> Rule | None:
-        return next((rule for rule in self.rules if rule.name == name), None)
+        return self._by_name.get(name)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Policy:
