@@ -8,9 +8,9 @@ import hashlib
 from typing import Any
 
 from signd.audit import AuditRecord
+from signd.audit.records import Spend
+from signd.gate.audit import DecisionLog
 from tests.gate.support import BOTH_GATES, Gated, assert_log_verifies, transaction
-
-pytestmark = BOTH_GATES
 
 
 def digest_of(answer: dict[str, Any]) -> str:
@@ -27,6 +27,7 @@ def blind(key: dict[str, Any]) -> dict[str, Any]:
     return {"type": "hash", "key": key["key_id"], "hash": "0x" + "ab" * 32}
 
 
+@BOTH_GATES
 def test_one_record_per_decision_naming_every_signature(
     gated: Gated, hot_key: dict[str, Any], gate_mode: str
 ) -> None:
@@ -87,6 +88,7 @@ def test_one_record_per_decision_naming_every_signature(
     assert_log_verifies(gated.gatekeeper, gated.paths)
 
 
+@BOTH_GATES
 def test_one_message_keeps_its_result_in_result_sha256(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:
@@ -95,3 +97,36 @@ def test_one_message_keeps_its_result_in_result_sha256(
     record = gated.records()[-1].record
     assert (record.result_sha256, record.results_sha256) == (digest_of(result), None)
     assert "results_sha256" not in gated.paths.audit_log.read_text().splitlines()[-1]
+
+
+def _signed(log: DecisionLog, operation: str, key: str, result: str, **changes: Any) -> None:
+    base = {"operation": operation, "client_id": "c", "chain": "ethereum", "key_id": key}
+    fields: dict[str, Any] = {"reason": "allowed by rule r", "rule": "r", "spend": None}
+    log.signed(base, result_sha256=result, **(fields | changes))
+
+
+def test_only_the_same_decision_shares_a_record() -> None:
+    log = DecisionLog()
+    _signed(log, "sign:hash", "k1", "a")
+    _signed(log, "sign:hash", "k2", "b")  # another key
+    _signed(log, "sign:message", "k1", "c")  # another operation
+    _signed(log, "sign:hash", "k1", "d", rule="s", reason="allowed by rule s")
+    _signed(log, "sign:hash", "k1", "e", spend=Spend("r", "k1", 5))  # counted: its own
+    _signed(log, "sign:transaction", "k1", "f")  # the policy read its fields
+    _signed(log, "sign:transaction", "k1", "g")
+    log.append({"operation": "sign:hash", "decision": "refused", "reason": "no"})
+    _signed(log, "sign:hash", "k1", "h")
+    _signed(log, "sign:hash", "k1", "i")
+    _signed(log, "sign:message", "k1", "j")
+    shown = [(e.get("result_sha256"), e.get("results_sha256")) for e in log.entries]
+    assert shown == [
+        (None, ["a", "h", "i"]),
+        ("b", None),
+        (None, ["c", "j"]),
+        ("d", None),
+        ("e", None),
+        ("f", None),
+        ("g", None),
+        (None, None),
+    ]
+    assert len(log) == 8
