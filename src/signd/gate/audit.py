@@ -26,6 +26,9 @@ MAX_REASON = 500
 GROUPED_OPERATIONS: Final = frozenset({str(Operation.SIGN_HASH), str(Operation.SIGN_MESSAGE)})
 """Operations whose policy intent is the client and the key alone (nothing of the payload
 reaches the policy): every such signature a request asks of one key is the same decision."""
+MAX_GROUPED_RESULTS: Final = 256
+"""The most signatures one record lists (its log line then stays near 18 KB, well within the
+enclave's 64 KiB per line of audit tail); a larger group goes on in a new record."""
 
 
 class DecisionLog:
@@ -35,7 +38,8 @@ class DecisionLog:
     one decision: an operation in :data:`GROUPED_OPERATIONS`, the same key, rule and reason,
     and no spend. That entry then lists each result's SHA-256 in ``results_sha256`` (in
     request order, ``result_sha256`` null), so a batch of a thousand hashes over a few keys
-    seals a few records rather than a thousand, and still names every signature it made.
+    seals a few records rather than a thousand, and still names every signature it made
+    (at most :data:`MAX_GROUPED_RESULTS` per record).
     """
 
     __slots__ = ("_groups", "entries")
@@ -70,9 +74,10 @@ class DecisionLog:
                 if results is None:
                     entry["results_sha256"] = [entry["result_sha256"], result_sha256]
                     entry["result_sha256"] = None
-                else:
+                    return
+                if len(results) < MAX_GROUPED_RESULTS:
                     results.append(result_sha256)
-                return
+                    return
         entry = base | {
             "decision": "allowed",
             "reason": reason,
