@@ -34,6 +34,7 @@ from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.server import start_enclave
 from signd.gate import GatePaths, open_gatekeeper
+from signd.gate.interpret import Limits
 from signd.gate.setup import load_mac_key
 from signd.kms.local import LocalKms
 from signd.operations import Signer
@@ -316,7 +317,10 @@ def gated_service(
         if address is not None:
             backend = signer.backend("enclave")
             assert isinstance(backend, EnclaveBackend)
-            enclave_gatekeeper = EnclaveGatekeeper(backend.client, signer, paths, node="test-node")
+            limits = Limits(settings.max_batch, settings.max_keys_per_request)  # as serve
+            enclave_gatekeeper = EnclaveGatekeeper(
+                backend.client, signer, paths, node="test-node", limits=limits
+            )
             enclave_gatekeeper.configure()
             gatekeeper = enclave_gatekeeper
         else:
@@ -331,22 +335,29 @@ def gated_service(
         yield GatedService(app, gatekeeper, paths, signer)
 
 
-@pytest.fixture
-def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
+@contextmanager
+def open_gated(home: Path, gate_mode: str, settings: ApiSettings | None = None) -> Iterator[Gated]:
     """The gated app (:func:`gated_service`) with alice, reader and bridge, and the fixed
-    policy, started in a test client."""
+    policy, started in a test client (blind signing on, unless ``settings`` say)."""
     alice, reader = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
 
     def write_files(paths: GatePaths) -> None:
         paths.clients_file.write_text(clients_toml(alice, reader))
         paths.policy_file.write_text(POLICY)
 
-    settings = ApiSettings(allow_blind_signing=True)
+    settings = settings or ApiSettings(allow_blind_signing=True)
     with (
-        gated_service(tmp_path / "home", gate_mode, settings, write_files) as service,
+        gated_service(home, gate_mode, settings, write_files) as service,
         TestClient(service.app) as client,
     ):
         yield Gated(client, service.gatekeeper, service.paths, service.signer, alice, reader)
+
+
+@pytest.fixture
+def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
+    """:func:`open_gated` over a fresh home."""
+    with open_gated(tmp_path / "home", gate_mode) as service:
+        yield service
 
 
 @pytest.fixture

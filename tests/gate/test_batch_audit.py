@@ -5,12 +5,24 @@ record of its own. Through both gates."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from signd.api import ApiSettings
+from signd.api.enclave_gatekeeper import VERIFY_CHUNK
 from signd.audit import AuditRecord
 from signd.audit.records import Spend
-from signd.gate.audit import DecisionLog
-from tests.gate.support import BOTH_GATES, Gated, assert_log_verifies, transaction
+from signd.gate.audit import MAX_GROUPED_RESULTS, DecisionLog
+from tests.gate.support import (
+    BOTH_GATES,
+    GATE_MODES,
+    Gated,
+    assert_log_verifies,
+    open_gated,
+    transaction,
+)
 
 
 def digest_of(answer: dict[str, Any]) -> str:
@@ -130,3 +142,32 @@ def test_only_the_same_decision_shares_a_record() -> None:
         (None, None),
     ]
     assert len(log) == 8
+
+
+def test_a_record_lists_at_most_max_grouped_results() -> None:
+    log = DecisionLog()
+    names = [f"{n:064x}" for n in range(2 * MAX_GROUPED_RESULTS + 88)]
+    for name in names:
+        _signed(log, "sign:hash", "k1", name)
+    lists = [entry["results_sha256"] for entry in log.entries]
+    assert [len(found) for found in lists] == [MAX_GROUPED_RESULTS, MAX_GROUPED_RESULTS, 88]
+    assert [name for found in lists for name in found] == names
+
+
+@pytest.mark.parametrize("gate_mode", [GATE_MODES[1]], indirect=True)
+def test_a_log_of_large_records_verifies_in_the_enclave(tmp_path: Path, gate_mode: str) -> None:
+    """Sixty records of 256 signatures each are over a megabyte: more than one frame to the
+    enclave, which verifies them a chunk at a time."""
+    settings = ApiSettings(allow_blind_signing=True, max_batch=MAX_GROUPED_RESULTS)
+    with open_gated(tmp_path / "home", gate_mode, settings) as gated:
+        made = gated.signed(
+            "POST", "/v1/keys", {"chain": "ethereum", "custody": "enclave", "labels": ["hot"]}
+        )
+        key = made.json()["keys"][0]
+        items = [message(key, f"m{n}") for n in range(MAX_GROUPED_RESULTS)]
+        for _ in range(60):
+            answer = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+            assert answer.status_code == 200, answer.text
+        log = gated.paths.audit_log.read_bytes()
+        assert len(log) > 1 << 20
+        assert assert_log_verifies(gated.gatekeeper, gated.paths) < VERIFY_CHUNK

@@ -791,7 +791,9 @@ def _read(path: Any, *, missing_ok: bool = False) -> bytes:
 
 
 VERIFY_CHUNK: Final = 500
-"""Log lines per AUDIT_VERIFY message (well under the frame limit)."""
+"""The most log lines per AUDIT_VERIFY message."""
+VERIFY_CHUNK_BYTES: Final = 256 * 1024
+"""The most bytes of log lines per AUDIT_VERIFY message past its first (a frame is 1 MiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -834,13 +836,31 @@ def _tail_chunks(
     return chunks[::-1]
 
 
+def _verify_chunks(lines: Sequence[bytes]) -> list[list[str]]:
+    """``lines`` as AUDIT_VERIFY chunks of at most :data:`VERIFY_CHUNK` lines and, beyond
+    each chunk's first line, :data:`VERIFY_CHUNK_BYTES` bytes, so that each travels in one
+    frame (a record listing many signatures is tens of kilobytes). One empty chunk for an
+    empty log."""
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        if chunk and (len(chunk) >= VERIFY_CHUNK or size + len(line) > VERIFY_CHUNK_BYTES):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(line.decode("ascii", "replace"))
+        size += len(line)
+    chunks.append(chunk)
+    return chunks
+
+
 def verify_in_enclave(
     client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes], *, node: str
 ) -> EnclaveVerification:
     """Verify audit log ``lines`` in the enclave, which holds the MAC key (the host has only
     its ciphertext, ``paths.sealed_audit_key_file``). The enclave is first given the files and
     the key (GATE_CONFIGURE; an enclave already configured keeps its chain), then the lines,
-    :data:`VERIFY_CHUNK` at a time, with the state it returns carried between chunks."""
+    in chunks (:func:`_verify_chunks`), with the state it returns carried between them."""
     sealed_key = _read(paths.sealed_audit_key_file)
     last = b""
     if lines:
@@ -861,12 +881,11 @@ def verify_in_enclave(
         client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
     state = b""
     answer: dict[str, Any] = {}
-    starts = range(0, len(lines), VERIFY_CHUNK) or range(1)
-    for start in starts:
-        chunk = [line.decode("ascii", "replace") for line in lines[start : start + VERIFY_CHUNK]]
+    chunks = _verify_chunks(lines)
+    for number, chunk in enumerate(chunks, start=1):
         answer = client.request(
             MessageType.AUDIT_VERIFY,
-            {"records": chunk, "state": state, "final": start + VERIFY_CHUNK >= len(lines)},
+            {"records": chunk, "state": state, "final": number == len(chunks)},
             idempotent=True,
         )
         state = answer["state"]
