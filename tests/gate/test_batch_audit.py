@@ -4,6 +4,7 @@ record of its own. Through both gates."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,12 @@ from signd.api import ApiSettings
 from signd.api.enclave_gatekeeper import VERIFY_CHUNK
 from signd.audit import AuditRecord
 from signd.audit.records import Spend
+from signd.auth import Principal
+from signd.custody.base import KeyInfo, utc_now
+from signd.gate import PolicyDenied, SigningCall, SigningKind
 from signd.gate.audit import MAX_GROUPED_RESULTS, DecisionLog
+from signd.gate.keeper import Decided, approve
+from signd.policy import Policy, PolicyEngine
 from tests.gate.support import (
     BOTH_GATES,
     GATE_MODES,
@@ -171,3 +177,30 @@ def test_a_log_of_large_records_verifies_in_the_enclave(tmp_path: Path, gate_mod
         log = gated.paths.audit_log.read_bytes()
         assert len(log) > 1 << 20
         assert assert_log_verifies(gated.gatekeeper, gated.paths) < VERIFY_CHUNK
+
+
+def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
+    """Within one gate call a decision is reused only for the same key id, chain and labels
+    (a host describing one key id twice, with other labels, gets a decision of its own)."""
+    engine = PolicyEngine(Policy.from_bytes(HOT_MESSAGES))
+    principal = Principal("alice", frozenset({"sign:message"}), frozenset({"*"}), "bearer")
+    hot = KeyInfo("k1", "ethereum", "0x" + "11" * 20, b"\x02" * 33, "enclave", utc_now(), ("hot",))
+    decided: Decided = {}
+    call = SigningCall(SigningKind.ETH_MESSAGE, "k1", b"m")
+    first = approve(principal, call, hot, engine, decided)
+    again = approve(principal, call, hot, engine, decided)
+    assert again.decision is first.decision and len(decided) == 1
+    with pytest.raises(PolicyDenied):
+        approve(principal, call, dataclasses.replace(hot, labels=("cold",)), engine, decided)
+
+
+HOT_MESSAGES = b"""
+version = 1
+
+[[rules]]
+name = "hot-messages"
+clients = ["alice"]
+key_labels = ["hot"]
+operations = ["sign:message"]
+chains = ["ethereum"]
+"""

@@ -470,9 +470,10 @@ class Approval:
     decision: Decision
 
 
-Decided = dict[tuple[str, Operation], tuple[SigningIntent, Decision]]
-"""The allowed decisions of one gate call whose intent is the client and key alone, by key
-id and operation (see :func:`approve`)."""
+Decided = dict[tuple[str, str, tuple[str, ...], Operation], tuple[SigningIntent, Decision]]
+"""The allowed decisions of one gate call whose intent is the client and key alone, by the
+key's id, chain and labels (everything of the key an intent holds) and the operation (see
+:func:`approve`)."""
 
 
 def approve(
@@ -493,8 +494,9 @@ def approve(
     if not principal.may_use(info.labels):
         raise labels_refusal(principal.client_id, info)
     prepared = prepare(call.kind, call.payload, info)
+    same_intent = (info.key_id, info.chain, info.labels, prepared.operation)
     if decided is not None and not prepared.facts:
-        known = decided.get((info.key_id, prepared.operation))
+        known = decided.get(same_intent)
         if known is not None:
             return Approval(info, prepared, *known)
     intent = SigningIntent(
@@ -509,5 +511,5 @@ def approve(
     if decision.refused:
         raise PolicyDenied(decision.reason, rule=decision.rule)
     if decided is not None and not prepared.facts:
-        decided[info.key_id, prepared.operation] = (intent, decision)
+        decided[same_intent] = (intent, decision)
     return Approval(info, prepared, intent, decision)
