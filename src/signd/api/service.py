@@ -43,9 +43,10 @@ T = TypeVar("T")
 __all__ = ["SigningKind", "SigningResult"]
 
 BATCH_CHUNK: Final = 250
-"""Batch requests signed per gate call: one thread hop (or enclave round trip) per chunk
-rather than per request, while the chunks of a large batch still run in parallel
-(libsecp256k1 signs without the GIL)."""
+"""Batch requests signed per gate call: one gate call (thread hop, enclave round trip)
+per chunk rather than per request, and a key's hash or message signatures in a chunk share
+one audit record. (Signing chunks on several threads at once was measured slower than one
+after another: the per-signature Python work fights for the interpreter lock.)"""
 
 
 @dataclass(frozen=True, slots=True)
