@@ -24,6 +24,7 @@ from signd.policy import Policy, PolicyEngine
 from tests.gate.support import (
     BOTH_GATES,
     GATE_MODES,
+    POLICY,
     Gated,
     assert_log_verifies,
     open_gated,
@@ -147,7 +148,7 @@ def test_only_the_same_decision_shares_a_record() -> None:
         ("g", None),
         (None, None),
     ]
-    assert len(log) == 8
+    assert len(log.entries) == 8
 
 
 def test_a_record_lists_at_most_max_grouped_results() -> None:
@@ -182,7 +183,7 @@ def test_a_log_of_large_records_verifies_in_the_enclave(tmp_path: Path, gate_mod
 def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
     """Within one gate call a decision is reused only for the same key id, chain and labels
     (a host describing one key id twice, with other labels, gets a decision of its own)."""
-    engine = PolicyEngine(Policy.from_bytes(HOT_MESSAGES))
+    engine = PolicyEngine(Policy.from_bytes(POLICY.encode()))  # hot-messages: label hot
     principal = Principal("alice", frozenset({"sign:message"}), frozenset({"*"}), "bearer")
     hot = KeyInfo("k1", "ethereum", "0x" + "11" * 20, b"\x02" * 33, "enclave", utc_now(), ("hot",))
     decided: Decided = {}
@@ -192,15 +193,3 @@ def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
     assert again.decision is first.decision and len(decided) == 1
     with pytest.raises(PolicyDenied):
         approve(principal, call, dataclasses.replace(hot, labels=("cold",)), engine, decided)
-
-
-HOT_MESSAGES = b"""
-version = 1
-
-[[rules]]
-name = "hot-messages"
-clients = ["alice"]
-key_labels = ["hot"]
-operations = ["sign:message"]
-chains = ["ethereum"]
-"""

@@ -48,9 +48,6 @@ class DecisionLog:
         self.entries: list[AuditEntry] = []
         self._groups: dict[tuple[str, str | None, str | None, str], AuditEntry] = {}
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def append(self, entry: AuditEntry) -> None:
         """A decision of its own (a refusal, a key, a transaction)."""
         self.entries.append(entry)
