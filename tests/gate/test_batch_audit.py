@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 
 from signd.api import ApiSettings
-from signd.api.enclave_gatekeeper import VERIFY_CHUNK
-from signd.audit import AuditRecord
+from signd.api.enclave_gatekeeper import VERIFY_CHUNK, line_chunks
+from signd.audit import AuditRecord, AuditSigner
 from signd.audit.records import Spend
 from signd.auth import Principal
+from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, utc_now
+from signd.enclave.gate import MAX_LINE_SIZE
 from signd.gate import PolicyDenied, SigningCall, SigningKind
-from signd.gate.audit import MAX_GROUPED_RESULTS, DecisionLog
+from signd.gate.audit import MAX_GROUPED_RESULTS, MAX_REASON, DecisionLog
 from signd.gate.keeper import Decided, approve
 from signd.policy import Policy, PolicyEngine
 from tests.gate.support import (
@@ -193,3 +195,28 @@ def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
     assert again.decision is first.decision and len(decided) == 1
     with pytest.raises(PolicyDenied):
         approve(principal, call, dataclasses.replace(hot, labels=("cold",)), engine, decided)
+
+
+def test_line_chunks_keep_order_and_bounds() -> None:
+    lines = ["a" * 10, "b" * 10, "c" * 25, "d" * 5, "e" * 5, "f" * 5]
+    assert line_chunks(lines, 3, 20) == [lines[:2], [lines[2]], lines[3:]]  # c alone: too big
+    assert line_chunks(lines, 2, 1000) == [lines[:2], lines[2:4], lines[4:]]
+    assert line_chunks([], 3, 20) == [[]]
+
+
+def test_a_full_record_fits_a_line_of_audit_tail() -> None:
+    """The largest record the gate seals (256 results, the longest reason, escaped to six
+    characters a character) is still a line the enclave takes back at start-up."""
+    signer = AuditSigner(Secret(bytes(32)), "n" * 64)
+    sealed = signer.seal(
+        operation="sign:message",
+        decision="allowed",
+        reason="\u20ac" * MAX_REASON,
+        client_id="c" * 64,
+        key_id="k" * 64,
+        chain="ethereum",
+        rule="r" * 64,
+        request_sha256="ab" * 32,
+        results_sha256=["cd" * 32] * MAX_GROUPED_RESULTS,
+    )
+    assert len(sealed.to_json()) <= MAX_LINE_SIZE

@@ -822,33 +822,24 @@ def _tail_chunks(
     since = time.time() - window - TAIL_CLOCK_MARGIN if window else math.inf
     tail = read_tail(paths.audit_log, since=since)
     ends = next((i for i, item in enumerate(tail) if item.hash == last.hash), len(tail) - 1)
-    lines = [item.to_json() for item in tail[: ends + 1]]
-    chunks: list[list[str]] = []
-    chunk: list[str] = []
-    size = 0
-    for line in reversed(lines):
-        if chunk and (size + len(line) > TAIL_CHUNK_BYTES or len(chunk) >= MAX_TAIL_RECORDS):
-            chunks.append(chunk[::-1])
-            chunk, size = [], 0
-        chunk.append(line)
-        size += len(line)
-    chunks.append(chunk[::-1])
-    return chunks[::-1]
+    newest_first = [item.to_json() for item in reversed(tail[: ends + 1])]
+    chunks = line_chunks(newest_first, MAX_TAIL_RECORDS, TAIL_CHUNK_BYTES)
+    return [chunk[::-1] for chunk in reversed(chunks)]  # the newest chunk is the fullest
 
 
-def _verify_chunks(lines: Sequence[bytes]) -> list[list[str]]:
-    """``lines`` as AUDIT_VERIFY chunks of at most :data:`VERIFY_CHUNK` lines and, beyond
-    each chunk's first line, :data:`VERIFY_CHUNK_BYTES` bytes, so that each travels in one
-    frame (a record listing many signatures is tens of kilobytes). One empty chunk for an
-    empty log."""
+def line_chunks(lines: Sequence[str], max_lines: int, max_bytes: int) -> list[list[str]]:
+    """``lines`` in order, cut into chunks of at most ``max_lines`` lines and, beyond each
+    chunk's first line, ``max_bytes`` characters (audit lines are ASCII), so that each chunk
+    travels in one frame: a record listing many signatures is tens of kilobytes. One empty
+    chunk when there are no lines."""
     chunks: list[list[str]] = []
     chunk: list[str] = []
     size = 0
     for line in lines:
-        if chunk and (len(chunk) >= VERIFY_CHUNK or size + len(line) > VERIFY_CHUNK_BYTES):
+        if chunk and (len(chunk) >= max_lines or size + len(line) > max_bytes):
             chunks.append(chunk)
             chunk, size = [], 0
-        chunk.append(line.decode("ascii", "replace"))
+        chunk.append(line)
         size += len(line)
     chunks.append(chunk)
     return chunks
@@ -860,7 +851,7 @@ def verify_in_enclave(
     """Verify audit log ``lines`` in the enclave, which holds the MAC key (the host has only
     its ciphertext, ``paths.sealed_audit_key_file``). The enclave is first given the files and
     the key (GATE_CONFIGURE; an enclave already configured keeps its chain), then the lines,
-    in chunks (:func:`_verify_chunks`), with the state it returns carried between them."""
+    in chunks (:func:`line_chunks`), with the state it returns carried between them."""
     sealed_key = _read(paths.sealed_audit_key_file)
     last = b""
     if lines:
@@ -881,7 +872,8 @@ def verify_in_enclave(
         client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
     state = b""
     answer: dict[str, Any] = {}
-    chunks = _verify_chunks(lines)
+    texts = [line.decode("ascii", "replace") for line in lines]
+    chunks = line_chunks(texts, VERIFY_CHUNK, VERIFY_CHUNK_BYTES)
     for number, chunk in enumerate(chunks, start=1):
         answer = client.request(
             MessageType.AUDIT_VERIFY,
