@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -142,7 +141,7 @@ def test_random_bodies_never_get_a_500(server: RunningServer) -> None:
         answer = raw_request(server, json.dumps(body).encode(), target=f"TrentService.{operation}")
         assert answer.status < 500, (operation, body, answer.body)
     for _ in range(30):
-        answer = raw_request(server, os.urandom(generator.randint(1, 200)))
+        answer = raw_request(server, generator.randbytes(generator.randint(1, 200)))
         assert answer.status == 400
 
 
