@@ -400,6 +400,10 @@ def test_dropped_or_edited_audit_records_are_caught(enclave: Enclave) -> None:
     assert problem is not None and problem["kind"] == "altered" and problem["position"] == 3
     truncated = verify(lines[:-1])
     assert truncated is not None and truncated["kind"] == "truncated"
+    oversized = lines[:]  # over the channel's frame limit: reported at its place all the same
+    oversized[2] = oversized[2].replace(b'"reason":"', b'"reason":"' + b"x" * (2 << 20), 1)
+    problem = verify(oversized)
+    assert problem is not None and (problem["kind"], problem["position"]) == ("unreadable", 2)
 
     # the host cannot seed the chain with a record it made up
     head = json.loads(lines[-1])

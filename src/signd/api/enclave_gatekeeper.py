@@ -44,7 +44,12 @@ from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel, NotSent
 from signd.enclave.client import EnclaveClient
-from signd.enclave.gate import MAX_TAIL_RECORDS, UNCONFIGURED, principal_from_body
+from signd.enclave.gate import (
+    MAX_LINE_SIZE,
+    MAX_TAIL_RECORDS,
+    UNCONFIGURED,
+    principal_from_body,
+)
 from signd.enclave.protocol import (
     CreatedKey,
     HsmKeyReference,
@@ -872,7 +877,9 @@ def verify_in_enclave(
         client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
     state = b""
     answer: dict[str, Any] = {}
-    texts = [line.decode("ascii", "replace") for line in lines]
+    # A line over the longest record is sent cut short (still too long, so reported as
+    # unreadable at its place) rather than in a frame over the channel's limit.
+    texts = [line[: MAX_LINE_SIZE + 1].decode("ascii", "replace") for line in lines]
     chunks = line_chunks(texts, VERIFY_CHUNK, VERIFY_CHUNK_BYTES)
     for number, chunk in enumerate(chunks, start=1):
         answer = client.request(

@@ -135,6 +135,8 @@ MAX_VERIFY_CHUNK: Final = 4096
 MAX_TAIL_RECORDS: Final = 4096
 """The most audit log lines one GATE_CONFIGURE carries in ``audit_tail``."""
 MAX_LINE_SIZE: Final = 64 * 1024
+"""The longest audit log line the enclave reads: a longer one is no record this gate sealed
+(the largest, with :data:`~signd.gate.audit.MAX_GROUPED_RESULTS` results, is far shorter)."""
 SIGNATURE_SIZE: Final = 65
 _VERIFY_STATE_LABEL: Final = b"signd audit-verify state v1"
 
@@ -777,6 +779,8 @@ def _check_line(
 
     if not isinstance(line, str | bytes):
         return problem("unreadable", "a log line must be text")
+    if len(line) > MAX_LINE_SIZE:
+        return problem("unreadable", f"the line is longer than any audit record ({MAX_LINE_SIZE})")
     try:
         record = SealedAuditRecord.from_json(line)
     except IntegrityError as exc:
