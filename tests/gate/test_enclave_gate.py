@@ -380,6 +380,35 @@ def test_a_replayed_request_is_refused_and_audited(enclave: Enclave) -> None:
     assert "replayed" in enclave.gate(batch, select=[1], keys=keys)["error"]["message"]
 
 
+def test_a_request_with_a_call_never_performed_is_not_authenticated_twice(
+    enclave: Enclave,
+) -> None:
+    """Presented again to authenticate (not to perform one of its calls), a request is a
+    replay, even when one of its calls can never be performed (here, bad parameters that
+    the host refuses), so what the host does on authentication alone is not done twice."""
+    hot = new_key(enclave, ["hot"])
+    calls = [
+        {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts", "params": []},
+        {"jsonrpc": "2.0", "id": 2, "method": "personal_sign", "params": ["zz", hot["address"]]},
+    ]
+    batch = enclave.request("POST", "/rpc", calls)
+    assert "error" not in enclave.gate(batch)
+    again = enclave.gate(batch)
+    assert again["error"]["code"] == "unauthenticated"
+    assert "replayed" in again["error"]["message"]
+    [record] = sealed(again["audit"])
+    assert (record["operation"], record["decision"]) == ("authenticate", "refused")
+
+    # over HTTP, the same bytes and headers a second time
+    content = json.dumps(calls).encode()
+    headers = {**sign_request("POST", "/rpc", content, "alice", enclave.gated.alice)}
+    headers["content-type"] = "application/json"
+    first = enclave.gated.client.post("/rpc", content=content, headers=headers)
+    replayed = enclave.gated.client.post("/rpc", content=content, headers=headers)
+    assert first.status_code == 200 and "result" in first.json()[0], first.text
+    assert "replayed" in replayed.text and "result" not in replayed.text, replayed.text
+
+
 def test_dropped_or_edited_audit_records_are_caught(enclave: Enclave) -> None:
     hot = new_key(enclave, ["hot"])
     for nonce in range(4):

@@ -175,17 +175,26 @@ class NonceTracker:
         now: float,
         body_sha256: str = "",
         calls: Collection[str] | None = None,
+        follow_up: bool = False,
     ) -> None:
         """Record a nonce; refuse one already live, or any when the tracker is full.
 
         With ``calls`` (the request's call names), a live nonce is accepted again for the
-        same body while some of its calls are not yet performed (:meth:`perform`).
+        same body while some of its calls are not yet performed (:meth:`perform`), but only
+        as a ``follow_up``: a presentation that goes on to perform some of them. Presented
+        again for anything else (authentication alone), it is a replay, even if a call of
+        it can never be performed (one the host refused, or with bad parameters).
         """
         self._expire(now)
         entry = (client_id, nonce)
         seen = self._live.get(entry)
         if seen is not None:
-            if calls is None or seen.body_sha256 != body_sha256 or seen.performed >= seen.calls:
+            if (
+                calls is None
+                or not follow_up
+                or seen.body_sha256 != body_sha256
+                or seen.performed >= seen.calls
+            ):
                 raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
             return
         if len(self._live) >= self.capacity:
@@ -274,10 +283,13 @@ class RequestVerifier:
         body: bytes,
         headers: Mapping[str, str],
         calls: Collection[str],
+        *,
+        follow_up: bool,
     ) -> Presentation:
         """Like :meth:`verify`, for a request whose ``calls`` (names) are performed one by
-        one with :meth:`perform`: it may be presented again until all are performed."""
-        return self._verify(method, path, body, headers, calls)
+        one with :meth:`perform`: it may be presented again, as a ``follow_up`` that
+        performs some of them, until all are performed."""
+        return self._verify(method, path, body, headers, calls, follow_up=follow_up)
 
     def perform(self, presentation: Presentation, calls: Collection[str]) -> None:
         """Mark ``calls`` of a presented request performed; a call already performed (a
@@ -294,6 +306,8 @@ class RequestVerifier:
         body: bytes,
         headers: Mapping[str, str],
         calls: Collection[str] | None,
+        *,
+        follow_up: bool = False,
     ) -> Presentation:
         fields = {name.lower(): value for name, value in headers.items()}
         client_id = _header(fields, HEADER_CLIENT)
@@ -334,6 +348,7 @@ class RequestVerifier:
                 now=now,
                 body_sha256=hashlib.sha256(body).hexdigest(),
                 calls=calls,
+                follow_up=follow_up,
             )
         return Presentation(client.principal("signature"), nonce)
 

@@ -464,7 +464,12 @@ class EnclaveGate:
         def signed() -> Principal:
             nonlocal presentation
             presentation = verifier.present(
-                request.method, request.path, request.body, request.headers, calls
+                request.method,
+                request.path,
+                request.body,
+                request.headers,
+                calls,
+                follow_up=bool(select),
             )
             return presentation.principal
 
