@@ -26,12 +26,25 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError, DependencyUnavailable
 
 log = logging.getLogger(__name__)
+
+KEYSTORE_PASSPHRASE_ENV: Final = "SIGND_KEYSTORE_PASSPHRASE"  # noqa: S105 - a variable name
+"""The keystore passphrase (host side only)."""
+HSM_PIN_ENV: Final = "SIGND_HSM_PIN"
+"""The HSM PIN (wherever HSM custody runs: the host, or the enclave)."""
+
+
+def environment_without(*names: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment (``environ``, else this process's) for a child process, without the
+    secret variables ``names``: a child that does not need a secret should not hold it, as
+    its environment stays readable in ``/proc`` for as long as it runs."""
+    source = os.environ if environ is None else environ
+    return {name: value for name, value in source.items() if name not in names}
 
 
 def read_secret_file(path: Path) -> Secret:

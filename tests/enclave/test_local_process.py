@@ -245,3 +245,18 @@ def _answers_hello(client: EnclaveClient) -> bool:
         return True
     except DependencyUnavailable:
         return False
+
+
+def test_the_enclave_process_is_not_given_the_keystore_passphrase(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keystore is the host's: its passphrase stays out of the enclave's environment
+    (readable in /proc), while the HSM PIN, which an enclave holding HSM custody needs, and
+    the rest of the environment are passed on."""
+    monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase for the host")
+    monkeypatch.setenv("SIGND_HSM_PIN", "canary pin")
+    _, pid = started(transports, tmp_path / "home")
+    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [line for line in environment if line.startswith(b"SIGND_KEYSTORE_PASSPHRASE=")]
+    assert b"SIGND_HSM_PIN=canary pin" in environment
+    assert f"PATH={os.environ['PATH']}".encode() in environment

@@ -62,8 +62,9 @@ from signd.benchmarks.enclave import SIZE_ENV
 from signd.benchmarks.harness import BenchResult, benchmark, rate
 from signd.config import load_settings
 from signd.crypto.secret import Secret
-from signd.operations.backends import KEYSTORE_PASSPHRASE_ENV, build_signer
+from signd.operations.backends import build_signer
 from signd.operations.signer import Signer
+from signd.secrets import KEYSTORE_PASSPHRASE_ENV
 
 HOST: Final = "127.0.0.1"
 KEYS_PATH: Final = "/v1/keys"

@@ -23,10 +23,8 @@ from signd.errors import ConfigurationError
 from signd.operations.components import build_metadata_store
 from signd.operations.local_enclave import HANG_TIMEOUT, LocalEnclaveTransport
 from signd.operations.signer import BackendFactory, Signer
-from signd.secrets import resolve_secret
+from signd.secrets import KEYSTORE_PASSPHRASE_ENV, resolve_secret
 from signd.storage.base import MetadataStore
-
-KEYSTORE_PASSPHRASE_ENV = "SIGND_KEYSTORE_PASSPHRASE"  # noqa: S105 - a variable name
 
 PassphraseSource = Callable[[bool], Secret]
 """Returns the keystore passphrase; the flag says whether the keystore is being created."""

@@ -23,6 +23,7 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
 from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable, SigndError
+from signd.secrets import KEYSTORE_PASSPHRASE_ENV, environment_without
 
 log = logging.getLogger("signd.enclave.local")
 
@@ -119,7 +120,12 @@ class LocalEnclaveTransport:
         ]
         with log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env=environment_without(KEYSTORE_PASSPHRASE_ENV),  # the host's keystore only
             )
         self._watch()
         self._starting = True

@@ -121,7 +121,9 @@ def test_secrets_stay_out_of_logs_and_reprs(
             assert needle not in text
 
 
-def test_child_process_server(tmp_path: Path) -> None:
+def test_child_process_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase")
+    monkeypatch.setenv("SIGND_HSM_PIN", "canary pin")
     running = start_kms_server_process(tmp_path / "home")
     try:
         kms = running.client()
@@ -129,6 +131,8 @@ def test_child_process_server(tmp_path: Path) -> None:
         assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
         process = running._process
         assert process is not None and process.poll() is None
+        environment = Path(f"/proc/{process.pid}/environ").read_bytes()
+        assert b"canary" not in environment  # it needs neither secret
     finally:
         running.stop()
     assert process.poll() is not None

@@ -10,11 +10,11 @@ from typing import Any
 
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError
-from signd.secrets import resolve_reference
+from signd.secrets import HSM_PIN_ENV, resolve_reference
 
 ENV_MODULE = "SIGND_HSM_MODULE"
 ENV_TOKEN_LABEL = "SIGND_HSM_TOKEN_LABEL"  # noqa: S105 - a variable name
-ENV_PIN = "SIGND_HSM_PIN"
+ENV_PIN = HSM_PIN_ENV
 ENV_IN_ENCLAVE = "SIGND_HSM_IN_ENCLAVE"
 
 _KNOWN_KEYS = frozenset(

@@ -38,6 +38,7 @@ from signd.kms.server.errors import KmsApiError, serialization
 from signd.kms.server.service import KmsService
 from signd.kms.server.sigv4 import AccessKey, verify_request
 from signd.kms.server.store import KeyStore, read_private_file, write_private_file
+from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_without
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +377,11 @@ def start_kms_server_process(
     info_path.unlink(missing_ok=True)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     command = [sys.executable, "-m", "signd.kms.server", "--home", str(home), "--port", str(port)]
-    process = subprocess.Popen([*command, *extra_args], stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, *extra_args],
+        stdin=subprocess.DEVNULL,
+        env=environment_without(KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV),  # it needs neither
+    )
     running = RunningServer(ServerInfo("", "", "", Secret("")), process=process)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
