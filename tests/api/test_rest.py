@@ -111,7 +111,12 @@ def test_list_keys_pages_and_filters(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("params", "field"),
-    [({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"), ({"custody": "vault"}, "custody")],
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "x"}, "limit"),
+        ({"limit": "9" * 5000}, "limit"),  # past int()'s digit limit: was a 500
+        ({"custody": "vault"}, "custody"),
+    ],
 )
 def test_list_keys_refuses_bad_parameters(
     client: TestClient, params: dict[str, str], field: str
@@ -315,6 +320,26 @@ def test_malformed_json_is_400(client: TestClient, body: bytes) -> None:
         "/v1/sign/ethereum/message", content=body, headers={"content-type": "application/json"}
     )
     error_of(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"key": "a", "key": "b", "message": "m"}', "'key' is given twice"),
+        (b'{"key": "a", "message": {"text": "m", "text": "n"}}', "'text' is given twice"),
+        (b'{"key": "a", "message": 1e400}', "1e400 is out of range"),
+    ],
+)
+def test_json_that_readers_may_disagree_on_is_400(
+    client: TestClient, eth_key: dict[str, Any], body: bytes, says: str
+) -> None:
+    """A name given twice (a reader in front of signd may take the other value) and a number
+    no float holds are refused, with the reason."""
+    content = body.replace(b'"a"', json.dumps(eth_key["address"]).encode(), 1)
+    response = client.post(
+        "/v1/sign/ethereum/message", content=content, headers={"content-type": "application/json"}
+    )
+    assert says in error_of(response, 400, "invalid_request")["message"]
 
 
 @pytest.mark.parametrize("body", [[1, 2], "text", 5, None])

@@ -157,7 +157,13 @@ def test_parse_error_invalid_request_and_method_not_found(client: TestClient) ->
     assert parsed.json() == {
         "jsonrpc": "2.0",
         "id": None,
-        "error": {"code": -32700, "message": "parse error"},
+        "error": {"code": -32700, "message": "parse error: the request body is not valid JSON"},
+    }
+    overflowing = client.post("/rpc", content=b'{"jsonrpc": "2.0", "id": 1e400, "method": "x"}')
+    assert overflowing.status_code == 200  # was a 500, after signing, with an infinite id
+    assert overflowing.json()["error"] == {
+        "code": -32700,
+        "message": "parse error: the number 1e400 is out of range",
     }
     for bad in (
         {"jsonrpc": "1.0", "id": 1, "method": "eth_accounts"},

@@ -194,6 +194,9 @@ def test_sign_routes_name_the_wrong_field(path: str, value: Any, field: str) -> 
 def test_bodies_must_be_json_objects() -> None:
     assert "not valid JSON" in refused("POST", "/v1/sign/hash", b"{").message
     assert "not valid JSON" in refused("POST", "/v1/sign/hash", b'{"a": NaN}').message
+    assert "out of range" in refused("POST", "/v1/sign/hash", b'{"a": -1e400}').message
+    twice = refused("POST", "/v1/sign/batch", b'{"requests": [{"key": "a", "key": "b"}]}')
+    assert "'key' is given twice" in twice.message
     assert "JSON object" in refused("POST", "/v1/keys", b"[]").message
 
 

@@ -118,8 +118,9 @@ class JsonRpcApi:
             return JSONResponse(_error(None, wire.rpc_error()), status_code=wire.http_status)
         try:
             message = parse_json(body)
-        except InvalidRequest:
-            return JSONResponse(_error(None, {"code": PARSE_ERROR, "message": "parse error"}))
+        except InvalidRequest as exc:
+            error = {"code": PARSE_ERROR, "message": f"parse error: {exc.message}"}
+            return JSONResponse(_error(None, error))
         if isinstance(message, list):
             if not 1 <= len(message) <= self.settings.max_batch:
                 return JSONResponse(
