@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.conftest import PASSPHRASE, make_home
+from tests.api.conftest import PASSPHRASE, make_home, open_signer
 from tests.api.processes import AUTH, SIGND_MAIN, signd_serve
 
 pytestmark = pytest.mark.integration
@@ -98,6 +98,24 @@ def test_serve_refuses_an_unknown_api_setting(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "allow_everything" in result.stderr
+
+
+def test_serve_with_a_wrong_passphrase_says_so_in_one_line(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home")
+    with open_signer(home) as signer:  # creates the keystore with PASSPHRASE
+        signer.backend("keystore")
+    env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": "not the passphrase"}
+    result = subprocess.run(
+        [sys.executable, "-c", SIGND_MAIN, "--home", str(home), "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "error wrong_passphrase: the passphrase does not open this keystore" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_serve_with_embedded_defaults_and_no_passphrase(tmp_path: Path) -> None:

@@ -296,6 +296,7 @@ def _keystore_only_with_passphrase(settings: Settings, signer: Signer) -> None:
         )
 
 
+@handles_errors
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8645,
