@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -66,7 +67,7 @@ def test_unsigned_wrongly_signed_expired_and_replayed_requests_get_401_and_are_a
     unsigned = gated.client.post(SIGN_TX, json=payload)
     wrong_key = gated.signed("POST", SIGN_TX, payload, key=gated.reader)
     expired = gated.signed("POST", SIGN_TX, payload, now=time.time() - 3600)
-    content = __import__("json").dumps(payload).encode()
+    content = json.dumps(payload).encode()
     headers = sign_request("POST", SIGN_TX, content, "alice", gated.alice)
     first = gated.signed("POST", SIGN_TX, payload, headers=headers)
     replayed = gated.signed("POST", SIGN_TX, payload, headers=headers)
@@ -224,6 +225,36 @@ def test_json_rpc_with_a_bearer_token(gated: Gated, hot_key: dict[str, Any]) -> 
         assert answer.json()["error"]["data"]["code"] == "unauthenticated"
     assert gated.last()["operation"] == "authenticate"
     assert TOKEN not in gated.paths.audit_log.read_text()
+
+
+def test_credentials_given_twice_or_both_ways_are_refused_and_audited(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    """A proxy in front may read the first of two headers where signd would read the last:
+    a credential header given twice is refused, whatever the order, as is a bearer token with
+    any request-signature header."""
+    tx = transaction() | {"from": hot_key["address"]}
+    content = (
+        __import__("json")
+        .dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_signTransaction", "params": [tx]})
+        .encode()
+    )
+    good, bad = ("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer nope")
+    signed = sign_request("POST", "/rpc", content, "alice", gated.alice)
+    attempts = [
+        [bad, good],
+        [good, bad],
+        [good, ("x-signd-client", "alice")],
+        [*signed.items(), ("x-signd-signature", signed["X-Signd-Signature"])],
+    ]
+    before = len(gated.records())
+    for headers in attempts:
+        answer = gated.client.post("/rpc", content=content, headers=headers)
+        assert answer.status_code == 401, (headers, answer.text)
+        assert answer.json()["error"]["data"]["code"] == "unauthenticated"
+    refusals = [record.record for record in gated.records()[before:]]
+    assert [(r.operation, r.decision) for r in refusals] == [("authenticate", "refused")] * 4
+    assert "not both" in refusals[2].reason
 
 
 def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(

@@ -24,12 +24,12 @@ from starlette.requests import Request
 from signd.api import inputs
 from signd.api.service import Authenticator, Principal, gated
 from signd.api.settings import ApiSettings
+from signd.auth.request_signing import SIGNED_HEADER_PREFIX
 from signd.custody.base import KeyInfo, KeyPage
 from signd.gate import Caller, GateRequest, Signed, SigningCall, SigningKind, Unauthenticated
 from signd.gate.operations import Runner
 
-AUTH_HEADER_PREFIX = "x-signd-"
-_AUTH_HEADER_PREFIX_BYTES = AUTH_HEADER_PREFIX.encode("ascii")
+_AUTH_HEADER_PREFIX_BYTES = SIGNED_HEADER_PREFIX.encode("ascii")
 SIGN_PREFIX = "/v1/sign/"
 """The REST signing routes, whose calls a gate may perform while authenticating."""
 
@@ -91,11 +91,16 @@ def request_target(request: Request) -> str:
 
 
 def auth_headers(request: Request) -> dict[str, str]:
-    """The auth headers, read off the ASGI scope's raw (lower-case) names."""
+    """The auth headers, read off the ASGI scope's raw (lower-case) names. A header sent
+    more than once has its values joined with ", " (as HTTP combines them), which no
+    credential parses: a proxy that reads the first and signd the last would otherwise
+    disagree on who is calling."""
     found: dict[str, str] = {}
     for name, value in request.scope["headers"]:
         if name == b"authorization" or name.startswith(_AUTH_HEADER_PREFIX_BYTES):
-            found[name.decode("latin-1")] = value.decode("latin-1")
+            text = name.decode("latin-1")
+            given = value.decode("latin-1")
+            found[text] = f"{found[text]}, {given}" if text in found else given
     return found
 
 

@@ -66,6 +66,8 @@ HEADER_CLIENT: Final = "X-Signd-Client"
 HEADER_TIMESTAMP: Final = "X-Signd-Timestamp"
 HEADER_NONCE: Final = "X-Signd-Nonce"
 HEADER_SIGNATURE: Final = "X-Signd-Signature"
+SIGNED_HEADER_PREFIX: Final = "x-signd-"
+"""What the (lower-case) names of the request-signature headers start with."""
 NONCE_BYTES: Final = 16
 MAX_NONCE_BYTES: Final = 64
 DEFAULT_WINDOW: Final = 300

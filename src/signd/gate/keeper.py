@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
-from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE
+from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
@@ -397,7 +397,7 @@ def identify(
     authorization = request.header("authorization")
     signed = request.header(HEADER_SIGNATURE) is not None
     if authorization is not None:
-        if signed:
+        if any(name.lower().startswith(SIGNED_HEADER_PREFIX) for name in request.headers):
             raise AccessDenied("give a request signature or a bearer token, not both")
         if authorization[: len(BEARER)].lower() != BEARER:
             raise AccessDenied("the Authorization header must be 'Bearer <token>'")
