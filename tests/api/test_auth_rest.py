@@ -257,6 +257,23 @@ def test_credentials_given_twice_or_both_ways_are_refused_and_audited(
     assert "not both" in refusals[2].reason
 
 
+def test_a_query_string_on_a_post_route_is_refused_with_the_reason(
+    gated: Gated, hot_key: dict[str, Any]
+) -> None:
+    """The same answer whichever gate reads the request (the enclave's reading refuses it;
+    the host's used to ignore it and sign)."""
+    message = {"key": hot_key["address"], "message": "hi"}
+    for path, content in [
+        ("/v1/sign/ethereum/message", message),
+        ("/v1/sign/batch", {"requests": [{"type": "ethereum/message", **message}]}),
+        ("/v1/keys", {"chain": "ethereum", "custody": "keystore"}),
+        ("/rpc", {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}),
+    ]:
+        answer = gated.signed("POST", path + "?apikey=x", content)
+        assert answer.status_code == 400, answer.text
+        assert f"POST {path}: this route takes no query string" in answer.text
+
+
 def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:

@@ -37,7 +37,7 @@ from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import KeyReference, MessageType
 from signd.enclave.transport import UnixTransport
-from signd.errors import AccessDenied, DependencyUnavailable, IntegrityError
+from signd.errors import AccessDenied, DependencyUnavailable, IntegrityError, InvalidRequest
 from signd.gate import GateRequest, SigningCall, SigningKind
 from signd.gate.intents import prepare
 from signd.operations import Signer
@@ -261,6 +261,13 @@ def test_the_enclave_signs_what_the_body_says_not_what_the_host_parsed(
     swapped = SigningCall(SigningKind.ETH_TRANSACTION, hot["address"], transaction(to=OTHER))
     [outcome] = enclave.gatekeeper.sign(caller, [swapped])
     assert isinstance(outcome, Exception) and "not one the authenticated" in str(outcome)
+
+    # a request the enclave cannot read: the call is refused with the enclave's reason
+    unread = enclave.request("POST", SIGN_TX + "?a=b", tx_body(hot))
+    caller = enclave.gatekeeper.authenticate(unread)
+    call = SigningCall(SigningKind.ETH_TRANSACTION, hot["address"], transaction())
+    [outcome] = enclave.gatekeeper.sign(caller, [call])
+    assert isinstance(outcome, InvalidRequest) and "takes no query string" in outcome.message
 
     # a host that fills a field the caller gave, or one it may not fill, is refused
     for fills in ({"to": OTHER}, {"nonce": "0x9"}):

@@ -514,6 +514,8 @@ class EnclaveGatekeeper:
         """``keys:create``, decided (and, for sealed keys, done) by the enclave."""
         request, session = self._presented(caller)
         wanted = check_labels(labels)
+        if isinstance(session.action, SigndError):
+            raise session.action
         if session.action != CreateKeys(chain, custody, count, tuple(labels)):
             raise InvalidRequest(NOT_IN_REQUEST)
         address_of = address_deriver(chain)
@@ -636,7 +638,9 @@ class EnclaveGatekeeper:
         self, request: GateRequest, session: _Session, calls: Sequence[SigningCall]
     ) -> _Signing:
         """Match the calls to the request's, find and describe their keys."""
-        signing = _Signing(request, [InvalidRequest(NOT_IN_REQUEST) for _ in calls])
+        unread = session.action  # the enclave could not read the request: say why
+        refusal = unread if isinstance(unread, SigndError) else InvalidRequest(NOT_IN_REQUEST)
+        signing = _Signing(request, [refusal for _ in calls])
         signing.matched = self._match(session, calls)
         if not signing.matched:
             signing.done = True

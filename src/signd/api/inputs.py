@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope
 
 from signd.api.errors import ClientDisconnected, PayloadTooLarge
+from signd.errors import InvalidRequest
 from signd.gate.inputs import (
     hex_bytes,
     integer,
@@ -34,6 +35,7 @@ __all__ = [
     "read_body",
     "read_object",
     "receive_body",
+    "refuse_query_string",
     "string_list",
     "text",
 ]
@@ -83,3 +85,10 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 async def read_object(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object."""
     return parse_object(await read_body(request, limit))
+
+
+def refuse_query_string(scope: Scope) -> None:
+    """400 for a query string on a route that takes none (what the enclave's reading of the
+    request refuses too), rather than ignoring it in one custody and failing in another."""
+    if scope.get("query_string"):
+        raise InvalidRequest(f"{scope['method']} {scope['path']}: this route takes no query string")
