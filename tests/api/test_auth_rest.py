@@ -274,6 +274,21 @@ def test_a_query_string_on_a_post_route_is_refused_with_the_reason(
         assert f"POST {path}: this route takes no query string" in answer.text
 
 
+def test_oversized_credentials_and_targets_get_their_own_status(gated: Gated) -> None:
+    """What no credential or route can be is refused before authentication, the same with
+    either gate (the enclave's message format would refuse it with a message about itself)."""
+    long_token = {"authorization": "Bearer " + "t" * 5000}
+    many = {f"x-signd-extra-{n}": "x" for n in range(40)}
+    for headers in (long_token, many):
+        answer = gated.client.get("/v1/keys", headers=headers)
+        refused(answer, 431, "headers_too_large")
+        rpc_answer = gated.client.post("/rpc", json={"jsonrpc": "2.0"}, headers=headers)
+        assert rpc_answer.status_code == 431, rpc_answer.text
+        assert rpc_answer.json()["error"]["data"]["code"] == "headers_too_large"
+    long_query = "/v1/keys?label=" + "a" * 9000
+    refused(gated.signed("GET", long_query), 414, "uri_too_long")
+
+
 def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:

@@ -15,6 +15,8 @@ The API adds a few errors that only exist at the HTTP boundary::
     ├── RateLimited                     429: over the request rate limit (Retry-After says when)
     ├── InvalidRequest
     │   ├── PayloadTooLarge             413: the body is over the configured limit
+    │   ├── TargetTooLong               414: the path and query are over 8192 characters
+    │   ├── HeadersTooLarge             431: too many or too long credential headers
     │   └── ClientDisconnected          499: the client left before its body arrived
     └── AccessDenied
         └── BlindSigningDisabled        403: raw-hash signing is switched off
@@ -62,6 +64,20 @@ class MethodNotAllowed(SigndError):
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
     http_status = 413
+
+
+class TargetTooLong(InvalidRequest):
+    """A path and query longer than any route of signd takes."""
+
+    code = "uri_too_long"
+    http_status = 414
+
+
+class HeadersTooLarge(InvalidRequest):
+    """More credential headers, or longer ones, than any credential is."""
+
+    code = "headers_too_large"
+    http_status = 431
 
 
 class ClientDisconnected(InvalidRequest):

@@ -22,10 +22,12 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from signd.api import inputs
+from signd.api.errors import HeadersTooLarge, TargetTooLong
 from signd.api.service import Authenticator, Principal, gated
 from signd.api.settings import ApiSettings
 from signd.auth.request_signing import SIGNED_HEADER_PREFIX
 from signd.custody.base import KeyInfo, KeyPage
+from signd.enclave.gate import MAX_HEADER_SIZE, MAX_HEADERS, MAX_TARGET
 from signd.gate import Caller, GateRequest, Signed, SigningCall, SigningKind, Unauthenticated
 from signd.gate.operations import Runner
 
@@ -119,8 +121,16 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
     )
 
     async def authenticate(request: Request) -> Principal:
+        target, headers = request_target(request), auth_headers(request)
+        if len(target) > MAX_TARGET:
+            raise TargetTooLong(f"the path and query are over {MAX_TARGET} characters")
+        if len(headers) > MAX_HEADERS or any(len(v) > MAX_HEADER_SIZE for v in headers.values()):
+            raise HeadersTooLarge(
+                f"credentials are at most {MAX_HEADERS} Authorization and X-Signd-* headers"
+                f" of {MAX_HEADER_SIZE} characters"
+            )
         body = await inputs.read_body(request, settings.max_body_bytes)
-        received = GateRequest(request.method, request_target(request), body, auth_headers(request))
+        received = GateRequest(request.method, target, body, headers)
         kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
         caller = await gated(gatekeeper.authenticate_async, received, run, kinds)
         return Principal(caller.client_id, caller)

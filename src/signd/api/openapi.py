@@ -43,11 +43,15 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "No such key",
         409: "The key already exists",
         413: "The request body is too large",
+        414: "The path and query are over 8192 characters (uri_too_long)",
         429: "Over the request rate limit (rate_limited): retry after Retry-After seconds",
+        431: "More than 32 credential headers, or one over 4096 characters (headers_too_large)",
         500: "Internal error (no detail is given)",
         503: "A custody backend or its dependency is unavailable",
         507: "The custody backend is out of room for keys",
     }
+    if 401 in statuses:  # what authentication refuses before it reads the credentials
+        statuses = tuple(sorted({*statuses, 414, 431}))
     answers = {str(status): _json(_ref("Error"), reasons[status]) for status in statuses}
     if "429" in answers:
         answers["429"]["headers"] = RETRY_AFTER
@@ -453,11 +457,25 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
             "responses": {
                 "200": _json(single_or_batch, "The answer (JSON-RPC errors included)"),
                 "204": {"description": "Only notifications were sent"},
+                "400": _json(
+                    _ref("JsonRpcResponse"),
+                    "A query string (no POST route takes one): error -32602, data.code"
+                    " invalid_request",
+                ),
                 "401": _json(
                     _ref("JsonRpcResponse"),
                     "No valid credentials: error -32010, data.code unauthenticated",
                 ),
                 "413": _json(_ref("JsonRpcResponse"), "The request body is too large"),
+                "414": _json(
+                    _ref("JsonRpcResponse"),
+                    "The path and query are over 8192 characters: data.code uri_too_long",
+                ),
+                "431": _json(
+                    _ref("JsonRpcResponse"),
+                    "More than 32 credential headers, or one over 4096 characters:"
+                    " data.code headers_too_large",
+                ),
                 "429": {
                     **_json(
                         _ref("JsonRpcResponse"),

@@ -127,6 +127,8 @@ UNCONFIGURED: Final = "the enclave's gate is not configured (send GATE_CONFIGURE
 MAX_CONFIG_SIZE: Final = 256 * 1024
 MAX_HEADERS: Final = 32
 MAX_HEADER_SIZE: Final = 4096
+MAX_TARGET: Final = 8192
+"""The longest request target (path and query) a GATE carries."""
 KEYS_TARGET: Final = "/v1/keys"
 """Requests under this path may make keys (KMS data keys, blob writes)."""
 MAX_KEYS: Final = 1000
@@ -861,7 +863,7 @@ def _gate_request(value: object) -> GateRequest:
     if not isinstance(value, dict):
         raise InvalidField("request must be a map", field="request")
     method = require_str(value, "method", max_length=16)
-    target = require_str(value, "target", max_length=8192)
+    target = require_str(value, "target", max_length=MAX_TARGET)
     body = value.get("body")
     if not isinstance(body, bytes):
         raise InvalidField("request.body must be bytes", field="body")
