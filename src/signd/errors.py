@@ -112,3 +112,9 @@ class DependencyUnavailable(SigndError):
 class ConfigurationError(SigndError):
     code = "configuration_error"
     http_status = 500
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A caller-given name (a key reference, a client id) as an error may quote it: quoted,
+    printable, cut short, so that a 500 KB name does not come back as a 500 KB error."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")

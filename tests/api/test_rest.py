@@ -255,6 +255,8 @@ def test_signing_with_an_unknown_key_is_404(client: TestClient) -> None:
         "/v1/sign/ethereum/message", json={"key": "0x" + "ab" * 20, "message": "x"}
     )
     error_of(response, 404, "key_not_found")
+    huge = client.post("/v1/sign/ethereum/message", json={"key": "k" * 500_000, "message": "x"})
+    assert error_of(huge, 404, "key_not_found")["message"] == f"no key {'k' * 64!r}..."
 
 
 def test_batch_mixes_results_and_errors_in_order(

@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from signd.auth.clients import ClientsRegistry, Principal
-from signd.errors import AccessDenied, ConfigurationError, InvalidField
+from signd.errors import AccessDenied, ConfigurationError, InvalidField, shown
 
 SCHEME: Final = "signd-request-v1"
 HEADER_CLIENT: Final = "X-Signd-Client"
@@ -318,7 +318,7 @@ class RequestVerifier:
         signature_text = _header(fields, HEADER_SIGNATURE)
         client = self.registry.get(client_id)
         if client is None:
-            raise AccessDenied(f"unknown client {_shown(client_id)}")
+            raise AccessDenied(f"unknown client {shown(client_id)}")
         if client.public_key is None:
             raise AccessDenied(f"client {client_id!r} authenticates with a bearer token only")
         try:
@@ -364,11 +364,6 @@ def _header(fields: Mapping[str, str], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise AccessDenied(f"missing header {name}")
     return value
-
-
-def _shown(client_id: str) -> str:
-    """A client id as it may appear in an error: quoted, printable, cut short."""
-    return repr(client_id[:64]) + ("..." if len(client_id) > 64 else "")
 
 
 def _decode_signature(text: str) -> bytes:

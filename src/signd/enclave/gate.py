@@ -86,6 +86,7 @@ from signd.errors import (
     InvalidRequest,
     KeyNotFound,
     SigndError,
+    shown,
 )
 from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
@@ -601,7 +602,7 @@ class EnclaveGate:
             raise refuse(lacking)
         info = keys.get(call.key)
         if info is None or not _names(call.key, info):
-            raise refuse(KeyNotFound(f"no key {call.key!r}"))
+            raise refuse(KeyNotFound(f"no key {shown(call.key)}"))
         base |= key_fields(info)
         proven: ProvenKey | None = None
         try:

@@ -21,6 +21,7 @@ from signd.errors import (
     InvalidField,
     KeyNotFound,
     SigndError,
+    shown,
 )
 from signd.gate.operations import MessageSignature as MessageSignature
 
@@ -141,7 +142,7 @@ class Signer:
                 return backend, info
         if failure is not None:
             raise failure
-        raise KeyNotFound(f"no key {ref!r}")
+        raise KeyNotFound(f"no key {shown(ref)}")
 
     def _remember(self, ref: str, info: KeyInfo) -> None:
         with self._knowing:
