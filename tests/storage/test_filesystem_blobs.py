@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from signd.errors import DependencyUnavailable, KeyExists, KeyNotFound
-from signd.storage.blobs import FilesystemBlobStore
+from signd.storage.blobs import MARKER, FilesystemBlobStore
 
 
 @pytest.fixture
@@ -24,9 +25,9 @@ def store(tmp_path: Path) -> FilesystemBlobStore:
 def test_blobs_are_sharded_two_levels_deep(store: FilesystemBlobStore) -> None:
     for i in range(300):
         store.put(f"key-{i}", b"x")
-    top = list(store.root.iterdir())
+    top = [p for p in store.root.iterdir() if p.name != MARKER]
     assert all(p.is_dir() and len(p.name) == 2 for p in top)
-    files = [p for p in store.root.rglob("*") if p.is_file()]
+    files = [p for p in store.root.rglob("*") if p.is_file() and p.name != MARKER]
     assert len(files) == 300
     for f in files:
         digest = hashlib.sha256(f.name.encode()).hexdigest()
@@ -135,8 +136,55 @@ def test_root_that_is_a_file(tmp_path: Path) -> None:
 
 def test_check_health_fails_when_root_is_gone(store: FilesystemBlobStore) -> None:
     store.check_health()
+    store.marker.unlink()
     store.root.rmdir()
     with pytest.raises(DependencyUnavailable):
         store.check_health()
     with pytest.raises(DependencyUnavailable):
         store.put("k", b"x")
+
+
+def test_an_empty_folder_in_place_of_the_store_is_unavailable_not_empty(tmp_path: Path) -> None:
+    """A volume that is not mounted leaves an empty folder where the blobs were: reading it
+    must not answer "no such key", nor writing put new keys on the wrong disk."""
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    assert store.marker.is_file()
+    store.put("old", b"sealed key")
+    mounted = tmp_path / "volume"
+    store.root.rename(mounted)
+    store.root.mkdir()  # the bare mount point
+    for attempt in (lambda: store.get("old"), lambda: store.get_range("old", 0, 1)):
+        with pytest.raises(DependencyUnavailable, match=r"no \.signd-blob-store marker"):
+            attempt()
+    with pytest.raises(DependencyUnavailable, match="a volume not mounted"):
+        store.put("new", b"sealed key")
+    with pytest.raises(DependencyUnavailable):
+        store.check_health()
+    assert list(store.root.iterdir()) == []  # nothing written to the wrong disk
+    assert [FilesystemBlobStore(tmp_path / "blobs").marker.exists()] == [False]  # nor on open
+
+    store.root.rmdir()
+    mounted.rename(store.root)  # the volume is back
+    store.check_health()
+    assert store.get("old") == b"sealed key"
+    with pytest.raises(KeyNotFound):
+        store.get("never-written")
+
+
+def test_a_new_empty_store_is_taken_once_its_marker_is_made(tmp_path: Path) -> None:
+    (tmp_path / "blobs").mkdir()
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    with pytest.raises(DependencyUnavailable, match=re.escape(f"touch {store.marker}")):
+        store.put("k", b"x")
+    store.marker.touch()
+    store.put("k", b"x")
+    assert store.get("k") == b"x"
+
+
+def test_a_store_from_before_the_marker_gets_one(tmp_path: Path) -> None:
+    store = FilesystemBlobStore(tmp_path / "blobs")
+    store.put("k", b"x")
+    store.marker.unlink()
+    reopened = FilesystemBlobStore(tmp_path / "blobs")
+    assert reopened.marker.is_file()
+    assert reopened.get("k") == b"x"

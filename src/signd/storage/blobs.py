@@ -6,6 +6,12 @@ appears under its name only once its bytes are on disk: it is written to a tempo
 the same folder, fsynced, hard-linked to its final name (which, unlike ``rename``, refuses to
 replace an existing blob) and the folder fsynced. A crash before the link leaves only a
 hidden ``.*.tmp`` file, which is never read as a blob.
+
+The root holds a marker file, :data:`MARKER`, written when the store is made. A root without
+it is not this store: most likely the mount point of a volume that is not mounted, an empty
+folder where the blobs should be. Reading it would answer "no such key" for every key, and
+writing to it would put new keys on the wrong disk, to vanish when the volume comes back; so
+every operation that would do either refuses with :class:`DependencyUnavailable` instead.
 """
 
 from __future__ import annotations
@@ -23,6 +29,10 @@ MAX_NAME_BYTES = 200
 """Longest blob name in UTF-8 bytes (a file name is at most 255, with room for a temp suffix)."""
 
 _FORBIDDEN_CHARS = frozenset("/\\")
+
+MARKER = ".signd-blob-store"
+"""The file that says a folder is a blob store's root (no blob name starts with ``.``)."""
+_MARKER_TEXT = b"signd filesystem blob store: blobs are under the two-level shard folders\n"
 
 
 def check_blob_name(name: str) -> str:
@@ -65,11 +75,43 @@ class FilesystemBlobStore(BlobStore):
     """Blobs as files under ``root``, written atomically and durably."""
 
     def __init__(self, root: Path) -> None:
+        """Open the store at ``root``, making it (folder and marker) if the folder does not
+        exist. A folder that holds shard folders but no marker is a store from before the
+        marker, and gets one. An existing empty folder gets none: it may be a mount point
+        whose volume is missing (see :data:`MARKER`), so operations refuse until the
+        marker is there."""
         self.root = Path(root)
+        self.marker = self.root / MARKER
         try:
+            made = not self.root.exists()
             self.root.mkdir(parents=True, exist_ok=True)
+            if not self.marker.exists() and (made or self._holds_shards()):
+                self._write_marker()
         except OSError as exc:
             raise _unavailable(self.root, "create the root folder", exc) from exc
+
+    def _holds_shards(self) -> bool:
+        return any(
+            entry.is_dir() and len(entry.name) == 2 and not entry.name.startswith(".")
+            for entry in self.root.iterdir()
+        )
+
+    def _write_marker(self) -> None:
+        temp = self.root / f"{MARKER}.{secrets.token_hex(8)}.tmp"
+        temp.write_bytes(_MARKER_TEXT)
+        os.replace(temp, self.marker)
+        _fsync_dir(self.root)
+
+    def _check_marker(self) -> None:
+        """Refuse (503) unless the root is this store's, see :data:`MARKER`."""
+        if not self.root.is_dir():
+            raise DependencyUnavailable(f"blob store at {self.root}: the folder is gone")
+        if not self.marker.is_file():
+            raise DependencyUnavailable(
+                f"blob store at {self.root}: the folder has no {MARKER} marker, so it is not"
+                " the blob store (a volume not mounted?). If it is a new, empty store, create"
+                f" the marker: touch {self.marker}"
+            )
 
     def path_of(self, name: str) -> Path:
         """Where the blob ``name`` lives (whether or not it exists)."""
@@ -79,6 +121,7 @@ class FilesystemBlobStore(BlobStore):
 
     def put(self, name: str, data: bytes) -> None:
         path = self.path_of(name)
+        self._check_marker()
         try:
             self._make_shard(path.parent)
             self._write_new(path, bytes(data))
@@ -127,12 +170,15 @@ class FilesystemBlobStore(BlobStore):
     def check_health(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise DependencyUnavailable(f"blob store at {self.root}: not a writable folder")
+        self._check_marker()
 
     def _missing(self, name: str) -> KeyNotFound | DependencyUnavailable:
         """No file for ``name``: the blob is missing, or the whole store is (an unmounted
         volume), which must not read as a key that does not exist."""
-        if not self.root.is_dir():
-            return DependencyUnavailable(f"blob store at {self.root}: the folder is gone")
+        try:
+            self._check_marker()
+        except DependencyUnavailable as exc:
+            return exc
         return KeyNotFound(f"no blob {name!r}")
 
     def _make_shard(self, shard: Path) -> None:
