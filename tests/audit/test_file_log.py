@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from signd.audit import GENESIS_HASH, AuditSigner, FileAuditLog, ProblemKind, verify_chain
-from signd.audit.log import AuditLog
+from signd.audit.log import AuditLog, AuditOrderError
 from signd.errors import IntegrityError
 from tests.audit.conftest import MAC_KEY, build_chain, seal_one, ticking_clock
 
@@ -53,9 +53,9 @@ def test_append_refuses_a_record_that_does_not_extend_the_chain(tmp_path: Path) 
     chain = build_chain(5)
     with FileAuditLog(tmp_path / "audit.jsonl", order_timeout=0.05) as log:
         log.append(chain[0])
-        with pytest.raises(IntegrityError, match=r"record 3 waited 0\.05 s for record 2"):
+        with pytest.raises(AuditOrderError, match=r"record 3 waited 0\.05 s for record 2"):
             log.append(chain[2])
-        with pytest.raises(IntegrityError, match="record 1 does not extend"):
+        with pytest.raises(AuditOrderError, match="record 1 does not extend"):
             log.append(chain[0])
         with pytest.raises(IntegrityError, match="record 3 does not follow record 1"):
             log.append_many([chain[0], chain[2]])

@@ -16,9 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from signd.audit import AuditSigner, FileAuditLog, SealedAuditRecord, verify_chain
+from signd.audit.log import AuditOrderError
 from signd.cli.context import state
 from signd.cli.main import app
-from signd.errors import DependencyUnavailable, IntegrityError, SigndError
+from signd.errors import DependencyUnavailable, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail
 from tests.audit.conftest import MAC_KEY, OTHER_KEY, build_chain, ticking_clock
 
@@ -225,10 +226,10 @@ def test_successors_of_a_refused_record_are_refused_at_once(tmp_path: Path) -> N
     chain = build_chain(4)
     with FileAuditLog(path, order_timeout=0.05) as log:
         log.append(chain[0])
-        with pytest.raises(IntegrityError, match="record 3 waited"):
+        with pytest.raises(AuditOrderError, match="record 3 waited"):
             log.append(chain[2])
         started = time.monotonic()
-        with pytest.raises(IntegrityError, match="record 4 follows a record that was not stored"):
+        with pytest.raises(AuditOrderError, match="record 4 follows a record that was not stored"):
             log.append(chain[3])
         assert time.monotonic() - started < 0.05
         log.append_many(chain[1:])  # the same records again, in order, are stored
@@ -251,7 +252,7 @@ def test_a_record_from_another_chain_is_refused_with_the_records_that_follow_it(
 
         outcomes = run_threads(2, work)
         assert all(
-            isinstance(outcome, IntegrityError) and "does not extend" in outcome.message
+            isinstance(outcome, AuditOrderError) and "does not extend" in outcome.message
             for outcome in outcomes
         ), outcomes
         log.append_many(ours[1:])
@@ -266,7 +267,7 @@ def test_a_second_record_with_the_same_seq_is_refused(tmp_path: Path) -> None:
         waiting = threading.Thread(target=lambda: log.append(chain[2]))
         waiting.start()
         time.sleep(0.05)
-        with pytest.raises(IntegrityError, match="record 3 is already waiting"):
+        with pytest.raises(AuditOrderError, match="record 3 is already waiting"):
             log.append(other[2])
         log.append(chain[1])
         waiting.join()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from signd.audit import FileAuditLog, SealedAuditRecord, verify_chain
-from signd.audit.log import deferring_appends, store_records
-from signd.errors import DependencyUnavailable, IntegrityError, SigndError
+from signd.audit.log import AuditOrderError, deferring_appends, store_records
+from signd.errors import DependencyUnavailable, SigndError
 from tests.audit.conftest import MAC_KEY, build_chain
 
 WAIT = 5.0
@@ -110,7 +110,7 @@ def test_a_submission_whose_predecessors_never_come_is_refused(tmp_path: Path) -
     with FileAuditLog(tmp_path / "audit.log", order_timeout=0.2) as log:
         orphan = Outcome()
         log.listen(log.submit(chain[1:]), orphan)
-        assert isinstance(orphan.wait(), IntegrityError)
+        assert isinstance(orphan.wait(), AuditOrderError)  # a 503: the predecessor was lost
         assert "waited" in str(orphan.error)
 
 

@@ -43,6 +43,14 @@ MAX_REFUSED_HASHES: Final = 65536
 """Hashes of refused records remembered, so that their successors are refused at once."""
 
 
+class AuditOrderError(DependencyUnavailable):
+    """Records that cannot extend the log as it stands: one before them never arrived (an
+    answer lost between the enclave and the host, when a request timed out) or was refused,
+    or they come from a chain the log no longer follows. Nothing of theirs is released; the
+    enclave's gate resumes its chain from the log's last record, so a retry is written. A
+    503, like the fault behind it, rather than a sign of tampering."""
+
+
 class AuditLog(Protocol):
     """An append-only store of sealed records, in chain order. Thread-safe."""
 
@@ -251,7 +259,7 @@ class FileAuditLog:
                 if remaining <= 0:
                     self._refuse(
                         pending,
-                        IntegrityError(
+                        AuditOrderError(
                             f"audit record {pending.first.record.seq} waited "
                             f"{self.order_timeout:g} s for record {self.head.seq + 1}"
                         ),
@@ -292,7 +300,7 @@ class FileAuditLog:
                     if pending.error is None:
                         self._refuse(
                             pending,
-                            IntegrityError(
+                            AuditOrderError(
                                 f"audit record {pending.first.record.seq} waited "
                                 f"{self.order_timeout:g} s for record {self.head.seq + 1}"
                             ),
@@ -325,7 +333,7 @@ class FileAuditLog:
         elif pending.first.prev_hash in self._refused:
             problem = f"audit record {first} follows a record that was not stored"
         if problem is not None:
-            raise IntegrityError(problem)  # its hashes are not refused: it may be a retry
+            raise AuditOrderError(problem)  # its hashes are not refused: it may be a retry
         for record in pending.records:
             self._waiting[record.record.seq] = pending
 
@@ -340,7 +348,7 @@ class FileAuditLog:
             if pending.first.record.seq != head.seq + 1 or pending.first.prev_hash != head.hash:
                 self._refuse(
                     pending,
-                    IntegrityError(
+                    AuditOrderError(
                         f"audit record {head.seq + 1} does not extend the log "
                         f"(its prev_hash is not record {head.seq}'s hash)"
                     ),
