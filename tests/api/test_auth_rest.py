@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 from typing import Any
+
+import pytest
 
 from signd.api.openapi import openapi_document
 from signd.auth import sign_request
@@ -15,6 +19,7 @@ from tests.gate.support import (
     TOKEN,
     TRANSFER,
     Gated,
+    assert_log_verifies,
     operator_key,
     transaction,
 )
@@ -287,6 +292,34 @@ def test_oversized_credentials_and_targets_get_their_own_status(gated: Gated) ->
         assert rpc_answer.json()["error"]["data"]["code"] == "headers_too_large"
     long_query = "/v1/keys?label=" + "a" * 9000
     refused(gated.signed("GET", long_query), 414, "uri_too_long")
+
+
+def test_readyz_names_an_audit_log_that_takes_no_record_until_it_does(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write to the audit log fails and cannot be undone (the file refuses both, as with
+    ``chattr +i``): nothing is released, /readyz says the audit log is why, and once the file
+    takes writes again the service goes on without a restart."""
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+
+    def refused(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "fsync", refused)
+    monkeypatch.setattr(os, "ftruncate", refused)
+    failed = gated.signed("POST", SIGN_TX, body(hot_key))
+    assert failed.status_code == 503, failed.text
+    assert "raw_transaction" not in failed.text
+    ready = gated.client.get("/readyz")
+    assert ready.status_code == 503
+    [audit] = [part for part in ready.json()["parts"] if part["part"] == "audit"]
+    assert audit["status"] == "unavailable" and "could not be undone" in audit["message"]
+
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    assert gated.client.get("/readyz").status_code == 200
+    assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 200
+    assert_log_verifies(gated.gatekeeper, gated.paths)
 
 
 def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(

@@ -131,7 +131,7 @@ def test_serve_with_embedded_defaults_and_no_passphrase(tmp_path: Path) -> None:
         ready = httpx.get(f"{server.url}/readyz", timeout=30)
         assert ready.status_code == 200, ready.text
         parts = {part["part"] for part in ready.json()["parts"]}
-        assert parts == {"custody:enclave", "attestation"}
+        assert parts == {"custody:enclave", "attestation", "audit"}
         client = SigndClient(server.url, "dev", str(home / "dev-client.key"))
         try:
             key = client.create_keys(chain="ethereum", custody="enclave")[0]

@@ -137,6 +137,43 @@ def test_a_failed_fsync_fails_the_group_and_cuts_the_file_back(tmp_path: Path) -
         assert log.head == chain[1].head
 
 
+def test_a_write_that_cannot_be_undone_is_retried_until_the_log_recovers(tmp_path: Path) -> None:
+    """The file refuses both the write and the cut back (as with ``chattr +i``): the log
+    takes no record and says so to health checks, until the file is writable again, when
+    the undo is retried and the log goes on, without a restart."""
+    path = tmp_path / "audit.log"
+    chain = build_chain(4)
+    real_fsync, real_ftruncate = os.fsync, os.ftruncate
+
+    def refused(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    with FileAuditLog(path) as log:
+        first = Outcome()
+        log.listen(log.submit(chain[:2]), first)
+        assert first.wait() is None
+        size = path.stat().st_size
+        log.check_health()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "fsync", refused)
+            patch.setattr(os, "ftruncate", refused)
+            second = Outcome()
+            log.listen(log.submit(chain[2:]), second)
+            assert isinstance(second.wait(), DependencyUnavailable)
+            with pytest.raises(DependencyUnavailable, match="could not be undone"):
+                log.check_health()
+            with pytest.raises(DependencyUnavailable, match="could not be undone"):
+                log.submit(chain[2:])
+        assert (os.fsync, os.ftruncate) == (real_fsync, real_ftruncate)
+        log.check_health()  # the undo, retried, works now
+        assert path.stat().st_size == size
+        third = Outcome()
+        log.listen(log.submit(chain[2:]), third)
+        assert third.wait() is None
+    assert lines(path) == chain
+    assert verify_chain(lines(path), MAC_KEY).ok
+
+
 def test_listening_after_the_end_is_told_at_once(tmp_path: Path) -> None:
     chain = build_chain(1)
     with FileAuditLog(tmp_path / "audit.log") as log:

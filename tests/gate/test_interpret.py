@@ -496,6 +496,9 @@ class RecordingGate:
     ) -> list[Signed | Exception]:
         return self.sign(principal, calls)
 
+    def health_checks(self) -> list[tuple[str, Any]]:
+        return []
+
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         with self._lock:
             self.calls.extend(calls)

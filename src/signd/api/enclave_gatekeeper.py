@@ -275,6 +275,10 @@ class EnclaveGatekeeper:
             self._event_channel.close()
         self.audit.close()
 
+    def check_audit(self) -> None:
+        """Whether the audit log can take records: nothing is signed while it cannot."""
+        self.audit.check_health()
+
     # configuration
 
     def configure(self, *, resume: bool = False) -> None:

@@ -14,7 +14,7 @@ Only the auth headers are handed over (``Authorization`` and ``X-Signd-*``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +76,10 @@ class Keeper(Protocol):
     ) -> KeyPage: ...
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]: ...
+
+    def check_audit(self) -> None:
+        """Raise :class:`~signd.errors.DependencyUnavailable` while no record can be stored."""
+        ...
 
     def reload(self) -> list[str]:
         """Re-read the clients and policy files; the problems (the old ones stay)."""
@@ -159,6 +163,10 @@ class GatekeeperGate:
 
     def get_key(self, principal: Principal, ref: str) -> KeyInfo:
         return self.gatekeeper.get_key(self._caller(principal), ref)
+
+    def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
+        """``/readyz``'s ``audit`` part: nothing is signed while the log takes no record."""
+        return [("audit", self.gatekeeper.check_audit)]
 
     def list_keys(
         self,

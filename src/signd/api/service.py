@@ -216,6 +216,11 @@ class SigningGate(Protocol):
         """Sign ``calls`` in order; each one's result or the error it met."""
         ...
 
+    def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
+        """``/readyz`` parts of the gate itself (its audit log), each a name and a blocking
+        check that raises what stops the gate."""
+        ...
+
 
 _SIGNER_METHODS: Final[Mapping[SigningKind, Callable[[Signer, KeyInfo, Any], SigningResult]]] = {
     SigningKind.HASH: Signer.sign_hash,
@@ -254,6 +259,10 @@ class UngatedSigner:
         return self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
         )
+
+    def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
+        """None: this gate keeps no audit log."""
+        return []
 
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
@@ -478,8 +487,8 @@ class SigningService:
     # health
 
     async def readiness(self) -> list[dict[str, str]]:
-        """One entry per configured custody, and ``attestation`` when an enclave attests:
-        ``ok``, or ``unavailable`` with the reason. The checks run concurrently, so the whole
+        """One entry per configured custody, ``attestation`` when an enclave attests, and
+        the gate's own (``audit``): ``ok``, or ``unavailable`` with the reason. The checks run concurrently, so the whole
         answer comes within ``health_timeout``."""
         checks: list[tuple[str, Callable[[], None]]] = [
             (f"custody:{custody}", partial(self._check_custody, custody))
@@ -487,6 +496,7 @@ class SigningService:
         ]
         if self.attestor is not None:
             checks.append(("attestation", self.attestor.check))
+        checks += self.gate.health_checks()
         parts: list[dict[str, str]] = [{} for _ in checks]
 
         async def probe(index: int, name: str, check: Callable[[], None]) -> None:

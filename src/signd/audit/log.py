@@ -18,6 +18,7 @@ request waiting for its records costs no thread.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import threading
@@ -31,6 +32,8 @@ from typing import Final, Protocol
 
 from signd.audit.records import GENESIS, ChainHead, SealedAuditRecord
 from signd.errors import DependencyUnavailable, IntegrityError, SigndError
+
+log = logging.getLogger(__name__)
 
 _TAIL_CHUNK: Final = 64 * 1024
 DEFAULT_COMMIT_INTERVAL: Final = 0.002
@@ -76,6 +79,10 @@ class AuditLog(Protocol):
 
     def records(self) -> Iterator[SealedAuditRecord]:
         """Every record, oldest first."""
+        ...
+
+    def check_health(self) -> None:
+        """Raise :class:`~signd.errors.DependencyUnavailable` while no record can be stored."""
         ...
 
 
@@ -322,6 +329,7 @@ class FileAuditLog:
 
     def _admit(self, pending: Submission) -> None:
         """Take ``pending`` in to wait for its turn, or raise why it is refused."""
+        self._retry_undo()
         if self._unusable is not None:
             raise DependencyUnavailable(self._unusable)
         first = pending.first.record.seq
@@ -405,15 +413,38 @@ class FileAuditLog:
         return None
 
     def _undo(self, size: int) -> None:
-        """Cut the file back to ``size`` bytes, durably; if that fails, refuse every append."""
+        """Cut the file back to ``size`` bytes, durably; if that fails, refuse every append
+        until :meth:`_retry_undo` manages it."""
         try:
             os.ftruncate(self._fd, size)
             os.fsync(self._fd)
         except OSError as exc:
             self._unusable = (
                 "the audit log is unusable: a failed write could not be undone "
-                f"({os.strerror(exc.errno or errno.EIO)}); restart to check it"
+                f"({os.strerror(exc.errno or errno.EIO)}); it is retried at each request"
             )
+
+    def _retry_undo(self) -> None:
+        """With the lock held: if a failed write could not be undone, try again (the file
+        may be writable again), so that the log recovers without a restart. The file is cut
+        back to its last durable size, which holds exactly the records acknowledged."""
+        if self._unusable is None or self._closed or self._writing:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError:
+            return
+        self._unusable = None
+        log.warning("the audit log is writable again; the failed write is undone")
+
+    def check_health(self) -> None:
+        """Raise :class:`DependencyUnavailable` while the log cannot take records (closed, or
+        a failed write not yet undone: each call retries the undo)."""
+        with self._state:
+            self._retry_undo()
+            if self._unusable is not None:
+                raise DependencyUnavailable(self._unusable)
 
     def _refuse(self, pending: Submission, error: SigndError) -> None:
         """Refuse admitted records and, since they can no longer be chained, their successors

@@ -120,6 +120,10 @@ class AuditTrail:
         if isinstance(self.store, FileAuditLog):
             self.store.close()
 
+    def check_health(self) -> None:
+        """Whether records can be stored (else :class:`~signd.errors.DependencyUnavailable`)."""
+        self.store.check_health()
+
     def write(self, entries: Sequence[AuditEntry]) -> None:
         """Seal ``entries`` and return once their records are durable, or raise; inside
         :func:`~signd.audit.log.deferring_appends`, once they are submitted."""

@@ -155,6 +155,10 @@ class Gatekeeper:
         """Close the audit log (the signer belongs to the caller)."""
         self.audit.close()
 
+    def check_audit(self) -> None:
+        """Whether the audit log can take records: nothing is signed while it cannot."""
+        self.audit.check_health()
+
     # configuration
 
     def reload(self) -> list[str]:
