@@ -488,8 +488,8 @@ class SigningService:
 
     async def readiness(self) -> list[dict[str, str]]:
         """One entry per configured custody, ``attestation`` when an enclave attests, and
-        the gate's own (``audit``): ``ok``, or ``unavailable`` with the reason. The checks run concurrently, so the whole
-        answer comes within ``health_timeout``."""
+        the gate's own (``audit``): ``ok``, or ``unavailable`` with the reason. The checks
+        run concurrently, so the whole answer comes within ``health_timeout``."""
         checks: list[tuple[str, Callable[[], None]]] = [
             (f"custody:{custody}", partial(self._check_custody, custody))
             for custody in self.signer.custody_types
