@@ -274,11 +274,12 @@ def test_a_second_record_with_the_same_seq_is_refused(tmp_path: Path) -> None:
         assert log.head == chain[2].head
 
 
-def test_a_log_whose_failed_write_cannot_be_undone_refuses_every_append(
+def test_a_log_whose_failed_write_cannot_be_undone_refuses_every_append_until_it_can(
     tmp_path: Path, disk: Disk, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     chain = build_chain(3)
     disk.fail_write = True
+    real_ftruncate = os.ftruncate
 
     def no_truncate(fd: int, length: int) -> None:
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -288,8 +289,11 @@ def test_a_log_whose_failed_write_cannot_be_undone_refuses_every_append(
         with pytest.raises(DependencyUnavailable, match="could not be written"):
             log.append(chain[0])
         disk.fail_write = False
-        with pytest.raises(DependencyUnavailable, match=r"unusable.*restart"):
+        with pytest.raises(DependencyUnavailable, match=r"unusable.*could not be undone"):
             log.append(chain[0])
+        monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+        log.append(chain[0])  # the undo, retried, works: the log goes on
+    assert_log_verifies(tmp_path / "audit.jsonl", 1)
 
 
 def test_closing_refuses_the_writers_still_waiting(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from signd.cli.context import state
 from signd.cli.main import app
 from signd.kms.server import ServerInfo, start_kms_server
 from signd.operations.local_kms import ATTESTED_ALIAS
+from signd.storage.blobs import MARKER
 from tests.integration.kms_proxy import ForgingKmsProxy
 
 PASSPHRASE = "correct horse battery staple for tests"
@@ -60,7 +61,11 @@ class Cli:
         return self.run("sign", "hash", "--key", key_id, DIGEST, ok=ok)
 
     def blobs(self) -> list[Path]:
-        return [path for path in (self.home / "blobs").rglob("*") if path.is_file()]
+        return [
+            path
+            for path in (self.home / "blobs").rglob("*")
+            if path.is_file() and path.name != MARKER
+        ]
 
 
 @pytest.fixture
