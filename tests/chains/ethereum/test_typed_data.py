@@ -74,6 +74,7 @@ def _mail(**changes: Any) -> dict[str, Any]:
 
 _DELETE = object()
 _PERSON_BALANCE = [{"name": "name", "type": "string"}, {"name": "balance", "type": "uint8"}]
+_PERSON_WALLET = [{"name": "name", "type": "string"}, {"name": "wallet", "type": "address"}]
 
 
 @pytest.mark.parametrize(
@@ -169,6 +170,28 @@ def test_invalid_values(type_name: str, value: Any) -> None:
         typed_data_digest(_values_document(type_name, value))
     assert caught.value.field is not None
     assert caught.value.field.startswith("message.v")
+
+
+@pytest.mark.parametrize(
+    ("type_name", "value", "field"),
+    [
+        ("address[][]", [["0x" + "11" * 20], ["0x" + "11" * 20, "0x12"]], "message.v[1][1]"),
+        ("uint8[2][]", [[1, 2], [3]], "message.v[1]"),
+        (
+            "Person[]",
+            [{"name": "A", "wallet": "0x" + "11" * 20}, {"name": "B"}],
+            "message.v[1].wallet",
+        ),
+        ("Person[1]", [{"name": "A", "wallet": 7}], "message.v[0].wallet"),
+    ],
+)
+def test_an_error_names_the_place_of_the_value(type_name: str, value: Any, field: str) -> None:
+    document = _values_document(type_name, value)
+    document["types"]["Person"] = _PERSON_WALLET
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(document)
+    assert caught.value.field == field
+    assert caught.value.message.startswith(field)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ Supports nested structs, arrays (dynamic, fixed-size, multi-dimensional, of stru
 with range checks, ``address`` and ``bool``. Documents are validated strictly: undefined or
 malformed types, missing or extra message fields and out-of-range values are refused with
 :class:`signd.errors.InvalidTypedData` naming the offending path.
+
+The work is linear in the size of the document: each type string is parsed once, and a
+value's place (``message.to.wallet``) is spelled out only when there is an error to report.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ MAX_DEPTH: Final = 64
 """Deepest nesting of structs and arrays in a value."""
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
-_ARRAY = re.compile(r"(.+)\[([1-9][0-9]*)?\]")
+_TYPE_REFERENCE = re.compile(r"([^\[\]]*)(?:\[(?:[1-9][0-9]*)?\])*")
+"""A type as a field declares it: a base type, then any array dimensions (``uint8[2][]``)."""
 _INTEGER = re.compile(r"(u?)int([1-9][0-9]*)")
 _FIXED_BYTES = re.compile(r"bytes([1-9][0-9]?)")
 _ATOMIC = frozenset({"address", "bool", "string", "bytes"})
@@ -40,6 +44,33 @@ _DOCUMENT_KEYS = frozenset({"types", "primaryType", "domain", "message"})
 _STANDARD_DOMAIN_FIELDS = frozenset(name for name, _ in DOMAIN_FIELDS)
 
 StructFields = tuple[tuple[str, str], ...]
+ArrayType = tuple[str, str | None]
+"""An array type's element type and its length as declared (``None``: dynamic)."""
+
+
+class _Path:
+    """Where a value is in the document, e.g. ``message.to.wallet`` or ``message.cc[1]``.
+
+    A link to its parent, spelled out only for an error: building the text for every value
+    would cost the depth of the nesting times the length of the names, per value."""
+
+    __slots__ = ("parent", "step")
+
+    def __init__(self, parent: _Path | None, step: str | int) -> None:
+        self.parent = parent
+        self.step = step
+
+    def __str__(self) -> str:
+        steps: list[str] = []
+        node: _Path | None = self
+        while node is not None:
+            step = node.step
+            if isinstance(step, int):
+                steps.append(f"[{step}]")
+            else:
+                steps.append(step if node.parent is None else f".{step}")
+            node = node.parent
+        return "".join(reversed(steps))
 
 
 def _is_atomic(type_name: str) -> bool:
@@ -53,16 +84,28 @@ def _is_atomic(type_name: str) -> bool:
     return fixed is not None and int(fixed.group(1)) <= 32
 
 
-def _hex(value: object, path: str) -> bytes:
+def _invalid(path: _Path, problem: str) -> InvalidTypedData:
+    """The error for the value at ``path``, e.g. ``message.to.wallet must be ...``."""
+    where = str(path)
+    return InvalidTypedData(f"{where} {problem}", field=where)
+
+
+def _invalid_entry(struct: str, position: int, problem: str) -> InvalidTypedData:
+    """The error for a field of a struct type, e.g. ``types.Mail[2] repeats field ...``."""
+    where = f"types.{struct}[{position}]"
+    return InvalidTypedData(f"{where} {problem}", field=where)
+
+
+def _hex(value: object, path: _Path) -> bytes:
     if not isinstance(value, str) or value[:2] != "0x" or len(value) % 2 or not is_hex(value[2:]):
-        raise InvalidTypedData(f"{path} must be 0x-prefixed hex with an even length", field=path)
+        raise _invalid(path, "must be 0x-prefixed hex with an even length")
     return bytes.fromhex(value[2:])
 
 
-def _integer(value: object, signed: bool, path: str) -> int:
+def _integer(value: object, signed: bool, path: _Path) -> int:
     """An int, a decimal string (``-`` allowed for signed types) or non-negative ``0x`` hex."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InvalidTypedData(f"{path} must be an integer or a numeric string", field=path)
+        raise _invalid(path, "must be an integer or a numeric string")
     if isinstance(value, int):
         return value
     negative = signed and value[:1] == "-"
@@ -73,9 +116,9 @@ def _integer(value: object, signed: bool, path: str) -> int:
         try:
             number = int(digits)
         except ValueError:
-            raise InvalidTypedData(f"{path} is out of range", field=path) from None
+            raise _invalid(path, "is out of range") from None
     else:
-        raise InvalidTypedData(f"{path} is not a number: {value!r}", field=path)
+        raise _invalid(path, f"is not a number: {value!r}")
     return -number if negative else number
 
 
@@ -86,41 +129,62 @@ class _Types:
         if not isinstance(types, Mapping):
             raise InvalidTypedData("types must be an object", field="types")
         self.structs: dict[str, StructFields] = {}
+        self.field_names: dict[str, frozenset[str]] = {}
         for name, fields in types.items():
             if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name) or _is_atomic(name):
                 raise InvalidTypedData(f"invalid struct type name {name!r}", field="types")
             self.structs[name] = self._fields(name, fields)
+            self.field_names[name] = frozenset(field for field, _ in self.structs[name])
         self._hashes: dict[str, bytes] = {}
+        self._arrays: dict[str, ArrayType | None] = {}
         for name, fields in self.structs.items():
             for position, (_, type_name) in enumerate(fields):
-                self._check_type(type_name, f"types.{name}[{position}].type")
+                if not self._is_defined(type_name):
+                    path = f"types.{name}[{position}].type"
+                    raise InvalidTypedData(f"undefined type {type_name!r}", field=path)
 
     @staticmethod
     def _fields(struct: str, fields: object) -> StructFields:
         if not isinstance(fields, list | tuple):
             raise InvalidTypedData(f"types.{struct} must be a list", field=f"types.{struct}")
         result: list[tuple[str, str]] = []
+        seen: set[str] = set()
         for position, entry in enumerate(fields):
-            path = f"types.{struct}[{position}]"
             if not isinstance(entry, Mapping) or set(entry) != {"name", "type"}:
-                raise InvalidTypedData(f"{path} must be an object with name and type", field=path)
+                raise _invalid_entry(struct, position, "must be an object with name and type")
             name, type_name = entry["name"], entry["type"]
             if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
-                raise InvalidTypedData(f"{path} has an invalid field name {name!r}", field=path)
+                raise _invalid_entry(struct, position, f"has an invalid field name {name!r}")
             if not isinstance(type_name, str):
-                raise InvalidTypedData(f"{path}.type must be a string", field=path)
-            if any(name == seen for seen, _ in result):
-                raise InvalidTypedData(f"{path} repeats field {name!r}", field=path)
+                raise _invalid_entry(struct, position, "has a type that is not a string")
+            if name in seen:
+                raise _invalid_entry(struct, position, f"repeats field {name!r}")
+            seen.add(name)
             result.append((name, type_name))
         return tuple(result)
 
-    def _check_type(self, type_name: str, path: str) -> None:
-        array = _ARRAY.fullmatch(type_name)
-        while array:
-            type_name = array.group(1)
-            array = _ARRAY.fullmatch(type_name)
-        if not _is_atomic(type_name) and type_name not in self.structs:
-            raise InvalidTypedData(f"undefined type {type_name!r}", field=path)
+    def _is_defined(self, type_name: str) -> bool:
+        reference = _TYPE_REFERENCE.fullmatch(type_name)
+        if reference is None:
+            return False
+        base = reference.group(1)
+        return _is_atomic(base) or base in self.structs
+
+    def array(self, type_name: str) -> ArrayType | None:
+        """The element type and length of an array type; ``None`` for any other type.
+
+        Remembered, so that every item of an array is encoded with the same element type
+        string, whose hash Python keeps: a long type is not read again for each item."""
+        try:
+            return self._arrays[type_name]
+        except KeyError:
+            pass
+        array = None
+        if type_name.endswith("]"):
+            opening = type_name.rindex("[")
+            array = (type_name[:opening], type_name[opening + 1 : -1] or None)
+        self._arrays[type_name] = array
+        return array
 
     def struct(self, name: str, path: str = "primaryType") -> StructFields:
         fields = self.structs.get(name)
@@ -153,77 +217,78 @@ class _Types:
             cached = self._hashes[primary] = keccak256(self.encode_type(primary).encode())
         return cached
 
-    def encode_data(self, primary: str, value: object, path: str, depth: int = 0) -> bytes:
+    def encode_data(self, primary: str, value: object, path: _Path, depth: int = 0) -> bytes:
         """``typeHash ‖ enc(field 1) ‖ ...``: the message fields must match the type exactly."""
         fields = self.struct(primary)
         if not isinstance(value, Mapping):
-            raise InvalidTypedData(f"{path} must be an object of type {primary}", field=path)
-        names = {name for name, _ in fields}
+            raise _invalid(path, f"must be an object of type {primary}")
+        names = self.field_names[primary]
         for key in value:
             if key not in names:
-                raise InvalidTypedData(f"{path} has no field {key!r} in {primary}", field=path)
+                raise _invalid(path, f"has no field {key!r} in {primary}")
         parts = [self.type_hash(primary)]
         for name, type_name in fields:
             if name not in value:
-                raise InvalidTypedData(f"{path}.{name} is missing", field=f"{path}.{name}")
-            parts.append(self.encode_value(type_name, value[name], f"{path}.{name}", depth + 1))
+                raise _invalid(_Path(path, name), "is missing")
+            parts.append(self.encode_value(type_name, value[name], _Path(path, name), depth + 1))
         return b"".join(parts)
 
-    def encode_value(self, type_name: str, value: object, path: str, depth: int) -> bytes:
+    def encode_value(self, type_name: str, value: object, path: _Path, depth: int) -> bytes:
         """The 32-byte encoding of one value."""
         if depth > MAX_DEPTH:
-            raise InvalidTypedData(f"{path} is nested too deeply", field=path)
+            raise _invalid(path, "is nested too deeply")
         if type_name in self.structs:
             return keccak256(self.encode_data(type_name, value, path, depth))
-        array = _ARRAY.fullmatch(type_name)
-        if array:
+        array = self.array(type_name)
+        if array is not None:
+            element, length = array
             if not isinstance(value, list | tuple):
-                raise InvalidTypedData(f"{path} must be an array ({type_name})", field=path)
-            if array.group(2) is not None and len(value) != int(array.group(2)):
-                raise InvalidTypedData(f"{path} must have {array.group(2)} items", field=path)
-            element = array.group(1)
+                raise _invalid(path, f"must be an array ({type_name})")
+            if length is not None and str(len(value)) != length:
+                raise _invalid(path, f"must have {length} items")
             return keccak256(
                 b"".join(
-                    self.encode_value(element, item, f"{path}[{index}]", depth + 1)
+                    self.encode_value(element, item, _Path(path, index), depth + 1)
                     for index, item in enumerate(value)
                 )
             )
         return _encode_atomic(type_name, value, path)
 
 
-def _encode_atomic(type_name: str, value: object, path: str) -> bytes:
+def _encode_atomic(type_name: str, value: object, path: _Path) -> bytes:
     if type_name == "string":
         if not isinstance(value, str):
-            raise InvalidTypedData(f"{path} must be a string", field=path)
+            raise _invalid(path, "must be a string")
         try:
             return keccak256(value.encode("utf-8"))
         except UnicodeEncodeError:
-            raise InvalidTypedData(f"{path} is not valid Unicode", field=path) from None
+            raise _invalid(path, "is not valid Unicode") from None
     if type_name == "bytes":
         return keccak256(_hex(value, path))
     if type_name == "bool":
         if not isinstance(value, bool):
-            raise InvalidTypedData(f"{path} must be true or false", field=path)
+            raise _invalid(path, "must be true or false")
         return int(value).to_bytes(32, "big")
     if type_name == "address":
         try:
-            return parse_address(value, path).rjust(32, b"\x00")
+            return parse_address(value, "the address").rjust(32, b"\x00")
         except InvalidField as error:
-            raise InvalidTypedData(error.message, field=path) from None
+            where = str(path)
+            raise InvalidTypedData(f"{where}: {error.message}", field=where) from None
     fixed = _FIXED_BYTES.fullmatch(type_name)
     if fixed:
         data = _hex(value, path)
         if len(data) != int(fixed.group(1)):
-            raise InvalidTypedData(f"{path} must be {fixed.group(1)} bytes", field=path)
+            raise _invalid(path, f"must be {fixed.group(1)} bytes")
         return data.ljust(32, b"\x00")
     integer = _INTEGER.fullmatch(type_name)
     if integer is None:
-        raise InvalidTypedData(f"undefined type {type_name!r}", field=path)
+        raise _invalid(path, f"has an undefined type {type_name!r}")
     signed, bits = integer.group(1) == "", int(integer.group(2))
     number = _integer(value, signed, path)
     low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
     if not low <= number < high:
-        raise InvalidTypedData(f"{path} is out of range for {type_name}", field=path)
+        raise _invalid(path, f"is out of range for {type_name}")
     return (number % (1 << 256)).to_bytes(32, "big")
 
 
@@ -270,7 +335,7 @@ def type_hash(primary_type: str, types: Mapping[str, Any]) -> bytes:
 
 def encode_data(primary_type: str, types: Mapping[str, Any], value: Mapping[str, Any]) -> bytes:
     """EIP-712 ``encodeData``: the type hash followed by each field's 32-byte encoding."""
-    return _Types(types).encode_data(primary_type, value, "message")
+    return _Types(types).encode_data(primary_type, value, _Path(None, "message"))
 
 
 def hash_struct(primary_type: str, types: Mapping[str, Any], value: Mapping[str, Any]) -> bytes:
@@ -281,7 +346,7 @@ def hash_struct(primary_type: str, types: Mapping[str, Any], value: Mapping[str,
 def domain_separator(domain: Mapping[str, Any], types: Mapping[str, Any] | None = None) -> bytes:
     """``hashStruct(EIP712Domain, domain)``; the domain type comes from ``types`` or the keys."""
     full = _Types(_domain_types(domain, types or {}))
-    return keccak256(full.encode_data(DOMAIN_TYPE, _present(full, domain), "domain"))
+    return keccak256(full.encode_data(DOMAIN_TYPE, _present(full, domain), _Path(None, "domain")))
 
 
 def typed_data_digest(document: Mapping[str, Any]) -> bytes:
@@ -293,8 +358,9 @@ def typed_data_digest(document: Mapping[str, Any]) -> bytes:
         raise InvalidTypedData("primaryType must be a string", field="primaryType")
     domain = document["domain"]
     all_types = _Types(_domain_types(domain, document["types"]))
-    separator = keccak256(all_types.encode_data(DOMAIN_TYPE, _present(all_types, domain), "domain"))
+    present = _present(all_types, domain)
+    separator = keccak256(all_types.encode_data(DOMAIN_TYPE, present, _Path(None, "domain")))
     if primary == DOMAIN_TYPE:
         return keccak256(b"\x19\x01" + separator)
-    message = keccak256(all_types.encode_data(primary, document["message"], "message"))
+    message = keccak256(all_types.encode_data(primary, document["message"], _Path(None, "message")))
     return keccak256(b"\x19\x01" + separator + message)
