@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from signd.chains.ethereum.typed_data import typed_data_digest
+from signd.chains.ethereum.typed_data import MAX_TYPE_ENCODING, typed_data_digest
 from signd.errors import InvalidTypedData
 
 SCALE = 10
@@ -54,10 +54,21 @@ def many_array_dimensions(n: int) -> dict[str, Any]:
     return _document({"S": [{"name": "a", "type": "uint8" + "[]" * n}]}, "S", {"a": value})
 
 
+def many_struct_types(n: int) -> dict[str, Any]:
+    """``n`` struct types that each use the next, all in the message: each one's
+    ``encodeType`` holds every type after it, n²/2 definitions in all (refused past
+    :data:`MAX_TYPE_ENCODING`)."""
+    types = {f"T{i}": [{"name": "next", "type": f"T{i + 1}[]"}] for i in range(n)}
+    types[f"T{n}"] = []
+    types["All"] = [{"name": f"t{i}", "type": f"T{i}"} for i in range(n)]
+    return _document(types, "All", {f"t{i}": {"next": []} for i in range(n)})
+
+
 SHAPES: dict[str, tuple[Callable[[int], dict[str, Any]], int]] = {
     "many-fields": (many_fields, 2_000),
     "long-struct-name": (long_struct_name, 10_000),
     "many-array-dimensions": (many_array_dimensions, 8_000),
+    "many-struct-types": (many_struct_types, 200),
 }
 
 
@@ -92,3 +103,10 @@ def test_cost_grows_linearly_with_the_document(shape: str) -> None:
 
 def test_twenty_thousand_fields_are_signed() -> None:
     assert len(typed_data_digest(many_fields(20_000))) == 32
+
+
+def test_too_much_to_hash_for_the_types_is_refused() -> None:
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(many_struct_types(500))
+    assert caught.value.field == "types"
+    assert str(MAX_TYPE_ENCODING) in caught.value.message

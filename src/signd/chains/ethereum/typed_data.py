@@ -8,6 +8,9 @@ malformed types, missing or extra message fields and out-of-range values are ref
 
 The work is linear in the size of the document: each type string is parsed once, and a
 value's place (``message.to.wallet``) is spelled out only when there is an error to report.
+Only the type encodings can grow faster, since the ``encodeType`` of a struct repeats every
+struct it uses (n types that each use the next make n²/2 definitions to hash):
+:data:`MAX_TYPE_ENCODING` bounds them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ DOMAIN_FIELDS: Final = (
 
 MAX_DEPTH: Final = 64
 """Deepest nesting of structs and arrays in a value."""
+
+MAX_TYPE_ENCODING: Final = 1 << 20
+"""The most characters of ``encodeType`` one document may hash, over all its struct types:
+twice the largest request body, and hundreds of times what real documents need."""
 
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 _TYPE_REFERENCE = re.compile(r"([^\[\]]*)(?:\[(?:[1-9][0-9]*)?\])*")
@@ -137,11 +144,20 @@ class _Types:
             self.field_names[name] = frozenset(field for field, _ in self.structs[name])
         self._hashes: dict[str, bytes] = {}
         self._arrays: dict[str, ArrayType | None] = {}
+        self._definitions: dict[str, str] = {}  # its part of encodeType: Mail(Person from,...)
+        self._dependencies: dict[str, tuple[str, ...]] = {}  # the struct types its fields use
+        self._type_encoding_size = 0  # of every encodeType made so far
         for name, fields in self.structs.items():
+            used: dict[str, None] = {}
             for position, (_, type_name) in enumerate(fields):
-                if not self._is_defined(type_name):
+                base = self._base(type_name)
+                if base is None:
                     path = f"types.{name}[{position}].type"
                     raise InvalidTypedData(f"undefined type {type_name!r}", field=path)
+                if base in self.structs:
+                    used[base] = None
+            self._dependencies[name] = tuple(used)
+            self._definitions[name] = f"{name}({','.join(f'{t} {n}' for n, t in fields)})"
 
     @staticmethod
     def _fields(struct: str, fields: object) -> StructFields:
@@ -163,12 +179,14 @@ class _Types:
             result.append((name, type_name))
         return tuple(result)
 
-    def _is_defined(self, type_name: str) -> bool:
+    def _base(self, type_name: str) -> str | None:
+        """The atomic or struct type of ``type_name`` without its array dimensions, or
+        ``None`` if it names no defined type."""
         reference = _TYPE_REFERENCE.fullmatch(type_name)
         if reference is None:
-            return False
+            return None
         base = reference.group(1)
-        return _is_atomic(base) or base in self.structs
+        return base if _is_atomic(base) or base in self.structs else None
 
     def array(self, type_name: str) -> ArrayType | None:
         """The element type and length of an array type; ``None`` for any other type.
@@ -193,23 +211,28 @@ class _Types:
         return fields
 
     def encode_type(self, primary: str) -> str:
-        """``Primary(fields)`` followed by every referenced struct, sorted by name."""
+        """``Primary(fields)`` followed by every referenced struct, sorted by name.
+
+        Counted against :data:`MAX_TYPE_ENCODING` as each struct is found, so that the
+        search stops as soon as the document has made too much to hash."""
         self.struct(primary)
-        found: set[str] = set()
+        found = {primary}
         pending = [primary]
         while pending:
             name = pending.pop()
-            if name in found:
-                continue
-            found.add(name)
-            for _, type_name in self.structs[name]:
-                base = type_name.partition("[")[0]
-                if base in self.structs:
-                    pending.append(base)
-        ordered = [primary, *sorted(found - {primary})]
-        return "".join(
-            f"{name}({','.join(f'{t} {n}' for n, t in self.structs[name])})" for name in ordered
-        )
+            self._type_encoding_size += len(self._definitions[name])
+            if self._type_encoding_size > MAX_TYPE_ENCODING:
+                raise InvalidTypedData(
+                    f"the struct types encode to more than {MAX_TYPE_ENCODING} characters"
+                    " (encodeType, over every struct type hashed)",
+                    field="types",
+                )
+            for dependency in self._dependencies[name]:
+                if dependency not in found:
+                    found.add(dependency)
+                    pending.append(dependency)
+        found.remove(primary)
+        return self._definitions[primary] + "".join(self._definitions[n] for n in sorted(found))
 
     def type_hash(self, primary: str) -> bytes:
         cached = self._hashes.get(primary)
