@@ -214,6 +214,19 @@ def test_valid_boundary_values(type_name: str, value: Any) -> None:
     assert len(typed_data_digest(_values_document(type_name, value))) == 32
 
 
+@pytest.mark.parametrize("digits", [4, 5_000])
+def test_an_integer_type_of_many_digits_is_undefined(digits: int) -> None:
+    """``uint9999`` is no type (at most 256 bits), whatever the number of digits: 5,000
+    digits once overflowed int() and answered 500."""
+    type_name = "uint" + "9" * digits
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(_values_document(type_name, 1))
+    assert caught.value.field == "types.Values[0].type"
+    document = _values_document("bool", True)
+    document["types"][type_name] = []  # not an atomic type: a struct may take the name
+    assert len(typed_data_digest(document)) == 32
+
+
 def test_document_shape() -> None:
     document = MAIL["typed_data"]
     with pytest.raises(InvalidTypedData):

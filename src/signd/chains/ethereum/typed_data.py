@@ -44,7 +44,7 @@ twice the largest request body, and hundreds of times what real documents need."
 _IDENTIFIER = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 _TYPE_REFERENCE = re.compile(r"([^\[\]]*)(?:\[(?:[1-9][0-9]*)?\])*")
 """A type as a field declares it: a base type, then any array dimensions (``uint8[2][]``)."""
-_INTEGER = re.compile(r"(u?)int([1-9][0-9]*)")
+_INTEGER = re.compile(r"(u?)int([1-9][0-9]{0,2})")  # more digits are no type (and int() fails)
 _FIXED_BYTES = re.compile(r"bytes([1-9][0-9]?)")
 _ATOMIC = frozenset({"address", "bool", "string", "bytes"})
 _DOCUMENT_KEYS = frozenset({"types", "primaryType", "domain", "message"})
