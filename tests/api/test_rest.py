@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
+from eth_account._utils.encode_typed_data.encoding_and_hashing import hash_domain
 from eth_utils import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -248,6 +250,25 @@ def test_sign_typed_data(client: TestClient, eth_key: dict[str, Any]) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_typed_data"
+
+
+def test_sign_typed_data_of_primary_type_eip712_domain_signs_no_message(
+    client: TestClient, eth_key: dict[str, Any]
+) -> None:
+    """The domain alone is signed, as MetaMask signs it: a message beside it is refused."""
+    domain_only = {**samples.MAIL, "primaryType": "EIP712Domain", "message": {}}
+    response = client.post(
+        "/v1/sign/ethereum/typed-data", json={"key": eth_key["key_id"], "typed_data": domain_only}
+    )
+    assert response.status_code == 200, response.text
+    digest = keccak(b"\x19\x01" + hash_domain(samples.MAIL["domain"]))
+    signer = Account._recover_hash(digest, signature=response.json()["signature"])
+    assert signer == eth_key["address"]
+    with_message = {**domain_only, "message": samples.MAIL["message"]}
+    response = client.post(
+        "/v1/sign/ethereum/typed-data", json={"key": eth_key["key_id"], "typed_data": with_message}
+    )
+    error_of(response, 400, "invalid_typed_data", "message")
 
 
 def test_signing_with_an_unknown_key_is_404(client: TestClient) -> None:

@@ -103,6 +103,14 @@ def test_eth_sign_typed_data_v4_takes_json_text_or_an_object(
     assert samples.typed_data_signer(samples.MAIL, as_text) == address
 
 
+def test_eth_sign_typed_data_v4_refuses_a_message_beside_primary_type_eip712_domain(
+    client: TestClient, address: str
+) -> None:
+    document = {**samples.MAIL, "primaryType": "EIP712Domain"}
+    failure = error(client, "eth_signTypedData_v4", address, document)
+    assert failure["data"] == {"code": "invalid_typed_data", "field": "message"}
+
+
 def test_eth_sign_transaction_answers_like_geth(client: TestClient, address: str) -> None:
     tx = {**samples.transaction(chain_id=CHAIN_ID), "from": address}
     answer = result(client, "eth_signTransaction", tx)

@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 from eth_account import Account
+from eth_account._utils.encode_typed_data.encoding_and_hashing import hash_domain
 from eth_account.messages import _hash_eip191_message, encode_typed_data
+from eth_utils import ValidationError, keccak
 
 from signd.chains.ethereum.address import to_checksum_address
 from signd.chains.ethereum.transactions import decode_transaction, parse_transaction
 from signd.chains.ethereum.typed_data import typed_data_digest
 from signd.crypto.secp256k1 import CURVE_ORDER
+from signd.errors import InvalidTypedData
 from tests.chains.ethereum.support import address_of, private_key, sign
 
 KINDS = ("legacy", "eip155", "eip2930", "eip1559")
@@ -159,3 +162,19 @@ def test_typed_data_matches_eth_account() -> None:
         document = _random_document(rng)
         expected = _hash_eip191_message(encode_typed_data(full_message=document))
         assert typed_data_digest(document) == bytes(expected), document
+
+
+def test_a_domain_only_document_with_a_message_is_refused_as_eth_account_refuses_it() -> None:
+    """eth-account refuses every ``primaryType: EIP712Domain`` document. signd signs one only
+    without a message (as MetaMask does, over keccak256(0x1901 ‖ domainSeparator)), with
+    eth-account's domain separator."""
+    rng = random.Random("signd-differential-eip712-domain-only")
+    for _ in range(50):
+        document = {**_random_document(rng), "primaryType": "EIP712Domain"}
+        with pytest.raises(ValidationError):
+            encode_typed_data(full_message=document)
+        with pytest.raises(InvalidTypedData):
+            typed_data_digest(document)
+        separator = hash_domain(document["domain"])
+        expected = keccak(b"\x19\x01" + separator)
+        assert typed_data_digest({**document, "message": {}}) == expected, document

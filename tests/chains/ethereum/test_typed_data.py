@@ -275,11 +275,33 @@ def test_a_null_standard_domain_field_is_absent(inferred: bool) -> None:
     assert typed_data_digest(document) == unhex(MAIL["signHash"])
 
 
-def test_domain_only_primary_type() -> None:
-    """``primaryType: EIP712Domain`` signs keccak256(0x1901 ‖ domainSeparator), as MetaMask does."""
-    document = {**MAIL["typed_data"], "primaryType": "EIP712Domain", "message": {}}
+@pytest.mark.parametrize("message", [{}, _DELETE], ids=["empty", "absent"])
+def test_domain_only_primary_type(message: Any) -> None:
+    """``primaryType: EIP712Domain`` signs keccak256(0x1901 ‖ domainSeparator), as MetaMask
+    does, with a message that is empty or absent."""
+    document = _mail(primaryType="EIP712Domain", message=message)
     expected = keccak256(b"\x19\x01" + unhex(MAIL["domainSeparator"]))
     assert typed_data_digest(document) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [MAIL["typed_data"]["message"], {"contents": "pay Bob"}, "pay Bob", [], None, 0],
+    ids=["mail", "object", "string", "list", "null", "zero"],
+)
+def test_domain_only_primary_type_refuses_a_message(message: Any) -> None:
+    """A message beside ``primaryType: EIP712Domain`` would not be signed, yet it is what a
+    reader of the request takes the signature for."""
+    document = _mail(primaryType="EIP712Domain", message=message)
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(document)
+    assert caught.value.field == "message"
+
+
+def test_only_a_domain_only_document_may_leave_the_message_out() -> None:
+    with pytest.raises(InvalidTypedData) as caught:
+        typed_data_digest(_mail(message=_DELETE))
+    assert caught.value.field is None
 
 
 def test_recursive_types_and_depth_limit() -> None:

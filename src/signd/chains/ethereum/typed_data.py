@@ -48,6 +48,8 @@ _INTEGER = re.compile(r"(u?)int([1-9][0-9]{0,2})")  # more digits are no type (a
 _FIXED_BYTES = re.compile(r"bytes([1-9][0-9]?)")
 _ATOMIC = frozenset({"address", "bool", "string", "bytes"})
 _DOCUMENT_KEYS = frozenset({"types", "primaryType", "domain", "message"})
+_DOMAIN_ONLY_KEYS = _DOCUMENT_KEYS - {"message"}
+_DOCUMENT_SHAPE = "typed data needs exactly types, primaryType, domain and message"
 _STANDARD_DOMAIN_FIELDS = frozenset(name for name, _ in DOMAIN_FIELDS)
 
 StructFields = tuple[tuple[str, str], ...]
@@ -373,12 +375,30 @@ def domain_separator(domain: Mapping[str, Any], types: Mapping[str, Any] | None 
 
 
 def typed_data_digest(document: Mapping[str, Any]) -> bytes:
-    """What ``eth_signTypedData_v4`` signs: keccak256(0x1901 ‖ domainSeparator ‖ hashStruct)."""
-    if not isinstance(document, Mapping) or set(document) != _DOCUMENT_KEYS:
-        raise InvalidTypedData("typed data needs exactly types, primaryType, domain and message")
+    """What ``eth_signTypedData_v4`` signs: keccak256(0x1901 ‖ domainSeparator ‖ hashStruct).
+
+    ``primaryType: EIP712Domain`` signs keccak256(0x1901 ‖ domainSeparator) alone, as MetaMask
+    does. Its ``message`` must then be absent or ``{}``: nothing in it would be signed, yet a
+    reader of the request (an auditor, a UI) would take it for what was. eth-account refuses
+    such documents altogether.
+    """
+    if not isinstance(document, Mapping) or set(document) not in (
+        _DOCUMENT_KEYS,
+        _DOMAIN_ONLY_KEYS,
+    ):
+        raise InvalidTypedData(_DOCUMENT_SHAPE)
     primary = document["primaryType"]
     if not isinstance(primary, str):
         raise InvalidTypedData("primaryType must be a string", field="primaryType")
+    if primary == DOMAIN_TYPE:
+        message = document.get("message", {})
+        if not isinstance(message, Mapping) or message:
+            raise InvalidTypedData(
+                f"primaryType {DOMAIN_TYPE} signs the domain alone: message must be {{}} or absent",
+                field="message",
+            )
+    elif "message" not in document:
+        raise InvalidTypedData(_DOCUMENT_SHAPE)
     domain = document["domain"]
     all_types = _Types(_domain_types(domain, document["types"]))
     present = _present(all_types, domain)
