@@ -5,15 +5,18 @@ message. Never a 5xx, and the audit log stays whole."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signd.api import ApiSettings
+from signd.chains.ethereum.typed_data import typed_data_digest
 from tests.api.samples import (
     MAIL,
     bytes_signer,
@@ -187,3 +190,67 @@ def test_every_json_rpc_answer_is_a_true_signature_or_a_clear_error(
             assert isinstance(error["message"], str) and error["message"]
         else:
             assert rpc_signer(call, item["result"]) == key["address"]
+
+
+def mail_on_chain(declared: str, chain_id: Any) -> dict[str, Any]:
+    """The Mail example with its domain's chainId declared as ``declared``."""
+    document: dict[str, Any] = copy.deepcopy(MAIL)
+    for field in document["types"]["EIP712Domain"]:
+        if field["name"] == "chainId":
+            field["type"] = declared
+    document["domain"]["chainId"] = chain_id
+    return document
+
+
+def test_a_typed_data_chain_id_not_declared_uint_is_refused(
+    service: tuple[TestClient, dict[str, Any]],
+) -> None:
+    """The policy allows typed data on chain 1 only. Each of these chainIds would have been
+    read as 1 and signed, but what is signed is that text or those bytes, not chain 1's
+    domain: REST and JSON-RPC refuse them, naming the field."""
+    client, key = service
+    for declared, chain_id in [
+        ("string", "1"),
+        ("string", " 1"),
+        ("string", "0x1"),
+        ("bytes32", "0x" + "00" * 31 + "01"),
+        ("address", "0x" + "00" * 19 + "01"),
+        ("int256", 1),
+    ]:
+        document = mail_on_chain(declared, chain_id)
+        body = {"key": key["key_id"], "typed_data": document}
+        response = client.post("/v1/sign/ethereum/typed-data", json=body, headers=AUTH)
+        assert response.status_code == 400, (declared, chain_id, response.text)
+        error = response.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_field", "domain.chainId")
+        call = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "eth_signTypedData_v4",
+            "params": [key["address"], document],
+        }
+        answer = client.post("/rpc", json=call, headers=AUTH).json()
+        assert answer["error"]["data"] == {"code": "invalid_field", "field": "domain.chainId"}
+
+
+def test_a_typed_data_chain_id_declared_uint_is_judged_as_the_number_signed(
+    service: tuple[TestClient, dict[str, Any]],
+) -> None:
+    client, key = service
+    for declared, chain_id, allowed in [
+        ("uint256", "0x1", True),
+        ("uint8", "1", True),
+        ("uint64", "0x0001", True),
+        ("uint8", 5, False),
+        ("uint256", "0x5", False),
+    ]:
+        document = mail_on_chain(declared, chain_id)
+        body = {"key": key["key_id"], "typed_data": document}
+        response = client.post("/v1/sign/ethereum/typed-data", json=body, headers=AUTH)
+        if not allowed:
+            assert response.status_code == 403, (declared, chain_id, response.text)
+            continue
+        assert response.status_code == 200, (declared, chain_id, response.text)
+        signature = response.json()["signature"]
+        digest = typed_data_digest(document)
+        assert Account._recover_hash(digest, signature=signature) == key["address"]

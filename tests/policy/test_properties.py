@@ -196,11 +196,9 @@ def intents(
 
 
 def domain_number(value: Any) -> int | None:
-    if type(value) is int:
-        return value
-    if isinstance(value, str):
-        return int(value, 16) if value.startswith("0x") else int(value)
-    return None
+    """The gate gives a domain's chainId as the integer signed; text ("0x1", "1") may have
+    been signed as text, so it is no chain (docs/POLICY.md)."""
+    return value if type(value) is int else None
 
 
 def domain_matches(pattern: Mapping[str, Any], domain: Mapping[str, Any]) -> bool:

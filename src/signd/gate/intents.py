@@ -15,7 +15,7 @@ from typing import Any
 
 from signd.chains.ethereum.messages import personal_message_digest, to_eth_signature
 from signd.chains.ethereum.transactions import SignedTransaction, parse_transaction
-from signd.chains.ethereum.typed_data import typed_data_digest
+from signd.chains.ethereum.typed_data import parse_typed_data
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo
 from signd.errors import InvalidField
@@ -93,20 +93,12 @@ def _transaction(payload: Mapping[str, Any], key: KeyInfo) -> Prepared:
 
 
 def _typed_data(document: Mapping[str, Any]) -> Prepared:
-    digest = typed_data_digest(document)  # validates the whole document, domain included
-    domain = dict(document["domain"])
-    facts = {"chain_id": _domain_chain_id(domain.get("chainId")), "eip712_domain": domain}
-    return Prepared(Operation.SIGN_TYPED_DATA, digest, _message, facts)
-
-
-def _domain_chain_id(value: object) -> int | None:
-    """The domain's ``chainId`` as EIP-712 encodes it (integer, decimal or 0x text)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value if value >= 0 else None
-    if isinstance(value, str):
-        try:
-            number = int(value, 16) if value[:2].lower() == "0x" else int(value)
-        except ValueError:
-            return None
-        return number if number >= 0 else None
-    return None
+    """The policy judges the domain as it is signed: its non-null fields, and its chainId as
+    the integer the digest encodes (a chainId of a type other than uintN is refused)."""
+    typed = parse_typed_data(document)  # validates the whole document, domain included
+    chain_id = typed.chain_id()
+    domain = dict(typed.domain)
+    if chain_id is not None:
+        domain["chainId"] = chain_id
+    facts = {"chain_id": chain_id, "eip712_domain": domain}
+    return Prepared(Operation.SIGN_TYPED_DATA, typed.digest, _message, facts)

@@ -36,7 +36,9 @@ class SigningIntent:
     - ``value``: wei moved by the transaction.
     - ``has_data`` and ``data_selector``: whether the call carries data, and its first four
       bytes (``None`` if shorter).
-    - ``eip712_domain``: the decoded EIP-712 domain of a ``sign:typed_data`` request.
+    - ``eip712_domain``: the EIP-712 domain of a ``sign:typed_data`` request as it is
+      signed: its non-null fields, ``chainId`` as the integer the digest encodes (an int;
+      the policy reads any other chainId as no chain).
     """
 
     client_id: str

@@ -355,15 +355,10 @@ def _is_int(value: object) -> bool:
 
 
 def _domain_int(value: object) -> int | None:
-    """A domain's chainId as a number (typed data gives it as a number or a string)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.isascii():
-        try:
-            return int(value, 16) if value.lower().startswith("0x") else int(value, 10)
-        except ValueError:
-            return None
-    return None
+    """A domain's chainId. The gate gives the domain as it is signed, the chainId as the
+    integer the digest encodes (and refuses a chainId of any type but uintN), so text is
+    read as no chain at all: "0x1" may have been signed as a string."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _domain_address(value: object) -> bytes | None:

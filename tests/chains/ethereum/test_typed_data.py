@@ -12,11 +12,12 @@ from signd.chains.ethereum.typed_data import (
     encode_data,
     encode_type,
     hash_struct,
+    parse_typed_data,
     type_hash,
     typed_data_digest,
 )
 from signd.crypto.hashing import keccak256
-from signd.errors import InvalidTypedData
+from signd.errors import InvalidField, InvalidTypedData
 from tests.chains.ethereum.support import unhex
 from tests.vectors import load_vectors
 
@@ -315,3 +316,70 @@ def test_recursive_types_and_depth_limit() -> None:
         node = {"value": 3, "next": [node]}
     with pytest.raises(InvalidTypedData):
         hash_struct("Node", types, node)
+
+
+def _on_chain(declared: str | None, chain_id: Any) -> dict[str, Any]:
+    """The Mail example with its domain's chainId declared as ``declared`` (``None``: no
+    EIP712Domain type, so the standard uint256 is inferred) and given as ``chain_id``."""
+    document: dict[str, Any] = copy.deepcopy(MAIL["typed_data"])
+    if declared is None:
+        del document["types"]["EIP712Domain"]
+    else:
+        for field in document["types"]["EIP712Domain"]:
+            if field["name"] == "chainId":
+                field["type"] = declared
+    document["domain"]["chainId"] = chain_id
+    return document
+
+
+@pytest.mark.parametrize(
+    ("declared", "value", "expected"),
+    [
+        ("uint256", 1, 1),
+        ("uint256", "1", 1),
+        ("uint256", "0x1", 1),
+        ("uint256", "0x0001", 1),
+        (None, "0x89", 137),
+        ("uint8", "0xff", 255),
+        ("uint64", "137", 137),
+        (None, None, None),  # a null standard field is absent
+    ],
+)
+def test_the_chain_id_is_the_integer_signed(
+    declared: str | None, value: Any, expected: int | None
+) -> None:
+    typed = parse_typed_data(_on_chain(declared, value))
+    assert typed.chain_id() == expected
+    if expected is not None:  # the same number, written as an int, signs the same digest
+        assert parse_typed_data(_on_chain(declared, expected)).digest == typed.digest
+
+
+@pytest.mark.parametrize(
+    ("declared", "value"),
+    [
+        ("string", "1"),
+        ("string", " 1"),
+        ("string", "0x1"),
+        ("bytes32", "0x" + "00" * 31 + "01"),
+        ("bytes", "0x01"),
+        ("address", "0x" + "00" * 19 + "01"),
+        ("int256", 1),
+        ("uint256[]", [1]),
+        ("bool", True),
+    ],
+)
+def test_a_chain_id_of_another_type_names_no_chain(declared: str, value: Any) -> None:
+    """The document is valid and has a digest, but over text or bytes that only look like
+    chain 1: asked which chain it is for, it names none."""
+    typed = parse_typed_data(_on_chain(declared, value))
+    with pytest.raises(InvalidField) as caught:
+        typed.chain_id()
+    assert (caught.value.code, caught.value.field) == ("invalid_field", "domain.chainId")
+    assert repr(declared) in caught.value.message
+
+
+def test_a_chain_id_of_a_struct_type_named_like_an_integer_names_no_chain() -> None:
+    document = _on_chain("uint512", {"n": 1})  # no atomic type: a struct may take the name
+    document["types"]["uint512"] = [{"name": "n", "type": "uint8"}]
+    with pytest.raises(InvalidField):
+        parse_typed_data(document).chain_id()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from signd.chains.ethereum.address import parse_address
@@ -374,8 +375,42 @@ def domain_separator(domain: Mapping[str, Any], types: Mapping[str, Any] | None 
     return keccak256(full.encode_data(DOMAIN_TYPE, _present(full, domain), _Path(None, "domain")))
 
 
-def typed_data_digest(document: Mapping[str, Any]) -> bytes:
-    """What ``eth_signTypedData_v4`` signs: keccak256(0x1901 ‖ domainSeparator ‖ hashStruct).
+@dataclass(frozen=True, slots=True)
+class TypedData:
+    """A validated EIP-712 document: the digest ``eth_signTypedData_v4`` signs, and the domain
+    as it is signed."""
+
+    digest: bytes
+    domain: Mapping[str, Any]
+    """The domain's fields that are signed (a ``null`` standard field is absent)."""
+    domain_types: Mapping[str, str]
+    """The type of each field of ``EIP712Domain``, declared or inferred."""
+
+    def chain_id(self) -> int | None:
+        """The domain's ``chainId`` as the digest encodes it; ``None`` if it has none.
+
+        Only an unsigned integer type names a chain. Declared ``string``, ``bytes32``,
+        ``address`` or ``int256``, a ``chainId`` of ``"1"`` or ``0x…01`` is signed as that text
+        or those bytes, which is not the domain of chain 1 that a verifier computes: it is
+        refused rather than read as a number.
+        """
+        value = self.domain.get("chainId")
+        if value is None:
+            return None
+        declared = self.domain_types["chainId"]
+        if not (_is_atomic(declared) and declared.startswith("uint")):
+            raise InvalidField(
+                f"domain.chainId is declared {declared!r}: only an unsigned integer type"
+                " (uint256) names a chain",
+                field="domain.chainId",
+            )
+        path = _Path(_Path(None, "domain"), "chainId")
+        return int.from_bytes(_encode_atomic(declared, value, path), "big")
+
+
+def parse_typed_data(document: Mapping[str, Any]) -> TypedData:
+    """Validate an ``eth_signTypedData_v4`` document and work out what it signs:
+    keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(message)).
 
     ``primaryType: EIP712Domain`` signs keccak256(0x1901 ‖ domainSeparator) alone, as MetaMask
     does. Its ``message`` must then be absent or ``{}``: nothing in it would be signed, yet a
@@ -404,6 +439,13 @@ def typed_data_digest(document: Mapping[str, Any]) -> bytes:
     present = _present(all_types, domain)
     separator = keccak256(all_types.encode_data(DOMAIN_TYPE, present, _Path(None, "domain")))
     if primary == DOMAIN_TYPE:
-        return keccak256(b"\x19\x01" + separator)
-    message = keccak256(all_types.encode_data(primary, document["message"], _Path(None, "message")))
-    return keccak256(b"\x19\x01" + separator + message)
+        digest = keccak256(b"\x19\x01" + separator)
+    else:
+        message = all_types.encode_data(primary, document["message"], _Path(None, "message"))
+        digest = keccak256(b"\x19\x01" + separator + keccak256(message))
+    return TypedData(digest, present, dict(all_types.structs[DOMAIN_TYPE]))
+
+
+def typed_data_digest(document: Mapping[str, Any]) -> bytes:
+    """What ``eth_signTypedData_v4`` signs (see :func:`parse_typed_data`)."""
+    return parse_typed_data(document).digest
