@@ -173,6 +173,21 @@ def signd_serve(
         server.stop()
 
 
+def logged_statuses(server: SigndProcess, *paths: str) -> dict[str, list[int]]:
+    """Each path's statuses in the server's access lines, once each of ``paths`` has one
+    (access lines are written within 50 ms; this waits at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        statuses: dict[str, list[int]] = {}
+        for line in server.log.read_text().splitlines():
+            if line.startswith("{") and '"event": "request"' in line:
+                entry = json.loads(line)
+                statuses.setdefault(entry["path"], []).append(entry["status"])
+        if all(path in statuses for path in paths) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.1)
+
+
 def ensure_node_modules() -> None:
     """``npm ci`` in tests/api/e2e when node_modules is missing (kept between runs)."""
     if (E2E_DIR / "node_modules" / "hardhat").is_dir() and (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import PASSPHRASE, make_home, open_signer
-from tests.api.processes import AUTH, SIGND_MAIN, signd_serve
+from tests.api.processes import AUTH, SIGND_MAIN, logged_statuses, signd_serve
 
 pytestmark = pytest.mark.integration
 
@@ -162,12 +161,7 @@ def test_a_client_gone_in_the_middle_of_its_body_is_logged_as_499_not_as_a_crash
                 )
                 connection.sendall(head.encode() + b'{"key": "0x')
                 time.sleep(0.3)  # the server is waiting for the rest of the body
-        wait_for_lines = time.monotonic() + 10
-        while time.monotonic() < wait_for_lines:  # access lines are written within 50 ms
-            statuses = _access_statuses(server.log.read_text())
-            if all(path in statuses for path in ("/v1/sign/hash", "/rpc")):
-                break
-            time.sleep(0.1)
+        statuses = logged_statuses(server, "/v1/sign/hash", "/rpc")
         assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         log = server.log.read_text()
@@ -175,13 +169,3 @@ def test_a_client_gone_in_the_middle_of_its_body_is_logged_as_499_not_as_a_crash
     assert 'code="client_disconnected"' in metrics
     assert "unhandled error" not in log
     assert "Traceback" not in log
-
-
-def _access_statuses(log: str) -> dict[str, list[int]]:
-    """Each path's statuses in the access lines of ``log``."""
-    statuses: dict[str, list[int]] = {}
-    for line in log.splitlines():
-        if line.startswith("{") and '"event": "request"' in line:
-            entry = json.loads(line)
-            statuses.setdefault(entry["path"], []).append(entry["status"])
-    return statuses
