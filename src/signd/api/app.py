@@ -17,7 +17,7 @@ from starlette.responses import Response
 from signd.api.downstream import Downstream
 from signd.api.errors import MethodNotAllowed, RouteNotFound
 from signd.api.metrics import ApiMetrics
-from signd.api.middleware import RequestLog, RetryAfter, rate_limited
+from signd.api.middleware import RefusalHeaders, RequestLog, rate_limited
 from signd.api.rest import RestApi, error_response
 from signd.api.rpc import JsonRpcApi
 from signd.api.service import (
@@ -115,7 +115,7 @@ def create_app(
         routes=routes,
         middleware=[
             Middleware(RequestLog, metrics=metrics, routes=route_names),
-            Middleware(RetryAfter),
+            Middleware(RefusalHeaders),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

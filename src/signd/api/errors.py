@@ -15,6 +15,7 @@ The API adds a few errors that only exist at the HTTP boundary::
     ├── RateLimited                     429: over the request rate limit (Retry-After says when)
     ├── InvalidRequest
     │   ├── PayloadTooLarge             413: the body is over the configured limit
+    │   ├── RequestTimeout              408: the body did not arrive within the time allowed
     │   ├── TargetTooLong               414: the path and query are over 8192 characters
     │   ├── HeadersTooLarge             431: too many or too long credential headers
     │   └── ClientDisconnected          499: the client left before its body arrived
@@ -64,6 +65,18 @@ class MethodNotAllowed(SigndError):
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
     http_status = 413
+
+
+class RequestTimeout(InvalidRequest):
+    """The client did not send its whole body within ``body_timeout`` seconds: nothing was done
+    for it, and its connection is closed after the answer (``Connection: close``), so that a
+    client cannot hold a connection open by never finishing its body."""
+
+    code = "request_timeout"
+    http_status = 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s")
 
 
 class TargetTooLong(InvalidRequest):

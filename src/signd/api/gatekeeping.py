@@ -111,7 +111,8 @@ def auth_headers(request: Request) -> dict[str, str]:
 
 
 def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:
-    """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413."""
+    """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413,
+    bodies not in within ``body_timeout`` 408."""
 
     run = anyio.to_thread.run_sync
     # What a gate in another process may perform along with authenticating a REST signing
@@ -133,7 +134,7 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
                 f"credentials are at most {MAX_HEADERS} Authorization and X-Signd-* headers"
                 f" of {MAX_HEADER_SIZE} characters"
             )
-        body = await inputs.read_body(request, settings.max_body_bytes)
+        body = await inputs.read_body(request, settings.max_body_bytes, settings.body_timeout)
         received = GateRequest(request.method, target, body, headers)
         kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
         caller = await gated(gatekeeper.authenticate_async, received, run, kinds)

@@ -1,4 +1,5 @@
-"""Reading request bodies, off ASGI messages or Starlette requests, with a size limit.
+"""Reading request bodies, off ASGI messages or Starlette requests, within a size limit and
+a deadline.
 
 The pure parsing (strict JSON, typed fields that name themselves) lives in
 :mod:`signd.gate.inputs`, shared with the enclave; its helpers are re-exported here.
@@ -6,12 +7,13 @@ The pure parsing (strict JSON, typed fields that name themselves) lives in
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope
 
-from signd.api.errors import ClientDisconnected, PayloadTooLarge
+from signd.api.errors import ClientDisconnected, PayloadTooLarge, RequestTimeout
 from signd.errors import InvalidRequest
 from signd.gate.inputs import (
     hex_bytes,
@@ -45,15 +47,16 @@ BODY_STATE: Final = "signd_body"
 """Where the body, once read, is kept in the request's state."""
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before reading it all.
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it all,
+    and (408) a body not all in within ``timeout`` seconds.
 
     Kept on the request once read, so that authentication (which needs the body bytes) and
     the handler can both read it."""
-    return await receive_body(request.scope, request.receive, limit)
+    return await receive_body(request.scope, request.receive, limit, timeout)
 
 
-async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def receive_body(scope: Scope, receive: Receive, limit: int, timeout: float) -> bytes:
     """:func:`read_body` straight off an ASGI request's messages (no Starlette request)."""
     state = scope.setdefault("state", {})
     cached = state.get(BODY_STATE)
@@ -64,6 +67,17 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             if value.isdigit() and int(value) > limit:
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
             break
+    try:
+        async with asyncio.timeout(timeout):
+            body = await _receive_chunks(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(timeout) from None
+    state[BODY_STATE] = body
+    return body
+
+
+async def _receive_chunks(receive: Receive, limit: int) -> bytes:
+    """The body's chunks up to the last one, joined; 413 at the chunk that crosses ``limit``."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -76,15 +90,12 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    state[BODY_STATE] = body
-    return body
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def read_object(request: Request, limit: int) -> dict[str, Any]:
+async def read_object(request: Request, limit: int, timeout: float) -> dict[str, Any]:
     """The body as a JSON object."""
-    return parse_object(await read_body(request, limit))
+    return parse_object(await read_body(request, limit, timeout))
 
 
 def refuse_query_string(scope: Scope) -> None:

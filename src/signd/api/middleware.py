@@ -9,8 +9,9 @@ may carry secrets. :class:`BatchingLogHandler` writes those lines in batches, ea
 Rate limits wrap the authentication seam (:func:`rate_limited`), which REST, JSON-RPC and
 MQTT all pass: a token bucket per authenticated client id, and one per remote address that
 only failed authentications drain. A refusal is :class:`~signd.api.errors.RateLimited`
-(429 ``rate_limited``; JSON-RPC -32005, "limit exceeded"); :class:`RetryAfter` adds its
-``Retry-After`` header to the HTTP answer.
+(429 ``rate_limited``; JSON-RPC -32005, "limit exceeded"); :class:`RefusalHeaders` adds its
+``Retry-After`` header to the HTTP answer, and ``Connection: close`` to a 408 (a body that did
+not arrive within ``body_timeout``).
 """
 
 from __future__ import annotations
@@ -293,6 +294,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_CONNECTION_CLOSE: Final = (b"connection", b"close")
 RETRY_AFTER_STATE: Final = "retry_after"
 """Where :func:`rate_limited` leaves a refusal's ``Retry-After`` seconds (request state)."""
 MAX_BUCKETS: Final = 10_000
@@ -404,8 +406,11 @@ def rate_limited(
     return authenticate_within_limits
 
 
-class RetryAfter:
-    """ASGI middleware: the ``Retry-After`` header of a 429 that :func:`rate_limited` refused."""
+class RefusalHeaders:
+    """ASGI middleware: the headers a refusal carries. The ``Retry-After`` of a 429 that
+    :func:`rate_limited` refused; ``Connection: close`` on a 408 (a body that did not arrive in
+    time, :class:`~signd.api.errors.RequestTimeout`), so that the server closes the connection
+    rather than keep waiting on a client that does not send."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -415,12 +420,16 @@ class RetryAfter:
             await self.app(scope, receive, send)
             return
 
-        def send_with_retry_after(message: Message) -> Awaitable[None]:
-            if message["type"] == "http.response.start" and message["status"] == 429:
-                seconds = scope.get("state", {}).get(RETRY_AFTER_STATE)
-                if seconds is not None:
-                    retry_after = (b"retry-after", str(seconds).encode("latin-1"))
-                    message["headers"] = [*message.get("headers", ()), retry_after]
+        def send_with_refusal_headers(message: Message) -> Awaitable[None]:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status == 429:
+                    seconds = scope.get("state", {}).get(RETRY_AFTER_STATE)
+                    if seconds is not None:
+                        retry_after = (b"retry-after", str(seconds).encode("latin-1"))
+                        message["headers"] = [*message.get("headers", ()), retry_after]
+                elif status == 408:
+                    message["headers"] = [*message.get("headers", ()), _CONNECTION_CLOSE]
             return send(message)  # awaited by the caller: no coroutine of its own
 
-        await self.app(scope, receive, send_with_retry_after)
+        await self.app(scope, receive, send_with_refusal_headers)

@@ -41,6 +41,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         " an unknown bearer token (code unauthenticated)",
         403: "Refused by the server's signing gate (e.g. blind signing is disabled)",
         404: "No such key",
+        408: "The request body did not arrive within the server's body_timeout (code"
+        " request_timeout); the connection is closed",
         409: "The key already exists",
         413: "The request body is too large",
         414: "The path and query are over 8192 characters (uri_too_long)",
@@ -58,7 +60,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return answers
 
 
-SIGNING_ERRORS = (400, 401, 403, 404, 413, 429, 500, 503)
+SIGNING_ERRORS = (400, 401, 403, 404, 408, 413, 429, 500, 503)
 
 
 def _security_schemes() -> dict[str, Any]:
@@ -466,6 +468,11 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
                     _ref("JsonRpcResponse"),
                     "No valid credentials: error -32010, data.code unauthenticated",
                 ),
+                "408": _json(
+                    _ref("JsonRpcResponse"),
+                    "The request body did not arrive within the server's body_timeout: error"
+                    " -32602, data.code request_timeout, id null; the connection is closed",
+                ),
                 "413": _json(_ref("JsonRpcResponse"), "The request body is too large"),
                 "414": _json(
                     _ref("JsonRpcResponse"),
@@ -517,7 +524,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "201": _json(_ref("CreatedKeys"), "The new keys"),
-                        **_errors(400, 401, 403, 413, 429, 500, 503, 507),
+                        **_errors(400, 401, 403, 408, 413, 429, 500, 503, 507),
                     },
                 },
                 "get": {
@@ -605,7 +612,7 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("BatchResponse"), "One result per request, in order"),
-                        **_errors(400, 401, 403, 413, 429, 500, 503),
+                        **_errors(400, 401, 403, 408, 413, 429, 500, 503),
                     },
                 }
             },

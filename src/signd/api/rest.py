@@ -155,7 +155,10 @@ class SigningEndpoint:
             # is answered before its body is read. It reads the body and keeps it.
             principal = await api.authenticate(Request(scope, receive))
             inputs.refuse_query_string(scope)
-            body = await inputs.receive_body(scope, receive, api.settings.max_body_bytes)
+            settings = api.settings
+            body = await inputs.receive_body(
+                scope, receive, settings.max_body_bytes, settings.body_timeout
+            )
             status, answer = 200, await self.handler(principal, body)
         except Exception as exc:
             status, error = error_body(exc, api.metrics)
@@ -206,7 +209,9 @@ class RestApi:
         return endpoint
 
     async def _body(self, request: Request, allowed: frozenset[str]) -> dict[str, Any]:
-        body = await inputs.read_object(request, self.settings.max_body_bytes)
+        body = await inputs.read_object(
+            request, self.settings.max_body_bytes, self.settings.body_timeout
+        )
         check_fields(body, allowed)
         return body
 

@@ -112,7 +112,9 @@ class JsonRpcApi:
         try:
             principal = await self.authenticate(request)
             refuse_query_string(request.scope)
-            body = await read_body(request, self.settings.max_body_bytes)
+            body = await read_body(
+                request, self.settings.max_body_bytes, self.settings.body_timeout
+            )
         except Exception as exc:
             wire = wire_error(exc)
             self.metrics.errors.inc(wire.body["code"])

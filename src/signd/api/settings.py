@@ -82,6 +82,10 @@ class ApiSettings:
     """Serve ``POST /v1/sign/hash`` (signing an opaque 32-byte digest). Off unless asked for."""
     max_body_bytes: int = MAX_BODY_BYTES
     """Larger request bodies are refused with 413 (at most :data:`MAX_BODY_BYTES`)."""
+    body_timeout: float = 30.0
+    """Seconds a client has to send a request's whole body, from when signd starts reading it
+    (before authentication, which covers the body); later, 408 ``request_timeout`` and the
+    connection is closed, so that a stalled client cannot hold it."""
     max_batch: int = 100
     """Most requests in one ``POST /v1/sign/batch`` or one JSON-RPC batch."""
     max_keys_per_request: int = 1000
@@ -173,6 +177,15 @@ class ApiSettings:
                     f"api.{name} must be a number of requests per second (0: no limit)",
                     field="api",
                 )
+        if (
+            isinstance(self.body_timeout, bool)
+            or not isinstance(self.body_timeout, int | float)
+            or not math.isfinite(self.body_timeout)
+            or self.body_timeout <= 0
+        ):
+            raise ConfigurationError(
+                "api.body_timeout must be a positive number of seconds", field="api"
+            )
         for name in ("health_timeout", "downstream_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
