@@ -126,3 +126,10 @@ def test_body_timeout_takes_seconds_as_an_integer_or_a_fraction() -> None:
     assert ApiSettings().body_timeout == 30
     assert ApiSettings.from_mapping({"body_timeout": 2}).body_timeout == 2
     assert ApiSettings.from_mapping({"body_timeout": 0.5}).body_timeout == 0.5
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "1000", True])
+def test_max_connections_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        ApiSettings.from_mapping({"max_connections": value})
+    assert refused.value.message == "api.max_connections must be a positive integer"

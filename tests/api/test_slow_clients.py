@@ -1,5 +1,6 @@
 """Clients that hold connections open, over real sockets: a body not all in within
-``body_timeout`` gets 408 and its connection is closed, whoever sent it.
+``body_timeout`` gets 408 and its connection is closed, whoever sent it; past
+``max_connections`` open connections uvicorn answers 503.
 
 Against ``signd serve`` as deployed (authentication reads the body first), and the app under
 uvicorn's two HTTP implementations without authentication (the handlers read the body).
@@ -12,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,28 @@ def test_signd_serve_refuses_a_body_timeout_that_is_not_a_positive_number(
     with pytest.raises(RuntimeError) as refused, signd_serve(home):
         pass
     assert "api.body_timeout must be a positive number of seconds" in str(refused.value)
+
+
+def test_signd_serve_answers_503_past_max_connections(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home", extra="[api]\nmax_connections = 2\n")
+    with signd_serve(home) as server, ExitStack() as held:
+        port = port_of(server)
+        for _ in range(2):  # both served, and kept open (keep-alive)
+            opened = held.enter_context(connection(port))
+            send_head(opened, "GET", "/healthz", 0, auth=False)
+            assert read_response(opened)[0] == 200
+        with connection(port) as third:
+            send_head(third, "GET", "/healthz", 0, auth=False)
+            answer = read_until_closed(third)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"\r\nconnection: close\r\n" in answer.lower()
+        assert answer.endswith(b"\r\n\r\nService Unavailable")
+        held.close()  # two connections fewer: there is room again
+        deadline = time.monotonic() + WAIT
+        while (status := httpx.get(f"{server.url}/healthz", timeout=WAIT).status_code) == 503:
+            assert time.monotonic() < deadline, "the closed connections still count"
+            time.sleep(0.05)
+        assert status == 200
 
 
 @contextmanager

@@ -510,7 +510,9 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
             "title": "signd",
             "version": "1",
             "description": "Keys and signatures from a signing machine for custody wallets. "
-            'Errors are {"error": {"code", "message", "field"?}}.',
+            'Errors are {"error": {"code", "message", "field"?}}, except the HTTP server\'s own'
+            " 503 (text/plain, Service Unavailable) to any request past its connection cap"
+            " (max_connections).",
         },
         "paths": {
             "/v1/keys": {

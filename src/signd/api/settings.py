@@ -86,6 +86,10 @@ class ApiSettings:
     """Seconds a client has to send a request's whole body, from when signd starts reading it
     (before authentication, which covers the body); later, 408 ``request_timeout`` and the
     connection is closed, so that a stalled client cannot hold it."""
+    max_connections: int = 1000
+    """Most HTTP connections ``signd serve`` serves requests on at once: a request that arrives
+    while this many others are open gets uvicorn's own plain-text 503 (its
+    ``limit_concurrency``; docs/API.md, Limits)."""
     max_batch: int = 100
     """Most requests in one ``POST /v1/sign/batch`` or one JSON-RPC batch."""
     max_keys_per_request: int = 1000
@@ -151,7 +155,13 @@ class ApiSettings:
     """The sealed audit records (JSON lines); ``{home}/audit.log`` when unset."""
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_batch", "max_keys_per_request", "signing_threads"):
+        for name in (
+            "max_body_bytes",
+            "max_batch",
+            "max_keys_per_request",
+            "signing_threads",
+            "max_connections",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"api.{name} must be a positive integer", field="api")

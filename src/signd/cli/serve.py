@@ -404,6 +404,9 @@ def serve(
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=10,
+            # uvicorn answers a request 503 when this many connections are open, counting the
+            # one it came on: one more than max_connections serves max_connections at once.
+            limit_concurrency=api_settings.max_connections + 1,
         )
         server = _server(config, adapter)
         server.run()
