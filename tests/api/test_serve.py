@@ -84,35 +84,30 @@ def test_serve_reads_the_api_table_and_refuses_blind_signing_by_default(tmp_path
         )
 
 
-def test_serve_refuses_an_unknown_api_setting(tmp_path: Path) -> None:
-    home = make_home(tmp_path / "home", extra="\n[api]\nallow_everything = true\n")
-    env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}
+def serve_that_fails(home: Path, passphrase: str) -> subprocess.CompletedProcess[str]:
+    """``signd serve`` on ``home`` that stops at start-up with exit status 1."""
     result = subprocess.run(
         [sys.executable, "-c", SIGND_MAIN, "--home", str(home), "serve", "--port", "1"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env={**os.environ, "SIGND_KEYSTORE_PASSPHRASE": passphrase},
         check=False,
     )
-    assert result.returncode == 1
-    assert "allow_everything" in result.stderr
+    assert result.returncode == 1, result.stderr
+    return result
+
+
+def test_serve_refuses_an_unknown_api_setting(tmp_path: Path) -> None:
+    home = make_home(tmp_path / "home", extra="\n[api]\nallow_everything = true\n")
+    assert "allow_everything" in serve_that_fails(home, PASSPHRASE).stderr
 
 
 def test_serve_with_a_wrong_passphrase_says_so_in_one_line(tmp_path: Path) -> None:
     home = make_home(tmp_path / "home")
     with open_signer(home) as signer:  # creates the keystore with PASSPHRASE
         signer.backend("keystore")
-    env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": "not the passphrase"}
-    result = subprocess.run(
-        [sys.executable, "-c", SIGND_MAIN, "--home", str(home), "serve", "--port", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 1
+    result = serve_that_fails(home, "not the passphrase")
     assert "error wrong_passphrase: the passphrase does not open this keystore" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
 
