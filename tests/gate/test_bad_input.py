@@ -254,3 +254,38 @@ def test_a_typed_data_chain_id_declared_uint_is_judged_as_the_number_signed(
         signature = response.json()["signature"]
         digest = typed_data_digest(document)
         assert Account._recover_hash(digest, signature=signature) == key["address"]
+
+
+def mail_with_domain_field(name: str, declared: str, value: Any) -> dict[str, Any]:
+    """The Mail example with its domain's field ``name`` declared as ``declared``."""
+    document: dict[str, Any] = copy.deepcopy(MAIL)
+    for field in document["types"]["EIP712Domain"]:
+        if field["name"] == name:
+            field["type"] = declared
+    document["domain"][name] = value
+    return document
+
+
+def test_a_typed_data_domain_field_in_another_type_is_refused(
+    service: tuple[TestClient, dict[str, Any]],
+) -> None:
+    """A verifyingContract declared string is signed as the hash of its text, not as the
+    contract's address a rule names (and a name declared bytes32 as bytes, not as text):
+    the policy would judge one domain and the key sign another, so these are refused."""
+    client, key = service
+    contract = MAIL["domain"]["verifyingContract"]
+    for name, declared, value in [
+        ("verifyingContract", "string", contract),
+        ("verifyingContract", "bytes20", contract),
+        ("name", "bytes32", "0x" + b"Ether Mail".hex().ljust(64, "0")),
+        ("version", "uint256", 1),
+    ]:
+        document = mail_with_domain_field(name, declared, value)
+        body = {"key": key["key_id"], "typed_data": document}
+        response = client.post("/v1/sign/ethereum/typed-data", json=body, headers=AUTH)
+        assert response.status_code == 400, (name, declared, response.text)
+        error = response.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_field", f"domain.{name}")
+    as_declared = mail_with_domain_field("verifyingContract", "address", contract)
+    body = {"key": key["key_id"], "typed_data": as_declared}
+    assert client.post("/v1/sign/ethereum/typed-data", json=body, headers=AUTH).status_code == 200

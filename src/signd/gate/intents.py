@@ -93,12 +93,9 @@ def _transaction(payload: Mapping[str, Any], key: KeyInfo) -> Prepared:
 
 
 def _typed_data(document: Mapping[str, Any]) -> Prepared:
-    """The policy judges the domain as it is signed: its non-null fields, and its chainId as
-    the integer the digest encodes (a chainId of a type other than uintN is refused)."""
+    """The policy judges the domain as it is signed: its non-null fields, each standard one
+    only in its EIP-712 type, the chainId as the integer the digest encodes."""
     typed = parse_typed_data(document)  # validates the whole document, domain included
-    chain_id = typed.chain_id()
-    domain = dict(typed.domain)
-    if chain_id is not None:
-        domain["chainId"] = chain_id
-    facts = {"chain_id": chain_id, "eip712_domain": domain}
+    domain = typed.judged_domain()
+    facts = {"chain_id": domain.get("chainId"), "eip712_domain": domain}
     return Prepared(Operation.SIGN_TYPED_DATA, typed.digest, _message, facts)

@@ -408,6 +408,35 @@ class TypedData:
         return int.from_bytes(_encode_atomic(declared, value, path), "big")
 
 
+    def judged_domain(self) -> dict[str, Any]:
+        """The domain as a policy may judge it: the standard fields only in the types
+        EIP-712 gives them (``name`` and ``version`` string, ``chainId`` an unsigned integer,
+        read as the integer signed, ``verifyingContract`` address), so that what a rule
+        matches is what a verifier of that domain computes. A standard field declared in
+        another type is refused: ``verifyingContract`` declared ``string`` is signed as the
+        hash of its text, not as the contract's address."""
+        judged = dict(self.domain)
+        for name, wanted in _JUDGED_DOMAIN_TYPES.items():
+            declared = self.domain_types.get(name)
+            if name in judged and declared != wanted:
+                raise InvalidField(
+                    f"domain.{name} is declared {declared!r}: a policy reads it only as {wanted}",
+                    field=f"domain.{name}",
+                )
+        chain_id = self.chain_id()
+        if chain_id is not None:
+            judged["chainId"] = chain_id
+        return judged
+
+
+_JUDGED_DOMAIN_TYPES: Final[Mapping[str, str]] = {
+    "name": "string",
+    "version": "string",
+    "verifyingContract": "address",
+}
+"""The standard domain fields a policy reads, besides ``chainId`` (any ``uintN``)."""
+
+
 def parse_typed_data(document: Mapping[str, Any]) -> TypedData:
     """Validate an ``eth_signTypedData_v4`` document and work out what it signs:
     keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(message)).
