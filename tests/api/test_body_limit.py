@@ -115,11 +115,12 @@ def test_a_body_not_all_in_within_the_timeout_gets_408_and_nothing_is_kept() -> 
     assert wire.body["message"] == "the request body did not arrive within 0.2 s"
 
 
+@pytest.mark.parametrize("name", ["body_timeout", "health_timeout", "downstream_timeout"])
 @pytest.mark.parametrize("value", [0, -1, 0.0, "30", True, float("nan"), float("inf")])
-def test_body_timeout_must_be_a_positive_number_of_seconds(value: object) -> None:
+def test_timeouts_must_be_a_positive_number_of_seconds(name: str, value: object) -> None:
     with pytest.raises(ConfigurationError) as refused:
-        ApiSettings.from_mapping({"body_timeout": value})
-    assert refused.value.message == "api.body_timeout must be a positive number of seconds"
+        ApiSettings.from_mapping({name: value})
+    assert refused.value.message == f"api.{name} must be a positive number of seconds"
 
 
 def test_body_timeout_takes_seconds_as_an_integer_or_a_fraction() -> None:

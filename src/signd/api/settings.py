@@ -187,19 +187,17 @@ class ApiSettings:
                     f"api.{name} must be a number of requests per second (0: no limit)",
                     field="api",
                 )
-        if (
-            isinstance(self.body_timeout, bool)
-            or not isinstance(self.body_timeout, int | float)
-            or not math.isfinite(self.body_timeout)
-            or self.body_timeout <= 0
-        ):
-            raise ConfigurationError(
-                "api.body_timeout must be a positive number of seconds", field="api"
-            )
-        for name in ("health_timeout", "downstream_timeout"):
+        for name in ("body_timeout", "health_timeout", "downstream_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"api.{name} must be a positive number", field="api")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ConfigurationError(
+                    f"api.{name} must be a positive number of seconds", field="api"
+                )
         if self.downstream is not None and not self.downstream.startswith(("http://", "https://")):
             raise ConfigurationError("api.downstream must be an http(s) URL", field="api")
         if self.chain_id is not None and (

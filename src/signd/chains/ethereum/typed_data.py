@@ -407,7 +407,6 @@ class TypedData:
         path = _Path(_Path(None, "domain"), "chainId")
         return int.from_bytes(_encode_atomic(declared, value, path), "big")
 
-
     def judged_domain(self) -> dict[str, Any]:
         """The domain as a policy may judge it: the standard fields only in the types
         EIP-712 gives them (``name`` and ``version`` string, ``chainId`` an unsigned integer,
