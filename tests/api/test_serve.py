@@ -51,6 +51,7 @@ def test_serve_flags_banner_and_graceful_shutdown(tmp_path: Path) -> None:
     assert "downstream node: http://127.0.0.1:9" in log
     assert "very-secret-api-key" not in log
     assert "Shutting down" in log or "Finished server process" in log
+    assert f"the home {home} is open to group or others (mode 755)" in log  # made by mkdir
 
 
 def test_serve_reads_the_api_table_and_refuses_blind_signing_by_default(tmp_path: Path) -> None:
@@ -164,3 +165,18 @@ def test_a_client_gone_in_the_middle_of_its_body_is_logged_as_499_not_as_a_crash
     assert 'code="client_disconnected"' in metrics
     assert "unhandled error" not in log
     assert "Traceback" not in log
+
+
+def test_a_home_closed_to_group_and_others_is_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from signd.cli.serve import _warn_if_home_is_open
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    _warn_if_home_is_open(home)
+    home.chmod(0o750)
+    _warn_if_home_is_open(home)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the home {home} is open to group or others (mode 750): run chmod 700 {home}"
+    ]

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import socket
+import stat
 import sys
 import traceback
 from dataclasses import dataclass
@@ -278,6 +279,23 @@ def _server(config: uvicorn.Config, adapter: MqttAdapter | None) -> uvicorn.Serv
     return ServerWithMqtt(config)
 
 
+def _warn_if_home_is_open(home: Path) -> None:
+    """The home holds the audit log, the gate's clients and policy files and the key records:
+    warn when group or others may read or enter it (signd makes a home 0700, but leaves the
+    mode of one that exists alone)."""
+    try:
+        mode = stat.S_IMODE(home.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        logging.getLogger("signd.serve").warning(
+            "the home %s is open to group or others (mode %o): run chmod 700 %s",  # safe: a path
+            home,
+            mode,
+            home,
+        )
+
+
 @handles_errors
 def _keystore_only_with_passphrase(settings: Settings, signer: Signer) -> None:
     """With the embedded defaults (no ``custody.enabled``), a service that has no way to get
@@ -346,6 +364,7 @@ def serve(
     configure_logging(log_level)
     state.gate_only_enclave = True
     settings = state.settings
+    _warn_if_home_is_open(settings.home)
     api_settings = ApiSettings.from_mapping(
         settings.section("api"),
         downstream=downstream,
