@@ -181,3 +181,25 @@ def test_stop_is_idempotent(tmp_path: Path) -> None:
     port = int(running.endpoint.rsplit(":", 1)[1])
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def test_a_client_gone_before_its_answer_leaves_no_traceback(
+    server: RunningServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A caller that times out closes its connection while the server works; the answer then
+    meets a reset connection, which is no error of the server's (it printed a traceback to
+    the enclave's log for each one)."""
+    host, port = server.endpoint.removeprefix("http://").split(":")
+    request = (
+        f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.1\r\n"
+        "X-Amz-Target: TrentService.ListKeys\r\nContent-Length: 2\r\n\r\n{}"
+    ).encode()
+    for _ in range(20):
+        with socket.create_connection((host, int(port)), timeout=5) as connection:
+            connection.sendall(request)
+            connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+    time.sleep(0.5)  # the handler threads answer into the reset connections
+    assert server.client().list_keys()["Keys"] == []  # still serving
+    assert "Traceback" not in capfd.readouterr().err

@@ -162,9 +162,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.track(self.connection, True)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            # The client left (its timeout) while its request was read or answered: nothing
+            # to answer, and no traceback in the log for it.
+            logger.debug("kms-server: the client left before its answer")
+
     def finish(self) -> None:
         try:
             super().finish()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # flushing the answer to a client that left
         finally:
             self.server.track(self.connection, False)
 
