@@ -379,6 +379,17 @@ def process_state(pid: int) -> str:
         return "gone"
 
 
+def stopped_whole(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped by a signal (``T`` in /proc)."""
+    tasks = list(Path(f"/proc/{pid}/task").glob("*/stat"))
+    try:
+        return bool(tasks) and all(
+            task.read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks
+        )
+    except FileNotFoundError:
+        return False
+
+
 class KmsServerProcess:
     """``signd kms-server`` as its own service, as a production KMS endpoint would be."""
 
@@ -513,6 +524,9 @@ def test_a_stuck_enclave_answers_503_then_serve_replaces_it_by_itself(tmp_path: 
             os.kill(enclave, signal.SIGSTOP)
             stopped = time.monotonic()
             try:
+                # SIGSTOP takes effect when each thread next leaves the kernel: one finishing a
+                # write may still answer a request sent at once (a 200 seen in a loaded run)
+                wait_until(lambda: stopped_whole(enclave), timeout=5.0, what="all stopped")
                 assert "enclave" in quick_503(lambda: api.sign(keys[0]))["message"]
                 quick_503(api.create)
                 not_ready_because(api, "enclave")

@@ -217,11 +217,18 @@ def _check_forms(public: bytes, r: int, s: int, digest: bytes) -> RecoverableSig
 
 
 def test_nonce_points_with_x_at_least_n_give_recovery_ids_2_and_3() -> None:
+    """R with x ≥ n gives id 2 with an even y and 3 with an odd one, for a low s. (A high s
+    flips the parity of the low-s form, which ``_check_forms`` checks; the forged s is
+    random, so it is drawn again until it is low, or the ids seen would depend on luck.)"""
     seen = set()
     for x in _points_with_x_at_least_n():
         for odd in (False, True):
             public, r, s, digest = _forge_for_nonce(_point(x, odd))
-            seen.add(_check_forms(public, r, s, digest).recovery_id)
+            while s > CURVE_ORDER // 2:
+                public, r, s, digest = _forge_for_nonce(_point(x, odd))
+            recovery_id = _check_forms(public, r, s, digest).recovery_id
+            assert recovery_id == 2 + odd
+            seen.add(recovery_id)
     assert seen == {2, 3}
 
 
