@@ -6,10 +6,12 @@ import errno
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from signd.api import ApiSettings
 from signd.api.openapi import openapi_document
 from signd.auth import sign_request
 from tests.api import samples
@@ -20,6 +22,7 @@ from tests.gate.support import (
     TRANSFER,
     Gated,
     assert_log_verifies,
+    open_gated,
     operator_key,
     transaction,
 )
@@ -320,6 +323,30 @@ def test_readyz_names_an_audit_log_that_takes_no_record_until_it_does(
     assert gated.client.get("/readyz").status_code == 200
     assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 200
     assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+def test_blind_signing_switched_off_is_refused_by_the_gate_and_audited(
+    tmp_path: Path, gate_mode: str
+) -> None:
+    """``allow_blind_signing`` off: the gate refuses every raw hash, whoever asks and whatever
+    the policy says, and seals the refusal (it used to be refused before the gate, unseen by
+    the audit log); a batch's hash items are refused one by one."""
+    with open_gated(tmp_path / "home", gate_mode, ApiSettings(allow_blind_signing=False)) as gated:
+        custody = "enclave" if gate_mode == "enclave" else "keystore"
+        body = {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
+        key = gated.signed("POST", "/v1/keys", body).json()["keys"][0]
+        before = len(gated.records())
+        blind = {"key": key["key_id"], "hash": "0x" + "11" * 32}
+        refused(gated.signed("POST", "/v1/sign/hash", blind), 403, "blind_signing_disabled")
+        batch = {"requests": [{"type": "hash", **blind}, {"type": "hash", **blind}]}
+        answer = gated.signed("POST", "/v1/sign/batch", batch)
+        assert answer.status_code == 200, answer.text
+        codes = [result["error"]["code"] for result in answer.json()["results"]]
+        assert codes == ["blind_signing_disabled"] * 2
+        records = [sealed.record for sealed in gated.records()[before:]]
+        assert [(r.operation, r.decision) for r in records] == [("sign:hash", "refused")] * 3
+        assert all("blind signing" in r.reason for r in records)
+        assert_log_verifies(gated.gatekeeper, gated.paths)
 
 
 def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(

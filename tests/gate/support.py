@@ -34,7 +34,6 @@ from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.server import start_enclave
 from signd.gate import GatePaths, open_gatekeeper
-from signd.gate.interpret import Limits
 from signd.gate.setup import load_mac_key
 from signd.kms.local import LocalKms
 from signd.operations import Signer
@@ -317,14 +316,13 @@ def gated_service(
         if address is not None:
             backend = signer.backend("enclave")
             assert isinstance(backend, EnclaveBackend)
-            limits = Limits(settings.max_batch, settings.max_keys_per_request)  # as serve
-            enclave_gatekeeper = EnclaveGatekeeper(
-                backend.client, signer, paths, node="test-node", limits=limits
+            enclave_gatekeeper = EnclaveGatekeeper(  # with the settings' limits, as serve
+                backend.client, signer, paths, node="test-node", limits=settings.limits()
             )
             enclave_gatekeeper.configure()
             gatekeeper = enclave_gatekeeper
         else:
-            gatekeeper = open_gatekeeper(signer, paths, node="test-node")
+            gatekeeper = open_gatekeeper(signer, paths, node="test-node", limits=settings.limits())
         stack.callback(gatekeeper.close)
         app = create_app(
             signer,

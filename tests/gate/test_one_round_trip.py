@@ -1,6 +1,6 @@
 """With the enclave's gate, a REST signing request is authenticated and performed in one
 round trip to the enclave (its calls then handed out as the API asks for them), unless the
-service could still refuse it after authentication."""
+service could still refuse it after authentication (a per-client rate limit)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import functools
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from signd.api import ApiSettings, create_app, service
-from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
+from signd.api import ApiSettings, service
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave import signer as enclave_signer
 from signd.enclave.cache import UnsealedKeyCache
@@ -23,11 +23,10 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import Frame, MessageType
 from signd.enclave.server import EnclaveApp
 from signd.kms.local import LocalKms
-from tests.gate.support import GATE_MODES, Gated
+from tests.gate.support import GATE_MODES, Gated, open_gated
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from starlette.testclient import TestClient
 
 pytestmark = pytest.mark.parametrize("gate_mode", [GATE_MODES[1]], indirect=True)
 
@@ -118,35 +117,32 @@ def test_unauthenticated_signing_is_refused_in_the_same_round_trip(
 
 
 @pytest.fixture
-def without_blind_signing(gated: Gated) -> Iterator[TestClient]:
-    settings = ApiSettings(allow_blind_signing=False)
-    app = create_app(
-        gated.signer,
-        settings,
-        authenticate=gatekeeper_authenticator(gated.gatekeeper, settings),
-        gate=GatekeeperGate(gated.gatekeeper),
-    )
-    with TestClient(app) as client:
-        yield client
+def without_blind_signing(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
+    with open_gated(tmp_path / "off", gate_mode, ApiSettings(allow_blind_signing=False)) as gated:
+        yield gated
 
 
-def test_what_the_service_refuses_after_authentication_is_not_performed(
-    gated: Gated,
-    hot_key: dict[str, Any],
-    sent: Counter[MessageType],
-    without_blind_signing: TestClient,
+def test_blind_signing_switched_off_is_refused_by_the_gate_in_the_same_round_trip(
+    without_blind_signing: Gated, sent: Counter[MessageType]
 ) -> None:
-    """Blind signing switched off in the service: the enclave only authenticates the hash
-    request, so no signature is made (or audited as allowed) and then withheld."""
-    gated.client = without_blind_signing
+    """The switch is the gate's: the enclave refuses the hash request while authenticating
+    it, in one round trip, and seals the refusal (no signature is made)."""
+    gated = without_blind_signing
+    made = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": "enclave", "labels": ["hot"]}
+    )
+    key = made.json()["keys"][0]
     before = len(gated.records())
+    sent.clear()
     response = gated.signed(
-        "POST", "/v1/sign/hash", {"key": hot_key["key_id"], "hash": "0x" + "11" * 32}
+        "POST", "/v1/sign/hash", {"key": key["key_id"], "hash": "0x" + "11" * 32}
     )
     assert response.status_code == 403, response.text
     assert response.json()["error"]["code"] == "blind_signing_disabled"
     assert sent[MessageType.GATE] == 1
-    assert all(record.record.operation != "sign:hash" for record in gated.records()[before:])
+    [record] = [sealed.record for sealed in gated.records()[before:]]
+    assert (record.operation, record.decision) == ("sign:hash", "refused")  # before the key
+    assert "blind signing" in record.reason
 
 
 def test_the_enclave_answers_from_memory_on_the_connection_thread(

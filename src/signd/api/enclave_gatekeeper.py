@@ -64,7 +64,7 @@ from signd.errors import (
     InvalidRequest,
     SigndError,
 )
-from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import prepare
 from signd.gate.interpret import (
     FILLABLE,
@@ -98,6 +98,7 @@ TAIL_CLOCK_MARGIN: Final = 300.0
 _GATE_ERRORS: Final[Mapping[str, type[SigndError]]] = {
     Unauthenticated.code: Unauthenticated,
     OutOfScope.code: OutOfScope,
+    BlindSigningDisabled.code: BlindSigningDisabled,
     SpendWindowsUnavailable.code: SpendWindowsUnavailable,
 }
 
@@ -312,6 +313,7 @@ class EnclaveGatekeeper:
                 "node": self.node,
                 "max_batch": self.limits.max_batch,
                 "max_keys_per_request": self.limits.max_keys_per_request,
+                "allow_blind_signing": self.limits.allow_blind_signing,
             }
             if resume:
                 body["resume"] = True

@@ -19,11 +19,10 @@ The API adds a few errors that only exist at the HTTP boundary::
     │   ├── TargetTooLong               414: the path and query are over 8192 characters
     │   ├── HeadersTooLarge             431: too many or too long credential headers
     │   └── ClientDisconnected          499: the client left before its body arrived
-    └── AccessDenied
-        └── BlindSigningDisabled        403: raw-hash signing is switched off
 
-and the gate's (:mod:`signd.gate.errors`): ``Unauthenticated`` (401), ``OutOfScope`` and
-``PolicyDenied`` (403, with the ``rule`` in the body and in JSON-RPC ``data``).
+and the gate's (:mod:`signd.gate.errors`): ``Unauthenticated`` (401), ``OutOfScope``,
+``BlindSigningDisabled`` and ``PolicyDenied`` (403, with the ``rule`` in the body and in
+JSON-RPC ``data``).
 """
 
 from __future__ import annotations
@@ -103,17 +102,6 @@ class ClientDisconnected(InvalidRequest):
 
     def __init__(self) -> None:
         super().__init__("the client disconnected before its request body arrived")
-
-
-class BlindSigningDisabled(AccessDenied):
-    code = "blind_signing_disabled"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "blind signing (raw 32-byte hashes) is disabled on this server; sign the "
-            "transaction or message itself, or start signd with allow_blind_signing",
-            field="type",
-        )
 
 
 class RateLimited(SigndError):

@@ -118,12 +118,7 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
     # What a gate in another process may perform along with authenticating a REST signing
     # request (one round trip): signatures the service cannot refuse after authentication.
     # Not with a per-client rate limit, which takes its token only once the client is known.
-    perform = (
-        frozenset()
-        if settings.rate_limit
-        else frozenset(SigningKind)
-        - (frozenset() if settings.allow_blind_signing else {SigningKind.HASH})
-    )
+    perform = frozenset() if settings.rate_limit else frozenset(SigningKind)
 
     async def authenticate(request: Request) -> Principal:
         target, headers = request_target(request), auth_headers(request)

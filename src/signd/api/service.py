@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 
-from signd.api.errors import BlindSigningDisabled, wire_error
+from signd.api.errors import wire_error
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
 from signd.audit.log import DeferredAppends, FileAuditLog, deferring_appends
@@ -33,6 +33,8 @@ from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
 from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
+from signd.gate.interpret import DEFAULT_LIMITS, Limits
+from signd.gate.keeper import switch_refusal
 from signd.gate.operations import Runner
 from signd.operations import Signer
 from signd.operations.attestation import Attestation, AttestationNotConfigured, EnclaveAttestor
@@ -233,10 +235,12 @@ _NOT_SIGNED: Final = RuntimeError("not signed")
 
 @dataclass(frozen=True, slots=True)
 class UngatedSigner:
-    """The gate of the no-authentication mode: straight to the signer, no policy, no audit.
-    For unit tests of routes (with :func:`allow_anonymous_for_tests`) and benchmarks."""
+    """The gate of the no-authentication mode: straight to the signer, no policy, no audit,
+    only the ``allow_blind_signing`` switch. For unit tests of routes (with
+    :func:`allow_anonymous_for_tests`) and benchmarks."""
 
     signer: Signer
+    limits: Limits = DEFAULT_LIMITS
 
     def create_keys(
         self, principal: Principal, *, chain: str, custody: str, count: int, labels: Sequence[str]
@@ -279,6 +283,9 @@ class UngatedSigner:
         outcomes: list[Signed | Exception] = []
         for call in calls:
             try:
+                refusal = switch_refusal(call.kind, self.limits)
+                if refusal is not None:
+                    raise refusal
                 info = resolved.get(call.key)
                 if info is None:
                     info = resolved[call.key] = self.signer.get_key(call.key)
@@ -292,7 +299,7 @@ class UngatedSigner:
 class SigningService:
     """Keys and signatures for the API, off the event loop and counted in the metrics.
 
-    ``allow_blind_signing`` is a server-wide switch applied here, before the gate: with it
+    ``allow_blind_signing`` is a server-wide switch the gate applies (and audits): with it
     off, raw-hash requests are refused whoever asks and whatever the policy says.
     ``attestor`` checks the enclave's attestation (``None``: no enclave attests here).
     """
@@ -308,7 +315,7 @@ class SigningService:
         self.signer = signer
         self.settings = settings
         self.metrics = metrics
-        self.gate: SigningGate = gate or UngatedSigner(signer)
+        self.gate: SigningGate = gate or UngatedSigner(signer, settings.limits())
         self.attestor = attestor
         self._limiter: anyio.CapacityLimiter | None = None
 
@@ -397,10 +404,6 @@ class SigningService:
 
     # signatures
 
-    def _check_switches(self, kind: SigningKind) -> None:
-        if kind is SigningKind.HASH and not self.settings.allow_blind_signing:
-            raise BlindSigningDisabled()
-
     def _count(self, outcome: Signed | Exception, kind: SigningKind) -> SigningResult | Exception:
         if isinstance(outcome, Exception):
             return outcome
@@ -408,7 +411,6 @@ class SigningService:
         return outcome.result
 
     async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
-        self._check_switches(kind)
         [outcome] = await self._gate_sign(principal, [SigningCall(kind, key, payload)])
         result = self._count(outcome, kind)
         if isinstance(result, Exception):
@@ -419,17 +421,10 @@ class SigningService:
         self, principal: Principal, requests: Sequence[tuple[SigningKind, str, Any]]
     ) -> list[SigningResult | Exception]:
         """Sign ``(kind, key, payload)`` requests; in order, each one's result or the error it
-        met. Each is checked as a single request is, then signed through the gate in the
-        thread pool :data:`BATCH_CHUNK` at a time (a key's hash or message signatures in one
-        gate call are one decision, sealed as one audit record)."""
+        met. They go through the gate in the thread pool :data:`BATCH_CHUNK` at a time (a
+        key's hash or message signatures in one gate call are one decision, sealed as one
+        audit record)."""
         outcomes: list[SigningResult | Exception] = [_NOT_SIGNED] * len(requests)
-        allowed: list[int] = []
-        for index, (kind, _, _) in enumerate(requests):
-            try:
-                self._check_switches(kind)
-                allowed.append(index)
-            except Exception as exc:
-                outcomes[index] = exc
 
         async def sign_chunk(indices: Sequence[int]) -> None:
             calls = [SigningCall(*requests[index]) for index in indices]
@@ -441,8 +436,9 @@ class SigningService:
                 outcomes[index] = self._count(outcome, call.kind)
 
         async with anyio.create_task_group() as group:
-            for start in range(0, len(allowed), BATCH_CHUNK):
-                group.start_soon(sign_chunk, allowed[start : start + BATCH_CHUNK])
+            for start in range(0, len(requests), BATCH_CHUNK):
+                chunk = range(start, min(start + BATCH_CHUNK, len(requests)))
+                group.start_soon(sign_chunk, chunk)
         return outcomes
 
     async def sign_hash(

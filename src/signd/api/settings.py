@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from signd.enclave.protocol import DEFAULT_MAX_FRAME_SIZE
 from signd.errors import ConfigurationError
+from signd.gate.interpret import Limits
 
 DEFAULT_PORT = 8645
 MAX_BODY_BYTES: Final = DEFAULT_MAX_FRAME_SIZE // 2
@@ -273,6 +274,10 @@ class ApiSettings:
         if parts.scheme == "mqtt" and not self.mqtt_allow_plaintext:
             raise refuse("is plaintext (mqtt://); use mqtts:// or set mqtt_allow_plaintext")
         return parts.hostname, port or MQTT_PORTS[parts.scheme], parts.scheme == "mqtts"
+
+    def limits(self) -> Limits:
+        """What of these settings the gate enforces (in this process or in the enclave)."""
+        return Limits(self.max_batch, self.max_keys_per_request, self.allow_blind_signing)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], **overrides: Any) -> ApiSettings:

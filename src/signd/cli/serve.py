@@ -183,7 +183,6 @@ def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> 
     from signd.api.enclave_gatekeeper import EnclaveGatekeeper
     from signd.custody.enclave import EnclaveBackend
     from signd.gate import GatePaths, open_gatekeeper, write_dev_defaults
-    from signd.gate.interpret import Limits
 
     paths = GatePaths.under(
         settings.home,
@@ -194,8 +193,9 @@ def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> 
     created = None
     if api_settings.clients_file is None and api_settings.policy_file is None:
         created = write_dev_defaults(settings.home, paths)
+    limits = api_settings.limits()
     if "enclave" not in signer.custody_types:
-        gatekeeper = open_gatekeeper(signer, paths)
+        gatekeeper = open_gatekeeper(signer, paths, limits=limits)
         assert gatekeeper.clients is not None
         assert gatekeeper.policy is not None
         clients_sha256, policy_sha256 = gatekeeper.clients.sha256, gatekeeper.policy.sha256
@@ -203,7 +203,6 @@ def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> 
         return OpenGate(gatekeeper, False, paths, clients_sha256, policy_sha256, created)
     backend = signer.backend("enclave")
     assert isinstance(backend, EnclaveBackend)
-    limits = Limits(api_settings.max_batch, api_settings.max_keys_per_request)
     enclave_gatekeeper = EnclaveGatekeeper(
         backend.client, signer, paths, node=socket.gethostname(), limits=limits
     )

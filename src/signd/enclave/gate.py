@@ -112,6 +112,7 @@ from signd.gate.keeper import (
     key_fields,
     rule_of,
     scope_refusal,
+    switch_refusal,
 )
 from signd.gate.operations import SigningCall, SigningKind
 from signd.kms.base import DATA_KEY_SIZE, KmsClient
@@ -246,6 +247,7 @@ class EnclaveGate:
             max_keys_per_request=_limit(
                 body, "max_keys_per_request", DEFAULT_LIMITS.max_keys_per_request
             ),
+            allow_blind_signing=body.get("allow_blind_signing", False) is True,
         )
         node = body.get("node", self._node)
         if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
@@ -597,7 +599,9 @@ class EnclaveGate:
             )
             return error
 
-        lacking = scope_refusal(principal, call.kind)
+        lacking = switch_refusal(call.kind, configured.limits) or scope_refusal(
+            principal, call.kind
+        )
         if lacking is not None:
             raise refuse(lacking)
         info = keys.get(call.key)

@@ -10,7 +10,7 @@ Free of HTTP types: the API adapts requests to it, and the enclave can host it u
 """
 
 from signd.gate.audit import AuditTrail
-from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.keeper import Caller, Gatekeeper, GateRequest
 from signd.gate.operations import Signed, SigningCall, SigningKind, SigningResult
 from signd.gate.setup import (
@@ -23,6 +23,7 @@ from signd.gate.setup import (
 
 __all__ = [
     "AuditTrail",
+    "BlindSigningDisabled",
     "Caller",
     "DevDefaults",
     "GatePaths",

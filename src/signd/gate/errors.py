@@ -3,12 +3,18 @@
 AccessDenied
 ├── Unauthenticated     401: no credentials, or a bad, expired or replayed request signature
 ├── OutOfScope          403: the client lacks the scope, or may not use the key's labels
+├── BlindSigningDisabled 403: raw-hash signing is switched off on this service
 └── PolicyDenied        403: the policy refused; ``rule`` names the rule (None: none covers)
 """
 
 from __future__ import annotations
 
 from signd.errors import AccessDenied
+
+BLIND_SIGNING_DISABLED = (
+    "blind signing (raw 32-byte hashes) is disabled on this server; sign the transaction or"
+    " message itself, or start signd with allow_blind_signing"
+)
 
 
 class Unauthenticated(AccessDenied):
@@ -18,6 +24,16 @@ class Unauthenticated(AccessDenied):
 
 class OutOfScope(AccessDenied):
     code = "out_of_scope"
+
+
+class BlindSigningDisabled(AccessDenied):
+    """``[api] allow_blind_signing`` is off: raw hashes are refused whoever asks and whatever
+    the policy says, by the gate, which audits the refusal."""
+
+    code = "blind_signing_disabled"
+
+    def __init__(self, message: str = BLIND_SIGNING_DISABLED) -> None:
+        super().__init__(message, field="type")
 
 
 class PolicyDenied(AccessDenied):

@@ -94,11 +94,14 @@ Action = CreateKeys | ReadKeys | SignCalls | NoSigning
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """The bounds the API is configured with (``[api]`` ``max_batch`` and
-    ``max_keys_per_request``); the defaults are :class:`~signd.api.ApiSettings`'."""
+    """What the API is configured with that the gate enforces (``[api]`` ``max_batch``,
+    ``max_keys_per_request`` and ``allow_blind_signing``); the defaults are
+    :class:`~signd.api.ApiSettings`'."""
 
     max_batch: int = 100
     max_keys_per_request: int = 1000
+    allow_blind_signing: bool = False
+    """Raw-hash signing at all: off, every hash call is refused (and audited) by the gate."""
 
 
 DEFAULT_LIMITS: Final = Limits()

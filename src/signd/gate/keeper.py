@@ -27,8 +27,9 @@ from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, ConfigurationError, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
-from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
+from signd.gate.interpret import DEFAULT_LIMITS, Limits
 from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
 from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
 
@@ -140,11 +141,13 @@ class Gatekeeper:
         *,
         clients: ClientsHolder | None = None,
         policy: PolicyHolder | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.signer = signer
         self.verifier = verifier
         self.engine = engine
         self.audit = audit
+        self.limits = limits
         self.clients = clients
         self.policy = policy
 
@@ -327,7 +330,7 @@ class Gatekeeper:
             entries.append(base | {"decision": "refused", "reason": error.message, "rule": rule})
             return error
 
-        lacking = scope_refusal(principal, call.kind)
+        lacking = switch_refusal(call.kind, self.limits) or scope_refusal(principal, call.kind)
         if lacking is not None:
             raise refuse(lacking)
         info = keys.get(call.key)
@@ -430,6 +433,13 @@ def caller_entry(
         "chain": chain,
         "request_sha256": request_sha256,
     }
+
+
+def switch_refusal(kind: SigningKind, limits: Limits) -> BlindSigningDisabled | None:
+    """The refusal of a raw hash while ``allow_blind_signing`` is off, else ``None``."""
+    if kind is SigningKind.HASH and not limits.allow_blind_signing:
+        return BlindSigningDisabled()
+    return None
 
 
 def scope_refusal(principal: Principal, kind: SigningKind) -> OutOfScope | None:

@@ -42,6 +42,7 @@ from signd.auth import SCOPES, ClientsHolder, RequestVerifier
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError, IntegrityError
 from signd.gate.audit import AuditTrail
+from signd.gate.interpret import DEFAULT_LIMITS, Limits
 from signd.gate.keeper import GateCustody, Gatekeeper
 from signd.policy import PolicyEngine, PolicyHolder
 
@@ -234,6 +235,7 @@ def open_gatekeeper(
     *,
     node: str | None = None,
     now: Callable[[], float] = time.time,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Gatekeeper:
     """The gatekeeper over ``signer`` with the clients, policy and audit files of ``paths``
     (the MAC key is created on first run), its spend windows rebuilt from the audit log's
@@ -269,6 +271,7 @@ def open_gatekeeper(
         trail,
         clients=clients,
         policy=policy,
+        limits=limits,
     )
 
 
