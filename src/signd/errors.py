@@ -24,7 +24,12 @@ ever catch this tree::
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
+
+MAX_MESSAGE_LENGTH: Final = 1024
+"""The most characters of an error's message (and 256 of its field) that an answer carries:
+messages quote what the caller sent, which may be a megabyte long."""
+MAX_FIELD_LENGTH: Final = 256
 
 
 class SigndError(Exception):
@@ -43,10 +48,11 @@ class SigndError(Exception):
         self.field = field
 
     def to_dict(self) -> dict[str, str]:
-        """The error as the JSON body the CLI and API return."""
-        body = {"code": self.code, "message": self.message}
+        """The error as the JSON body the CLI and API return (message and field cut short
+        past :data:`MAX_MESSAGE_LENGTH` and :data:`MAX_FIELD_LENGTH`)."""
+        body = {"code": self.code, "message": _cut(self.message, MAX_MESSAGE_LENGTH)}
         if self.field is not None:
-            body["field"] = self.field
+            body["field"] = _cut(self.field, MAX_FIELD_LENGTH)
         return body
 
 
@@ -112,6 +118,10 @@ class DependencyUnavailable(SigndError):
 class ConfigurationError(SigndError):
     code = "configuration_error"
     http_status = 500
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def shown(value: str, limit: int = 64) -> str:

@@ -280,6 +280,19 @@ def test_signing_with_an_unknown_key_is_404(client: TestClient) -> None:
     assert error_of(huge, 404, "key_not_found")["message"] == f"no key {'k' * 64!r}..."
 
 
+def test_an_error_quoting_what_was_sent_is_cut_short(
+    client: TestClient, eth_key: dict[str, Any]
+) -> None:
+    """Messages quote the caller's input; a name of 200,000 characters comes back bounded."""
+    name = "S" * 200_000
+    document = {"types": {name: []}, "primaryType": name + "x", "domain": {}, "message": {}}
+    body = {"key": eth_key["address"], "typed_data": document}
+    answer = client.post("/v1/sign/ethereum/typed-data", json=body)
+    error = error_of(answer, 400, "invalid_typed_data", "primaryType")
+    assert error["message"].startswith("undefined struct type")
+    assert len(error["message"]) <= 1024 + 3 and error["message"].endswith("...")
+
+
 def test_batch_mixes_results_and_errors_in_order(
     client: TestClient, eth_key: dict[str, Any]
 ) -> None:
