@@ -112,7 +112,7 @@ def auth_headers(request: Request) -> dict[str, str]:
 
 def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authenticator:
     """The ``authenticate`` seam over ``gatekeeper``; bodies over ``max_body_bytes`` get 413,
-    bodies not in within ``body_timeout`` 408."""
+    bodies not in within ``body_timeout`` 408, a query string on a POST route 400."""
 
     run = anyio.to_thread.run_sync
     # What a gate in another process may perform along with authenticating a REST signing
@@ -129,6 +129,8 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
                 f"credentials are at most {MAX_HEADERS} Authorization and X-Signd-* headers"
                 f" of {MAX_HEADER_SIZE} characters"
             )
+        if request.method == "POST":  # every POST route (the enclave's reading refuses it too)
+            inputs.refuse_query_string(request.scope)
         body = await inputs.read_body(request, settings.max_body_bytes, settings.body_timeout)
         received = GateRequest(request.method, target, body, headers)
         kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()

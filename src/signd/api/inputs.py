@@ -100,6 +100,7 @@ async def read_object(request: Request, limit: int, timeout: float) -> dict[str,
 
 def refuse_query_string(scope: Scope) -> None:
     """400 for a query string on a route that takes none (what the enclave's reading of the
-    request refuses too), rather than ignoring it in one custody and failing in another."""
+    request refuses too), rather than ignoring it in one custody and failing in another.
+    The authentication seam applies it to every POST route, before the gate is asked."""
     if scope.get("query_string"):
         raise InvalidRequest(f"{scope['method']} {scope['path']}: this route takes no query string")

@@ -154,7 +154,6 @@ class SigningEndpoint:
             # Authentication comes first, as on every route: a caller the rate limits refuse
             # is answered before its body is read. It reads the body and keeps it.
             principal = await api.authenticate(Request(scope, receive))
-            inputs.refuse_query_string(scope)
             settings = api.settings
             body = await inputs.receive_body(
                 scope, receive, settings.max_body_bytes, settings.body_timeout
@@ -223,7 +222,6 @@ class RestApi:
         return await self.list_keys(request, principal)
 
     async def create_keys(self, request: Request, principal: Principal) -> Response:
-        inputs.refuse_query_string(request.scope)
         body = await self._body(request, KEY_FIELDS)
         keys = await self.service.create_keys(
             principal,

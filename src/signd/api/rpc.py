@@ -30,7 +30,7 @@ from signd.api.errors import (
     DownstreamError,
     wire_error,
 )
-from signd.api.inputs import read_body, refuse_query_string
+from signd.api.inputs import read_body
 from signd.api.service import Authenticator, Principal, SigningService
 from signd.chains.ethereum import SignedTransaction
 from signd.errors import InvalidRequest, UnsupportedOperation
@@ -111,7 +111,6 @@ class JsonRpcApi:
     async def endpoint(self, request: Request) -> Response:
         try:
             principal = await self.authenticate(request)
-            refuse_query_string(request.scope)
             body = await read_body(
                 request, self.settings.max_body_bytes, self.settings.body_timeout
             )
