@@ -128,6 +128,20 @@ class MemoryBlobStore(BlobStore):
         self._check_up()
 
 
+class SlowBlobStore(MemoryBlobStore):
+    """Reads of the blobs named in ``slow`` wait until ``release`` is set (at most 10 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: set[str] = set()
+        self.release = threading.Event()
+
+    def get(self, name: str) -> bytes:
+        if name in self.slow:
+            self.release.wait(timeout=10)
+        return super().get(name)
+
+
 class MemoryMetadataStore(MetadataStore):
     """Records in a list, in insertion order; the cursor is a plain index."""
 

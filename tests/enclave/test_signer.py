@@ -30,7 +30,13 @@ from signd.errors import (
 from signd.kms.local import LocalKms
 from signd.storage.blobs import FilesystemBlobStore
 from tests.enclave.batch_blobs import range_of, read_sealed, replace_sealed, swap_sealed
-from tests.enclave.fakes import ForgingKms, MemoryBlobStore, MemoryKms, unseal_in_test
+from tests.enclave.fakes import (
+    ForgingKms,
+    MemoryBlobStore,
+    MemoryKms,
+    SlowBlobStore,
+    unseal_in_test,
+)
 
 DIGEST = bytes(range(32))
 eth_address = address_deriver("ethereum")
@@ -390,3 +396,42 @@ def test_callers_missing_the_cache_together_unseal_a_key_once(blobs: MemoryBlobS
     assert len(signatures) == 8
     assert kms.decrypted == 1
     assert recover_public_key(DIGEST, signatures[0]) == created.public_key
+
+
+def test_a_stalled_unseal_holds_up_only_its_own_key(kms: MemoryKms) -> None:
+    """While one key's blob read stalls, every other key unseals at once, whatever its
+    reference; the stalled key's callers wait for that one read, then all sign."""
+    blobs = SlowBlobStore()
+    signer = EnclaveSigner(kms, blobs)
+    [stalled] = signer.create_keys("ethereum", 1)
+    others = signer.create_keys("ethereum", 500)  # one batch blob, read at full speed
+    signer.flush_cache()
+    blobs.slow.add(range_of(stalled.blob).name)
+    waiting: list[bytes] = []
+    callers = [
+        threading.Thread(
+            target=lambda: waiting.append(signer.sign_digest(stalled.reference, DIGEST).to_bytes())
+        )
+        for _ in range(2)
+    ]
+    for caller in callers:
+        caller.start()
+    done = threading.Event()
+
+    def sign_the_others() -> None:
+        for key in others:
+            signer.sign_digest(key.reference, DIGEST)
+        done.set()
+
+    threading.Thread(target=sign_the_others, daemon=True).start()
+    try:
+        assert done.wait(timeout=5), "a key waited on another key's stalled unseal"
+        assert waiting == []
+    finally:
+        blobs.release.set()
+    for caller in callers:
+        caller.join(timeout=5)
+    assert [recover_public_key(DIGEST, signature) for signature in waiting] == [
+        stalled.public_key
+    ] * 2
+    assert len(signer._unsealing) == 0  # no lock outlives its users

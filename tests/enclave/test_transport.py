@@ -44,7 +44,7 @@ from signd.errors import (
 )
 from signd.storage.base import BlobStore
 from tests.enclave.batch_blobs import range_of
-from tests.enclave.fakes import MemoryBlobStore, MemoryKms
+from tests.enclave.fakes import MemoryBlobStore, MemoryKms, SlowBlobStore
 
 DIGEST = b"\x11" * 32
 
@@ -206,20 +206,6 @@ def test_pipelined_requests_share_one_connection(
         assert len(unix_server._connections) == 1
     finally:
         client.close()
-
-
-class SlowBlobStore(MemoryBlobStore):
-    """Reads of the blobs named in ``slow`` wait until ``release`` is set (at most 10 s)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slow: set[str] = set()
-        self.release = threading.Event()
-
-    def get(self, name: str) -> bytes:
-        if name in self.slow:
-            self.release.wait(timeout=10)
-        return super().get(name)
 
 
 def test_answers_are_matched_by_request_id_even_out_of_order(kms: MemoryKms) -> None:

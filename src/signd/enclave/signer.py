@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -78,8 +78,6 @@ MAX_BATCH_BLOB_SIZE: Final = MAX_BATCH * MAX_SEALED_SIZE
 """No range of a batch blob ends beyond this: MAX_BATCH keys of at most MAX_SEALED_SIZE bytes."""
 DEFAULT_GROUP_MAX_KEYS: Final = 64
 DEFAULT_GROUP_MAX_WAIT: Final = 0.002
-UNSEAL_STRIPES: Final = 64
-"""Locks that serialise unsealing the same key (a reference always maps to the same one)."""
 
 _RANGE: Final = re.compile(r"(0|[1-9][0-9]{0,9})\+([1-9][0-9]{0,9})", re.ASCII)
 _MALFORMED: Final = "sealed key blob failed its integrity check"
@@ -182,6 +180,45 @@ class ProvenKey:
         return sign_digest_with(self._private_key, check_digest(digest))
 
 
+@dataclass(slots=True)
+class _SharedLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+class _KeyLocks:
+    """A lock per key, kept while someone holds or waits for it.
+
+    Callers of the same key take turns; a caller of another key never waits, however long
+    one unseal takes (a stalled blob read holds up only the callers of its own key).
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[KeyReference, _SharedLock] = {}
+
+    @contextlib.contextmanager
+    def held(self, key: KeyReference) -> Iterator[None]:
+        with self._guard:
+            shared = self._locks.get(key)
+            if shared is None:
+                shared = self._locks[key] = _SharedLock()
+            shared.users += 1
+        try:
+            with shared.lock:
+                yield
+        finally:
+            with self._guard:
+                shared.users -= 1
+                if shared.users == 0:
+                    del self._locks[key]
+
+    def __len__(self) -> int:
+        """How many keys have a lock now (held or waited for)."""
+        with self._guard:
+            return len(self._locks)
+
+
 class EnclaveSigner:
     """Creates secp256k1 keys sealed under KMS data keys, and signs 32-byte digests with them.
 
@@ -234,9 +271,9 @@ class EnclaveSigner:
         self._sealing = threading.Lock()
         self._open_group: _Group | None = None
         self._writes_in_flight = 0
-        self._unsealing = tuple(threading.Lock() for _ in range(UNSEAL_STRIPES))
-        """Held while a key is unsealed (striped by reference), so that callers missing the
-        cache for the same key wait for one unseal instead of each calling KMS."""
+        self._unsealing = _KeyLocks()
+        """Held while a key is unsealed, so that callers missing the cache for the same key
+        wait for one unseal instead of each calling KMS."""
 
     def __repr__(self) -> str:
         return f"EnclaveSigner(kms={self._kms!r}, blobs={self._blobs!r}, cache={self._cache!r})"
@@ -438,7 +475,7 @@ class EnclaveSigner:
         private_key = self._cache.get(key)
         if private_key is not None:
             return private_key
-        with self._unsealing[hash(key) % UNSEAL_STRIPES]:
+        with self._unsealing.held(key):
             private_key = self._cache.get(key)  # unsealed by another caller meanwhile?
             if private_key is None:
                 private_key = self._unseal(key, address_of)
