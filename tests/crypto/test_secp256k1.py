@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 from signd.crypto.secp256k1 import (
     CURVE_ORDER,
     HALF_CURVE_ORDER,
+    PARALLEL_MIN,
     RecoverableSignature,
     check_digest,
     normalize_signature,
     sign_digest_with,
+    sign_digests_with,
 )
 from signd.crypto.secret import Secret
 from signd.errors import InvalidField, InvalidSignature
@@ -109,6 +111,34 @@ def test_recoverable_signature_refuses_high_s_and_round_trips() -> None:
     assert RecoverableSignature.from_bytes(sig.to_bytes()) == sig
     with pytest.raises(InvalidSignature):
         RecoverableSignature(sig.r, CURVE_ORDER - sig.s, sig.recovery_id)
+
+
+def test_a_signature_from_bytes_keeps_them_and_equals_one_built_from_numbers() -> None:
+    sig = sign_digest_with(coincurve.PrivateKey(), os.urandom(32))
+    built = RecoverableSignature(sig.r, sig.s, sig.recovery_id)
+    assert built == sig and hash(built) == hash(sig) and repr(built) == repr(sig)
+    assert (
+        built.to_bytes() == sig.to_bytes() == RecoverableSignature.from_bytes(sig.to_bytes())._bytes
+    )
+    with pytest.raises(InvalidSignature):
+        RecoverableSignature.from_bytes(sig.to_bytes()[:64] + bytes([4]))
+
+
+@pytest.mark.parametrize("count", [1, PARALLEL_MIN - 1, PARALLEL_MIN, 3 * PARALLEL_MIN + 5])
+def test_signing_many_gives_each_signature_in_order(count: int) -> None:
+    """Below and above the size where helper threads share the work: the same signatures
+    (RFC 6979 nonces are deterministic) as one by one, in the order asked."""
+    keys = [coincurve.PrivateKey() for _ in range(7)]
+    pairs = [(keys[n % 7], os.urandom(32)) for n in range(count)]
+    assert sign_digests_with(pairs) == [sign_digest_with(key, digest) for key, digest in pairs]
+
+
+def test_a_digest_of_the_wrong_size_refuses_the_whole_list() -> None:
+    key = coincurve.PrivateKey()
+    pairs = [(key, os.urandom(32)) for _ in range(2 * PARALLEL_MIN)]
+    pairs[-1] = (key, b"\x00" * 31)
+    with pytest.raises(InvalidField):
+        sign_digests_with(pairs)
 
 
 def test_secret_never_prints_its_value() -> None:
