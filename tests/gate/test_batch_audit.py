@@ -10,19 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from web3 import Web3
 
 from signd.api import ApiSettings
 from signd.api.enclave_gatekeeper import VERIFY_CHUNK, line_chunks
 from signd.audit import AuditRecord, AuditSigner
 from signd.audit.records import Spend
 from signd.auth import Principal
+from signd.crypto.secp256k1 import PARALLEL_MIN
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, utc_now
 from signd.enclave.gate import MAX_LINE_SIZE
+from signd.errors import AccessDenied
 from signd.gate import PolicyDenied, SigningCall, SigningKind
 from signd.gate.audit import MAX_GROUPED_RESULTS, MAX_REASON, DecisionLog
-from signd.gate.keeper import Decided, approve
+from signd.gate.keeper import Decided, Gatekeeper, approve
 from signd.policy import Policy, PolicyEngine
+from tests.api.samples import text_signer
 from tests.gate.support import (
     BOTH_GATES,
     GATE_MODES,
@@ -32,6 +36,10 @@ from tests.gate.support import (
     open_gated,
     transaction,
 )
+
+
+def to_checksum(address: str) -> str:
+    return str(Web3.to_checksum_address(address))
 
 
 def digest_of(answer: dict[str, Any]) -> str:
@@ -110,6 +118,84 @@ def test_one_record_per_decision_naming_every_signature(
 
 
 @BOTH_GATES
+def test_a_large_batch_is_signed_on_every_core_and_audited_signature_by_signature(
+    tmp_path: Path, gate_mode: str
+) -> None:
+    """Past :data:`PARALLEL_MIN` calls, the gate signs a key's hash and message calls
+    together, on every core, after deciding on each in order: each answer is its own key's
+    signature of its own payload, each record lists its results in request order, and the
+    refused calls in between keep their records."""
+    custody = "enclave" if gate_mode == "enclave" else "keystore"
+    settings = ApiSettings(allow_blind_signing=True, max_batch=1000)
+    with open_gated(tmp_path / "home", gate_mode, settings) as gated:
+        made = gated.signed(
+            "POST",
+            "/v1/keys",
+            {"chain": "ethereum", "custody": custody, "labels": ["hot"], "count": 3},
+        )
+        keys = made.json()["keys"]
+        items = [message(keys[n % 3], f"m{n}") for n in range(3 * PARALLEL_MIN)]
+        items[5] = message({"address": "0x" + "00" * 20}, "nobody's")  # no such key
+        items[7] = blind(keys[1])  # no rule lets alice sign a bare hash
+        before = len(gated.records())
+        response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        failed = [n for n, result in enumerate(results) if "error" in result]
+        assert failed == [5, 7]
+        for n, (item, result) in enumerate(zip(items, results, strict=True)):
+            if n not in failed:
+                assert text_signer(item["message"], result["signature"]) == to_checksum(
+                    keys[n % 3]["address"]
+                )
+        records = [sealed.record for sealed in gated.records()[before:]]
+        for k, key in enumerate(keys):
+            [record] = [r for r in records if r.decision == "allowed" and r.key_id == key["key_id"]]
+            assert record.results_sha256 == tuple(
+                digest_of(results[n]) for n in range(len(items)) if n % 3 == k and n not in failed
+            )
+        assert sorted(r.operation for r in records if r.decision == "refused") == [
+            "sign:hash",
+            "sign:message",
+        ]
+        assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+@pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
+def test_a_reload_before_a_large_batch_is_signed_refuses_each_of_its_calls(
+    tmp_path: Path, gate_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calls left to sign together are committed together, first: a policy reloaded
+    since their decision refuses every one of them, each with a record of its own."""
+    settings = ApiSettings(max_batch=1000)
+    with open_gated(tmp_path / "home", gate_mode, settings) as gated:
+        made = gated.signed(
+            "POST", "/v1/keys", {"chain": "ethereum", "custody": "keystore", "labels": ["hot"]}
+        )
+        [key] = made.json()["keys"]
+        items = [message(key, f"m{n}") for n in range(PARALLEL_MIN)]
+        assert gated.signed("POST", "/v1/sign/batch", {"requests": items}).status_code == 200
+
+        def reloaded(decision: object, intent: object) -> None:
+            raise AccessDenied("the policy was reloaded while signing; retry the request")
+
+        assert isinstance(gated.gatekeeper, Gatekeeper)
+        monkeypatch.setattr(gated.gatekeeper.engine, "commit", reloaded)
+        before = len(gated.records())
+        response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+        assert response.status_code == 200, response.text
+        codes = {result["error"]["code"] for result in response.json()["results"]}
+        assert codes == {"policy_denied"}
+        records = [sealed.record for sealed in gated.records()[before:]]
+        assert len(records) == len(items)
+        assert {(r.decision, r.rule, r.key_id) for r in records} == {
+            ("refused", "hot-messages", key["key_id"])
+        }
+        assert all(r.result_sha256 is None and r.results_sha256 is None for r in records)
+        assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+@BOTH_GATES
 def test_one_message_keeps_its_result_in_result_sha256(
     gated: Gated, hot_key: dict[str, Any]
 ) -> None:
@@ -151,6 +237,58 @@ def test_only_the_same_decision_shares_a_record() -> None:
         (None, None),
     ]
     assert len(log.entries) == 8
+
+
+def _later(log: DecisionLog, operation: str, key: str, **changes: Any) -> str:
+    base = {"operation": operation, "client_id": "c", "chain": "ethereum", "key_id": key}
+    fields: dict[str, Any] = {"reason": "allowed by rule r", "rule": "r"}
+    return log.signed_later(base, **(fields | changes))
+
+
+def test_signatures_made_later_keep_their_places() -> None:
+    """A place taken for a signature not yet made is in decision order, grouped as a made
+    one would be; settling fills in each result where its token was."""
+    log = DecisionLog()
+    a1 = _later(log, "sign:hash", "k1")
+    b1 = _later(log, "sign:hash", "k2")
+    log.append({"operation": "sign:hash", "decision": "refused", "reason": "no"})
+    a2 = _later(log, "sign:hash", "k1")
+    _signed(log, "sign:hash", "k1", "made-now")
+    a3 = _later(log, "sign:hash", "k1")
+    c1 = _later(log, "sign:message", "k1")
+    tokens = [a1, b1, a2, a3, c1]
+    assert len(set(tokens)) == len(tokens)
+    log.settle({token: f"sha-{token}" for token in tokens})
+    shown = [(e.get("result_sha256"), e.get("results_sha256")) for e in log.entries]
+    assert shown == [
+        (None, [f"sha-{a1}", f"sha-{a2}", "made-now", f"sha-{a3}"]),
+        (f"sha-{b1}", None),
+        (None, None),
+        (f"sha-{c1}", None),
+    ]
+
+
+def test_a_signature_that_fails_later_becomes_a_refusal() -> None:
+    log = DecisionLog()
+    a1, a2, a3 = (_later(log, "sign:hash", "k1") for _ in range(3))
+    b1 = _later(log, "sign:hash", "k2")
+    c1, c2 = _later(log, "sign:hash", "k3"), _later(log, "sign:hash", "k3")
+    failure = PolicyDenied("the policy was reloaded while signing", rule="r")
+    log.settle({a1: "sha-a1", a2: failure, a3: "sha-a3", b1: failure, c1: "sha-c1", c2: failure})
+    shown = [
+        (e["key_id"], e["decision"], e.get("result_sha256"), e.get("results_sha256"))
+        for e in log.entries
+    ]
+    assert shown == [
+        ("k1", "allowed", None, ["sha-a1", "sha-a3"]),
+        ("k2", "refused", None, None),  # no result left: the refusal takes its place
+        ("k3", "allowed", "sha-c1", None),  # one result left: no list
+        ("k1", "refused", None, None),
+        ("k3", "refused", None, None),
+    ]
+    refusals = [e for e in log.entries if e["decision"] == "refused"]
+    assert all(e["reason"] == failure.message and e["rule"] == "r" for e in refusals)
+    assert all("results_sha256" not in e for e in refusals)
 
 
 def test_a_record_lists_at_most_max_grouped_results() -> None:

@@ -16,7 +16,13 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest, normalize_signature
-from signd.errors import IntegrityError, InvalidField, InvalidSignature, KeyNotFound
+from signd.errors import (
+    IntegrityError,
+    InvalidField,
+    InvalidSignature,
+    KeyNotFound,
+    SigndError,
+)
 
 AddressDeriver = Callable[[bytes], str]
 """Turns a compressed SEC1 public key into the chain's address string (given by the caller)."""
@@ -169,6 +175,19 @@ class CustodyBackend(ABC):
         if isinstance(result, RecoverableSignature):
             return result
         return device_signature(result, digest, info)
+
+    def sign_many(
+        self, pairs: Sequence[tuple[KeyInfo, bytes]]
+    ) -> list[RecoverableSignature | SigndError]:
+        """:meth:`sign_digest` of each (key, digest) pair, in order; one that fails gives
+        its error in its place. Backends that sign in memory do it on every core."""
+        signatures: list[RecoverableSignature | SigndError] = []
+        for key, digest in pairs:
+            try:
+                signatures.append(self.sign_digest(key, digest))
+            except SigndError as exc:
+                signatures.append(exc)
+        return signatures
 
     def signs_locally(self, key: KeyInfo) -> bool:
         """True when signing with ``key`` needs no I/O (its private key is in this process's

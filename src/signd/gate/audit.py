@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from signd.audit import AuditLog, AuditSigner, FileAuditLog
@@ -26,6 +26,8 @@ MAX_REASON = 500
 GROUPED_OPERATIONS: Final = frozenset({str(Operation.SIGN_HASH), str(Operation.SIGN_MESSAGE)})
 """Operations whose policy intent is the client and the key alone (nothing of the payload
 reaches the policy): every such signature a request asks of one key is the same decision."""
+_PENDING: Final = "pending:"
+"""How a result that :meth:`DecisionLog.signed_later` holds a place for starts (never hex)."""
 MAX_GROUPED_RESULTS: Final = 256
 """The most signatures one record lists (its log line then stays near 18 KB, well within the
 enclave's 64 KiB per line of audit tail); a larger group goes on in a new record."""
@@ -42,11 +44,14 @@ class DecisionLog:
     (at most :data:`MAX_GROUPED_RESULTS` per record).
     """
 
-    __slots__ = ("_groups", "entries")
+    __slots__ = ("_groups", "_pending", "_tokens", "entries")
 
     def __init__(self) -> None:
         self.entries: list[AuditEntry] = []
         self._groups: dict[tuple[str, str | None, str | None, str], AuditEntry] = {}
+        self._pending: dict[int, AuditEntry] = {}
+        """The entries holding tokens of :meth:`signed_later`, by identity."""
+        self._tokens = 0
 
     def append(self, entry: AuditEntry) -> None:
         """A decision of its own (a refusal, a key, a transaction)."""
@@ -60,8 +65,9 @@ class DecisionLog:
         rule: str | None,
         result_sha256: str | None,
         spend: Spend | None,
-    ) -> None:
-        """An allowed signature, its own entry or one more result of an earlier one."""
+    ) -> AuditEntry:
+        """An allowed signature, its own entry or one more result of an earlier one (the
+        entry it went to is returned)."""
         group = None
         if spend is None and result_sha256 is not None and base["operation"] in GROUPED_OPERATIONS:
             group = (base["operation"], base.get("key_id"), rule, reason)
@@ -71,10 +77,10 @@ class DecisionLog:
                 if results is None:
                     entry["results_sha256"] = [entry["result_sha256"], result_sha256]
                     entry["result_sha256"] = None
-                    return
+                    return entry
                 if len(results) < MAX_GROUPED_RESULTS:
                     results.append(result_sha256)
-                    return
+                    return entry
         entry = base | {
             "decision": "allowed",
             "reason": reason,
@@ -85,6 +91,41 @@ class DecisionLog:
         self.entries.append(entry)
         if group is not None:
             self._groups[group] = entry
+        return entry
+
+    def signed_later(self, base: AuditEntry, *, reason: str, rule: str | None) -> str:
+        """:meth:`signed` for a signature not made yet (and no spend): its place in the log
+        is taken now, in decision order, under a token that :meth:`settle` replaces."""
+        token = f"{_PENDING}{self._tokens}"
+        self._tokens += 1
+        entry = self.signed(base, reason=reason, rule=rule, result_sha256=token, spend=None)
+        self._pending[id(entry)] = entry
+        return token
+
+    def settle(self, outcomes: Mapping[str, str | SigndError]) -> None:
+        """Give each pending signature its result's SHA-256 (``outcomes`` by token), or the
+        error that stopped it: that signature becomes a refusal of its own, in its entry's
+        place when the entry is left with no result, else after the others."""
+        failed: list[AuditEntry] = []
+        for entry in self._pending.values():
+            results: list[str] | None = entry.get("results_sha256")
+            settled: list[str] = []
+            for token in [entry["result_sha256"]] if results is None else results:
+                outcome = outcomes[token] if token.startswith(_PENDING) else token
+                if isinstance(outcome, SigndError):
+                    failed.append(_refusal(entry, outcome))
+                else:
+                    settled.append(outcome)
+            if not settled:
+                place = next(i for i, each in enumerate(self.entries) if each is entry)
+                self.entries[place] = failed.pop()
+            elif results is None or len(settled) == 1:
+                entry.pop("results_sha256", None)
+                entry["result_sha256"] = settled[0]
+            else:
+                entry["results_sha256"] = settled
+        self._pending.clear()
+        self.entries.extend(failed)
 
 
 class AuditTrail:
@@ -153,6 +194,12 @@ class AuditTrail:
             self._writing -= 1
             if not self._writing:
                 self._state.notify_all()
+
+
+def _refusal(entry: AuditEntry, error: SigndError) -> AuditEntry:
+    """The refusal, by ``error``, of one signature ``entry`` (or its group) allowed."""
+    refused = {name: value for name, value in entry.items() if name != "results_sha256"}
+    return refused | {"decision": "refused", "reason": error.message, "result_sha256": None}
 
 
 def _why(exc: Exception) -> str:

@@ -23,14 +23,14 @@ from typing import NoReturn, Protocol, TypeVar
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import RecoverableSignature
+from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, ConfigurationError, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
 from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
-from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind, SigningResult
 from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
 
 log = logging.getLogger("signd.gate")
@@ -66,6 +66,13 @@ class GateCustody(Protocol):
 
     def sign_hash(self, key: KeyInfo, digest: bytes, /) -> RecoverableSignature:
         """Sign a 32-byte digest with ``key`` (low-S, recovery id checked)."""
+        ...
+
+    def sign_hashes(
+        self, pairs: Sequence[tuple[KeyInfo, bytes]], /
+    ) -> list[RecoverableSignature | SigndError]:
+        """:meth:`sign_hash` of each pair, in order (on every core when it can); one that
+        fails gives its error in its place."""
         ...
 
     def key_is_local(self, ref: str, /) -> bool:
@@ -281,7 +288,7 @@ class Gatekeeper:
         """True when :meth:`sign` of ``calls`` needs no I/O but its audit append (which a
         caller inside :func:`~signd.audit.log.deferring_appends` does not wait for): every
         key is known and signs in this process. Authentication never needs I/O here."""
-        return all(self.signer.key_is_local(call.key) for call in calls)
+        return all(map(self.signer.key_is_local, {call.key for call in calls}))
 
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
@@ -303,17 +310,69 @@ class Gatekeeper:
         entries = DecisionLog()
         keys: dict[str, KeyInfo | SigndError] = {}
         decided: Decided = {}
-        outcomes: list[Signed | Exception] = []
-        for call in calls:
+        outcomes: list[Signed | Exception | _SignLater] = []
+        later: list[tuple[int, _SignLater]] | None = [] if len(calls) >= PARALLEL_MIN else None
+        runs: _Runs | None = {} if later is not None else None
+        for index, call in enumerate(calls):
             try:
-                outcomes.append(self._sign_one(caller, call, keys, decided, entries))
+                run = runs.get((call.key, call.kind)) if runs is not None else None
+                if run is not None:
+                    outcome: Signed | _SignLater = self._sign_again(run, call, entries)
+                else:
+                    outcome = self._sign_one(caller, call, keys, decided, entries, runs)
             except Exception as exc:
                 outcomes.append(exc)
+                continue
+            if isinstance(outcome, _SignLater):
+                assert later is not None
+                later.append((index, outcome))
+            outcomes.append(outcome)  # a _SignLater's place, until its signature is made
+        if later:
+            self._sign_later(later, outcomes, entries)
         try:
             self.audit.write(entries.entries)
         except Exception as exc:
             return [exc for _ in outcomes]
-        return outcomes
+        return [_made(outcome) for outcome in outcomes]
+
+    def _sign_later(
+        self,
+        later: Sequence[tuple[int, _SignLater]],
+        outcomes: list[Signed | Exception | _SignLater],
+        entries: DecisionLog,
+    ) -> None:
+        """Make the signatures :meth:`_sign_one` left for later all at once, on every core,
+        and put them (or their errors) in their places and their audit entries.
+
+        Each run's decision is committed once, first: its calls have no facts and no value,
+        so nothing is counted; the commit only refuses them all if the policy was reloaded
+        since the decision."""
+        refused: dict[int, SigndError] = {}
+        for run in {id(waiting.run): waiting.run for _, waiting in later}.values():
+            try:
+                self.engine.commit(run.decision, run.intent)
+            except AccessDenied as exc:
+                refused[id(run)] = PolicyDenied(exc.message, rule=run.decision.rule)
+        signing = [(index, waiting) for index, waiting in later if id(waiting.run) not in refused]
+        signatures = self.signer.sign_hashes(
+            [(waiting.run.key, waiting.digest) for _, waiting in signing]
+        )
+        settled: dict[str, str | SigndError] = {}
+        for index, waiting in later:
+            error = refused.get(id(waiting.run))
+            if error is not None:
+                outcomes[index] = settled[waiting.token] = error
+        for (index, waiting), signature in zip(signing, signatures, strict=True):
+            try:
+                if isinstance(signature, SigndError):
+                    raise signature
+                result = waiting.assemble(signature)
+            except SigndError as exc:
+                outcomes[index] = settled[waiting.token] = exc
+                continue
+            settled[waiting.token] = sha256_hex(result_bytes(result))
+            outcomes[index] = Signed(waiting.run.key, result)
+        entries.settle(settled)
 
     def _sign_one(
         self,
@@ -322,7 +381,12 @@ class Gatekeeper:
         keys: dict[str, KeyInfo | SigndError],
         decided: Decided,
         entries: DecisionLog,
-    ) -> Signed:
+        runs: _Runs | None = None,
+    ) -> Signed | _SignLater:
+        """One call through the gate: its :class:`Signed`, or (given ``runs``, a call the
+        policy decides on the key alone, with a key in memory) a :class:`_SignLater`,
+        approved and committed, whose signature :meth:`_sign_later` makes with others; the
+        calls after it of the same kind with the same key then take :meth:`_sign_again`."""
         principal = caller.principal
         base = self._entry(caller, OPERATION_OF[call.kind])
 
@@ -348,6 +412,17 @@ class Gatekeeper:
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         decision = approval.decision
+        if (
+            runs is not None
+            and not approval.prepared.facts
+            and self.signer.key_is_local(info.key_id)
+        ):
+            prepared = approval.prepared
+            run = runs[call.key, call.kind] = _Run(
+                info, base, decision, approval.intent, prepared.assemble
+            )
+            token = entries.signed_later(base, reason=decision.reason, rule=decision.rule)
+            return _SignLater(run, prepared.digest, prepared.assemble, token)
         try:
             signature = self.signer.sign_hash(info, approval.prepared.digest)
             result = approval.prepared.assemble(signature)
@@ -364,6 +439,23 @@ class Gatekeeper:
             spend=spend,
         )
         return Signed(info, result)
+
+    def _sign_again(self, run: _Run, call: SigningCall, entries: DecisionLog) -> _SignLater:
+        """A call of the same kind, with the same key, as the one that started ``run``: the
+        same client, scope, key and labels, so the same decision; only its payload is new."""
+        try:
+            if call.kind is SigningKind.HASH:
+                digest, assemble = check_digest(call.payload), run.assemble
+            else:
+                prepared = prepare(call.kind, call.payload, run.key)
+                digest, assemble = prepared.digest, prepared.assemble
+        except SigndError as exc:
+            entries.append(
+                run.base | {"decision": "refused", "reason": exc.message, "rule": rule_of(exc)}
+            )
+            raise
+        token = entries.signed_later(run.base, reason=run.decision.reason, rule=run.decision.rule)
+        return _SignLater(run, digest, assemble, token)
 
     # helpers
 
@@ -482,6 +574,38 @@ class Approval:
     prepared: Prepared
     intent: SigningIntent
     decision: Decision
+
+
+def _made(outcome: Signed | Exception | _SignLater) -> Signed | Exception:
+    if isinstance(outcome, _SignLater):  # pragma: no cover - _sign_later replaces them all
+        raise AssertionError("a signature left for later was never made")
+    return outcome
+
+
+@dataclass(slots=True)
+class _SignLater:
+    """An approved, committed call whose signature is still to be made, and the token its
+    audit entry holds until then (:meth:`DecisionLog.signed_later`)."""
+
+    run: _Run
+    digest: bytes
+    assemble: Callable[[RecoverableSignature], SigningResult]
+    token: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Run:
+    """What a gate call's first allowed call of a kind with a key settled for the calls of
+    that kind with that key after it: the key, its audit entry's fields, the decision."""
+
+    key: KeyInfo
+    base: AuditEntry
+    decision: Decision
+    intent: SigningIntent
+    assemble: Callable[[RecoverableSignature], SigningResult]
+
+
+_Runs = dict[tuple[str, SigningKind], _Run]
 
 
 Decided = dict[tuple[str, str, tuple[str, ...], Operation], tuple[SigningIntent, Decision]]

@@ -182,6 +182,24 @@ class Signer:
         backend, info = self.resolve(ref)
         return backend.sign_digest(info, digest)
 
+    def sign_hashes(
+        self, pairs: Sequence[tuple[KeyInfo, bytes]]
+    ) -> list[RecoverableSignature | SigndError]:
+        """:meth:`sign_hash` of each (key, digest) pair, in order, each custody's share at
+        once (:meth:`CustodyBackend.sign_many`); one that fails gives its error in its
+        place."""
+        by_custody: dict[str, list[int]] = {}
+        for index, (info, _) in enumerate(pairs):
+            by_custody.setdefault(info.custody, []).append(index)
+        signatures: dict[int, RecoverableSignature | SigndError] = {}
+        for custody, indices in by_custody.items():
+            try:
+                signed = self.backend(custody).sign_many([pairs[i] for i in indices])
+            except SigndError as exc:
+                signed = [exc for _ in indices]
+            signatures.update(zip(indices, signed, strict=True))
+        return [signatures[index] for index in range(len(pairs))]
+
     def _ethereum_key(self, ref: str | KeyInfo) -> tuple[CustodyBackend, KeyInfo]:
         backend, info = self.resolve(ref)
         if info.chain != "ethereum":

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Final, NamedTuple
 import coincurve
 from bip_utils import Bip32KeyError
 
-from signd.crypto.secp256k1 import RecoverableSignature, sign_digest_with
+from signd.crypto.secp256k1 import RecoverableSignature, sign_digest_with, sign_digests_with
 from signd.crypto.secret import Secret
 from signd.custody.base import (
     AddressDeriver,
@@ -420,6 +420,23 @@ class KeystoreBackend(CustodyBackend):
 
     def signs_locally(self, key: KeyInfo) -> bool:
         return key.key_id in self._signers
+
+    def sign_many(
+        self, pairs: Sequence[tuple[KeyInfo, bytes]]
+    ) -> list[RecoverableSignature | SigndError]:
+        """Keys all in memory sign on every core (:func:`sign_digests_with`); otherwise one
+        by one, as :meth:`sign_digest` does."""
+        in_memory: list[tuple[coincurve.PrivateKey, bytes]] = []
+        for key, digest in pairs:
+            secret = self._signers.get(key.key_id) if key.custody == self.custody_type else None
+            if secret is None:
+                return super().sign_many(pairs)
+            in_memory.append((secret, digest))
+        try:
+            signed = sign_digests_with(in_memory)
+        except SigndError:  # a digest that is not 32 bytes: let each say which
+            return super().sign_many(pairs)
+        return list(signed)
 
     def _sign_digest(self, key: KeyInfo, digest: bytes) -> RecoverableSignature:
         signer = self._signers.get(key.key_id)
