@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import coincurve
 import pytest
 from eth_account import Account
 from eth_account._utils.encode_typed_data.encoding_and_hashing import hash_domain
@@ -22,10 +23,12 @@ from starlette.testclient import TestClient
 from signd.api import ApiSettings, Principal, SigningKind, create_app
 from signd.api.rest import send_json
 from signd.api.service import UngatedSigner
+from signd.crypto.secp256k1 import CURVE_ORDER, RecoverableSignature, sign_digest_with
 from signd.custody.base import AddressDeriver, CustodyBackend, KeyInfo, KeyPage
 from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable
 from signd.gate import Signed, SigningCall
 from signd.operations import Signer
+from signd.operations.signer import signature_json, signature_to_dict
 from tests.api import samples
 from tests.api.conftest import ClientFactory, make_home, open_signer
 
@@ -662,3 +665,20 @@ def test_signing_answers_are_encoded_as_starlette_encodes_json(content: Any, sta
     assert start["status"] == status
     assert body["body"] == expected.body
     assert sorted(start["headers"]) == sorted(expected.raw_headers)
+
+
+@given(
+    secret=st.integers(min_value=1, max_value=CURVE_ORDER - 1),
+    digest=st.binary(min_size=32, max_size=32),
+)
+def test_a_batch_writes_a_hash_signature_as_starlette_encodes_its_dict(
+    secret: int, digest: bytes
+) -> None:
+    """A batch answer writes hash signatures out directly (signature_json): the same bytes
+    as JSONResponse gives the signature's dict, whatever its leading zeros."""
+    signature = sign_digest_with(coincurve.PrivateKey.from_int(secret), digest)
+    expected = JSONResponse(signature_to_dict(signature)).body
+    assert signature_json(signature).encode() == expected
+    for r, s in ((1, 1), (2**255, 1), (1, CURVE_ORDER // 2)):  # shortest and longest numbers
+        edge = RecoverableSignature(r, s, 3)
+        assert signature_json(edge).encode() == JSONResponse(signature_to_dict(edge)).body

@@ -43,11 +43,16 @@ from signd.gate.inputs import (
     parse_signing_request,
 )
 from signd.operations.attestation import Attestation
-from signd.operations.signer import signature_to_dict
+from signd.operations.signer import signature_json, signature_to_dict
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 SigningHandler = Callable[[Principal, bytes], Awaitable[Any]]
-"""A signing route's work once its caller is known: the body in, the JSON answer out."""
+"""A signing route's work once its caller is known: the body in, the JSON answer out (as
+data, or already encoded: :class:`EncodedJson`)."""
+
+
+class EncodedJson(bytes):
+    """An answer already encoded as JSON, sent as it is."""
 
 
 async def perform_signing(
@@ -122,12 +127,17 @@ def error_response(
 _JSON_HEADERS: Final = (b"content-type", b"application/json")
 
 
+def encode_json(content: Any) -> bytes:
+    """``content`` as :class:`~starlette.responses.JSONResponse` encodes it."""
+    return json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+
+
 async def send_json(send: Send, status: int, content: Any) -> None:
     """Answer with ``content`` as JSON, encoded as :class:`~starlette.responses.JSONResponse`
     encodes it."""
-    body = json.dumps(
-        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    ).encode("utf-8")
+    body = content if isinstance(content, EncodedJson) else encode_json(content)
     await send(
         {
             "type": "http.response.start",
@@ -263,7 +273,7 @@ class RestApi:
 
         return Route(path, SigningEndpoint(self, sign), methods=["POST"])
 
-    async def sign_batch(self, principal: Principal, body: bytes) -> dict[str, Any]:
+    async def sign_batch(self, principal: Principal, body: bytes) -> EncodedJson:
         """Validate every request first (a malformed one fails the batch with 400), then sign
         them all concurrently; each answer is a result or the error that request met."""
         document = parse_object(body)
@@ -275,17 +285,20 @@ class RestApi:
                 field="requests",
             )
         parsed = [parse_batch_item(index, item) for index, item in enumerate(items)]
-        outcomes = await self.service.sign_batch(
-            principal, [(item.kind, item.key, item.payload) for item in parsed]
-        )
-        return {"results": [self._batch_answer(outcome) for outcome in outcomes]}
+        outcomes = await self.service.sign_batch(principal, parsed)
+        answers = ",".join(map(self._batch_answer, outcomes))
+        return EncodedJson(f'{{"results":[{answers}]}}'.encode())
 
-    def _batch_answer(self, outcome: SigningResult | Exception) -> dict[str, Any]:
-        if isinstance(outcome, Exception):
-            return {"error": error_body(outcome, self.metrics)[1]}
+    def _batch_answer(self, outcome: SigningResult | Exception) -> str:
+        """One result of a batch as JSON text (a hash signature's written out directly: a
+        large batch is mostly these)."""
         if isinstance(outcome, RecoverableSignature):
-            return signature_to_dict(outcome)
-        return outcome.to_dict()
+            return signature_json(outcome)
+        if isinstance(outcome, Exception):
+            answer = {"error": error_body(outcome, self.metrics)[1]}
+        else:
+            answer = outcome.to_dict()
+        return encode_json(answer).decode()
 
     # attestation
 

@@ -13,6 +13,7 @@ with :class:`UngatedSigner`: no authentication and no policy at all.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -418,22 +419,28 @@ class SigningService:
         return result
 
     async def sign_batch(
-        self, principal: Principal, requests: Sequence[tuple[SigningKind, str, Any]]
+        self, principal: Principal, requests: Sequence[SigningCall]
     ) -> list[SigningResult | Exception]:
-        """Sign ``(kind, key, payload)`` requests; in order, each one's result or the error it
-        met. They go through the gate in the thread pool :data:`BATCH_CHUNK` at a time (a
-        key's hash or message signatures in one gate call are one decision, sealed as one
-        audit record)."""
+        """Sign ``requests``; in order, each one's result or the error it met. They go
+        through the gate :data:`BATCH_CHUNK` at a time (a key's hash or message signatures in
+        one gate call are one decision, sealed as one audit record)."""
         outcomes: list[SigningResult | Exception] = [_NOT_SIGNED] * len(requests)
 
-        async def sign_chunk(indices: Sequence[int]) -> None:
-            calls = [SigningCall(*requests[index]) for index in indices]
+        async def sign_chunk(indices: range) -> None:
+            calls = requests[indices.start : indices.stop]
             try:
                 signed = await self._gate_sign(principal, calls)
             except Exception as exc:  # the audit append failed: every result is withheld
                 signed = [exc for _ in calls]
+            made: collections.Counter[tuple[str, str, str]] = collections.Counter()
             for index, call, outcome in zip(indices, calls, signed, strict=True):
-                outcomes[index] = self._count(outcome, call.kind)
+                if isinstance(outcome, Exception):
+                    outcomes[index] = outcome
+                else:
+                    made[outcome.key.chain, outcome.key.custody, call.kind.value] += 1
+                    outcomes[index] = outcome.result
+            for labels, count in made.items():
+                self.metrics.signatures.inc(*labels, amount=count)
 
         async with anyio.create_task_group() as group:
             for start in range(0, len(requests), BATCH_CHUNK):

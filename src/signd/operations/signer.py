@@ -44,6 +44,14 @@ def signature_to_dict(signature: RecoverableSignature) -> dict[str, Any]:
     }
 
 
+def signature_json(signature: RecoverableSignature) -> str:
+    """:func:`signature_to_dict` as compact JSON text, written out directly."""
+    return (
+        f'{{"signature":"0x{signature.to_bytes().hex()}","r":"{hex(signature.r)}",'
+        f'"s":"{hex(signature.s)}","recovery_id":{signature.recovery_id}}}'
+    )
+
+
 class Signer:
     """Creates keys in the chosen custody and signs on behalf of any configured custody.
 

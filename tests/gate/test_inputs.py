@@ -1,0 +1,100 @@
+"""Batch items: the one-pass reading of a plain hash item agrees with the general reader."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from signd.errors import SigndError
+from signd.gate import SigningCall, SigningKind
+from signd.gate.inputs import _plain_hash_item, parse_batch_item, parse_typed_request
+
+HEX = "0123456789abcdefABCDEF"
+ODD_CHARACTERS = " \t\n\u0660\u00e9gx+-_"
+"""Whitespace (which ``bytes.fromhex`` skips), Unicode digits and letters, signs."""
+
+
+def _general(index: int, item: object) -> SigningCall | tuple[str, str | None]:
+    """What reading the item without the one-pass path gives: the call or the error."""
+    try:
+        if not isinstance(item, dict):
+            return parse_batch_item(index, item)
+        return parse_typed_request(item, f"requests[{index}]")
+    except SigndError as exc:
+        return (exc.message, exc.field)
+
+
+def _outcome(index: int, item: object) -> SigningCall | tuple[str, str | None]:
+    try:
+        return parse_batch_item(index, item)
+    except SigndError as exc:
+        return (exc.message, exc.field)
+
+
+digest_text = st.one_of(
+    st.text(alphabet=HEX, min_size=64, max_size=64).map(lambda digits: "0x" + digits),
+    st.text(alphabet=HEX + ODD_CHARACTERS, min_size=60, max_size=68).map(lambda s: "0x" + s),
+    st.text(alphabet=HEX, min_size=66, max_size=66),
+    st.sampled_from(
+        [
+            "0X" + "ab" * 32,
+            "0x",
+            "",
+            "0x" + "ab" * 31 + " a",
+            "0x" + "ab" * 31 + "  ",
+            "0x" + "a b" * 21 + "c",
+        ]
+    ),
+    st.integers(),
+    st.none(),
+)
+hash_item = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["hash", "hash ", "ethereum/message", 1]),
+        "key": st.one_of(st.text(max_size=8), st.integers(), st.none()),
+        "hash": digest_text,
+    },
+    optional={"extra": st.integers()},
+)
+
+
+@given(item=hash_item, index=st.integers(min_value=0, max_value=999))
+def test_a_plain_hash_item_reads_as_the_general_reader_reads_it(
+    item: dict[str, Any], index: int
+) -> None:
+    plain = _plain_hash_item(item)
+    if plain is not None:
+        assert plain == parse_typed_request(item)
+        assert plain.kind is SigningKind.HASH and len(plain.payload) == 32
+    assert _outcome(index, item) == _general(index, item)
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "0x" + "ab" * 31 + "  ",  # fromhex skips the spaces: 31 bytes
+        "0x" + "ab" * 31 + "\tc",
+        "0x" + " ab" * 21 + "a",
+        "0x" + "ab" * 31 + "\u0660\u0661",  # Arabic-Indic digits
+        "0x" + "ab" * 31 + "gg",
+        "0x" + "ab" * 32 + "ab",
+        "ab" * 33,
+    ],
+)
+def test_a_hash_item_the_one_pass_path_may_not_take(digest: str) -> None:
+    item = {"type": "hash", "key": "k", "hash": digest}
+    assert _plain_hash_item(item) is None
+    refusal = _general(3, item)
+    assert _outcome(3, item) == refusal
+    assert isinstance(refusal, tuple) and refusal[1] == "requests[3].hash"
+
+
+def test_every_well_formed_hash_item_takes_the_one_pass_path() -> None:
+    for digest in ("0x" + "ab" * 32, "0X" + "CD" * 32, "0x" + "0" * 64):
+        item = {"type": "hash", "key": "k", "hash": digest}
+        assert _plain_hash_item(item) == SigningCall(
+            SigningKind.HASH, "k", bytes.fromhex(digest[2:])
+        )
