@@ -22,7 +22,7 @@ from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, utc_now
 from signd.enclave.gate import MAX_LINE_SIZE
 from signd.errors import AccessDenied
-from signd.gate import PolicyDenied, SigningCall, SigningKind
+from signd.gate import PolicyDenied, SigningCall, SigningKind, keeper
 from signd.gate.audit import MAX_GROUPED_RESULTS, MAX_REASON, DecisionLog
 from signd.gate.keeper import Decided, Gatekeeper, approve
 from signd.policy import Policy, PolicyEngine
@@ -193,6 +193,36 @@ def test_a_reload_before_a_large_batch_is_signed_refuses_each_of_its_calls(
         }
         assert all(r.result_sha256 is None and r.results_sha256 is None for r in records)
         assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+@pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
+def test_a_batch_signed_in_threads_goes_in_chunks_and_keeps_its_order(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys that cannot sign on the event loop (not yet in memory, or on a device) sign in
+    threads, THREAD_CHUNK calls each, all at once; the answers keep the request's order."""
+    gatekeeper = gated.gatekeeper
+    assert isinstance(gatekeeper, Gatekeeper)
+    chunks: list[int] = []
+    sign = gatekeeper.sign
+
+    def counted(caller: Any, calls: Any) -> Any:
+        chunks.append(len(calls))
+        return sign(caller, calls)
+
+    monkeypatch.setattr(keeper, "THREAD_CHUNK", 7)
+    monkeypatch.setattr(gatekeeper, "signs_inline", lambda calls: False)
+    monkeypatch.setattr(gatekeeper, "sign", counted)
+    items = [message(hot_key, f"item {n}") for n in range(26)]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    assert sorted(chunks) == [5, 7, 7, 7]  # the threads start in any order
+    results = response.json()["results"]
+    signers = {
+        text_signer(item["message"], result["signature"])
+        for item, result in zip(items, results, strict=True)
+    }
+    assert signers == {to_checksum(hot_key["address"])}
 
 
 @BOTH_GATES

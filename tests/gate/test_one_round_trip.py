@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from signd.api import ApiSettings, service
+from signd.api import ApiSettings
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave import signer as enclave_signer
 from signd.enclave.cache import UnsealedKeyCache
@@ -74,13 +74,9 @@ def test_a_signing_request_is_one_round_trip(
     assert sent[MessageType.GATE] == 2  # keys: authenticate, then perform
 
 
-def test_a_batch_signed_in_chunks_is_one_round_trip(
-    gated: Gated,
-    hot_key: dict[str, Any],
-    sent: Counter[MessageType],
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_batch_is_one_round_trip(
+    gated: Gated, hot_key: dict[str, Any], sent: Counter[MessageType]
 ) -> None:
-    monkeypatch.setattr(service, "BATCH_CHUNK", 7)  # the API asks for 26 calls in 4 chunks
     requests = [{"type": "ethereum/message"} | message(hot_key, f"item {n}") for n in range(25)]
     requests.append({"type": "ethereum/message"} | message(hot_key, "item 3"))  # asked twice
     response = gated.signed("POST", "/v1/sign/batch", {"requests": requests})

@@ -45,12 +45,6 @@ T = TypeVar("T")
 
 __all__ = ["SigningKind", "SigningResult"]
 
-BATCH_CHUNK: Final = 250
-"""Batch requests signed per gate call: one gate call (thread hop, enclave round trip)
-per chunk rather than per request, and a key's hash or message signatures in a chunk share
-one audit record. (Signing chunks on several threads at once was measured slower than one
-after another: the per-signature Python work fights for the interpreter lock.)"""
-
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -422,30 +416,22 @@ class SigningService:
         self, principal: Principal, requests: Sequence[SigningCall]
     ) -> list[SigningResult | Exception]:
         """Sign ``requests``; in order, each one's result or the error it met. They go
-        through the gate :data:`BATCH_CHUNK` at a time (a key's hash or message signatures in
-        one gate call are one decision, sealed as one audit record)."""
-        outcomes: list[SigningResult | Exception] = [_NOT_SIGNED] * len(requests)
-
-        async def sign_chunk(indices: range) -> None:
-            calls = requests[indices.start : indices.stop]
-            try:
-                signed = await self._gate_sign(principal, calls)
-            except Exception as exc:  # the audit append failed: every result is withheld
-                signed = [exc for _ in calls]
-            made: collections.Counter[tuple[str, str, str]] = collections.Counter()
-            for index, call, outcome in zip(indices, calls, signed, strict=True):
-                if isinstance(outcome, Exception):
-                    outcomes[index] = outcome
-                else:
-                    made[outcome.key.chain, outcome.key.custody, call.kind.value] += 1
-                    outcomes[index] = outcome.result
-            for labels, count in made.items():
-                self.metrics.signatures.inc(*labels, amount=count)
-
-        async with anyio.create_task_group() as group:
-            for start in range(0, len(requests), BATCH_CHUNK):
-                chunk = range(start, min(start + BATCH_CHUNK, len(requests)))
-                group.start_soon(sign_chunk, chunk)
+        through the gate in one call (a key's hash or message signatures in one gate call
+        are one decision, sealed as one audit record)."""
+        try:
+            signed = await self._gate_sign(principal, requests)
+        except Exception as exc:  # the audit append failed: every result is withheld
+            signed = [exc for _ in requests]
+        outcomes: list[SigningResult | Exception] = []
+        made: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for call, outcome in zip(requests, signed, strict=True):
+            if isinstance(outcome, Exception):
+                outcomes.append(outcome)
+            else:
+                made[outcome.key.chain, outcome.key.custody, call.kind.value] += 1
+                outcomes.append(outcome.result)
+        for labels, count in made.items():
+            self.metrics.signatures.inc(*labels, amount=count)
         return outcomes
 
     async def sign_hash(

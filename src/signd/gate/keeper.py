@@ -14,11 +14,12 @@ the request as received.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol, TypeVar
+from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
@@ -51,6 +52,10 @@ OPERATION_OF: Mapping[SigningKind, Operation] = {
     SigningKind.ETH_MESSAGE: Operation.SIGN_MESSAGE,
     SigningKind.ETH_TYPED_DATA: Operation.SIGN_TYPED_DATA,
 }
+THREAD_CHUNK: Final = 250
+"""Calls per thread when a gate call must sign in threads (keys not yet in memory, or held
+by an HSM or KMS). In memory, the gate signs every call of a gate call at once, on every
+core (:func:`~signd.crypto.secp256k1.sign_digests_with`)."""
 AUTHENTICATE = "authenticate"
 """The audit ``operation`` of a request refused before its caller was known."""
 BEARER = "bearer "
@@ -294,11 +299,17 @@ class Gatekeeper:
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
         """:meth:`sign` for an event loop: on the loop when :meth:`signs_inline`, else in
-        ``run``'s thread."""
+        ``run``'s threads, :data:`THREAD_CHUNK` calls each (a device that signs slowly, such
+        as an HSM, then signs several chunks at once)."""
         if self.signs_inline(calls):
             return self.sign(caller, calls)
-        signed: list[Signed | Exception] = await run(self.sign, caller, calls)
-        return signed
+        chunks = [
+            calls[start : start + THREAD_CHUNK] for start in range(0, len(calls), THREAD_CHUNK)
+        ]
+        parts: list[list[Signed | Exception]] = await asyncio.gather(
+            *(run(self.sign, caller, chunk) for chunk in chunks)
+        )
+        return [outcome for part in parts for outcome in part]
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.
