@@ -62,7 +62,7 @@ from signd.audit.tail import check_tail, reaches, spends
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import Presentation
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import normalize_signature
+from signd.crypto.secp256k1 import PARALLEL_MIN, normalize_signature
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, check_labels, utc_now
 from signd.enclave.protocol import (
@@ -89,7 +89,7 @@ from signd.errors import (
     shown,
 )
 from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
-from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
     DEFAULT_LIMITS,
@@ -110,11 +110,11 @@ from signd.gate.keeper import (
     caller_entry,
     identify,
     key_fields,
-    rule_of,
     scope_refusal,
     switch_refusal,
 )
 from signd.gate.operations import SigningCall, SigningKind
+from signd.gate.together import Run, SignTogether, Waiting
 from signd.kms.base import DATA_KEY_SIZE, KmsClient
 from signd.policy import Operation, PolicyEngine, PolicyHolder, SigningIntent
 
@@ -566,6 +566,10 @@ class EnclaveGate:
         answer: _Answer,
     ) -> None:
         slots = dict(zip(action.origins, action.calls, strict=True))
+        together: SignTogether[ProvenKey] | None = None
+        if len(select) >= PARALLEL_MIN:
+            together = SignTogether(answer.entries)
+        waiting: list[tuple[int, Waiting[ProvenKey]]] = []
         for origin in select:
             call = slots.get(origin)
             if call is None:
@@ -574,12 +578,36 @@ class EnclaveGate:
             if isinstance(call, SigndError):
                 answer.outcomes.append(_error(call))
                 continue
+            fill = fills.get(origin)
+            outcome: dict[str, Any] | Waiting[ProvenKey]
             try:
-                answer.outcomes.append(
-                    self._sign_one(configured, presented, call, fills.get(origin), keys, answer)
-                )
+                run = together.run_of(call) if together is not None and not fill else None
+                if run is not None:
+                    assert together is not None
+                    outcome = together.again(run, call)
+                else:
+                    outcome = self._sign_one(
+                        configured, presented, call, fill, keys, answer, together
+                    )
             except SigndError as exc:
                 answer.outcomes.append(_error(exc))
+                continue
+            if isinstance(outcome, Waiting):
+                waiting.append((len(answer.outcomes), outcome))
+                answer.outcomes.append({})  # its place, until its signature is made
+            else:
+                answer.outcomes.append(outcome)
+        if together is not None:
+            together.finish(configured.engine, ProvenKey.sign_many)
+        for place, made in waiting:
+            if made.error is not None:
+                answer.outcomes[place] = _error(made.error)
+            else:
+                assert made.signature is not None
+                answer.outcomes[place] = {
+                    "signature": made.signature.to_bytes(),
+                    "digest": made.digest,
+                }
 
     def _sign_one(
         self,
@@ -589,7 +617,11 @@ class EnclaveGate:
         fill: Mapping[str, Any] | None,
         keys: Mapping[str, KeyInfo],
         answer: _Answer,
-    ) -> dict[str, Any]:
+        together: SignTogether[ProvenKey] | None = None,
+    ) -> dict[str, Any] | Waiting[ProvenKey]:
+        """One call through the gate: its outcome, or (with ``together``, a call the policy
+        decides on the key alone, with a key this enclave holds) its signature left to make
+        with the others (:mod:`signd.gate.together`)."""
         principal = presented.principal
         base = self._entry(presented, _OPERATION_OF[call.kind])
 
@@ -619,6 +651,17 @@ class EnclaveGate:
             approval = approve(principal, call, info, configured.engine, answer.decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
+        prepared = approval.prepared
+        if together is not None and proven is not None and not prepared.facts and not fill:
+            reference = _reference(info)
+            run = Run(
+                info,
+                base,
+                approval.decision,
+                approval.intent,
+                lambda: self._signer.proven_key(reference),
+            )
+            return together.start(call, run, proven, prepared.digest, prepared.assemble)
         return self._perform(configured, approval, base, answer, proven)
 
     def _perform(

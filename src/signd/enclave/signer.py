@@ -45,6 +45,7 @@ from signd.crypto.secp256k1 import (
     RecoverableSignature,
     check_digest,
     sign_digest_with,
+    sign_digests_with,
 )
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference, canonical_labels
@@ -178,6 +179,23 @@ class ProvenKey:
     def sign_digest(self, digest: bytes) -> RecoverableSignature:
         """Sign a 32-byte digest (RFC 6979 nonce, low-S)."""
         return sign_digest_with(self._private_key, check_digest(digest))
+
+    @staticmethod
+    def sign_many(
+        pairs: Sequence[tuple[ProvenKey, bytes]],
+    ) -> list[RecoverableSignature | SigndError]:
+        """:meth:`sign_digest` of each (key, digest) pair, in order, on every core
+        (:func:`sign_digests_with`); one that fails gives its error in its place."""
+        try:
+            return list(sign_digests_with([(key._private_key, digest) for key, digest in pairs]))
+        except SigndError:  # a digest that is not 32 bytes: let each say which
+            signatures: list[RecoverableSignature | SigndError] = []
+            for key, digest in pairs:
+                try:
+                    signatures.append(key.sign_digest(digest))
+                except SigndError as exc:
+                    signatures.append(exc)
+            return signatures
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ AccessDenied
 
 from __future__ import annotations
 
-from signd.errors import AccessDenied
+from signd.errors import AccessDenied, SigndError
 
 BLIND_SIGNING_DISABLED = (
     "blind signing (raw 32-byte hashes) is disabled on this server; sign the transaction or"
@@ -48,3 +48,8 @@ class PolicyDenied(AccessDenied):
         if self.rule is not None:
             body["rule"] = self.rule
         return body
+
+
+def rule_of(error: SigndError) -> str | None:
+    """The policy rule a refusal names (``None`` for anything but a policy refusal)."""
+    return error.rule if isinstance(error, PolicyDenied) else None

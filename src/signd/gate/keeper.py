@@ -24,14 +24,21 @@ from typing import Final, NoReturn, Protocol, TypeVar
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature, check_digest
+from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, ConfigurationError, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
-from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
+from signd.gate.errors import (
+    BlindSigningDisabled,
+    OutOfScope,
+    PolicyDenied,
+    Unauthenticated,
+    rule_of,
+)
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
-from signd.gate.operations import Runner, Signed, SigningCall, SigningKind, SigningResult
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
+from signd.gate.together import Run, SignTogether, Waiting
 from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
 
 log = logging.getLogger("signd.gate")
@@ -321,69 +328,27 @@ class Gatekeeper:
         entries = DecisionLog()
         keys: dict[str, KeyInfo | SigndError] = {}
         decided: Decided = {}
-        outcomes: list[Signed | Exception | _SignLater] = []
-        later: list[tuple[int, _SignLater]] | None = [] if len(calls) >= PARALLEL_MIN else None
-        runs: _Runs | None = {} if later is not None else None
-        for index, call in enumerate(calls):
+        outcomes: list[Signed | Exception | Waiting[KeyInfo]] = []
+        together: SignTogether[KeyInfo] | None = None
+        if len(calls) >= PARALLEL_MIN:
+            together = SignTogether(entries)
+        for call in calls:
             try:
-                run = runs.get((call.key, call.kind)) if runs is not None else None
+                run = together.run_of(call) if together is not None else None
                 if run is not None:
-                    outcome: Signed | _SignLater = self._sign_again(run, call, entries)
+                    assert together is not None
+                    outcomes.append(together.again(run, call))
                 else:
-                    outcome = self._sign_one(caller, call, keys, decided, entries, runs)
+                    outcomes.append(self._sign_one(caller, call, keys, decided, entries, together))
             except Exception as exc:
                 outcomes.append(exc)
-                continue
-            if isinstance(outcome, _SignLater):
-                assert later is not None
-                later.append((index, outcome))
-            outcomes.append(outcome)  # a _SignLater's place, until its signature is made
-        if later:
-            self._sign_later(later, outcomes, entries)
+        if together is not None:
+            together.finish(self.engine, self.signer.sign_hashes)
         try:
             self.audit.write(entries.entries)
         except Exception as exc:
             return [exc for _ in outcomes]
         return [_made(outcome) for outcome in outcomes]
-
-    def _sign_later(
-        self,
-        later: Sequence[tuple[int, _SignLater]],
-        outcomes: list[Signed | Exception | _SignLater],
-        entries: DecisionLog,
-    ) -> None:
-        """Make the signatures :meth:`_sign_one` left for later all at once, on every core,
-        and put them (or their errors) in their places and their audit entries.
-
-        Each run's decision is committed once, first: its calls have no facts and no value,
-        so nothing is counted; the commit only refuses them all if the policy was reloaded
-        since the decision."""
-        refused: dict[int, SigndError] = {}
-        for run in {id(waiting.run): waiting.run for _, waiting in later}.values():
-            try:
-                self.engine.commit(run.decision, run.intent)
-            except AccessDenied as exc:
-                refused[id(run)] = PolicyDenied(exc.message, rule=run.decision.rule)
-        signing = [(index, waiting) for index, waiting in later if id(waiting.run) not in refused]
-        signatures = self.signer.sign_hashes(
-            [(waiting.run.key, waiting.digest) for _, waiting in signing]
-        )
-        settled: dict[str, str | SigndError] = {}
-        for index, waiting in later:
-            error = refused.get(id(waiting.run))
-            if error is not None:
-                outcomes[index] = settled[waiting.token] = error
-        for (index, waiting), signature in zip(signing, signatures, strict=True):
-            try:
-                if isinstance(signature, SigndError):
-                    raise signature
-                result = waiting.assemble(signature)
-            except SigndError as exc:
-                outcomes[index] = settled[waiting.token] = exc
-                continue
-            settled[waiting.token] = sha256_hex(result_bytes(result))
-            outcomes[index] = Signed(waiting.run.key, result)
-        entries.settle(settled)
 
     def _sign_one(
         self,
@@ -392,12 +357,11 @@ class Gatekeeper:
         keys: dict[str, KeyInfo | SigndError],
         decided: Decided,
         entries: DecisionLog,
-        runs: _Runs | None = None,
-    ) -> Signed | _SignLater:
-        """One call through the gate: its :class:`Signed`, or (given ``runs``, a call the
-        policy decides on the key alone, with a key in memory) a :class:`_SignLater`,
-        approved and committed, whose signature :meth:`_sign_later` makes with others; the
-        calls after it of the same kind with the same key then take :meth:`_sign_again`."""
+        together: SignTogether[KeyInfo] | None = None,
+    ) -> Signed | Waiting[KeyInfo]:
+        """One call through the gate: its :class:`Signed`, or (with ``together``, a call the
+        policy decides on the key alone, with a key in memory) its signature left to make
+        with the others (:mod:`signd.gate.together`)."""
         principal = caller.principal
         base = self._entry(caller, OPERATION_OF[call.kind])
 
@@ -422,21 +386,14 @@ class Gatekeeper:
             approval = approve(principal, call, info, self.engine, decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
-        decision = approval.decision
-        if (
-            runs is not None
-            and not approval.prepared.facts
-            and self.signer.key_is_local(info.key_id)
-        ):
-            prepared = approval.prepared
-            run = runs[call.key, call.kind] = _Run(
-                info, base, decision, approval.intent, prepared.assemble
-            )
-            token = entries.signed_later(base, reason=decision.reason, rule=decision.rule)
-            return _SignLater(run, prepared.digest, prepared.assemble, token)
+        decision, prepared = approval.decision, approval.prepared
+        if together is not None and not prepared.facts and self.signer.key_is_local(info.key_id):
+            key = info
+            run = Run(info, base, decision, approval.intent, lambda: key)
+            return together.start(call, run, info, prepared.digest, prepared.assemble)
         try:
-            signature = self.signer.sign_hash(info, approval.prepared.digest)
-            result = approval.prepared.assemble(signature)
+            signature = self.signer.sign_hash(info, prepared.digest)
+            result = prepared.assemble(signature)
             spend = self.engine.commit(decision, approval.intent)
         except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
             raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
@@ -450,23 +407,6 @@ class Gatekeeper:
             spend=spend,
         )
         return Signed(info, result)
-
-    def _sign_again(self, run: _Run, call: SigningCall, entries: DecisionLog) -> _SignLater:
-        """A call of the same kind, with the same key, as the one that started ``run``: the
-        same client, scope, key and labels, so the same decision; only its payload is new."""
-        try:
-            if call.kind is SigningKind.HASH:
-                digest, assemble = check_digest(call.payload), run.assemble
-            else:
-                prepared = prepare(call.kind, call.payload, run.key)
-                digest, assemble = prepared.digest, prepared.assemble
-        except SigndError as exc:
-            entries.append(
-                run.base | {"decision": "refused", "reason": exc.message, "rule": rule_of(exc)}
-            )
-            raise
-        token = entries.signed_later(run.base, reason=run.decision.reason, rule=run.decision.rule)
-        return _SignLater(run, digest, assemble, token)
 
     # helpers
 
@@ -571,11 +511,6 @@ def labels_refusal(client_id: str, info: KeyInfo) -> OutOfScope:
     )
 
 
-def rule_of(error: SigndError) -> str | None:
-    """The policy rule a refusal names (``None`` for anything but a policy refusal)."""
-    return error.rule if isinstance(error, PolicyDenied) else None
-
-
 @dataclass(frozen=True, slots=True)
 class Approval:
     """A call the policy allowed: what to sign (``prepared.digest``), and the decision to
@@ -587,36 +522,14 @@ class Approval:
     decision: Decision
 
 
-def _made(outcome: Signed | Exception | _SignLater) -> Signed | Exception:
-    if isinstance(outcome, _SignLater):  # pragma: no cover - _sign_later replaces them all
-        raise AssertionError("a signature left for later was never made")
-    return outcome
-
-
-@dataclass(slots=True)
-class _SignLater:
-    """An approved, committed call whose signature is still to be made, and the token its
-    audit entry holds until then (:meth:`DecisionLog.signed_later`)."""
-
-    run: _Run
-    digest: bytes
-    assemble: Callable[[RecoverableSignature], SigningResult]
-    token: str
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _Run:
-    """What a gate call's first allowed call of a kind with a key settled for the calls of
-    that kind with that key after it: the key, its audit entry's fields, the decision."""
-
-    key: KeyInfo
-    base: AuditEntry
-    decision: Decision
-    intent: SigningIntent
-    assemble: Callable[[RecoverableSignature], SigningResult]
-
-
-_Runs = dict[tuple[str, SigningKind], _Run]
+def _made(outcome: Signed | Exception | Waiting[KeyInfo]) -> Signed | Exception:
+    """A call's outcome once its signature, if it waited, is made."""
+    if not isinstance(outcome, Waiting):
+        return outcome
+    if outcome.error is not None:
+        return outcome.error
+    assert outcome.result is not None
+    return Signed(outcome.run.key, outcome.result)
 
 
 Decided = dict[tuple[str, str, tuple[str, ...], Operation], tuple[SigningIntent, Decision]]
