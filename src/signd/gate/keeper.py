@@ -387,7 +387,7 @@ class Gatekeeper:
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         decision, prepared = approval.decision, approval.prepared
-        if together is not None and not prepared.facts and self.signer.key_is_local(info.key_id):
+        if together is not None and not prepared.facts and self.signer.key_is_local(call.key):
             key = info
             run = Run(info, base, decision, approval.intent, lambda: key)
             return together.start(call, run, info, prepared.digest, prepared.assemble)
