@@ -131,9 +131,8 @@ def _signing_helpers() -> tuple[ThreadPoolExecutor, int]:
 
 def _sign_part(
     pairs: Sequence[tuple[coincurve.PrivateKey, bytes]],
-) -> list[RecoverableSignature]:
-    from_bytes = RecoverableSignature.from_bytes
-    return [from_bytes(secret.sign_recoverable(digest, hasher=None)) for secret, digest in pairs]
+) -> list[bytes]:
+    return [secret.sign_recoverable(digest, hasher=None) for secret, digest in pairs]
 
 
 def sign_digests_with(
@@ -150,13 +149,16 @@ def sign_digests_with(
     work = [(secret, digest) for (secret, _), digest in zip(pairs, digests, strict=True)]
     helpers, size = _signing_helpers() if len(work) >= PARALLEL_MIN else (None, 0)
     if helpers is None:
-        return _sign_part(work)
-    step = -(-len(work) // (size + 1))
-    parts = [helpers.submit(_sign_part, work[i : i + step]) for i in range(step, len(work), step)]
-    signatures = _sign_part(work[:step])
-    for part in parts:
-        signatures.extend(part.result())
-    return signatures
+        raw = _sign_part(work)
+    else:
+        step = -(-len(work) // (size + 1))
+        parts = [
+            helpers.submit(_sign_part, work[i : i + step]) for i in range(step, len(work), step)
+        ]
+        raw = _sign_part(work[:step])
+        for part in parts:
+            raw.extend(part.result())
+    return list(map(RecoverableSignature.from_bytes, raw))
 
 
 def recover_public_key(digest: bytes, signature65: bytes) -> bytes:
