@@ -196,6 +196,29 @@ def test_a_reload_before_a_large_batch_is_signed_refuses_each_of_its_calls(
 
 
 @pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
+def test_a_signing_fault_refuses_each_waiting_call_and_leaves_no_placeholder(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = [message(hot_key, f"m{n}") for n in range(PARALLEL_MIN)]
+    assert gated.signed("POST", "/v1/sign/batch", {"requests": items}).status_code == 200
+
+    def broken(pairs: object) -> None:
+        raise ValueError("the library failed")
+
+    monkeypatch.setattr(gated.signer, "sign_hashes", broken)
+    before = len(gated.records())
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    codes = {result["error"]["code"] for result in response.json()["results"]}
+    assert codes == {"integrity_error"}
+    records = [sealed.record for sealed in gated.records()[before:]]
+    assert len(records) == len(items)
+    assert {(r.decision, r.reason) for r in records} == {("refused", "signing failed (ValueError)")}
+    assert "pending:" not in gated.paths.audit_log.read_text()
+    assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+@pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
 def test_a_batch_signed_in_threads_goes_in_chunks_and_keeps_its_order(
     gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

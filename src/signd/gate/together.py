@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo
-from signd.errors import AccessDenied, SigndError
+from signd.errors import AccessDenied, IntegrityError, SigndError
 from signd.gate.audit import AuditEntry, DecisionLog
 from signd.gate.errors import PolicyDenied, rule_of
 from signd.gate.intents import prepare, result_bytes, sha256_hex
@@ -111,7 +111,8 @@ class SignTogether(Generic[K]):
 
     def finish(self, engine: PolicyEngine, sign_many: SignMany[K]) -> None:
         """Commit each run's decision, make every waiting signature at once with
-        ``sign_many``, and settle their audit entries."""
+        ``sign_many``, and settle their audit entries: every token is replaced, by a result
+        or by a refusal, whatever fails."""
         if not self._waiting:
             return
         refused: dict[int, SigndError] = {}
@@ -121,7 +122,12 @@ class SignTogether(Generic[K]):
             except AccessDenied as exc:  # a reload since the decision
                 refused[id(run)] = PolicyDenied(exc.message, rule=run.decision.rule)
         signing = [waiting for waiting in self._waiting if id(waiting.run) not in refused]
-        signatures = sign_many([(waiting.signer, waiting.digest) for waiting in signing])
+        signatures: Sequence[RecoverableSignature | SigndError]
+        try:
+            signatures = sign_many([(waiting.signer, waiting.digest) for waiting in signing])
+        except Exception as exc:  # a fault of the signing library: each call is refused
+            failure = IntegrityError(f"signing failed ({type(exc).__name__})")
+            signatures = [failure for _ in signing]
         settled: dict[str, str | SigndError] = {}
         for waiting in self._waiting:
             waiting.error = refused.get(id(waiting.run))
