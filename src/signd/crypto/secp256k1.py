@@ -116,17 +116,17 @@ PARALLEL_MIN: Final = 64
 handing work to another thread costs more than it saves."""
 
 _helpers_lock = threading.Lock()
-_helpers: ThreadPoolExecutor | None = None
+_helpers: tuple[ThreadPoolExecutor, int] | None = None
 
 
 def _signing_helpers() -> tuple[ThreadPoolExecutor, int]:
     """The shared pool of signing threads (one per core but the caller's), and its size."""
     global _helpers
-    size = max(1, len(os.sched_getaffinity(0)) - 1)
     with _helpers_lock:
         if _helpers is None:
-            _helpers = ThreadPoolExecutor(max_workers=size, thread_name_prefix="signd-sign")
-    return _helpers, size
+            size = max(1, len(os.sched_getaffinity(0)) - 1)
+            _helpers = ThreadPoolExecutor(max_workers=size, thread_name_prefix="signd-sign"), size
+        return _helpers
 
 
 def _sign_part(
