@@ -248,6 +248,30 @@ def test_a_batch_signed_in_threads_goes_in_chunks_and_keeps_its_order(
     assert signers == {to_checksum(hot_key["address"])}
 
 
+@pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
+def test_a_chunk_that_fails_in_its_thread_loses_only_its_own_results(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gatekeeper = gated.gatekeeper
+    assert isinstance(gatekeeper, Gatekeeper)
+    sign = gatekeeper.sign
+
+    def failing_short_chunks(caller: Any, calls: Any) -> Any:
+        if len(calls) < 7:
+            raise RuntimeError("this thread failed")
+        return sign(caller, calls)
+
+    monkeypatch.setattr(keeper, "THREAD_CHUNK", 7)
+    monkeypatch.setattr(gatekeeper, "signs_inline", lambda calls: False)
+    monkeypatch.setattr(gatekeeper, "sign", failing_short_chunks)
+    items = [message(hot_key, f"item {n}") for n in range(26)]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert ["error" in result for result in results] == [False] * 21 + [True] * 5
+    assert {result["error"]["code"] for result in results[21:]} == {"internal_error"}
+
+
 @BOTH_GATES
 def test_one_message_keeps_its_result_in_result_sha256(
     gated: Gated, hot_key: dict[str, Any]

@@ -313,10 +313,18 @@ class Gatekeeper:
         chunks = [
             calls[start : start + THREAD_CHUNK] for start in range(0, len(calls), THREAD_CHUNK)
         ]
-        parts: list[list[Signed | Exception]] = await asyncio.gather(
-            *(run(self.sign, caller, chunk) for chunk in chunks)
+        parts: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
+            *(run(self.sign, caller, chunk) for chunk in chunks), return_exceptions=True
         )
-        return [outcome for part in parts for outcome in part]
+        outcomes: list[Signed | Exception] = []
+        for chunk, part in zip(chunks, parts, strict=True):
+            if isinstance(part, Exception):  # that chunk's results are lost, not the others'
+                outcomes.extend(part for _ in chunk)
+            elif isinstance(part, BaseException):
+                raise part
+            else:
+                outcomes.extend(part)
+        return outcomes
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.
