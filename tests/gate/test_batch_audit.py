@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,20 @@ def test_a_large_batch_is_signed_on_every_core_and_audited_signature_by_signatur
         assert_log_verifies(gated.gatekeeper, gated.paths)
 
 
+def _sign_again_refused(
+    gated: Gated, items: list[dict[str, Any]]
+) -> tuple[set[str], list[AuditRecord]]:
+    """Sign ``items`` as a batch whose every item is refused: the error codes, and the records
+    it added (one per item)."""
+    before = len(gated.records())
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    codes = {result["error"]["code"] for result in response.json()["results"]}
+    records = [sealed.record for sealed in gated.records()[before:]]
+    assert len(records) == len(items)
+    return codes, records
+
+
 @pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
 def test_a_reload_before_a_large_batch_is_signed_refuses_each_of_its_calls(
     tmp_path: Path, gate_mode: str, monkeypatch: pytest.MonkeyPatch
@@ -181,13 +196,8 @@ def test_a_reload_before_a_large_batch_is_signed_refuses_each_of_its_calls(
 
         assert isinstance(gated.gatekeeper, Gatekeeper)
         monkeypatch.setattr(gated.gatekeeper.engine, "commit", reloaded)
-        before = len(gated.records())
-        response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
-        assert response.status_code == 200, response.text
-        codes = {result["error"]["code"] for result in response.json()["results"]}
+        codes, records = _sign_again_refused(gated, items)
         assert codes == {"policy_denied"}
-        records = [sealed.record for sealed in gated.records()[before:]]
-        assert len(records) == len(items)
         assert {(r.decision, r.rule, r.key_id) for r in records} == {
             ("refused", "hot-messages", key["key_id"])
         }
@@ -206,16 +216,31 @@ def test_a_signing_fault_refuses_each_waiting_call_and_leaves_no_placeholder(
         raise ValueError("the library failed")
 
     monkeypatch.setattr(gated.signer, "sign_hashes", broken)
-    before = len(gated.records())
-    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
-    assert response.status_code == 200, response.text
-    codes = {result["error"]["code"] for result in response.json()["results"]}
+    codes, records = _sign_again_refused(gated, items)
     assert codes == {"integrity_error"}
-    records = [sealed.record for sealed in gated.records()[before:]]
-    assert len(records) == len(items)
     assert {(r.decision, r.reason) for r in records} == {("refused", "signing failed (ValueError)")}
     assert "pending:" not in gated.paths.audit_log.read_text()
     assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+def _batch_in_threads(
+    gated: Gated,
+    hot_key: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    in_thread: Callable[[Callable[..., Any], Any, Any], Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """26 messages signed in threads, 7 calls to a thread; each thread's call to the gate
+    goes through ``in_thread(sign, caller, calls)``. The items and their results."""
+    gatekeeper = gated.gatekeeper
+    assert isinstance(gatekeeper, Gatekeeper)
+    sign = gatekeeper.sign
+    monkeypatch.setattr(keeper, "THREAD_CHUNK", 7)
+    monkeypatch.setattr(gatekeeper, "signs_inline", lambda calls: False)
+    monkeypatch.setattr(gatekeeper, "sign", lambda caller, calls: in_thread(sign, caller, calls))
+    items = [message(hot_key, f"item {n}") for n in range(26)]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    return items, response.json()["results"]
 
 
 @pytest.mark.parametrize("gate_mode", [GATE_MODES[0]], indirect=True)
@@ -224,23 +249,14 @@ def test_a_batch_signed_in_threads_goes_in_chunks_and_keeps_its_order(
 ) -> None:
     """Keys that cannot sign on the event loop (not yet in memory, or on a device) sign in
     threads, THREAD_CHUNK calls each, all at once; the answers keep the request's order."""
-    gatekeeper = gated.gatekeeper
-    assert isinstance(gatekeeper, Gatekeeper)
     chunks: list[int] = []
-    sign = gatekeeper.sign
 
-    def counted(caller: Any, calls: Any) -> Any:
+    def counted(sign: Callable[..., Any], caller: Any, calls: Any) -> Any:
         chunks.append(len(calls))
         return sign(caller, calls)
 
-    monkeypatch.setattr(keeper, "THREAD_CHUNK", 7)
-    monkeypatch.setattr(gatekeeper, "signs_inline", lambda calls: False)
-    monkeypatch.setattr(gatekeeper, "sign", counted)
-    items = [message(hot_key, f"item {n}") for n in range(26)]
-    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
-    assert response.status_code == 200, response.text
+    items, results = _batch_in_threads(gated, hot_key, monkeypatch, counted)
     assert sorted(chunks) == [5, 7, 7, 7]  # the threads start in any order
-    results = response.json()["results"]
     signers = {
         text_signer(item["message"], result["signature"])
         for item, result in zip(items, results, strict=True)
@@ -252,22 +268,12 @@ def test_a_batch_signed_in_threads_goes_in_chunks_and_keeps_its_order(
 def test_a_chunk_that_fails_in_its_thread_loses_only_its_own_results(
     gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gatekeeper = gated.gatekeeper
-    assert isinstance(gatekeeper, Gatekeeper)
-    sign = gatekeeper.sign
-
-    def failing_short_chunks(caller: Any, calls: Any) -> Any:
+    def failing_short_chunks(sign: Callable[..., Any], caller: Any, calls: Any) -> Any:
         if len(calls) < 7:
             raise RuntimeError("this thread failed")
         return sign(caller, calls)
 
-    monkeypatch.setattr(keeper, "THREAD_CHUNK", 7)
-    monkeypatch.setattr(gatekeeper, "signs_inline", lambda calls: False)
-    monkeypatch.setattr(gatekeeper, "sign", failing_short_chunks)
-    items = [message(hot_key, f"item {n}") for n in range(26)]
-    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
-    assert response.status_code == 200, response.text
-    results = response.json()["results"]
+    _, results = _batch_in_threads(gated, hot_key, monkeypatch, failing_short_chunks)
     assert ["error" in result for result in results] == [False] * 21 + [True] * 5
     assert {result["error"]["code"] for result in results[21:]} == {"internal_error"}
 
