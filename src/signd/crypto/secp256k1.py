@@ -11,15 +11,17 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 import coincurve
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from signd.errors import InvalidField, InvalidSignature
+from signd.errors import InvalidField, InvalidSignature, SigndError
+
+Signer = TypeVar("Signer")
 
 CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_CURVE_ORDER = CURVE_ORDER // 2
@@ -159,6 +161,20 @@ def sign_digests_with(
         for part in parts:
             raw.extend(part.result())
     return list(map(RecoverableSignature.from_bytes, raw))
+
+
+def signatures_or_errors(
+    pairs: Sequence[tuple[Signer, bytes]], sign: Callable[[Signer, bytes], RecoverableSignature]
+) -> list[RecoverableSignature | SigndError]:
+    """``sign`` of each (signer, digest) pair, in order; one that raises a
+    :class:`~signd.errors.SigndError` gives it in its place."""
+    signatures: list[RecoverableSignature | SigndError] = []
+    for signer, digest in pairs:
+        try:
+            signatures.append(sign(signer, digest))
+        except SigndError as exc:
+            signatures.append(exc)
+    return signatures
 
 
 def recover_public_key(digest: bytes, signature65: bytes) -> bytes:

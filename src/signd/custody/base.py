@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from signd.crypto.secp256k1 import RecoverableSignature, check_digest, normalize_signature
+from signd.crypto.secp256k1 import (
+    RecoverableSignature,
+    check_digest,
+    normalize_signature,
+    signatures_or_errors,
+)
 from signd.errors import (
     IntegrityError,
     InvalidField,
@@ -181,13 +186,7 @@ class CustodyBackend(ABC):
     ) -> list[RecoverableSignature | SigndError]:
         """:meth:`sign_digest` of each (key, digest) pair, in order; one that fails gives
         its error in its place. Backends that sign in memory do it on every core."""
-        signatures: list[RecoverableSignature | SigndError] = []
-        for key, digest in pairs:
-            try:
-                signatures.append(self.sign_digest(key, digest))
-            except SigndError as exc:
-                signatures.append(exc)
-        return signatures
+        return signatures_or_errors(pairs, self.sign_digest)
 
     def signs_locally(self, key: KeyInfo) -> bool:
         """True when signing with ``key`` needs no I/O (its private key is in this process's

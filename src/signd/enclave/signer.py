@@ -46,6 +46,7 @@ from signd.crypto.secp256k1 import (
     check_digest,
     sign_digest_with,
     sign_digests_with,
+    signatures_or_errors,
 )
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference, canonical_labels
@@ -189,13 +190,7 @@ class ProvenKey:
         try:
             return list(sign_digests_with([(key._private_key, digest) for key, digest in pairs]))
         except SigndError:  # a digest that is not 32 bytes: let each say which
-            signatures: list[RecoverableSignature | SigndError] = []
-            for key, digest in pairs:
-                try:
-                    signatures.append(key.sign_digest(digest))
-                except SigndError as exc:
-                    signatures.append(exc)
-            return signatures
+            return signatures_or_errors(pairs, ProvenKey.sign_digest)
 
 
 @dataclass(slots=True)

@@ -40,7 +40,7 @@ class Prepared:
 def prepare(kind: SigningKind, payload: Any, key: KeyInfo) -> Prepared:
     """Decode ``payload`` for signing with ``key``; malformed input raises a 4xx error."""
     if kind is SigningKind.HASH:
-        return Prepared(Operation.SIGN_HASH, check_digest(payload), _identity)
+        return Prepared(Operation.SIGN_HASH, check_digest(payload), hash_result)
     if key.chain != "ethereum":
         raise InvalidField(f"key {key.key_id} is a {key.chain} key", field="key")
     if kind is SigningKind.ETH_TRANSACTION:
@@ -63,7 +63,8 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _identity(signature: RecoverableSignature) -> SigningResult:
+def hash_result(signature: RecoverableSignature) -> SigningResult:
+    """What a hash call answers: the signature itself."""
     return signature
 
 

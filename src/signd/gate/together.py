@@ -29,7 +29,7 @@ from signd.custody.base import KeyInfo
 from signd.errors import AccessDenied, IntegrityError, SigndError
 from signd.gate.audit import AuditEntry, DecisionLog
 from signd.gate.errors import PolicyDenied, rule_of
-from signd.gate.intents import prepare, result_bytes, sha256_hex
+from signd.gate.intents import hash_result, prepare, result_bytes, sha256_hex
 from signd.gate.operations import SigningCall, SigningKind, SigningResult
 from signd.policy import Decision, PolicyEngine, SigningIntent
 
@@ -97,7 +97,7 @@ class SignTogether(Generic[K]):
         assemble: Assemble
         try:
             if call.kind is SigningKind.HASH:
-                digest, assemble = check_digest(call.payload), _identity
+                digest, assemble = check_digest(call.payload), hash_result
             else:
                 prepared = prepare(call.kind, call.payload, run.key)
                 digest, assemble = prepared.digest, prepared.assemble
@@ -153,7 +153,3 @@ class SignTogether(Generic[K]):
         waiting = Waiting(run, signer, digest, assemble, token)
         self._waiting.append(waiting)
         return waiting
-
-
-def _identity(signature: RecoverableSignature) -> SigningResult:
-    return signature
