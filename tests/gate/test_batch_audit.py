@@ -22,6 +22,7 @@ from signd.crypto.secp256k1 import PARALLEL_MIN
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo, utc_now
 from signd.enclave.gate import MAX_LINE_SIZE
+from signd.enclave.signer import ProvenKey
 from signd.errors import AccessDenied
 from signd.gate import PolicyDenied, SigningCall, SigningKind, keeper
 from signd.gate.audit import MAX_GROUPED_RESULTS, MAX_REASON, DecisionLog
@@ -220,6 +221,59 @@ def test_a_signing_fault_refuses_each_waiting_call_and_leaves_no_placeholder(
     assert codes == {"integrity_error"}
     assert {(r.decision, r.reason) for r in records} == {("refused", "signing failed (ValueError)")}
     assert "pending:" not in gated.paths.audit_log.read_text()
+    assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+@BOTH_GATES
+def test_a_signing_fault_in_one_call_is_refused_on_the_record_and_spares_the_others(
+    gated: Gated, hot_key: dict[str, Any], gate_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the signing library that is not a signd error (here at the second
+    signature) refuses its call as ``integrity_error`` with a record of its own; the calls
+    around it are signed and recorded as usual, and a request of that call alone gets the
+    same error."""
+    made: list[object] = []
+
+    def failing_second(sign: Callable[..., Any]) -> Callable[..., Any]:
+        def sign_or_fail(*args: Any) -> Any:
+            made.append(args)
+            if len(made) == 2:
+                raise ValueError("the library failed")
+            return sign(*args)
+
+        return sign_or_fail
+
+    if gate_mode == "enclave":  # the enclave signs the keys it seals
+        monkeypatch.setattr(ProvenKey, "sign_digest", failing_second(ProvenKey.sign_digest))
+    else:
+        monkeypatch.setattr(gated.signer, "sign_hash", failing_second(gated.signer.sign_hash))
+    items = [message(hot_key, f"m{n}") for n in range(3)]
+    before = len(gated.records())
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [result.get("error", {}).get("code") for result in results] == [
+        None,
+        "integrity_error",
+        None,
+    ]
+    records = [sealed.record for sealed in gated.records()[before:]]
+    [allowed] = [r for r in records if r.decision == "allowed"]
+    [refused] = [r for r in records if r.decision == "refused"]
+    assert allowed.results_sha256 == (digest_of(results[0]), digest_of(results[2]))
+    assert (refused.reason, refused.rule, refused.key_id) == (
+        "signing failed (ValueError)",
+        "hot-messages",
+        hot_key["key_id"],
+    )
+
+    made.clear()
+    assert gated.signed("POST", "/v1/sign/batch", {"requests": items[:1]}).status_code == 200
+    alone = gated.signed(
+        "POST", "/v1/sign/ethereum/message", {"key": hot_key["key_id"], "message": "m1"}
+    )
+    assert (alone.status_code, alone.json()["error"]["code"]) == (500, "integrity_error")
+    assert gated.records()[-1].record.reason == "signing failed (ValueError)"
     assert_log_verifies(gated.gatekeeper, gated.paths)
 
 

@@ -89,7 +89,7 @@ from signd.errors import (
     shown,
 )
 from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
-from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of
+from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of, signing_fault
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
     DEFAULT_LIMITS,
@@ -701,17 +701,18 @@ class EnclaveGate:
                 reason = f"{reason}; signed by the host's {info.custody} custody"
                 outcome = {"approved": digest}
             spend = configured.engine.commit(decision, approval.intent)
-        except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
-            error = PolicyDenied(exc.message, rule=decision.rule)
+        except Exception as exc:
+            error: SigndError
+            if isinstance(exc, AccessDenied):  # the spend window filled up meanwhile, or a reload
+                error = PolicyDenied(exc.message, rule=decision.rule)
+            elif isinstance(exc, SigndError):
+                error = exc
+            else:  # a fault of a signing library: refused, on the record all the same
+                error = signing_fault(exc)
             answer.entries.append(
                 base | {"decision": "refused", "reason": error.message, "rule": decision.rule}
             )
             raise error from None
-        except SigndError as exc:
-            answer.entries.append(
-                base | {"decision": "refused", "reason": exc.message, "rule": decision.rule}
-            )
-            raise
         answer.entries.signed(
             base, reason=reason, rule=decision.rule, result_sha256=result_sha256, spend=spend
         )

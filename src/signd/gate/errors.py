@@ -9,7 +9,7 @@ AccessDenied
 
 from __future__ import annotations
 
-from signd.errors import AccessDenied, SigndError
+from signd.errors import AccessDenied, IntegrityError, SigndError
 
 BLIND_SIGNING_DISABLED = (
     "blind signing (raw 32-byte hashes) is disabled on this server; sign the transaction or"
@@ -53,3 +53,10 @@ class PolicyDenied(AccessDenied):
 def rule_of(error: SigndError) -> str | None:
     """The policy rule a refusal names (``None`` for anything but a policy refusal)."""
     return error.rule if isinstance(error, PolicyDenied) else None
+
+
+def signing_fault(error: Exception) -> IntegrityError:
+    """The refusal of a call whose approved signature could not be made: a fault of the
+    signing library or device that is not a :class:`~signd.errors.SigndError`. It names the
+    fault's type only (its text may quote what it was given)."""
+    return IntegrityError(f"signing failed ({type(error).__name__})")

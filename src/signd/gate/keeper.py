@@ -34,6 +34,7 @@ from signd.gate.errors import (
     PolicyDenied,
     Unauthenticated,
     rule_of,
+    signing_fault,
 )
 from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
@@ -407,6 +408,8 @@ class Gatekeeper:
             raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
         except SigndError as exc:
             raise refuse(exc, decision.rule) from None
+        except Exception as exc:  # a fault of the custody's library: refused, on the record
+            raise refuse(signing_fault(exc), decision.rule) from None
         entries.signed(
             base,
             reason=decision.reason,

@@ -26,9 +26,9 @@ from typing import Generic, TypeVar
 
 from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo
-from signd.errors import AccessDenied, IntegrityError, SigndError
+from signd.errors import AccessDenied, SigndError
 from signd.gate.audit import AuditEntry, DecisionLog
-from signd.gate.errors import PolicyDenied, rule_of
+from signd.gate.errors import PolicyDenied, rule_of, signing_fault
 from signd.gate.intents import hash_result, prepare, result_bytes, sha256_hex
 from signd.gate.operations import SigningCall, SigningKind, SigningResult
 from signd.policy import Decision, PolicyEngine, SigningIntent
@@ -126,7 +126,7 @@ class SignTogether(Generic[K]):
         try:
             signatures = sign_many([(waiting.signer, waiting.digest) for waiting in signing])
         except Exception as exc:  # a fault of the signing library: each call is refused
-            failure = IntegrityError(f"signing failed ({type(exc).__name__})")
+            failure = signing_fault(exc)
             signatures = [failure for _ in signing]
         settled: dict[str, str | SigndError] = {}
         for waiting in self._waiting:
