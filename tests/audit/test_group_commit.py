@@ -224,14 +224,14 @@ def test_after_a_failure_the_trail_reseeds_once_and_late_records_of_the_old_chai
 def test_successors_of_a_refused_record_are_refused_at_once(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     chain = build_chain(4)
-    with FileAuditLog(path, order_timeout=0.05) as log:
+    with FileAuditLog(path, order_timeout=1.0) as log:
         log.append(chain[0])
         with pytest.raises(AuditOrderError, match="record 3 waited"):
             log.append(chain[2])
         started = time.monotonic()
         with pytest.raises(AuditOrderError, match="record 4 follows a record that was not stored"):
             log.append(chain[3])
-        assert time.monotonic() - started < 0.05
+        assert time.monotonic() - started < 0.5  # not after an order timeout of its own
         log.append_many(chain[1:])  # the same records again, in order, are stored
     assert assert_log_verifies(path, 4) == chain
 
