@@ -3,6 +3,7 @@ against a fake node (an httpx mock transport)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -13,6 +14,7 @@ from eth_utils import keccak
 from starlette.testclient import TestClient
 
 from signd.api import ApiSettings
+from signd.api.rpc import BATCH_CONCURRENCY
 from signd.chains.ethereum import decode_transaction
 from signd.operations import Signer
 from tests.api import samples
@@ -391,6 +393,36 @@ def test_other_methods_are_forwarded_but_never_signing_ones(
     forwarded = node.methods()
     assert "net_peerCount" in forwarded
     assert not any(name.startswith(("personal_", "eth_sign")) for name in forwarded)
+
+
+class CrowdedNode(FakeNode):
+    """A node that answers each call after a short wait, counting the calls in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = self.most_in_flight = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await super().__call__(request)
+        finally:
+            self.in_flight -= 1
+
+
+def test_a_batch_is_answered_together_in_order_and_in_bounds(make_client: ClientFactory) -> None:
+    """JSON-RPC 2.0 lets a server answer a batch's members concurrently: they are, at most
+    BATCH_CONCURRENCY at a time, and the answers keep the batch's order."""
+    node = CrowdedNode()
+    client = proxy_client(make_client, node)
+    calls = [{"jsonrpc": "2.0", "id": n, "method": "eth_blockNumber"} for n in range(80)]
+    answers = client.post("/rpc", json=calls).json()
+    assert [(answer["id"], answer["result"]) for answer in answers] == [
+        (n, "0x10") for n in range(80)
+    ]
+    assert 1 < node.most_in_flight <= BATCH_CONCURRENCY
 
 
 def test_a_node_that_is_down_is_a_json_rpc_error_without_its_url(
