@@ -45,6 +45,7 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -182,6 +183,38 @@ class _Answer:
     keys: list[dict[str, Any]] = field(default_factory=list)
 
 
+READINGS_KEPT: Final = 8
+"""How many requests' readings the gate keeps (:class:`_Readings`)."""
+
+
+class _Readings:
+    """The readings of the last :data:`READINGS_KEPT` requests. Reading is a pure function of
+    a request's method, target, body and the limits, so a request shown to the gate once per
+    call (a JSON-RPC batch: once to authenticate, then once for each member that signs) is
+    read once, not once per call. Only readings that succeed are kept: an error is raised
+    anew each time, and would gather tracebacks if it were kept."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[str, str, bytes, Limits], Action] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, request: GateRequest, limits: Limits) -> Action:
+        """:func:`~signd.gate.interpret.interpret` of ``request`` under ``limits``."""
+        digest = hashlib.sha256(request.body).digest()
+        kept_as = (request.method, request.path, digest, limits)
+        with self._lock:
+            action = self._kept.get(kept_as)
+            if action is not None:
+                self._kept.move_to_end(kept_as)
+                return action
+        action = interpret(request.method, request.path, request.body, limits=limits)
+        with self._lock:
+            self._kept[kept_as] = action
+            while len(self._kept) > READINGS_KEPT:
+                self._kept.popitem(last=False)
+        return action
+
+
 class EnclaveGate:
     """The GATE, GATE_CONFIGURE and AUDIT_VERIFY handlers of an enclave; thread-safe.
 
@@ -208,6 +241,7 @@ class EnclaveGate:
         self._audit_key_ciphertext = b""
         self._lock = threading.Lock()
         self._seal_lock = threading.Lock()
+        self._readings = _Readings()
         self._started = math.floor(now())
         """The whole second this gate came up: requests signed before it are refused."""
         self._tail_wanted: tuple[bytes, float] | None = None
@@ -424,9 +458,7 @@ class EnclaveGate:
         select = _select(body.get("select"))
         answer = _Answer()
         try:
-            action: Action | SigndError = interpret(
-                request.method, request.path, request.body, limits=configured.limits
-            )
+            action: Action | SigndError = self._readings.read(request, configured.limits)
         except SigndError as exc:
             action = exc
         try:
