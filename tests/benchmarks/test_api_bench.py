@@ -47,6 +47,13 @@ EXPECTED = {
     "api-eth-tx-enclave": (
         ("REST EIP-1559 tx sign, enclave custody and gate, 4 connections", "tx/s"),
     ),
+    "api-rpc-batch": (("JSON-RPC batch of 10 personal_sign over 2 keys, 2 clients", "sig/s"),),
+    "api-rpc-batch-enclave": (
+        (
+            "JSON-RPC batch of 10 personal_sign over 2 keys, enclave custody and gate, 2 clients",
+            "sig/s",
+        ),
+    ),
 }
 
 

@@ -70,6 +70,9 @@ HOST: Final = "127.0.0.1"
 KEYS_PATH: Final = "/v1/keys"
 HASH_PATH: Final = "/v1/sign/hash"
 BATCH_PATH: Final = "/v1/sign/batch"
+RPC_PATH: Final = "/rpc"
+RPC_BATCH_ITEMS: Final = 100
+"""Members of the JSON-RPC batch benchmark's batches (ethers.js batches up to 100)."""
 TRANSACTION_PATH: Final = "/v1/sign/ethereum/transaction"
 BARE_PATH: Final = "/echo"
 STARTUP_TIMEOUT: Final = 60.0
@@ -645,6 +648,76 @@ def api_sign_batch(quick: bool) -> list[BenchResult]:
 def api_sign_batch_enclave(quick: bool) -> list[BenchResult]:
     """``api-sign-batch`` with enclave custody, the gate in the enclave (the default)."""
     return _sign_batch(quick, CUSTODY_SETUPS["enclave"])
+
+
+def _rpc_batch(quick: bool, setup: CustodySetup) -> list[BenchResult]:
+    size = sizes(quick)
+    count = min(RPC_BATCH_ITEMS, size.batch_items)
+    generator_name, generate = load_generator()
+    with tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder:
+        home = _signd_home(Path(folder), setup, max_batch=count)
+        with _signd_serve(home, setup) as signd:
+            keys = _create_keys(signd, setup, size.keys)
+            messages = [(keys[i % len(keys)]["address"], f"message {i}") for i in range(count)]
+            calls = [
+                {
+                    "jsonrpc": "2.0",
+                    "id": i,
+                    "method": "personal_sign",
+                    "params": ["0x" + text.encode().hex(), address],
+                }
+                for i, (address, text) in enumerate(messages)
+            ]
+            items = [
+                {"type": "ethereum/message", "key": address, "message": text}
+                for address, text in messages
+            ]
+            rpc_body = json.dumps(calls).encode()
+            rest_body = json.dumps({"requests": items}).encode()
+            answers = _post(signd + RPC_PATH, rpc_body)
+            results = _post(signd + BATCH_PATH, rest_body)["results"]
+            if [answer.get("result") for answer in answers] != [
+                result.get("signature") for result in results
+            ]:
+                raise AssertionError("signd's JSON-RPC and REST batches disagree")
+            ours = _Runs(generate, signd + RPC_PATH, rpc_body, size.batch_connections, size.seconds)
+            rest = _Runs(
+                generate, signd + BATCH_PATH, rest_body, size.batch_connections, size.seconds
+            )
+            ours.warm_up(size.warmup_seconds)
+            rest.warm_up(size.warmup_seconds)
+            loads, rest_loads = _alternate(
+                size.rounds,
+                ours.measure,
+                rest.measure,
+                f"{size.batch_connections} clients posting batches of {count} messages"
+                f"{setup.label} for {size.seconds} s ({generator_name}), JSON-RPC then REST",
+            )
+            _check_signd_counted(signd, (ours.answered + rest.answered) * count)
+    return [
+        BenchResult(
+            f"JSON-RPC batch of {count} personal_sign over {size.keys} keys{setup.label}, "
+            f"{size.batch_connections} clients ({generator_name})",
+            "sig/s",
+            statistics.median(load.rate for load in loads) * count,
+            "the same messages as a REST batch (POST /v1/sign/batch), same server",
+            statistics.median(load.rate for load in rest_loads) * count,
+            "reported (no target)",
+        )
+    ]
+
+
+@benchmark("api-rpc-batch")
+def api_rpc_batch(quick: bool) -> list[BenchResult]:
+    """A JSON-RPC batch of personal_sign calls (as ethers.js sends them) vs the same messages
+    as one REST batch, alternating on the same server (keystore)."""
+    return _rpc_batch(quick, CUSTODY_SETUPS["keystore"])
+
+
+@benchmark("api-rpc-batch-enclave")
+def api_rpc_batch_enclave(quick: bool) -> list[BenchResult]:
+    """``api-rpc-batch`` with enclave custody, the gate in the enclave (the default)."""
+    return _rpc_batch(quick, CUSTODY_SETUPS["enclave"])
 
 
 def _eth_transaction(quick: bool, setup: CustodySetup) -> list[BenchResult]:
