@@ -425,6 +425,36 @@ def test_a_batch_is_answered_together_in_order_and_in_bounds(make_client: Client
     assert 1 < node.most_in_flight <= BATCH_CONCURRENCY
 
 
+class CountingNode(CrowdedNode):
+    """A node whose pending nonce counts the transactions sent to it."""
+
+    def answer(self, method: str, params: list[Any]) -> Any:
+        if method == "eth_getTransactionCount":
+            return hex(5 + len(self.sent))
+        return super().answer(method, params)
+
+
+def test_a_batch_of_sends_from_one_sender_takes_nonces_one_after_another(
+    make_client: ClientFactory, address: str
+) -> None:
+    """Members answered together still fill, sign and send one at a time per sender, so each
+    takes the nonce the one before it left."""
+    node = CountingNode()
+    client = proxy_client(make_client, node)
+    sends = [
+        {
+            "jsonrpc": "2.0",
+            "id": n,
+            "method": "eth_sendTransaction",
+            "params": [{"from": address, "to": "0x" + "35" * 20, "value": hex(n + 1)}],
+        }
+        for n in range(4)
+    ]
+    answers = client.post("/rpc", json=sends).json()
+    assert all("result" in answer for answer in answers), answers
+    assert sorted(decoded(raw)["nonce"] for raw in node.sent) == [5, 6, 7, 8]
+
+
 def test_a_node_that_is_down_is_a_json_rpc_error_without_its_url(
     make_client: ClientFactory, address: str
 ) -> None:
