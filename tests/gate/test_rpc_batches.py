@@ -1,8 +1,10 @@
-"""A JSON-RPC batch through the gates: its members are answered together, in order, and the
-enclave reads the batch once however many of its members it is shown."""
+"""A JSON-RPC batch through the gates: its members are answered together and in order; the
+enclave performs a batch of messages while authenticating it, and reads a batch once however
+many of its members it is shown."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ from signd.errors import InvalidRequest
 from signd.gate import GateRequest
 from signd.gate.interpret import DEFAULT_LIMITS, Action, Limits, SignCalls
 from tests.api import samples
-from tests.gate.support import BOTH_GATES, Gated
+from tests.gate.support import BOTH_GATES, Gated, transaction
 
 
 def personal_signs(address: str, count: int) -> list[dict[str, Any]]:
@@ -41,10 +43,17 @@ def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return read
 
 
+def results_sha256(answers: list[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(hashlib.sha256(bytes.fromhex(a["result"][2:])).hexdigest() for a in answers)
+
+
 @BOTH_GATES
-def test_a_json_rpc_batch_is_answered_in_order_with_one_record_a_member(
+def test_a_json_rpc_batch_of_messages_is_answered_in_order(
     gated: Gated, hot_key: dict[str, Any], gate_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The enclave's gate performs a batch of message signatures while authenticating it, as
+    a REST batch: one decision and one record for the key's messages. The host's gate takes
+    them member by member, a record each."""
     read = counting_reads(monkeypatch)
     calls = personal_signs(hot_key["address"], 6)
     before = len(gated.records())
@@ -55,10 +64,44 @@ def test_a_json_rpc_batch_is_answered_in_order_with_one_record_a_member(
     for n, answer in enumerate(answers):
         assert samples.bytes_signer(f"m{n}".encode(), answer["result"]) == hot_key["address"]
     records = [sealed.record for sealed in gated.records()[before:]]
-    assert sorted(r.operation for r in records if r.decision == "allowed") == ["sign:message"] * 6
-    # the enclave was shown the batch seven times (to authenticate, then once a member) and
-    # read it once; the host's gate does not use the enclave's reading
-    assert read == (["/rpc"] if gate_mode == "enclave" else [])
+    allowed = [r for r in records if r.decision == "allowed"]
+    assert {r.operation for r in allowed} == {"sign:message"}
+    if gate_mode == "enclave":
+        [record] = allowed
+        assert record.results_sha256 == results_sha256(answers)
+        assert read == ["/rpc"]  # the host's gate does not use the enclave's reading
+    else:
+        # one decision a member, taken as each member comes (not necessarily in order)
+        assert sorted(r.result_sha256 or "" for r in allowed) == sorted(results_sha256(answers))
+        assert read == []
+
+
+@pytest.mark.parametrize("gate_mode", ["enclave"], indirect=True)
+def test_a_json_rpc_batch_with_a_transaction_is_performed_member_by_member(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction is never performed while authenticating (the host may fill it from its
+    node), so a batch that holds one is authenticated first, then shown to the enclave once
+    a member that signs, and read once all the same."""
+    read = counting_reads(monkeypatch)
+    calls: list[dict[str, Any]] = personal_signs(hot_key["address"], 2)
+    calls.append(
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "eth_signTransaction",
+            "params": [{"from": hot_key["address"], **transaction()}],
+        }
+    )
+    before = len(gated.records())
+    response = gated.signed("POST", "/rpc", calls)
+    answers = response.json()
+    assert [answer["id"] for answer in answers] == [0, 1, 2], response.text
+    assert samples.transaction_signer(answers[2]["result"]["raw"]) == hot_key["address"]
+    records = [sealed.record for sealed in gated.records()[before:]]
+    messages = [r for r in records if r.operation == "sign:message"]
+    assert sorted(r.result_sha256 or "" for r in messages) == sorted(results_sha256(answers[:2]))
+    assert read == ["/rpc"]
 
 
 def request(body: bytes, target: str = "/rpc") -> GateRequest:

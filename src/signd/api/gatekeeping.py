@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import anyio.to_thread
 from starlette.requests import Request
@@ -34,6 +34,11 @@ from signd.gate.operations import Runner
 _AUTH_HEADER_PREFIX_BYTES = SIGNED_HEADER_PREFIX.encode("ascii")
 SIGN_PREFIX = "/v1/sign/"
 """The REST signing routes, whose calls a gate may perform while authenticating."""
+RPC_PATHS: Final = frozenset({"/", "/rpc"})
+RPC_PERFORMED: Final = frozenset({SigningKind.ETH_MESSAGE, SigningKind.ETH_TYPED_DATA})
+"""The JSON-RPC calls a gate may perform while authenticating: between authentication and
+the gate, the host reads their params with the parser the gate reads them with, and nothing
+else. Transactions are not among them: the host may fill their fields from its node."""
 
 
 class Keeper(Protocol):
@@ -133,7 +138,10 @@ def gatekeeper_authenticator(gatekeeper: Keeper, settings: ApiSettings) -> Authe
             inputs.refuse_query_string(request.scope)
         body = await inputs.read_body(request, settings.max_body_bytes, settings.body_timeout)
         received = GateRequest(request.method, target, body, headers)
-        kinds = perform if request.scope["path"].startswith(SIGN_PREFIX) else frozenset()
+        path = request.scope["path"]
+        kinds = perform if path.startswith(SIGN_PREFIX) else frozenset()
+        if path in RPC_PATHS:
+            kinds = perform & RPC_PERFORMED
         caller = await gated(gatekeeper.authenticate_async, received, run, kinds)
         return Principal(caller.client_id, caller)
 
