@@ -527,6 +527,15 @@ def _alternate(
     return loads, baselines
 
 
+def _alternate_runs(
+    size: Sizes, ours: _Runs, theirs: _Runs, what: str
+) -> tuple[list[Load], list[Load]]:
+    """Both warmed up, then :func:`_alternate` of their measured runs."""
+    ours.warm_up(size.warmup_seconds)
+    theirs.warm_up(size.warmup_seconds)
+    return _alternate(size.rounds, ours.measure, theirs.measure, what)
+
+
 # Benchmarks
 
 
@@ -543,12 +552,10 @@ def _sign_hash(quick: bool, setup: CustodySetup) -> list[BenchResult]:
             _post(bare + BARE_PATH, body)
             ours = _Runs(generate, signd + HASH_PATH, body, size.connections, size.seconds)
             theirs = _Runs(generate, bare + BARE_PATH, body, size.connections, size.seconds)
-            ours.warm_up(size.warmup_seconds)
-            theirs.warm_up(size.warmup_seconds)
-            loads, bare_loads = _alternate(
-                size.rounds,
-                ours.measure,
-                theirs.measure,
+            loads, bare_loads = _alternate_runs(
+                size,
+                ours,
+                theirs,
                 f"{size.connections} connections on signd{setup.label}, then on the bare app, "
                 f"{size.seconds} s each ({generator_name})",
             )
@@ -684,12 +691,10 @@ def _rpc_batch(quick: bool, setup: CustodySetup) -> list[BenchResult]:
             rest = _Runs(
                 generate, signd + BATCH_PATH, rest_body, size.batch_connections, size.seconds
             )
-            ours.warm_up(size.warmup_seconds)
-            rest.warm_up(size.warmup_seconds)
-            loads, rest_loads = _alternate(
-                size.rounds,
-                ours.measure,
-                rest.measure,
+            loads, rest_loads = _alternate_runs(
+                size,
+                ours,
+                rest,
                 f"{size.batch_connections} clients posting batches of {count} messages"
                 f"{setup.label} for {size.seconds} s ({generator_name}), JSON-RPC then REST",
             )
