@@ -19,6 +19,7 @@ from signd.chains.ethereum import decode_transaction
 from signd.operations import Signer
 from tests.api import samples
 from tests.api.conftest import ClientFactory
+from tests.api.samples import MAIL
 
 NODE_URL = "http://127.0.0.1:1/v3/secret-api-key"
 CHAIN_ID = 31337
@@ -211,6 +212,32 @@ def test_batches_answer_in_order_and_skip_notifications(client: TestClient, addr
     assert client.post("/rpc", json=[]).json()["error"]["code"] == -32600
     only_notifications = client.post("/rpc", json=[{"jsonrpc": "2.0", "method": "eth_accounts"}])
     assert only_notifications.status_code == 204 and only_notifications.content == b""
+
+
+def test_a_batch_signs_its_messages_together_and_answers_each_in_its_place(
+    client: TestClient, address: str
+) -> None:
+    """A batch that signs only messages signs those whose params read in one gate call; a
+    member whose params do not read, a notification and other methods are answered as
+    alone."""
+    nobody = "0x" + "00" * 20  # no key has this address
+    batch = [
+        {"jsonrpc": "2.0", "id": 0, "method": "personal_sign", "params": ["0x61", address]},
+        {"jsonrpc": "2.0", "id": 1, "method": "personal_sign", "params": ["zz", address]},
+        {"jsonrpc": "2.0", "id": 2, "method": "eth_signTypedData_v4", "params": [address, MAIL]},
+        {"jsonrpc": "2.0", "method": "personal_sign", "params": ["0x62", address]},
+        {"jsonrpc": "2.0", "id": 4, "method": "eth_accounts"},
+        {"jsonrpc": "2.0", "id": 5, "method": "eth_sign", "params": [address, "0x63"]},
+        {"jsonrpc": "2.0", "id": 6, "method": "personal_sign", "params": ["0x64", nobody]},
+    ]
+    answers = client.post("/rpc", json=batch).json()
+    assert [answer["id"] for answer in answers] == [0, 1, 2, 4, 5, 6]
+    assert samples.bytes_signer(b"a", answers[0]["result"]) == address
+    assert answers[1]["error"]["code"] == -32602
+    assert samples.typed_data_signer(MAIL, answers[2]["result"]) == address
+    assert address in answers[3]["result"]
+    assert samples.bytes_signer(b"c", answers[4]["result"]) == address
+    assert answers[5]["error"]["data"]["code"] == "key_not_found"
 
 
 def test_batch_size_is_bounded(make_client: ClientFactory) -> None:

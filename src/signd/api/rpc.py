@@ -33,14 +33,17 @@ from signd.api.errors import (
 from signd.api.inputs import read_body
 from signd.api.service import Authenticator, Principal, SigningService
 from signd.chains.ethereum import SignedTransaction
-from signd.errors import InvalidRequest, UnsupportedOperation
+from signd.errors import InvalidRequest, SigndError, UnsupportedOperation
+from signd.gate import SigningCall, SigningResult
 from signd.gate.inputs import (
+    RPC_SIGNING_METHODS,
     is_rpc_request,
     parse_json,
     positional,
     rpc_signing_call,
     valid_rpc_id,
 )
+from signd.gate.operations import MessageSignature
 
 Method = Callable[[Principal, object], Awaitable[Any]]
 
@@ -53,6 +56,11 @@ BATCH_CONCURRENCY: Final = 32
 batch's requests concurrently: their signatures then share audit writes instead of waiting for
 one each (ethers.js batches by default), while a batch of forwarded calls still opens few
 connections to the node. Answers keep the batch's order; decisions need not (see API.md)."""
+
+MESSAGE_METHODS: Final = frozenset({"eth_sign", "personal_sign", "eth_signTypedData_v4"})
+"""The methods whose members of a batch that signs nothing else are signed in one gate call,
+in the batch's order, as the items of a REST batch are (a key's messages are one decision and
+one audit record)."""
 
 
 class MethodNotFound(Exception):
@@ -77,6 +85,14 @@ def _response(request_id: Any, result: Any) -> dict[str, Any]:
 
 def _error(request_id: Any, error: Mapping[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": dict(error)}
+
+
+def _message_result(outcome: SigningResult | Exception) -> str:
+    """A message method's result from its outcome (an error is raised)."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    assert isinstance(outcome, MessageSignature)
+    return "0x" + outcome.signature.hex()
 
 
 class JsonRpcApi:
@@ -150,22 +166,56 @@ class JsonRpcApi:
 
     async def _answer_all(self, principal: Principal, items: list[Any]) -> list[Any]:
         """Each item's answer, in order, :data:`BATCH_CONCURRENCY` of them at a time (each
-        started in the batch's order)."""
+        started in the batch's order), its messages signed first (:meth:`_sign_messages`)."""
+        made = await self._sign_messages(principal, items)
         slots = asyncio.Semaphore(BATCH_CONCURRENCY)
 
-        async def answer(item: object) -> dict[str, Any] | None:
+        async def answer(index: int, item: object) -> dict[str, Any] | None:
             async with slots:
-                return await self.call(principal, item)
+                return await self.call(principal, item, made.get(index))
 
-        return list(await asyncio.gather(*map(answer, items)))
+        return list(await asyncio.gather(*(answer(i, item) for i, item in enumerate(items))))
+
+    async def _sign_messages(
+        self, principal: Principal, items: list[Any]
+    ) -> dict[int, SigningResult | Exception]:
+        """When every member that signs is one of :data:`MESSAGE_METHODS`: those whose params
+        read, signed in one gate call in the batch's order, each one's result or error by its
+        place (a member whose params do not read is left to :meth:`call`, which answers its
+        error). Otherwise none: each member signs as it is answered."""
+        signing = {
+            index: item
+            for index, item in enumerate(items)
+            if isinstance(item, dict)
+            and is_rpc_request(item)
+            and item["method"] in RPC_SIGNING_METHODS
+        }
+        if any(item["method"] not in MESSAGE_METHODS for item in signing.values()):
+            return {}
+        calls: dict[int, SigningCall] = {}
+        for index, item in signing.items():
+            try:
+                calls[index] = rpc_signing_call(item["method"], item.get("params"))
+            except SigndError:
+                continue
+        if len(calls) < 2:
+            return {}
+        outcomes = await self.service.sign_batch(principal, list(calls.values()))
+        return dict(zip(calls, outcomes, strict=True))
 
     def _method_label(self, item: object) -> str:
         """A bounded name for logs and metrics: signd's methods by name, others 'other'."""
         method = item.get("method") if isinstance(item, dict) else None
         return method if isinstance(method, str) and method in self.methods else "other"
 
-    async def call(self, principal: Principal, item: object) -> dict[str, Any] | None:
-        """Answer one request object; ``None`` for a notification (no ``id``)."""
+    async def call(
+        self,
+        principal: Principal,
+        item: object,
+        made: SigningResult | Exception | None = None,
+    ) -> dict[str, Any] | None:
+        """Answer one request object; ``None`` for a notification (no ``id``). ``made``: the
+        outcome of a message member already signed with its batch."""
         request_id = item.get("id") if isinstance(item, dict) else None
         if not isinstance(item, dict) or not is_rpc_request(item):
             self.metrics.rpc_calls.inc("other", "invalid")
@@ -178,7 +228,9 @@ class JsonRpcApi:
         label = self._method_label(item)
         try:
             handler = self.methods.get(method)
-            if handler is not None:
+            if made is not None:
+                answer = _response(request_id, _message_result(made))
+            elif handler is not None:
                 answer = _response(request_id, await handler(principal, item.get("params")))
             elif self.downstream is not None and not method.startswith(NEVER_FORWARDED):
                 answer = await self.downstream.forward(item)
