@@ -88,7 +88,8 @@ def _error(request_id: Any, error: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _message_result(outcome: SigningResult | Exception) -> str:
-    """A message method's result from its outcome (an error is raised)."""
+    """A message method's answer (``eth_sign``, ``personal_sign``, ``eth_signTypedData_v4``):
+    the 65-byte signature in hex; an error is raised."""
     if isinstance(outcome, Exception):
         raise outcome
     assert isinstance(outcome, MessageSignature)
@@ -274,19 +275,22 @@ class JsonRpcApi:
     async def eth_sign(self, principal: Principal, params: object) -> str:
         """geth's eth_sign: EIP-191 personal message over the data bytes."""
         call = rpc_signing_call("eth_sign", params)
-        signature = await self.service.sign_eth_message(principal, call.key, call.payload)
-        return "0x" + signature.signature.hex()
+        return _message_result(
+            await self.service.sign_eth_message(principal, call.key, call.payload)
+        )
 
     async def personal_sign(self, principal: Principal, params: object) -> str:
         """personal_sign(data, address[, password]): the password is not used by signd."""
         call = rpc_signing_call("personal_sign", params)
-        signature = await self.service.sign_eth_message(principal, call.key, call.payload)
-        return "0x" + signature.signature.hex()
+        return _message_result(
+            await self.service.sign_eth_message(principal, call.key, call.payload)
+        )
 
     async def eth_sign_typed_data_v4(self, principal: Principal, params: object) -> str:
         call = rpc_signing_call("eth_signTypedData_v4", params)
-        signature = await self.service.sign_eth_typed_data(principal, call.key, call.payload)
-        return "0x" + signature.signature.hex()
+        return _message_result(
+            await self.service.sign_eth_typed_data(principal, call.key, call.payload)
+        )
 
     async def eth_sign_transaction(self, principal: Principal, params: object) -> dict[str, Any]:
         transaction = rpc_signing_call("eth_signTransaction", params).payload
