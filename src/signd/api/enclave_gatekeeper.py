@@ -24,6 +24,7 @@ The host's part:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import socket
@@ -78,6 +79,7 @@ from signd.gate.interpret import (
 from signd.gate.keeper import (
     Caller,
     GateRequest,
+    each_answer,
     labels_refusal,
     require_scope,
     visible_page,
@@ -589,6 +591,20 @@ class EnclaveGatekeeper:
         except Exception as exc:
             return [exc for _ in calls]
         return self._complete(signing, answer)
+
+    groups_requests: Final = False
+    """Each request goes to the enclave with its own authentication (and a REST signing
+    request is performed with it), so :meth:`sign_each_async` gains nothing."""
+
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        """:meth:`sign_async` of each request, concurrently."""
+        answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
+            *(self.sign_async(caller, calls, run) for caller, calls in requests),
+            return_exceptions=True,
+        )
+        return each_answer(answers)
 
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner

@@ -63,6 +63,19 @@ class Keeper(Protocol):
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]: ...
 
+    @property
+    def groups_requests(self) -> bool:
+        """Whether :meth:`sign_each_async` does better than one :meth:`sign_async` per
+        request."""
+        ...
+
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        """:meth:`sign_async` of each request (its caller and calls); a request whose gate
+        call failed as a whole gets that error in its place."""
+        ...
+
     def create_keys(
         self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]: ...
@@ -197,3 +210,21 @@ class GatekeeperGate:
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
         return await self.gatekeeper.sign_async(self._caller(principal), calls, run)
+
+    @property
+    def groups_requests(self) -> bool:
+        return self.gatekeeper.groups_requests
+
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        refused: list[Exception | None] = []
+        callers: list[tuple[Caller, Sequence[SigningCall]]] = []
+        for principal, calls in requests:
+            if principal.caller is None:
+                refused.append(Unauthenticated("the request was not authenticated"))
+            else:
+                refused.append(None)
+                callers.append((principal.caller, calls))
+        signed = iter(await self.gatekeeper.sign_each_async(callers, run) if callers else [])
+        return [next(signed) if refusal is None else refusal for refusal in refused]

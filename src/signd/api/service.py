@@ -26,6 +26,7 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from signd.api.errors import wire_error
+from signd.api.gathering import Gathering
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
 from signd.audit.log import DeferredAppends, FileAuditLog, deferring_appends
@@ -213,6 +214,20 @@ class SigningGate(Protocol):
         """Sign ``calls`` in order; each one's result or the error it met."""
         ...
 
+    @property
+    def groups_requests(self) -> bool:
+        """Whether :meth:`sign_each_async` does better than one :meth:`sign_async` per
+        request (the service then gathers single signing requests: :mod:`signd.api.
+        gathering`)."""
+        ...
+
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        """:meth:`sign_async` of each request, each decided and recorded as its own; a
+        request whose gate call failed as a whole gets that error in its place."""
+        ...
+
     def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
         """``/readyz`` parts of the gate itself (its audit log), each a name and a blocking
         check that raises what stops the gate."""
@@ -272,6 +287,14 @@ class UngatedSigner:
         signed: list[Signed | Exception] = await run(self.sign, principal, calls)
         return signed
 
+    groups_requests: Final = False
+    """Nothing is shared between requests here."""
+
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        return [await self.sign_async(principal, calls, run) for principal, calls in requests]
+
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Resolves each distinct key once per call."""
         resolved: dict[str, KeyInfo] = {}
@@ -313,6 +336,9 @@ class SigningService:
         self.gate: SigningGate = gate or UngatedSigner(signer, settings.limits())
         self.attestor = attestor
         self._limiter: anyio.CapacityLimiter | None = None
+        self._gathering: Gathering[Principal] | None = None
+        if self.gate.groups_requests:
+            self._gathering = Gathering(self._gate_sign_each)
 
     def reset(self) -> None:
         """Forget the thread limiter (it belongs to the event loop that created it)."""
@@ -334,6 +360,11 @@ class SigningService:
         self, principal: Principal, calls: Sequence[SigningCall]
     ) -> list[Signed | Exception]:
         return await gated(self.gate.sign_async, principal, calls, self.run)
+
+    async def _gate_sign_each(
+        self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]]
+    ) -> list[list[Signed | Exception] | Exception]:
+        return await gated(self.gate.sign_each_async, requests, self.run)
 
     # keys
 
@@ -406,7 +437,11 @@ class SigningService:
         return outcome.result
 
     async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
-        [outcome] = await self._gate_sign(principal, [SigningCall(kind, key, payload)])
+        call = SigningCall(kind, key, payload)
+        if self._gathering is not None:  # with the others of this pass of the event loop
+            outcome = await self._gathering.sign(principal, call)
+        else:
+            [outcome] = await self._gate_sign(principal, [call])
         result = self._count(outcome, kind)
         if isinstance(result, Exception):
             raise result

@@ -36,8 +36,8 @@ enclave's 64 KiB per line of audit tail); a larger group goes on in a new record
 class DecisionLog:
     """The audit entries of one gate call, in the order its decisions were made.
 
-    An allowed signature joins the entry of an earlier one of the same call when both are
-    one decision: an operation in :data:`GROUPED_OPERATIONS`, the same key, rule and reason,
+    An allowed signature joins the entry of an earlier one of the same request when both
+    are one decision: an operation in :data:`GROUPED_OPERATIONS`, the same key, rule and reason,
     and no spend. That entry then lists each result's SHA-256 in ``results_sha256`` (in
     request order, ``result_sha256`` null), so a batch of a thousand hashes over a few keys
     seals a few records rather than a thousand, and still names every signature it made
@@ -52,6 +52,11 @@ class DecisionLog:
         self._pending: dict[int, AuditEntry] = {}
         """The entries holding tokens of :meth:`signed_later`, by identity."""
         self._tokens = 0
+
+    def next_request(self) -> None:
+        """The entries from here on are another request's: a signature never joins an entry
+        of an earlier request (a gate call may carry several, each with its own records)."""
+        self._groups.clear()
 
     def append(self, entry: AuditEntry) -> None:
         """A decision of its own (a refusal, a key, a transaction)."""

@@ -303,6 +303,9 @@ class Gatekeeper:
         key is known and signs in this process. Authentication never needs I/O here."""
         return all(map(self.signer.key_is_local, {call.key for call in calls}))
 
+    groups_requests: Final = True
+    """:meth:`sign_each_async` does better than one :meth:`sign_async` per request."""
+
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
@@ -327,6 +330,28 @@ class Gatekeeper:
                 outcomes.extend(part)
         return outcomes
 
+    async def sign_each_async(
+        self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]], run: Runner
+    ) -> list[list[Signed | Exception] | Exception]:
+        """:meth:`sign_async` of each request: those that :meth:`signs_inline` in one gate
+        call on the loop (:meth:`sign_each`), the others each on its own, concurrently. A
+        request whose gate call failed as a whole gets that error in its place."""
+        inline = [self.signs_inline(calls) for _, calls in requests]
+        gathered = [request for request, alone in zip(requests, inline, strict=True) if alone]
+        signed = iter(self.sign_each(gathered) if gathered else ())
+        others: list[list[Signed | Exception] | BaseException] = []
+        if len(gathered) < len(requests):
+            others = await asyncio.gather(
+                *(
+                    self.sign_async(caller, calls, run)
+                    for (caller, calls), alone in zip(requests, inline, strict=True)
+                    if not alone
+                ),
+                return_exceptions=True,
+            )
+        rest = iter(each_answer(others))
+        return [next(signed) if alone else next(rest) for alone in inline]
+
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Sign ``calls`` in order: each one's :class:`Signed` or the error that refused it.
 
@@ -334,30 +359,48 @@ class Gatekeeper:
         result is returned; if that write fails, every result is withheld (the error takes
         its place).
         """
+        [outcomes] = self.sign_each([(caller, calls)])
+        return outcomes
+
+    def sign_each(
+        self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]]
+    ) -> list[list[Signed | Exception]]:
+        """:meth:`sign` of each request (its caller and calls), in one gate call: decided in
+        order, each request with decisions and audit records of its own, every record
+        appended with one durable write, and the signatures of all of them made together
+        when there are many (:mod:`signd.gate.together`)."""
         entries = DecisionLog()
         keys: dict[str, KeyInfo | SigndError] = {}
-        decided: Decided = {}
-        outcomes: list[Signed | Exception | Waiting[KeyInfo]] = []
         together: SignTogether[KeyInfo] | None = None
-        if len(calls) >= PARALLEL_MIN:
+        if sum(len(calls) for _, calls in requests) >= PARALLEL_MIN:
             together = SignTogether(entries)
-        for call in calls:
-            try:
-                run = together.run_of(call) if together is not None else None
-                if run is not None:
-                    assert together is not None
-                    outcomes.append(together.again(run, call))
-                else:
-                    outcomes.append(self._sign_one(caller, call, keys, decided, entries, together))
-            except Exception as exc:
-                outcomes.append(exc)
+        answers: list[list[Signed | Exception | Waiting[KeyInfo]]] = []
+        for caller, calls in requests:
+            entries.next_request()
+            if together is not None:
+                together.next_request()
+            decided: Decided = {}
+            outcomes: list[Signed | Exception | Waiting[KeyInfo]] = []
+            for call in calls:
+                try:
+                    run = together.run_of(call) if together is not None else None
+                    if run is not None:
+                        assert together is not None
+                        outcomes.append(together.again(run, call))
+                    else:
+                        outcomes.append(
+                            self._sign_one(caller, call, keys, decided, entries, together)
+                        )
+                except Exception as exc:
+                    outcomes.append(exc)
+            answers.append(outcomes)
         if together is not None:
             together.finish(self.engine, self.signer.sign_hashes)
         try:
             self.audit.write(entries.entries)
         except Exception as exc:
-            return [exc for _ in outcomes]
-        return [_made(outcome) for outcome in outcomes]
+            return [[exc for _ in outcomes] for outcomes in answers]
+        return [[_made(outcome) for outcome in outcomes] for outcomes in answers]
 
     def _sign_one(
         self,
@@ -439,6 +482,19 @@ class Gatekeeper:
             return action()
         except SigndError as exc:
             self._refuse(entry, exc, rule)
+
+
+def each_answer(
+    answers: Sequence[list[Signed | Exception] | BaseException],
+) -> list[list[Signed | Exception] | Exception]:
+    """The answers of requests gathered with ``return_exceptions``: a request's error stays
+    in its place; a cancellation is raised (it is no request's error)."""
+    each: list[list[Signed | Exception] | Exception] = []
+    for answer in answers:
+        if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+            raise answer
+        each.append(answer)
+    return each
 
 
 def key_fields(info: KeyInfo) -> AuditEntry:

@@ -80,6 +80,11 @@ class SignTogether(Generic[K]):
         self._runs: dict[tuple[str, SigningKind], Run[K]] = {}
         self._waiting: list[Waiting[K]] = []
 
+    def next_request(self) -> None:
+        """The calls from here on are another request's: they start runs of their own (a
+        run's decision and audit entry belong to one request), and still sign with the rest."""
+        self._runs.clear()
+
     def run_of(self, call: SigningCall) -> Run[K] | None:
         """The run ``call`` joins: an earlier call of its kind with the same key reference."""
         return self._runs.get((call.key, call.kind))
