@@ -458,8 +458,9 @@ def test_a_log_of_large_records_verifies_in_the_enclave(tmp_path: Path, gate_mod
 
 
 def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
-    """Within one gate call a decision is reused only for the same key id, chain and labels
-    (a host describing one key id twice, with other labels, gets a decision of its own)."""
+    """Within one gate call a decision is reused only for the same client, key id, chain
+    and labels (a host describing one key id twice, with other labels, gets a decision of
+    its own; so does another client's request gathered into the same call)."""
     engine = PolicyEngine(Policy.from_bytes(POLICY.encode()))  # hot-messages: label hot
     principal = Principal("alice", frozenset({"sign:message"}), frozenset({"*"}), "bearer")
     hot = KeyInfo("k1", "ethereum", "0x" + "11" * 20, b"\x02" * 33, "enclave", utc_now(), ("hot",))
@@ -470,6 +471,9 @@ def test_a_reused_decision_is_for_the_same_key_facts_only() -> None:
     assert again.decision is first.decision and len(decided) == 1
     with pytest.raises(PolicyDenied):
         approve(principal, call, dataclasses.replace(hot, labels=("cold",)), engine, decided)
+    mallory = dataclasses.replace(principal, client_id="mallory")  # no rule covers mallory
+    with pytest.raises(PolicyDenied):
+        approve(mallory, call, hot, engine, decided)
 
 
 def test_line_chunks_keep_order_and_bounds() -> None:

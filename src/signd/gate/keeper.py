@@ -374,12 +374,12 @@ class Gatekeeper:
         together: SignTogether[KeyInfo] | None = None
         if sum(len(calls) for _, calls in requests) >= PARALLEL_MIN:
             together = SignTogether(entries)
+        decided: Decided = {}  # the same for every request of the call (by client)
         answers: list[list[Signed | Exception | Waiting[KeyInfo]]] = []
         for caller, calls in requests:
             entries.next_request()
             if together is not None:
                 together.next_request()
-            decided: Decided = {}
             outcomes: list[Signed | Exception | Waiting[KeyInfo]] = []
             for call in calls:
                 try:
@@ -599,10 +599,10 @@ def _made(outcome: Signed | Exception | Waiting[KeyInfo]) -> Signed | Exception:
     return Signed(outcome.run.key, outcome.result)
 
 
-Decided = dict[tuple[str, str, tuple[str, ...], Operation], tuple[SigningIntent, Decision]]
+Decided = dict[tuple[str, str, str, tuple[str, ...], Operation], tuple[SigningIntent, Decision]]
 """The allowed decisions of one gate call whose intent is the client and key alone, by the
-key's id, chain and labels (everything of the key an intent holds) and the operation (see
-:func:`approve`)."""
+client, the key's id, chain and labels (everything of the key an intent holds) and the
+operation (see :func:`approve`)."""
 
 
 def approve(
@@ -618,12 +618,13 @@ def approve(
     learns nothing about keys.
 
     With ``decided`` (one per gate call), a payload that gives the policy no facts (a hash,
-    a message) reuses the decision of an earlier call of the same operation with the same
-    key: its intent is the same. The spend is still committed per signature."""
+    a message) reuses the decision of an earlier call by the same client of the same
+    operation with the same key (in a gathered gate call, perhaps another request's): its
+    intent is the same. The spend is still committed per signature."""
     if not principal.may_use(info.labels):
         raise labels_refusal(principal.client_id, info)
     prepared = prepare(call.kind, call.payload, info)
-    same_intent = (info.key_id, info.chain, info.labels, prepared.operation)
+    same_intent = (principal.client_id, info.key_id, info.chain, info.labels, prepared.operation)
     if decided is not None and not prepared.facts:
         known = decided.get(same_intent)
         if known is not None:
