@@ -7,12 +7,12 @@ The pure parsing (strict JSON, typed fields that name themselves) lives in
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.types import Receive, Scope
 
+from signd.api.deadlines import within
 from signd.api.errors import ClientDisconnected, PayloadTooLarge, RequestTimeout
 from signd.errors import InvalidRequest
 from signd.gate.inputs import (
@@ -68,7 +68,7 @@ async def receive_body(scope: Scope, receive: Receive, limit: int, timeout: floa
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
             break
     try:
-        async with asyncio.timeout(timeout):
+        async with within(timeout):
             body = await _receive_chunks(receive, limit)
     except TimeoutError:
         raise RequestTimeout(timeout) from None
