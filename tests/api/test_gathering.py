@@ -4,6 +4,7 @@ records what it is handed."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Sequence
 
 import pytest
@@ -140,3 +141,28 @@ def test_each_event_loop_gathers_its_own() -> None:
         outcome = asyncio.run(gathering.sign("alice", call(number)))
         assert isinstance(outcome, Signed)
     assert gate.handed == [[("alice", call(1))], [("alice", call(2))]]
+
+
+ASKED_BY: contextvars.ContextVar[str] = contextvars.ContextVar("asked_by", default="no one")
+
+
+def test_the_gate_call_runs_in_no_requests_context() -> None:
+    """What one request set in its context (deferred audit appends, say) does not reach a
+    call made for several."""
+    seen: list[str] = []
+
+    async def sign_each(requests: Requests) -> list[Sequence[Outcome] | Exception]:
+        seen.append(ASKED_BY.get())
+        return [[_signed(calls[0])] for _, calls in requests]
+
+    gathering = Gathering(sign_each)
+
+    async def ask(who: str, number: int) -> Outcome:
+        ASKED_BY.set(who)
+        return await gathering.sign(who, call(number))
+
+    async def main() -> list[Outcome]:
+        return await asyncio.gather(ask("alice", 1), ask("bob", 2))
+
+    assert all(isinstance(outcome, Signed) for outcome in asyncio.run(main()))
+    assert seen == ["no one"]

@@ -13,6 +13,7 @@ is handed over at the next pass, as soon as the loop is free.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Generic, TypeVar
@@ -64,7 +65,11 @@ class Gathering(Generic[P]):
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         gathered = self._pending.pop(loop, [])
         for start in range(0, len(gathered), MAX_GATHERED):
-            task = loop.create_task(self._sign(gathered[start : start + MAX_GATHERED]))
+            # A context of its own: the call is no one request's (nothing of the first
+            # request's context, such as deferred audit appends, carries over).
+            task = loop.create_task(
+                self._sign(gathered[start : start + MAX_GATHERED]), context=contextvars.Context()
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
