@@ -211,3 +211,33 @@ def test_a_spend_window_holds_across_requests_sent_together(
     if gate_mode == "host":
         assert max(gate_calls) > 1, gate_calls
     assert_log_verifies(gated.gatekeeper, gated.paths)
+
+
+def test_after_a_failed_append_requests_sent_together_are_signed_again(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the log takes records again, the next requests are signed, however many come at
+    once. (In enclave custody, the enclave first resumes its chain from the log; requests
+    that came meanwhile used to be sealed after the lost records, fail in turn and ask for
+    another resume, round after round, while requests kept coming.)"""
+    real_fsync = os.fsync
+    calls = itertools.count()
+
+    def failing(fd: int) -> None:  # the write's fsync fails; undoing it succeeds
+        if next(calls) == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    def round_of(name: str) -> list[tuple[str, dict[str, Any]]]:
+        return [("alice", {"key": hot_key["key_id"], "message": f"{name} {i}"}) for i in range(10)]
+
+    monkeypatch.setattr(os, "fsync", failing)
+    failed = post_together(gated, round_of("failing"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert 503 in [response.status_code for response in failed]
+    for number in range(4):
+        statuses = [
+            response.status_code for response in post_together(gated, round_of(f"{number}"))
+        ]
+        assert statuses == [200] * 10, (number, statuses)
+    assert_log_verifies(gated.gatekeeper, gated.paths)

@@ -266,6 +266,14 @@ class EnclaveGatekeeper:
         self._configure_lock = threading.Lock()
         self._resume_wanted = False
         """An append failed: have the enclave resume from the log before the next GATE."""
+        self._resuming = False
+        self._resume_lock = threading.Lock()
+        self._epoch = 0
+        """How many resumes have begun. A GATE is tagged with the epoch it was sent in;
+        its records failing to append ask for a resume only when no resume has begun since
+        (the records of GATEs the enclave answered before a resume follow the lost ones,
+        and are expected to fail: resuming again for them would fail the next ones, and so
+        on, for as long as requests keep coming)."""
         self._event_channel: EnclaveChannel | None = None
 
     def __repr__(self) -> str:
@@ -374,9 +382,7 @@ class EnclaveGatekeeper:
         """One GATE: the answer, once its audit records are durable in the log (inside
         :func:`~signd.audit.log.deferring_appends`: once they are submitted)."""
         body = _gate_body(request, select, keys, fills)
-        if self._resume_wanted:
-            self._resume_wanted = False
-            self._resume()
+        epoch = self._resumed_epoch()
         try:
             answer = self.client.request(MessageType.GATE, body)
         except ConfigurationError as exc:
@@ -385,8 +391,23 @@ class EnclaveGatekeeper:
             log.warning("the enclave has lost its gate configuration (restarted?); sending it")
             self.configure()
             answer = self.client.request(MessageType.GATE, body)
-        self._append(answer.get("audit"))
+        self._append(answer.get("audit"), epoch)
         return answer
+
+    def _resumed_epoch(self) -> int:
+        """The epoch to send a GATE in, once a resume that is wanted or under way is over
+        (blocking: one thread resumes, the others wait for it)."""
+        if self._resume_wanted or self._resuming:
+            with self._resume_lock:
+                if self._resume_wanted:
+                    self._resuming = True
+                    self._resume_wanted = False
+                    self._epoch += 1
+                    try:
+                        self._resume()
+                    finally:
+                        self._resuming = False
+        return self._epoch
 
     async def _gate_async(
         self,
@@ -400,9 +421,10 @@ class EnclaveGatekeeper:
         """:meth:`_gate` without a thread: the request goes out on the open connection and
         its answer is awaited. Whatever may block (connecting, resuming the audit chain,
         configuring a restarted enclave) is left to :meth:`_gate`, in ``run``'s thread."""
-        if self._resume_wanted:
+        if self._resume_wanted or self._resuming:
             return await self._gate_in_thread(request, run, select, keys, fills)
         body = _gate_body(request, select, keys, fills)
+        epoch = self._epoch
         try:
             answer = await self._channel().request(MessageType.GATE, body, _connect_with(run))
         except NotSent:  # connecting failed: the blocking client retries and reports
@@ -411,7 +433,7 @@ class EnclaveGatekeeper:
             if exc.message != UNCONFIGURED:
                 raise
             return await self._gate_in_thread(request, run, select, keys, fills)
-        self._append(answer.get("audit"))
+        self._append(answer.get("audit"), epoch)
         return answer
 
     def _channel(self) -> EnclaveChannel:
@@ -433,18 +455,20 @@ class EnclaveGatekeeper:
         )
         return answer
 
-    def _append(self, lines: object) -> None:
-        """Append the enclave's sealed records; nothing is released unless this succeeds
-        (inside :func:`~signd.audit.log.deferring_appends`, the caller waits for it)."""
+    def _append(self, lines: object, epoch: int) -> None:
+        """Append the enclave's sealed records of a GATE sent in ``epoch``; nothing is
+        released unless this succeeds (inside :func:`~signd.audit.log.deferring_appends`,
+        the caller waits for it)."""
         if not isinstance(lines, list):
             raise DependencyUnavailable("the enclave sent no audit records")
         records = [SealedAuditRecord.from_json(line) for line in lines]
-        store_records(self.audit, records, failed=self._append_failed)
+        store_records(self.audit, records, failed=partial(self._append_failed, epoch))
 
-    def _append_failed(self, exc: BaseException) -> None:
+    def _append_failed(self, epoch: int, exc: BaseException) -> None:
         why = exc.message if isinstance(exc, SigndError) else type(exc).__name__
         log.error("audit log append failed; the results are withheld: %s", why)
-        self._resume_wanted = True
+        if epoch == self._epoch:  # else a resume since its GATE has seen to it
+            self._resume_wanted = True
 
     def _resume(self) -> None:
         """After records were lost on their way to the log, have the enclave continue the
