@@ -166,3 +166,18 @@ def test_the_gate_call_runs_in_no_requests_context() -> None:
 
     assert all(isinstance(outcome, Signed) for outcome in asyncio.run(main()))
     assert seen == ["no one"]
+
+
+def test_a_request_cancelled_before_the_hand_over_is_not_signed() -> None:
+    gate = RecordingGate()
+    gathering = Gathering(gate.sign_each)
+
+    async def main() -> Outcome:
+        leaving = asyncio.ensure_future(gathering.sign("alice", call(1)))
+        staying = asyncio.ensure_future(gathering.sign("alice", call(2)))
+        await asyncio.sleep(0)  # both wait in this pass's gathering
+        leaving.cancel()
+        return await staying
+
+    assert isinstance(asyncio.run(main()), Signed)
+    assert gate.handed == [[("alice", call(2))]]

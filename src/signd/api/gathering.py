@@ -76,6 +76,9 @@ class Gathering(Generic[P]):
     async def _sign(
         self, gathered: Sequence[tuple[P, SigningCall, asyncio.Future[Outcome]]]
     ) -> None:
+        gathered = [each for each in gathered if not each[2].done()]  # not for one cancelled
+        if not gathered:
+            return
         try:
             answers = await self._sign_each(
                 [(principal, (call,)) for principal, call, _ in gathered]
