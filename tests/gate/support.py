@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import itertools
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -392,3 +395,22 @@ def transaction(
     if to is not None:
         tx["to"] = to
     return tx
+
+
+@contextmanager
+def first_fsync_failing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Within, the first ``os.fsync`` fails (EIO) and the later ones work: an audit write's
+    fsync fails, undoing it succeeds. Afterwards ``os.fsync`` is itself again."""
+    real_fsync = os.fsync
+    calls = itertools.count()
+
+    def failing(fd: int) -> None:
+        if next(calls) == 0:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(os, "fsync", real_fsync)

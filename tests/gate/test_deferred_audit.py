@@ -4,15 +4,13 @@ failed append withholds the result (503) and the chain goes on whole afterwards.
 
 from __future__ import annotations
 
-import errno
 import itertools
-import os
 from typing import Any
 
 import pytest
 
 from signd.gate import SigningCall, SigningKind
-from tests.gate.support import BOTH_GATES, Gated
+from tests.gate.support import BOTH_GATES, Gated, first_fsync_failing
 
 pytestmark = BOTH_GATES
 
@@ -30,21 +28,11 @@ def test_a_failed_audit_append_withholds_the_signature(
 ) -> None:
     assert sign_message(gated, hot_key).status_code == 200
     before = len(gated.records())
-    real_fsync = os.fsync
-
-    calls = itertools.count()
-
-    def failing(fd: int) -> None:  # the write's fsync fails; undoing it succeeds
-        if next(calls) == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", failing)
-    refused = sign_message(gated, hot_key)
+    with first_fsync_failing(monkeypatch):
+        refused = sign_message(gated, hot_key)
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "dependency_unavailable"
     assert "signature" not in refused.text
-    monkeypatch.setattr(os, "fsync", real_fsync)
 
     again = sign_message(gated, hot_key)
     assert again.status_code == 200, again.text

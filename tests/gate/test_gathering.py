@@ -6,11 +6,8 @@ takes them one by one): what a caller sees must not depend on it."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import itertools
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +27,7 @@ from tests.gate.support import (
     MAX_PER_WINDOW,
     Gated,
     assert_log_verifies,
+    first_fsync_failing,
     transaction,
 )
 
@@ -152,19 +150,10 @@ def test_a_failed_audit_append_withholds_every_gathered_signature(
     [warm] = post_together(gated, [("alice", {"key": hot_key["key_id"], "message": "warm"})])
     assert warm.status_code == 200, warm.text
     gate_calls.clear()
-    real_fsync = os.fsync
-    calls = itertools.count()
-
-    def failing(fd: int) -> None:  # the write's fsync fails; undoing it succeeds
-        if next(calls) == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
-
     requests = [("alice", {"key": hot_key["key_id"], "message": f"m{i}"}) for i in range(6)]
     before = len(gated.records())
-    monkeypatch.setattr(os, "fsync", failing)
-    responses = post_together(gated, requests)
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    with first_fsync_failing(monkeypatch):
+        responses = post_together(gated, requests)
     withheld = [r for r in responses if r.status_code == 503]
     assert withheld, [r.status_code for r in responses]
     if gate_mode == "host":  # all six in one gate call, so in the write that failed
@@ -220,24 +209,15 @@ def test_after_a_failed_append_requests_sent_together_are_signed_again(
     once. (In enclave custody, the enclave first resumes its chain from the log; requests
     that came meanwhile used to be sealed after the lost records, fail in turn and ask for
     another resume, round after round, while requests kept coming.)"""
-    real_fsync = os.fsync
-    calls = itertools.count()
-
-    def failing(fd: int) -> None:  # the write's fsync fails; undoing it succeeds
-        if next(calls) == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync(fd)
 
     def round_of(name: str) -> list[tuple[str, dict[str, Any]]]:
         return [("alice", {"key": hot_key["key_id"], "message": f"{name} {i}"}) for i in range(10)]
 
-    monkeypatch.setattr(os, "fsync", failing)
-    failed = post_together(gated, round_of("failing"))
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    with first_fsync_failing(monkeypatch):
+        failed = post_together(gated, round_of("failing"))
     assert 503 in [response.status_code for response in failed]
     for number in range(4):
-        statuses = [
-            response.status_code for response in post_together(gated, round_of(f"{number}"))
-        ]
+        answers = post_together(gated, round_of(f"round {number}"))
+        statuses = [response.status_code for response in answers]
         assert statuses == [200] * 10, (number, statuses)
     assert_log_verifies(gated.gatekeeper, gated.paths)
