@@ -496,9 +496,6 @@ class RecordingGate:
     ) -> list[Signed | Exception]:
         return self.sign(principal, calls)
 
-    groups_requests = True
-    """As the gate in the host's process: single signing requests come gathered."""
-
     async def sign_each_async(
         self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Any
     ) -> list[list[Signed | Exception] | Exception]:

@@ -616,14 +616,11 @@ class EnclaveGatekeeper:
             return [exc for _ in calls]
         return self._complete(signing, answer)
 
-    groups_requests: Final = False
-    """Each request goes to the enclave with its own authentication (and a REST signing
-    request is performed with it), so :meth:`sign_each_async` gains nothing."""
-
     async def sign_each_async(
         self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]], run: Runner
     ) -> list[list[Signed | Exception] | Exception]:
-        """:meth:`sign_async` of each request, concurrently."""
+        """:meth:`sign_async` of each request, concurrently: each goes to the enclave with
+        its own authentication (a REST signing request was performed with it already)."""
         answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
             *(self.sign_async(caller, calls, run) for caller, calls in requests),
             return_exceptions=True,

@@ -63,12 +63,6 @@ class Keeper(Protocol):
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]: ...
 
-    @property
-    def groups_requests(self) -> bool:
-        """Whether :meth:`sign_each_async` does better than one :meth:`sign_async` per
-        request."""
-        ...
-
     async def sign_each_async(
         self, requests: Sequence[tuple[Caller, Sequence[SigningCall]]], run: Runner
     ) -> list[list[Signed | Exception] | Exception]:
@@ -210,10 +204,6 @@ class GatekeeperGate:
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
         return await self.gatekeeper.sign_async(self._caller(principal), calls, run)
-
-    @property
-    def groups_requests(self) -> bool:
-        return self.gatekeeper.groups_requests
 
     async def sign_each_async(
         self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner

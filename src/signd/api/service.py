@@ -36,7 +36,7 @@ from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
 from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
-from signd.gate.keeper import switch_refusal
+from signd.gate.keeper import each_answer, switch_refusal
 from signd.gate.operations import Runner
 from signd.operations import Signer
 from signd.operations.attestation import Attestation, AttestationNotConfigured, EnclaveAttestor
@@ -214,18 +214,13 @@ class SigningGate(Protocol):
         """Sign ``calls`` in order; each one's result or the error it met."""
         ...
 
-    @property
-    def groups_requests(self) -> bool:
-        """Whether :meth:`sign_each_async` does better than one :meth:`sign_async` per
-        request (the service then gathers single signing requests: :mod:`signd.api.
-        gathering`)."""
-        ...
-
     async def sign_each_async(
         self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
     ) -> list[list[Signed | Exception] | Exception]:
-        """:meth:`sign_async` of each request, each decided and recorded as its own; a
-        request whose gate call failed as a whole gets that error in its place."""
+        """:meth:`sign_async` of each request, each decided and recorded as its own (in one
+        gate call where the gate can: the service gathers single signing requests for it,
+        :mod:`signd.api.gathering`); a request whose gate call failed as a whole gets that
+        error in its place."""
         ...
 
     def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
@@ -287,13 +282,15 @@ class UngatedSigner:
         signed: list[Signed | Exception] = await run(self.sign, principal, calls)
         return signed
 
-    groups_requests: Final = False
-    """Nothing is shared between requests here."""
-
     async def sign_each_async(
         self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
     ) -> list[list[Signed | Exception] | Exception]:
-        return [await self.sign_async(principal, calls, run) for principal, calls in requests]
+        """:meth:`sign_async` of each request, concurrently (nothing is shared here)."""
+        answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
+            *(self.sign_async(principal, calls, run) for principal, calls in requests),
+            return_exceptions=True,
+        )
+        return each_answer(answers)
 
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Resolves each distinct key once per call."""
@@ -336,9 +333,7 @@ class SigningService:
         self.gate: SigningGate = gate or UngatedSigner(signer, settings.limits())
         self.attestor = attestor
         self._limiter: anyio.CapacityLimiter | None = None
-        self._gathering: Gathering[Principal] | None = None
-        if self.gate.groups_requests:
-            self._gathering = Gathering(self._gate_sign_each)
+        self._gathering = Gathering(self._gate_sign_each)
 
     def reset(self) -> None:
         """Forget the thread limiter (it belongs to the event loop that created it)."""
@@ -437,11 +432,8 @@ class SigningService:
         return outcome.result
 
     async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
-        call = SigningCall(kind, key, payload)
-        if self._gathering is not None:  # with the others of this pass of the event loop
-            outcome = await self._gathering.sign(principal, call)
-        else:
-            [outcome] = await self._gate_sign(principal, [call])
+        # with the others of this pass of the event loop
+        outcome = await self._gathering.sign(principal, SigningCall(kind, key, payload))
         result = self._count(outcome, kind)
         if isinstance(result, Exception):
             raise result

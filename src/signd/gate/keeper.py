@@ -303,9 +303,6 @@ class Gatekeeper:
         key is known and signs in this process. Authentication never needs I/O here."""
         return all(map(self.signer.key_is_local, {call.key for call in calls}))
 
-    groups_requests: Final = True
-    """:meth:`sign_each_async` does better than one :meth:`sign_async` per request."""
-
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
