@@ -24,7 +24,6 @@ The host's part:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import socket
@@ -79,7 +78,7 @@ from signd.gate.interpret import (
 from signd.gate.keeper import (
     Caller,
     GateRequest,
-    each_answer,
+    each_alone,
     labels_refusal,
     require_scope,
     visible_page,
@@ -621,11 +620,7 @@ class EnclaveGatekeeper:
     ) -> list[list[Signed | Exception] | Exception]:
         """:meth:`sign_async` of each request, concurrently: each goes to the enclave with
         its own authentication (a REST signing request was performed with it already)."""
-        answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
-            *(self.sign_async(caller, calls, run) for caller, calls in requests),
-            return_exceptions=True,
-        )
-        return each_answer(answers)
+        return await each_alone(self.sign_async, requests, run)
 
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner

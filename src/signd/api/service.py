@@ -36,7 +36,7 @@ from signd.custody.base import KeyInfo, KeyPage
 from signd.errors import DependencyUnavailable
 from signd.gate import Caller, Signed, SigningCall, SigningKind, SigningResult
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
-from signd.gate.keeper import each_answer, switch_refusal
+from signd.gate.keeper import each_alone, switch_refusal
 from signd.gate.operations import Runner
 from signd.operations import Signer
 from signd.operations.attestation import Attestation, AttestationNotConfigured, EnclaveAttestor
@@ -286,11 +286,7 @@ class UngatedSigner:
         self, requests: Sequence[tuple[Principal, Sequence[SigningCall]]], run: Runner
     ) -> list[list[Signed | Exception] | Exception]:
         """:meth:`sign_async` of each request, concurrently (nothing is shared here)."""
-        answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
-            *(self.sign_async(principal, calls, run) for principal, calls in requests),
-            return_exceptions=True,
-        )
-        return each_answer(answers)
+        return await each_alone(self.sign_async, requests, run)
 
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         """Resolves each distinct key once per call."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol, TypeVar
 
@@ -336,17 +336,8 @@ class Gatekeeper:
         inline = [self.signs_inline(calls) for _, calls in requests]
         gathered = [request for request, alone in zip(requests, inline, strict=True) if alone]
         signed = iter(self.sign_each(gathered) if gathered else ())
-        others: list[list[Signed | Exception] | BaseException] = []
-        if len(gathered) < len(requests):
-            others = await asyncio.gather(
-                *(
-                    self.sign_async(caller, calls, run)
-                    for (caller, calls), alone in zip(requests, inline, strict=True)
-                    if not alone
-                ),
-                return_exceptions=True,
-            )
-        rest = iter(each_answer(others))
+        others = [request for request, alone in zip(requests, inline, strict=True) if not alone]
+        rest = iter(await each_alone(self.sign_async, others, run) if others else ())
         return [next(signed) if alone else next(rest) for alone in inline]
 
     def sign(self, caller: Caller, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
@@ -481,11 +472,21 @@ class Gatekeeper:
             self._refuse(entry, exc, rule)
 
 
-def each_answer(
-    answers: Sequence[list[Signed | Exception] | BaseException],
+W = TypeVar("W")
+"""Who asks: a :class:`Caller` at a gatekeeper, the service's principal at its gate."""
+
+SignAsync = Callable[[W, Sequence[SigningCall], Runner], Awaitable[list[Signed | Exception]]]
+
+
+async def each_alone(
+    sign_async: SignAsync[W], requests: Sequence[tuple[W, Sequence[SigningCall]]], run: Runner
 ) -> list[list[Signed | Exception] | Exception]:
-    """The answers of requests gathered with ``return_exceptions``: a request's error stays
-    in its place; a cancellation is raised (it is no request's error)."""
+    """``sign_async`` of each request, concurrently, each in a gate call of its own: its
+    outcomes, or the error its call met as a whole (a cancellation is raised: it is no
+    request's error)."""
+    answers: list[list[Signed | Exception] | BaseException] = await asyncio.gather(
+        *(sign_async(who, calls, run) for who, calls in requests), return_exceptions=True
+    )
     each: list[list[Signed | Exception] | Exception] = []
     for answer in answers:
         if isinstance(answer, BaseException) and not isinstance(answer, Exception):
