@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from signd.api.gathering import MAX_GATHERED, Gathering, Outcome
-from signd.errors import DependencyUnavailable
+from signd.errors import DependencyUnavailable, IntegrityError
 from signd.gate import Signed, SigningCall, SigningKind
 from signd.gate.errors import OutOfScope
 
@@ -181,3 +181,18 @@ def test_a_request_cancelled_before_the_hand_over_is_not_signed() -> None:
 
     assert isinstance(asyncio.run(main()), Signed)
     assert gate.handed == [[("alice", call(2))]]
+
+
+def test_a_gate_that_answers_too_few_fails_every_request_rather_than_leave_one_waiting() -> None:
+    async def sign_each(requests: Requests) -> list[Sequence[Outcome] | Exception]:
+        return [[_signed(calls[0])] for _, calls in requests][:-1]
+
+    gathering = Gathering(sign_each)
+
+    async def main() -> list[Outcome]:
+        asked = (gathering.sign("alice", call(n)) for n in range(3))
+        return await asyncio.wait_for(asyncio.gather(*asked), timeout=5)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(outcome, IntegrityError) for outcome in outcomes)
+    assert "answered 2 of 3" in str(outcomes[0])

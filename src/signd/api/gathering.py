@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Generic, TypeVar
 
+from signd.errors import IntegrityError
 from signd.gate import Signed, SigningCall
 
 P = TypeVar("P")
@@ -89,6 +90,9 @@ class Gathering(Generic[P]):
             for *_, future in gathered:
                 future.cancel()
             raise
+        if len(answers) != len(gathered):  # a gate's fault: no request may wait forever
+            fault = IntegrityError(f"the gate answered {len(answers)} of {len(gathered)} requests")
+            answers = [fault for _ in gathered]
         for (*_, future), answer in zip(gathered, answers, strict=True):
             if future.done():  # its request was cancelled meanwhile
                 continue
