@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -144,6 +148,12 @@ def test_a_plaintext_answer_is_refused_in_recipient_mode(
     }
     with pytest.raises(IntegrityError):
         kms.decrypt(b"blob")
+    client.answer = {"CiphertextBlob": b"blob", "KeyId": "k", "ResponseMetadata": {}}
+    with pytest.raises(IntegrityError) as caught:
+        kms.generate_data_key()
+    assert caught.value.message == (
+        "KMS answered without CiphertextForRecipient (its fields: CiphertextBlob, KeyId)"
+    )
 
 
 def test_the_attestation_document_is_reused_for_a_short_time(nsm: SimulatedNsm) -> None:
@@ -199,6 +209,68 @@ def test_a_reused_server_is_left_running(home: Path) -> None:
         kms.check_health()
         kms.close()
         assert answers(server.endpoint)
+
+
+class _AnswersEmptyJson(BaseHTTPRequestHandler):
+    """Not a kms-server: 200 with ``{}`` to anything, like many HTTP servers would."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST  # noqa: N815
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def another_server_on(endpoint: str) -> Iterator[None]:
+    """A plain HTTP server on the port a stopped kms-server left free."""
+    port = urlsplit(endpoint).port
+    assert port is not None
+    with ThreadingHTTPServer(("127.0.0.1", port), _AnswersEmptyJson) as other:
+        thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        try:
+            yield
+        finally:
+            other.shutdown()
+            thread.join()
+
+
+def test_a_server_that_took_a_stopped_kms_servers_port_is_not_taken_for_it(
+    home: Path, recipient: Recipient
+) -> None:
+    """The kms-server a client was using stops and something else listens on its port: the
+    client starts a kms-server of its own instead of taking that other server's answers."""
+    server = start_kms_server(home)
+    kms = EmbeddedKms(home, recipient=recipient)
+    try:
+        data_key = kms.generate_data_key(encryption_context=CONTEXT)
+        assert not kms.server.owned
+        server.stop()
+        with another_server_on(server.endpoint):
+            assert not answers(server.endpoint)
+            assert kms.decrypt(data_key.ciphertext, encryption_context=CONTEXT) == (
+                data_key.plaintext
+            )
+            assert kms.server.owned
+            # and a client that starts out with that endpoint recorded does the same
+            fresh = EmbeddedKms(home, recipient=recipient)
+            try:
+                assert fresh.decrypt(data_key.ciphertext, encryption_context=CONTEXT) == (
+                    data_key.plaintext
+                )
+            finally:
+                fresh.close()
+    finally:
+        kms.close()
+        server.stop()
 
 
 def test_build_kms_defaults(home: Path) -> None:

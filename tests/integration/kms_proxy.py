@@ -14,6 +14,10 @@ decides what it does with the answers:
   for its own data key sealed to the enclave; Decrypt is relayed;
 - ``"decrypt-plaintext"``: relay Decrypt and add a ``Plaintext`` (a key it chose) to the answer.
 
+It names itself the way a kms-server does (``Server: signd-kms-server``), as a hostile host
+would: that header tells a kms-server from a program that took a dead one's port, it is no
+defence against an attacker (recipient mode is).
+
 ``forged_keys`` records every data key the proxy chose, so a test can show it would know the
 key had the enclave accepted it.
 """
@@ -34,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from signd.attestation import AttestationDocument, CoseSign1
 from signd.kms.cms import seal_for_recipient
+from signd.kms.server.http import SERVER_NAME
 
 
 def _b64(data: bytes) -> str:
@@ -54,6 +59,9 @@ class ForgingKmsProxy:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def version_string(self) -> str:
+                return SERVER_NAME
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))

@@ -170,7 +170,12 @@ class AwsKms(KmsClient):
             if response.get("Plaintext"):
                 logger.warning(_PLAINTEXT_REFUSED)
                 raise IntegrityError(_PLAINTEXT_REFUSED)
-            plaintext = self.recipient.open(response.get("CiphertextForRecipient") or b"")
+            sealed = response.get("CiphertextForRecipient")
+            if not sealed:
+                raise IntegrityError(
+                    f"KMS answered without CiphertextForRecipient (its fields: {_fields(response)})"
+                )
+            plaintext = self.recipient.open(sealed)
         if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
             raise IntegrityError("KMS returned a data key of the wrong size")
         return plaintext
@@ -209,6 +214,11 @@ class AwsKms(KmsClient):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _fields(response: Mapping[str, Any]) -> str:
+    """The names of an answer's fields (botocore keeps only modelled ones), for an error."""
+    return ", ".join(sorted(name for name in response if name != "ResponseMetadata")) or "none"
 
 
 @contextmanager

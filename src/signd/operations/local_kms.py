@@ -8,7 +8,10 @@ KMS, in recipient mode when attestation is on. Lifecycle:
   ``$HOME/kms-server.json``; if that server accepts connections it is **reused** (another
   process started it, or ``signd kms-server`` runs by hand), otherwise a new one is started
   (``python -m signd.kms.server --home HOME --exit-with-parent``, port chosen by the kernel)
-  and this process **owns** it;
+  and this process **owns** it. "Accepts" means a kms-server answers there (its ``Server``
+  header), and every KMS answer must carry that header too: once a kms-server dies, another
+  program may listen on its port, and its answers are not KMS answers (503, then a new
+  kms-server);
 - **stopped** by :meth:`EmbeddedKms.close` when this process owns it, and in any case when
   its owner dies (``--exit-with-parent``); a client that was reusing a server which then went
   away starts a new one on its next call (one retry), so several processes sharing a home
@@ -32,7 +35,7 @@ import fcntl
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,7 +49,13 @@ from signd.kms.aws import AwsKms
 from signd.kms.base import DataKey, KmsClient
 from signd.kms.recipient import Recipient
 from signd.kms.server import INFO_FILE, ServerInfo, attestation_key_policy
-from signd.kms.server.http import DEFAULT_ACCOUNT, RunningServer, answers, start_kms_server_process
+from signd.kms.server.http import (
+    DEFAULT_ACCOUNT,
+    RunningServer,
+    answers,
+    from_kms_server,
+    start_kms_server_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +176,19 @@ def ensure_data_key_alias(client: Any, *, pcr0: bytes | None) -> str:
     return alias
 
 
+def _only_kms_server_answers(endpoint: str) -> Callable[..., None]:
+    """A botocore ``after-call`` hook: an answer without the kms-server's ``Server`` header
+    came from another program on the port of a kms-server that stopped."""
+
+    def check(http_response: Any, **_: Any) -> None:
+        if not from_kms_server(http_response.headers.get("Server")):
+            raise DependencyUnavailable(
+                f"embedded kms-server: something other than a kms-server answers at {endpoint}"
+            )
+
+    return check
+
+
 class EmbeddedKms(KmsClient):
     """The enclave's KMS by default: AwsKms against the home's kms-server (see module doc).
 
@@ -202,6 +224,7 @@ class EmbeddedKms(KmsClient):
         info = self._server.ensure()
         self._endpoint = info.endpoint
         client = info.client(config=_BOTO_CONFIG)
+        client.meta.events.register("after-call.kms", _only_kms_server_answers(info.endpoint))
         pcr0 = None
         if self._recipient is not None:
             document = CoseSign1.decode(self._recipient.document())
@@ -214,6 +237,9 @@ class EmbeddedKms(KmsClient):
             raise DependencyUnavailable(
                 f"embedded kms-server: cannot prepare its key: {type(exc).__name__}"
             ) from None
+        except DependencyUnavailable:
+            client.close()
+            raise
         return AwsKms(alias, client=client, recipient=self._recipient)
 
     def _client(self, *, fresh: bool = False) -> AwsKms:

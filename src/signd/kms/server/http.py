@@ -14,6 +14,7 @@ and write ``kms-server.json`` (mode 0600) into the home directory so scripts can
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import socket
@@ -48,6 +49,9 @@ CONTENT_TYPE: Final = "application/x-amz-json-1.1"
 DEFAULT_REGION: Final = "us-east-1"
 DEFAULT_ACCOUNT: Final = "111122223333"
 INFO_FILE: Final = "kms-server.json"
+SERVER_NAME: Final = "signd-kms-server"
+"""The ``Server`` header of every answer, by which a client tells a kms-server from another
+program that took the port of one that stopped."""
 STATE_DIRECTORY: Final = "kms-server"
 DEFAULT_DEV_CA: Final = Path("attestation") / "dev-ca"
 """Where, under the home, the simulated NSM's development CA lives by default."""
@@ -152,10 +156,12 @@ class _KmsHttpServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "signd-kms-server"
     sys_version = ""
     timeout = _IDLE_TIMEOUT
     server: _KmsHttpServer
+
+    def version_string(self) -> str:
+        return SERVER_NAME
 
     def setup(self) -> None:
         super().setup()
@@ -412,13 +418,27 @@ def start_kms_server_process(
 
 
 def answers(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at ``endpoint`` (``http://host:port``)."""
+    """Whether a kms-server answers at ``endpoint`` (``http://host:port``).
+
+    Accepting connections is not enough: once a kms-server stops, any program may listen on
+    its port. A ``GET /`` is refused by the kms-server, with its :data:`SERVER_NAME` header.
+    """
     address = urlsplit(endpoint)
+    connection = http.client.HTTPConnection(
+        address.hostname or "", address.port or 0, timeout=timeout
+    )
     try:
-        with socket.create_connection((address.hostname or "", address.port or 0), timeout=timeout):
-            return True
-    except OSError:
+        connection.request("GET", "/")
+        return from_kms_server(connection.getresponse().getheader("Server"))
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        connection.close()
+
+
+def from_kms_server(server_header: str | None) -> bool:
+    """Whether an answer's ``Server`` header says a kms-server sent it."""
+    return server_header is not None and server_header.strip() == SERVER_NAME
 
 
 def serve_until_signalled(server: _KmsHttpServer, stop: threading.Event) -> None:
