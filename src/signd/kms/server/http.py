@@ -418,18 +418,28 @@ def start_kms_server_process(
 
 
 def answers(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether a kms-server answers at ``endpoint`` (``http://host:port``).
+    """Whether a kms-server is at ``endpoint`` (``http://host:port``).
 
     Accepting connections is not enough: once a kms-server stops, any program may listen on
-    its port. A ``GET /`` is refused by the kms-server, with its :data:`SERVER_NAME` header.
+    its port. A ``GET /`` is refused by the kms-server, with its :data:`SERVER_NAME` header;
+    an answer without it is another program's. A connection accepted but not answered within
+    ``timeout`` counts as a kms-server that is stuck, not gone: starting another would put a
+    second server over the same state.
     """
     address = urlsplit(endpoint)
     connection = http.client.HTTPConnection(
         address.hostname or "", address.port or 0, timeout=timeout
     )
     try:
+        connection.connect()
+    except OSError:
+        connection.close()
+        return False
+    try:
         connection.request("GET", "/")
         return from_kms_server(connection.getresponse().getheader("Server"))
+    except TimeoutError:
+        return True
     except (OSError, http.client.HTTPException):
         return False
     finally:
