@@ -45,7 +45,7 @@ from signd.kms.server.http import answers, start_kms_server_process
 from signd.operations.local_kms import EmbeddedKms
 from tests.api.conftest import make_home
 from tests.api.processes import SigndProcess, signd_serve
-from tests.fixtures.servers import postgres_server
+from tests.fixtures.servers import postgres_server, squatter
 from tests.integration.support import AWS_ENV, child_pids, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -326,6 +326,33 @@ def test_a_killed_embedded_kms_server_is_started_again(tmp_path: Path) -> None:
             os.kill(kms, signal.SIGKILL)
             wait_for_replacement(enclave, "signd.kms.server", kms)
             time.sleep(1.0)
+        load.check(saw_fault=False)
+        assert api.readyz().status_code == 200
+        no_key_lost(api, keys + load.created)
+        assert enclave_pid(server, home) == enclave
+
+
+def test_another_program_on_a_killed_kms_servers_port_is_not_taken_for_kms(
+    tmp_path: Path,
+) -> None:
+    """The enclave's kms-server SIGKILLed under load and its port taken at once by a plain
+    HTTP server answering ``200 {}``: no answer is a 500, the enclave starts a kms-server of
+    its own, and every key stays usable. (CI once saw a 500 "KMS answered without
+    CiphertextForRecipient" in the test above: this is that, made certain.)"""
+    home = make_home(tmp_path / "home", custody=("enclave",))
+    with serving(home) as (server, api):
+        keys = api.created(8)
+        enclave = enclave_pid(server, home)
+        [kms] = child_pids(enclave, containing="signd.kms.server")
+        port = int(ServerInfo.read(home).endpoint.rsplit(":", 1)[1])
+        with Load(server, home, keys) as load:
+            time.sleep(0.5)
+            os.kill(kms, signal.SIGKILL)
+            with squatter(port) as other:
+                flush_enclave_cache(enclave)
+                wait_for_replacement(enclave, "signd.kms.server", kms)
+                time.sleep(1.0)
+        assert other.requests >= 1, "the enclave never asked the program on the old port"
         load.check(saw_fault=False)
         assert api.readyz().status_code == 200
         no_key_lost(api, keys + load.created)

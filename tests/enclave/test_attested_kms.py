@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +29,7 @@ from signd.kms.server.http import answers
 from signd.operations.components import build_kms
 from signd.operations.local_kms import ATTESTED_ALIAS, EmbeddedKms, LocalKmsServer
 from tests.enclave.fakes import MemoryBlobStore
+from tests.fixtures.servers import squatter
 
 CONTEXT = {"service": "signd", "purpose": "test"}
 ROOT = "arn:aws:iam::111122223333:root"
@@ -211,38 +209,6 @@ def test_a_reused_server_is_left_running(home: Path) -> None:
         assert answers(server.endpoint)
 
 
-class _AnswersEmptyJson(BaseHTTPRequestHandler):
-    """Not a kms-server: 200 with ``{}`` to anything, like many HTTP servers would."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    do_GET = do_POST  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def another_server_on(endpoint: str) -> Iterator[None]:
-    """A plain HTTP server on the port a stopped kms-server left free."""
-    port = urlsplit(endpoint).port
-    assert port is not None
-    with ThreadingHTTPServer(("127.0.0.1", port), _AnswersEmptyJson) as other:
-        thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        try:
-            yield
-        finally:
-            other.shutdown()
-            thread.join()
-
-
 def test_a_server_that_took_a_stopped_kms_servers_port_is_not_taken_for_it(
     home: Path, recipient: Recipient
 ) -> None:
@@ -254,7 +220,9 @@ def test_a_server_that_took_a_stopped_kms_servers_port_is_not_taken_for_it(
         data_key = kms.generate_data_key(encryption_context=CONTEXT)
         assert not kms.server.owned
         server.stop()
-        with another_server_on(server.endpoint):
+        port = urlsplit(server.endpoint).port
+        assert port is not None
+        with squatter(port) as other:
             assert not answers(server.endpoint)
             assert kms.decrypt(data_key.ciphertext, encryption_context=CONTEXT) == (
                 data_key.plaintext
@@ -268,6 +236,7 @@ def test_a_server_that_took_a_stopped_kms_servers_port_is_not_taken_for_it(
                 )
             finally:
                 fresh.close()
+            assert other.requests >= 2, "the other server was not asked at all"
     finally:
         kms.close()
         server.stop()
