@@ -432,14 +432,11 @@ def answers(endpoint: str, timeout: float = 1.0) -> bool:
     )
     try:
         connection.connect()
-    except OSError:
-        connection.close()
-        return False
-    try:
-        connection.request("GET", "/")
-        return from_kms_server(connection.getresponse().getheader("Server"))
-    except TimeoutError:
-        return True
+        try:
+            connection.request("GET", "/")
+            return from_kms_server(connection.getresponse().getheader("Server"))
+        except TimeoutError:
+            return True  # accepted but not answered in time: stuck, not gone
     except (OSError, http.client.HTTPException):
         return False
     finally:
