@@ -5,13 +5,13 @@ KMS, in recipient mode when attestation is on. Lifecycle:
 
 - **started on first use**: nothing happens until the first KMS call (a key created, a cold
   sign, a health check). Then, holding ``$HOME/kms-server.lock``, the client reads
-  ``$HOME/kms-server.json``; if that server accepts connections it is **reused** (another
-  process started it, or ``signd kms-server`` runs by hand), otherwise a new one is started
+  ``$HOME/kms-server.json``; if a kms-server is there (:func:`answers`: its ``Server``
+  header, or a connection accepted by one that is stuck) it is **reused** (another process
+  started it, or ``signd kms-server`` runs by hand), otherwise a new one is started
   (``python -m signd.kms.server --home HOME --exit-with-parent``, port chosen by the kernel)
-  and this process **owns** it. "Accepts" means a kms-server answers there (its ``Server``
-  header), and every KMS answer must carry that header too: once a kms-server dies, another
-  program may listen on its port, and its answers are not KMS answers (503, then a new
-  kms-server);
+  and this process **owns** it. Every KMS answer must carry that header too: once a
+  kms-server dies, another program may listen on its port, and its answers are not KMS
+  answers (503, then a new kms-server);
 - **stopped** by :meth:`EmbeddedKms.close` when this process owns it, and in any case when
   its owner dies (``--exit-with-parent``); a client that was reusing a server which then went
   away starts a new one on its next call (one retry), so several processes sharing a home
