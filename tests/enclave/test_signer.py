@@ -15,12 +15,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import recover_public_key
+from signd.crypto.secp256k1 import RecoverableSignature, recover_public_key
 from signd.crypto.secret import Secret
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import CreatedKey, KeyReference
 from signd.enclave.sealing import SealedKey
-from signd.enclave.signer import ENCRYPTION_CONTEXT, EnclaveSigner
+from signd.enclave.signer import ENCRYPTION_CONTEXT, DataKeys, EnclaveSigner
 from signd.errors import (
     DependencyUnavailable,
     IntegrityError,
@@ -209,6 +209,108 @@ def test_blobs_swapped_between_two_keys_are_detected(
     for key in (first, second):
         with pytest.raises(IntegrityError):
             signer.sign_digest(key.reference, DIGEST)
+
+
+def _signs_for(key: CreatedKey, signature: RecoverableSignature) -> bool:
+    return eth_address(signature.recover_public_key(DIGEST)) == key.address
+
+
+def test_a_batchs_keys_unsealed_in_one_call_share_one_kms_decrypt(
+    signer: EnclaveSigner, kms: MemoryKms
+) -> None:
+    """Sweeping deposit addresses created together: one Decrypt per data key in a call, and
+    every key still opens to itself."""
+    batch = signer.create_keys("ethereum", 6)
+    other = signer.create_keys("ethereum", 2)
+    signer.flush_cache()
+    before = kms.decrypted
+    data_keys = DataKeys()
+    for key in [*batch, *other]:
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, data_keys))
+    assert kms.decrypted == before + 2
+    assert repr(data_keys) == "DataKeys(2 unwrapped)"
+    signer.flush_cache()
+    for key in batch:  # each call of its own: a Decrypt each
+        signer.sign_digest(key.reference, DIGEST)
+    assert kms.decrypted == before + 2 + 6
+
+
+def test_a_proven_key_shares_the_calls_data_keys(signer: EnclaveSigner, kms: MemoryKms) -> None:
+    first, second = signer.create_keys("ethereum", 2)
+    signer.flush_cache()
+    before = kms.decrypted
+    data_keys = DataKeys()
+    for key in (first, second):
+        assert _signs_for(key, signer.proven_key(key.reference, data_keys).sign_digest(DIGEST))
+    assert kms.decrypted == before + 1
+
+
+def test_a_shared_data_key_opens_no_key_whose_blob_was_tampered_with(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    """A hostile host gains nothing from keys sharing a data key in a call: swapped or altered
+    keys of the batch still fail their own checks, and the untouched ones still sign."""
+    first, second, altered, untouched = signer.create_keys("ethereum", 4)
+    swap_sealed(blobs, first.blob, second.blob)
+    body = cbor2.loads(read_sealed(blobs, altered.blob))
+    flipped = bytearray(body["encrypted_private_key"])
+    flipped[0] ^= 0x01
+    body["encrypted_private_key"] = bytes(flipped)
+    replace_sealed(blobs, altered.blob, cbor2.dumps(body))
+    signer.flush_cache()
+    before = kms.decrypted
+    data_keys = DataKeys()
+    assert _signs_for(untouched, signer.sign_digest(untouched.reference, DIGEST, data_keys))
+    for key in (first, second, altered):
+        with pytest.raises(IntegrityError):
+            signer.sign_digest(key.reference, DIGEST, data_keys)
+    assert kms.decrypted == before + 1
+
+
+def test_a_tampered_wrapped_data_key_fails_only_its_own_key(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    tampered, intact = signer.create_keys("ethereum", 2)
+    body = cbor2.loads(read_sealed(blobs, tampered.blob))
+    wrapped = bytearray(body["encrypted_data_key"])
+    wrapped[-1] ^= 0x01
+    body["encrypted_data_key"] = bytes(wrapped)
+    replace_sealed(blobs, tampered.blob, cbor2.dumps(body))
+    signer.flush_cache()
+    data_keys = DataKeys()
+    with pytest.raises(IntegrityError):
+        signer.sign_digest(tampered.reference, DIGEST, data_keys)
+    assert _signs_for(intact, signer.sign_digest(intact.reference, DIGEST, data_keys))
+
+
+def test_a_failed_decrypt_fails_the_calls_other_keys_without_another_wait(
+    signer: EnclaveSigner, kms: MemoryKms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KMS down during a cold batch: one attempt per data key, not one timeout per key; the
+    next call asks KMS again and signs."""
+    keys = signer.create_keys("ethereum", 5)
+    signer.flush_cache()
+    attempts = 0
+    decrypt = kms.decrypt
+
+    def counting(ciphertext: bytes, **options: Any) -> Secret:
+        nonlocal attempts
+        attempts += 1
+        return decrypt(ciphertext, **options)
+
+    monkeypatch.setattr(kms, "decrypt", counting)
+    kms.down = True
+    data_keys = DataKeys()
+    for key in keys:
+        with pytest.raises(DependencyUnavailable, match="memory KMS is down"):
+            signer.sign_digest(key.reference, DIGEST, data_keys)
+    assert attempts == 1
+    assert signer.cached_keys == 0
+    kms.down = False
+    data_keys = DataKeys()
+    for key in keys:
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, data_keys))
+    assert attempts == 2
 
 
 def test_a_reference_pointing_at_another_keys_blob_is_detected(signer: EnclaveSigner) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
 from starlette.exceptions import StarletteDeprecationWarning
 
 from signd.api import ApiSettings
@@ -181,24 +183,60 @@ def two_use_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_a_gated_signature_counts_one_use_of_the_unsealed_key(
-    two_use_cache: None, gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Proving a key's labels and signing with it share one unseal: with 2 uses per entry,
-    4 signatures open the key twice (4 times if the proof and the signature each used it)."""
-    decrypts = 0
+@pytest.fixture
+def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many KMS Decrypts the enclave makes from here on (one counter, in a list)."""
+    counted = [0]
     decrypt = LocalKms.decrypt
 
     def counting(self: LocalKms, *args: Any, **kwargs: Any) -> Any:
-        nonlocal decrypts
-        decrypts += 1
+        counted[0] += 1
         return decrypt(self, *args, **kwargs)
 
     monkeypatch.setattr(LocalKms, "decrypt", counting)
+    return counted
+
+
+def flush_unsealed(gated: Gated) -> None:
+    """Make the enclave forget every unsealed key."""
     backend = gated.signer.backend("enclave")
     assert isinstance(backend, EnclaveBackend)
     backend.client.flush_cache()
+
+
+def test_a_gated_signature_counts_one_use_of_the_unsealed_key(
+    two_use_cache: None, gated: Gated, hot_key: dict[str, Any], decrypts: list[int]
+) -> None:
+    """Proving a key's labels and signing with it share one unseal: with 2 uses per entry,
+    4 signatures open the key twice (4 times if the proof and the signature each used it)."""
+    flush_unsealed(gated)
     for text in ("one", "two", "three", "four"):
         signing = gated.signed("POST", "/v1/sign/ethereum/message", message(hot_key, text))
         assert signing.status_code == 200, signing.text
-    assert decrypts == 2
+    assert decrypts == [2]
+
+
+def test_a_batch_over_keys_created_together_unseals_them_with_one_kms_decrypt(
+    gated: Gated, decrypts: list[int]
+) -> None:
+    """Sweeping cold deposit addresses: the batch's keys share a data key, which the enclave
+    asks KMS for once in the gate call, not once per key."""
+    body = {"chain": "ethereum", "custody": "enclave", "labels": ["hot"], "count": 12}
+    created = gated.signed("POST", "/v1/keys", body)
+    assert created.status_code == 201, created.text
+    keys = created.json()["keys"]
+    flush_unsealed(gated)
+    decrypts[0] = 0  # creating checked its data key with a Decrypt
+    requests = [{"type": "ethereum/message"} | message(key, "sweep") for key in keys]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": requests})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    signers = [
+        Account.recover_message(encode_defunct(text="sweep"), signature=result["signature"])
+        for result in results
+    ]
+    assert signers == [key["address"] for key in keys]
+    assert decrypts == [1]
+    alone = gated.signed("POST", "/v1/sign/ethereum/message", message(keys[0], "again"))
+    assert alone.status_code == 200, alone.text
+    assert decrypts == [1]  # still unsealed

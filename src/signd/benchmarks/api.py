@@ -657,6 +657,44 @@ def api_sign_batch_enclave(quick: bool) -> list[BenchResult]:
     return _sign_batch(quick, CUSTODY_SETUPS["enclave"])
 
 
+@benchmark("api-sign-batch-cold-enclave")
+def api_sign_batch_cold_enclave(quick: bool) -> list[BenchResult]:
+    """A batch over keys created together and never signed with (sweeping deposit addresses):
+    each key unsealed in the enclave on the way, against the same batch again, warm."""
+    setup, size = CUSTODY_SETUPS["enclave"], sizes(quick)
+    cold_rates: list[float] = []
+    warm_rates: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="signd-bench-api-") as folder:
+        home = _signd_home(Path(folder), setup, max_batch=size.batch_items)
+        with _signd_serve(home, setup) as signd:
+            for _ in range(size.rounds):
+                keys = _create_keys(signd, setup, size.batch_items)
+                body = json.dumps(
+                    {"requests": [{"type": "hash", "key": key["key_id"]} | _hash() for key in keys]}
+                ).encode()
+                for rates in (cold_rates, warm_rates):
+                    started = time.perf_counter()
+                    results = _post(signd + BATCH_PATH, body)["results"]
+                    rates.append(len(keys) / (time.perf_counter() - started))
+                    if len(results) != len(keys) or not all("signature" in r for r in results):
+                        raise AssertionError("signd did not sign every item of the cold batch")
+    return [
+        BenchResult(
+            f"REST POST /v1/sign/batch, {size.batch_items:,} hashes over as many keys created "
+            f"together and never used{setup.label}, one client",
+            "sig/s",
+            statistics.median(cold_rates),
+            "the same batch again (keys unsealed)",
+            statistics.median(warm_rates),
+            "reported",
+        )
+    ]
+
+
+def _hash() -> dict[str, str]:
+    return {"hash": "0x" + secrets.token_hex(32)}
+
+
 def _rpc_batch(quick: bool, setup: CustodySetup) -> list[BenchResult]:
     size = sizes(quick)
     count = min(RPC_BATCH_ITEMS, size.batch_items)

@@ -78,7 +78,7 @@ from signd.enclave.protocol import (
     require_list,
     require_str,
 )
-from signd.enclave.signer import EnclaveSigner, ProvenKey
+from signd.enclave.signer import DataKeys, EnclaveSigner, ProvenKey
 from signd.errors import (
     AccessDenied,
     ConfigurationError,
@@ -602,6 +602,7 @@ class EnclaveGate:
         if len(select) >= PARALLEL_MIN:
             together = SignTogether(answer.entries)
         waiting: list[tuple[int, Waiting[ProvenKey]]] = []
+        data_keys = DataKeys()  # a batch's keys unsealed here share one KMS Decrypt
         for origin in select:
             call = slots.get(origin)
             if call is None:
@@ -619,7 +620,7 @@ class EnclaveGate:
                     outcome = together.again(run, call)
                 else:
                     outcome = self._sign_one(
-                        configured, presented, call, fill, keys, answer, together
+                        configured, presented, call, fill, keys, answer, data_keys, together
                     )
             except SigndError as exc:
                 answer.outcomes.append(_error(exc))
@@ -649,6 +650,7 @@ class EnclaveGate:
         fill: Mapping[str, Any] | None,
         keys: Mapping[str, KeyInfo],
         answer: _Answer,
+        data_keys: DataKeys,
         together: SignTogether[ProvenKey] | None = None,
     ) -> dict[str, Any] | Waiting[ProvenKey]:
         """One call through the gate: its outcome, or (with ``together``, a call the policy
@@ -679,7 +681,7 @@ class EnclaveGate:
                     raise InvalidRequest("only a transaction has fields to fill")
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
-                proven = self._signer.proven_key(_reference(info))
+                proven = self._signer.proven_key(_reference(info), data_keys)
             approval = approve(principal, call, info, configured.engine, answer.decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
@@ -691,7 +693,7 @@ class EnclaveGate:
                 base,
                 approval.decision,
                 approval.intent,
-                lambda: self._signer.proven_key(reference),
+                lambda: self._signer.proven_key(reference, data_keys),
             )
             return together.start(call, run, proven, prepared.digest, prepared.assemble)
         return self._perform(configured, approval, base, answer, proven)

@@ -49,7 +49,7 @@ from signd.enclave.protocol import (
     require_list,
     require_str,
 )
-from signd.enclave.signer import AddressFunction, EnclaveSigner
+from signd.enclave.signer import AddressFunction, DataKeys, EnclaveSigner
 from signd.enclave.transport import close_socket, listen_socket
 from signd.errors import (
     AccessDenied,
@@ -223,7 +223,7 @@ class EnclaveApp:
             answer["error"] = error.to_dict()
         return answer
 
-    def _sign(self, item: Any) -> bytes:
+    def _sign(self, item: Any, data_keys: DataKeys | None = None) -> bytes:
         if not isinstance(item, dict):
             raise InvalidField("each item must be a map", field="items")
         self._refuse_without_gate("sign with")
@@ -231,7 +231,8 @@ class EnclaveApp:
             hsm_key = HsmKeyReference.from_body(item)
             return self._hsm().sign_digest(hsm_key, require_bytes(item, "digest", size=32))
         key = KeyReference.from_body(item)
-        return self.signer.sign_digest(key, require_bytes(item, "digest", size=32)).to_bytes()
+        digest = require_bytes(item, "digest", size=32)
+        return self.signer.sign_digest(key, digest, data_keys).to_bytes()
 
     def _refuse_without_gate(self, what: str) -> None:
         if self.gate_only:
@@ -247,9 +248,10 @@ class EnclaveApp:
     def _sign_digests(self, body: dict[str, Any]) -> dict[str, Any]:
         items = require_list(body, "items", max_length=self.signer.max_batch)
         results: list[dict[str, Any]] = []
+        data_keys = DataKeys()  # a batch's keys unsealed here share one KMS Decrypt
         for item in items:
             try:
-                results.append({"signature": self._sign(item)})
+                results.append({"signature": self._sign(item, data_keys)})
             except SigndError as error:
                 results.append({"error": error.to_dict()})
         return {"results": results}

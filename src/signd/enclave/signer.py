@@ -20,6 +20,11 @@ A batch of keys is stored as ONE blob, ``enclave-batch-<uuid>``: the concatenate
 its byte range, ``enclave-batch-<uuid>@<offset>+<length>`` (:class:`BlobRange`), and a
 signature reads only that range. A reference without a range (``enclave-<key_id>``, how keys
 were stored before) names a whole single-key blob and still works.
+
+Keys sealed under one data key (a batch's) and unsealed in one call (a gate call, a
+SIGN_DIGESTS batch) share one KMS Decrypt: :class:`DataKeys` keeps what KMS unwrapped for
+the call's length, keyed by the wrapped data key, and each key still opens only under its
+own associated data.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from signd.crypto.secp256k1 import (
     sign_digests_with,
     signatures_or_errors,
 )
+from signd.crypto.secret import Secret
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference, canonical_labels
 from signd.enclave.sealing import (
@@ -161,6 +167,41 @@ class _Group:
         self.requests.append(request)
         self.keys += request.count
         return len(self.requests) - 1
+
+
+class DataKeys:
+    """The data keys KMS unwrapped during one call, by wrapped form, for the call's length.
+
+    A batch's keys are sealed under one data key, so a call that unseals several of them
+    (sweeping deposit addresses created together, or a hot batch whose keys reach
+    ``cache_max_uses`` together) needs one Decrypt, not one per key. A Decrypt that failed
+    fails the others alike, without another wait on KMS; the next call asks KMS again.
+    Made for one call and dropped with it, as a data key unwrapped for one unseal is.
+    """
+
+    __slots__ = ("_lock", "_unwrapped")
+
+    def __init__(self) -> None:
+        self._unwrapped: dict[bytes, Secret | SigndError] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DataKeys({len(self._unwrapped)} unwrapped)"
+
+    def unwrap(self, wrapped: bytes, decrypt: Callable[[bytes], Secret]) -> Secret:
+        """``wrapped``'s data key: unwrapped earlier in this call, or by ``decrypt`` now."""
+        with self._lock:
+            known = self._unwrapped.get(wrapped)
+        if known is None:
+            try:
+                known = decrypt(wrapped)
+            except SigndError as error:
+                known = error
+            with self._lock:
+                known = self._unwrapped.setdefault(wrapped, known)
+        if isinstance(known, SigndError):
+            raise copy.copy(known) from known
+        return known
 
 
 class ProvenKey:
@@ -453,13 +494,16 @@ class EnclaveSigner:
             return self._blobs.get(reference)
         return self._blobs.get_range(where.name, where.offset, where.length)
 
-    def sign_digest(self, key: KeyReference, digest: bytes) -> RecoverableSignature:
+    def sign_digest(
+        self, key: KeyReference, digest: bytes, data_keys: DataKeys | None = None
+    ) -> RecoverableSignature:
         """Sign a 32-byte digest with a sealed key (RFC 6979 nonce, low-S).
 
         Signs only if ``key`` is what the blob binds, labels included (else IntegrityError).
+        ``data_keys``: the call's, if it may unseal other keys of the same batch.
         """
         digest = check_digest(digest)
-        return sign_digest_with(self._private_key(key), digest)
+        return sign_digest_with(self._private_key(key, data_keys), digest)
 
     def holds_unsealed(self, key: KeyReference, uses: int = 1) -> bool:
         """Whether ``key`` is unsealed in memory for ``uses`` more uses (no I/O to use it)."""
@@ -476,12 +520,14 @@ class EnclaveSigner:
         self._private_key(key)
         return key
 
-    def proven_key(self, key: KeyReference) -> ProvenKey:
+    def proven_key(self, key: KeyReference, data_keys: DataKeys | None = None) -> ProvenKey:
         """:meth:`verified_key`, kept unsealed to sign with: the proof and the signature that
-        follows it use the cache once between them."""
-        return ProvenKey(key, self._private_key(key))
+        follows it use the cache once between them. ``data_keys`` as for :meth:`sign_digest`."""
+        return ProvenKey(key, self._private_key(key, data_keys))
 
-    def _private_key(self, key: KeyReference) -> coincurve.PrivateKey:
+    def _private_key(
+        self, key: KeyReference, data_keys: DataKeys | None = None
+    ) -> coincurve.PrivateKey:
         """The unsealed key ``key`` names: cached (the cache is keyed on the whole reference,
         labels included, and holds only keys unsealed under it), or unsealed now."""
         address_of = self._address_deriver(key.chain)
@@ -491,15 +537,18 @@ class EnclaveSigner:
         with self._unsealing.held(key):
             private_key = self._cache.get(key)  # unsealed by another caller meanwhile?
             if private_key is None:
-                private_key = self._unseal(key, address_of)
+                private_key = self._unseal(key, address_of, data_keys)
                 self._cache.put(key, private_key)
         return private_key
 
-    def _unseal(self, key: KeyReference, address_of: AddressFunction) -> coincurve.PrivateKey:
+    def _unseal(
+        self, key: KeyReference, address_of: AddressFunction, data_keys: DataKeys | None
+    ) -> coincurve.PrivateKey:
         sealed = SealedKey.from_bytes(self._read_sealed(key.blob))
-        data_key = self._kms.decrypt(
-            sealed.encrypted_data_key, encryption_context=ENCRYPTION_CONTEXT
-        )
+        if data_keys is None:
+            data_key = self._decrypt(sealed.encrypted_data_key)
+        else:
+            data_key = data_keys.unwrap(sealed.encrypted_data_key, self._decrypt)
         secret = unseal_private_key(
             sealed,
             data_key,
@@ -515,6 +564,9 @@ class EnclaveSigner:
         if address_of(private_key.public_key.format(compressed=True)) != key.address:
             raise IntegrityError("sealed key blob failed its integrity check")
         return private_key
+
+    def _decrypt(self, wrapped: bytes) -> Secret:
+        return self._kms.decrypt(wrapped, encryption_context=ENCRYPTION_CONTEXT)
 
     def flush_cache(self) -> int:
         """Forget every unsealed key; the number forgotten."""
