@@ -191,15 +191,15 @@ def test_sign_digests_batches_and_normalises(
         assert signature == backend.sign_digest(info, digest)
 
 
-def test_a_sign_digests_batch_unseals_keys_created_together_with_one_decrypt(
-    backend: EnclaveBackend, client: EnclaveClient, kms: MemoryKms
+def test_a_sign_digests_batch_unseals_keys_created_together_with_one_decrypt_and_read(
+    backend: EnclaveBackend, client: EnclaveClient, kms: MemoryKms, blobs: MemoryBlobStore
 ) -> None:
     keys = backend.create_keys("ethereum", eth_address, count=6)
     client.flush_cache()
-    before = kms.decrypted
+    decrypts, gets = kms.decrypted, blobs.gets
     signatures = backend.sign_digests([(key, DIGEST) for key in keys])
     assert [s.recover_public_key(DIGEST) for s in signatures] == [k.public_key for k in keys]
-    assert kms.decrypted == before + 1
+    assert (kms.decrypted, blobs.gets) == (decrypts + 1, gets + 1)
 
 
 def test_concurrent_signing_through_one_backend(backend: EnclaveBackend) -> None:

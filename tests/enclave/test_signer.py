@@ -17,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature, recover_public_key
 from signd.crypto.secret import Secret
+from signd.enclave import signer as enclave_signer
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import CreatedKey, KeyReference
 from signd.enclave.sealing import SealedKey
-from signd.enclave.signer import ENCRYPTION_CONTEXT, DataKeys, EnclaveSigner
+from signd.enclave.signer import ENCRYPTION_CONTEXT, EnclaveSigner
 from signd.errors import (
     DependencyUnavailable,
     IntegrityError,
@@ -215,42 +216,65 @@ def _signs_for(key: CreatedKey, signature: RecoverableSignature) -> bool:
     return eth_address(signature.recover_public_key(DIGEST)) == key.address
 
 
-def test_a_batchs_keys_unsealed_in_one_call_share_one_kms_decrypt(
-    signer: EnclaveSigner, kms: MemoryKms
+def _references(keys: list[CreatedKey]) -> list[KeyReference]:
+    return [key.reference for key in keys]
+
+
+def test_a_batchs_keys_unsealed_in_one_call_share_one_decrypt_and_one_read(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
 ) -> None:
-    """Sweeping deposit addresses created together: one Decrypt per data key in a call, and
-    every key still opens to itself."""
+    """Sweeping deposit addresses created together: one Decrypt per data key and one read
+    per batch blob in a call, and every key still opens to itself."""
     batch = signer.create_keys("ethereum", 6)
     other = signer.create_keys("ethereum", 2)
     signer.flush_cache()
-    before = kms.decrypted
-    data_keys = DataKeys()
+    decrypts, gets = kms.decrypted, blobs.gets
+    unsealing = signer.unsealing(_references([*batch, *other]))
     for key in [*batch, *other]:
-        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, data_keys))
-    assert kms.decrypted == before + 2
-    assert repr(data_keys) == "DataKeys(2 unwrapped)"
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
+    assert (kms.decrypted, blobs.gets) == (decrypts + 2, gets + 2)
+    assert repr(unsealing) == "Unsealing(2 data keys unwrapped, 2 of 2 spans read)"
     signer.flush_cache()
-    for key in batch:  # each call of its own: a Decrypt each
+    for key in batch:  # each call of its own: a Decrypt and a read each
         signer.sign_digest(key.reference, DIGEST)
-    assert kms.decrypted == before + 2 + 6
+    assert (kms.decrypted, blobs.gets) == (decrypts + 2 + 6, gets + 2 + 6)
 
 
-def test_a_proven_key_shares_the_calls_data_keys(signer: EnclaveSigner, kms: MemoryKms) -> None:
-    first, second = signer.create_keys("ethereum", 2)
-    signer.flush_cache()
-    before = kms.decrypted
-    data_keys = DataKeys()
-    for key in (first, second):
-        assert _signs_for(key, signer.proven_key(key.reference, data_keys).sign_digest(DIGEST))
-    assert kms.decrypted == before + 1
-
-
-def test_a_shared_data_key_opens_no_key_whose_blob_was_tampered_with(
+def test_keys_a_call_was_not_told_of_share_its_data_keys_but_read_alone(
     signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
 ) -> None:
-    """A hostile host gains nothing from keys sharing a data key in a call: swapped or altered
-    keys of the batch still fail their own checks, and the untouched ones still sign."""
-    first, second, altered, untouched = signer.create_keys("ethereum", 4)
+    first, second, third = signer.create_keys("ethereum", 3)
+    signer.sign_digest(first.reference, DIGEST)  # in memory: no reason to read its span
+    signer.flush_cache()
+    signer.sign_digest(first.reference, DIGEST)
+    decrypts, gets = kms.decrypted, blobs.gets
+    unsealing = signer.unsealing([first.reference, second.reference])  # second alone is cold
+    for key in (second, third):
+        assert _signs_for(key, signer.proven_key(key.reference, unsealing).sign_digest(DIGEST))
+    assert (kms.decrypted, blobs.gets) == (decrypts + 1, gets + 2)
+    assert repr(unsealing) == "Unsealing(1 data keys unwrapped, 0 of 0 spans read)"
+
+
+def test_a_span_wider_than_one_ranged_read_is_read_key_by_key(
+    signer: EnclaveSigner, blobs: MemoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = signer.create_keys("ethereum", 4)
+    signer.flush_cache()
+    monkeypatch.setattr(enclave_signer, "MAX_RANGE_LENGTH", range_of(keys[0].blob).length * 2)
+    gets = blobs.gets
+    unsealing = signer.unsealing(_references(keys))
+    for key in keys:
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
+    assert blobs.gets == gets + 4
+
+
+def test_a_shared_read_opens_no_key_whose_blob_was_tampered_with(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
+) -> None:
+    """A hostile host gains nothing from keys sharing a data key and a read in a call:
+    swapped or altered keys of the batch still fail their own checks, and the untouched
+    ones still sign."""
+    first, second, altered, untouched = keys = signer.create_keys("ethereum", 4)
     swap_sealed(blobs, first.blob, second.blob)
     body = cbor2.loads(read_sealed(blobs, altered.blob))
     flipped = bytearray(body["encrypted_private_key"])
@@ -258,29 +282,59 @@ def test_a_shared_data_key_opens_no_key_whose_blob_was_tampered_with(
     body["encrypted_private_key"] = bytes(flipped)
     replace_sealed(blobs, altered.blob, cbor2.dumps(body))
     signer.flush_cache()
-    before = kms.decrypted
-    data_keys = DataKeys()
-    assert _signs_for(untouched, signer.sign_digest(untouched.reference, DIGEST, data_keys))
+    decrypts, gets = kms.decrypted, blobs.gets
+    unsealing = signer.unsealing(_references(keys))
+    assert _signs_for(untouched, signer.sign_digest(untouched.reference, DIGEST, unsealing))
     for key in (first, second, altered):
         with pytest.raises(IntegrityError):
-            signer.sign_digest(key.reference, DIGEST, data_keys)
-    assert kms.decrypted == before + 1
+            signer.sign_digest(key.reference, DIGEST, unsealing)
+    assert (kms.decrypted, blobs.gets) == (decrypts + 1, gets + 1)
+
+
+def test_a_blob_cut_short_fails_only_the_keys_it_lost(
+    signer: EnclaveSigner, blobs: MemoryBlobStore
+) -> None:
+    """The span cannot be read whole: each key reads its own range, and only those past the
+    cut meet KeyNotFound."""
+    kept, lost = signer.create_keys("ethereum", 2)
+    where = range_of(lost.blob)
+    whole = blobs.get(where.name)
+    blobs.delete(where.name)
+    blobs.put(where.name, whole[: where.offset + 10])
+    signer.flush_cache()
+    unsealing = signer.unsealing([kept.reference, lost.reference])
+    assert _signs_for(kept, signer.sign_digest(kept.reference, DIGEST, unsealing))
+    with pytest.raises(KeyNotFound):
+        signer.sign_digest(lost.reference, DIGEST, unsealing)
 
 
 def test_a_tampered_wrapped_data_key_fails_only_its_own_key(
     signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore
 ) -> None:
-    tampered, intact = signer.create_keys("ethereum", 2)
+    tampered, intact = keys = signer.create_keys("ethereum", 2)
     body = cbor2.loads(read_sealed(blobs, tampered.blob))
     wrapped = bytearray(body["encrypted_data_key"])
     wrapped[-1] ^= 0x01
     body["encrypted_data_key"] = bytes(wrapped)
     replace_sealed(blobs, tampered.blob, cbor2.dumps(body))
     signer.flush_cache()
-    data_keys = DataKeys()
+    unsealing = signer.unsealing(_references(keys))
     with pytest.raises(IntegrityError):
-        signer.sign_digest(tampered.reference, DIGEST, data_keys)
-    assert _signs_for(intact, signer.sign_digest(intact.reference, DIGEST, data_keys))
+        signer.sign_digest(tampered.reference, DIGEST, unsealing)
+    assert _signs_for(intact, signer.sign_digest(intact.reference, DIGEST, unsealing))
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, method: str) -> list[int]:
+    """Count the calls of ``owner.method`` (attempts, failed ones included)."""
+    calls = [0]
+    original = getattr(owner, method)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, counted)
+    return calls
 
 
 def test_a_failed_decrypt_fails_the_calls_other_keys_without_another_wait(
@@ -290,27 +344,38 @@ def test_a_failed_decrypt_fails_the_calls_other_keys_without_another_wait(
     next call asks KMS again and signs."""
     keys = signer.create_keys("ethereum", 5)
     signer.flush_cache()
-    attempts = 0
-    decrypt = kms.decrypt
-
-    def counting(ciphertext: bytes, **options: Any) -> Secret:
-        nonlocal attempts
-        attempts += 1
-        return decrypt(ciphertext, **options)
-
-    monkeypatch.setattr(kms, "decrypt", counting)
+    attempts = _counting(monkeypatch, kms, "decrypt")
     kms.down = True
-    data_keys = DataKeys()
+    unsealing = signer.unsealing(_references(keys))
     for key in keys:
         with pytest.raises(DependencyUnavailable, match="memory KMS is down"):
-            signer.sign_digest(key.reference, DIGEST, data_keys)
-    assert attempts == 1
+            signer.sign_digest(key.reference, DIGEST, unsealing)
+    assert attempts == [1]
     assert signer.cached_keys == 0
     kms.down = False
-    data_keys = DataKeys()
+    unsealing = signer.unsealing(_references(keys))
     for key in keys:
-        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, data_keys))
-    assert attempts == 2
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
+    assert attempts == [2]
+
+
+def test_an_unavailable_store_fails_the_spans_other_keys_without_another_wait(
+    signer: EnclaveSigner, blobs: MemoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = signer.create_keys("ethereum", 5)
+    signer.flush_cache()
+    reads = _counting(monkeypatch, blobs, "get_range")
+    blobs.down = True
+    unsealing = signer.unsealing(_references(keys))
+    for key in keys:
+        with pytest.raises(DependencyUnavailable, match="memory blob store is down"):
+            signer.sign_digest(key.reference, DIGEST, unsealing)
+    assert reads == [1]
+    blobs.down = False
+    unsealing = signer.unsealing(_references(keys))
+    for key in keys:
+        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
+    assert reads == [2]
 
 
 def test_a_reference_pointing_at_another_keys_blob_is_detected(signer: EnclaveSigner) -> None:

@@ -25,6 +25,7 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import Frame, MessageType
 from signd.enclave.server import EnclaveApp
 from signd.kms.local import LocalKms
+from signd.storage.blobs import FilesystemBlobStore
 from tests.gate.support import GATE_MODES, Gated, open_gated
 
 with warnings.catch_warnings():
@@ -197,6 +198,20 @@ def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counted
 
 
+@pytest.fixture
+def blob_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many ranged blob reads the enclave makes from here on (one counter, in a list)."""
+    counted = [0]
+    get_range = FilesystemBlobStore.get_range
+
+    def counting(self: FilesystemBlobStore, *args: Any, **kwargs: Any) -> bytes:
+        counted[0] += 1
+        return get_range(self, *args, **kwargs)
+
+    monkeypatch.setattr(FilesystemBlobStore, "get_range", counting)
+    return counted
+
+
 def flush_unsealed(gated: Gated) -> None:
     """Make the enclave forget every unsealed key."""
     backend = gated.signer.backend("enclave")
@@ -216,17 +231,18 @@ def test_a_gated_signature_counts_one_use_of_the_unsealed_key(
     assert decrypts == [2]
 
 
-def test_a_batch_over_keys_created_together_unseals_them_with_one_kms_decrypt(
-    gated: Gated, decrypts: list[int]
+def test_a_batch_over_keys_created_together_unseals_them_with_one_decrypt_and_read(
+    gated: Gated, decrypts: list[int], blob_reads: list[int]
 ) -> None:
-    """Sweeping cold deposit addresses: the batch's keys share a data key, which the enclave
-    asks KMS for once in the gate call, not once per key."""
+    """Sweeping cold deposit addresses: the batch's keys share a data key and a blob, which
+    the enclave asks KMS and the store for once in the gate call, not once per key."""
     body = {"chain": "ethereum", "custody": "enclave", "labels": ["hot"], "count": 12}
     created = gated.signed("POST", "/v1/keys", body)
     assert created.status_code == 201, created.text
     keys = created.json()["keys"]
     flush_unsealed(gated)
     decrypts[0] = 0  # creating checked its data key with a Decrypt
+    blob_reads[0] = 0
     requests = [{"type": "ethereum/message"} | message(key, "sweep") for key in keys]
     response = gated.signed("POST", "/v1/sign/batch", {"requests": requests})
     assert response.status_code == 200, response.text
@@ -236,7 +252,7 @@ def test_a_batch_over_keys_created_together_unseals_them_with_one_kms_decrypt(
         for result in results
     ]
     assert signers == [key["address"] for key in keys]
-    assert decrypts == [1]
+    assert (decrypts, blob_reads) == ([1], [1])
     alone = gated.signed("POST", "/v1/sign/ethereum/message", message(keys[0], "again"))
     assert alone.status_code == 200, alone.text
-    assert decrypts == [1]  # still unsealed
+    assert (decrypts, blob_reads) == ([1], [1])  # still unsealed

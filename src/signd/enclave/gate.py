@@ -78,7 +78,7 @@ from signd.enclave.protocol import (
     require_list,
     require_str,
 )
-from signd.enclave.signer import DataKeys, EnclaveSigner, ProvenKey
+from signd.enclave.signer import EnclaveSigner, ProvenKey, Unsealing
 from signd.errors import (
     AccessDenied,
     ConfigurationError,
@@ -602,7 +602,9 @@ class EnclaveGate:
         if len(select) >= PARALLEL_MIN:
             together = SignTogether(answer.entries)
         waiting: list[tuple[int, Waiting[ProvenKey]]] = []
-        data_keys = DataKeys()  # a batch's keys unsealed here share one KMS Decrypt
+        unsealing = self._signer.unsealing(
+            _reference(info) for info in keys.values() if info.custody == CUSTODY_ENCLAVE
+        )
         for origin in select:
             call = slots.get(origin)
             if call is None:
@@ -620,7 +622,7 @@ class EnclaveGate:
                     outcome = together.again(run, call)
                 else:
                     outcome = self._sign_one(
-                        configured, presented, call, fill, keys, answer, data_keys, together
+                        configured, presented, call, fill, keys, answer, unsealing, together
                     )
             except SigndError as exc:
                 answer.outcomes.append(_error(exc))
@@ -650,7 +652,7 @@ class EnclaveGate:
         fill: Mapping[str, Any] | None,
         keys: Mapping[str, KeyInfo],
         answer: _Answer,
-        data_keys: DataKeys,
+        unsealing: Unsealing,
         together: SignTogether[ProvenKey] | None = None,
     ) -> dict[str, Any] | Waiting[ProvenKey]:
         """One call through the gate: its outcome, or (with ``together``, a call the policy
@@ -681,7 +683,7 @@ class EnclaveGate:
                     raise InvalidRequest("only a transaction has fields to fill")
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
-                proven = self._signer.proven_key(_reference(info), data_keys)
+                proven = self._signer.proven_key(_reference(info), unsealing)
             approval = approve(principal, call, info, configured.engine, answer.decided)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
@@ -693,7 +695,7 @@ class EnclaveGate:
                 base,
                 approval.decision,
                 approval.intent,
-                lambda: self._signer.proven_key(reference, data_keys),
+                lambda: self._signer.proven_key(reference, unsealing),
             )
             return together.start(call, run, proven, prepared.digest, prepared.assemble)
         return self._perform(configured, approval, base, answer, proven)

@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,7 +49,7 @@ from signd.enclave.protocol import (
     require_list,
     require_str,
 )
-from signd.enclave.signer import AddressFunction, DataKeys, EnclaveSigner
+from signd.enclave.signer import AddressFunction, EnclaveSigner, Unsealing
 from signd.enclave.transport import close_socket, listen_socket
 from signd.errors import (
     AccessDenied,
@@ -223,7 +223,7 @@ class EnclaveApp:
             answer["error"] = error.to_dict()
         return answer
 
-    def _sign(self, item: Any, data_keys: DataKeys | None = None) -> bytes:
+    def _sign(self, item: Any, unsealing: Unsealing | None = None) -> bytes:
         if not isinstance(item, dict):
             raise InvalidField("each item must be a map", field="items")
         self._refuse_without_gate("sign with")
@@ -232,7 +232,7 @@ class EnclaveApp:
             return self._hsm().sign_digest(hsm_key, require_bytes(item, "digest", size=32))
         key = KeyReference.from_body(item)
         digest = require_bytes(item, "digest", size=32)
-        return self.signer.sign_digest(key, digest, data_keys).to_bytes()
+        return self.signer.sign_digest(key, digest, unsealing).to_bytes()
 
     def _refuse_without_gate(self, what: str) -> None:
         if self.gate_only:
@@ -248,10 +248,10 @@ class EnclaveApp:
     def _sign_digests(self, body: dict[str, Any]) -> dict[str, Any]:
         items = require_list(body, "items", max_length=self.signer.max_batch)
         results: list[dict[str, Any]] = []
-        data_keys = DataKeys()  # a batch's keys unsealed here share one KMS Decrypt
+        unsealing = self.signer.unsealing(_references(items))
         for item in items:
             try:
-                results.append({"signature": self._sign(item, data_keys)})
+                results.append({"signature": self._sign(item, unsealing)})
             except SigndError as error:
                 results.append({"error": error.to_dict()})
         return {"results": results}
@@ -531,3 +531,13 @@ def run_enclave(
             stop.wait()
     finally:
         server.close()
+
+
+def _references(items: list[Any]) -> Iterator[KeyReference]:
+    """The sealed keys a SIGN_DIGESTS batch names (items that name none are left to say so)."""
+    for item in items:
+        if isinstance(item, dict) and request_custody(item) != CUSTODY_HSM:
+            try:
+                yield KeyReference.from_body(item)
+            except SigndError:
+                continue

@@ -21,10 +21,9 @@ its byte range, ``enclave-batch-<uuid>@<offset>+<length>`` (:class:`BlobRange`),
 signature reads only that range. A reference without a range (``enclave-<key_id>``, how keys
 were stored before) names a whole single-key blob and still works.
 
-Keys sealed under one data key (a batch's) and unsealed in one call (a gate call, a
-SIGN_DIGESTS batch) share one KMS Decrypt: :class:`DataKeys` keeps what KMS unwrapped for
-the call's length, keyed by the wrapped data key, and each key still opens only under its
-own associated data.
+Keys of one batch unsealed in one call (a gate call, a SIGN_DIGESTS batch) share one KMS
+Decrypt and one read of their span of the batch blob (:class:`Unsealing`, kept for the
+call's length); each key still opens only under its own associated data.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -63,9 +62,15 @@ from signd.enclave.sealing import (
     SealedKey,
     unseal_private_key,
 )
-from signd.errors import IntegrityError, InvalidField, KeyExists, SigndError
+from signd.errors import (
+    DependencyUnavailable,
+    IntegrityError,
+    InvalidField,
+    KeyExists,
+    SigndError,
+)
 from signd.kms.base import DATA_KEY_SIZE, DataKey, KmsClient
-from signd.storage.base import BlobStore
+from signd.storage.base import MAX_RANGE_LENGTH, BlobStore
 from signd.storage.blobs import check_blob_name
 
 logger = logging.getLogger(__name__)
@@ -169,24 +174,36 @@ class _Group:
         return len(self.requests) - 1
 
 
-class DataKeys:
-    """The data keys KMS unwrapped during one call, by wrapped form, for the call's length.
+class Unsealing:
+    """What one call (a gate call, a raw SIGN_DIGESTS) fetched to unseal its keys, kept for
+    the call's length and dropped with it: data keys KMS unwrapped, by wrapped form, and the
+    spans of batch blobs it read.
 
-    A batch's keys are sealed under one data key, so a call that unseals several of them
-    (sweeping deposit addresses created together, or a hot batch whose keys reach
-    ``cache_max_uses`` together) needs one Decrypt, not one per key. A Decrypt that failed
-    fails the others alike, without another wait on KMS; the next call asks KMS again.
-    Made for one call and dropped with it, as a data key unwrapped for one unseal is.
+    A batch's keys are sealed under one data key and stored in one blob, so a call that
+    unseals several of them (sweeping deposit addresses created together, or a hot batch
+    whose keys reach ``cache_max_uses`` together) needs one KMS Decrypt and, for the keys
+    :meth:`EnclaveSigner.unsealing` was told of, one read of their span of the blob, not one
+    of each per key. Each key still opens only under its own associated data.
+
+    A Decrypt that failed fails the call's other keys under the same wrapped key alike, and a
+    store that is unavailable fails the span's other keys alike, without another wait; the
+    next call asks again. Any other failure to read a span (a blob cut short, say) leaves each
+    key to its own read, and its own error.
     """
 
-    __slots__ = ("_lock", "_unwrapped")
+    __slots__ = ("_lock", "_span_reads", "_spans", "_unwrapped")
 
-    def __init__(self) -> None:
+    def __init__(self, spans: Mapping[str, tuple[int, int]] | None = None) -> None:
+        self._spans: Mapping[str, tuple[int, int]] = spans or {}
         self._unwrapped: dict[bytes, Secret | SigndError] = {}
+        self._span_reads: dict[str, bytes | SigndError | None] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"DataKeys({len(self._unwrapped)} unwrapped)"
+        return (
+            f"Unsealing({len(self._unwrapped)} data keys unwrapped, "
+            f"{len(self._span_reads)} of {len(self._spans)} spans read)"
+        )
 
     def unwrap(self, wrapped: bytes, decrypt: Callable[[bytes], Secret]) -> Secret:
         """``wrapped``'s data key: unwrapped earlier in this call, or by ``decrypt`` now."""
@@ -202,6 +219,30 @@ class DataKeys:
         if isinstance(known, SigndError):
             raise copy.copy(known) from known
         return known
+
+    def read(self, where: BlobRange, read_range: Callable[[str, int, int], bytes]) -> bytes:
+        """The bytes at ``where``: from its blob's span, read by ``read_range`` once in this
+        call, or by ``read_range`` alone when no span holds them."""
+        span = self._spans.get(where.name)
+        if span is None or not span[0] <= where.offset < where.offset + where.length <= span[1]:
+            return read_range(where.name, where.offset, where.length)
+        start, end = span
+        with self._lock:
+            known = self._span_reads.get(where.name, b"")
+        if known == b"":
+            try:
+                known = read_range(where.name, start, end - start)
+            except DependencyUnavailable as error:
+                known = error
+            except SigndError:
+                known = None  # each key reads its own range and meets its own error
+            with self._lock:
+                known = self._span_reads.setdefault(where.name, known)
+        if known is None:
+            return read_range(where.name, where.offset, where.length)
+        if isinstance(known, SigndError):
+            raise copy.copy(known) from known
+        return known[where.offset - start : where.offset - start + where.length]
 
 
 class ProvenKey:
@@ -487,23 +528,49 @@ class EnclaveSigner:
         except SigndError as error:
             logger.warning("could not remove blob %s of a failed batch: %s", name, error.code)
 
-    def _read_sealed(self, reference: str) -> bytes:
+    def _read_sealed(self, reference: str, unsealing: Unsealing | None = None) -> bytes:
         """A key's sealed bytes: its range of a batch blob, or a whole single-key blob."""
         where = BlobRange.parse(reference)
         if where is None:
             return self._blobs.get(reference)
+        if unsealing is not None:
+            return unsealing.read(where, self._blobs.get_range)
         return self._blobs.get_range(where.name, where.offset, where.length)
 
+    def unsealing(self, keys: Iterable[KeyReference] = ()) -> Unsealing:
+        """A call's :class:`Unsealing`, told which ``keys`` the call may sign with: where two
+        or more of them lie in one batch blob and are not unsealed in memory, it reads the
+        span that holds them once (at most :data:`~signd.storage.base.MAX_RANGE_LENGTH`
+        bytes; a wider span is read key by key)."""
+        bounds: dict[str, tuple[int, int, int]] = {}  # blob: start, end, keys
+        for key in keys:
+            try:
+                where = BlobRange.parse(key.blob)
+            except SigndError:
+                continue  # its own unseal says what is wrong with it
+            if where is None or self._cache.holds(key):
+                continue
+            end = where.offset + where.length
+            start, last, count = bounds.get(where.name, (where.offset, end, 0))
+            bounds[where.name] = (min(start, where.offset), max(last, end), count + 1)
+        return Unsealing(
+            {
+                name: (start, end)
+                for name, (start, end, count) in bounds.items()
+                if count >= 2 and end - start <= MAX_RANGE_LENGTH
+            }
+        )
+
     def sign_digest(
-        self, key: KeyReference, digest: bytes, data_keys: DataKeys | None = None
+        self, key: KeyReference, digest: bytes, unsealing: Unsealing | None = None
     ) -> RecoverableSignature:
         """Sign a 32-byte digest with a sealed key (RFC 6979 nonce, low-S).
 
         Signs only if ``key`` is what the blob binds, labels included (else IntegrityError).
-        ``data_keys``: the call's, if it may unseal other keys of the same batch.
+        ``unsealing``: the call's (:meth:`unsealing`), if it may unseal other keys of a batch.
         """
         digest = check_digest(digest)
-        return sign_digest_with(self._private_key(key, data_keys), digest)
+        return sign_digest_with(self._private_key(key, unsealing), digest)
 
     def holds_unsealed(self, key: KeyReference, uses: int = 1) -> bool:
         """Whether ``key`` is unsealed in memory for ``uses`` more uses (no I/O to use it)."""
@@ -520,13 +587,13 @@ class EnclaveSigner:
         self._private_key(key)
         return key
 
-    def proven_key(self, key: KeyReference, data_keys: DataKeys | None = None) -> ProvenKey:
+    def proven_key(self, key: KeyReference, unsealing: Unsealing | None = None) -> ProvenKey:
         """:meth:`verified_key`, kept unsealed to sign with: the proof and the signature that
-        follows it use the cache once between them. ``data_keys`` as for :meth:`sign_digest`."""
-        return ProvenKey(key, self._private_key(key, data_keys))
+        follows it use the cache once between them. ``unsealing`` as for :meth:`sign_digest`."""
+        return ProvenKey(key, self._private_key(key, unsealing))
 
     def _private_key(
-        self, key: KeyReference, data_keys: DataKeys | None = None
+        self, key: KeyReference, unsealing: Unsealing | None = None
     ) -> coincurve.PrivateKey:
         """The unsealed key ``key`` names: cached (the cache is keyed on the whole reference,
         labels included, and holds only keys unsealed under it), or unsealed now."""
@@ -537,18 +604,18 @@ class EnclaveSigner:
         with self._unsealing.held(key):
             private_key = self._cache.get(key)  # unsealed by another caller meanwhile?
             if private_key is None:
-                private_key = self._unseal(key, address_of, data_keys)
+                private_key = self._unseal(key, address_of, unsealing)
                 self._cache.put(key, private_key)
         return private_key
 
     def _unseal(
-        self, key: KeyReference, address_of: AddressFunction, data_keys: DataKeys | None
+        self, key: KeyReference, address_of: AddressFunction, unsealing: Unsealing | None
     ) -> coincurve.PrivateKey:
-        sealed = SealedKey.from_bytes(self._read_sealed(key.blob))
-        if data_keys is None:
+        sealed = SealedKey.from_bytes(self._read_sealed(key.blob, unsealing))
+        if unsealing is None:
             data_key = self._decrypt(sealed.encrypted_data_key)
         else:
-            data_key = data_keys.unwrap(sealed.encrypted_data_key, self._decrypt)
+            data_key = unsealing.unwrap(sealed.encrypted_data_key, self._decrypt)
         secret = unseal_private_key(
             sealed,
             data_key,
