@@ -224,12 +224,13 @@ class Unsealing:
         """The bytes at ``where``: from its blob's span, read by ``read_range`` once in this
         call, or by ``read_range`` alone when no span holds them."""
         span = self._spans.get(where.name)
-        if span is None or not span[0] <= where.offset < where.offset + where.length <= span[1]:
+        if span is None or not (span[0] <= where.offset and where.offset + where.length <= span[1]):
             return read_range(where.name, where.offset, where.length)
         start, end = span
         with self._lock:
-            known = self._span_reads.get(where.name, b"")
-        if known == b"":
+            read = where.name in self._span_reads
+            known = self._span_reads.get(where.name)
+        if not read:
             try:
                 known = read_range(where.name, start, end - start)
             except DependencyUnavailable as error:
@@ -542,13 +543,17 @@ class EnclaveSigner:
         or more of them lie in one batch blob and are not unsealed in memory, it reads the
         span that holds them once (at most :data:`~signd.storage.base.MAX_RANGE_LENGTH`
         bytes; a wider span is read key by key)."""
+        named = list(keys)
+        cold = [key for key in named if not self._cache.holds(key)] if len(named) > 1 else []
+        if len(cold) < 2:
+            return Unsealing()  # no span to share (a single request's key, a warm batch)
         bounds: dict[str, tuple[int, int, int]] = {}  # blob: start, end, keys
-        for key in keys:
+        for key in cold:
             try:
                 where = BlobRange.parse(key.blob)
             except SigndError:
                 continue  # its own unseal says what is wrong with it
-            if where is None or self._cache.holds(key):
+            if where is None:
                 continue
             end = where.offset + where.length
             start, last, count = bounds.get(where.name, (where.offset, end, 0))
