@@ -337,45 +337,37 @@ def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, method: str) -> li
     return calls
 
 
-def test_a_failed_decrypt_fails_the_calls_other_keys_without_another_wait(
-    signer: EnclaveSigner, kms: MemoryKms, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("dependency", "call", "message"),
+    [("kms", "decrypt", "memory KMS is down"), ("blobs", "get_range", "memory blob store is down")],
+)
+def test_a_dependency_down_fails_the_calls_other_keys_without_another_wait(
+    signer: EnclaveSigner,
+    kms: MemoryKms,
+    blobs: MemoryBlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    dependency: str,
+    call: str,
+    message: str,
 ) -> None:
-    """KMS down during a cold batch: one attempt per data key, not one timeout per key; the
-    next call asks KMS again and signs."""
+    """KMS or the store down during a cold batch: one attempt per data key or span, not one
+    timeout per key; the next call asks again and signs."""
+    down = kms if dependency == "kms" else blobs
     keys = signer.create_keys("ethereum", 5)
     signer.flush_cache()
-    attempts = _counting(monkeypatch, kms, "decrypt")
-    kms.down = True
+    attempts = _counting(monkeypatch, down, call)
+    down.down = True
     unsealing = signer.unsealing(_references(keys))
     for key in keys:
-        with pytest.raises(DependencyUnavailable, match="memory KMS is down"):
+        with pytest.raises(DependencyUnavailable, match=message):
             signer.sign_digest(key.reference, DIGEST, unsealing)
     assert attempts == [1]
     assert signer.cached_keys == 0
-    kms.down = False
+    down.down = False
     unsealing = signer.unsealing(_references(keys))
     for key in keys:
         assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
     assert attempts == [2]
-
-
-def test_an_unavailable_store_fails_the_spans_other_keys_without_another_wait(
-    signer: EnclaveSigner, blobs: MemoryBlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    keys = signer.create_keys("ethereum", 5)
-    signer.flush_cache()
-    reads = _counting(monkeypatch, blobs, "get_range")
-    blobs.down = True
-    unsealing = signer.unsealing(_references(keys))
-    for key in keys:
-        with pytest.raises(DependencyUnavailable, match="memory blob store is down"):
-            signer.sign_digest(key.reference, DIGEST, unsealing)
-    assert reads == [1]
-    blobs.down = False
-    unsealing = signer.unsealing(_references(keys))
-    for key in keys:
-        assert _signs_for(key, signer.sign_digest(key.reference, DIGEST, unsealing))
-    assert reads == [2]
 
 
 def test_a_reference_pointing_at_another_keys_blob_is_detected(signer: EnclaveSigner) -> None:

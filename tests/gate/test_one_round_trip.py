@@ -184,32 +184,29 @@ def two_use_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[int]:
+    """Count the calls of method ``name`` of class ``owner`` from here on (in a list)."""
+    counted = [0]
+    method = getattr(owner, name)
+
+    def counting(self: object, *args: Any, **kwargs: Any) -> Any:
+        counted[0] += 1
+        return method(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return counted
+
+
 @pytest.fixture
 def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many KMS Decrypts the enclave makes from here on (one counter, in a list)."""
-    counted = [0]
-    decrypt = LocalKms.decrypt
-
-    def counting(self: LocalKms, *args: Any, **kwargs: Any) -> Any:
-        counted[0] += 1
-        return decrypt(self, *args, **kwargs)
-
-    monkeypatch.setattr(LocalKms, "decrypt", counting)
-    return counted
+    """How many KMS Decrypts the enclave makes from here on."""
+    return _count_calls(monkeypatch, LocalKms, "decrypt")
 
 
 @pytest.fixture
 def blob_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many ranged blob reads the enclave makes from here on (one counter, in a list)."""
-    counted = [0]
-    get_range = FilesystemBlobStore.get_range
-
-    def counting(self: FilesystemBlobStore, *args: Any, **kwargs: Any) -> bytes:
-        counted[0] += 1
-        return get_range(self, *args, **kwargs)
-
-    monkeypatch.setattr(FilesystemBlobStore, "get_range", counting)
-    return counted
+    """How many ranged blob reads the enclave makes from here on."""
+    return _count_calls(monkeypatch, FilesystemBlobStore, "get_range")
 
 
 def flush_unsealed(gated: Gated) -> None:
