@@ -19,7 +19,7 @@ LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio"
 
 
 def pending(loop: asyncio.AbstractEventLoop) -> int:
-    watched = deadlines._LOOPS.get(loop)
+    watched = deadlines._deadlines.existing(loop)
     return 0 if watched is None else len(watched._due) + len(watched._expired)
 
 
@@ -48,7 +48,8 @@ def test_a_wait_done_in_time_leaves_nothing_behind(run: Callable[[Awaitable[Any]
         loop = asyncio.get_running_loop()
         assert pending(loop) == 0
         await asyncio.sleep(0.2 + 2 * TICK)  # past the deadline: no late cancellation
-        watched = deadlines._LOOPS[loop]
+        watched = deadlines._deadlines.existing(loop)
+        assert watched is not None
         assert not watched._sweeping  # the timer stops once nothing is noted
         return "done"
 

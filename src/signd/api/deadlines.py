@@ -13,9 +13,10 @@ a cancellation from elsewhere stays one).
 from __future__ import annotations
 
 import asyncio
-import weakref
 from types import TracebackType
 from typing import Any, Final
+
+from signd.api.loops import PerLoop
 
 TICK: Final = 0.1
 """Seconds between checks while a wait is noted: how late a deadline may be kept."""
@@ -60,16 +61,7 @@ class _LoopDeadlines:
             self._sweeping = False
 
 
-_LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDeadlines] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _deadlines(loop: asyncio.AbstractEventLoop) -> _LoopDeadlines:
-    deadlines = _LOOPS.get(loop)
-    if deadlines is None:
-        deadlines = _LOOPS[loop] = _LoopDeadlines(loop)
-    return deadlines
+_deadlines: PerLoop[_LoopDeadlines] = PerLoop(_LoopDeadlines)
 
 
 class within:  # noqa: N801 - used as asyncio.timeout is: async with within(seconds)

@@ -27,6 +27,7 @@ from starlette.requests import Request
 
 from signd.api.errors import wire_error
 from signd.api.gathering import Gathering
+from signd.api.loops import PerLoop
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
 from signd.audit.log import DeferredAppends, FileAuditLog, deferring_appends
@@ -73,7 +74,7 @@ class _LoopDelivery:
     for all the completions that pile up meanwhile (the audit writer ends whole groups)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = weakref.ref(loop)  # weak: the loop keys it in _DELIVERIES
+        self._loop = weakref.ref(loop)  # weak: the loop keys it in _delivery
         self._lock = threading.Lock()
         self._ready: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._to_wake: list[FileAuditLog] = []
@@ -117,16 +118,7 @@ class _LoopDelivery:
                 future.set_exception(error)
 
 
-_DELIVERIES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDelivery] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _delivery(loop: asyncio.AbstractEventLoop) -> _LoopDelivery:
-    delivery = _DELIVERIES.get(loop)
-    if delivery is None:
-        delivery = _DELIVERIES[loop] = _LoopDelivery(loop)
-    return delivery
+_delivery: PerLoop[_LoopDelivery] = PerLoop(_LoopDelivery)
 
 
 class _Countdown:
