@@ -491,6 +491,9 @@ class RecordingGate:
         self.reads.append(ReadKeys(None, chain, label, custody, cursor, limit))
         return KeyPage([], None)
 
+    def performed(self, principal: Principal, call: SigningCall) -> Signed | Exception | None:
+        return None
+
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Any
     ) -> list[Signed | Exception]:

@@ -622,6 +622,28 @@ class EnclaveGatekeeper:
         its own authentication (a REST signing request was performed with it already)."""
         return await each_alone(self.sign_async, requests, run)
 
+    def performed(self, caller: Caller, call: SigningCall) -> Signed | Exception | None:
+        """``call``'s outcome when the enclave performed it with the authentication and
+        handing it out needs no I/O here (its key is the enclave's, or signs in this
+        process); else ``None``, and :meth:`sign_async` is the way. The audit records of a
+        performed call were durable before its caller was returned, so a REST signing
+        request needs nothing more of the gate than this."""
+        session = caller.session
+        if not isinstance(session, _Session) or session.performed is None:
+            return None
+        if not self._hands_out_inline(session.performed[0]):
+            return None
+        [outcome] = self._hand_out(session.performed, [call])
+        return outcome
+
+    def _hands_out_inline(self, signing: _Signing) -> bool:
+        """Whether handing out ``signing``'s outcomes needs no I/O: a digest the enclave
+        approved for other custody is signed here, by a device unless the key is local."""
+        return all(
+            info.custody == EnclaveBackend.custody_type or self.signer.key_is_local(info.key_id)
+            for info in signing.infos.values()
+        )
+
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
@@ -630,7 +652,10 @@ class EnclaveGatekeeper:
         ``run``'s thread."""
         request, session = self._presented(caller)
         if session.performed is not None:
-            return self._hand_out(session.performed, calls)
+            if self._hands_out_inline(session.performed[0]):
+                return self._hand_out(session.performed, calls)
+            handed: list[Signed | Exception] = await run(self._hand_out, session.performed, calls)
+            return handed
         if all(self.signer.key_is_known(call.key) for call in calls):
             signing = self._prepare(request, session, calls)
         else:
@@ -641,10 +666,7 @@ class EnclaveGatekeeper:
             answer = await self._gate_async(signing.request, run, **signing.gate_arguments())
         except Exception as exc:
             return [exc for _ in calls]
-        if all(
-            info.custody == "enclave" or self.signer.key_is_local(info.key_id)
-            for info in signing.infos.values()
-        ):
+        if self._hands_out_inline(signing):
             return self._complete(signing, answer)
         outcomes: list[Signed | Exception] = await run(self._complete, signing, answer)
         return outcomes

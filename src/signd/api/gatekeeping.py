@@ -59,6 +59,11 @@ class Keeper(Protocol):
         """True when :meth:`sign` of ``calls`` needs no I/O but deferrable audit appends."""
         ...
 
+    def performed(self, caller: Caller, call: SigningCall) -> Signed | Exception | None:
+        """``call``'s outcome if it was performed with the authentication and handing it
+        out needs no I/O, else ``None``."""
+        ...
+
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]: ...
@@ -199,6 +204,11 @@ class GatekeeperGate:
             cursor=cursor,
             limit=limit,
         )
+
+    def performed(self, principal: Principal, call: SigningCall) -> Signed | Exception | None:
+        if principal.caller is None:
+            return None
+        return self.gatekeeper.performed(principal.caller, call)
 
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner

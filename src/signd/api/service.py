@@ -200,6 +200,12 @@ class SigningGate(Protocol):
         limit: int,
     ) -> KeyPage: ...
 
+    def performed(self, principal: Principal, call: SigningCall) -> Signed | Exception | None:
+        """``call``'s outcome when the gate performed it while authenticating the request
+        (its audit records durable already) and handing it out needs no I/O; else ``None``,
+        and the call is signed."""
+        ...
+
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:
@@ -264,6 +270,10 @@ class UngatedSigner:
     def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
         """None: this gate keeps no audit log."""
         return []
+
+    def performed(self, principal: Principal, call: SigningCall) -> Signed | Exception | None:
+        """``None``: nothing is performed with authentication here."""
+        return None
 
     async def sign_async(
         self, principal: Principal, calls: Sequence[SigningCall], run: Runner
@@ -420,8 +430,10 @@ class SigningService:
         return outcome.result
 
     async def _sign(self, principal: Principal, kind: SigningKind, key: str, payload: Any) -> Any:
-        # with the others of this pass of the event loop
-        outcome = await self._gathering.sign(principal, SigningCall(kind, key, payload))
+        call = SigningCall(kind, key, payload)
+        outcome = self.gate.performed(principal, call)
+        if outcome is None:  # signed with the others of this pass of the event loop
+            outcome = await self._gathering.sign(principal, call)
         result = self._count(outcome, kind)
         if isinstance(result, Exception):
             raise result

@@ -303,6 +303,11 @@ class Gatekeeper:
         key is known and signs in this process. Authentication never needs I/O here."""
         return all(map(self.signer.key_is_local, {call.key for call in calls}))
 
+    def performed(self, caller: Caller, call: SigningCall) -> Signed | Exception | None:
+        """``None``: this gate performs no call while authenticating (it signs in this
+        process, in one gate call for the requests of a pass of the loop)."""
+        return None
+
     async def sign_async(
         self, caller: Caller, calls: Sequence[SigningCall], run: Runner
     ) -> list[Signed | Exception]:

@@ -1,0 +1,106 @@
+"""A REST signing request through the enclave's gate is authenticated and performed in one
+round trip; the endpoint then takes its outcome from what the enclave answered
+(:meth:`~signd.api.enclave_gatekeeper.EnclaveGatekeeper.performed`), without another gate
+call, unless handing it out needs I/O on the host (a digest the enclave approved for a key
+whose custody is not in memory), which then runs off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+from signd.api.gathering import Gathering
+from signd.custody.base import KeyInfo
+from signd.gate.operations import SigningCall
+from tests.gate.support import Gated, transaction
+
+pytestmark = pytest.mark.parametrize("gate_mode", ["enclave"], indirect=True)
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.fixture
+def gathered(monkeypatch: pytest.MonkeyPatch) -> list[SigningCall]:
+    """The calls the service handed to its gathering (the path of calls still to sign)."""
+    seen: list[SigningCall] = []
+    real = Gathering.sign
+
+    async def sign(self: Gathering[Any], principal: Any, call: SigningCall) -> Any:
+        seen.append(call)
+        return await real(self, principal, call)
+
+    monkeypatch.setattr(Gathering, "sign", sign)
+    return seen
+
+
+def new_key(gated: Gated, custody: str) -> dict[str, Any]:
+    response = gated.signed(
+        "POST", "/v1/keys", {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
+    )
+    assert response.status_code == 201, response.text
+    key: dict[str, Any] = response.json()["keys"][0]
+    return key
+
+
+def sign_message(gated: Gated, key: dict[str, Any], text: str) -> None:
+    response = gated.signed(
+        "POST", "/v1/sign/ethereum/message", {"key": key["key_id"], "message": text}
+    )
+    assert response.status_code == 200, response.text
+    signature = response.json()["signature"]
+    signed = encode_defunct(text=text)
+    assert Account.recover_message(signed, signature=signature) == key["address"]
+
+
+@pytest.mark.parametrize("custody", ["enclave", "keystore"])
+def test_a_performed_request_is_answered_without_another_gate_call(
+    gated: Gated, gathered: list[SigningCall], custody: str
+) -> None:
+    key = new_key(gated, custody)
+    sign_message(gated, key, "warm")  # a keystore key's first use unlocks it, in a thread
+    gathered.clear()
+    before = len(gated.records())
+    for text in ("first", "second"):
+        sign_message(gated, key, text)
+    assert gathered == []
+    assert [sealed.record.decision for sealed in gated.records()[before:]] == ["allowed"] * 2
+
+
+def test_a_digest_approved_for_a_key_not_in_memory_is_signed_off_the_event_loop(
+    gated: Gated, gathered: list[SigningCall], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key of the host's custody that is not in memory (an HSM or KMS key, say) signs with
+    I/O: never on the event loop, where it would stall every other request."""
+    key = new_key(gated, "keystore")
+    monkeypatch.setattr(gated.signer, "key_is_local", lambda ref: False)
+    threads: list[tuple[str, bool]] = []
+    real_sign_hash = gated.signer.sign_hash
+
+    def sign_hash(info: KeyInfo, digest: bytes) -> Any:
+        threads.append((threading.current_thread().name, on_event_loop()))
+        return real_sign_hash(info, digest)
+
+    monkeypatch.setattr(gated.signer, "sign_hash", sign_hash)
+    sign_message(gated, key, "from a key not in memory")
+    tx_response = gated.signed(
+        "POST",
+        "/v1/sign/ethereum/transaction",
+        {"key": key["key_id"], "transaction": transaction()},
+    )
+    assert tx_response.status_code == 200, tx_response.text
+    raw = tx_response.json()["raw_transaction"]
+    assert Account.recover_transaction(raw) == key["address"]
+    assert len(threads) == 2
+    assert not any(loop for _, loop in threads), threads
+    assert len(gathered) == 2  # not handed out in place: signed through the gate's thread path
