@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from signd.attestation import SimulatedNsm, measure
 from signd.config import load_settings
 from signd.enclave.signer import EnclaveSigner
-from signd.errors import AccessDenied, ConfigurationError, IntegrityError
+from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable, IntegrityError
 from signd.kms.aws import AwsKms
 from signd.kms.cms import seal_for_recipient
 from signd.kms.local import LocalKms
@@ -152,6 +152,26 @@ def test_a_plaintext_answer_is_refused_in_recipient_mode(
     assert caught.value.message == (
         "KMS answered without CiphertextForRecipient (its fields: CiphertextBlob, KeyId)"
     )
+
+
+@pytest.mark.parametrize("attested", [True, False], ids=["recipient", "plain"])
+@pytest.mark.parametrize("answer", [{}, {"ResponseMetadata": {}}, {"CiphertextBlob": b"blob"}])
+def test_an_answer_that_is_not_a_data_key_answer_is_kms_unavailable(
+    recipient: Recipient, attested: bool, answer: dict[str, Any]
+) -> None:
+    """Every GenerateDataKey and Decrypt answer names its key: one without ``KeyId`` (such
+    as ``200 {}`` from whatever answers on a restarted kms-server's port) is 503, not a
+    broken KMS (500), and the next call is asked again."""
+    client = FakeKmsClient(answer)
+    kms = AwsKms("k", client=client, recipient=recipient if attested else None)  # type: ignore[arg-type]
+    for operation, call in (
+        ("GenerateDataKey", kms.generate_data_key),
+        ("Decrypt", lambda: kms.decrypt(b"blob")),
+    ):
+        with pytest.raises(DependencyUnavailable) as caught:
+            call()
+        assert caught.value.message.startswith(f"KMS answered {operation} without a KeyId")
+    assert len(client.requests) == 2
 
 
 def test_the_attestation_document_is_reused_for_a_short_time(nsm: SimulatedNsm) -> None:

@@ -162,14 +162,21 @@ class AwsKms(KmsClient):
     def _recipient_parameter(self) -> dict[str, Any]:
         return {} if self.recipient is None else {"Recipient": self.recipient.parameter()}
 
-    def _data_key_of(self, response: Mapping[str, Any]) -> Secret:
-        """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it."""
+    def _data_key_of(self, response: Mapping[str, Any], operation: str) -> Secret:
+        """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it. An
+        answer without ``KeyId``, which both always carry, is no answer to ``operation``
+        (a garbled one, or another program's on a restarted server's port): the KMS is
+        unavailable for this call, as for a dropped connection."""
+        if self.recipient is not None and response.get("Plaintext"):
+            logger.warning(_PLAINTEXT_REFUSED)
+            raise IntegrityError(_PLAINTEXT_REFUSED)
+        if not response.get("KeyId"):
+            missing = f"KMS answered {operation} without a KeyId (its fields: {_fields(response)})"
+            logger.warning(missing)
+            raise DependencyUnavailable(missing)
         if self.recipient is None:
             plaintext = Secret(response.get("Plaintext") or b"")
         else:
-            if response.get("Plaintext"):
-                logger.warning(_PLAINTEXT_REFUSED)
-                raise IntegrityError(_PLAINTEXT_REFUSED)
             sealed = response.get("CiphertextForRecipient")
             if not sealed:
                 raise IntegrityError(
@@ -189,7 +196,7 @@ class AwsKms(KmsClient):
                 **self._recipient_parameter(),
             )
         return DataKey(
-            plaintext=self._data_key_of(response),
+            plaintext=self._data_key_of(response, "GenerateDataKey"),
             ciphertext=response["CiphertextBlob"],
             kms_key_id=response["KeyId"],
         )
@@ -204,7 +211,7 @@ class AwsKms(KmsClient):
                 EncryptionContext=dict(encryption_context or {}),
                 **self._recipient_parameter(),
             )
-        return self._data_key_of(response)
+        return self._data_key_of(response, "Decrypt")
 
     def check_health(self) -> None:
         with _translated("DescribeKey"):
