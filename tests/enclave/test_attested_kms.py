@@ -174,6 +174,18 @@ def test_an_answer_that_is_not_a_data_key_answer_is_kms_unavailable(
     assert len(client.requests) == 2
 
 
+def test_a_data_key_answer_without_its_ciphertext_is_kms_unavailable(
+    recipient: Recipient, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """A data key KMS does not also give wrapped could never be unwrapped again: refused."""
+    sealed = seal_for_recipient(bytes(32), rsa_key.public_key())
+    client = FakeKmsClient({"CiphertextForRecipient": sealed, "KeyId": "k"})
+    kms = AwsKms("k", client=client, recipient=recipient)  # type: ignore[arg-type]
+    with pytest.raises(DependencyUnavailable, match="GenerateDataKey without a CiphertextBlob"):
+        kms.generate_data_key()
+    assert kms.decrypt(b"blob").reveal_bytes() == bytes(32)  # a Decrypt answer has none
+
+
 def test_the_attestation_document_is_reused_for_a_short_time(nsm: SimulatedNsm) -> None:
     now = [0.0]
     recipient = Recipient(nsm, document_max_age=60.0, clock=lambda: now[0])

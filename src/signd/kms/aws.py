@@ -17,7 +17,7 @@ refused the enclave anything: an answer failed a check it must pass to be truste
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
@@ -162,18 +162,23 @@ class AwsKms(KmsClient):
     def _recipient_parameter(self) -> dict[str, Any]:
         return {} if self.recipient is None else {"Recipient": self.recipient.parameter()}
 
-    def _data_key_of(self, response: Mapping[str, Any], operation: str) -> Secret:
+    def _data_key_of(
+        self, response: Mapping[str, Any], operation: str, names: Sequence[str] = ("KeyId",)
+    ) -> Secret:
         """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it. An
-        answer without ``KeyId``, which both always carry, is no answer to ``operation``
-        (a garbled one, or another program's on a restarted server's port): the KMS is
-        unavailable for this call, as for a dropped connection."""
+        answer without one of ``names``, which every answer to ``operation`` carries, is no
+        answer to it (a garbled one, or another program's on a restarted server's port): the
+        KMS is unavailable for this call, as for a dropped connection."""
         if self.recipient is not None and response.get("Plaintext"):
             logger.warning(_PLAINTEXT_REFUSED)
             raise IntegrityError(_PLAINTEXT_REFUSED)
-        if not response.get("KeyId"):
-            missing = f"KMS answered {operation} without a KeyId (its fields: {_fields(response)})"
-            logger.warning(missing)
-            raise DependencyUnavailable(missing)
+        for name in names:
+            if not response.get(name):
+                missing = (
+                    f"KMS answered {operation} without a {name} (its fields: {_fields(response)})"
+                )
+                logger.warning(missing)
+                raise DependencyUnavailable(missing)
         if self.recipient is None:
             plaintext = Secret(response.get("Plaintext") or b"")
         else:
@@ -196,7 +201,7 @@ class AwsKms(KmsClient):
                 **self._recipient_parameter(),
             )
         return DataKey(
-            plaintext=self._data_key_of(response, "GenerateDataKey"),
+            plaintext=self._data_key_of(response, "GenerateDataKey", ("KeyId", "CiphertextBlob")),
             ciphertext=response["CiphertextBlob"],
             kms_key_id=response["KeyId"],
         )
