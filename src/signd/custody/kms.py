@@ -119,6 +119,15 @@ def _translated(operation: str) -> Iterator[None]:
         raise DependencyUnavailable(f"KMS {operation} unavailable: {type(exc).__name__}") from None
 
 
+def _field(answer: Mapping[str, Any], name: str, operation: str) -> Any:
+    """``answer[name]``, which every answer to ``operation`` carries: one without it is no
+    answer to the call (garbled, or not KMS's), so KMS is unavailable for it (503)."""
+    value = answer.get(name)
+    if not value:
+        raise DependencyUnavailable(f"KMS answered {operation} without {name}")
+    return value
+
+
 def public_key_from_spki(der: bytes) -> bytes:
     """The compressed SEC1 public key of a DER SubjectPublicKeyInfo on secp256k1."""
     try:
@@ -203,13 +212,14 @@ class KmsKeyBackend(MetadataBackedBackend):
             if self._key_policy is not None:
                 request["Policy"] = self._key_policy
             with _translated("CreateKey"):
-                metadata = self._client.create_key(**request)["KeyMetadata"]
-            kms_key_id, kms_arn = str(metadata["KeyId"]), str(metadata.get("Arn", ""))
+                metadata = _field(self._client.create_key(**request), "KeyMetadata", "CreateKey")
+            kms_key_id = str(_field(metadata, "KeyId", "CreateKey"))
+            kms_arn = str(metadata.get("Arn", ""))
             with _translated("GetPublicKey"):
                 answer = self._client.get_public_key(KeyId=kms_key_id)
             if answer.get("KeySpec", KEY_SPEC) != KEY_SPEC:
                 raise IntegrityError(f"KMS key {kms_key_id} is not {KEY_SPEC}")
-            public_key = public_key_from_spki(answer["PublicKey"])
+            public_key = public_key_from_spki(_field(answer, "PublicKey", "GetPublicKey"))
             record = KeyRecord(
                 key_id=key_id,
                 chain=chain,
@@ -237,9 +247,9 @@ class KmsKeyBackend(MetadataBackedBackend):
                 MessageType="DIGEST",
                 SigningAlgorithm=SIGNING_ALGORITHM,
             )
-        signature = answer.get("Signature")
-        if not isinstance(signature, bytes) or not signature:
-            raise IntegrityError("KMS returned no signature")
+        signature = _field(answer, "Signature", "Sign")
+        if not isinstance(signature, bytes):
+            raise IntegrityError("KMS returned a signature that is not bytes")
         return signature
 
     def check_health(self) -> None:

@@ -185,3 +185,40 @@ def test_error_translation(
     assert caught.value.__cause__ is None
     assert backend.list_keys().keys == []
     metadata.close()
+
+
+class _GarbledClient:
+    """Answers like the kms-server, except that one operation's answer is ``{}``: what an
+    answer with none of its fields (garbled, or not KMS's) looks like once botocore parsed it."""
+
+    def __init__(self, client: Any, garbled: str) -> None:
+        self._client = client
+        self._garbled = garbled
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._garbled:
+            return lambda **kwargs: {"ResponseMetadata": {}}
+        return getattr(self._client, name)
+
+
+@pytest.mark.parametrize("garbled", ["create_key", "get_public_key", "sign"])
+def test_an_answer_without_its_fields_is_kms_unavailable(
+    server: RunningServer, tmp_path: Path, garbled: str
+) -> None:
+    """A 503 (``dependency_unavailable``), never a KeyError's 500; no half-made key is kept."""
+    metadata = SqliteMetadataStore(tmp_path / "m.db")
+    made = KmsKeyBackend(metadata, client=server.client())
+    [key] = made.create_keys("ethereum", address_from_public_key)
+    backend = KmsKeyBackend(metadata, client=_GarbledClient(server.client(), garbled))
+
+    def call() -> object:
+        if garbled == "sign":
+            return backend.sign_digest(key, b"\x01" * 32)
+        return backend.create_keys("ethereum", address_from_public_key)
+
+    with pytest.raises(DependencyUnavailable, match="KMS answered"):
+        call()
+    assert [info.key_id for info in backend.list_keys().keys] == [key.key_id]
+    made.close()
+    backend.close()
+    metadata.close()
