@@ -51,7 +51,7 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
-from signd.kms.aws import new_kms_client
+from signd.kms.aws import answer_field, new_kms_client
 from signd.storage.base import KeyRecord, MetadataStore
 
 KEY_SPEC: Final = "ECC_SECG_P256K1"
@@ -117,15 +117,6 @@ def _translated(operation: str) -> Iterator[None]:
         ) from None
     except BotoCoreError as exc:
         raise DependencyUnavailable(f"KMS {operation} unavailable: {type(exc).__name__}") from None
-
-
-def _field(answer: Mapping[str, Any], name: str, operation: str) -> Any:
-    """``answer[name]``, which every answer to ``operation`` carries: one without it is no
-    answer to the call (garbled, or not KMS's), so KMS is unavailable for it (503)."""
-    value = answer.get(name)
-    if not value:
-        raise DependencyUnavailable(f"KMS answered {operation} without {name}")
-    return value
 
 
 def public_key_from_spki(der: bytes) -> bytes:
@@ -212,14 +203,16 @@ class KmsKeyBackend(MetadataBackedBackend):
             if self._key_policy is not None:
                 request["Policy"] = self._key_policy
             with _translated("CreateKey"):
-                metadata = _field(self._client.create_key(**request), "KeyMetadata", "CreateKey")
-            kms_key_id = str(_field(metadata, "KeyId", "CreateKey"))
+                metadata = answer_field(
+                    self._client.create_key(**request), "KeyMetadata", "CreateKey"
+                )
+            kms_key_id = str(answer_field(metadata, "KeyId", "CreateKey"))
             kms_arn = str(metadata.get("Arn", ""))
             with _translated("GetPublicKey"):
                 answer = self._client.get_public_key(KeyId=kms_key_id)
             if answer.get("KeySpec", KEY_SPEC) != KEY_SPEC:
                 raise IntegrityError(f"KMS key {kms_key_id} is not {KEY_SPEC}")
-            public_key = public_key_from_spki(_field(answer, "PublicKey", "GetPublicKey"))
+            public_key = public_key_from_spki(answer_field(answer, "PublicKey", "GetPublicKey"))
             record = KeyRecord(
                 key_id=key_id,
                 chain=chain,
@@ -247,7 +240,7 @@ class KmsKeyBackend(MetadataBackedBackend):
                 MessageType="DIGEST",
                 SigningAlgorithm=SIGNING_ALGORITHM,
             )
-        signature = _field(answer, "Signature", "Sign")
+        signature = answer_field(answer, "Signature", "Sign")
         if not isinstance(signature, bytes):
             raise IntegrityError("KMS returned a signature that is not bytes")
         return signature

@@ -165,20 +165,13 @@ class AwsKms(KmsClient):
     def _data_key_of(
         self, response: Mapping[str, Any], operation: str, names: Sequence[str] = ("KeyId",)
     ) -> Secret:
-        """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it. An
-        answer without one of ``names``, which every answer to ``operation`` carries, is no
-        answer to it (a garbled one, or another program's on a restarted server's port): the
-        KMS is unavailable for this call, as for a dropped connection."""
+        """The data key of a GenerateDataKey/Decrypt answer, as the mode demands it; an
+        answer without one of ``names`` is KMS unavailable (:func:`answer_field`)."""
         if self.recipient is not None and response.get("Plaintext"):
             logger.warning(_PLAINTEXT_REFUSED)
             raise IntegrityError(_PLAINTEXT_REFUSED)
         for name in names:
-            if not response.get(name):
-                missing = (
-                    f"KMS answered {operation} without a {name} (its fields: {_fields(response)})"
-                )
-                logger.warning(missing)
-                raise DependencyUnavailable(missing)
+            answer_field(response, name, operation)
         if self.recipient is None:
             plaintext = Secret(response.get("Plaintext") or b"")
         else:
@@ -226,6 +219,18 @@ class AwsKms(KmsClient):
 
     def close(self) -> None:
         self._client.close()
+
+
+def answer_field(response: Mapping[str, Any], name: str, operation: str) -> Any:
+    """``response[name]``, which every answer to ``operation`` carries. An answer without it
+    is no answer to the call (a garbled one, or another program's on a restarted server's
+    port): KMS is unavailable for this call (503), as for a dropped connection."""
+    value = response.get(name)
+    if not value:
+        missing = f"KMS answered {operation} without a {name} (its fields: {_fields(response)})"
+        logger.warning(missing)
+        raise DependencyUnavailable(missing)
+    return value
 
 
 def _fields(response: Mapping[str, Any]) -> str:
