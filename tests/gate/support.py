@@ -361,17 +361,21 @@ def gated(tmp_path: Path, gate_mode: str) -> Iterator[Gated]:
         yield service
 
 
-@pytest.fixture
-def hot_key(gated: Gated, gate_mode: str) -> dict[str, Any]:
-    """A key labelled ``hot``: sealed by the enclave with the enclave's gate, else in the
-    keystore."""
-    custody = "enclave" if gate_mode == "enclave" else "keystore"
+def new_hot_key(gated: Gated, custody: str) -> dict[str, Any]:
+    """A new key labelled ``hot`` in ``custody``, created by alice through the API."""
     response = gated.signed(
         "POST", "/v1/keys", {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
     )
     assert response.status_code == 201, response.text
     key: dict[str, Any] = response.json()["keys"][0]
     return key
+
+
+@pytest.fixture
+def hot_key(gated: Gated, gate_mode: str) -> dict[str, Any]:
+    """A key labelled ``hot``: sealed by the enclave with the enclave's gate, else in the
+    keystore."""
+    return new_hot_key(gated, "enclave" if gate_mode == "enclave" else "keystore")
 
 
 def transaction(

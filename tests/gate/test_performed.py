@@ -17,7 +17,7 @@ from eth_account.messages import encode_defunct
 from signd.api.gathering import Gathering
 from signd.custody.base import KeyInfo
 from signd.gate.operations import SigningCall
-from tests.gate.support import Gated, transaction
+from tests.gate.support import Gated, new_hot_key, transaction
 
 pytestmark = pytest.mark.parametrize("gate_mode", ["enclave"], indirect=True)
 
@@ -44,15 +44,6 @@ def gathered(monkeypatch: pytest.MonkeyPatch) -> list[SigningCall]:
     return seen
 
 
-def new_key(gated: Gated, custody: str) -> dict[str, Any]:
-    response = gated.signed(
-        "POST", "/v1/keys", {"chain": "ethereum", "custody": custody, "labels": ["hot"]}
-    )
-    assert response.status_code == 201, response.text
-    key: dict[str, Any] = response.json()["keys"][0]
-    return key
-
-
 def sign_message(gated: Gated, key: dict[str, Any], text: str) -> None:
     response = gated.signed(
         "POST", "/v1/sign/ethereum/message", {"key": key["key_id"], "message": text}
@@ -67,7 +58,7 @@ def sign_message(gated: Gated, key: dict[str, Any], text: str) -> None:
 def test_a_performed_request_is_answered_without_another_gate_call(
     gated: Gated, gathered: list[SigningCall], custody: str
 ) -> None:
-    key = new_key(gated, custody)
+    key = new_hot_key(gated, custody)
     sign_message(gated, key, "warm")  # a keystore key's first use unlocks it, in a thread
     gathered.clear()
     before = len(gated.records())
@@ -82,7 +73,7 @@ def test_a_digest_approved_for_a_key_not_in_memory_is_signed_off_the_event_loop(
 ) -> None:
     """A key of the host's custody that is not in memory (an HSM or KMS key, say) signs with
     I/O: never on the event loop, where it would stall every other request."""
-    key = new_key(gated, "keystore")
+    key = new_hot_key(gated, "keystore")
     monkeypatch.setattr(gated.signer, "key_is_local", lambda ref: False)
     threads: list[tuple[str, bool]] = []
     real_sign_hash = gated.signer.sign_hash
