@@ -54,10 +54,22 @@ def paths_of(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
+NAMES = st.text(min_size=1, max_size=6)
+LONE_SURROGATE = "\ud800"
+"""Text JSON can carry (escaped) and UTF-8 cannot: for the JSON readers' bad input."""
+JUNK_TEXT = st.one_of(JUNK, st.sampled_from([LONE_SURROGATE, "a\udfff", "\udc00\ud800"]))
+NAMES_TEXT = st.one_of(NAMES, st.just(LONE_SURROGATE))
+
+
 @st.composite
-def one_thing_wrong(draw: st.DrawFn, valid: Any, junk: st.SearchStrategy[Any] = JUNK) -> Any:
+def one_thing_wrong(
+    draw: st.DrawFn,
+    valid: Any,
+    junk: st.SearchStrategy[Any] = JUNK,
+    names: st.SearchStrategy[str] = NAMES,
+) -> Any:
     """``valid`` unchanged, or with one value replaced (by ``junk``), removed, or an unknown
-    one added."""
+    one added (named from ``names``)."""
     body = copy.deepcopy(valid)
     how = draw(st.sampled_from(["as is", "replace", "replace", "replace", "remove", "add"]))
     if how == "as is":
@@ -74,7 +86,7 @@ def one_thing_wrong(draw: st.DrawFn, valid: Any, junk: st.SearchStrategy[Any] = 
     elif how == "remove":
         del parent[last]
     elif isinstance(parent, dict):
-        parent[draw(st.text(min_size=1, max_size=6))] = draw(junk)
+        parent[draw(names)] = draw(junk)
     else:
         parent.append(draw(junk))
     return body

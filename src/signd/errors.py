@@ -49,7 +49,8 @@ class SigndError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         """The error as the JSON body the CLI and API return (message and field cut short
-        past :data:`MAX_MESSAGE_LENGTH` and :data:`MAX_FIELD_LENGTH`)."""
+        past :data:`MAX_MESSAGE_LENGTH` and :data:`MAX_FIELD_LENGTH`, and always UTF-8
+        encodable: a lone surrogate quoted from a request is written as its escape)."""
         body = {"code": self.code, "message": _cut(self.message, MAX_MESSAGE_LENGTH)}
         if self.field is not None:
             body["field"] = _cut(self.field, MAX_FIELD_LENGTH)
@@ -121,7 +122,12 @@ class ConfigurationError(SigndError):
 
 
 def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # no UTF-8 form: no answer, frame or log line could carry it
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 def shown(value: str, limit: int = 64) -> str:

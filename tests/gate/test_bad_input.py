@@ -6,6 +6,8 @@ message. Never a 5xx, and the audit log stays whole."""
 from __future__ import annotations
 
 import copy
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from signd.api import ApiSettings
+from signd.audit import SealedAuditRecord
 from signd.chains.ethereum.typed_data import typed_data_digest
 from tests.api.samples import (
     MAIL,
@@ -33,7 +36,7 @@ from tests.gate.support import (
     broad_gate_files,
     gated_service,
 )
-from tests.mutations import one_thing_wrong
+from tests.mutations import JUNK_TEXT, NAMES_TEXT, one_thing_wrong
 
 pytestmark = BOTH_GATES
 
@@ -44,6 +47,17 @@ PROPERTY = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     database=None,
 )
+
+LONE = "\ud800"
+"""Half of a UTF-16 pair: JSON can escape it (``\\ud800``); UTF-8 has no form for it."""
+
+
+def post_text(client: TestClient, path: str, body: Any) -> Any:
+    """``body`` as ``json.dumps`` writes it (lone surrogates escaped; httpx's own encoder
+    cannot write them)."""
+    headers = {**AUTH, "content-type": "application/json"}
+    return client.post(path, content=json.dumps(body).encode(), headers=headers)
+
 
 VALID_TRANSACTION: dict[str, Any] = {
     "type": "0x2",
@@ -64,22 +78,28 @@ VALID_PAYLOADS: dict[str, tuple[str, Any]] = {
 }
 
 
+def wrong(valid: Any) -> st.SearchStrategy[Any]:
+    """``valid`` with one thing wrong, which may be text without a UTF-8 form."""
+    return one_thing_wrong(valid, JUNK_TEXT, NAMES_TEXT)
+
+
 @st.composite
 def signing_requests(draw: st.DrawFn, key_refs: list[str]) -> tuple[str, Any]:
     kind = draw(st.sampled_from(sorted(VALID_PAYLOADS)))
     field, payload = VALID_PAYLOADS[kind]
     valid = {"key": draw(st.sampled_from(key_refs)), field: payload}
     if draw(st.integers(0, 4)) == 0:
-        drawn = [draw(one_thing_wrong(valid)) for _ in range(2)]
+        drawn = [draw(wrong(valid)) for _ in range(2)]
         items = [{"type": kind, **item} if isinstance(item, dict) else item for item in drawn]
         return "/v1/sign/batch", {"requests": items}
-    return f"/v1/sign/{kind}", draw(one_thing_wrong(valid))
+    return f"/v1/sign/{kind}", draw(wrong(valid))
 
 
 @pytest.fixture
-def service(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[str, Any]]]:
-    """The gated app and one key (sealed by the enclave with the enclave's gate). Afterwards
-    the audit log must verify: with the MAC key here, or in the enclave that holds it."""
+def served(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[str, Any], Path]]:
+    """The gated app, one key (sealed by the enclave with the enclave's gate) and the audit
+    log. Afterwards the log must verify: with the MAC key here, or in the enclave that holds
+    it."""
     settings_ = ApiSettings(allow_blind_signing=True, auth_failure_rate_limit=0.0)
     with (
         gated_service(tmp_path / "home", gate_mode, settings_, broad_gate_files) as gated,
@@ -88,8 +108,16 @@ def service(tmp_path: Path, gate_mode: str) -> Iterator[tuple[TestClient, dict[s
         custody = "enclave" if gate_mode == "enclave" else "keystore"
         made = client.post("/v1/keys", json={"chain": "ethereum", "custody": custody}, headers=AUTH)
         assert made.status_code == 201, made.text
-        yield client, made.json()["keys"][0]
+        yield client, made.json()["keys"][0], gated.paths.audit_log
         assert assert_log_verifies(gated.gatekeeper, gated.paths) > 1
+
+
+@pytest.fixture
+def service(
+    served: tuple[TestClient, dict[str, Any], Path],
+) -> tuple[TestClient, dict[str, Any]]:
+    client, key, _ = served
+    return client, key
 
 
 def signer_of(kind_path: str, request: dict[str, Any], answer: dict[str, Any]) -> str:
@@ -121,7 +149,7 @@ def test_every_answer_is_a_true_signature_or_a_clear_4xx(
     client, key = service
     refs = [key["key_id"], key["address"], key["address"].lower(), "0x" + "12" * 20, "nokey"]
     path, body = data.draw(signing_requests(refs))
-    response = client.post(path, json=body, headers=AUTH)
+    response = post_text(client, path, body)
     answer = response.json()
     if response.status_code != 200:
         check_error(response.status_code, answer)
@@ -156,8 +184,8 @@ def rpc_calls(draw: st.DrawFn, address: str) -> dict[str, Any]:
     method, valid = params
     call = {"jsonrpc": "2.0", "id": 7, "method": method, "params": valid}
     if draw(st.integers(0, 5)) == 0:
-        return draw(one_thing_wrong(call))  # type: ignore[no-any-return]
-    return {**call, "params": draw(one_thing_wrong(valid))}
+        return draw(wrong(call))  # type: ignore[no-any-return]
+    return {**call, "params": draw(wrong(valid))}
 
 
 def rpc_signer(call: dict[str, Any], result: Any) -> str:
@@ -178,7 +206,7 @@ def test_every_json_rpc_answer_is_a_true_signature_or_a_clear_error(
 ) -> None:
     client, key = service
     call = data.draw(rpc_calls(key["address"]))
-    response = client.post("/rpc", json=call, headers=AUTH)
+    response = post_text(client, "/rpc", call)
     assert response.status_code < 500, response.text
     if response.status_code == 204:  # a notification (no id): no answer
         return
@@ -289,3 +317,80 @@ def test_a_typed_data_domain_field_in_another_type_is_refused(
     as_declared = mail_with_domain_field("verifyingContract", "address", contract)
     body = {"key": key["key_id"], "typed_data": as_declared}
     assert client.post("/v1/sign/ethereum/typed-data", json=body, headers=AUTH).status_code == 200
+
+
+def lone_surrogate_requests(key: dict[str, Any]) -> list[tuple[str, Any, str | None]]:
+    """Requests each holding one lone surrogate, and the field a refusal names."""
+    ref = key["key_id"]
+    address = key["address"]
+    transaction = {"to": None, "nonce": 0, "gas": 21000, "gasPrice": 1, "chainId": 1}
+    mail = copy.deepcopy(MAIL)
+    mail["domain"][LONE] = 1
+    return [
+        ("/v1/sign/ethereum/transaction", {"key": ref, "transaction": {LONE: 1}}, "transaction"),
+        ("/v1/sign/ethereum/transaction", {"key": ref, "transaction": transaction, LONE: 1}, None),
+        ("/v1/sign/ethereum/typed-data", {"key": ref, "typed_data": mail}, "typed_data.domain"),
+        ("/v1/sign/ethereum/message", {"key": ref, "message": "a" + LONE}, "message"),
+        ("/v1/sign/ethereum/message", {"key": LONE, "message": "x"}, "key"),
+        (
+            "/v1/sign/batch",
+            {"requests": [{"type": "ethereum/message", "key": ref, "message": "x", LONE: 1}]},
+            "requests[0]",
+        ),
+        ("/v1/keys", {"chain": "ethereum", "custody": "keystore", LONE: 1}, None),
+        ("/rpc", {"jsonrpc": "2.0", "id": LONE, "method": "eth_accounts"}, None),
+        ("/rpc", {"jsonrpc": "2.0", "id": 1, "method": "x" + LONE}, None),
+        ("/rpc", [{"jsonrpc": "2.0", "id": 1, "method": "x" + LONE}], None),
+        (
+            "/rpc",
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "eth_signTransaction",
+                "params": [{**transaction, "from": address, LONE: 1}],
+            },
+            None,
+        ),
+    ]
+
+
+def test_text_that_is_not_unicode_is_refused_and_the_audit_chain_stays_whole(
+    served: tuple[TestClient, dict[str, Any], Path],
+) -> None:
+    """A lone surrogate anywhere in a request, in a value or a name, is refused as the request
+    is read: a 400 naming where (REST), a -32700 parse error (JSON-RPC). It used to be echoed
+    into an error the enclave could not encode after it had sealed the refusal's audit
+    record: the host got a 500, the record was lost, and the next request of any client
+    waited 5 s for it and failed with a 503."""
+    client, key, audit_log = served
+    sign = {"key": key["key_id"], "message": "after"}
+    for path, body, field in lone_surrogate_requests(key):
+        response = post_text(client, path, body)
+        if path == "/rpc":
+            assert response.status_code == 200, (body, response.text)
+            assert response.json()["error"]["code"] == -32700, (body, response.text)
+            assert response.json()["id"] is None
+        else:
+            assert response.status_code == 400, (body, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_field", (body, response.text)
+            assert error.get("field") == field, (body, response.text)
+            assert "lone UTF-16 surrogate" in error["message"]
+        started = time.monotonic()
+        after = client.post("/v1/sign/ethereum/message", json=sign, headers=AUTH)
+        assert after.status_code == 200, (body, after.text)
+        assert time.monotonic() - started < 2.0, body
+    # the fixture verifies the whole log; nothing was lost on the way to it
+    lines = audit_log.read_bytes().splitlines()
+    records = [SealedAuditRecord.from_json(line) for line in lines]
+    assert all(not item.record.operation.startswith("audit:") for item in records)
+
+
+def test_a_pair_of_surrogates_is_one_character_and_signs(
+    service: tuple[TestClient, dict[str, Any]],
+) -> None:
+    client, key = service
+    body = {"key": key["key_id"], "message": "\U0001f600"}  # \ud83d\ude00 in the JSON text
+    response = post_text(client, "/v1/sign/ethereum/message", body)
+    assert response.status_code == 200, response.text
+    assert text_signer("\U0001f600", response.json()["signature"]) == key["address"]

@@ -8,9 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from signd.errors import SigndError
+from signd.errors import InvalidField, InvalidRequest, SigndError
 from signd.gate import SigningCall, SigningKind
-from signd.gate.inputs import _plain_hash_item, parse_batch_item, parse_typed_request
+from signd.gate.inputs import (
+    _plain_hash_item,
+    parse_batch_item,
+    parse_json,
+    parse_typed_request,
+)
 
 HEX = "0123456789abcdefABCDEF"
 ODD_CHARACTERS = " \t\n\u0660\u00e9gx+-_"
@@ -98,3 +103,44 @@ def test_every_well_formed_hash_item_takes_the_one_pass_path() -> None:
         assert _plain_hash_item(item) == SigningCall(
             SigningKind.HASH, "k", bytes.fromhex(digest[2:])
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (rb'{"a": "\ud800"}', "a"),
+        (rb'{"a": [1, {"b": "x\udc00y"}]}', "a[1].b"),
+        (rb'{"a": {"\uDBFF": 1}}', "a"),
+        (rb'{"\ud800": 1}', None),
+        (rb'["\udfff\ud800"]', "[0]"),
+    ],
+)
+def test_json_with_a_lone_surrogate_is_refused_naming_where(text: bytes, field: str | None) -> None:
+    """JSON escapes any UTF-16 unit; one without its pair has no UTF-8 form, so nothing could
+    quote it back (an answer, a log line, the enclave's frame)."""
+    with pytest.raises(InvalidField) as caught:
+        parse_json(text)
+    assert "lone UTF-16 surrogate" in caught.value.message
+    assert caught.value.field == field
+    caught.value.to_dict()["message"].encode()  # the refusal itself is UTF-8
+
+
+def test_json_with_surrogates_that_pair_or_are_only_written_out_is_read() -> None:
+    assert parse_json(rb'{"a": "\ud83d\ude00"}') == {"a": "\U0001f600"}
+    assert parse_json(rb'{"a": "\\ud800"}') == {"a": "\\ud800"}  # a backslash, then text
+    assert parse_json('{"a": "\U0001f600"}'.encode()) == {"a": "\U0001f600"}
+
+
+def test_utf8_bytes_of_a_surrogate_are_not_json() -> None:
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        parse_json(b'{"a": "\xed\xa0\x80"}')
+
+
+def test_an_error_quoting_a_lone_surrogate_is_still_utf8() -> None:
+    """Whatever a message quotes, the error's body can be written as UTF-8 (as its escape)."""
+    body = InvalidField("unknown field \ud800", field="\ud800x").to_dict()
+    assert body == {
+        "code": "invalid_field",
+        "message": "unknown field \\ud800",
+        "field": "\\ud800x",
+    }

@@ -69,13 +69,60 @@ _DECODER: Final = json.JSONDecoder(
 )
 
 
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89abcdefABCDEF]")
+"""A ``\\uD800``-``\\uDFFF`` escape: half of a UTF-16 pair, alone or not."""
+
+
 def parse_json(data: bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no number out of a float's range, no name twice in
-    an object. A parse failure is :class:`InvalidRequest`."""
+    an object, no text that is not Unicode. A parse failure is :class:`InvalidRequest`.
+
+    JSON's ``\\ud800`` escapes a lone surrogate, which has no UTF-8 form: a string holding
+    one could not be written into any answer, log line or audit record (the enclave would
+    fail to encode its answer after sealing its records). Such a body is refused here, with
+    the field that holds the lone surrogate (:func:`lone_surrogate_at`)."""
     try:
-        return _DECODER.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+        text = data.decode(json.detect_encoding(data))
+        document = _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):  # rare: look closer
+        where = lone_surrogate_at(document)
+        if where is not None:
+            raise InvalidField(
+                "the request holds text that is not Unicode (a lone UTF-16 surrogate)",
+                field=where or None,
+            )
+    return document
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a parsed JSON value a string (or a name) holds a lone surrogate: the path of
+    the value, as ``a.b[2].c`` (``""`` for the whole, or when it is a name at the top), or
+    ``None`` when there is none."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            if not _is_unicode(name):
+                return path
+            found = lone_surrogate_at(item, f"{path}.{name}" if path else name)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_object(data: bytes, what: str = "the request body") -> dict[str, Any]:
@@ -286,8 +333,8 @@ def _personal_sign(params: object) -> SigningCall:
 
 def _eth_sign_typed_data_v4(params: object) -> SigningCall:
     address, document = positional(params, 2, 2, "eth_signTypedData_v4")
-    if isinstance(document, str):  # its JSON text, read as a body is (lone surrogates too)
-        document = parse_json(document.encode(errors="surrogatepass"))
+    if isinstance(document, str):  # its JSON text, read as a body is
+        document = parse_json(document.encode(errors="surrogatepass"))  # lone ones: refused
     if not isinstance(document, dict):
         raise InvalidField("typed data must be a JSON object or its JSON text", field="data")
     return SigningCall(SigningKind.ETH_TYPED_DATA, rpc_address(address), document)
