@@ -163,14 +163,7 @@ class EnclaveApp:
             if frame.version < CUSTODY_VERSION and _names_custody(frame.body):
                 raise InvalidRequest(f"custody needs protocol version {CUSTODY_VERSION}")
             body = handler(frame.body)
-            return encode_frame(
-                frame.message_type,
-                frame.request_id,
-                body,
-                flags=Flag.RESPONSE,
-                version=frame.version,
-                max_frame_size=self.max_frame_size,
-            )
+            return self._encode_answer(frame, body)
         except SigndError as error:
             return encode_error(frame.request_id, error, version=frame.version)
         except Exception as error:
@@ -179,6 +172,35 @@ class EnclaveApp:
             )
             failure = SigndError("the enclave failed to handle the request")
             return encode_error(frame.request_id, failure, version=frame.version)
+
+    def _encode_answer(self, frame: Frame, body: dict[str, Any]) -> bytes:
+        """The answer frame of ``body``. An answer that cannot be encoded (too large, or text
+        without a UTF-8 form) but carries sealed audit records still delivers them, with an
+        error for the rest: the records are already part of the chain, and the host must
+        append them before the next ones."""
+        try:
+            return self._encode(frame, body)
+        except Exception as error:
+            audit = body.get("audit")
+            if not isinstance(audit, list):
+                raise
+            logger.error(
+                "enclave %s answer could not be encoded (%s); sending its audit records only",
+                frame.message_type.name,
+                type(error).__name__,
+            )
+            failure = SigndError("the enclave could not encode its answer")
+            return self._encode(frame, {"audit": audit, "error": failure.to_dict()})
+
+    def _encode(self, frame: Frame, body: dict[str, Any]) -> bytes:
+        return encode_frame(
+            frame.message_type,
+            frame.request_id,
+            body,
+            flags=Flag.RESPONSE,
+            version=frame.version,
+            max_frame_size=self.max_frame_size,
+        )
 
     def _hello(self, body: dict[str, Any]) -> dict[str, Any]:
         offered = require_list(body, "versions", max_length=MAX_OFFERED_VERSIONS)
