@@ -394,3 +394,48 @@ def test_a_pair_of_surrogates_is_one_character_and_signs(
     response = post_text(client, "/v1/sign/ethereum/message", body)
     assert response.status_code == 200, response.text
     assert text_signer("\U0001f600", response.json()["signature"]) == key["address"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=1&limit=2", "limit"),
+        ("custody=keystore&custody=enclave", "custody"),
+        ("bogus=1", "bogus"),
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+    ],
+)
+def test_a_key_list_query_is_read_as_the_gate_reads_it(
+    service: tuple[TestClient, dict[str, Any]], query: str, field: str
+) -> None:
+    """An unknown, repeated or malformed parameter is refused (the enclave's reading refuses
+    it, and the enclave then neither decides nor audits the read: serving it anyway would
+    skip both). The same in the service's own gate."""
+    client, key = service
+    listed = client.get(f"/v1/keys?custody={key['custody']}&limit=1", headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    response = client.get(f"/v1/keys?{query}", headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == field
+    signs_after(client, key)
+
+
+def signs_after(client: TestClient, key: dict[str, Any]) -> None:
+    """A signature still comes (and gives the audit log a record past the key's)."""
+    body = {"key": key["key_id"], "message": "after"}
+    response = client.post("/v1/sign/ethereum/message", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+
+
+def test_a_key_read_takes_no_query_string(service: tuple[TestClient, dict[str, Any]]) -> None:
+    client, key = service
+    assert client.get(f"/v1/keys/{key['key_id']}", headers=AUTH).status_code == 200
+    refused = client.get(f"/v1/keys/{key['key_id']}?x=1", headers=AUTH)
+    assert refused.status_code == 400, refused.text
+    assert "takes no query string" in refused.json()["error"]["message"]
+    custody = key["custody"]
+    listed = client.get(f"/v1/keys?custody={custody}&limit=5&label=", headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    assert [item["key_id"] for item in listed.json()["keys"]] == [key["key_id"]]
+    signs_after(client, key)

@@ -36,12 +36,12 @@ from signd.gate import SigningCall
 from signd.gate.inputs import (
     DEFAULT_LIST_CUSTODY,
     KEY_FIELDS,
-    MAX_PAGE,
     check_fields,
     parse_batch_item,
     parse_object,
     parse_signing_request,
 )
+from signd.gate.interpret import key_list_query
 from signd.operations.attestation import Attestation
 from signd.operations.signer import signature_json, signature_to_dict
 
@@ -245,20 +245,19 @@ class RestApi:
         return JSONResponse({"keys": [key.to_dict() for key in keys]}, status_code=201)
 
     async def get_key(self, request: Request, principal: Principal) -> Response:
+        inputs.refuse_query_string(request.scope)
         info = await self.service.get_key(principal, request.path_params["key"])
         return JSONResponse(info.to_dict())
 
     async def list_keys(self, request: Request, principal: Principal) -> Response:
-        query = request.query_params
+        query = key_list_query(request.scope.get("query_string", b"").decode("latin-1"))
         page = await self.service.list_keys(
             principal,
-            custody=query.get("custody") or DEFAULT_LIST_CUSTODY,
-            chain=query.get("chain") or None,
-            label=query.get("label") or None,
-            cursor=query.get("cursor") or None,
-            limit=inputs.query_integer(
-                query.get("limit"), "limit", default=100, low=1, high=MAX_PAGE
-            ),
+            custody=query.custody or DEFAULT_LIST_CUSTODY,
+            chain=query.chain,
+            label=query.label,
+            cursor=query.cursor,
+            limit=query.limit,
         )
         return JSONResponse(
             {"keys": [key.to_dict() for key in page.keys], "next_cursor": page.next_cursor}

@@ -140,7 +140,7 @@ def interpret(method: str, target: str, body: bytes, *, limits: Limits = DEFAULT
         raise InvalidRequest("the request path is not UTF-8 once percent-decoded") from None
     key = path.removeprefix(_KEY_PREFIX) if path.startswith(_KEY_PREFIX) else ""
     if path == "/v1/keys" and verb == "GET":
-        return _list_keys(query)
+        return key_list_query(query)
     if path == "/v1/keys":
         _expect(verb, "POST", target, query)
         return _create_keys(inputs.parse_object(body), limits)
@@ -198,8 +198,11 @@ def _create_keys(body: Mapping[str, Any], limits: Limits) -> CreateKeys:
     )
 
 
-def _list_keys(query: str) -> ReadKeys:
-    """A page of keys: every parameter at most once, empty as if absent (``limit`` aside)."""
+def key_list_query(query: str) -> ReadKeys:
+    """The page of keys ``GET /v1/keys?query`` asks for (``query`` as sent, still
+    percent-encoded): every parameter at most once, empty as if absent (``limit`` aside);
+    an unknown, repeated or malformed one is refused. The API reads the query with this too,
+    so that both gates refuse and serve the same pages."""
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, errors="strict")
     except (ValueError, UnicodeDecodeError):
