@@ -49,7 +49,7 @@ def test_the_callers_request_id_is_kept_when_it_is_a_plain_token() -> None:
         return {"headers": [(b"authorization", b"Bearer t"), (b"x-request-id", value)]}
 
     assert request_id_from(scope(b"req-42.a_b")) == "req-42.a_b"
-    for unfit in (b"bad id", b"x" * 65, b"", b'quote"'):
+    for unfit in (b"bad id", b"x" * 65, b"", b'quote"', b"line\n"):
         fresh = request_id_from(scope(unfit))
         assert fresh != unfit.decode() and len(fresh) == 32
 

@@ -15,6 +15,7 @@ from signd.gate.inputs import (
     parse_batch_item,
     parse_json,
     parse_typed_request,
+    rpc_address,
 )
 
 HEX = "0123456789abcdefABCDEF"
@@ -144,3 +145,11 @@ def test_an_error_quoting_a_lone_surrogate_is_still_utf8() -> None:
         "message": "unknown field \\ud800",
         "field": "\\ud800x",
     }
+
+
+def test_an_address_with_a_line_break_after_it_is_not_an_address() -> None:
+    address = "0x" + "11" * 20
+    assert rpc_address(address) == address
+    for unfit in (address + "\n", "\n" + address, address + " "):
+        with pytest.raises(InvalidField):
+            rpc_address(unfit)

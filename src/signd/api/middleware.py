@@ -44,7 +44,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 _REQUEST_ID_HEADER_NAME: Final = REQUEST_ID_HEADER.encode()
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 UNMATCHED: Final = "unmatched"
 HTTP_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
@@ -80,7 +80,7 @@ def request_id_from(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == _REQUEST_ID_HEADER_NAME:
             text = bytes(value).decode("latin-1")
-            if _REQUEST_ID.match(text):
+            if _REQUEST_ID.fullmatch(text):
                 return text
     return new_request_id()
 

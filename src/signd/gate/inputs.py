@@ -19,7 +19,7 @@ from signd.errors import InvalidField, InvalidRequest
 from signd.gate.operations import SigningCall, SigningKind
 
 _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
-_ADDRESS: Final = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
+_ADDRESS: Final = re.compile(r"0[xX][0-9a-fA-F]{40}")
 
 SIGNING_FIELDS: Final[Mapping[SigningKind, frozenset[str]]] = {
     SigningKind.HASH: frozenset({"key", "hash"}),
@@ -314,7 +314,7 @@ def positional(params: object, least: int, most: int, method: str) -> list[Any]:
 
 
 def rpc_address(value: object, name: str = "address") -> str:
-    if not isinstance(value, str) or not _ADDRESS.match(value):
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
         raise InvalidField(f"{name} must be a 0x-prefixed 20-byte address", field=name)
     return value
 

@@ -25,7 +25,7 @@ from signd.errors import (
 )
 from signd.gate.operations import MessageSignature as MessageSignature
 
-_ETH_ADDRESS = re.compile(r"^0[xX][0-9a-fA-F]{40}$")
+_ETH_ADDRESS = re.compile(r"0[xX][0-9a-fA-F]{40}")
 MAX_BATCH = 100_000
 KNOWN_KEYS = 65_536
 """Key records remembered by reference (key id, or address as given): a key's record never
@@ -136,7 +136,7 @@ class Signer:
         known = self._known.get(ref)
         if known is not None:
             return self.backend(known.custody), known
-        lookup = canonical_address(ref) if _ETH_ADDRESS.match(ref) else ref
+        lookup = canonical_address(ref) if _ETH_ADDRESS.fullmatch(ref) else ref
         failure: SigndError | None = None
         for custody in self._factories:
             try:
