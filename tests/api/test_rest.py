@@ -400,6 +400,27 @@ def test_unknown_route_is_a_json_404(client: TestClient) -> None:
     error_of(client.post("/v1/sign/bitcoin/psbt", json={}), 404, "not_found")
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/rpc/"),
+        ("GET", "/v1/keys/"),
+        ("POST", "/v1/keys/"),
+        ("POST", "/v1/sign/ethereum/message/"),
+    ],
+)
+def test_a_trailing_slash_is_an_unknown_route_not_a_redirect(
+    client: TestClient, method: str, path: str
+) -> None:
+    """Starlette's default redirect to the path without the slash takes its host from the
+    Host header: an open redirect to wherever the caller names."""
+    response = client.request(
+        method, path, json={}, headers={"host": "evil.example"}, follow_redirects=False
+    )
+    error_of(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
 def test_wrong_method_is_a_json_405(client: TestClient) -> None:
     response = client.delete("/v1/keys")
     error_of(response, 405, "method_not_allowed")
