@@ -130,6 +130,22 @@ def test_eth_sign_transaction_answers_like_geth(client: TestClient, address: str
     }
 
 
+def test_a_chain_id_above_eip_2294_is_invalid_params(client: TestClient, address: str) -> None:
+    """The probe's legacy transaction for chain 2**256-1 (whose v would not fit in 256 bits)
+    gets a JSON-RPC error naming the field, not a signature."""
+    tx = {
+        "from": address,
+        "chainId": hex(2**256 - 1),
+        "nonce": "0x0",
+        "gasPrice": hex(GAS_PRICE),
+        "gas": hex(21000),
+        "to": "0x" + "35" * 20,
+    }
+    failure = error(client, "eth_signTransaction", tx)
+    assert failure["code"] == -32602
+    assert failure["data"] == {"code": "invalid_field", "field": "chainId"}
+
+
 @pytest.mark.parametrize(
     ("method", "params", "field"),
     [
