@@ -266,6 +266,8 @@ def test_oversized_rpc_body_is_413_in_json_rpc_shape(make_client: ClientFactory)
     client = make_client(ApiSettings(max_body_bytes=100))
     response = client.post("/rpc", json={"jsonrpc": "2.0", "id": 1, "method": "x" * 200})
     assert response.status_code == 413
+    assert response.json()["id"] is None
+    assert response.json()["error"]["code"] == -32600  # no request was read: not its params
     assert response.json()["error"]["data"]["code"] == "payload_too_large"
 
 
