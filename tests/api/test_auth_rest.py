@@ -282,6 +282,24 @@ def test_a_query_string_on_a_post_route_is_refused_with_the_reason(
         assert f"POST {path}: this route takes no query string" in answer.text
 
 
+@pytest.mark.parametrize("path", ["/", "/rpc"])
+def test_a_query_string_on_json_rpc_is_an_invalid_request(gated: Gated, path: str) -> None:
+    """The HTTP request is refused as a whole, before any JSON-RPC request was read from it:
+    -32600 invalid request (no params were read to be invalid), with its HTTP 400."""
+    call = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+    answer = gated.signed("POST", path + "?x=1", call)
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {
+        "jsonrpc": "2.0",
+        "id": None,
+        "error": {
+            "code": -32600,
+            "message": f"POST {path}: this route takes no query string",
+            "data": {"code": "invalid_request"},
+        },
+    }
+
+
 def test_oversized_credentials_and_targets_get_their_own_status(gated: Gated) -> None:
     """What no credential or route can be is refused before authentication, the same with
     either gate (the enclave's message format would refuse it with a message about itself)."""
@@ -293,6 +311,7 @@ def test_oversized_credentials_and_targets_get_their_own_status(gated: Gated) ->
         rpc_answer = gated.client.post("/rpc", json={"jsonrpc": "2.0"}, headers=headers)
         assert rpc_answer.status_code == 431, rpc_answer.text
         assert rpc_answer.json()["error"]["data"]["code"] == "headers_too_large"
+        assert rpc_answer.json()["error"]["code"] == -32600
     long_query = "/v1/keys?label=" + "a" * 9000
     refused(gated.signed("GET", long_query), 414, "uri_too_long")
 

@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 from signd.api import ApiSettings, Principal, SigningKind, create_app
 from signd.api.rest import send_json
 from signd.api.service import UngatedSigner
+from signd.chains.ethereum.transactions import MAX_CHAIN_ID, decode_transaction
 from signd.crypto.secp256k1 import CURVE_ORDER, RecoverableSignature, sign_digest_with
 from signd.custody.base import AddressDeriver, CustodyBackend, KeyInfo, KeyPage
 from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable
@@ -191,6 +192,32 @@ def test_sign_transaction_errors_name_the_transaction_field(
         json={"key": eth_key["key_id"], "transaction": {**samples.transaction(), "from": other}},
     )
     error_of(response, 400, "invalid_signature")
+
+
+def test_a_chain_id_above_eip_2294_is_not_signed(
+    client: TestClient, eth_key: dict[str, Any]
+) -> None:
+    """A legacy transaction's v grows with its chain id: with chainId 2**256-1 it would not
+    fit the 256 bits a decoder reads, so signd would sign what it cannot decode itself."""
+    legacy = {
+        "chainId": hex(MAX_CHAIN_ID),
+        "nonce": "0x0",
+        "gasPrice": hex(10**9),
+        "gas": hex(21000),
+        "to": "0x3535353535353535353535353535353535353535",
+    }
+    for chain_id in (MAX_CHAIN_ID + 1, 2**256 - 1):
+        response = client.post(
+            "/v1/sign/ethereum/transaction",
+            json={"key": eth_key["address"], "transaction": {**legacy, "chainId": hex(chain_id)}},
+        )
+        error_of(response, 400, "invalid_field", "chainId")
+    response = client.post(
+        "/v1/sign/ethereum/transaction", json={"key": eth_key["address"], "transaction": legacy}
+    )
+    assert response.status_code == 200, response.text
+    raw = bytes.fromhex(response.json()["raw_transaction"][2:])
+    assert decode_transaction(raw).transaction.chain_id == MAX_CHAIN_ID
 
 
 @pytest.mark.parametrize(
@@ -398,6 +425,27 @@ def test_body_too_large_is_413(make_client: ClientFactory) -> None:
 def test_unknown_route_is_a_json_404(client: TestClient) -> None:
     error_of(client.get("/v2/keys"), 404, "not_found")
     error_of(client.post("/v1/sign/bitcoin/psbt", json={}), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/rpc/"),
+        ("GET", "/v1/keys/"),
+        ("POST", "/v1/keys/"),
+        ("POST", "/v1/sign/ethereum/message/"),
+    ],
+)
+def test_a_trailing_slash_is_an_unknown_route_not_a_redirect(
+    client: TestClient, method: str, path: str
+) -> None:
+    """Starlette's default redirect to the path without the slash takes its host from the
+    Host header: an open redirect to wherever the caller names."""
+    response = client.request(
+        method, path, json={}, headers={"host": "evil.example"}, follow_redirects=False
+    )
+    error_of(response, 404, "not_found")
+    assert "location" not in response.headers
 
 
 def test_wrong_method_is_a_json_405(client: TestClient) -> None:

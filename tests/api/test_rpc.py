@@ -130,6 +130,22 @@ def test_eth_sign_transaction_answers_like_geth(client: TestClient, address: str
     }
 
 
+def test_a_chain_id_above_eip_2294_is_invalid_params(client: TestClient, address: str) -> None:
+    """The probe's legacy transaction for chain 2**256-1 (whose v would not fit in 256 bits)
+    gets a JSON-RPC error naming the field, not a signature."""
+    tx = {
+        "from": address,
+        "chainId": hex(2**256 - 1),
+        "nonce": "0x0",
+        "gasPrice": hex(GAS_PRICE),
+        "gas": hex(21000),
+        "to": "0x" + "35" * 20,
+    }
+    failure = error(client, "eth_signTransaction", tx)
+    assert failure["code"] == -32602
+    assert failure["data"] == {"code": "invalid_field", "field": "chainId"}
+
+
 @pytest.mark.parametrize(
     ("method", "params", "field"),
     [
@@ -250,6 +266,8 @@ def test_oversized_rpc_body_is_413_in_json_rpc_shape(make_client: ClientFactory)
     client = make_client(ApiSettings(max_body_bytes=100))
     response = client.post("/rpc", json={"jsonrpc": "2.0", "id": 1, "method": "x" * 200})
     assert response.status_code == 413
+    assert response.json()["id"] is None
+    assert response.json()["error"]["code"] == -32600  # no request was read: not its params
     assert response.json()["error"]["data"]["code"] == "payload_too_large"
 
 

@@ -106,6 +106,7 @@ def assert_timed_out(path: str, answer: Any, body_timeout: float) -> None:
         assert body == {"error": {"code": "request_timeout", "message": message}}
     else:  # JSON-RPC: no request object arrived, so there is no id to answer
         assert body["id"] is None
+        assert body["error"]["code"] == -32600  # no request was read: not its params
         assert body["error"]["message"] == message
         assert body["error"]["data"] == {"code": "request_timeout"}
 

@@ -120,6 +120,10 @@ def create_app(
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
+    # Starlette would answer a path with a trailing slash (``/rpc/``) with a 307 to the route
+    # without it, built from the Host header: an open redirect, and a second answer for one
+    # route. No route of signd ends in a slash, so such a path is an unknown route (404).
+    app.router.redirect_slashes = False
     app.state.service = service
     app.state.metrics = metrics
     app.state.authenticate = authenticate

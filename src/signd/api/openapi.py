@@ -461,7 +461,7 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
                 "204": {"description": "Only notifications were sent"},
                 "400": _json(
                     _ref("JsonRpcResponse"),
-                    "A query string (no POST route takes one): error -32602, data.code"
+                    "A query string (no POST route takes one): error -32600, data.code"
                     " invalid_request",
                 ),
                 "401": _json(
@@ -471,9 +471,12 @@ def _jsonrpc_operation(operation_id: str) -> dict[str, Any]:
                 "408": _json(
                     _ref("JsonRpcResponse"),
                     "The request body did not arrive within the server's body_timeout: error"
-                    " -32602, data.code request_timeout, id null; the connection is closed",
+                    " -32600, data.code request_timeout, id null; the connection is closed",
                 ),
-                "413": _json(_ref("JsonRpcResponse"), "The request body is too large"),
+                "413": _json(
+                    _ref("JsonRpcResponse"),
+                    "The request body is too large: error -32600, data.code payload_too_large",
+                ),
                 "414": _json(
                     _ref("JsonRpcResponse"),
                     "The path and query are over 8192 characters: data.code uri_too_long",

@@ -7,8 +7,10 @@ the node itself (:data:`NEVER_FORWARDED`), so that a node with unlocked accounts
 asked to sign. Errors follow JSON-RPC 2.0: -32700 parse error, -32600 invalid request,
 -32601 method not found, -32602 invalid params (signd's ``invalid_*`` errors), -32603
 internal error, and -32001..-32099 for signd's other errors, each with
-``data: {"code", "field"?}``. The HTTP status is 200 whenever a JSON-RPC answer is given, a
-downstream node that is down included (-32006 ``dependency_unavailable``).
+``data: {"code", "field"?}``. The HTTP status is 200 whenever a JSON-RPC request was read, a
+downstream node that is down included (-32006 ``dependency_unavailable``). An HTTP request
+refused as a whole before that (a query string, a body too large or too slow, no valid
+credentials) keeps the HTTP status of its error, with ``"id": null``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from starlette.routing import Route
 
 from signd.api.downstream import Downstream
 from signd.api.errors import (
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     DownstreamError,
+    WireError,
     wire_error,
 )
 from signd.api.inputs import read_body
@@ -87,6 +91,18 @@ def _error(request_id: Any, error: Mapping[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": request_id, "error": dict(error)}
 
 
+def _request_refusal(wire: WireError) -> dict[str, Any]:
+    """The JSON-RPC error for an HTTP request refused as a whole, before any JSON-RPC request
+    was read from it (a query string, a body too large or too slow, oversized credentials):
+    a bad request is -32600 invalid request there, not -32602 invalid params, as no params
+    were read to be invalid. Other refusals (-32010 unauthenticated, -32005 rate limited)
+    keep their code."""
+    error = wire.rpc_error()
+    if error["code"] == INVALID_PARAMS:
+        error["code"] = INVALID_REQUEST
+    return error
+
+
 def _message_result(outcome: SigningResult | Exception) -> str:
     """A message method's answer (``eth_sign``, ``personal_sign``, ``eth_signTypedData_v4``):
     the 65-byte signature in hex; an error is raised."""
@@ -140,7 +156,7 @@ class JsonRpcApi:
         except Exception as exc:
             wire = wire_error(exc)
             self.metrics.errors.inc(wire.body["code"])
-            return JSONResponse(_error(None, wire.rpc_error()), status_code=wire.http_status)
+            return JSONResponse(_error(None, _request_refusal(wire)), status_code=wire.http_status)
         try:
             message = parse_json(body)
         except InvalidRequest as exc:

@@ -12,10 +12,14 @@ from eth_account.messages import _hash_eip191_message, encode_typed_data
 from eth_utils import ValidationError, keccak
 
 from signd.chains.ethereum.address import to_checksum_address
-from signd.chains.ethereum.transactions import decode_transaction, parse_transaction
+from signd.chains.ethereum.transactions import (
+    MAX_CHAIN_ID,
+    decode_transaction,
+    parse_transaction,
+)
 from signd.chains.ethereum.typed_data import typed_data_digest
 from signd.crypto.secp256k1 import CURVE_ORDER
-from signd.errors import InvalidTypedData
+from signd.errors import InvalidField, InvalidTypedData
 from tests.chains.ethereum.support import address_of, private_key, sign
 
 KINDS = ("legacy", "eip155", "eip2930", "eip1559")
@@ -51,7 +55,9 @@ def _random_transaction(rng: random.Random, kind: str) -> tuple[dict[str, Any], 
     if rng.random() < 0.8:
         theirs["to"] = _address(rng)
     if kind != "legacy":
-        theirs["chainId"] = rng.choice([1, 5, 1337, 11155111, rng.randrange(1, 1 << 64)])
+        theirs["chainId"] = rng.choice(
+            [1, 5, 1337, 11155111, MAX_CHAIN_ID, rng.randrange(1, 1 << 64)]
+        )
     if kind in ("legacy", "eip155", "eip2930"):
         theirs["gasPrice"] = _number(rng, 256)
     if kind == "eip1559":
@@ -81,17 +87,25 @@ def _random_transaction(rng: random.Random, kind: str) -> tuple[dict[str, Any], 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_transactions_match_eth_account(kind: str) -> None:
+    """signd signs what eth-account signs, and decodes what it signed; above EIP-2294's chain
+    id bound, which eth-account does not apply, signd decodes the transaction but refuses to
+    sign one."""
     rng = random.Random(f"signd-differential-{kind}")
     for _ in range(CASES_PER_KIND):
         secret = rng.randrange(1, CURVE_ORDER).to_bytes(32, "big")
         theirs, ours = _random_transaction(rng, kind)
         expected = Account.sign_transaction(theirs, secret)
         key = private_key(secret)
+        decoded = decode_transaction(bytes(expected.raw_transaction))
+        assert decoded.sender == address_of(key) == Account.from_key(secret).address
+        if theirs.get("chainId", 0) > MAX_CHAIN_ID:
+            assert decoded.transaction.chain_id == theirs["chainId"]
+            with pytest.raises(InvalidField, match="EIP-2294"):
+                parse_transaction(ours)
+            continue
         signed = sign(parse_transaction(ours), key)
         assert signed.raw == bytes(expected.raw_transaction), (theirs, ours)
         assert signed.hash == bytes(expected.hash)
-        decoded = decode_transaction(bytes(expected.raw_transaction))
-        assert decoded.sender == address_of(key) == Account.from_key(secret).address
         assert decoded.transaction == signed.transaction
 
 

@@ -10,6 +10,7 @@ import rlp
 
 from signd.chains.ethereum.encoding import int_to_bytes
 from signd.chains.ethereum.transactions import (
+    MAX_CHAIN_ID,
     AccessListTransaction,
     DynamicFeeTransaction,
     LegacyTransaction,
@@ -113,6 +114,10 @@ BAD_INPUTS = [
     # chain id and fees
     ("chainId-0-typed", _with(EIP1559, chainId=0), "chainId"),
     ("chainId-0-legacy", _with(LEGACY, chainId="0x0"), "chainId"),
+    ("chainId-above-EIP-2294-legacy", _with(LEGACY, chainId=hex(MAX_CHAIN_ID + 1)), "chainId"),
+    ("chainId-above-EIP-2294-2930", _with(EIP2930, chainId=str(MAX_CHAIN_ID + 1)), "chainId"),
+    ("chainId-above-EIP-2294-1559", _with(EIP1559, chainId=MAX_CHAIN_ID + 1), "chainId"),
+    ("chainId-2**256-1-legacy", _with(LEGACY, chainId=2**256 - 1), "chainId"),
     ("priority-above-max", _with(EIP1559, maxPriorityFeePerGas="0x3"), "maxPriorityFeePerGas"),
     # access lists
     ("accessList-not-list", _with(EIP2930, accessList={}), "accessList"),
@@ -368,6 +373,27 @@ def test_decode_checks_chain_id() -> None:
         with pytest.raises(InvalidTransaction) as caught:
             decode_transaction(SIGNED[name], chain_id=5)
         assert caught.value.field == "chainId"
+
+
+def test_the_eip2294_bound_is_the_largest_chain_id_signed() -> None:
+    """At the bound, every type signs and decodes back, and a legacy ``v`` fits in 64 bits."""
+    assert MAX_CHAIN_ID == 9223372036854775771
+    for base in (EIP155, EIP2930, EIP1559):
+        transaction = parse_transaction(_with(base, chainId=hex(MAX_CHAIN_ID)))
+        signed = sign(transaction, KEY)
+        decoded = decode_transaction(signed.raw, chain_id=MAX_CHAIN_ID)
+        assert decoded.transaction == transaction and decoded.sender == address_of(KEY)
+    legacy = sign(parse_transaction(_with(EIP155, chainId=MAX_CHAIN_ID)), KEY)
+    assert legacy.signature.v in (MAX_CHAIN_ID * 2 + 35, MAX_CHAIN_ID * 2 + 36)
+    assert legacy.signature.v < 2**64
+
+
+def test_decoding_takes_a_chain_id_above_the_bound() -> None:
+    """Someone else's transaction may name a larger chain id: decoding it is not signing it."""
+    for chain_id in (MAX_CHAIN_ID + 1, 2**254):
+        transaction = dataclasses.replace(parse_transaction(EIP155), chain_id=chain_id)
+        decoded = decode_transaction(sign(transaction, KEY).raw)
+        assert decoded.transaction.chain_id == chain_id
 
 
 def test_typed_transactions_need_a_chain_id() -> None:

@@ -222,6 +222,14 @@ class Field:
 _UINT64 = Quantity(64)
 _UINT256 = Quantity(256)
 
+MAX_CHAIN_ID: Final = (2**64 - 1) // 2 - 36
+"""The largest chain id signd signs a transaction for, of every type: EIP-2294's bound, so
+that a legacy transaction's ``v = chainId * 2 + 35 + recovery id`` fits in 64 bits (without a
+bound it may not even fit the 256 bits :func:`decode_transaction` reads, and signd would sign
+what it cannot decode). No chain uses a larger id; one bound for every type keeps one rule.
+Only signing is bounded: :func:`decode_transaction` takes any chain id its field holds, as a
+transaction someone else signed is not signd's to refuse for that."""
+
 CHAIN_ID = Field("chainId", "chain_id", _UINT256)
 NONCE = Field("nonce", "nonce", _UINT64)
 GAS_PRICE = Field("gasPrice", "gas_price", _UINT256)
@@ -495,7 +503,8 @@ def parse_transaction(data: Mapping[str, Any]) -> UnsignedTransaction:
     ``value``, ``data`` and ``accessList`` default to empty; everything else the type uses is
     required, and nothing else is accepted (``gasLimit`` and ``input`` are aliases of ``gas``
     and ``data``; ``from``, if given, is checked against the signature by ``assemble``). A
-    legacy transaction without ``chainId`` is pre-EIP-155.
+    legacy transaction without ``chainId`` is pre-EIP-155; ``chainId`` is 1 to
+    :data:`MAX_CHAIN_ID`.
     """
     if not isinstance(data, Mapping):
         raise InvalidTransaction("a transaction must be a JSON object")
@@ -525,6 +534,8 @@ def parse_transaction(data: Mapping[str, Any]) -> UnsignedTransaction:
         )
     if arguments["chain_id"] == 0:
         raise InvalidField("chainId must be at least 1", field="chainId")
+    if arguments["chain_id"] is not None and arguments["chain_id"] > MAX_CHAIN_ID:
+        raise InvalidField(f"chainId must be at most {MAX_CHAIN_ID} (EIP-2294)", field="chainId")
     sender = values.get("from")
     if sender is not None:
         arguments["from_address"] = to_checksum_address(parse_address(sender, "from"))
