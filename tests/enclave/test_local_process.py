@@ -247,16 +247,46 @@ def _answers_hello(client: EnclaveClient) -> bool:
         return False
 
 
-def test_the_enclave_process_is_not_given_the_keystore_passphrase(
-    transports: list[LocalEnclaveTransport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+HSM_ON_THE_HOST = '[hsm]\nmodule = "/nonexistent/libpkcs11.so"\ntoken_label = "signd"\n'
+
+
+def enclave_process_of(home: Path) -> int:
+    """The pid of the ``signd enclave`` process started for ``home``."""
+    wanted = f"--home\0{home}\0enclave\0".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and wanted in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no enclave process for {home}")
+
+
+@pytest.mark.parametrize(
+    ("config", "pin_passed"),
+    [
+        ("", False),
+        (HSM_ON_THE_HOST, False),
+        (HSM_ON_THE_HOST + "in_enclave = true\n", True),
+    ],
+    ids=["no-hsm", "hsm-on-the-host", "hsm-in-the-enclave"],
+)
+def test_the_enclave_process_gets_the_hsm_pin_only_when_it_holds_the_hsm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, pin_passed: bool
 ) -> None:
     """The keystore is the host's: its passphrase stays out of the enclave's environment
-    (readable in /proc), while the HSM PIN, which an enclave holding HSM custody needs, and
-    the rest of the environment are passed on."""
+    (readable in /proc). So does the HSM PIN, unless the enclave holds HSM custody
+    (``[hsm] in_enclave``) and needs it. The rest of the environment is passed on."""
     monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase for the host")
     monkeypatch.setenv("SIGND_HSM_PIN", "canary pin")
-    _, pid = started(transports, tmp_path / "home")
-    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n{config}')
+    with build_signer(load_settings(home)) as signer:
+        signer.backend(CUSTODY_ENCLAVE).check_health()
+        pid = enclave_process_of(home)
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not [line for line in environment if line.startswith(b"SIGND_KEYSTORE_PASSPHRASE=")]
-    assert b"SIGND_HSM_PIN=canary pin" in environment
+    pins = [line for line in environment if line.startswith(b"SIGND_HSM_PIN=")]
+    assert pins == ([b"SIGND_HSM_PIN=canary pin"] if pin_passed else [])
     assert f"PATH={os.environ['PATH']}".encode() in environment

@@ -85,11 +85,15 @@ class _SharedEnclave:
             "enclave", section, "hang_timeout", HANG_TIMEOUT, allow_zero=True
         )
         gate_only = config_flag("enclave", section, "gate_only", False)
+        hsm = settings.section("hsm")
         self.local = (
             None
             if address
             else LocalEnclaveTransport(
-                settings.home, hang_timeout=hang_timeout, gate_only=gate_only
+                settings.home,
+                hang_timeout=hang_timeout,
+                gate_only=gate_only,
+                hsm_in_enclave=bool(hsm) and hsm_in_enclave(hsm),
             )
         )
         transport = self.local if self.local is not None else transport_for(str(address))
