@@ -30,14 +30,32 @@ PassphraseSource = Callable[[bool], Secret]
 """Returns the keystore passphrase; the flag says whether the keystore is being created."""
 
 
-def keystore_passphrase_source(settings: Settings) -> PassphraseSource:
+def keystore_passphrase_source(
+    settings: Settings, *, take_from_environment: bool = False
+) -> PassphraseSource:
+    """The keystore passphrase from ``SIGND_KEYSTORE_PASSPHRASE``, else the configured file,
+    else a prompt.
+
+    With ``take_from_environment`` (a service, which runs on and starts processes), a
+    passphrase read from the variable is removed from ``os.environ`` and kept by the source
+    for the keystore's next opening: processes started later and this one's ``os.environ`` no
+    longer carry it. The copy the kernel took at exec stays in ``/proc/<pid>/environ``.
+    """
+    taken: Secret | None = None
+
     def source(creating: bool) -> Secret:
-        return resolve_secret(
+        nonlocal taken
+        if taken is not None:
+            return taken
+        passphrase = resolve_secret(
             what="keystore passphrase",
             env_var=KEYSTORE_PASSPHRASE_ENV,
             file=settings.keystore.passphrase_file,
             confirm=creating,
         )
+        if take_from_environment and os.environ.pop(KEYSTORE_PASSPHRASE_ENV, ""):
+            taken = passphrase
+        return passphrase
 
     return source
 
