@@ -113,6 +113,44 @@ def test_serve_with_a_wrong_passphrase_says_so_in_one_line(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr, result.stderr
 
 
+SERVE_AND_LOOK_AT_THE_ENVIRONMENT = """
+import os, subprocess, sys
+import signd.cli.serve
+from signd.cli.context import state
+
+class StartedServer:
+    started = True
+
+    def run(self):
+        show = "import os; print(os.environ.get('SIGND_KEYSTORE_PASSPHRASE'))"
+        child = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True)
+        state.signer.close()
+        state.signer.backend("keystore")  # opened again, without the variable
+        print("own:", os.environ.get("SIGND_KEYSTORE_PASSPHRASE"), "child:", child.stdout.strip())
+
+signd.cli.serve._server = lambda config, adapter: StartedServer()
+"""
+
+
+def test_serve_takes_the_passphrase_out_of_its_environment_once_the_keystore_has_it(
+    tmp_path: Path,
+) -> None:
+    """So that the processes it starts later do not inherit it (its own /proc/<pid>/environ,
+    the kernel's copy from exec, still shows it)."""
+    home = make_home(tmp_path / "home")
+    program = SERVE_AND_LOOK_AT_THE_ENVIRONMENT + SIGND_MAIN
+    result = subprocess.run(
+        [sys.executable, "-c", program, "--home", str(home), "serve", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "own: None child: None" in result.stdout
+
+
 def test_serve_with_embedded_defaults_and_no_passphrase(tmp_path: Path) -> None:
     """README's first command: an empty home, no passphrase, no terminal. signd serves enclave
     custody with its gate in the enclave, and the development client it prints works."""

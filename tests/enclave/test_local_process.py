@@ -24,7 +24,7 @@ from signd.enclave.transport import UnixTransport
 from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.operations.backends import build_signer
 from signd.operations.local_enclave import LocalEnclaveTransport
-from tests.integration.support import wait_until
+from tests.integration.support import core_file_limits, record_children, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -247,16 +247,42 @@ def _answers_hello(client: EnclaveClient) -> bool:
         return False
 
 
-def test_the_enclave_process_is_not_given_the_keystore_passphrase(
-    transports: list[LocalEnclaveTransport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+HSM_ON_THE_HOST = '[hsm]\nmodule = "/nonexistent/libpkcs11.so"\ntoken_label = "signd"\n'
+
+
+@pytest.mark.parametrize(
+    ("config", "pin_passed"),
+    [
+        ("", False),
+        (HSM_ON_THE_HOST, False),
+        (HSM_ON_THE_HOST + "in_enclave = true\n", True),
+    ],
+    ids=["no-hsm", "hsm-on-the-host", "hsm-in-the-enclave"],
+)
+def test_the_enclave_process_gets_the_hsm_pin_only_when_it_holds_the_hsm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str, pin_passed: bool
 ) -> None:
     """The keystore is the host's: its passphrase stays out of the enclave's environment
-    (readable in /proc), while the HSM PIN, which an enclave holding HSM custody needs, and
-    the rest of the environment are passed on."""
+    (readable in /proc). So does the HSM PIN, unless the enclave holds HSM custody
+    (``[hsm] in_enclave``) and needs it. The rest of the environment is passed on."""
     monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase for the host")
     monkeypatch.setenv("SIGND_HSM_PIN", "canary pin")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n{config}')
+    children = record_children(monkeypatch)
+    with build_signer(load_settings(home)) as signer:
+        signer.backend(CUSTODY_ENCLAVE).check_health()
+    [environment] = [child.environment for child in children if "enclave" in child.command]
+    assert "SIGND_KEYSTORE_PASSPHRASE" not in environment
+    assert environment.get("SIGND_HSM_PIN") == ("canary pin" if pin_passed else None)
+    assert environment["PATH"] == os.environ["PATH"]
+
+
+def test_the_enclave_process_writes_no_core_file(
+    transports: list[LocalEnclaveTransport], tmp_path: Path
+) -> None:
+    """Its cache holds unsealed private keys. Both limits are 0: a soft limit of 0 alone (which
+    the test process may already have) could be raised again."""
     _, pid = started(transports, tmp_path / "home")
-    environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    assert not [line for line in environment if line.startswith(b"SIGND_KEYSTORE_PASSPHRASE=")]
-    assert b"SIGND_HSM_PIN=canary pin" in environment
-    assert f"PATH={os.environ['PATH']}".encode() in environment
+    assert core_file_limits(pid) == ["0", "0"]

@@ -37,7 +37,13 @@ from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import KeyReference, MessageType
 from signd.enclave.transport import UnixTransport
-from signd.errors import AccessDenied, DependencyUnavailable, IntegrityError, InvalidRequest
+from signd.errors import (
+    AccessDenied,
+    ConfigurationError,
+    DependencyUnavailable,
+    IntegrityError,
+    InvalidRequest,
+)
 from signd.gate import GateRequest, SigningCall, SigningKind
 from signd.gate.intents import prepare
 from signd.operations import Signer
@@ -507,3 +513,15 @@ def test_a_restarted_enclave_is_configured_again_and_keys_still_sign(enclave: En
     lines = enclave.gatekeeper.paths.audit_log.read_bytes().splitlines()
     found = verify_in_enclave(enclave.client, enclave.gatekeeper.paths, lines, node="test-node")
     assert found.problem is None and found.records == len(lines)
+
+
+def test_an_emptied_sealed_audit_key_beside_records_is_a_configuration_error(
+    enclave: Enclave,
+) -> None:
+    """The log's records need the key it held: nothing makes another one in its place."""
+    new_key(enclave, ["hot"])
+    sealed_key = enclave.gatekeeper.paths.sealed_audit_key_file
+    sealed_key.write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="is missing or empty but the audit log"):
+        enclave.gatekeeper.configure()
+    assert sealed_key.read_bytes() == b""

@@ -5,6 +5,8 @@
   blobs, SQLite} and {AWS KMS, S3, PostgreSQL} against moto_server and a real PostgreSQL;
 - :class:`SigndProcess` runs ``python -m signd ...`` (an enclave, a proxy) with a readiness
   check, a log file and a bounded stop;
+- :func:`core_file_limits` reads a process's core file size limits;
+- :func:`record_children` records the command and environment of each process a test starts;
 - :func:`records_with_missing_blobs` checks the invariant that no recorded key lacks its blob.
 
 Every wait here is bounded in time and every process is stopped by whoever started it.
@@ -21,9 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from signd.enclave.client import EnclaveClient
 from signd.enclave.signer import BlobRange
@@ -247,6 +252,43 @@ def child_pids(parent: int, *, containing: str) -> list[int]:
         if int(fields[1]) == parent and fields[0] != "Z" and containing in command:
             found.append(int(stat.parent.name))
     return found
+
+
+def core_file_limits(pid: int) -> list[str]:
+    """The soft and hard core file size limits of process ``pid``, as ``/proc`` shows them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4:6]
+    raise AssertionError(f"/proc/{pid}/limits has no core file size")
+
+
+@dataclass(frozen=True)
+class StartedChild:
+    command: list[str]
+    environment: dict[str, str]
+
+
+def record_children(monkeypatch: pytest.MonkeyPatch) -> list[StartedChild]:
+    """The command and environment of each process that this one starts from now on.
+
+    A child's ``/proc/<pid>/environ`` is no way to see them: once the child has made itself
+    non-dumpable (:mod:`signd.hardening`), only root may read it.
+    """
+    started: list[StartedChild] = []
+
+    class RecordingPopen(subprocess.Popen):  # type: ignore[type-arg]
+        def __init__(self, args: Sequence[str], *rest: Any, **options: Any) -> None:
+            environment = options.get("env")
+            started.append(
+                StartedChild(
+                    [str(arg) for arg in args],
+                    dict(os.environ if environment is None else environment),
+                )
+            )
+            super().__init__(args, *rest, **options)
+
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    return started
 
 
 # --------------------------------------------------------------------------- invariants

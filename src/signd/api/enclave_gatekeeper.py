@@ -310,7 +310,7 @@ class EnclaveGatekeeper:
             chunks = _tail_chunks(paths, last, policy_data)
             if not sealed_key and last is not None:
                 raise ConfigurationError(
-                    f"{paths.sealed_audit_key_file} is missing but the audit log "
+                    f"{paths.sealed_audit_key_file} is missing or empty but the audit log "
                     f"{paths.audit_log} is not empty: restore the key file"
                 )
             body: dict[str, Any] = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from signd.config import Settings, load_settings
 from signd.errors import ConfigurationError
 from signd.operations import Signer
-from signd.operations.backends import build_signer
+from signd.operations.backends import build_signer, keystore_passphrase_source
 
 
 @dataclass
@@ -25,6 +25,9 @@ class CliState:
     gate_only_enclave: bool = False
     """Start the local enclave so that it makes and uses sealed keys only through its gate
     (``signd serve`` sets it: every sealed key's request goes through the gate there)."""
+    take_keystore_passphrase_from_environment: bool = False
+    """Remove ``SIGND_KEYSTORE_PASSPHRASE`` from the environment once the keystore has read it
+    (``signd serve`` sets it: a process that runs on should not hand it to later children)."""
     _signer: Signer | None = field(default=None, repr=False)
 
     @property
@@ -41,7 +44,10 @@ class CliState:
         settings = self.settings
         if self.gate_only_enclave:
             settings = settings.overriding("enclave", gate_only=True)
-        return build_signer(settings)
+        passphrase = keystore_passphrase_source(
+            settings, take_from_environment=self.take_keystore_passphrase_from_environment
+        )
+        return build_signer(settings, passphrase)
 
     def _remote(self) -> Signer:
         from signd.client import RemoteSigner, SigndClient

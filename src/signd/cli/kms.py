@@ -49,9 +49,11 @@ def kms_server(
 
     Writes HOME/kms-server.json (mode 0600): endpoint, region and the access key to sign with.
     """
+    from signd.hardening import refuse_core_dumps_and_attach
     from signd.kms.server.http import create_server, serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    refuse_core_dumps_and_attach()  # before it reads its key material
     base = home or state.home or default_home()
     server, info = create_server(
         base, port=port, region=region, dev_ca_dir=dev_ca, trust_aws_root=trust_aws_root

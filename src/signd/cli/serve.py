@@ -362,6 +362,7 @@ def serve(
         raise UnsupportedOperation("signd serve opens custody itself; drop --url / SIGND_URL")
     configure_logging(log_level)
     state.gate_only_enclave = True
+    state.take_keystore_passphrase_from_environment = True
     settings = state.settings
     _warn_if_home_is_open(settings.home)
     api_settings = ApiSettings.from_mapping(

@@ -63,6 +63,7 @@ def enclave(
         return
     from signd.enclave.cache import UnsealedKeyCache
     from signd.enclave.server import run_enclave
+    from signd.hardening import refuse_core_dumps_and_attach
     from signd.memory import freeze_startup_objects
     from signd.operations.components import build_blob_store, build_kms
     from signd.operations.local_enclave import watch_parent
@@ -85,6 +86,7 @@ def enclave(
     _stop_on_signals(stop)
     if exit_with_parent:
         watch_parent(stop)
+    refuse_core_dumps_and_attach()  # before it holds any key or secret
     hsm = _enclave_hsm(settings)
     recipient = _enclave_recipient(settings)
     kms, blobs = build_kms(settings, recipient=recipient), build_blob_store(settings)

@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,16 +94,58 @@ class GatePaths:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` readable by its owner only; refuse to overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
+    """Create ``path`` holding ``data``, readable by its owner only, atomically and durably.
+
+    ``data`` goes to a temporary file in the same folder, synced, then linked to ``path``: a
+    crash leaves no file or the whole one, never a part of it. An existing ``path`` is never
+    overwritten (a ConfigurationError), except an empty file, which is what a crash left
+    behind while an older signd wrote it.
+    """
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(temporary, flags, PRIVATE), "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            if not _is_empty_file(path):
+                raise ConfigurationError(
+                    f"{path} exists already, and signd never overwrites it"
+                ) from None
+            os.replace(temporary, path)
+        _sync_folder(path.parent)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _is_empty_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not a link to one) of no bytes."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the names created in ``folder`` durable."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_mac_key(path: Path, *, create: bool = False) -> Secret:
-    """The audit MAC key (hex in ``path``); with ``create``, 32 fresh bytes when missing."""
-    if create and not path.exists():
+    """The audit MAC key (hex in ``path``); with ``create``, 32 fresh bytes when it is missing
+    or empty."""
+    if create and (not path.exists() or _is_empty_file(path)):
         write_private(path, secrets.token_bytes(32).hex().encode() + b"\n")
         log.warning("created the audit MAC key %s (keep it: audit verify needs it)", path)
     try:
@@ -112,6 +155,8 @@ def load_mac_key(path: Path, *, create: bool = False) -> Secret:
         raise ConfigurationError(f"cannot read the audit MAC key {path}: {exc.strerror}") from None
     except ValueError:
         raise ConfigurationError(f"the audit MAC key {path} is not hex") from None
+    if not key:
+        raise ConfigurationError(f"the audit MAC key {path} is empty: restore the key file")
     if len(key) < MIN_MAC_KEY_BYTES:
         raise ConfigurationError(f"the audit MAC key {path} is shorter than 32 bytes")
     if path.stat().st_mode & 0o077:

@@ -30,14 +30,32 @@ PassphraseSource = Callable[[bool], Secret]
 """Returns the keystore passphrase; the flag says whether the keystore is being created."""
 
 
-def keystore_passphrase_source(settings: Settings) -> PassphraseSource:
+def keystore_passphrase_source(
+    settings: Settings, *, take_from_environment: bool = False
+) -> PassphraseSource:
+    """The keystore passphrase from ``SIGND_KEYSTORE_PASSPHRASE``, else the configured file,
+    else a prompt.
+
+    With ``take_from_environment`` (a service, which runs on and starts processes), a
+    passphrase read from the variable is removed from ``os.environ`` and kept by the source
+    for the keystore's next opening: processes started later and this one's ``os.environ`` no
+    longer carry it. The copy the kernel took at exec stays in ``/proc/<pid>/environ``.
+    """
+    taken: Secret | None = None
+
     def source(creating: bool) -> Secret:
-        return resolve_secret(
+        nonlocal taken
+        if taken is not None:
+            return taken
+        passphrase = resolve_secret(
             what="keystore passphrase",
             env_var=KEYSTORE_PASSPHRASE_ENV,
             file=settings.keystore.passphrase_file,
             confirm=creating,
         )
+        if take_from_environment and os.environ.pop(KEYSTORE_PASSPHRASE_ENV, ""):
+            taken = passphrase
+        return passphrase
 
     return source
 
@@ -85,11 +103,15 @@ class _SharedEnclave:
             "enclave", section, "hang_timeout", HANG_TIMEOUT, allow_zero=True
         )
         gate_only = config_flag("enclave", section, "gate_only", False)
+        hsm = settings.section("hsm")
         self.local = (
             None
             if address
             else LocalEnclaveTransport(
-                settings.home, hang_timeout=hang_timeout, gate_only=gate_only
+                settings.home,
+                hang_timeout=hang_timeout,
+                gate_only=gate_only,
+                hsm_in_enclave=bool(hsm) and hsm_in_enclave(hsm),
             )
         )
         transport = self.local if self.local is not None else transport_for(str(address))

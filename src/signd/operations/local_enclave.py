@@ -23,7 +23,7 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
 from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable, SigndError
-from signd.secrets import KEYSTORE_PASSPHRASE_ENV, environment_without
+from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_without
 
 log = logging.getLogger("signd.enclave.local")
 
@@ -47,6 +47,9 @@ class LocalEnclaveTransport:
     needs none of the enclave's dependencies). A process that is alive but has answered no
     probe for ``hang_timeout`` seconds (stopped, deadlocked, spinning) is killed, so that the
     next call starts a new one, as after a crash. ``hang_timeout = 0`` turns this off.
+
+    The process never gets the keystore passphrase (the keystore is the host's), and gets
+    the HSM PIN only when ``hsm_in_enclave`` says that it holds HSM custody.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class LocalEnclaveTransport:
         startup_timeout: float = STARTUP_TIMEOUT,
         hang_timeout: float = HANG_TIMEOUT,
         gate_only: bool = False,
+        hsm_in_enclave: bool = False,
     ) -> None:
         if hang_timeout < 0:
             raise ValueError("hang_timeout must not be negative")
@@ -63,6 +67,9 @@ class LocalEnclaveTransport:
         self._startup_timeout = startup_timeout
         self._hang_timeout = hang_timeout
         self._gate_only = gate_only
+        self._secrets_it_does_not_need = (
+            (KEYSTORE_PASSPHRASE_ENV,) if hsm_in_enclave else (KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV)
+        )
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._starting = False
@@ -125,7 +132,7 @@ class LocalEnclaveTransport:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                env=environment_without(KEYSTORE_PASSPHRASE_ENV),  # the host's keystore only
+                env=environment_without(*self._secrets_it_does_not_need),
             )
         self._watch()
         self._starting = True

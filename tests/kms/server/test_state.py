@@ -27,6 +27,7 @@ from signd.kms.server import (
     start_kms_server_process,
 )
 from signd.kms.server.store import KeyStore
+from tests.integration.support import core_file_limits, record_children
 from tests.kms.server.conftest import error_code
 
 pytestmark = pytest.mark.integration
@@ -124,6 +125,7 @@ def test_secrets_stay_out_of_logs_and_reprs(
 def test_child_process_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase")
     monkeypatch.setenv("SIGND_HSM_PIN", "canary pin")
+    children = record_children(monkeypatch)
     running = start_kms_server_process(tmp_path / "home")
     try:
         kms = running.client()
@@ -131,8 +133,11 @@ def test_child_process_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
         process = running._process
         assert process is not None and process.poll() is None
-        environment = Path(f"/proc/{process.pid}/environ").read_bytes()
-        assert b"canary" not in environment  # it needs neither secret
+        [child] = children
+        # it needs neither secret
+        assert not [value for value in child.environment.values() if "canary" in value]
+        # its key material stays out of core files
+        assert core_file_limits(process.pid) == ["0", "0"]
     finally:
         running.stop()
     assert process.poll() is not None
@@ -151,6 +156,7 @@ def test_cli_kms_server(tmp_path: Path) -> None:
             assert process.poll() is None
             time.sleep(0.05)
         info = ServerInfo.read(home)
+        assert core_file_limits(process.pid) == ["0", "0"]
         kms = info.client()
         key_id = kms.create_key()["KeyMetadata"]["KeyId"]
         with pytest.raises(ClientError) as caught:

@@ -13,6 +13,7 @@ import signal
 import threading
 from pathlib import Path
 
+from signd.hardening import refuse_core_dumps_and_attach
 from signd.kms.server.http import DEFAULT_REGION, create_server, serve_until_signalled
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--exit-with-parent", action="store_true")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    refuse_core_dumps_and_attach()  # before it reads its key material
     server, _ = create_server(
         arguments.home,
         port=arguments.port,
