@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tomllib
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from importlib import metadata
@@ -260,3 +261,25 @@ def test_pcr1_follows_dependency_versions(monkeypatch: pytest.MonkeyPatch) -> No
 def test_pcr2_follows_the_configuration() -> None:
     assert measure(b"a")[2] != measure(b"b")[2]
     assert measure(b"a")[0] == measure(b"b")[0]
+
+
+def test_pcr0_measures_every_package_the_import_contract_calls_trusted() -> None:
+    """The packages that run in the enclave and decide there (pyproject's import contract
+    "trusted modules (they run in the enclave)") are all in PCR0: a gate, authentication or
+    audit changed on the host's disk must not keep the PCR0 a key policy pins."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    [contract] = [
+        contract
+        for contract in pyproject["tool"]["importlinter"]["contracts"]
+        if contract["name"].startswith("trusted modules")
+    ]
+    trusted = {module.removeprefix("signd.") for module in contract["source_modules"]}
+    assert trusted <= set(measurement.MEASURED_PATHS)
+
+
+@pytest.mark.parametrize("relative", ["gate/keeper.py", "auth/request_signing.py", "audit/log.py"])
+def test_pcr0_changes_when_the_gate_changes(package_copy: Path, relative: str) -> None:
+    before = _pcr0(package_copy)
+    path = package_copy / relative
+    path.write_bytes(path.read_bytes() + b"\n# changed\n")
+    assert _pcr0(package_copy) != before

@@ -26,15 +26,22 @@ from signd.errors import ConfigurationError
 MEASURED_PATHS: Final = (
     "__init__.py",
     "errors.py",
+    "hardening.py",
+    "memory.py",
     "secrets.py",
     "attestation",
+    "audit",
+    "auth",
     "chains",
     "crypto",
     "enclave",
+    "gate",
     "kms",
     "policy",
 )
-"""The enclave side of the ``signd`` package, relative to its root; a missing entry adds nothing."""
+"""The enclave side of the ``signd`` package, relative to its root; a missing entry adds nothing.
+It holds every package the import contract calls trusted (they run in the enclave: the gate
+authenticates, decides and audits there), so that a change to any of them changes PCR0."""
 
 RUNTIME_DISTRIBUTIONS: Final = ("cbor2", "coincurve", "cryptography", "pycryptodome", "rlp")
 """The third-party distributions the enclave code imports."""
