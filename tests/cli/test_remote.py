@@ -62,7 +62,9 @@ def test_the_cli_goes_through_the_service_with_the_development_client(tmp_path: 
         remote = ["--url", server.url, "--client-id", "dev", "--client-key", str(key_file)]
         banner = server.log.read_text()
         assert "DEVELOPMENT CLIENT AND POLICY (written now, on first run)" in banner
-        assert "BLIND SIGNING (raw hashes) IS ON" in banner
+        assert "blind signing (POST /v1/sign/hash): disabled on this server" in banner
+        assert "its policy allows BLIND SIGNING (raw hashes), which this server refuses" in banner
+        assert "IS ON" not in banner
         assert f"signd --url {server.url} --client-id dev --client-key {key_file}" in banner
         assert "PRIVATE KEY" not in banner and key_file.stat().st_mode & 0o777 == 0o600
 
@@ -114,3 +116,13 @@ def test_the_cli_goes_through_the_service_with_the_development_client(tmp_path: 
     assert "policy loaded, sha256" in log and "clients loaded, sha256" in log
     verified = run(home, "audit", "verify", "--json")
     assert verified["ok"] and verified["records"] >= 6
+
+
+def test_the_development_banner_says_whether_this_server_signs_raw_hashes(tmp_path: Path) -> None:
+    from signd.cli.serve import dev_client_usage
+
+    key = tmp_path / "dev-client.key"
+    served = dev_client_usage("http://h:1", "dev", key, created=True, blind_served=True)
+    refused = dev_client_usage("http://h:1", "dev", key, created=True, blind_served=False)
+    assert "BLIND SIGNING (raw hashes) IS ON for it" in served
+    assert "IS ON" not in refused and "unless started with --allow-blind-signing" in refused

@@ -146,8 +146,12 @@ def _banner(host: str, port: int, settings: ApiSettings, gate: OpenGate) -> None
     stderr.print("\n".join(lines), markup=False, highlight=False)
 
 
-def dev_client_usage(base: str, client_id: str, key: Path, *, created: bool) -> str:
-    """How to call signd as the development client: the CLI and Python (curl cannot sign)."""
+def dev_client_usage(
+    base: str, client_id: str, key: Path, *, created: bool, blind_served: bool
+) -> str:
+    """How to call signd as the development client: the CLI and Python (curl cannot sign).
+    ``blind_served``: whether this server serves raw-hash signing at all (the development
+    policy allows it the client either way)."""
     from signd.gate.setup import DEV_CHAIN_IDS
 
     chain_ids = ", ".join(str(c) for c in DEV_CHAIN_IDS)
@@ -158,7 +162,10 @@ def dev_client_usage(base: str, client_id: str, key: Path, *, created: bool) -> 
             "!! DEVELOPMENT CLIENT AND POLICY"
             + (" (written now, on first run)" if created else " in use"),
             f"!! client {client_id!r} may do EVERYTHING on chain ids {chain_ids},",
-            "!! and BLIND SIGNING (raw hashes) IS ON for it. Not for production:",
+            "!! and BLIND SIGNING (raw hashes) IS ON for it. Not for production:"
+            if blind_served
+            else "!! and its policy allows BLIND SIGNING (raw hashes), which this server refuses"
+            " unless started with --allow-blind-signing. Not for production:",
             "!! replace clients.toml and policy.toml (docs/POLICY.md), then kill -HUP signd.",
             rule,
             f"  private key: {key} (0600)",
@@ -406,7 +413,11 @@ def serve(
         dev_key = settings.home / DEV_CLIENT_KEY
         if dev_key.exists() and DEV_CLIENT_ID in ClientsRegistry.load(gate.paths.clients_file):
             usage = dev_client_usage(
-                f"http://{host}:{port}", DEV_CLIENT_ID, dev_key, created=gate.created is not None
+                f"http://{host}:{port}",
+                DEV_CLIENT_ID,
+                dev_key,
+                created=gate.created is not None,
+                blind_served=api_settings.allow_blind_signing,
             )
             stderr.print(usage, markup=False, highlight=False)
         _reload_on_sighup(gatekeeper)
