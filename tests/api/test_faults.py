@@ -372,7 +372,7 @@ def test_a_stuck_embedded_kms_server_fails_a_call_once_within_its_read_timeout(
     tmp_path: Path,
 ) -> None:
     """A kms-server that accepts connections but never answers: the call fails as KMS
-    unavailable within the read timeout (5 s), below the host's 10 s wait for the enclave,
+    unavailable within the read timeout (5 s), below the host's 15 s wait for the enclave,
     instead of being asked again on a fresh client for twice as long."""
     home = tmp_path / "home"
     server = start_kms_server_process(home)

@@ -29,6 +29,13 @@ def _local(settings: Mapping[str, Any], home: Path, recipient: Recipient | None)
     return LocalKms(home, key_alias=_get(settings, "key_alias", str, "signd-default"))
 
 
+KMS_CONNECT_TIMEOUT: Final = 2.0
+KMS_READ_TIMEOUT: Final = 3.0
+"""Default seconds per KMS read: with :data:`KMS_ATTEMPTS`, a stuck KMS fails the enclave's
+call (and the blob read before it) within the host's wait for the enclave."""
+KMS_ATTEMPTS: Final = 2
+
+
 def _aws(settings: Mapping[str, Any], home: Path, recipient: Recipient | None) -> KmsClient:
     from signd.kms.aws import AwsKms
 
@@ -40,9 +47,9 @@ def _aws(settings: Mapping[str, Any], home: Path, recipient: Recipient | None) -
         key_id,
         region=_optional(settings, "region", str),
         endpoint_url=_optional(settings, "endpoint_url", str),
-        connect_timeout=_get(settings, "connect_timeout", float, 2.0),
-        read_timeout=_get(settings, "read_timeout", float, 5.0),
-        max_attempts=_get(settings, "max_attempts", int, 2),
+        connect_timeout=_get(settings, "connect_timeout", float, KMS_CONNECT_TIMEOUT),
+        read_timeout=_get(settings, "read_timeout", float, KMS_READ_TIMEOUT),
+        max_attempts=_get(settings, "max_attempts", int, KMS_ATTEMPTS),
         recipient=recipient if use_recipient else None,
     )
 

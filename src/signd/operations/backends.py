@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from signd.config import Settings, config_flag, config_number
 from signd.crypto.secret import Secret
@@ -85,6 +85,14 @@ def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> Backe
     return open_keystore
 
 
+ENCLAVE_TIMEOUT: Final = 15.0
+"""Default seconds the host waits for the enclave's answer to one request. Longer than the
+enclave's own worst case with the default dependency timeouts (a blob read, then a KMS
+Decrypt, each with its retries: about 12 s), so that a stuck dependency is answered by the
+enclave, as a 503 naming it and with its audit records, rather than by the host giving up
+on the enclave, which drops the connection and those records with it."""
+
+
 class _SharedEnclave:
     """One enclave client (and, locally, one enclave process) for every custody it serves.
 
@@ -98,7 +106,7 @@ class _SharedEnclave:
     def __init__(self, settings: Settings) -> None:
         section = settings.section("enclave")
         address = section.get("transport")
-        timeout = config_number("enclave", section, "timeout", 10.0)
+        timeout = config_number("enclave", section, "timeout", ENCLAVE_TIMEOUT)
         hang_timeout = config_number(
             "enclave", section, "hang_timeout", HANG_TIMEOUT, allow_zero=True
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from signd.config import Settings, config_number, expand_home
 from signd.errors import ConfigurationError
@@ -52,6 +52,13 @@ def _filesystem_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
     )
 
 
+BLOB_TIMEOUT: Final = 3.0
+"""Default seconds per S3 connect and read: with :data:`BLOB_ATTEMPTS`, a stuck bucket fails a
+blob read inside the enclave well within the host's wait for the enclave (see
+:data:`signd.operations.backends.ENCLAVE_TIMEOUT`)."""
+BLOB_ATTEMPTS: Final = 2
+
+
 def _s3_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
     from signd.storage.s3 import S3BlobStore
 
@@ -63,8 +70,8 @@ def _s3_blobs(settings: Mapping[str, Any], home: Path) -> BlobStore:
         str(settings.get("prefix", "signd/")),
         endpoint_url=settings.get("endpoint_url"),
         region=settings.get("region"),
-        timeout=config_number("blobs", settings, "timeout", 5.0),
-        max_attempts=_count("blobs", settings, "max_attempts", 2),
+        timeout=config_number("blobs", settings, "timeout", BLOB_TIMEOUT),
+        max_attempts=_count("blobs", settings, "max_attempts", BLOB_ATTEMPTS),
     )
 
 

@@ -67,8 +67,9 @@ _ACCOUNT_ROOT: Final = f"arn:aws:iam::{DEFAULT_ACCOUNT}:root"
 _BOTO_CONFIG: Final = Config(
     connect_timeout=2.0, read_timeout=5.0, retries={"total_max_attempts": 1, "mode": "standard"}
 )
-"""A read timeout below the enclave client's default request timeout (10 s), so that a stuck
-kms-server fails the enclave's call as KMS unavailable before the host gives up on the enclave."""
+"""A read timeout well below the host's default wait for the enclave (15 s, with a blob read
+before it), so that a stuck kms-server fails the enclave's call as KMS unavailable before the
+host gives up on the enclave."""
 
 
 class LocalKmsServer:
