@@ -442,6 +442,46 @@ def test_dependencies_down_at_sign_time_are_clear_and_recover(
     )
 
 
+@pytest.mark.parametrize("stuck", ["kms", "blobs"])
+def test_a_dependency_that_hangs_is_named_by_the_health_check_in_time(
+    signer: EnclaveSigner,
+    kms: MemoryKms,
+    blobs: MemoryBlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    stuck: str,
+) -> None:
+    """A part that hangs (it neither answers nor refuses) is named within the check's time,
+    not left for the host's wait for the enclave to end first (then /readyz could only say
+    that the enclave did not answer)."""
+    release = threading.Event()
+    hanging = kms if stuck == "kms" else blobs
+    monkeypatch.setattr(hanging, "check_health", lambda: release.wait(10))
+    started = time.monotonic()
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            signer.check_health(within=0.5)
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2.0
+    name = "KMS" if stuck == "kms" else "the blob store"
+    assert caught.value.message == f"{name} did not answer the health check within 0.5 s"
+    signer.check_health(within=0.5)
+
+
+def test_the_health_check_reports_a_refusal_before_a_hang(
+    signer: EnclaveSigner, kms: MemoryKms, blobs: MemoryBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(blobs, "check_health", lambda: release.wait(10))
+    kms.down = True
+    try:
+        with pytest.raises(DependencyUnavailable) as caught:
+            signer.check_health(within=5.0)
+    finally:
+        release.set()
+    assert "did not answer" not in caught.value.message
+
+
 def test_missing_blob_is_key_not_found(signer: EnclaveSigner) -> None:
     with pytest.raises(KeyNotFound):
         signer.sign_digest(KeyReference("k", "ethereum", "0x" + "00" * 20, "enclave-k"), DIGEST)

@@ -315,6 +315,31 @@ class _KeyLocks:
             return len(self._locks)
 
 
+HEALTH_WITHIN: Final = 3.0
+"""Seconds the enclave's health check waits for KMS and the blob store: below the host's wait
+for one readiness check (``[api] health_timeout``, 5 s), so that ``/readyz`` names the part
+that hangs instead of saying only that the enclave did not answer."""
+
+
+def _probe_in_thread(
+    name: str, probe: Callable[[], None]
+) -> tuple[threading.Event, list[BaseException]]:
+    """Start ``probe`` in a daemon thread: an event set when it ends, and its error if any."""
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            probe()
+        except BaseException as exc:  # handed to the waiting caller
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"signd-health-{name}", daemon=True).start()
+    return done, failure
+
+
 class EnclaveSigner:
     """Creates secp256k1 keys sealed under KMS data keys, and signs 32-byte digests with them.
 
@@ -644,7 +669,18 @@ class EnclaveSigner:
         """Forget every unsealed key; the number forgotten."""
         return self._cache.flush()
 
-    def check_health(self) -> None:
-        """Raise DependencyUnavailable when KMS or the blob store cannot be reached."""
-        self._kms.check_health()
-        self._blobs.check_health()
+    def check_health(self, within: float = HEALTH_WITHIN) -> None:
+        """Raise DependencyUnavailable when KMS or the blob store cannot be reached, or does
+        not answer ``within`` seconds. Both are probed at once, each in a thread of its own
+        (a probe that is stuck ends at its client's own timeout), so that a part that hangs
+        rather than refuses is named here, before the caller's wait for the enclave ends."""
+        probes = {"KMS": self._kms.check_health, "the blob store": self._blobs.check_health}
+        deadline = time.monotonic() + within
+        outcomes = {name: _probe_in_thread(name, probe) for name, probe in probes.items()}
+        for name, (done, failure) in outcomes.items():
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                raise DependencyUnavailable(
+                    f"{name} did not answer the health check within {within:g} s"
+                )
+            if failure:
+                raise failure[0]
