@@ -145,6 +145,32 @@ def test_message_and_typed_data_with_mqtt5_properties(
     assert samples.typed_data_signer(samples.MAIL, signature) == served.address
 
 
+def test_a_device_cannot_make_signd_answer_on_another_devices_reply_topic(
+    served: Served, broker: Broker, pki: Pki
+) -> None:
+    request = {"type": "ethereum/message", "key": served.address, "message": "m"}
+    with (
+        connected(Device(broker, pki, "device-1", mqtt5=True, auth=AUTH)) as device,
+        connected(Device(broker, pki, "device-2", auth=AUTH)) as other,
+    ):
+        by_payload = device.ask(request | {"id": "p", "reply_to": "signd/replies/device-2"})
+        by_property = device.ask(request | {"id": "q"}, response_topic="signd/replies/device-2/x")
+        prefix = device.ask(request | {"id": "r", "reply_to": "signd/replies/device-10"})
+        wildcard = device.ask(request | {"id": "s"}, response_topic="signd/replies/+")
+        own = device.ask(request | {"id": "t", "reply_to": "signd/replies/device-1/mine"})
+        others_own = other.ask(request | {"id": "u"})  # after all of device-1's answers
+
+    for reply in (by_payload, by_property, prefix, wildcard):
+        assert reply.topic == "signd/replies/device-1", reply  # the default, never the asked
+        error = reply.body["error"]
+        assert (error["code"], error["field"]) == ("invalid_field", "reply_to")
+        assert "own reply topic signd/replies/device-1 or a topic under it" in error["message"]
+    assert [r.body["id"] for r in (by_payload, by_property, prefix, wildcard)] == list("pqrs")
+    assert own.topic == "signd/replies/device-1/mine" and "result" in own.body
+    assert others_own.body["id"] == "u" and "result" in others_own.body
+    assert other.replies.empty()  # device-2 got its own answer only
+
+
 def test_many_requests_with_distinct_ids_are_all_answered(
     served: Served, broker: Broker, pki: Pki, device: Device
 ) -> None:
@@ -484,6 +510,11 @@ SETTINGS = ApiSettings(mqtt="mqtts://broker")
         (Incoming("signd/requests", b"{}"), None, None),  # names no device: nowhere to reply
         (Incoming("signd/requests", b"{}", "answers/here", b"c-1"), "answers/here", "c-1"),
         (Incoming("signd/requests/d", b"{}", "$SYS/x"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/d/x"), "signd/replies/d/x", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/e"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/dd"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/requests/e"), "signd/replies/d", None),
+        (Incoming("signd/requests", b"{}", "signd/requests/e"), None, None),
     ],
 )
 def test_the_reply_target_before_the_payload_is_read(
@@ -495,10 +526,12 @@ def test_the_reply_target_before_the_payload_is_read(
 
 def test_the_envelope_learns_id_and_reply_to_before_refusing() -> None:
     reply = ReplyTo("signd/replies/d")
-    message = Incoming("signd/requests/d", b'{"id": "e1", "reply_to": "mine", "type": "nope"}')
+    message = Incoming(
+        "signd/requests/d", b'{"id": "e1", "reply_to": "signd/replies/d/mine", "type": "nope"}'
+    )
     body, headers = read_envelope(message, SETTINGS, reply)
     assert body == {"type": "nope"} and headers == []
-    assert (reply.topic, reply.request_id) == ("mine", "e1")
+    assert (reply.topic, reply.request_id) == ("signd/replies/d/mine", "e1")
 
     reply = ReplyTo("signd/replies/d")
     message = Incoming("signd/requests/d", b'{"id": "e2", "reply_to": "a/#"}')
@@ -506,3 +539,21 @@ def test_the_envelope_learns_id_and_reply_to_before_refusing() -> None:
         read_envelope(message, SETTINGS, reply)
     assert raised.value.field == "reply_to"
     assert (reply.topic, reply.request_id) == ("signd/replies/d", "e2")
+
+
+@pytest.mark.parametrize("response_topic", ["$SYS/x", "a/+", "signd/replies/e", "signd/requests/e"])
+def test_a_response_topic_is_checked_like_reply_to(response_topic: str) -> None:
+    message = Incoming("signd/requests/d", b'{"id": "e3"}', response_topic)
+    reply = default_reply(message, SETTINGS)
+    with pytest.raises(InvalidField) as raised:
+        read_envelope(message, SETTINGS, reply)
+    assert raised.value.field == "reply_to"
+    assert "ResponseTopic" in raised.value.message
+    assert (reply.topic, reply.request_id) == ("signd/replies/d", "e3")
+
+
+def test_any_reply_topic_name_will_do_for_a_topic_that_names_no_device() -> None:
+    message = Incoming("signd/requests", b'{"id": "e4", "reply_to": "elsewhere/x"}')
+    reply = default_reply(message, SETTINGS)
+    read_envelope(message, SETTINGS, reply)
+    assert reply.topic == "elsewhere/x"

@@ -12,8 +12,9 @@ A device publishes one request per message to a topic under ``mqtt_request_topic
 MQTT 5 properties are honoured: ``ResponseTopic`` over ``reply_to``; ``CorrelationData`` is
 echoed back as a property and stands for ``id`` when the payload has none; user properties
 join ``auth``.
-Without any, the reply topic is ``mqtt_reply_topic`` with ``{client}`` replaced by the
-device's name (``signd/replies/device-7``).
+The device's own reply topic is ``mqtt_reply_topic`` with ``{client}`` replaced by the
+device's name (``signd/replies/device-7``); it is the reply topic by default, and one asked
+for must be it or under it (:func:`is_allowed_reply_topic`).
 
 Requests go through the same steps as REST: the :data:`~signd.api.service.Authenticator`
 seam (it receives a request built from the message: ``POST /mqtt/<topic>``, the auth headers,
@@ -120,21 +121,53 @@ class ReplyTo:
         return json.dumps({"id": self.request_id, **answer}, separators=(",", ":")).encode()
 
 
+def own_reply_topic(topic: str, settings: ApiSettings) -> str | None:
+    """The reply topic of the device a request topic names: ``mqtt_reply_topic`` with
+    ``{client}`` replaced by the levels the request filter's wildcards match (the template
+    itself when it has no ``{client}``); ``None`` when the topic names no device."""
+    template = settings.mqtt_reply_topic
+    if MQTT_CLIENT not in template:
+        return template
+    client = wildcard_levels(settings.mqtt_request_topic, topic)
+    return template.replace(MQTT_CLIENT, client) if client else None
+
+
+def is_allowed_reply_topic(topic: object, own: str | None, settings: ApiSettings) -> bool:
+    """Whether signd may answer on a reply topic a message asks for (``ResponseTopic`` or
+    ``reply_to``): a topic name outside the request filter and, when the device has its own
+    reply topic (``own``), that topic or one under it.
+
+    The broker lets each device read only its own replies; without the last rule any device
+    could make signd publish into another's. A message on a topic that names no device has no
+    own reply topic, and any topic name will do: the broker cannot tell apart the devices that
+    share one request topic either.
+    """
+    if (
+        not isinstance(topic, str)
+        or not is_topic_name(topic)
+        or wildcard_levels(settings.mqtt_request_topic, topic) is not None
+    ):
+        return False
+    return own is None or topic == own or topic.startswith(own + "/")
+
+
+def _reply_topic_refusal(given_as: str, own: str | None) -> InvalidField:
+    if own is None:
+        rule = "a topic name (no wildcards, not a request topic)"
+    else:
+        rule = f"the device's own reply topic {own} or a topic under it"
+    return InvalidField(f"{given_as} must be {rule}", field="reply_to")
+
+
 def default_reply(message: Incoming, settings: ApiSettings) -> ReplyTo:
-    """The reply target known before the payload is read: the MQTT 5 properties, or
-    ``mqtt_reply_topic`` for the device the topic names."""
-    reply = ReplyTo(None, correlation_data=message.correlation_data)
+    """The reply target known before the payload is read: the MQTT 5 ``ResponseTopic`` when
+    it is allowed (:func:`is_allowed_reply_topic`), else the device's own reply topic."""
+    own = own_reply_topic(message.topic, settings)
+    reply = ReplyTo(own, correlation_data=message.correlation_data)
     if message.correlation_data is not None:
         reply.request_id = _correlation_id(message.correlation_data)
-    if is_topic_name(message.response_topic):
+    if is_allowed_reply_topic(message.response_topic, own, settings):
         reply.topic = message.response_topic
-        return reply
-    template = settings.mqtt_reply_topic
-    client = wildcard_levels(settings.mqtt_request_topic, message.topic)
-    if MQTT_CLIENT not in template:
-        reply.topic = template
-    elif client:
-        reply.topic = template.replace(MQTT_CLIENT, client)
     return reply
 
 
@@ -177,20 +210,16 @@ def read_envelope(
         errors.append(
             InvalidField("id is required (or the MQTT 5 CorrelationData property)", field="id")
         )
-    if message.response_topic is None and "reply_to" in body:
+    own = own_reply_topic(message.topic, settings)
+    if message.response_topic is not None:
+        if not is_allowed_reply_topic(message.response_topic, own, settings):
+            errors.append(_reply_topic_refusal("the ResponseTopic property", own))
+    elif "reply_to" in body:
         reply_to = body["reply_to"]
-        if (
-            is_topic_name(reply_to)
-            and wildcard_levels(settings.mqtt_request_topic, reply_to) is None
-        ):
+        if is_allowed_reply_topic(reply_to, own, settings):
             reply.topic = reply_to
         else:
-            errors.append(
-                InvalidField(
-                    "reply_to must be a topic name (no wildcards, not a request topic)",
-                    field="reply_to",
-                )
-            )
+            errors.append(_reply_topic_refusal("reply_to", own))
     if errors:
         raise errors[0]
     headers = _auth_headers(message.user_properties, body.get("auth", {}))
