@@ -439,6 +439,38 @@ def test_requests_over_the_pending_limit_are_answered_too_many_requests(
     assert all("result" in reply.body for reply in answered)
 
 
+def signatures(adapter: MqttAdapter) -> float:
+    return adapter.service.metrics.signatures.value("ethereum", "keystore", "ethereum/message")
+
+
+def test_a_retained_request_is_refused_and_not_delivered_again_at_subscription(
+    signer: Signer, own_broker: Broker, pki: Pki, address: str
+) -> None:
+    message = {"type": "ethereum/message", "key": address, "message": "m"}
+    with connected(Device(own_broker, pki, "device-1")) as device:
+        try:
+            with adapter_over(signer, own_broker, pki) as adapter:
+                device.send(message | {"id": "kept"}, retain=True)
+                (refused,) = device.receive()
+            assert signatures(adapter) == 0  # stopped: what it admitted is answered
+
+            with adapter_over(signer, own_broker, pki) as again:  # subscribes anew
+                fresh = device.ask(message | {"id": "fresh"})
+            assert signatures(again) == 1  # the fresh request only
+        finally:
+            device.send(b"", retain=True)  # clears the broker's retained message
+
+    assert refused.topic == "signd/replies/device-1"
+    assert refused.body == {
+        "id": "kept",
+        "error": {
+            "code": "invalid_request",
+            "message": "a retained message is not a request; publish requests without retain",
+        },
+    }
+    assert fresh.body["id"] == "fresh" and "result" in fresh.body
+
+
 # Settings
 
 

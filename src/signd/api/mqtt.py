@@ -22,6 +22,10 @@ the payload as body), then :func:`~signd.gate.inputs.parse_mqtt_request` and
 :func:`~signd.api.rest.perform_signing` over the server's :class:`SigningService`, so the
 gate, the bounded thread pool, metrics and error codes are REST's.
 
+A message that comes with the retain flag is refused (``invalid_request``), and the broker is
+asked for no retained messages at subscription (:data:`REQUEST_SUBSCRIPTION`): a request is
+acted on once, when it is published.
+
 paho's network thread receives messages, admits at most ``mqtt_max_pending`` at once (more
 are answered ``too_many_requests``) and hands them to the event loop; paho reconnects with
 exponential backoff (``mqtt_reconnect_min`` doubling up to ``mqtt_reconnect_max`` seconds)
@@ -77,6 +81,17 @@ may send signd (MQTT 5 ``MaximumPacketSize``); larger payloads get an error repl
 DRAIN_TIMEOUT: Final = 10.0
 """Seconds a stopping adapter waits for the requests it has admitted."""
 
+REQUEST_SUBSCRIPTION: Final = SubscribeOptions(
+    qos=1,
+    noLocal=True,
+    retainAsPublished=True,
+    retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+)
+"""A request is acted on once, when it is published: the broker sends no retained message at
+subscription, and keeps the retain flag on what it forwards, so that a request published as a
+retained message is seen as one (and refused: it would be signed again at every subscription
+of every node)."""
+
 RequestId = str | int
 
 
@@ -89,13 +104,15 @@ class TooManyRequests(SigndError):
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """An MQTT message as the adapter reads it: topic, payload and the MQTT 5 properties."""
+    """An MQTT message as the adapter reads it: topic, payload, the MQTT 5 properties and
+    whether it came with the retain flag."""
 
     topic: str
     payload: bytes
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    retained: bool = False
 
     @classmethod
     def from_paho(cls, message: paho.MQTTMessage) -> Incoming:
@@ -106,6 +123,7 @@ class Incoming:
             getattr(properties, "ResponseTopic", None),
             getattr(properties, "CorrelationData", None),
             tuple(getattr(properties, "UserProperty", ())),
+            bool(message.retain),
         )
 
 
@@ -409,9 +427,7 @@ class MqttAdapter:
             log.error("mqtt: the broker refused the connection: %s", reason.getName())
             return
         log.info("mqtt: connected to %s:%d", self.host, self.port)
-        client.subscribe(
-            self.settings.mqtt_request_topic, options=SubscribeOptions(qos=1, noLocal=True)
-        )
+        client.subscribe(self.settings.mqtt_request_topic, options=REQUEST_SUBSCRIPTION)
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
         log.warning("mqtt: cannot connect to %s:%d, retrying", self.host, self.port)
@@ -465,7 +481,14 @@ class MqttAdapter:
             log.exception("mqtt: a message from the request topic was dropped")
 
     def _admit(self, incoming: Incoming) -> None:
-        if not self._accepting:
+        if incoming.retained:
+            self._refuse(
+                incoming,
+                InvalidRequest(
+                    "a retained message is not a request; publish requests without retain"
+                ),
+            )
+        elif not self._accepting:
             self._refuse(incoming, DependencyUnavailable("signd is stopping; try again"))
         elif not self._slots.acquire(blocking=False):
             self._refuse(
