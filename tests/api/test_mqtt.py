@@ -325,6 +325,44 @@ def test_the_adapter_reconnects_after_a_broker_restart_and_stops_cleanly(
     assert key_text.splitlines()[1] not in log  # no client key material in the log
 
 
+def test_readiness_and_the_connected_gauge_follow_the_broker_connection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with (
+        running_broker(tmp_path / "broker", pki) as broker,
+        serve_mqtt(tmp_path / "home", broker, pki) as server,
+    ):
+
+        def readiness() -> tuple[int, dict[str, str]]:
+            response = httpx.get(f"{server.url}/readyz", timeout=10)
+            (part,) = [part for part in response.json()["parts"] if part["part"] == "mqtt"]
+            return response.status_code, part
+
+        def gauge() -> str:
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            (line,) = [line for line in metrics.splitlines() if line.startswith("signd_mqtt_")]
+            return line
+
+        assert readiness() == (200, {"part": "mqtt", "status": "ok"})
+        assert gauge() == "signd_mqtt_connected 1"
+
+        broker.stop()
+        wait_for(lambda: readiness()[0] == 503, "not ready without the broker")
+        down = readiness()[1]
+        assert gauge() == "signd_mqtt_connected 0"
+
+        broker.start()
+        wait_for(lambda: readiness()[0] == 200, "ready again", timeout=30)
+        assert gauge() == "signd_mqtt_connected 1"
+
+    assert down == {
+        "part": "mqtt",
+        "status": "unavailable",
+        "code": "dependency_unavailable",
+        "message": "the MQTT broker is not connected: no requests are taken from signd/requests/#",
+    }
+
+
 # In-process: the authentication seam and the pending-requests limit.
 
 

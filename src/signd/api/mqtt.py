@@ -318,7 +318,8 @@ class MqttAdapter:
 
     :meth:`run` serves until :meth:`stop` (called from the same event loop): then it
     unsubscribes, answers what it has admitted (for up to :data:`DRAIN_TIMEOUT` seconds) and
-    disconnects.
+    disconnects. It adds the part ``mqtt`` to the service's readiness and sets the
+    ``signd_mqtt_connected`` gauge: ready (1) only while connected and subscribed.
     """
 
     def __init__(self, service: SigningService, authenticate: Authenticator) -> None:
@@ -336,7 +337,26 @@ class MqttAdapter:
         self._group: anyio.abc.TaskGroup | None = None
         self._client: paho.Client | None = None
         self.connected = threading.Event()
-        """Set while connected and subscribed (tests wait on it)."""
+        """Set while connected and subscribed (readiness; tests wait on it)."""
+        service.metrics.mqtt_connected.set(0)
+        service.add_readiness_part("mqtt", self.check_connected)
+
+    def check_connected(self) -> None:
+        """The ``mqtt`` part of readiness: raises while signd is not connected to the broker
+        and subscribed to the request topic (from start-up until the first subscription, and
+        from each disconnection until the next)."""
+        if not self.connected.is_set():
+            raise DependencyUnavailable(
+                "the MQTT broker is not connected: no requests are taken from "
+                + self.settings.mqtt_request_topic
+            )
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self.service.metrics.mqtt_connected.set(1 if connected else 0)
 
     def stop(self) -> None:
         self._stopping = True
@@ -372,7 +392,7 @@ class MqttAdapter:
             log.warning("mqtt: stopping with requests still in hand after %gs", DRAIN_TIMEOUT)
         client.disconnect()
         await anyio.to_thread.run_sync(client.loop_stop)
-        self.connected.clear()
+        self._set_connected(False)
         log.info("mqtt: disconnected")
 
     def _drain(self, timeout: float) -> bool:
@@ -440,7 +460,7 @@ class MqttAdapter:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self.connected.clear()
+        self._set_connected(False)
         if self._accepting:
             log.warning("mqtt: disconnected (%s), reconnecting", reason.getName())
 
@@ -459,7 +479,7 @@ class MqttAdapter:
                 ", ".join(reason.getName() for reason in reasons),
             )
             return
-        self.connected.set()
+        self._set_connected(True)
         log.info("mqtt: subscribed to %s", self.settings.mqtt_request_topic)
 
     def _on_log(self, client: paho.Client, userdata: object, level: int, text: str) -> None:
