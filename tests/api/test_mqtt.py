@@ -627,3 +627,28 @@ def test_any_reply_topic_name_will_do_for_a_topic_that_names_no_device() -> None
     reply = default_reply(message, SETTINGS)
     read_envelope(message, SETTINGS, reply)
     assert reply.topic == "elsewhere/x"
+
+
+@pytest.mark.parametrize(
+    ("request_id", "allowed"),
+    [
+        (-(2**63), True),
+        (2**64 - 1, True),
+        (0, True),
+        (-(2**63) - 1, False),
+        (2**64, False),
+        (10**400, False),
+    ],
+)
+def test_an_integer_id_fits_64_bits(request_id: int, allowed: bool) -> None:
+    message = Incoming("signd/requests/d", b'{"id": %d}' % request_id)
+    reply = ReplyTo("signd/replies/d")
+    if allowed:
+        read_envelope(message, SETTINGS, reply)
+        assert reply.request_id == request_id
+    else:
+        with pytest.raises(InvalidField) as raised:
+            read_envelope(message, SETTINGS, reply)
+        assert raised.value.field == "id"
+        assert "-2**63 to 2**64-1" in raised.value.message
+        assert reply.request_id is None

@@ -74,6 +74,8 @@ from signd.gate.inputs import MQTT_ENVELOPE_FIELDS, parse_json, parse_mqtt_reque
 log = logging.getLogger("signd.api.mqtt")
 
 MAX_ID_LENGTH: Final = 256
+INTEGER_IDS: Final = range(-(2**63), 2**64)
+"""An integer ``id`` fits a 64-bit integer, signed or unsigned: what a device can hold."""
 MAX_AUTH_HEADERS: Final = 32
 PACKET_HEADROOM: Final = 64 * 1024
 """Over ``max_body_bytes``, room for the topic and properties in the largest packet the broker
@@ -214,13 +216,16 @@ def read_envelope(
     if "id" in body:
         request_id = body["id"]
         if (isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH) or (
-            isinstance(request_id, int) and not isinstance(request_id, bool)
+            isinstance(request_id, int)
+            and not isinstance(request_id, bool)
+            and request_id in INTEGER_IDS
         ):
             reply.request_id = request_id
         else:
             errors.append(
                 InvalidField(
-                    f"id must be a string of 1 to {MAX_ID_LENGTH} characters or an integer",
+                    f"id must be a string of 1 to {MAX_ID_LENGTH} characters or an integer "
+                    "from -2**63 to 2**64-1",
                     field="id",
                 )
             )
