@@ -7,6 +7,7 @@ Devices are paho clients with their own certificates, MQTT 3.1.1 or 5.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +20,20 @@ import anyio.from_thread
 import anyio.to_thread
 import httpx
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 from starlette.requests import Request
 
 from signd.api import ANONYMOUS, ApiSettings, Principal
 from signd.api.metrics import ApiMetrics
-from signd.api.mqtt import Incoming, MqttAdapter, ReplyTo, default_reply, read_envelope
+from signd.api.mqtt import (
+    Incoming,
+    MqttAdapter,
+    RepliesInFlight,
+    ReplyTo,
+    default_reply,
+    read_envelope,
+)
 from signd.api.service import Authenticator, SigningService, allow_anonymous_for_tests
 from signd.api.settings import wildcard_levels
 from signd.errors import AccessDenied, ConfigurationError, InvalidField
@@ -509,6 +519,32 @@ def test_a_retained_request_is_refused_and_not_delivered_again_at_subscription(
     assert fresh.body["id"] == "fresh" and "result" in fresh.body
 
 
+def test_a_reply_the_broker_refuses_is_logged_with_its_topic(
+    signer: Signer,
+    own_broker: Broker,
+    pki: Pki,
+    address: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="signd.api.mqtt")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "refused the reply" in r.getMessage()]
+
+    message = {"id": "x", "type": "ethereum/message", "key": address, "message": "private"}
+    with (  # the ACL lets signd write under signd/replies/ only
+        adapter_over(signer, own_broker, pki, mqtt_reply_topic="elsewhere/{client}"),
+        connected(Device(own_broker, pki, "device-1")) as device,
+    ):
+        device.send(message)
+        wait_for(lambda: bool(refusals()), "the refused reply's warning")
+
+    assert refusals() == [
+        "mqtt: the broker refused the reply to elsewhere/device-1: Not authorized"
+    ]
+    assert "private" not in caplog.text
+
+
 # Settings
 
 
@@ -652,3 +688,12 @@ def test_an_integer_id_fits_64_bits(request_id: int, allowed: bool) -> None:
         assert raised.value.field == "id"
         assert "-2**63 to 2**64-1" in raised.value.message
         assert reply.request_id is None
+
+
+def test_an_acknowledgement_before_publish_returns_still_finds_its_topic() -> None:
+    in_flight = RepliesInFlight()
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    assert in_flight.acknowledged(7, refused) is None  # the PUBACK came first
+    assert in_flight.published(7, "signd/replies/a") is refused
+    assert in_flight.published(8, "signd/replies/b") is None
+    assert in_flight.acknowledged(8, refused) == "signd/replies/b"

@@ -104,6 +104,39 @@ class TooManyRequests(SigndError):
     http_status = 429
 
 
+class RepliesInFlight:
+    """Reply topics by message id until the broker acknowledges them, so that a reply it
+    refuses (PUBACK reason code 0x80 or over, e.g. not authorised) can be logged with its
+    topic: paho reports an acknowledgement by message id only, and may report it before
+    ``publish`` has returned that id (then the reason waits here for the topic)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._topics: dict[int, str] = {}
+        self._early: dict[int, ReasonCode] = {}
+
+    def published(self, message_id: int, topic: str) -> ReasonCode | None:
+        """Note a reply handed to paho; the broker's reason when it has answered already."""
+        with self._lock:
+            reason = self._early.pop(message_id, None)
+            if reason is None:
+                self._topics[message_id] = topic
+            return reason
+
+    def acknowledged(self, message_id: int, reason: ReasonCode) -> str | None:
+        """The topic of the reply the broker answered; ``None`` while it is not noted yet."""
+        with self._lock:
+            topic = self._topics.pop(message_id, None)
+            if topic is None:
+                self._early[message_id] = reason
+            return topic
+
+
+def _warn_if_refused(topic: str, reason: ReasonCode) -> None:
+    if reason.is_failure:
+        log.warning("mqtt: the broker refused the reply to %s: %s", topic, reason.getName())
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """An MQTT message as the adapter reads it: topic, payload, the MQTT 5 properties and
@@ -341,6 +374,7 @@ class MqttAdapter:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._client: paho.Client | None = None
+        self._in_flight = RepliesInFlight()
         self.connected = threading.Event()
         """Set while connected and subscribed (readiness; tests wait on it)."""
         service.metrics.mqtt_connected.set(0)
@@ -433,6 +467,7 @@ class MqttAdapter:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         connect = _properties(PacketTypes.CONNECT)
         connect.MaximumPacketSize = settings.max_body_bytes + PACKET_HEADROOM
         client.connect_async(
@@ -486,6 +521,18 @@ class MqttAdapter:
             return
         self._set_connected(True)
         log.info("mqtt: subscribed to %s", self.settings.mqtt_request_topic)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        topic = self._in_flight.acknowledged(mid, reason)
+        if topic is not None:
+            _warn_if_refused(topic, reason)
 
     def _on_log(self, client: paho.Client, userdata: object, level: int, text: str) -> None:
         """paho's errors and warnings, except those a deliberate disconnect causes. Not its
@@ -566,7 +613,8 @@ class MqttAdapter:
         return {"result": result}
 
     def _answer(self, message: Incoming, reply: ReplyTo, answer: Mapping[str, Any]) -> None:
-        """Publish the answer (QoS 1), or log why there is nowhere to publish it."""
+        """Publish the answer (QoS 1), or log why there is nowhere to publish it; a reply the
+        broker refuses is logged when it says so (:meth:`_on_publish`)."""
         if "error" in answer:
             error = answer["error"]
             log.warning(
@@ -588,3 +636,7 @@ class MqttAdapter:
         info = client.publish(reply.topic, reply.payload(answer), qos=1, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("mqtt: cannot publish the reply to %s: %s", reply.topic, info.rc.name)
+            return
+        reason = self._in_flight.published(info.mid, reply.topic)
+        if reason is not None:
+            _warn_if_refused(reply.topic, reason)
