@@ -360,6 +360,7 @@ class Device:
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
         user_properties: list[tuple[str, str]] | None = None,
+        retain: bool = False,
     ) -> None:
         if isinstance(payload, dict) and self.auth is not None and "auth" not in payload:
             payload = payload | {"auth": self.auth}
@@ -373,7 +374,9 @@ class Device:
                 properties.CorrelationData = correlation_data
             if user_properties:
                 properties.UserProperty = user_properties
-        info = self.client.publish(topic or self.request_topic, data, qos=1, properties=properties)
+        info = self.client.publish(
+            topic or self.request_topic, data, qos=1, retain=retain, properties=properties
+        )
         info.wait_for_publish(WAIT)
 
     def receive(self, count: int = 1, timeout: float = WAIT) -> list[Reply]:

@@ -7,6 +7,7 @@ Devices are paho clients with their own certificates, MQTT 3.1.1 or 5.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,11 +20,20 @@ import anyio.from_thread
 import anyio.to_thread
 import httpx
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 from starlette.requests import Request
 
 from signd.api import ANONYMOUS, ApiSettings, Principal
 from signd.api.metrics import ApiMetrics
-from signd.api.mqtt import Incoming, MqttAdapter, ReplyTo, default_reply, read_envelope
+from signd.api.mqtt import (
+    Incoming,
+    MqttAdapter,
+    RepliesInFlight,
+    ReplyTo,
+    default_reply,
+    read_envelope,
+)
 from signd.api.service import Authenticator, SigningService, allow_anonymous_for_tests
 from signd.api.settings import wildcard_levels
 from signd.errors import AccessDenied, ConfigurationError, InvalidField
@@ -143,6 +153,32 @@ def test_message_and_typed_data_with_mqtt5_properties(
     assert typed.body["id"] == 42  # the payload's id when there is one
     signature = typed.body["result"]["signature"]
     assert samples.typed_data_signer(samples.MAIL, signature) == served.address
+
+
+def test_a_device_cannot_make_signd_answer_on_another_devices_reply_topic(
+    served: Served, broker: Broker, pki: Pki
+) -> None:
+    request = {"type": "ethereum/message", "key": served.address, "message": "m"}
+    with (
+        connected(Device(broker, pki, "device-1", mqtt5=True, auth=AUTH)) as device,
+        connected(Device(broker, pki, "device-2", auth=AUTH)) as other,
+    ):
+        by_payload = device.ask(request | {"id": "p", "reply_to": "signd/replies/device-2"})
+        by_property = device.ask(request | {"id": "q"}, response_topic="signd/replies/device-2/x")
+        prefix = device.ask(request | {"id": "r", "reply_to": "signd/replies/device-10"})
+        wildcard = device.ask(request | {"id": "s"}, response_topic="signd/replies/+")
+        own = device.ask(request | {"id": "t", "reply_to": "signd/replies/device-1/mine"})
+        others_own = other.ask(request | {"id": "u"})  # after all of device-1's answers
+
+    for reply in (by_payload, by_property, prefix, wildcard):
+        assert reply.topic == "signd/replies/device-1", reply  # the default, never the asked
+        error = reply.body["error"]
+        assert (error["code"], error["field"]) == ("invalid_field", "reply_to")
+        assert "own reply topic signd/replies/device-1 or a topic under it" in error["message"]
+    assert [r.body["id"] for r in (by_payload, by_property, prefix, wildcard)] == list("pqrs")
+    assert own.topic == "signd/replies/device-1/mine" and "result" in own.body
+    assert others_own.body["id"] == "u" and "result" in others_own.body
+    assert other.replies.empty()  # device-2 got its own answer only
 
 
 def test_many_requests_with_distinct_ids_are_all_answered(
@@ -299,6 +335,44 @@ def test_the_adapter_reconnects_after_a_broker_restart_and_stops_cleanly(
     assert key_text.splitlines()[1] not in log  # no client key material in the log
 
 
+def test_readiness_and_the_connected_gauge_follow_the_broker_connection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with (
+        running_broker(tmp_path / "broker", pki) as broker,
+        serve_mqtt(tmp_path / "home", broker, pki) as server,
+    ):
+
+        def readiness() -> tuple[int, dict[str, str]]:
+            response = httpx.get(f"{server.url}/readyz", timeout=10)
+            (part,) = [part for part in response.json()["parts"] if part["part"] == "mqtt"]
+            return response.status_code, part
+
+        def gauge() -> str:
+            metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+            (line,) = [line for line in metrics.splitlines() if line.startswith("signd_mqtt_")]
+            return line
+
+        assert readiness() == (200, {"part": "mqtt", "status": "ok"})
+        assert gauge() == "signd_mqtt_connected 1"
+
+        broker.stop()
+        wait_for(lambda: readiness()[0] == 503, "not ready without the broker")
+        down = readiness()[1]
+        assert gauge() == "signd_mqtt_connected 0"
+
+        broker.start()
+        wait_for(lambda: readiness()[0] == 200, "ready again", timeout=30)
+        assert gauge() == "signd_mqtt_connected 1"
+
+    assert down == {
+        "part": "mqtt",
+        "status": "unavailable",
+        "code": "dependency_unavailable",
+        "message": "the MQTT broker is not connected: no requests are taken from signd/requests/#",
+    }
+
+
 # In-process: the authentication seam and the pending-requests limit.
 
 
@@ -413,6 +487,64 @@ def test_requests_over_the_pending_limit_are_answered_too_many_requests(
     assert all("result" in reply.body for reply in answered)
 
 
+def signatures(adapter: MqttAdapter) -> float:
+    return adapter.service.metrics.signatures.value("ethereum", "keystore", "ethereum/message")
+
+
+def test_a_retained_request_is_refused_and_not_delivered_again_at_subscription(
+    signer: Signer, own_broker: Broker, pki: Pki, address: str
+) -> None:
+    message = {"type": "ethereum/message", "key": address, "message": "m"}
+    with connected(Device(own_broker, pki, "device-1")) as device:
+        try:
+            with adapter_over(signer, own_broker, pki) as adapter:
+                device.send(message | {"id": "kept"}, retain=True)
+                (refused,) = device.receive()
+            assert signatures(adapter) == 0  # stopped: what it admitted is answered
+
+            with adapter_over(signer, own_broker, pki) as again:  # subscribes anew
+                fresh = device.ask(message | {"id": "fresh"})
+            assert signatures(again) == 1  # the fresh request only
+        finally:
+            device.send(b"", retain=True)  # clears the broker's retained message
+
+    assert refused.topic == "signd/replies/device-1"
+    assert refused.body == {
+        "id": "kept",
+        "error": {
+            "code": "invalid_request",
+            "message": "a retained message is not a request; publish requests without retain",
+        },
+    }
+    assert fresh.body["id"] == "fresh" and "result" in fresh.body
+
+
+def test_a_reply_the_broker_refuses_is_logged_with_its_topic(
+    signer: Signer,
+    own_broker: Broker,
+    pki: Pki,
+    address: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="signd.api.mqtt")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "refused the reply" in r.getMessage()]
+
+    message = {"id": "x", "type": "ethereum/message", "key": address, "message": "private"}
+    with (  # the ACL lets signd write under signd/replies/ only
+        adapter_over(signer, own_broker, pki, mqtt_reply_topic="elsewhere/{client}"),
+        connected(Device(own_broker, pki, "device-1")) as device,
+    ):
+        device.send(message)
+        wait_for(lambda: bool(refusals()), "the refused reply's warning")
+
+    assert refusals() == [
+        "mqtt: the broker refused the reply to elsewhere/device-1: Not authorized"
+    ]
+    assert "private" not in caplog.text
+
+
 # Settings
 
 
@@ -484,6 +616,11 @@ SETTINGS = ApiSettings(mqtt="mqtts://broker")
         (Incoming("signd/requests", b"{}"), None, None),  # names no device: nowhere to reply
         (Incoming("signd/requests", b"{}", "answers/here", b"c-1"), "answers/here", "c-1"),
         (Incoming("signd/requests/d", b"{}", "$SYS/x"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/d/x"), "signd/replies/d/x", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/e"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/replies/dd"), "signd/replies/d", None),
+        (Incoming("signd/requests/d", b"{}", "signd/requests/e"), "signd/replies/d", None),
+        (Incoming("signd/requests", b"{}", "signd/requests/e"), None, None),
     ],
 )
 def test_the_reply_target_before_the_payload_is_read(
@@ -495,10 +632,12 @@ def test_the_reply_target_before_the_payload_is_read(
 
 def test_the_envelope_learns_id_and_reply_to_before_refusing() -> None:
     reply = ReplyTo("signd/replies/d")
-    message = Incoming("signd/requests/d", b'{"id": "e1", "reply_to": "mine", "type": "nope"}')
+    message = Incoming(
+        "signd/requests/d", b'{"id": "e1", "reply_to": "signd/replies/d/mine", "type": "nope"}'
+    )
     body, headers = read_envelope(message, SETTINGS, reply)
     assert body == {"type": "nope"} and headers == []
-    assert (reply.topic, reply.request_id) == ("mine", "e1")
+    assert (reply.topic, reply.request_id) == ("signd/replies/d/mine", "e1")
 
     reply = ReplyTo("signd/replies/d")
     message = Incoming("signd/requests/d", b'{"id": "e2", "reply_to": "a/#"}')
@@ -506,3 +645,55 @@ def test_the_envelope_learns_id_and_reply_to_before_refusing() -> None:
         read_envelope(message, SETTINGS, reply)
     assert raised.value.field == "reply_to"
     assert (reply.topic, reply.request_id) == ("signd/replies/d", "e2")
+
+
+@pytest.mark.parametrize("response_topic", ["$SYS/x", "a/+", "signd/replies/e", "signd/requests/e"])
+def test_a_response_topic_is_checked_like_reply_to(response_topic: str) -> None:
+    message = Incoming("signd/requests/d", b'{"id": "e3"}', response_topic)
+    reply = default_reply(message, SETTINGS)
+    with pytest.raises(InvalidField) as raised:
+        read_envelope(message, SETTINGS, reply)
+    assert raised.value.field == "reply_to"
+    assert "ResponseTopic" in raised.value.message
+    assert (reply.topic, reply.request_id) == ("signd/replies/d", "e3")
+
+
+def test_any_reply_topic_name_will_do_for_a_topic_that_names_no_device() -> None:
+    message = Incoming("signd/requests", b'{"id": "e4", "reply_to": "elsewhere/x"}')
+    reply = default_reply(message, SETTINGS)
+    read_envelope(message, SETTINGS, reply)
+    assert reply.topic == "elsewhere/x"
+
+
+@pytest.mark.parametrize(
+    ("request_id", "allowed"),
+    [
+        (-(2**63), True),
+        (2**64 - 1, True),
+        (0, True),
+        (-(2**63) - 1, False),
+        (2**64, False),
+        (10**400, False),
+    ],
+)
+def test_an_integer_id_fits_64_bits(request_id: int, allowed: bool) -> None:
+    message = Incoming("signd/requests/d", b'{"id": %d}' % request_id)
+    reply = ReplyTo("signd/replies/d")
+    if allowed:
+        read_envelope(message, SETTINGS, reply)
+        assert reply.request_id == request_id
+    else:
+        with pytest.raises(InvalidField) as raised:
+            read_envelope(message, SETTINGS, reply)
+        assert raised.value.field == "id"
+        assert "-2**63 to 2**64-1" in raised.value.message
+        assert reply.request_id is None
+
+
+def test_an_acknowledgement_before_publish_returns_still_finds_its_topic() -> None:
+    in_flight = RepliesInFlight()
+    refused = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    assert in_flight.acknowledged(7, refused) is None  # the PUBACK came first
+    assert in_flight.published(7, "signd/replies/a") is refused
+    assert in_flight.published(8, "signd/replies/b") is None
+    assert in_flight.acknowledged(8, refused) == "signd/replies/b"

@@ -370,7 +370,7 @@ def test_the_signing_methods_are_those_the_rpc_api_signs_with(signer: Signer) ->
 def test_an_mqtt_message_is_one_call_its_envelope_aside() -> None:
     message = {
         "id": "tx-42",
-        "reply_to": "signd/replies/d",
+        "reply_to": "signd/replies/device-7/tx",
         "auth": {"authorization": "Bearer t"},
         "type": "ethereum/transaction",
         "key": "k",

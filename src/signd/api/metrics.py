@@ -1,4 +1,4 @@
-"""A small Prometheus registry: labelled counters and one latency histogram, text format 0.0.4.
+"""A small Prometheus registry: labelled counters, a latency histogram and a gauge, text 0.0.4.
 
 Hand-rolled so the service needs no metrics dependency; every label value comes from a
 bounded set (route templates, status codes, error codes, chains, custody types, method names
@@ -111,6 +111,31 @@ class Histogram:
         return lines
 
 
+class Gauge:
+    """One value without labels that goes up and down; no sample until it is first set."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help_text = help_text
+        self._value: float | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = value
+
+    def value(self) -> float | None:
+        with self._lock:
+            return self._value
+
+    def expose(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} gauge"]
+        value = self.value()
+        if value is not None:
+            lines.append(f"{self.name} {_number(value)}")
+        return lines
+
+
 class ApiMetrics:
     """The service's metrics; one instance per app."""
 
@@ -139,6 +164,18 @@ class ApiMetrics:
             ("method", "outcome"),
         )
 
+        self.mqtt_connected = Gauge(
+            "signd_mqtt_connected",
+            "1 while the MQTT adapter is connected and subscribed to the request topic, else 0.",
+        )
+
     def expose(self) -> str:
-        families = (self.requests, self.latency, self.signatures, self.errors, self.rpc_calls)
+        families = (
+            self.requests,
+            self.latency,
+            self.signatures,
+            self.errors,
+            self.rpc_calls,
+            self.mqtt_connected,
+        )
         return "\n".join(line for family in families for line in family.expose()) + "\n"

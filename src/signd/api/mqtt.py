@@ -12,14 +12,19 @@ A device publishes one request per message to a topic under ``mqtt_request_topic
 MQTT 5 properties are honoured: ``ResponseTopic`` over ``reply_to``; ``CorrelationData`` is
 echoed back as a property and stands for ``id`` when the payload has none; user properties
 join ``auth``.
-Without any, the reply topic is ``mqtt_reply_topic`` with ``{client}`` replaced by the
-device's name (``signd/replies/device-7``).
+The device's own reply topic is ``mqtt_reply_topic`` with ``{client}`` replaced by the
+device's name (``signd/replies/device-7``); it is the reply topic by default, and one asked
+for must be it or under it (:func:`is_allowed_reply_topic`).
 
 Requests go through the same steps as REST: the :data:`~signd.api.service.Authenticator`
 seam (it receives a request built from the message: ``POST /mqtt/<topic>``, the auth headers,
 the payload as body), then :func:`~signd.gate.inputs.parse_mqtt_request` and
 :func:`~signd.api.rest.perform_signing` over the server's :class:`SigningService`, so the
 gate, the bounded thread pool, metrics and error codes are REST's.
+
+A message that comes with the retain flag is refused (``invalid_request``), and the broker is
+asked for no retained messages at subscription (:data:`REQUEST_SUBSCRIPTION`): a request is
+acted on once, when it is published.
 
 paho's network thread receives messages, admits at most ``mqtt_max_pending`` at once (more
 are answered ``too_many_requests``) and hands them to the event loop; paho reconnects with
@@ -69,12 +74,25 @@ from signd.gate.inputs import MQTT_ENVELOPE_FIELDS, parse_json, parse_mqtt_reque
 log = logging.getLogger("signd.api.mqtt")
 
 MAX_ID_LENGTH: Final = 256
+INTEGER_IDS: Final = range(-(2**63), 2**64)
+"""An integer ``id`` fits a 64-bit integer, signed or unsigned: what a device can hold."""
 MAX_AUTH_HEADERS: Final = 32
 PACKET_HEADROOM: Final = 64 * 1024
 """Over ``max_body_bytes``, room for the topic and properties in the largest packet the broker
 may send signd (MQTT 5 ``MaximumPacketSize``); larger payloads get an error reply up to it."""
 DRAIN_TIMEOUT: Final = 10.0
 """Seconds a stopping adapter waits for the requests it has admitted."""
+
+REQUEST_SUBSCRIPTION: Final = SubscribeOptions(
+    qos=1,
+    noLocal=True,
+    retainAsPublished=True,
+    retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+)
+"""A request is acted on once, when it is published: the broker sends no retained message at
+subscription, and keeps the retain flag on what it forwards, so that a request published as a
+retained message is seen as one (and refused: it would be signed again at every subscription
+of every node)."""
 
 RequestId = str | int
 
@@ -86,15 +104,50 @@ class TooManyRequests(SigndError):
     http_status = 429
 
 
+class RepliesInFlight:
+    """Reply topics by message id until the broker acknowledges them, so that a reply it
+    refuses (PUBACK reason code 0x80 or over, e.g. not authorised) can be logged with its
+    topic: paho reports an acknowledgement by message id only, and may report it before
+    ``publish`` has returned that id (then the reason waits here for the topic)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._topics: dict[int, str] = {}
+        self._early: dict[int, ReasonCode] = {}
+
+    def published(self, message_id: int, topic: str) -> ReasonCode | None:
+        """Note a reply handed to paho; the broker's reason when it has answered already."""
+        with self._lock:
+            reason = self._early.pop(message_id, None)
+            if reason is None:
+                self._topics[message_id] = topic
+            return reason
+
+    def acknowledged(self, message_id: int, reason: ReasonCode) -> str | None:
+        """The topic of the reply the broker answered; ``None`` while it is not noted yet."""
+        with self._lock:
+            topic = self._topics.pop(message_id, None)
+            if topic is None:
+                self._early[message_id] = reason
+            return topic
+
+
+def _warn_if_refused(topic: str, reason: ReasonCode) -> None:
+    if reason.is_failure:
+        log.warning("mqtt: the broker refused the reply to %s: %s", topic, reason.getName())
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """An MQTT message as the adapter reads it: topic, payload and the MQTT 5 properties."""
+    """An MQTT message as the adapter reads it: topic, payload, the MQTT 5 properties and
+    whether it came with the retain flag."""
 
     topic: str
     payload: bytes
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    retained: bool = False
 
     @classmethod
     def from_paho(cls, message: paho.MQTTMessage) -> Incoming:
@@ -105,6 +158,7 @@ class Incoming:
             getattr(properties, "ResponseTopic", None),
             getattr(properties, "CorrelationData", None),
             tuple(getattr(properties, "UserProperty", ())),
+            bool(message.retain),
         )
 
 
@@ -120,21 +174,53 @@ class ReplyTo:
         return json.dumps({"id": self.request_id, **answer}, separators=(",", ":")).encode()
 
 
+def own_reply_topic(topic: str, settings: ApiSettings) -> str | None:
+    """The reply topic of the device a request topic names: ``mqtt_reply_topic`` with
+    ``{client}`` replaced by the levels the request filter's wildcards match (the template
+    itself when it has no ``{client}``); ``None`` when the topic names no device."""
+    template = settings.mqtt_reply_topic
+    if MQTT_CLIENT not in template:
+        return template
+    client = wildcard_levels(settings.mqtt_request_topic, topic)
+    return template.replace(MQTT_CLIENT, client) if client else None
+
+
+def is_allowed_reply_topic(topic: object, own: str | None, settings: ApiSettings) -> bool:
+    """Whether signd may answer on a reply topic a message asks for (``ResponseTopic`` or
+    ``reply_to``): a topic name outside the request filter and, when the device has its own
+    reply topic (``own``), that topic or one under it.
+
+    The broker lets each device read only its own replies; without the last rule any device
+    could make signd publish into another's. A message on a topic that names no device has no
+    own reply topic, and any topic name will do: the broker cannot tell apart the devices that
+    share one request topic either.
+    """
+    if (
+        not isinstance(topic, str)
+        or not is_topic_name(topic)
+        or wildcard_levels(settings.mqtt_request_topic, topic) is not None
+    ):
+        return False
+    return own is None or topic == own or topic.startswith(own + "/")
+
+
+def _reply_topic_refusal(given_as: str, own: str | None) -> InvalidField:
+    if own is None:
+        rule = "a topic name (no wildcards, not a request topic)"
+    else:
+        rule = f"the device's own reply topic {own} or a topic under it"
+    return InvalidField(f"{given_as} must be {rule}", field="reply_to")
+
+
 def default_reply(message: Incoming, settings: ApiSettings) -> ReplyTo:
-    """The reply target known before the payload is read: the MQTT 5 properties, or
-    ``mqtt_reply_topic`` for the device the topic names."""
-    reply = ReplyTo(None, correlation_data=message.correlation_data)
+    """The reply target known before the payload is read: the MQTT 5 ``ResponseTopic`` when
+    it is allowed (:func:`is_allowed_reply_topic`), else the device's own reply topic."""
+    own = own_reply_topic(message.topic, settings)
+    reply = ReplyTo(own, correlation_data=message.correlation_data)
     if message.correlation_data is not None:
         reply.request_id = _correlation_id(message.correlation_data)
-    if is_topic_name(message.response_topic):
+    if is_allowed_reply_topic(message.response_topic, own, settings):
         reply.topic = message.response_topic
-        return reply
-    template = settings.mqtt_reply_topic
-    client = wildcard_levels(settings.mqtt_request_topic, message.topic)
-    if MQTT_CLIENT not in template:
-        reply.topic = template
-    elif client:
-        reply.topic = template.replace(MQTT_CLIENT, client)
     return reply
 
 
@@ -163,13 +249,16 @@ def read_envelope(
     if "id" in body:
         request_id = body["id"]
         if (isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH) or (
-            isinstance(request_id, int) and not isinstance(request_id, bool)
+            isinstance(request_id, int)
+            and not isinstance(request_id, bool)
+            and request_id in INTEGER_IDS
         ):
             reply.request_id = request_id
         else:
             errors.append(
                 InvalidField(
-                    f"id must be a string of 1 to {MAX_ID_LENGTH} characters or an integer",
+                    f"id must be a string of 1 to {MAX_ID_LENGTH} characters or an integer "
+                    "from -2**63 to 2**64-1",
                     field="id",
                 )
             )
@@ -177,20 +266,16 @@ def read_envelope(
         errors.append(
             InvalidField("id is required (or the MQTT 5 CorrelationData property)", field="id")
         )
-    if message.response_topic is None and "reply_to" in body:
+    own = own_reply_topic(message.topic, settings)
+    if message.response_topic is not None:
+        if not is_allowed_reply_topic(message.response_topic, own, settings):
+            errors.append(_reply_topic_refusal("the ResponseTopic property", own))
+    elif "reply_to" in body:
         reply_to = body["reply_to"]
-        if (
-            is_topic_name(reply_to)
-            and wildcard_levels(settings.mqtt_request_topic, reply_to) is None
-        ):
+        if is_allowed_reply_topic(reply_to, own, settings):
             reply.topic = reply_to
         else:
-            errors.append(
-                InvalidField(
-                    "reply_to must be a topic name (no wildcards, not a request topic)",
-                    field="reply_to",
-                )
-            )
+            errors.append(_reply_topic_refusal("reply_to", own))
     if errors:
         raise errors[0]
     headers = _auth_headers(message.user_properties, body.get("auth", {}))
@@ -271,7 +356,8 @@ class MqttAdapter:
 
     :meth:`run` serves until :meth:`stop` (called from the same event loop): then it
     unsubscribes, answers what it has admitted (for up to :data:`DRAIN_TIMEOUT` seconds) and
-    disconnects.
+    disconnects. It adds the part ``mqtt`` to the service's readiness and sets the
+    ``signd_mqtt_connected`` gauge: ready (1) only while connected and subscribed.
     """
 
     def __init__(self, service: SigningService, authenticate: Authenticator) -> None:
@@ -288,8 +374,28 @@ class MqttAdapter:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._group: anyio.abc.TaskGroup | None = None
         self._client: paho.Client | None = None
+        self._in_flight = RepliesInFlight()
         self.connected = threading.Event()
-        """Set while connected and subscribed (tests wait on it)."""
+        """Set while connected and subscribed (readiness; tests wait on it)."""
+        service.metrics.mqtt_connected.set(0)
+        service.add_readiness_part("mqtt", self.check_connected)
+
+    def check_connected(self) -> None:
+        """The ``mqtt`` part of readiness: raises while signd is not connected to the broker
+        and subscribed to the request topic (from start-up until the first subscription, and
+        from each disconnection until the next)."""
+        if not self.connected.is_set():
+            raise DependencyUnavailable(
+                "the MQTT broker is not connected: no requests are taken from "
+                + self.settings.mqtt_request_topic
+            )
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self.service.metrics.mqtt_connected.set(1 if connected else 0)
 
     def stop(self) -> None:
         self._stopping = True
@@ -325,7 +431,7 @@ class MqttAdapter:
             log.warning("mqtt: stopping with requests still in hand after %gs", DRAIN_TIMEOUT)
         client.disconnect()
         await anyio.to_thread.run_sync(client.loop_stop)
-        self.connected.clear()
+        self._set_connected(False)
         log.info("mqtt: disconnected")
 
     def _drain(self, timeout: float) -> bool:
@@ -361,6 +467,7 @@ class MqttAdapter:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         connect = _properties(PacketTypes.CONNECT)
         connect.MaximumPacketSize = settings.max_body_bytes + PACKET_HEADROOM
         client.connect_async(
@@ -380,9 +487,7 @@ class MqttAdapter:
             log.error("mqtt: the broker refused the connection: %s", reason.getName())
             return
         log.info("mqtt: connected to %s:%d", self.host, self.port)
-        client.subscribe(
-            self.settings.mqtt_request_topic, options=SubscribeOptions(qos=1, noLocal=True)
-        )
+        client.subscribe(self.settings.mqtt_request_topic, options=REQUEST_SUBSCRIPTION)
 
     def _on_connect_fail(self, client: paho.Client, userdata: object) -> None:
         log.warning("mqtt: cannot connect to %s:%d, retrying", self.host, self.port)
@@ -395,7 +500,7 @@ class MqttAdapter:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self.connected.clear()
+        self._set_connected(False)
         if self._accepting:
             log.warning("mqtt: disconnected (%s), reconnecting", reason.getName())
 
@@ -414,8 +519,20 @@ class MqttAdapter:
                 ", ".join(reason.getName() for reason in reasons),
             )
             return
-        self.connected.set()
+        self._set_connected(True)
         log.info("mqtt: subscribed to %s", self.settings.mqtt_request_topic)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        topic = self._in_flight.acknowledged(mid, reason)
+        if topic is not None:
+            _warn_if_refused(topic, reason)
 
     def _on_log(self, client: paho.Client, userdata: object, level: int, text: str) -> None:
         """paho's errors and warnings, except those a deliberate disconnect causes. Not its
@@ -436,7 +553,14 @@ class MqttAdapter:
             log.exception("mqtt: a message from the request topic was dropped")
 
     def _admit(self, incoming: Incoming) -> None:
-        if not self._accepting:
+        if incoming.retained:
+            self._refuse(
+                incoming,
+                InvalidRequest(
+                    "a retained message is not a request; publish requests without retain"
+                ),
+            )
+        elif not self._accepting:
             self._refuse(incoming, DependencyUnavailable("signd is stopping; try again"))
         elif not self._slots.acquire(blocking=False):
             self._refuse(
@@ -489,7 +613,8 @@ class MqttAdapter:
         return {"result": result}
 
     def _answer(self, message: Incoming, reply: ReplyTo, answer: Mapping[str, Any]) -> None:
-        """Publish the answer (QoS 1), or log why there is nowhere to publish it."""
+        """Publish the answer (QoS 1), or log why there is nowhere to publish it; a reply the
+        broker refuses is logged when it says so (:meth:`_on_publish`)."""
         if "error" in answer:
             error = answer["error"]
             log.warning(
@@ -511,3 +636,7 @@ class MqttAdapter:
         info = client.publish(reply.topic, reply.payload(answer), qos=1, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("mqtt: cannot publish the reply to %s: %s", reply.topic, info.rc.name)
+            return
+        reason = self._in_flight.published(info.mid, reply.topic)
+        if reason is not None:
+            _warn_if_refused(reply.topic, reason)

@@ -330,6 +330,7 @@ class SigningService:
         self.metrics = metrics
         self.gate: SigningGate = gate or UngatedSigner(signer, settings.limits())
         self.attestor = attestor
+        self._readiness_parts: list[tuple[str, Callable[[], None]]] = []
         self._limiter: anyio.CapacityLimiter | None = None
         self._gathering = Gathering(self._gate_sign_each)
 
@@ -502,10 +503,16 @@ class SigningService:
 
     # health
 
+    def add_readiness_part(self, name: str, check: Callable[[], None]) -> None:
+        """Make ``name`` a part of :meth:`readiness`: ``check`` blocks at most briefly and
+        raises what makes the service not ready (the MQTT adapter's connection)."""
+        self._readiness_parts.append((name, check))
+
     async def readiness(self) -> list[dict[str, str]]:
-        """One entry per configured custody, ``attestation`` when an enclave attests, and
-        the gate's own (``audit``): ``ok``, or ``unavailable`` with the reason. The checks
-        run concurrently, so the whole answer comes within ``health_timeout``."""
+        """One entry per configured custody, ``attestation`` when an enclave attests, the
+        gate's own (``audit``) and those added (``mqtt``): ``ok``, or ``unavailable`` with the
+        reason. The checks run concurrently, so the whole answer comes within
+        ``health_timeout``."""
         checks: list[tuple[str, Callable[[], None]]] = [
             (f"custody:{custody}", partial(self._check_custody, custody))
             for custody in self.signer.custody_types
@@ -513,6 +520,7 @@ class SigningService:
         if self.attestor is not None:
             checks.append(("attestation", self.attestor.check))
         checks += self.gate.health_checks()
+        checks += self._readiness_parts
         parts: list[dict[str, str]] = [{} for _ in checks]
 
         async def probe(index: int, name: str, check: Callable[[], None]) -> None:
