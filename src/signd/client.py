@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
@@ -61,6 +62,27 @@ def load_request_key(path: str | Path) -> PrivateKey:
     if not isinstance(key, PrivateKey):
         raise ConfigurationError(f"{path} is neither an Ed25519 nor a P-256 key")
     return key
+
+
+def url_without_secrets(url: str) -> str:
+    """``scheme://host:port`` of a URL, as messages may show it: its user info (a password),
+    path and query (an API key) stay out."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _checked_url(url: str) -> str:
+    """``url`` without a trailing slash, if it is an http or https URL with a host."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidField(
+            "the signd URL must be http:// or https:// and a host, as in http://127.0.0.1:8645",
+            field="url",
+        )
+    return url.rstrip("/")
 
 
 def _error_classes() -> dict[str, type[SigndError]]:
@@ -128,18 +150,20 @@ class SigndClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        self.url = _checked_url(url)
+        self.where = url_without_secrets(self.url)
+        """The URL as messages show it: without user info, path or query."""
         if (private_key_path is None) == (token is None) or (
             private_key_path is not None and not client_id
         ):
             raise ConfigurationError("give a client id and its private key file, or a bearer token")
-        self.url = url.rstrip("/")
         self.client_id = client_id
         self._key = None if private_key_path is None else load_request_key(private_key_path)
         self._token = token
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
 
     def __repr__(self) -> str:
-        return f"SigndClient(url={self.url!r}, client_id={self.client_id!r})"
+        return f"SigndClient(url={self.where!r}, client_id={self.client_id!r})"
 
     def __enter__(self) -> SigndClient:
         return self
@@ -180,7 +204,7 @@ class SigndClient:
             response = self._http.send(request)
         except httpx.HTTPError as exc:
             raise DependencyUnavailable(
-                f"cannot reach signd at {self.url}: {type(exc).__name__}"
+                f"cannot reach signd at {self.where}: {type(exc).__name__}"
             ) from None
         if response.status_code >= 400:
             raise error_from(response)
@@ -301,7 +325,7 @@ class RemoteSigner(Signer):
 
     def backend(self, custody: str) -> CustodyBackend:
         raise UnsupportedOperation(
-            f"with --url only keys new/list/show and sign go to {self.client.url}; "
+            f"with --url only keys new/list/show and sign go to {self.client.where}; "
             "this command needs local custody"
         )
 
@@ -310,7 +334,7 @@ class RemoteSigner(Signer):
 
     def _local_only(self) -> UnsupportedOperation:
         return UnsupportedOperation(
-            f"with --url only keys new/list/show and sign go to {self.client.url}"
+            f"with --url only keys new/list/show and sign go to {self.client.where}"
         )
 
     def close(self) -> None:
