@@ -26,7 +26,6 @@ import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
-from urllib.parse import urlsplit
 
 import typer
 
@@ -94,13 +93,6 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
-def _without_secrets(url: str) -> str:
-    """scheme://host:port of a URL: its path, query and user info may hold an API key."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname}{port}"
-
-
 @dataclass(frozen=True, slots=True)
 class OpenGate:
     """The gatekeeper ``signd serve`` runs, where it runs, and the files it was given."""
@@ -122,6 +114,8 @@ class OpenGate:
 
 
 def _banner(host: str, port: int, settings: ApiSettings, gate: OpenGate) -> None:
+    from signd.client import url_without_secrets
+
     base = f"http://{host}:{port}"
     downstream, blind = settings.downstream, settings.allow_blind_signing
     lines = [
@@ -133,14 +127,14 @@ def _banner(host: str, port: int, settings: ApiSettings, gate: OpenGate) -> None
         "   reload: kill -HUP <pid>",
         f"  JSON-RPC URL: {base}/rpc (bearer-token clients: Authorization: Bearer <token>)",
         f"  API description: {base}/openapi.json   health: {base}/readyz",
-        f"  downstream node: {_without_secrets(downstream) if downstream else 'none'}",
+        f"  downstream node: {url_without_secrets(downstream) if downstream else 'none'}",
         f"  blind signing (POST /v1/sign/hash): {'ENABLED' if blind else 'disabled'}"
         " on this server; the policy decides per client",
     ]
     if settings.mqtt is not None:
         lines.insert(
             6,
-            f"  MQTT broker: {_without_secrets(settings.mqtt)}, requests on "
+            f"  MQTT broker: {url_without_secrets(settings.mqtt)}, requests on "
             f"{settings.mqtt_request_topic}, replies on {settings.mqtt_reply_topic}",
         )
     stderr.print("\n".join(lines), markup=False, highlight=False)
