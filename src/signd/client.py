@@ -18,6 +18,7 @@ a client, so ``signd --url`` runs the same commands against the service.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +31,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from signd import errors
 from signd.attestation import AttestationDocument, aws_nitro_root_certificate, verify_attestation
 from signd.auth.request_signing import PrivateKey, sign_request
 from signd.chains.ethereum.transactions import SignedTransaction, decode_transaction
@@ -41,7 +43,9 @@ from signd.errors import (
     InvalidField,
     SigndError,
     UnsupportedOperation,
+    shown,
 )
+from signd.gate import errors as gate_errors
 from signd.gate.errors import PolicyDenied
 from signd.operations import Signer
 from signd.operations.signer import MessageSignature
@@ -85,32 +89,90 @@ def _checked_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@functools.cache
 def _error_classes() -> dict[str, type[SigndError]]:
+    """Every error class signd answers with, by code. The modules that define them are named
+    here, so that the table does not depend on what else was imported; the service's modules
+    are imported only when an error answer needs them, as they bring the whole server."""
+    from signd.api import errors as api_errors
+    from signd.api import mqtt
+    from signd.operations import attestation
+    from signd.policy import engine
+
+    modules = {
+        module.__name__ for module in (errors, gate_errors, api_errors, mqtt, attestation, engine)
+    }
     found: dict[str, type[SigndError]] = {}
     pending: list[type[SigndError]] = [SigndError]
     while pending:
         cls = pending.pop()
-        found.setdefault(cls.code, cls)
+        if cls.__module__ in modules:
+            found.setdefault(cls.code, cls)
         pending.extend(cls.__subclasses__())
     return found
 
 
-def error_from(response: httpx.Response) -> SigndError:
-    """The error a signd answer names, as its class (generic when the code is unknown)."""
-    try:
-        body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
-    except (ValueError, KeyError, TypeError):
-        return SigndError(f"signd answered HTTP {response.status_code}")
-    field = body.get("field")
-    if code == PolicyDenied.code:
-        return PolicyDenied(message, rule=body.get("rule"))
-    cls = _error_classes().get(code)
-    if cls is None:
-        return SigndError(f"{code}: {message}", field=field)
+_STATUS_CODES: Final = {
+    400: "invalid_request",
+    401: "unauthenticated",
+    403: "access_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "key_exists",
+    413: "payload_too_large",
+    429: "rate_limited",
+    502: "dependency_unavailable",
+    503: "dependency_unavailable",
+    504: "dependency_unavailable",
+    507: "capacity_exceeded",
+}
+"""The error an HTTP status means when the answer carries no signd error body (a proxy's
+page, say); other statuses are the root error."""
+_MAX_CODE_SHOWN: Final = 64
+_MAX_EXCERPT: Final = 40
+
+
+def _excerpt(response: httpx.Response) -> str:
+    """The start of an answer's body, quoted, for a message (never the whole body)."""
+    text = response.content[:_MAX_EXCERPT].decode("utf-8", errors="replace")
+    return "an empty body" if not text else f"a body starting {shown(text, _MAX_EXCERPT)}"
+
+
+def _new_error(cls: type[SigndError], message: str, field: str | None) -> SigndError:
+    """An instance of ``cls`` with this message and field, whatever its own constructor takes
+    (``RateLimited`` takes seconds, ``RequestTimeout`` a limit: the server's message says it)."""
     error = cls.__new__(cls)
     SigndError.__init__(error, message, field=field)
     return error
+
+
+def error_from(response: httpx.Response) -> SigndError:
+    """The error a signd error answer names, as its class (the root error, with the code in
+    its message, when the code is unknown). An answer without a signd error body is told by
+    its HTTP status."""
+    where = url_without_secrets(str(response.request.url))
+    try:
+        body = response.json()["error"]
+        code, message = body["code"], body["message"]
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise TypeError
+    except (ValueError, LookupError, TypeError):
+        cls = _error_classes().get(_STATUS_CODES.get(response.status_code, ""), SigndError)
+        return _new_error(
+            cls,
+            f"signd at {where} answered HTTP {response.status_code} without a signd error,"
+            f" with {_excerpt(response)}",
+            None,
+        )
+    field = body.get("field") if isinstance(body.get("field"), str) else None
+    if code == PolicyDenied.code:
+        rule = body.get("rule")
+        return PolicyDenied(message, rule=rule if isinstance(rule, str) else None)
+    named = _error_classes().get(code)
+    if named is None:
+        return SigndError(f"{shown(code, _MAX_CODE_SHOWN)}: {message}", field=field)
+    return _new_error(named, message, field)
 
 
 def key_from_dict(data: Mapping[str, Any]) -> KeyInfo:

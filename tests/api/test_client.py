@@ -1,0 +1,106 @@
+"""The Python client (:mod:`signd.client`) against answers signd gives and answers it never
+gives: each becomes one :class:`~signd.errors.SigndError`, of the class the answer names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+import signd.api.mqtt  # with the CLI: every module that defines an error class
+import signd.cli.main  # noqa: F401
+from signd.api.errors import RateLimited, RouteNotFound
+from signd.client import SigndClient
+from signd.errors import DependencyUnavailable, SigndError
+from signd.gate.errors import PolicyDenied
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client_over(handler: Handler) -> SigndClient:
+    return SigndClient("http://signd.test", token="t", transport=httpx.MockTransport(handler))
+
+
+def answering(status: int, body: object = None, **options: object) -> SigndClient:
+    """A client whose server answers every request with ``status`` and ``body`` as JSON (or
+    ``content=`` bytes as they are)."""
+    return client_over(lambda request: httpx.Response(status, json=body, **options))  # type: ignore[arg-type]
+
+
+def signd_error_codes() -> dict[str, str]:
+    """Every code signd's own error classes name, with the class's name."""
+    found: dict[str, str] = {}
+    pending: list[type[SigndError]] = [SigndError]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__.startswith("signd."):
+            found.setdefault(cls.code, cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_code_comes_back_as_its_class_whatever_was_imported() -> None:
+    """In a fresh interpreter that imported only the client (as ``signd --url`` does), each
+    code signd answers with becomes its own class, not ``internal_error``."""
+    codes = signd_error_codes()
+    assert {"not_found", "rate_limited", "too_many_requests", "attestation_invalid"} <= set(codes)
+    program = """
+import json, sys
+import httpx
+from signd.client import error_from
+request = httpx.Request("GET", "http://signd.test/v1/keys")
+for code in json.loads(sys.argv[1]):
+    answer = httpx.Response(400, json={"error": {"code": code, "message": "m"}}, request=request)
+    error = error_from(answer)
+    print(code, type(error).__name__, error.code, error.message)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program, json.dumps(sorted(codes))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    seen = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
+    assert seen == {code: [name, code, "m"] for code, name in codes.items()}
+
+
+def test_an_unknown_code_is_the_root_error_naming_the_code() -> None:
+    client = answering(400, {"error": {"code": "martian", "message": "no", "field": "f"}})
+    with pytest.raises(SigndError) as raised:
+        client.healthz()
+    assert type(raised.value) is SigndError
+    assert (raised.value.message, raised.value.field) == ("'martian': no", "f")
+
+
+def test_a_policy_refusal_keeps_its_rule() -> None:
+    body = {"error": {"code": "policy_denied", "message": "no", "rule": "hot"}}
+    with pytest.raises(PolicyDenied) as raised:
+        answering(403, body).healthz()
+    assert raised.value.rule == "hot"
+
+
+@pytest.mark.parametrize(
+    ("status", "cls", "code"),
+    [
+        (404, RouteNotFound, "not_found"),
+        (429, RateLimited, "rate_limited"),
+        (502, DependencyUnavailable, "dependency_unavailable"),
+        (503, DependencyUnavailable, "dependency_unavailable"),
+        (418, SigndError, "internal_error"),
+    ],
+)
+def test_an_error_status_without_a_signd_body_keeps_the_status_meaning(
+    status: int, cls: type[SigndError], code: str
+) -> None:
+    page = b"<html><body>" + b"x" * 10_000 + b"</body></html>"
+    client = client_over(lambda request: httpx.Response(status, content=page))
+    with pytest.raises(cls) as raised:
+        client.list_keys()
+    assert raised.value.code == code
+    message = raised.value.message
+    assert message.startswith(f"signd at http://signd.test answered HTTP {status} without")
+    assert "'<html><body>xxx" in message and len(message) < 200
