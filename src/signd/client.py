@@ -23,8 +23,9 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -51,6 +52,9 @@ from signd.operations import Signer
 from signd.operations.signer import MessageSignature
 
 MAX_KEYS_PER_REQUEST: Final = 1000
+_MAX_PATH_SHOWN: Final = 80
+
+T = TypeVar("T")
 
 
 def load_request_key(path: str | Path) -> PrivateKey:
@@ -199,6 +203,49 @@ def _message_signature(data: Mapping[str, Any]) -> MessageSignature:
     return MessageSignature(raw, recoverable)
 
 
+def _keys(data: Mapping[str, Any]) -> list[KeyInfo]:
+    return [key_from_dict(key) for key in _list(data["keys"])]
+
+
+def _key_page(data: Mapping[str, Any]) -> KeyPage:
+    cursor = data["next_cursor"]
+    if cursor is not None and not isinstance(cursor, str):
+        raise TypeError("next_cursor")
+    return KeyPage(_keys(data), cursor)
+
+
+def _transaction(data: Mapping[str, Any]) -> SignedTransaction:
+    return decode_transaction(bytes.fromhex(data["raw_transaction"].removeprefix("0x")))
+
+
+def _batch_results(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [_object(result) for result in _list(data["results"])]
+
+
+def _readiness(data: Any) -> dict[str, Any]:
+    answer = _object(data)
+    if not isinstance(answer["ready"], bool):
+        raise TypeError("ready")
+    _list(answer["parts"])
+    return answer
+
+
+def _attestation_document(data: Mapping[str, Any]) -> bytes:
+    return base64.b64decode(data["document"], validate=True)
+
+
+def _object(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TypeError("not a JSON object")
+    return data
+
+
+def _list(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        raise TypeError("not a JSON array")
+    return data
+
+
 class SigndClient:
     """Signed requests to every REST route of a running ``signd serve``."""
 
@@ -222,7 +269,9 @@ class SigndClient:
         self.client_id = client_id
         self._key = None if private_key_path is None else load_request_key(private_key_path)
         self._token = token
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=self.url, timeout=timeout, transport=transport, follow_redirects=False
+        )  # signd never redirects: a redirect is an answer from something else
 
     def __repr__(self) -> str:
         return f"SigndClient(url={self.where!r}, client_id={self.client_id!r})"
@@ -245,7 +294,23 @@ class SigndClient:
         params: Mapping[str, Any] | None = None,
         signed: bool = True,
     ) -> httpx.Response:
-        """One request, signed over exactly the bytes and target sent; errors raised."""
+        """One request, signed over exactly the bytes and target sent; a 2xx answer, or the
+        error the answer names raised (a redirect is an answer signd never gives)."""
+        response = self._send(method, path, body=body, params=params, signed=signed)
+        if not response.is_success:
+            raise self._refusal(response)
+        return response
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        signed: bool = True,
+    ) -> httpx.Response:
+        """The answer to one request, whatever its status; a transport failure raised."""
         content = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = {"content-type": "application/json"} if body is not None else {}
         query = {name: value for name, value in (params or {}).items() if value is not None}
@@ -263,17 +328,45 @@ class SigndClient:
                     sign_request(method, target, content, self.client_id, self._key)
                 )
         try:
-            response = self._http.send(request)
+            return self._http.send(request)
         except httpx.HTTPError as exc:
             raise DependencyUnavailable(
                 f"cannot reach signd at {self.where}: {type(exc).__name__}"
             ) from None
-        if response.status_code >= 400:
-            raise error_from(response)
-        return response
 
-    def _json(self, method: str, path: str, **options: Any) -> Any:
-        return self.request(method, path, **options).json()
+    def _refusal(self, response: httpx.Response) -> SigndError:
+        """The error a non-2xx answer means."""
+        if response.status_code >= 400:
+            return error_from(response)
+        return self._unexpected(response, f"HTTP {response.status_code}, which signd never answers")
+
+    def _unexpected(self, response: httpx.Response, what: str) -> DependencyUnavailable:
+        request = response.request
+        path = request.url.path
+        path = path if len(path) <= _MAX_PATH_SHOWN else path[:_MAX_PATH_SHOWN] + "..."
+        return DependencyUnavailable(
+            f"signd at {self.where} answered {request.method} {path} with {what}:"
+            " not an answer signd gives"
+        )
+
+    def _answer(self, method: str, path: str, read: Callable[[Any], T], **options: Any) -> T:
+        """``read`` applied to the JSON of a 2xx answer; an answer that is not JSON, or not
+        JSON ``read`` can take, is :class:`~signd.errors.DependencyUnavailable`."""
+        return self._read(self.request(method, path, **options), read)
+
+    def _read(self, response: httpx.Response, read: Callable[[Any], T]) -> T:
+        try:
+            answer = response.json()
+        except ValueError:
+            raise self._unexpected(
+                response, f"HTTP {response.status_code} and {_excerpt(response)}, not JSON"
+            ) from None
+        try:
+            return read(answer)
+        except (LookupError, TypeError, ValueError, AttributeError, SigndError):
+            raise self._unexpected(
+                response, f"HTTP {response.status_code} and JSON without the fields expected"
+            ) from None
 
     # keys
 
@@ -281,7 +374,7 @@ class SigndClient:
         self, *, chain: str, custody: str, count: int = 1, labels: Sequence[str] = ()
     ) -> list[KeyInfo]:
         body = {"chain": chain, "custody": custody, "count": count, "labels": list(labels)}
-        return [key_from_dict(k) for k in self._json("POST", "/v1/keys", body=body)["keys"]]
+        return self._answer("POST", "/v1/keys", _keys, body=body)
 
     def list_keys(
         self,
@@ -293,57 +386,52 @@ class SigndClient:
         limit: int = 100,
     ) -> KeyPage:
         params = {"custody": custody, "chain": chain, "label": label, "cursor": cursor}
-        answer = self._json("GET", "/v1/keys", params=params | {"limit": limit})
-        return KeyPage([key_from_dict(k) for k in answer["keys"]], answer["next_cursor"])
+        return self._answer("GET", "/v1/keys", _key_page, params=params | {"limit": limit})
 
     def get_key(self, ref: str) -> KeyInfo:
-        return key_from_dict(self._json("GET", f"/v1/keys/{ref}"))
+        return self._answer("GET", f"/v1/keys/{ref}", key_from_dict)
 
     # signatures
 
     def sign_hash(self, key: str, digest: bytes) -> RecoverableSignature:
         body = {"key": key, "hash": "0x" + digest.hex()}
-        return _signature(self._json("POST", "/v1/sign/hash", body=body))
+        return self._answer("POST", "/v1/sign/hash", _signature, body=body)
 
     def sign_eth_transaction(self, key: str, transaction: Mapping[str, Any]) -> SignedTransaction:
         body = {"key": key, "transaction": dict(transaction)}
-        answer = self._json("POST", "/v1/sign/ethereum/transaction", body=body)
-        return decode_transaction(bytes.fromhex(answer["raw_transaction"].removeprefix("0x")))
+        return self._answer("POST", "/v1/sign/ethereum/transaction", _transaction, body=body)
 
     def sign_eth_message(self, key: str, message: bytes | str) -> MessageSignature:
         shown: Any = message if isinstance(message, str) else {"hex": "0x" + message.hex()}
-        answer = self._json(
-            "POST", "/v1/sign/ethereum/message", body={"key": key, "message": shown}
-        )
-        return _message_signature(answer)
+        body = {"key": key, "message": shown}
+        return self._answer("POST", "/v1/sign/ethereum/message", _message_signature, body=body)
 
     def sign_eth_typed_data(self, key: str, document: Mapping[str, Any]) -> MessageSignature:
         body = {"key": key, "typed_data": dict(document)}
-        return _message_signature(self._json("POST", "/v1/sign/ethereum/typed-data", body=body))
+        return self._answer("POST", "/v1/sign/ethereum/typed-data", _message_signature, body=body)
 
     def sign_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Batch items as JSON (``{"type", ...}``); each answer as JSON, result or error."""
-        answer = self._json("POST", "/v1/sign/batch", body={"requests": list(requests)})
-        results: list[dict[str, Any]] = answer["results"]
-        return results
+        body = {"requests": list(requests)}
+        return self._answer("POST", "/v1/sign/batch", _batch_results, body=body)
 
     # operations
 
     def healthz(self) -> dict[str, Any]:
-        answer: dict[str, Any] = self._json("GET", "/healthz", signed=False)
-        return answer
+        return self._answer("GET", "/healthz", _object, signed=False)
 
     def readyz(self) -> dict[str, Any]:
-        response = self._http.get("/readyz")
-        answer: dict[str, Any] = response.json()
-        return answer
+        """``{"ready", "parts"}``, ready or not (signd answers 503 when not)."""
+        response = self._send("GET", "/readyz", signed=False)
+        if response.status_code != HTTPStatus.SERVICE_UNAVAILABLE and not response.is_success:
+            raise self._refusal(response)
+        return self._read(response, _readiness)
 
     def metrics(self) -> str:
         return self.request("GET", "/metrics", signed=False).text
 
     def openapi(self) -> dict[str, Any]:
-        answer: dict[str, Any] = self._json("GET", "/openapi.json", signed=False)
-        return answer
+        return self._answer("GET", "/openapi.json", _object, signed=False)
 
     def attestation(
         self,
@@ -362,11 +450,10 @@ class SigndClient:
         :class:`~signd.errors.AccessDenied` naming it.
         """
         nonce = secrets.token_bytes(32) if nonce is None else nonce
-        answer = self._json("GET", "/v1/attestation", params={"nonce": nonce.hex()}, signed=False)
-        try:
-            document = base64.b64decode(answer["document"], validate=True)
-        except (KeyError, TypeError, ValueError):
-            raise DependencyUnavailable("signd answered without an attestation document") from None
+        params = {"nonce": nonce.hex()}
+        document = self._answer(
+            "GET", "/v1/attestation", _attestation_document, params=params, signed=False
+        )
         return verify_attestation(
             document,
             root_certificates=root_certificates or [aws_nitro_root_certificate()],

@@ -104,3 +104,41 @@ def test_an_error_status_without_a_signd_body_keeps_the_status_meaning(
     message = raised.value.message
     assert message.startswith(f"signd at http://signd.test answered HTTP {status} without")
     assert "'<html><body>xxx" in message and len(message) < 200
+
+
+PUBLIC_CALLS: dict[str, Callable[[SigndClient], object]] = {
+    "healthz": SigndClient.healthz,
+    "readyz": SigndClient.readyz,
+    "openapi": SigndClient.openapi,
+    "attestation": SigndClient.attestation,
+}
+
+
+@pytest.mark.parametrize("call", PUBLIC_CALLS.values(), ids=PUBLIC_CALLS.keys())
+def test_public_routes_refuse_an_answer_signd_never_gives(
+    call: Callable[[SigndClient], object],
+) -> None:
+    page = client_over(lambda request: httpx.Response(200, content=b"<html>hello</html>"))
+    with pytest.raises(DependencyUnavailable, match="with HTTP 200 and a body starting '<html>"):
+        call(page)
+    with pytest.raises(DependencyUnavailable, match="JSON without the fields expected"):
+        call(answering(200, [1, 2]))
+    moved = client_over(lambda request: httpx.Response(301, headers={"location": "/elsewhere"}))
+    with pytest.raises(DependencyUnavailable, match="HTTP 301, which signd never answers"):
+        call(moved)
+    with pytest.raises(DependencyUnavailable, match=r"cannot reach signd at http://127\.0\.0\.1:1"):
+        call(SigndClient("http://127.0.0.1:1", token="t"))
+
+
+def test_readiness_is_told_ready_or_not() -> None:
+    parts = [{"part": "audit", "status": "down", "message": "disk full"}]
+    assert answering(503, {"ready": False, "parts": parts}).readyz()["parts"] == parts
+    assert answering(200, {"ready": True, "parts": []}).readyz() == {"ready": True, "parts": []}
+    with pytest.raises(DependencyUnavailable, match="answered HTTP 502 without a signd error"):
+        answering(502, {"ready": True, "parts": []}).readyz()
+
+
+def test_a_signed_transaction_that_does_not_decode_is_the_server_fault_not_the_caller() -> None:
+    client = answering(200, {"raw_transaction": "0x02c0"})
+    with pytest.raises(DependencyUnavailable, match="JSON without the fields expected"):
+        client.sign_eth_transaction("0x35", {})

@@ -5,6 +5,11 @@ never a traceback, and never shows a password given in the URL."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,49 @@ from typer.testing import CliRunner, Result
 
 from signd.cli.context import state
 from signd.cli.main import app
+
+
+@dataclass
+class Canned:
+    """What a fake server answers every request with, and the paths it was asked for."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def fake_server(canned: Canned) -> Iterator[str]:
+    """A local HTTP server that answers ``canned`` to everything; its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            canned.paths.append(self.path)
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(canned.status)
+            for name, value in {"content-length": str(len(canned.body)), **canned.headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(canned.body)
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -65,3 +113,45 @@ def test_a_url_without_http_scheme_or_host_is_refused_in_one_line(
         " as in http://127.0.0.1:8645",
         "field": "url",
     }
+
+
+HTML = b"<!DOCTYPE html><html><body>" + b"not signd " * 1000 + b"</body></html>"
+KEY = "0x3535353535353535353535353535353535353535"
+COMMANDS = {
+    "keys list": ["keys", "list", "--custody", "enclave"],
+    "keys show": ["keys", "show", KEY],
+    "keys new": ["keys", "new"],
+    "sign eth-message": ["sign", "eth-message", "--key", KEY, "--text", "hi"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+@pytest.mark.parametrize(
+    ("status", "body", "headers"),
+    [
+        (200, HTML, {"content-type": "text/html"}),
+        (302, b"", {"location": "/v1/keys?custody=keystore"}),
+        (200, b"[1, 2]", {"content-type": "application/json"}),
+        (200, b'{"keys": 5, "signature": 7}', {"content-type": "application/json"}),
+    ],
+    ids=["html-page", "redirect", "json-array", "json-of-another-shape"],
+)
+def test_an_answer_signd_never_gives_is_one_error_line(
+    client_key: Path, status: int, body: bytes, headers: dict[str, str], command: list[str]
+) -> None:
+    canned = Canned(status, body, headers)
+    with fake_server(canned) as url:
+        shown = remote(url, client_key, *command).output
+        error = remote_error(url, client_key, *command)
+    assert shown.startswith(f"error dependency_unavailable: signd at {url} answered ")
+    assert shown.count("\n") == 1 and len(shown) < 300  # never the page itself
+    assert error["code"] == "dependency_unavailable"
+    assert error["message"].endswith("not an answer signd gives")
+    assert len(canned.paths) == 2  # a redirect is not followed
+
+
+def test_an_error_page_keeps_the_status_meaning(client_key: Path) -> None:
+    with fake_server(Canned(404, HTML, {"content-type": "text/html"})) as url:
+        error = remote_error(url, client_key, "keys", "list")
+    assert error["code"] == "not_found"
+    assert error["message"].startswith(f"signd at {url} answered HTTP 404 without a signd error")
