@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from cryptography import x509
@@ -389,7 +389,12 @@ class SigndClient:
         return self._answer("GET", "/v1/keys", _key_page, params=params | {"limit": limit})
 
     def get_key(self, ref: str) -> KeyInfo:
-        return self._answer("GET", f"/v1/keys/{ref}", key_from_dict)
+        """The key with this id or address; ``ref`` goes as one path segment, whatever it
+        holds (``/``, ``..``, ``?`` and ``#`` included)."""
+        if not ref:
+            raise InvalidField("key must be a key id or an address", field="key")
+        segment = quote(ref, safe="").replace(".", "%2E")  # "." and ".." are not segments
+        return self._answer("GET", f"/v1/keys/{segment}", key_from_dict)
 
     # signatures
 

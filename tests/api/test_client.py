@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 import signd.api.mqtt  # with the CLI: every module that defines an error class
 import signd.cli.main  # noqa: F401
 from signd.api.errors import RateLimited, RouteNotFound
 from signd.client import SigndClient
-from signd.errors import DependencyUnavailable, SigndError
+from signd.errors import DependencyUnavailable, KeyNotFound, SigndError
 from signd.gate.errors import PolicyDenied
+from tests.gate.support import BOTH_GATES, Gated
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -142,3 +145,49 @@ def test_a_signed_transaction_that_does_not_decode_is_the_server_fault_not_the_c
     client = answering(200, {"raw_transaction": "0x02c0"})
     with pytest.raises(DependencyUnavailable, match="JSON without the fields expected"):
         client.sign_eth_transaction("0x35", {})
+
+
+@pytest.fixture
+def alice_client(gated: Gated, tmp_path: Path) -> Iterator[SigndClient]:
+    """The client as alice, over the gated app in this process (the real gate and
+    signature check, host or enclave), which gets each request's path exactly as sent."""
+    key_file = tmp_path / "alice.pem"
+    key_file.write_bytes(
+        gated.alice.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        answer = gated.client.request(
+            request.method,
+            request.url.raw_path.decode(),
+            headers=request.headers,
+            content=request.content,
+        )
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    with SigndClient(
+        "http://signd.test", "alice", key_file, transport=httpx.MockTransport(forward)
+    ) as client:
+        yield client
+
+
+@BOTH_GATES
+@pytest.mark.parametrize("ref", ["..", ".", "x#frag", "a?b=c", "0x35 ;*'(é)"])
+def test_a_key_reference_is_one_path_segment_signed_as_sent(
+    alice_client: SigndClient, hot_key: dict[str, object], ref: str
+) -> None:
+    assert alice_client.get_key(str(hot_key["address"])).key_id == hot_key["key_id"]
+    with pytest.raises(KeyNotFound) as raised:
+        alice_client.get_key(ref)
+    assert repr(ref) in raised.value.message  # the server looked up exactly this reference
+    # (a "%" in a reference is left to tests/cli/test_remote.py: Starlette's TestClient
+    # percent-decodes a path twice, a real server once)
+
+
+@BOTH_GATES
+@pytest.mark.parametrize("ref", ["../../healthz", "../keys", "a/b"])
+def test_a_key_reference_with_a_slash_reaches_no_other_route(
+    alice_client: SigndClient, hot_key: dict[str, object], ref: str
+) -> None:
+    with pytest.raises(RouteNotFound):
+        alice_client.get_key(ref)

@@ -73,6 +73,11 @@ def test_the_cli_goes_through_the_service_with_the_development_client(tmp_path: 
             run(home, *remote, "keys", "show", key["address"], "--json")["key_id"]
             == (key["key_id"])
         )
+        # a key reference is one path segment, "%", "/" and ".." included, signed as sent
+        odd = run(home, *remote, "keys", "show", "x%2F..#frag", "--json", ok=False)["error"]
+        assert odd["code"] == "key_not_found" and "'x%2F..#frag'" in odd["message"]
+        up = run(home, *remote, "keys", "show", "../../healthz", "--json", ok=False)["error"]
+        assert up["code"] == "not_found"
         listed = run(home, *remote, "keys", "list", "--json")["keys"]
         assert [k["key_id"] for k in listed] == [key["key_id"]]
 
