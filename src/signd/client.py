@@ -329,6 +329,13 @@ class SigndClient:
                 )
         try:
             return self._http.send(request)
+        except (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            # Sent, but no whole answer came: a signing request may have been performed.
+            performed = " (the request was sent and may have been performed)"
+            raise DependencyUnavailable(
+                f"signd at {self.where} did not answer {method} {request.url.path}: "
+                f"{type(exc).__name__}{performed if method == 'POST' else ''}"
+            ) from None
         except httpx.HTTPError as exc:
             raise DependencyUnavailable(
                 f"cannot reach signd at {self.where}: {type(exc).__name__}"

@@ -191,3 +191,19 @@ def test_a_key_reference_with_a_slash_reaches_no_other_route(
 ) -> None:
     with pytest.raises(RouteNotFound):
         alice_client.get_key(ref)
+
+
+def test_a_signing_request_left_unanswered_may_have_been_performed() -> None:
+    """A read that times out after the request went out is not 'cannot reach': the request
+    may have been signed, and the message says so."""
+
+    def silent(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with pytest.raises(DependencyUnavailable) as caught:
+        client_over(silent).sign_eth_message("0x35", b"hi")
+    assert "did not answer POST /v1/sign/ethereum/message" in caught.value.message
+    assert "may have been performed" in caught.value.message
+    with pytest.raises(DependencyUnavailable) as read:
+        client_over(silent).healthz()
+    assert "may have been performed" not in read.value.message
