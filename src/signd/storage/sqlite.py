@@ -47,6 +47,15 @@ MIGRATIONS = (
 )
 
 
+def probe_write(connection: sqlite3.Connection) -> None:
+    """Inside the caller's write transaction, write without changing anything: setting
+    ``user_version`` to its own value dirties the header page, so the commit writes (and,
+    with ``synchronous=FULL``, syncs) a WAL frame. A write rolled back, or an UPDATE to the
+    same value, never reaches the disk, so it cannot tell whether the disk takes writes."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.execute(f"PRAGMA user_version = {int(version)}")
+
+
 class SqliteMetadataStore(SqlMetadataStore):
     """Key records in one SQLite file; safe to share between threads."""
 
