@@ -68,6 +68,8 @@ class SqliteMetadataStore(SqlMetadataStore):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._write_failure: str | None = None
+        """Why the last write failed, until a write succeeds (see :meth:`check_health`)."""
         self._open()
 
     def close(self) -> None:
@@ -78,8 +80,19 @@ class SqliteMetadataStore(SqlMetadataStore):
             connection.close()
 
     def check_health(self) -> None:
+        """The database answers, and takes writes: after a write failed, each check commits
+        a change-nothing write (:func:`probe_write`) until one succeeds."""
         with self._transaction(write=False) as cursor:
             cursor.execute("SELECT 1", ())
+        failure = self._write_failure
+        if failure is not None:
+            try:
+                with self._transaction(write=True):
+                    probe_write(self._connection())
+            except DependencyUnavailable:
+                raise DependencyUnavailable(
+                    f"SQLite {self.path} takes no writes: {failure}"
+                ) from None
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use."""
@@ -141,4 +154,9 @@ class SqliteMetadataStore(SqlMetadataStore):
             raise KeyExists(f"a key with this {what} is already stored") from exc
         except sqlite3.Error as exc:
             reason = getattr(exc, "sqlite_errorname", type(exc).__name__)
-            raise DependencyUnavailable(f"SQLite {self.path} unavailable: {reason}") from exc
+            error = DependencyUnavailable(f"SQLite {self.path} unavailable: {reason}")
+            if write:
+                self._write_failure = error.message
+            raise error from exc
+        if write:
+            self._write_failure = None
