@@ -507,13 +507,16 @@ def store_records(
     *,
     failed: Callable[[BaseException], None],
     finished: Callable[[], None] = lambda: None,
+    wait: bool = False,
 ) -> None:
     """Append ``sealed`` to ``store``: durably before returning, or, inside
-    :func:`deferring_appends`, submitted. ``failed`` hears of a failure (then the error is
-    raised, or the submission ends with it) and ``finished`` is called once the append is
-    over, either way: at once, or when the submission ends (from the writer's thread)."""
+    :func:`deferring_appends` and unless ``wait``, submitted. ``failed`` hears of a failure
+    (then the error is raised, or the submission ends with it) and ``finished`` is called
+    once the append is over, either way: at once, or when the submission ends (from the
+    writer's thread). ``wait`` is for a caller that must act on the outcome itself (it
+    costs its thread the wait for the fsync)."""
     deferred = _DEFERRED.get()
-    if deferred is None or not isinstance(store, FileAuditLog):
+    if wait or deferred is None or not isinstance(store, FileAuditLog):
         try:
             store.append_many(sealed)
         except BaseException as exc:
