@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from signd.audit import FileAuditLog, SealedAuditRecord
+from signd.audit import SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
@@ -85,7 +85,7 @@ from signd.gate.keeper import (
     warn_unrecorded,
 )
 from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
-from signd.gate.setup import GatePaths, write_private
+from signd.gate.setup import GatePaths, open_audit_log, write_private
 from signd.operations import Signer
 from signd.policy import Policy, SpendWindowsUnavailable
 from signd.policy.engine import longest_window
@@ -260,7 +260,7 @@ class EnclaveGatekeeper:
         self.paths = paths
         self.node = node
         self.limits = limits or Limits()
-        self.audit = FileAuditLog(paths.audit_log)
+        self.audit = open_audit_log(paths.audit_log)
         self.clients_sha256 = ""
         self.policy_sha256 = ""
         self._configure_lock = threading.Lock()
