@@ -96,3 +96,30 @@ def test_a_commit_that_rolled_itself_back_is_dependency_unavailable(
     monkeypatch.setattr(keystore, "_conn", real)
     keystore.check_health()
     assert keystore.create_keys("ethereum", eth_address)
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["deleted", "replaced"])
+def test_a_keystore_file_gone_from_its_path_is_unavailable(
+    keystore: KeystoreBackend, keystore_path: Path, tmp_path: Path, replaced: bool
+) -> None:
+    """wallet.data deleted (or swapped for another file) while open: SQLite would go on
+    writing into the unlinked file, so keys created now would be gone at the next start.
+    Health says so and writes are refused (503); nothing is written at the path."""
+    [kept] = keystore.create_keys("ethereum", eth_address)
+    for path in [*database_files(keystore_path), keystore_path.with_name("wallet.data-shm")]:
+        if replaced:
+            path.rename(tmp_path / ("moved-" + path.name))
+        else:
+            path.unlink()
+    if replaced:
+        with open_keystore(keystore_path) as other:
+            other.create_keys("ethereum", eth_address)
+    with pytest.raises(DependencyUnavailable, match="not the file") as unhealthy:
+        keystore.check_health()
+    assert str(keystore_path) in unhealthy.value.message
+    with pytest.raises(DependencyUnavailable, match="not the file"):
+        keystore.create_keys("ethereum", eth_address)
+    with pytest.raises(DependencyUnavailable, match="not the file"):
+        keystore.import_private_key("ethereum", Secret(bytes(31) + b"\x01"), eth_address)
+    assert keystore.sign_digest(kept, bytes(32))  # a key in memory still signs
+    assert keystore_path.exists() is replaced

@@ -103,6 +103,9 @@ class KeystoreBackend(CustodyBackend):
         self._wallets: dict[str, HDWallet] = {}
         self._write_failure: str | None = None
         """Why the last write failed, until a write succeeds (see :meth:`check_health`)."""
+        self._identity = _file_identity(path)
+        """The device and inode of the file opened: SQLite holds it open by descriptor, so
+        a file deleted or replaced at ``path`` would go on taking writes no one will read."""
 
     @classmethod
     def open(
@@ -478,6 +481,7 @@ class KeystoreBackend(CustodyBackend):
         waiting for a create. (A write rolled back never reaches the disk, so it would not
         tell.)"""
         with self._lock:
+            self._check_file()
             try:
                 self._require_conn().execute("SELECT 1 FROM header").fetchone()
             except sqlite3.Error:
@@ -537,6 +541,7 @@ class KeystoreBackend(CustodyBackend):
         transaction is rolled back only while one is open."""
         with self._lock:
             conn = self._require_conn()
+            self._check_file()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -555,6 +560,15 @@ class KeystoreBackend(CustodyBackend):
             if self._write_failure is not None:
                 logger.warning("keystore %s takes writes again", self._path)
                 self._write_failure = None
+
+    def _check_file(self) -> None:
+        """Refuse while the file at the keystore's path is not the one open (deleted,
+        renamed away or replaced): only a restart on the right file can serve it."""
+        if _file_identity(self._path) != self._identity:
+            raise DependencyUnavailable(
+                f"the keystore open is not the file at {self._path} (deleted or replaced "
+                "while signd runs): put it back, or restart signd"
+            )
 
     def _write_failed(self, exc: sqlite3.Error) -> SigndError:
         """``exc`` translated; a database that refused the write is remembered as such."""
@@ -655,6 +669,15 @@ class KeystoreBackend(CustodyBackend):
             labels=tuple(json.loads(labels)),
             details=details,
         )
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``, or ``None`` if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _check_chain(chain: str) -> str:
