@@ -218,3 +218,38 @@ def test_a_home_closed_to_group_and_others_is_not_warned_about(
     assert [record.getMessage() for record in caplog.records] == [
         f"the home {home} is open to group or others (mode 750): run chmod 700 {home}"
     ]
+
+
+@pytest.mark.parametrize("custody", ["keystore", "enclave"])
+def test_serve_makes_a_missing_audit_log_folder_with_either_gate(
+    tmp_path: Path, custody: str
+) -> None:
+    """``[api] audit_log`` in a folder that does not exist yet: the gate in this process
+    (keystore custody) and the enclave's gate (enclave custody) both make it, and say so."""
+    folder = tmp_path / "audit" / "signd"
+    home = make_home(
+        tmp_path / "home", (custody,), extra=f'\n[api]\naudit_log = "{folder}/audit.log"\n'
+    )
+    with signd_serve(home) as server:
+        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        assert ready.status_code == 200, ready.text
+        assert server.stop() == 0
+    assert (folder / "audit.log").is_file()
+    assert f"made the folder {folder}" in server.log.read_text()
+
+
+@pytest.mark.parametrize("custody", ["keystore", "enclave"])
+def test_serve_with_an_audit_log_it_cannot_open_says_so_in_one_line(
+    tmp_path: Path, custody: str
+) -> None:
+    """A folder that cannot be made (a file is in the way): a configuration error naming the
+    audit log, not a traceback, with either gate."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    home = make_home(
+        tmp_path / "home", (custody,), extra=f'\n[api]\naudit_log = "{blocker}/audit.log"\n'
+    )
+    result = serve_that_fails(home, PASSPHRASE)
+    assert "error configuration_error: cannot open the audit log" in result.stderr, result.stderr
+    assert str(blocker / "audit.log") in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from signd.audit import GENESIS_HASH, AuditSigner, FileAuditLog, ProblemKind, verify_chain
 from signd.audit.log import AuditLog, AuditOrderError
-from signd.errors import IntegrityError
+from signd.errors import DependencyUnavailable, IntegrityError
 from tests.audit.conftest import MAC_KEY, build_chain, seal_one, ticking_clock
 
 
@@ -132,3 +132,28 @@ def test_a_host_cannot_seed_the_signer_with_a_forged_head(tmp_path: Path) -> Non
     path.write_text("\n".join(lines) + "\n")
     with FileAuditLog(path) as log, pytest.raises(IntegrityError, match="does not verify"):
         AuditSigner(MAC_KEY, "node-a", last=log.last_record())
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["moved away", "replaced"])
+def test_a_log_file_gone_from_its_path_takes_no_records(tmp_path: Path, replaced: bool) -> None:
+    """The open file renamed away (its folder swapped, a volume unmounted under it) or
+    replaced: records appended to it would not be in the log at ``path``, so appends are
+    refused and check_health says why, until the file is back."""
+    path = tmp_path / "audit.log"
+    away = tmp_path / "away.log"
+    chain = build_chain(3)
+    with FileAuditLog(path) as log:
+        log.append(chain[0])
+        path.rename(away)
+        if replaced:
+            path.write_bytes(b"")
+        with pytest.raises(DependencyUnavailable, match="not the file"):
+            log.check_health()
+        with pytest.raises(DependencyUnavailable, match="not the file"):
+            log.append(chain[1])
+        if replaced:
+            path.unlink()
+        away.rename(path)
+        log.check_health()
+        log.append(chain[1])
+    assert [sealed.record.seq for sealed in FileAuditLog(path).records()] == [1, 2]

@@ -14,6 +14,7 @@ import pytest
 from signd.errors import DependencyUnavailable, SigndError
 from signd.storage.postgres import PostgresMetadataStore
 from signd.storage.sqlite import SqliteMetadataStore
+from tests.fixtures.files import immutable
 from tests.fixtures.servers import PostgresServer
 from tests.storage.test_metadata_contract import record
 
@@ -47,6 +48,30 @@ def test_sqlite_write_lock_held_elsewhere(tmp_path: Path) -> None:
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    later = record()
+    store.add([later])
+    assert store.list().records == [kept, later]
+    store.close()
+
+
+def test_sqlite_disk_refusing_writes_is_unhealthy_until_it_takes_them(tmp_path: Path) -> None:
+    """A commit the disk refuses (``chattr +i`` on the database and its WAL) is a 503, and
+    check_health says so (a read alone would not notice) until writes work again, without
+    waiting for another insert."""
+    path = tmp_path / "m.sqlite"
+    store = SqliteMetadataStore(path)
+    kept = record()
+    store.add([kept])
+    store.check_health()
+    with immutable(path, path.with_name(path.name + "-wal")):
+        with fails_within(2) as caught:
+            store.add([record()])
+        assert "SQLITE_IOERR" in caught[0].message
+        for _ in range(2):  # probed each time, not only remembered
+            with pytest.raises(DependencyUnavailable, match="takes no writes"):
+                store.check_health()
+        assert store.find(kept.key_id) == kept
+    store.check_health()
     later = record()
     store.add([later])
     assert store.list().records == [kept, later]

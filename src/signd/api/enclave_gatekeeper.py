@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from signd.audit import FileAuditLog, SealedAuditRecord
+from signd.audit import SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
@@ -82,9 +82,10 @@ from signd.gate.keeper import (
     labels_refusal,
     require_scope,
     visible_page,
+    warn_unrecorded,
 )
 from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
-from signd.gate.setup import GatePaths, write_private
+from signd.gate.setup import GatePaths, open_audit_log, write_private
 from signd.operations import Signer
 from signd.policy import Policy, SpendWindowsUnavailable
 from signd.policy.engine import longest_window
@@ -259,7 +260,7 @@ class EnclaveGatekeeper:
         self.paths = paths
         self.node = node
         self.limits = limits or Limits()
-        self.audit = FileAuditLog(paths.audit_log)
+        self.audit = open_audit_log(paths.audit_log)
         self.clients_sha256 = ""
         self.policy_sha256 = ""
         self._configure_lock = threading.Lock()
@@ -380,6 +381,19 @@ class EnclaveGatekeeper:
     ) -> dict[str, Any]:
         """One GATE: the answer, once its audit records are durable in the log (inside
         :func:`~signd.audit.log.deferring_appends`: once they are submitted)."""
+        answer, epoch = self._ask(request, select, keys, fills)
+        self._append(answer.get("audit"), epoch)
+        return answer
+
+    def _ask(
+        self,
+        request: GateRequest,
+        select: Sequence[int] | None,
+        keys: Sequence[dict[str, Any]],
+        fills: Mapping[int, Mapping[str, Any]] | None,
+    ) -> tuple[dict[str, Any], int]:
+        """One GATE, its records not yet appended: the answer, and the epoch it was sent in
+        (for :meth:`_append`)."""
         body = _gate_body(request, select, keys, fills)
         epoch = self._resumed_epoch()
         try:
@@ -390,8 +404,7 @@ class EnclaveGatekeeper:
             log.warning("the enclave has lost its gate configuration (restarted?); sending it")
             self.configure()
             answer = self.client.request(MessageType.GATE, body)
-        self._append(answer.get("audit"), epoch)
-        return answer
+        return answer, epoch
 
     def _resumed_epoch(self) -> int:
         """The epoch to send a GATE in, once a resume that is wanted or under way is over
@@ -454,14 +467,14 @@ class EnclaveGatekeeper:
         )
         return answer
 
-    def _append(self, lines: object, epoch: int) -> None:
+    def _append(self, lines: object, epoch: int, *, wait: bool = False) -> None:
         """Append the enclave's sealed records of a GATE sent in ``epoch``; nothing is
         released unless this succeeds (inside :func:`~signd.audit.log.deferring_appends`,
-        the caller waits for it)."""
+        unless ``wait``, the caller waits for it)."""
         if not isinstance(lines, list):
             raise DependencyUnavailable("the enclave sent no audit records")
         records = [SealedAuditRecord.from_json(line) for line in lines]
-        store_records(self.audit, records, failed=partial(self._append_failed, epoch))
+        store_records(self.audit, records, failed=partial(self._append_failed, epoch), wait=wait)
 
     def _append_failed(self, epoch: int, exc: BaseException) -> None:
         why = exc.message if isinstance(exc, SigndError) else type(exc).__name__
@@ -471,11 +484,13 @@ class EnclaveGatekeeper:
 
     def _resume(self) -> None:
         """After records were lost on their way to the log, have the enclave continue the
-        chain from the log's last record (best effort)."""
+        chain from the log's last record; if that fails, the next GATE tries again (a
+        create refused while the log is down sends no GATE whose failure would ask)."""
         try:
             self.configure(resume=True)
         except SigndError as exc:
             log.error("could not resume the audit chain: %s", exc.message)
+            self._resume_wanted = True
 
     # authentication
 
@@ -542,7 +557,13 @@ class EnclaveGatekeeper:
     def create_keys(
         self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]:
-        """``keys:create``, decided (and, for sealed keys, done) by the enclave."""
+        """``keys:create``, decided (and, for sealed keys, done) by the enclave.
+
+        Nothing is asked of the enclave while the audit log is known to take no records
+        (503), and the answer's records are durable before the host records a sealed key
+        or makes one the enclave approved. If they cannot be written, the caller gets the
+        error: sealed keys the enclave made are then never recorded (unusable, as a blob
+        whose write failed), and a warning names them (:func:`warn_unrecorded`)."""
         request, session = self._presented(caller)
         wanted = check_labels(labels)
         if isinstance(session.action, SigndError):
@@ -551,8 +572,15 @@ class EnclaveGatekeeper:
             raise InvalidRequest(NOT_IN_REQUEST)
         address_of = address_deriver(chain)
         backend = self.signer.backend(custody)
-        answer = self._gate(request, select=[0])
+        self.check_audit()
+        answer, epoch = self._ask(request, [0], (), None)
         made = [CreatedKey.from_body(key) for key in answer.get("keys", [])]
+        try:
+            self._append(answer.get("audit"), epoch, wait=True)
+        except Exception as exc:
+            if made:
+                warn_unrecorded(custody, [key.key_id for key in made], exc)
+            raise
         created: list[KeyInfo] = []
         if made:
             if not isinstance(backend, EnclaveBackend):

@@ -152,7 +152,11 @@ class FileAuditLog:
         self._last = _read_last_record(self.path)
         existed = self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        self._size = os.fstat(self._fd).st_size
+        opened = os.fstat(self._fd)
+        self._size = opened.st_size
+        self._identity = (opened.st_dev, opened.st_ino)
+        """The file opened: records written to it once another file (or none) is at
+        ``path`` would not be in the log anyone reads (see :meth:`_elsewhere`)."""
         if not existed:
             _fsync_directory(self.path.parent)
         lock = threading.Lock()
@@ -398,6 +402,9 @@ class FileAuditLog:
     def _write(self, data: bytes) -> DependencyUnavailable | None:
         """Append ``data`` and fsync; on failure, cut the file back to where it was."""
         start = self._size
+        elsewhere = self._elsewhere()
+        if elsewhere is not None:
+            return DependencyUnavailable(elsewhere)
         try:
             view = memoryview(data)
             while view:
@@ -439,12 +446,30 @@ class FileAuditLog:
         log.warning("the audit log is writable again; the failed write is undone")
 
     def check_health(self) -> None:
-        """Raise :class:`DependencyUnavailable` while the log cannot take records (closed, or
-        a failed write not yet undone: each call retries the undo)."""
+        """Raise :class:`DependencyUnavailable` while the log cannot take records (closed, a
+        failed write not yet undone: each call retries the undo, or the file open no longer
+        the one at ``path``)."""
         with self._state:
             self._retry_undo()
             if self._unusable is not None:
                 raise DependencyUnavailable(self._unusable)
+        elsewhere = self._elsewhere()
+        if elsewhere is not None:
+            raise DependencyUnavailable(elsewhere)
+
+    def _elsewhere(self) -> str | None:
+        """Why no record may be written, if the file at ``path`` is not the one open (renamed
+        away, deleted or replaced: a volume swapped underneath); else ``None``."""
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            found = None
+        if found is not None and (found.st_dev, found.st_ino) == self._identity:
+            return None
+        return (
+            f"the audit log open is not the file at {self.path} (moved, deleted or replaced "
+            "while signd runs): put it back, or restart signd"
+        )
 
     def _refuse(self, pending: Submission, error: SigndError) -> None:
         """Refuse admitted records and, since they can no longer be chained, their successors
@@ -507,13 +532,16 @@ def store_records(
     *,
     failed: Callable[[BaseException], None],
     finished: Callable[[], None] = lambda: None,
+    wait: bool = False,
 ) -> None:
     """Append ``sealed`` to ``store``: durably before returning, or, inside
-    :func:`deferring_appends`, submitted. ``failed`` hears of a failure (then the error is
-    raised, or the submission ends with it) and ``finished`` is called once the append is
-    over, either way: at once, or when the submission ends (from the writer's thread)."""
+    :func:`deferring_appends` and unless ``wait``, submitted. ``failed`` hears of a failure
+    (then the error is raised, or the submission ends with it) and ``finished`` is called
+    once the append is over, either way: at once, or when the submission ends (from the
+    writer's thread). ``wait`` is for a caller that must act on the outcome itself (it
+    costs its thread the wait for the fsync)."""
     deferred = _DEFERRED.get()
-    if deferred is None or not isinstance(store, FileAuditLog):
+    if wait or deferred is None or not isinstance(store, FileAuditLog):
         try:
             store.append_many(sealed)
         except BaseException as exc:

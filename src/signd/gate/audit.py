@@ -170,9 +170,10 @@ class AuditTrail:
         """Whether records can be stored (else :class:`~signd.errors.DependencyUnavailable`)."""
         self.store.check_health()
 
-    def write(self, entries: Sequence[AuditEntry]) -> None:
+    def write(self, entries: Sequence[AuditEntry], *, wait: bool = False) -> None:
         """Seal ``entries`` and return once their records are durable, or raise; inside
-        :func:`~signd.audit.log.deferring_appends`, once they are submitted."""
+        :func:`~signd.audit.log.deferring_appends` and unless ``wait``, once they are
+        submitted."""
         if not entries:
             return
         with self._state:
@@ -186,7 +187,7 @@ class AuditTrail:
                 for entry in entries
             ]
             self._writing += 1
-        store_records(self.store, sealed, failed=self._failed, finished=self._finished)
+        store_records(self.store, sealed, failed=self._failed, finished=self._finished, wait=wait)
 
     def _failed(self, exc: BaseException) -> None:
         why = _why(exc) if isinstance(exc, Exception) else type(exc).__name__

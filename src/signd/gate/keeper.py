@@ -229,7 +229,13 @@ class Gatekeeper:
         self, caller: Caller, *, chain: str, custody: str, count: int, labels: Sequence[str]
     ) -> list[KeyInfo]:
         """``keys:create``: the client's scope and labels, then the policy, then custody.
-        (Creating a key moves no value, so there is no spend to commit.)"""
+        (Creating a key moves no value, so there is no spend to commit.)
+
+        No key is made while the audit log is known to take no records (503). The keys'
+        records are written, durably, once they are made (their ids are known only then):
+        if that fails, the caller gets the error and none of their addresses, so no funds
+        can reach them, but the keys exist in custody without a record; a warning names
+        them (:func:`warn_unrecorded`)."""
         base = self._entry(caller, Operation.KEYS_CREATE, chain=chain)
         wanted = check_labels(labels)
         address_deriver(chain)  # an unknown chain is a bad request, not a policy question
@@ -245,6 +251,7 @@ class Gatekeeper:
         decision = self.engine.check(intent)
         if decision.refused:
             self._refuse(base, PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
+        self.check_audit()
         keys = self._guard(
             base,
             lambda: self.signer.create_keys(
@@ -252,19 +259,24 @@ class Gatekeeper:
             ),
             decision.rule,
         )
-        self.audit.write(
-            [
-                base
-                | {
-                    "decision": "allowed",
-                    "reason": decision.reason,
-                    "rule": decision.rule,
-                    "key_id": key.key_id,
-                    "result_sha256": sha256_hex(key.public_key),
-                }
-                for key in keys
-            ]
-        )
+        try:
+            self.audit.write(
+                [
+                    base
+                    | {
+                        "decision": "allowed",
+                        "reason": decision.reason,
+                        "rule": decision.rule,
+                        "key_id": key.key_id,
+                        "result_sha256": sha256_hex(key.public_key),
+                    }
+                    for key in keys
+                ],
+                wait=True,
+            )
+        except Exception as exc:
+            warn_unrecorded(custody, [key.key_id for key in keys], exc)
+            raise
         return keys
 
     def get_key(self, caller: Caller, ref: str) -> KeyInfo:
@@ -498,6 +510,21 @@ async def each_alone(
             raise answer
         each.append(answer)
     return each
+
+
+def warn_unrecorded(custody: str, key_ids: Sequence[str], error: BaseException) -> None:
+    """Name keys that were made but whose ``keys:create`` records could not be written.
+    The caller was refused and given none of their addresses, so nothing can have been
+    sent to them; an operator may look them up (or remove them) by these ids."""
+    why = error.message if isinstance(error, SigndError) else type(error).__name__
+    log.warning(
+        "%d %s key(s) were made but have no audit record (the request was refused, their "
+        "addresses were given to no one): %s; the record failed: %s",
+        len(key_ids),
+        custody,
+        ", ".join(key_ids),
+        why,
+    )
 
 
 def key_fields(info: KeyInfo) -> AuditEntry:

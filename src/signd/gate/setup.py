@@ -274,6 +274,25 @@ public_key = "{ed25519_public_key_text(key)}"
     return DevDefaults(DEV_CLIENT_ID, key_path, paths.clients_file, paths.policy_file)
 
 
+def open_audit_log(path: Path) -> FileAuditLog:
+    """The audit log at ``path``, for either gate; its folder is made if missing (with a
+    warning: a folder that should be a mounted volume would now be one on this disk). A
+    folder or file that cannot be made or opened is a ConfigurationError naming it."""
+    folder = path.parent
+    try:
+        if not folder.is_dir():
+            folder.mkdir(parents=True, mode=0o700)
+            log.warning(
+                "made the folder %s for the audit log: if the log belongs on a volume of its "
+                "own, that volume is not mounted",
+                folder,
+            )
+        return FileAuditLog(path)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigurationError(f"cannot open the audit log {path}: {why}") from None
+
+
 def open_gatekeeper(
     signer: GateCustody,
     paths: GatePaths,
@@ -288,8 +307,7 @@ def open_gatekeeper(
     clients = ClientsHolder.load(paths.clients_file)
     policy = PolicyHolder.load(paths.policy_file)
     mac_key = load_mac_key(paths.audit_key_file, create=not paths.audit_log.exists())
-    paths.audit_log.parent.mkdir(parents=True, exist_ok=True)
-    store = FileAuditLog(paths.audit_log)
+    store = open_audit_log(paths.audit_log)
     engine = PolicyEngine(policy, now=now)
     try:
         trail = AuditTrail(mac_key, node or socket.gethostname(), store)

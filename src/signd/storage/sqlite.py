@@ -47,6 +47,15 @@ MIGRATIONS = (
 )
 
 
+def probe_write(connection: sqlite3.Connection) -> None:
+    """Inside the caller's write transaction, write without changing anything: setting
+    ``user_version`` to its own value dirties the header page, so the commit writes (and,
+    with ``synchronous=FULL``, syncs) a WAL frame. A write rolled back, or an UPDATE to the
+    same value, never reaches the disk, so it cannot tell whether the disk takes writes."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    connection.execute(f"PRAGMA user_version = {int(version)}")
+
+
 class SqliteMetadataStore(SqlMetadataStore):
     """Key records in one SQLite file; safe to share between threads."""
 
@@ -59,6 +68,8 @@ class SqliteMetadataStore(SqlMetadataStore):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._write_failure: str | None = None
+        """Why the last write failed, until a write succeeds (see :meth:`check_health`)."""
         self._open()
 
     def close(self) -> None:
@@ -69,8 +80,19 @@ class SqliteMetadataStore(SqlMetadataStore):
             connection.close()
 
     def check_health(self) -> None:
+        """The database answers, and takes writes: after a write failed, each check commits
+        a change-nothing write (:func:`probe_write`) until one succeeds."""
         with self._transaction(write=False) as cursor:
             cursor.execute("SELECT 1", ())
+        failure = self._write_failure
+        if failure is not None:
+            try:
+                with self._transaction(write=True):
+                    probe_write(self._connection())
+            except DependencyUnavailable:
+                raise DependencyUnavailable(
+                    f"SQLite {self.path} takes no writes: {failure}"
+                ) from None
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use."""
@@ -132,4 +154,9 @@ class SqliteMetadataStore(SqlMetadataStore):
             raise KeyExists(f"a key with this {what} is already stored") from exc
         except sqlite3.Error as exc:
             reason = getattr(exc, "sqlite_errorname", type(exc).__name__)
-            raise DependencyUnavailable(f"SQLite {self.path} unavailable: {reason}") from exc
+            error = DependencyUnavailable(f"SQLite {self.path} unavailable: {reason}")
+            if write:
+                self._write_failure = error.message
+            raise error from exc
+        if write:
+            self._write_failure = None

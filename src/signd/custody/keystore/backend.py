@@ -65,6 +65,7 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
+from signd.storage.sqlite import probe_write
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ class KeystoreBackend(CustodyBackend):
         self._lock = threading.RLock()
         self._signers: dict[str, coincurve.PrivateKey] = {}
         self._wallets: dict[str, HDWallet] = {}
+        self._write_failure: str | None = None
+        """Why the last write failed, until a write succeeds (see :meth:`check_health`)."""
+        self._identity = _file_identity(path)
+        """The device and inode of the file opened: SQLite holds it open by descriptor, so
+        a file deleted or replaced at ``path`` would go on taking writes no one will read."""
 
     @classmethod
     def open(
@@ -408,7 +414,7 @@ class KeystoreBackend(CustodyBackend):
             try:
                 rows = self._require_conn().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise _storage_error(exc) from None
+                raise _storage_error(exc, self._path) from None
         more = len(rows) > limit
         rows = rows[:limit]
         return KeyPage(
@@ -469,11 +475,27 @@ class KeystoreBackend(CustodyBackend):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def check_health(self) -> None:
+        """The database answers, and takes writes. A write that fails is remembered; until
+        one succeeds, each check writes a change-nothing commit (:func:`probe_write`), so
+        that the keystore is reported ready again once the disk takes writes, without
+        waiting for a create. (A write rolled back never reaches the disk, so it would not
+        tell.)"""
         with self._lock:
+            self._check_file()
             try:
                 self._require_conn().execute("SELECT 1 FROM header").fetchone()
             except sqlite3.Error:
-                raise DependencyUnavailable("the keystore database does not answer") from None
+                raise DependencyUnavailable(
+                    f"the keystore database {self._path} does not answer"
+                ) from None
+            if self._write_failure is not None:
+                try:
+                    with self._transaction() as conn:
+                        probe_write(conn)
+                except DependencyUnavailable:
+                    raise DependencyUnavailable(
+                        f"the keystore takes no writes: {self._write_failure}"
+                    ) from None
 
     def close(self) -> None:
         """Drop cached keys and seeds and close the database."""
@@ -508,26 +530,54 @@ class KeystoreBackend(CustodyBackend):
         try:
             return self._require_conn().execute(sql, params).fetchone()
         except sqlite3.Error as exc:
-            raise _storage_error(exc) from None
+            raise _storage_error(exc, self._path) from None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, holding the backend lock; storage errors are translated."""
+        """One write transaction, holding the backend lock; storage errors are translated,
+        and a write the database refused is remembered until one succeeds.
+
+        A COMMIT that fails on an I/O error has been rolled back by SQLite already, so the
+        transaction is rolled back only while one is open."""
         with self._lock:
             conn = self._require_conn()
+            self._check_file()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise _storage_error(exc) from None
+                raise self._write_failed(exc) from None
             try:
                 yield conn
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise _storage_error(exc) from None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise self._write_failed(exc) from None
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+            if self._write_failure is not None:
+                logger.warning("keystore %s takes writes again", self._path)
+                self._write_failure = None
+
+    def _check_file(self) -> None:
+        """Refuse while the file at the keystore's path is not the one open (deleted,
+        renamed away or replaced): only a restart on the right file can serve it."""
+        if _file_identity(self._path) != self._identity:
+            raise DependencyUnavailable(
+                f"the keystore open is not the file at {self._path} (deleted or replaced "
+                "while signd runs): put it back, or restart signd"
+            )
+
+    def _write_failed(self, exc: sqlite3.Error) -> SigndError:
+        """``exc`` translated; a database that refused the write is remembered as such."""
+        error = _storage_error(exc, self._path)
+        if isinstance(error, DependencyUnavailable):
+            if self._write_failure is None:
+                logger.error("keystore %s refused a write: %s", self._path, error.message)
+            self._write_failure = error.message
+        return error
 
     def _insert_keys(self, conn: sqlite3.Connection, keys: Sequence[_NewKey]) -> None:
         (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM keys").fetchone()
@@ -621,6 +671,15 @@ class KeystoreBackend(CustodyBackend):
         )
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path``, or ``None`` if there is none."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _check_chain(chain: str) -> str:
     if not isinstance(chain, str) or not _CHAIN_NAME.fullmatch(chain):
         raise InvalidField("chain must be a lower-case chain name", field="chain")
@@ -653,10 +712,12 @@ def _decode_cursor(cursor: str) -> int:
     return int.from_bytes(raw[1:], "big")
 
 
-def _storage_error(exc: sqlite3.Error) -> SigndError:
-    """Translate an SQLite error: a uniqueness clash, an unavailable file, or corruption."""
+def _storage_error(exc: sqlite3.Error, path: Path) -> SigndError:
+    """Translate an SQLite error: a uniqueness clash, an unavailable file (named, with
+    SQLite's reason: a disk I/O error, a lock held elsewhere, a full disk), or corruption."""
     if isinstance(exc, sqlite3.IntegrityError):
         return KeyExists("a key with that address is already held")
     if isinstance(exc, sqlite3.OperationalError):
-        return DependencyUnavailable("the keystore database is unavailable")
+        reason = getattr(exc, "sqlite_errorname", None) or str(exc)
+        return DependencyUnavailable(f"the keystore database {path} is unavailable ({reason})")
     return IntegrityError("the keystore database is corrupted")
