@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from signd.custody.hsm import HsmBackend
-from signd.custody.hsm.library import Pkcs11Library
-from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable, IntegrityError
+from signd.custody.hsm.library import PinRefused, Pkcs11Library
+from signd.errors import ConfigurationError, DependencyUnavailable, IntegrityError
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.custody.hsm.conftest import (
     LOSS_TOKEN,
@@ -28,14 +29,15 @@ from tests.custody.hsm.conftest import (
 )
 
 
-def test_wrong_pin_is_access_denied_without_the_pin(
+def test_wrong_pin_is_refused_as_unavailable_without_the_pin(
     softhsm: SoftHsm, metadata: SqliteMetadataStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = "wrong-pin-" + os.urandom(4).hex()
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(AccessDenied) as raised:
+    with pytest.raises(PinRefused) as raised:
         HsmBackend(softhsm.settings(PIN_TOKEN, pin=wrong), metadata)
     assert "incorrect" in str(raised.value)
+    assert raised.value.http_status == 503
     for text in (str(raised.value), repr(raised.value), str(raised.value.to_dict()), caplog.text):
         assert wrong not in text
     backend = HsmBackend(softhsm.settings(PIN_TOKEN), metadata)
@@ -355,3 +357,67 @@ def test_signing_while_key_generation_fails_keeps_the_process_alive(
         "read-only sign ok",
     }, counts
     assert counts.get("before sign ok", 0) > 0 and counts.get("before create ok", 0) > 0
+
+
+SET_PIN_SCRIPT = """
+import sys, pkcs11
+module, label, old, new = sys.argv[1:5]
+session = pkcs11.lib(module).get_token(token_label=label).open(rw=True, user_pin=old)
+session.set_pin(old, new)
+session.close()
+"""
+
+
+class CountingLogins:
+    """The module's function list, counting C_Login calls."""
+
+    def __init__(self, functions: Any) -> None:
+        self._functions = functions
+        self.logins = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._functions, name)
+
+    def C_Login(self, *args: Any) -> Any:
+        self.logins += 1
+        return self._functions.C_Login(*args)
+
+
+def test_a_pin_changed_on_the_hsm_is_tried_once_then_refused_without_logging_in(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token's PIN changed by another process while signd runs: the next login is
+    refused, and signd must not keep sending that PIN (CloudHSM locks the user after a few
+    failed logins) — neither on every reconnection nor from a new backend, which is what
+    ``signd serve`` builds on each request while the HSM custody cannot open."""
+    label, changed = "signd-pin-change", "changed-pin-" + os.urandom(4).hex()
+    softhsm.init_token(label)
+    library = Pkcs11Library.load(softhsm.module)
+    library.reinitialize(library.generation)  # a loaded SoftHSM2 sees new tokens only then
+    counting = CountingLogins(library._functions)
+    monkeypatch.setattr(library, "_functions", counting)
+    backend = HsmBackend(softhsm.settings(label, pool_size=2, reconnect_interval=0), metadata)
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        subprocess.run(
+            [sys.executable, "-c", SET_PIN_SCRIPT, str(softhsm.module), label, USER_PIN, changed],
+            check=True,
+            capture_output=True,
+        )
+        library.reinitialize(library.generation)  # the login is gone; SoftHSM2 reads the PIN
+        before = counting.logins
+        for call in (lambda: backend.sign_digest(key, os.urandom(32)), backend.check_health):
+            for _ in range(3):
+                with pytest.raises(
+                    PinRefused, match="refused signd's PIN: the HSM PIN is incorrect"
+                ):
+                    call()
+        with pytest.raises(PinRefused):
+            HsmBackend(softhsm.settings(label), metadata)
+        assert counting.logins == before + 1, "the refused PIN was sent once"
+        renewed = HsmBackend(softhsm.settings(label, pin=changed), metadata)
+        digest = os.urandom(32)
+        assert renewed.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+        renewed.close()
+    finally:
+        backend.close()

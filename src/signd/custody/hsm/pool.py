@@ -6,6 +6,7 @@ login or the token itself went away, the pool is dropped, reopened (re-initialis
 module if reopening alone does not work) and the call retried once. While the token stays
 away every request fails fast with DependencyUnavailable, a reconnection being attempted at
 most every ``reconnect_interval`` seconds, and the first request after it returns succeeds.
+A refused PIN is not: every request fails with PinRefused until signd is restarted.
 
 A session belongs to the module generation it was opened in. Re-initialising the module ends
 every session, and the module then hands out the same handle numbers again, to new sessions
@@ -26,7 +27,7 @@ import pkcs11
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
-from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.library import PinRefused, Pkcs11Library
 from signd.custody.hsm.settings import HsmSettings
 from signd.errors import (
     CapacityExceeded,
@@ -279,8 +280,9 @@ class SessionPool:
     def _connect_locked(self) -> None:
         """Open the pool (caller holds ``_cond``); fail fast while the last try is recent."""
         now = self._clock()
-        if self._last_error is not None and now < self._retry_at:
-            raise type(self._last_error)(self._last_error.message)
+        last = self._last_error
+        if last is not None and (isinstance(last, PinRefused) or now < self._retry_at):
+            raise type(last)(last.message)
         try:
             self._idle = self._open_sessions()
         except SigndError as exc:
