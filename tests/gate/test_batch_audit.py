@@ -499,3 +499,35 @@ def test_a_full_record_fits_a_line_of_audit_tail() -> None:
         results_sha256=["cd" * 32] * MAX_GROUPED_RESULTS,
     )
     assert len(sealed.to_json()) <= MAX_LINE_SIZE
+
+
+@BOTH_GATES
+def test_a_custodys_refusal_while_signing_is_its_own_error_not_the_policys(
+    gated: Gated, hot_key: dict[str, Any], gate_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A custody that refuses while signing (a device refusing its own credentials: an HSM
+    PIN, a KMS grant) answers its own error, on the record as refused under the rule that
+    allowed the request; only a refused spend commit is the policy's ``policy_denied``."""
+
+    def refusing(*args: Any) -> Any:
+        raise AccessDenied("the device refused its credentials")
+
+    if gate_mode == "enclave":  # the enclave signs the keys it seals
+        monkeypatch.setattr(ProvenKey, "sign_digest", refusing)
+    else:
+        monkeypatch.setattr(gated.signer, "sign_hash", refusing)
+    response = gated.signed(
+        "POST", "/v1/sign/ethereum/message", {"key": hot_key["key_id"], "message": "m"}
+    )
+    assert response.status_code == 403, response.text
+    assert response.json()["error"] == {
+        "code": "access_denied",
+        "message": "the device refused its credentials",
+    }
+    record = gated.records()[-1].record
+    assert (record.decision, record.reason, record.rule) == (
+        "refused",
+        "the device refused its credentials",
+        "hot-messages",
+    )
+    assert_log_verifies(gated.gatekeeper, gated.paths)

@@ -364,7 +364,7 @@ class EnclaveHsmBackend(EnclaveBackend):
     """HSM custody run by the enclave (``[hsm] in_enclave = true``).
 
     To its callers it is the ``hsm`` custody, like :class:`~signd.custody.hsm.HsmBackend`: the
-    same records, the same errors (a wrong PIN is AccessDenied, a vanished token
+    same records, the same errors (a refused PIN and a vanished token are
     DependencyUnavailable), the same signatures. Only the enclave loads the PKCS#11 module and
     knows the PIN. Keys are made ``batch_size`` per round trip (each is a key generation on the
     HSM); when the token fails part-way, the keys it made are recorded before the error is

@@ -714,6 +714,13 @@ class EnclaveGate:
         outcome: dict[str, Any]
         result_sha256 = None
         reason = decision.reason
+
+        def refuse(error: SigndError) -> SigndError:
+            answer.entries.append(
+                base | {"decision": "refused", "reason": error.message, "rule": decision.rule}
+            )
+            return error
+
         try:
             if proven is not None:
                 signature = proven.sign_digest(digest)
@@ -736,19 +743,16 @@ class EnclaveGate:
             else:
                 reason = f"{reason}; signed by the host's {info.custody} custody"
                 outcome = {"approved": digest}
+        except SigndError as exc:  # the custody's own error, a refused credential included
+            raise refuse(exc) from None
+        except Exception as exc:  # a fault of a signing library: refused, on the record
+            raise refuse(signing_fault(exc)) from None
+        try:
             spend = configured.engine.commit(decision, approval.intent)
-        except Exception as exc:
-            error: SigndError
-            if isinstance(exc, AccessDenied):  # the spend window filled up meanwhile, or a reload
-                error = PolicyDenied(exc.message, rule=decision.rule)
-            elif isinstance(exc, SigndError):
-                error = exc
-            else:  # a fault of a signing library: refused, on the record all the same
-                error = signing_fault(exc)
-            answer.entries.append(
-                base | {"decision": "refused", "reason": error.message, "rule": decision.rule}
-            )
-            raise error from None
+        except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
+            raise refuse(PolicyDenied(exc.message, rule=decision.rule)) from None
+        except SigndError as exc:
+            raise refuse(exc) from None
         answer.entries.signed(
             base, reason=reason, rule=decision.rule, result_sha256=result_sha256, spend=spend
         )

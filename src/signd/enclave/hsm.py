@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import check_digest
+from signd.custody.hsm.library import PinRefused
 from signd.custody.hsm.token import HsmToken
 from signd.enclave.protocol import MAX_BATCH, CreatedHsmKey, HsmKeyReference
 from signd.enclave.signer import AddressFunction
-from signd.errors import AccessDenied, InvalidField, SigndError
+from signd.errors import InvalidField, SigndError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class EnclaveHsm:
                 raise SigndError("the enclave's HSM custody is closed")
             failure = self._failure
             if failure is not None and (
-                isinstance(failure, AccessDenied) or self._clock() < self._retry_at
+                isinstance(failure, PinRefused) or self._clock() < self._retry_at
             ):
                 raise type(failure)(failure.message, field=failure.field)
             try:

@@ -451,13 +451,16 @@ class Gatekeeper:
         try:
             signature = self.signer.sign_hash(info, prepared.digest)
             result = prepared.assemble(signature)
+        except SigndError as exc:  # the custody's own error, a refused credential included
+            raise refuse(exc, decision.rule) from None
+        except Exception as exc:  # a fault of the custody's library: refused, on the record
+            raise refuse(signing_fault(exc), decision.rule) from None
+        try:
             spend = self.engine.commit(decision, approval.intent)
         except AccessDenied as exc:  # the spend window filled up meanwhile, or a reload
             raise refuse(PolicyDenied(exc.message, rule=decision.rule), decision.rule) from None
         except SigndError as exc:
             raise refuse(exc, decision.rule) from None
-        except Exception as exc:  # a fault of the custody's library: refused, on the record
-            raise refuse(signing_fault(exc), decision.rule) from None
         entries.signed(
             base,
             reason=decision.reason,

@@ -44,10 +44,11 @@ def test_hsm_adoption_through_the_cli(hsm_cli: Cli, softhsm: SoftHsm) -> None:
     assert again["error"]["code"] == "key_exists"
 
 
-def test_wrong_hsm_pin_is_access_denied_without_the_pin(
+def test_wrong_hsm_pin_is_unavailable_without_the_pin(
     hsm_cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIGND_HSM_PIN", "99999999")
     out = hsm_cli.run("keys", "new", "--custody", "hsm", "--json", ok=False)
-    assert out["error"]["code"] == "access_denied"
+    assert out["error"]["code"] == "dependency_unavailable"
+    assert "refused signd's PIN" in out["error"]["message"]
     assert "99999999" not in json.dumps(out)

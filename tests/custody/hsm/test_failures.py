@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from signd.custody.hsm import HsmBackend
-from signd.custody.hsm.library import Pkcs11Library
-from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable, IntegrityError
+from signd.custody.hsm.library import PinRefused, Pkcs11Library
+from signd.errors import ConfigurationError, DependencyUnavailable, IntegrityError
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.custody.hsm.conftest import (
     LOSS_TOKEN,
@@ -25,14 +29,15 @@ from tests.custody.hsm.conftest import (
 )
 
 
-def test_wrong_pin_is_access_denied_without_the_pin(
+def test_wrong_pin_is_refused_as_unavailable_without_the_pin(
     softhsm: SoftHsm, metadata: SqliteMetadataStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = "wrong-pin-" + os.urandom(4).hex()
     caplog.set_level(logging.DEBUG)
-    with pytest.raises(AccessDenied) as raised:
+    with pytest.raises(PinRefused) as raised:
         HsmBackend(softhsm.settings(PIN_TOKEN, pin=wrong), metadata)
     assert "incorrect" in str(raised.value)
+    assert raised.value.http_status == 503
     for text in (str(raised.value), repr(raised.value), str(raised.value.to_dict()), caplog.text):
         assert wrong not in text
     backend = HsmBackend(softhsm.settings(PIN_TOKEN), metadata)
@@ -226,5 +231,193 @@ def test_token_wiped_and_reinitialised_is_an_integrity_error(
         (fresh,) = backend.create_keys("ethereum", eth_address)
         digest = os.urandom(32)
         assert backend.sign_digest(fresh, digest).recover_public_key(digest) == fresh.public_key
+    finally:
+        backend.close()
+
+
+LOAD_SCRIPT = """
+import collections, os, sys, threading
+from pathlib import Path
+from signd.chains import address_deriver
+from signd.crypto.secret import Secret
+from signd.custody.hsm import HsmBackend, HsmSettings
+from signd.errors import SigndError
+from signd.storage.sqlite import SqliteMetadataStore
+
+module, label, pin, database = sys.argv[1:5]
+settings = HsmSettings(
+    module_path=Path(module), token_label=label, pin=Secret(pin), pool_size=4,
+    reconnect_interval=0,
+)
+backend = HsmBackend(settings, SqliteMetadataStore(Path(database)))
+address_of = address_deriver("ethereum")
+keys = backend.create_keys("ethereum", address_of, 4)
+phase, stop, lock = ["before"], threading.Event(), threading.Lock()
+counts = collections.Counter()
+
+def work(index, creating):
+    while not stop.is_set():
+        during, what = phase[0], "create" if creating else "sign"
+        try:
+            if creating:
+                backend.create_keys("ethereum", address_of)
+            else:
+                backend.sign_digest(keys[index % len(keys)], os.urandom(32))
+            outcome = "ok"
+        except SigndError as exc:
+            outcome = exc.code
+        except Exception as exc:
+            outcome = "unexpected " + type(exc).__name__
+        with lock:
+            counts[f"{during} {what} {outcome}"] += 1
+
+threads = [threading.Thread(target=work, args=(i, i == 0)) for i in range(5)]
+for thread in threads:
+    thread.start()
+print("loaded", flush=True)
+for line in sys.stdin:
+    phase[0] = line.strip()
+    if phase[0] == "after":
+        break
+stop.set()
+for thread in threads:
+    thread.join()
+(fresh,) = backend.create_keys("ethereum", address_of)
+for key in [*keys, fresh]:
+    backend.sign_digest(key, os.urandom(32))
+backend.close()
+print(dict(counts), flush=True)
+"""
+
+
+def test_signing_while_key_generation_fails_keeps_the_process_alive(
+    softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """Four threads sign while a fifth creates keys on a token made read-only (chattr +i).
+
+    Each failed creation drops the pool and re-initialises the module, and the module then
+    gives the old session handles to new sessions; a thread that closed its old session
+    closed another thread's open one, and SoftHSM2 crashed (SIGSEGV, double free) within
+    seconds. Here the process must live, answer DependencyUnavailable and recover.
+    """
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("making the token read-only needs chattr as root")
+    label = "signd-readonly"
+    softhsm.init_token(label)
+    folder = softhsm.token_dir(label)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            LOAD_SCRIPT,
+            str(softhsm.module),
+            label,
+            USER_PIN,
+            str(tmp_path / "m.db"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+
+    def chattr(flag: str) -> None:
+        paths = [folder, *folder.iterdir()]
+        subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
+
+    try:
+        assert child.stdout.readline().strip() == "loaded"
+        time.sleep(0.5)
+        chattr("+i")
+        try:
+            child.stdin.write("read-only\n")
+            child.stdin.flush()
+            time.sleep(4)
+        finally:
+            chattr("-i")
+        child.stdin.write("after\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=30)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        child.kill()
+        out, err = child.communicate()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, f"exit status {child.returncode}: {err[-2000:]}"
+    counts = ast.literal_eval(out.strip())
+    during = {name: n for name, n in counts.items() if name.startswith("read-only")}
+    assert during.get("read-only create dependency_unavailable", 0) > 0, counts
+    assert set(during) <= {
+        "read-only create dependency_unavailable",
+        "read-only create ok",  # began before the token was writable again, ended after
+        "read-only sign dependency_unavailable",
+        "read-only sign ok",
+    }, counts
+    assert counts.get("before sign ok", 0) > 0 and counts.get("before create ok", 0) > 0
+
+
+SET_PIN_SCRIPT = """
+import sys, pkcs11
+module, label, old, new = sys.argv[1:5]
+session = pkcs11.lib(module).get_token(token_label=label).open(rw=True, user_pin=old)
+session.set_pin(old, new)
+session.close()
+"""
+
+
+class CountingLogins:
+    """The module's function list, counting C_Login calls."""
+
+    def __init__(self, functions: Any) -> None:
+        self._functions = functions
+        self.logins = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._functions, name)
+
+    def C_Login(self, *args: Any) -> Any:
+        self.logins += 1
+        return self._functions.C_Login(*args)
+
+
+def test_a_pin_changed_on_the_hsm_is_tried_once_then_refused_without_logging_in(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token's PIN changed by another process while signd runs: the next login is
+    refused, and signd must not keep sending that PIN (CloudHSM locks the user after a few
+    failed logins) — neither on every reconnection nor from a new backend, which is what
+    ``signd serve`` builds on each request while the HSM custody cannot open."""
+    label, changed = "signd-pin-change", "changed-pin-" + os.urandom(4).hex()
+    softhsm.init_token(label)
+    library = Pkcs11Library.load(softhsm.module)
+    library.reinitialize(library.generation)  # a loaded SoftHSM2 sees new tokens only then
+    counting = CountingLogins(library._functions)
+    monkeypatch.setattr(library, "_functions", counting)
+    backend = HsmBackend(softhsm.settings(label, pool_size=2, reconnect_interval=0), metadata)
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        subprocess.run(
+            [sys.executable, "-c", SET_PIN_SCRIPT, str(softhsm.module), label, USER_PIN, changed],
+            check=True,
+            capture_output=True,
+        )
+        library.reinitialize(library.generation)  # the login is gone; SoftHSM2 reads the PIN
+        before = counting.logins
+        for call in (lambda: backend.sign_digest(key, os.urandom(32)), backend.check_health):
+            for _ in range(3):
+                with pytest.raises(
+                    PinRefused, match="refused signd's PIN: the HSM PIN is incorrect"
+                ):
+                    call()
+        with pytest.raises(PinRefused):
+            HsmBackend(softhsm.settings(label), metadata)
+        assert counting.logins == before + 1, "the refused PIN was sent once"
+        renewed = HsmBackend(softhsm.settings(label, pin=changed), metadata)
+        digest = os.urandom(32)
+        assert renewed.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+        renewed.close()
     finally:
         backend.close()

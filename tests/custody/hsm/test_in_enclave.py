@@ -26,6 +26,7 @@ from signd.chains import address_deriver
 from signd.crypto.secp256k1 import HALF_CURVE_ORDER, RecoverableSignature
 from signd.custody.enclave import EnclaveBackend, EnclaveHsmBackend
 from signd.custody.hsm import HsmBackend, HsmToken
+from signd.custody.hsm.library import PinRefused
 from signd.custody.hsm.pool import PooledSession
 from signd.enclave.client import EnclaveClient
 from signd.enclave.hsm import EnclaveHsm
@@ -94,12 +95,12 @@ class RefusingToken:
 
 def test_a_refused_pin_is_never_tried_again_other_failures_after_the_interval() -> None:
     clock = FakeClock()
-    refused = RefusingToken(AccessDenied)
+    refused = RefusingToken(PinRefused)
     hsm = EnclaveHsm(refused, retry_interval=5.0, clock=clock)
     hsm.start()
     for _ in range(3):
         clock.advance(60)
-        with pytest.raises(AccessDenied, match="the HSM said no"):
+        with pytest.raises(PinRefused, match="the HSM said no"):
             hsm.sign_digest(HsmKeyReference("k", b"\x01"), b"\x00" * 32)
     assert refused.attempts == 1
 
@@ -385,7 +386,7 @@ def test_a_real_enclave_process_creates_and_signs_with_its_hsm(
         backend.close()
 
 
-def test_a_wrong_pin_in_the_enclave_is_access_denied_on_the_host_and_never_shown(
+def test_a_wrong_pin_in_the_enclave_is_unavailable_on_the_host_and_never_shown(
     spawn: type[HsmEnclaveProcess], tmp_path: Path
 ) -> None:
     enclave = spawn(pin=WRONG_PIN)
@@ -394,9 +395,9 @@ def test_a_wrong_pin_in_the_enclave_is_access_denied_on_the_host_and_never_shown
     backend = EnclaveHsmBackend(client, metadata)
     try:
         for call in (lambda: backend.create_keys("ethereum", eth_address), backend.check_health):
-            with pytest.raises(AccessDenied) as raised:
+            with pytest.raises(DependencyUnavailable) as raised:
                 call()
-            assert "incorrect" in raised.value.message
+            assert "refused signd's PIN: the HSM PIN is incorrect" in raised.value.message
             assert WRONG_PIN not in json.dumps(raised.value.to_dict())
         (sealed,) = EnclaveBackend(client, metadata).create_keys("ethereum", eth_address)
         digest = os.urandom(32)
@@ -463,12 +464,12 @@ def test_hsm_custody_in_the_enclave_through_the_cli(in_enclave_cli: Cli) -> None
     assert "HSM custody connected" in log
 
 
-def test_a_wrong_pin_through_the_cli_is_access_denied_without_the_pin(
+def test_a_wrong_pin_through_the_cli_is_unavailable_without_the_pin(
     in_enclave_cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SIGND_HSM_PIN", WRONG_PIN)
     out = in_enclave_cli.run("keys", "new", "--custody", "hsm", "--json", ok=False)
-    assert out["error"]["code"] == "access_denied"
+    assert out["error"]["code"] == "dependency_unavailable"
     assert WRONG_PIN not in json.dumps(out)
     assert WRONG_PIN not in (in_enclave_cli.home / "run" / "enclave.log").read_text()
 

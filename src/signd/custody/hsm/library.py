@@ -11,11 +11,19 @@ threads and every call is serialised instead.
 Re-initialising (``C_Finalize`` + ``C_Initialize``) is how a client recovers from a token that
 disappeared and came back; it must not overlap any other call, which :class:`CallGate`
 guarantees.
+
+A PIN a token refused is never sent to it again by this process (CloudHSM locks a crypto user
+after a few failed logins): :meth:`Pkcs11Library.login` raises :class:`PinRefused` for it at
+once. A different PIN (the PIN's source changed) is tried.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import hmac
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +33,7 @@ from typing import Any, ClassVar
 import pkcs11
 
 from signd.crypto.secret import Secret
-from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable
+from signd.errors import ConfigurationError, DependencyUnavailable
 
 CKR_OK = 0x000
 CKR_CANT_LOCK = 0x00A
@@ -49,6 +57,17 @@ _PIN_REFUSED = {
     CKR_PIN_EXPIRED: "the HSM PIN has expired",
     CKR_PIN_LOCKED: "the HSM user PIN is locked",
 }
+
+logger = logging.getLogger(__name__)
+
+
+class PinRefused(DependencyUnavailable):
+    """The token refused signd's PIN: signd's configuration, not the caller, is at fault.
+
+    A 503 rather than a 403 because no request can be refused for it and the HSM can be put
+    right while signd runs; signd does not send that PIN again (a restart or a new PIN does).
+    """
+
 
 _RV = ctypes.c_ulong
 _ULONG = ctypes.c_ulong
@@ -179,6 +198,10 @@ class Pkcs11Library:
         self.generation = 0
         """Bumped on every re-initialisation; sessions of an older generation are dead."""
         self._functions = functions
+        self._login_lock = threading.Lock()
+        self._pin_mark_key = os.urandom(32)
+        self._refused_pins: dict[bytes, str] = {}
+        """Why a slot's token refused a PIN, by an HMAC of both under a per-process key."""
         self._initialize()
 
     @classmethod
@@ -222,28 +245,46 @@ class Pkcs11Library:
             self._initialize()
 
     def login(self, session_handle: int, pin: Secret) -> None:  # safe: not a log
-        """``C_Login`` as the normal user; an already logged-in application is fine.
+        """``C_Login`` as the normal user; an already logged-in application is fine; a PIN the
+        token refused before is :class:`PinRefused` without a login.
 
         Login state belongs to the application, not the session, and lasts until its last
         session on the token closes, so no backend ever calls ``C_Logout``.
         """
         pin_bytes = pin.reveal_bytes()
-        rv = self._functions.C_Login(session_handle, CKU_USER, pin_bytes, len(pin_bytes))
-        if rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
-            return
-        if rv in _PIN_REFUSED:
-            raise AccessDenied(_PIN_REFUSED[rv])
+        slot = self._session_info(session_handle).slotID.to_bytes(8, "big")
+        mark = hmac.new(self._pin_mark_key, slot + pin_bytes, hashlib.sha256).digest()
+        with self._login_lock:
+            refused = self._refused_pins.get(mark)
+            if refused is not None:
+                raise PinRefused(refused)
+            rv = self._functions.C_Login(session_handle, CKU_USER, pin_bytes, len(pin_bytes))
+            if rv in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
+                return
+            if rv in _PIN_REFUSED:
+                refused = self._refused_pins[mark] = (
+                    f"the HSM refused signd's PIN: {_PIN_REFUSED[rv]}; signd does not try that "
+                    "PIN again: correct it (or reset it on the HSM) and restart signd"
+                )
+                logger.error("%s (PKCS#11 module %s)", refused, self.path)
+                raise PinRefused(refused)
         if rv == CKR_USER_PIN_NOT_INITIALIZED:
             raise ConfigurationError("the HSM token's user PIN is not initialised")
         raise _exception_for(rv)
 
     def is_logged_in(self, session_handle: int) -> bool:
         """Whether a session still acts as the logged-in user (``C_GetSessionInfo``)."""
+        return self._session_info(session_handle).state in (
+            CKS_RO_USER_FUNCTIONS,
+            CKS_RW_USER_FUNCTIONS,
+        )
+
+    def _session_info(self, session_handle: int) -> _SessionInfo:
         info = _SessionInfo()
         rv = self._functions.C_GetSessionInfo(session_handle, ctypes.byref(info))
         if rv != CKR_OK:
             raise _exception_for(rv)
-        return info.state in (CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS)
+        return info
 
 
 def _function_list(path: Path) -> _FunctionList:

@@ -6,20 +6,28 @@ login or the token itself went away, the pool is dropped, reopened (re-initialis
 module if reopening alone does not work) and the call retried once. While the token stays
 away every request fails fast with DependencyUnavailable, a reconnection being attempted at
 most every ``reconnect_interval`` seconds, and the first request after it returns succeeds.
+A refused PIN is not: every request fails with PinRefused until signd is restarted.
+
+A session belongs to the module generation it was opened in. Re-initialising the module ends
+every session, and the module then hands out the same handle numbers again, to new sessions
+that other threads lease: a call with an old handle — even closing it — would act on another
+thread's session, and SoftHSM2 frees a session closed under a thread that is using it. So a
+session of an older generation is never used or closed, only dropped.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pkcs11
-from pkcs11 import Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
-from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.library import PinRefused, Pkcs11Library
 from signd.custody.hsm.settings import HsmSettings
 from signd.errors import (
     CapacityExceeded,
@@ -36,8 +44,13 @@ class TokenMissing(pkcs11.PKCS11Error):
     """No token matches the configured label or slot."""
 
 
+class StaleSession(pkcs11.PKCS11Error):
+    """The module was re-initialised since the session was opened: its handle is not ours."""
+
+
 _RECONNECT_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
     TokenMissing,
+    StaleSession,
     p11.SessionHandleInvalid,
     p11.SessionClosed,
     p11.DeviceRemoved,
@@ -83,30 +96,47 @@ def translate(exc: pkcs11.PKCS11Error, doing: str) -> SigndError:
 
 
 class PooledSession:
-    """One open session, with private-key handles cached by CKA_ID."""
+    """One open session, with private-key handles cached by CKA_ID.
+
+    Opened (and so created) inside a module call, it records the module generation then.
+    """
 
     def __init__(self, session: Any, library: Pkcs11Library, generation: int) -> None:
         self.session = session
         self.generation = generation
+        self.module_generation = library.generation
         self._library = library
         self._keys: dict[bytes, Any] = {}
+
+    @property
+    def stale(self) -> bool:
+        """Whether the module was re-initialised since: the handles may name others' objects.
+
+        Stable while the caller is inside a module call (:class:`CallGate`).
+        """
+        return self.module_generation != self._library.generation
 
     def private_key(self, cka_id: bytes) -> Any:
         """The private key object with this CKA_ID (cached; IntegrityError when absent)."""
         key = self._keys.get(cka_id)
         if key is None:
+            search = self.session.get_objects(
+                {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id}
+            )
             try:
-                key = self.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=cka_id)
-            except p11.NoSuchKey:
+                found = list(itertools.islice(search, 2))
+            finally:
+                search.close()  # C_FindObjectsFinal now, not from a __del__ in another thread
+            if not found:
                 self.check_token()
                 raise IntegrityError(
                     f"the HSM token holds no private key with CKA_ID {cka_id.hex()}"
-                ) from None
-            except p11.MultipleObjectsReturned:
+                )
+            if len(found) > 1:
                 raise IntegrityError(
                     f"the HSM token holds several private keys with CKA_ID {cka_id.hex()}"
-                ) from None
-            self._keys[cka_id] = key
+                )
+            key = self._keys[cka_id] = found[0]
         return key
 
     def sign(self, cka_id: bytes, digest: bytes) -> bytes:
@@ -124,8 +154,10 @@ class PooledSession:
             raise p11.UserNotLoggedIn()
 
     def close(self) -> None:
-        """Close the session, ignoring a module that already forgot it."""
+        """Close the session (caller inside a module call); a stale one is only dropped."""
         self._keys.clear()
+        if self.stale:
+            return
         try:
             self.session.close()
         except pkcs11.PKCS11Error:
@@ -165,27 +197,28 @@ class SessionPool:
 
     def run(self, op: Callable[[PooledSession], T], doing: str) -> T:
         """Run ``op`` on a leased session; reconnect and retry once if the token went away."""
-        failure: tuple[pkcs11.PKCS11Error, int] | None = None
+        failed = ""
         gate = self._library.gate
         for _ in range(2):
             pooled = self._acquire()
             try:
                 gate.enter()
                 try:
+                    if pooled.stale:
+                        raise StaleSession()
                     return op(pooled)
                 finally:
                     gate.leave()
             except pkcs11.PKCS11Error as exc:
                 if not needs_reconnect(exc):
                     raise translate(exc, doing) from None
-                failure = (exc, pooled.generation)
+                failed = type(exc).__name__
             finally:
                 self._release(pooled)
-            self._invalidate(failure[1])
-        assert failure is not None
+            self._invalidate(pooled.generation)
         raise DependencyUnavailable(
             f"the {self._where} became unavailable while {doing} "
-            f"({type(failure[0]).__name__}); signd reconnects when it is back"
+            f"({failed}); signd reconnects when it is back"
         )
 
     def close(self) -> None:
@@ -247,8 +280,9 @@ class SessionPool:
     def _connect_locked(self) -> None:
         """Open the pool (caller holds ``_cond``); fail fast while the last try is recent."""
         now = self._clock()
-        if self._last_error is not None and now < self._retry_at:
-            raise type(self._last_error)(self._last_error.message)
+        last = self._last_error
+        if last is not None and (isinstance(last, PinRefused) or now < self._retry_at):
+            raise type(last)(last.message)
         try:
             self._idle = self._open_sessions()
         except SigndError as exc:
