@@ -26,6 +26,7 @@ from signd.errors import ConfigurationError
 MEASURED_PATHS: Final = (
     "__init__.py",
     "errors.py",
+    "files.py",
     "hardening.py",
     "memory.py",
     "secrets.py",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
+from signd import files
 from signd.audit.records import GENESIS, ChainHead, SealedAuditRecord
 from signd.errors import DependencyUnavailable, IntegrityError, SigndError
 
@@ -158,7 +159,7 @@ class FileAuditLog:
         """The file opened: records written to it once another file (or none) is at
         ``path`` would not be in the log anyone reads (see :meth:`_elsewhere`)."""
         if not existed:
-            _fsync_directory(self.path.parent)
+            files.sync_folder(self.path.parent)
         lock = threading.Lock()
         self._state = threading.Condition(lock)
         self._work = threading.Condition(lock)
@@ -598,11 +599,3 @@ def _read_last_record(path: Path) -> SealedAuditRecord | None:
         return SealedAuditRecord.from_json(last_line)
     except IntegrityError as exc:
         raise IntegrityError(f"audit log {path}, last line: {exc.message}") from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

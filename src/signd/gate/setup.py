@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import logging
 import math
-import os
 import secrets
 import socket
 import stat
@@ -36,6 +35,7 @@ from typing import Final
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from signd import files
 from signd.audit import FileAuditLog
 from signd.audit.records import MIN_MAC_KEY_BYTES, ChainHead
 from signd.audit.tail import check_tail, reaches, read_tail, spends
@@ -101,27 +101,14 @@ def write_private(path: Path, data: bytes) -> None:
     overwritten (a ConfigurationError), except an empty file, which is what a crash left
     behind while an older signd wrote it.
     """
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(temporary, flags, PRIVATE), "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
+        if not files.write_new(path, data, PRIVATE):
             if not _is_empty_file(path):
-                raise ConfigurationError(
-                    f"{path} exists already, and signd never overwrites it"
-                ) from None
-            os.replace(temporary, path)
-        _sync_folder(path.parent)
+                raise ConfigurationError(f"{path} exists already, and signd never overwrites it")
+            files.replace(path, data, PRIVATE)
     except OSError as exc:
         raise ConfigurationError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _is_empty_file(path: Path) -> bool:
@@ -131,15 +118,6 @@ def _is_empty_file(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return stat.S_ISREG(info.st_mode) and info.st_size == 0
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the names created in ``folder`` durable."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_mac_key(path: Path, *, create: bool = False) -> Secret:

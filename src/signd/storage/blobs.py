@@ -22,6 +22,7 @@ import os
 import secrets
 from pathlib import Path
 
+from signd import files
 from signd.errors import DependencyUnavailable, InvalidField, KeyExists, KeyNotFound
 from signd.storage.base import BlobStore, check_range
 
@@ -63,14 +64,6 @@ def _unavailable(root: Path, action: str, exc: OSError) -> DependencyUnavailable
     return DependencyUnavailable(f"blob store at {root}: cannot {action}: {reason}")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FilesystemBlobStore(BlobStore):
     """Blobs as files under ``root``, written atomically and durably."""
 
@@ -100,7 +93,7 @@ class FilesystemBlobStore(BlobStore):
         temp = self.root / f"{MARKER}.{secrets.token_hex(8)}.tmp"
         temp.write_bytes(_MARKER_TEXT)
         os.replace(temp, self.marker)
-        _fsync_dir(self.root)
+        files.sync_folder(self.root)
 
     def _check_marker(self) -> None:
         """Refuse (503) unless the root is this store's, see :data:`MARKER`."""
@@ -163,7 +156,7 @@ class FilesystemBlobStore(BlobStore):
         except OSError as exc:
             raise _unavailable(self.root, f"delete blob {name!r}", exc) from exc
         try:
-            _fsync_dir(path.parent)
+            files.sync_folder(path.parent)
         except OSError as exc:
             raise _unavailable(self.root, f"delete blob {name!r}", exc) from exc
 
@@ -189,23 +182,9 @@ class FilesystemBlobStore(BlobStore):
                     folder.mkdir()
                 except FileExistsError:
                     continue
-                _fsync_dir(folder.parent)
+                files.sync_folder(folder.parent)
 
     def _write_new(self, path: Path, data: bytes) -> None:
         """Write ``data`` to a temp file, fsync it, link it to ``path`` and fsync the folder."""
-        if path.exists():
+        if path.exists() or not files.write_new(path, data):
             raise FileExistsError(errno.EEXIST, "blob exists", str(path))
-        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.link(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)

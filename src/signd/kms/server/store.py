@@ -28,6 +28,7 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from signd import files
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError, IntegrityError
 from signd.kms.server.errors import KmsApiError
@@ -64,22 +65,7 @@ class StoredKey:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, mode 0600."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temporary, flags, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    files.replace(path, data)
 
 
 def read_private_file(path: Path) -> bytes:
@@ -102,19 +88,7 @@ def read_private_file(path: Path) -> bytes:
 
 def _create_exclusive(path: Path, data: bytes) -> None:
     """Create ``path`` with ``data`` unless it exists (a concurrent creator's file wins)."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            return
-    finally:
-        temporary.unlink(missing_ok=True)
+    files.write_new(path, data)
 
 
 def new_access_key(account: str) -> AccessKey:
