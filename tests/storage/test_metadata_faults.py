@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from signd.errors import DependencyUnavailable, SigndError
-from signd.storage.postgres import PostgresMetadataStore
+from signd.storage.postgres import HEALTH_WITHIN, PostgresMetadataStore
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.fixtures.files import immutable
 from tests.fixtures.servers import PostgresServer
@@ -164,6 +164,28 @@ def test_postgres_stuck_server_times_out_then_recovers(
     finally:
         postgres_server.resume()
     assert pg_store.find(kept.key_id) == kept
+
+
+def test_postgres_health_names_a_stuck_server_within_its_own_bound(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """With the default statement timeout (5 s, so 6 s a round trip), a health check of a
+    server that hangs still fails within HEALTH_WITHIN (2 s): /readyz names PostgreSQL
+    before its own 5 s wait ends. Operations keep their usual bound."""
+    store = PostgresMetadataStore(postgres_dsn)
+    try:
+        store.check_health()  # a connection in the pool, as on a serving node
+        postgres_server.pause()
+        try:
+            with fails_within(HEALTH_WITHIN + 1.0) as caught:
+                store.check_health()
+            assert "PostgreSQL" in caught[0].message
+            assert "no answer in time" in caught[0].message
+        finally:
+            postgres_server.resume()
+        store.check_health()
+    finally:
+        store.close()
 
 
 def test_postgres_lock_wait_is_bounded(postgres_dsn: str, pg_store: PostgresMetadataStore) -> None:

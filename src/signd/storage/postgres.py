@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -60,6 +60,10 @@ _SCHEMA_LOCK = 0x5349474E44_01
 _INSERT_LOCK = 0x5349474E44_02
 
 
+HEALTH_WITHIN: Final = 2.0
+"""Seconds a health check waits for a connection and for each round trip on it."""
+
+
 class _DeadlineConnection(psycopg.Connection[tuple[Any, ...]]):
     """A connection whose every wait on the server gives up after ``io_timeout`` seconds."""
 
@@ -83,14 +87,21 @@ class _Pool:
         self._closed = False
 
     @contextmanager
-    def connection(self) -> Iterator[_DeadlineConnection]:
-        if not self._slots.acquire(timeout=self._wait_timeout):
+    def connection(self, within: float | None = None) -> Iterator[_DeadlineConnection]:
+        """A connection, waited for at most the pool's wait timeout; with ``within``, that
+        bound for the wait and for each round trip on the connection meanwhile."""
+        wait = self._wait_timeout if within is None else min(within, self._wait_timeout)
+        if not self._slots.acquire(timeout=wait):
             raise DependencyUnavailable("every PostgreSQL connection of this node is busy")
         try:
             connection = self._take() or self._connect()
+            usual = connection.io_timeout
+            if within is not None:
+                connection.io_timeout = min(within, usual)
             try:
                 yield connection
             finally:
+                connection.io_timeout = usual
                 self._give_back(connection)
         finally:
             self._slots.release()
@@ -166,7 +177,9 @@ class PostgresMetadataStore(SqlMetadataStore):
         self._pool.close()
 
     def check_health(self) -> None:
-        with self._transaction(write=False) as cursor:
+        """``SELECT 1``, answered within :data:`HEALTH_WITHIN` seconds: a server that hangs is
+        named here, before a readiness check's own wait (5 s) ends."""
+        with self._transaction(write=False, within=HEALTH_WITHIN) as cursor:
             cursor.execute("SELECT 1", ())
 
     def _sql(self, text: str) -> str:
@@ -202,9 +215,9 @@ class PostgresMetadataStore(SqlMetadataStore):
         return connection
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[SqlCursor]:
+    def _transaction(self, *, write: bool, within: float | None = None) -> Iterator[SqlCursor]:
         try:
-            with self._pool.connection() as connection, connection.cursor() as cursor:
+            with self._pool.connection(within) as connection, connection.cursor() as cursor:
                 if write:
                     with connection.transaction():
                         yield cursor
