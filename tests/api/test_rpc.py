@@ -97,6 +97,18 @@ def test_eth_sign_and_personal_sign_are_eip191_over_the_bytes(
     assert result(client, "personal_sign", data, address.lower(), "ignored password") == signature
 
 
+def test_eth_sign_transaction_takes_data_and_input_when_equal(
+    client: TestClient, address: str
+) -> None:
+    """As geth: both fields given with the same bytes sign as one; different ones refused."""
+    tx = {**samples.transaction(chain_id=CHAIN_ID), "from": address, "data": "0xab12"}
+    alone = result(client, "eth_signTransaction", tx)
+    both = result(client, "eth_signTransaction", {**tx, "input": "0xAB12"})
+    assert both["raw"] == alone["raw"] and both["tx"]["input"] == "0xab12"
+    differing = error(client, "eth_signTransaction", {**tx, "input": "0xab13"})
+    assert differing["data"] == {"code": "invalid_field", "field": "input"}
+
+
 def test_eth_sign_typed_data_v4_takes_json_text_or_an_object(
     client: TestClient, address: str
 ) -> None:

@@ -66,7 +66,8 @@ BAD_INPUTS = [
     ("accessList-in-legacy", _with(LEGACY, type="0x0", accessList=[]), "accessList"),
     ("gasPrice-and-maxFee-untyped", _with(EIP1559, type=DELETE, gasPrice="0x1"), "gasPrice"),
     ("gas-and-gasLimit", _with(LEGACY, gasLimit="0x5208"), "gasLimit"),
-    ("data-and-input", _with(LEGACY, data="0x", input="0x"), "input"),
+    ("data-and-input", _with(LEGACY, data="0x01", input="0x02"), "input"),
+    ("data-and-input-not-hex", _with(LEGACY, data="0xzz", input="0xZZ"), "data"),
     # types
     ("type-3", _with(EIP1559, type="0x3"), "type"),
     ("type-4", _with(EIP1559, type=4), "type"),
@@ -203,6 +204,13 @@ def test_values_and_defaults() -> None:
         {**EIP1559, "nonce": 2**64 - 1, "gas": hex(2**64 - 1), "value": str(2**256 - 1)}
     )
     assert (biggest.nonce, biggest.gas, biggest.value) == (2**64 - 1, 2**64 - 1, 2**256 - 1)
+
+
+def test_data_and_input_given_equal_are_one_field() -> None:
+    """geth accepts ``data`` and ``input`` together when they are the same bytes."""
+    alone = parse_transaction({**EIP1559, "data": "0xabcd"})
+    assert parse_transaction({**EIP1559, "data": "0xabcd", "input": "0xABCD"}) == alone
+    assert parse_transaction({**EIP1559, "input": "0xabcd", "data": "0xabcd"}) == alone
 
 
 @pytest.mark.parametrize("base", [LEGACY, EIP155, EIP2930, EIP1559])

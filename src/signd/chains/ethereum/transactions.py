@@ -467,7 +467,9 @@ class SignedTransaction:
 
 
 def _canonical_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Resolve aliases: the values by canonical key, and the key each value was sent as."""
+    """Resolve aliases: the values by canonical key, and the key each value was sent as.
+    ``data`` and ``input`` may both be given when they are the same bytes, as geth accepts
+    them (some wallets send both); any other alias given with its field is refused."""
     values: dict[str, Any] = {}
     sent_as: dict[str, str] = {}
     for key, value in data.items():
@@ -475,10 +477,18 @@ def _canonical_keys(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
             raise InvalidTransaction("transaction keys must be strings")
         canonical = _ALIASES.get(key, key)
         if canonical in values:
+            if canonical == "data" and _same_hex(values[canonical], value):
+                continue
             raise InvalidField(f"give only one of {canonical} and {key}", field=key)
         values[canonical] = value
         sent_as[canonical] = key
     return values, sent_as
+
+
+def _same_hex(first: object, second: object) -> bool:
+    """Whether two values are the same ``0x`` hex (letter case aside); a value that is not
+    hex is refused where the field is read."""
+    return isinstance(first, str) and isinstance(second, str) and first.lower() == second.lower()
 
 
 def _transaction_type(values: Mapping[str, Any]) -> type[UnsignedTransaction]:
