@@ -1,5 +1,6 @@
 """Authentication, scope, policy and audit over MQTT: each message is ``POST /mqtt/<topic>``
-signed in MQTT 5 user properties, or a bearer token in the payload's ``auth`` object."""
+signed in MQTT 5 user properties, or a bearer token in the payload's ``auth`` object; a
+request delivered twice is signed, spent and audited once."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tests.api.mqtt_support import (
     running_broker,
     wait_for,
 )
-from tests.gate.support import BOTH_GATES, TOKEN, Gated, transaction
+from tests.gate.support import BOTH_GATES, MAX_PER_TX, MAX_PER_WINDOW, TOKEN, Gated, transaction
 
 pytestmark = [pytest.mark.integration, BOTH_GATES]
 
@@ -49,12 +50,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Broke
 
 
 @contextmanager
-def gated_adapter(gated: Gated, broker: Broker, pki: Pki) -> Iterator[MqttAdapter]:
+def gated_adapter(gated: Gated, broker: Broker, pki: Pki, **options: Any) -> Iterator[MqttAdapter]:
     settings = ApiSettings(
         mqtt=broker.url,
         mqtt_ca=str(pki.ca),
         mqtt_cert=str(pki.signd.cert),
         mqtt_key=str(pki.signd.key),
+        **options,
     )
     service = SigningService(gated.signer, settings, ApiMetrics(), GatekeeperGate(gated.gatekeeper))
     adapter = MqttAdapter(service, gatekeeper_authenticator(gated.gatekeeper, settings))
@@ -90,8 +92,8 @@ def test_mqtt_requests_are_authenticated_authorised_and_audited(
     before = len(gated.records())
     replay = payload("replay")
     replay_props = signed_properties(gated, replay)
-    with (
-        gated_adapter(gated, broker, pki),
+    with (  # answers not remembered: the replay reaches the gate, which refuses it
+        gated_adapter(gated, broker, pki, mqtt_duplicate_answers=0),
         connected(Device(broker, pki, "device-1", mqtt5=True)) as device,
     ):
         ask = device.ask
@@ -142,3 +144,74 @@ def test_mqtt_requests_are_authenticated_authorised_and_audited(
     assert all(PATH in r.reason for r in refusals)
     assert records[-1].rule == "hot-eth" and records[-1].decision == "refused"
     assert TOKEN not in gated.paths.audit_log.read_text()
+
+
+BEARER = {"authorization": f"Bearer {TOKEN}"}
+
+
+def test_a_bearer_request_delivered_twice_is_signed_spent_and_audited_once(
+    gated: Gated, hot_key: dict[str, Any], broker: Broker, pki: Pki
+) -> None:
+    def spend(request_id: str, nonce: int, value: int = MAX_PER_TX) -> dict[str, Any]:
+        return {"id": request_id, "type": "ethereum/transaction", "key": hot_key["address"]} | {
+            "transaction": transaction(nonce=nonce, value=value)
+        }
+
+    assert MAX_PER_WINDOW == 3 * MAX_PER_TX  # the third spend fills the window
+    before = len(gated.records())
+    with (
+        gated_adapter(gated, broker, pki) as adapter,
+        connected(Device(broker, pki, "device-1", auth=BEARER)) as device,
+    ):
+        spent = [device.ask(spend(f"spend-{nonce}", nonce)).body for nonce in (0, 1)]
+        first = device.ask(spend("third", 2))
+        again = device.ask(spend("third", 2))  # a second spend would exceed the window
+        reused = device.ask(spend("third", 3, value=1))
+        over = device.ask(spend("over", 3, value=1))
+        duplicates = adapter.service.metrics.mqtt_duplicates.value()
+
+    assert all("result" in body for body in spent), spent
+    assert "result" in first.body and again.body == first.body
+    assert again.topic == first.topic == "signd/replies/device-1"
+    raw = first.body["result"]["raw_transaction"]
+    assert samples.transaction_signer(raw) == hot_key["address"]
+    assert reused.body["id"] == "third"
+    assert reused.body["error"]["code"] == "duplicate_request"
+    assert reused.body["error"]["field"] == "id"
+    assert over.body["error"]["code"] == "policy_denied"
+    assert f"on top of {MAX_PER_WINDOW} spent" in over.body["error"]["message"]  # not 4 spends
+    assert duplicates == 1
+
+    records = [r.record for r in gated.records()[before:]]
+    assert [(r.client_id, r.operation, r.decision) for r in records] == [
+        ("bridge", "sign:transaction", "allowed"),
+        ("bridge", "sign:transaction", "allowed"),
+        ("bridge", "sign:transaction", "allowed"),
+        ("bridge", "sign:transaction", "refused"),
+    ]
+    assert [r.spend.value if r.spend else None for r in records] == [MAX_PER_TX] * 3 + [None]
+
+
+def test_a_signed_request_delivered_twice_gets_its_answer_twice_and_no_replay_error(
+    gated: Gated, hot_key: dict[str, Any], broker: Broker, pki: Pki
+) -> None:
+    payload = json.dumps(
+        {"id": "m-1", "type": "ethereum/message", "key": hot_key["address"], "message": "hello"}
+    ).encode()
+    properties = signed_properties(gated, payload)
+    before = len(gated.records())
+    with (
+        gated_adapter(gated, broker, pki),
+        connected(Device(broker, pki, "device-1", mqtt5=True)) as device,
+    ):
+        first = device.ask(payload, user_properties=properties, correlation_data=b"c-1")
+        again = device.ask(payload, user_properties=properties, correlation_data=b"c-1")
+
+    assert "result" in first.body, first.body
+    assert samples.text_signer("hello", first.body["result"]["signature"]) == hot_key["address"]
+    assert again.body == first.body
+    assert again.correlation_data == first.correlation_data == b"c-1"
+    records = [r.record for r in gated.records()[before:]]
+    assert [(r.client_id, r.operation, r.decision) for r in records] == [
+        ("alice", "sign:message", "allowed")
+    ]

@@ -36,7 +36,7 @@ from signd.api.mqtt import (
 )
 from signd.api.service import Authenticator, SigningService, allow_anonymous_for_tests
 from signd.api.settings import wildcard_levels
-from signd.errors import AccessDenied, ConfigurationError, InvalidField
+from signd.errors import AccessDenied, ConfigurationError, DependencyUnavailable, InvalidField
 from signd.operations import Signer
 from tests.api import samples
 from tests.api.conftest import make_home
@@ -167,7 +167,7 @@ def test_a_device_cannot_make_signd_answer_on_another_devices_reply_topic(
         by_property = device.ask(request | {"id": "q"}, response_topic="signd/replies/device-2/x")
         prefix = device.ask(request | {"id": "r", "reply_to": "signd/replies/device-10"})
         wildcard = device.ask(request | {"id": "s"}, response_topic="signd/replies/+")
-        own = device.ask(request | {"id": "t", "reply_to": "signd/replies/device-1/mine"})
+        own = device.ask(request | {"id": "own", "reply_to": "signd/replies/device-1/mine"})
         others_own = other.ask(request | {"id": "u"})  # after all of device-1's answers
 
     for reply in (by_payload, by_property, prefix, wildcard):
@@ -215,6 +215,38 @@ def test_many_requests_with_distinct_ids_are_all_answered(
                 signer = samples.transaction_signer(result["raw_transaction"])
             assert signer == served.address
     assert device.replies.empty() and other.replies.empty()
+
+
+def metric(served: Served, name: str) -> float:
+    text = httpx.get(f"{served.server.url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_a_request_published_twice_is_signed_once_and_answered_twice(
+    served: Served, device: Device
+) -> None:
+    request = {"id": "twice", "type": "ethereum/transaction", "key": served.address}
+    request |= {"transaction": samples.transaction(chain_id=1, nonce=99)}
+    signatures, duplicates = (
+        metric(served, "signd_signatures_total{"),
+        metric(served, "signd_mqtt_duplicates_total"),
+    )
+    device.send(request)
+    device.send(request)
+    first, again = device.receive(2)
+    reused = device.ask(request | {"transaction": samples.transaction(chain_id=1, nonce=100)})
+
+    assert "result" in first.body and again.body == first.body
+    assert samples.transaction_signer(first.body["result"]["raw_transaction"]) == served.address
+    assert reused.body["error"] == {
+        "code": "duplicate_request",
+        "message": "this id was used by another request (another payload or reply target) "
+        "in the last 600 s; give a new request a new id",
+        "field": "id",
+    }
+    assert metric(served, "signd_signatures_total{") == signatures + 1
+    assert metric(served, "signd_mqtt_duplicates_total") == duplicates + 1
+    assert device.replies.empty()
 
 
 def test_a_client_without_a_valid_certificate_cannot_connect(broker: Broker, pki: Pki) -> None:
@@ -350,7 +382,9 @@ def test_readiness_and_the_connected_gauge_follow_the_broker_connection(
 
         def gauge() -> str:
             metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-            (line,) = [line for line in metrics.splitlines() if line.startswith("signd_mqtt_")]
+            (line,) = [
+                line for line in metrics.splitlines() if line.startswith("signd_mqtt_connected ")
+            ]
             return line
 
         assert readiness() == (200, {"part": "mqtt", "status": "ok"})
@@ -487,6 +521,67 @@ def test_requests_over_the_pending_limit_are_answered_too_many_requests(
     assert all("result" in reply.body for reply in answered)
 
 
+def test_a_copy_of_a_request_in_hand_gets_its_answer_and_reaches_the_seam_once(
+    signer: Signer, own_broker: Broker, pki: Pki, address: str
+) -> None:
+    release = threading.Event()
+    seen: list[str] = []
+
+    async def held(request: Request) -> Principal:
+        seen.append(request.url.path)
+        await anyio.to_thread.run_sync(release.wait, WAIT)
+        return ANONYMOUS
+
+    message = {"id": "held", "type": "ethereum/message", "key": address, "message": "m"}
+    with (
+        adapter_over(signer, own_broker, pki, held) as adapter,
+        connected(Device(own_broker, pki, "device-1")) as device,
+    ):
+        device.send(message)
+        wait_for(lambda: len(seen) == 1, "the first copy at the seam")
+        device.send(message)  # delivered again while the first is held
+        device.send(message | {"message": "other"})  # the same id, another payload
+        (conflict,) = device.receive()
+        release.set()
+        first, again = device.receive(2)
+
+    assert conflict.body["id"] == "held"
+    assert conflict.body["error"]["code"] == "duplicate_request"
+    assert "result" in first.body and again.body == first.body
+    assert samples.text_signer("m", first.body["result"]["signature"]) == address
+    assert len(seen) == 1
+    assert signatures(adapter) == 1
+    assert adapter.service.metrics.mqtt_duplicates.value() == 1
+
+
+def test_a_dependency_fault_is_not_remembered_so_the_device_can_ask_again(
+    signer: Signer, own_broker: Broker, pki: Pki, address: str
+) -> None:
+    calls = 0
+
+    async def failing_once(request: Request) -> Principal:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DependencyUnavailable("the gate is not answering")
+        return ANONYMOUS
+
+    message = {"id": "retry", "type": "ethereum/message", "key": address, "message": "m"}
+    with (
+        adapter_over(signer, own_broker, pki, failing_once) as adapter,
+        connected(Device(own_broker, pki, "device-1")) as device,
+    ):
+        fault = device.ask(message)
+        retried = device.ask(message)
+        again = device.ask(message)
+
+    assert fault.body["error"]["code"] == "dependency_unavailable"
+    assert "result" in retried.body and again.body == retried.body
+    assert calls == 2
+    assert signatures(adapter) == 1
+    assert adapter.service.metrics.mqtt_duplicates.value() == 1
+
+
 def signatures(adapter: MqttAdapter) -> float:
     return adapter.service.metrics.signatures.value("ethereum", "keystore", "ethereum/message")
 
@@ -560,6 +655,11 @@ def test_a_reply_the_broker_refuses_is_logged_with_its_topic(
          "must not match"),
         ({"mqtt": "mqtts://broker", "mqtt_reply_topic": "replies/+"}, "topic name"),
         ({"mqtt": "mqtts://broker", "mqtt_max_pending": 0}, "positive integer"),
+        ({"mqtt": "mqtts://broker", "mqtt_duplicate_answers": -1}, "integer >= 0"),
+        ({"mqtt": "mqtts://broker", "mqtt_duplicate_answers": 1.5}, "integer >= 0"),
+        ({"mqtt": "mqtts://broker", "mqtt_duplicate_window": -1}, "seconds >= 0"),
+        ({"mqtt": "mqtts://broker", "mqtt_duplicate_window": float("inf")}, "seconds >= 0"),
+        ({"mqtt": "mqtts://broker", "mqtt_duplicate_window": True}, "seconds >= 0"),
         ({"mqtt": "mqtts://broker", "mqtt_ca": "/nonexistent/ca.pem"}, "cannot load"),
     ],
 )  # fmt: skip

@@ -18,7 +18,8 @@ The API adds a few errors that only exist at the HTTP boundary::
     │   ├── RequestTimeout              408: the body did not arrive within the time allowed
     │   ├── TargetTooLong               414: the path and query are over 8192 characters
     │   ├── HeadersTooLarge             431: too many or too long credential headers
-    │   └── ClientDisconnected          499: the client left before its body arrived
+    │   ├── ClientDisconnected          499: the client left before its body arrived
+    │   └── DuplicateRequest            409: a request id already used for another request
 
 and the gate's (:mod:`signd.gate.errors`): ``Unauthenticated`` (401), ``OutOfScope``,
 ``BlindSigningDisabled`` and ``PolicyDenied`` (403, with the ``rule`` in the body and in
@@ -102,6 +103,15 @@ class ClientDisconnected(InvalidRequest):
 
     def __init__(self) -> None:
         super().__init__("the client disconnected before its request body arrived")
+
+
+class DuplicateRequest(InvalidRequest):
+    """A correlation id already given to another request (another payload) from the same
+    sender while its answer is remembered (:mod:`signd.api.idempotency`): the first request
+    keeps its answer, this one is not performed."""
+
+    code = "duplicate_request"
+    http_status = 409
 
 
 class RateLimited(SigndError):

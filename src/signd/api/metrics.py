@@ -163,7 +163,11 @@ class ApiMetrics:
             "JSON-RPC calls by method (methods signd does not serve count as 'other').",
             ("method", "outcome"),
         )
-
+        self.mqtt_duplicates = Counter(
+            "signd_mqtt_duplicates_total",
+            "MQTT requests answered with an earlier copy's remembered answer, not performed again.",
+            (),
+        )
         self.mqtt_connected = Gauge(
             "signd_mqtt_connected",
             "1 while the MQTT adapter is connected and subscribed to the request topic, else 0.",
@@ -176,6 +180,7 @@ class ApiMetrics:
             self.signatures,
             self.errors,
             self.rpc_calls,
+            self.mqtt_duplicates,
             self.mqtt_connected,
         )
         return "\n".join(line for family in families for line in family.expose()) + "\n"

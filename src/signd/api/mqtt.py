@@ -26,6 +26,14 @@ A message that comes with the retain flag is refused (``invalid_request``), and 
 asked for no retained messages at subscription (:data:`REQUEST_SUBSCRIPTION`): a request is
 acted on once, when it is published.
 
+A request delivered twice (QoS 1 is at least once) is performed once: final answers are
+remembered by request topic (which names the device) and ``id``, for
+``mqtt_duplicate_window`` seconds and at most ``mqtt_duplicate_answers`` of them
+(:class:`~signd.api.idempotency.RecentAnswers`). A copy (the same payload, ``ResponseTopic``
+and ``CorrelationData``) gets its first copy's answer, waiting for it while it is performed,
+without reaching the authenticator and the gate; the same ``id`` with another payload is
+refused ``duplicate_request``.
+
 paho's network thread receives messages, admits at most ``mqtt_max_pending`` at once (more
 are answered ``too_many_requests``) and hands them to the event loop; paho reconnects with
 exponential backoff (``mqtt_reconnect_min`` doubling up to ``mqtt_reconnect_max`` seconds)
@@ -35,6 +43,7 @@ and the adapter subscribes again on every connection.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import ssl
@@ -59,6 +68,7 @@ from starlette.requests import Request
 from starlette.types import Message
 
 from signd.api.errors import PayloadTooLarge
+from signd.api.idempotency import Answer, RecentAnswers, is_final_refusal
 from signd.api.rest import error_body, perform_signing
 from signd.api.service import Authenticator, SigningService
 from signd.api.settings import MQTT_CLIENT, ApiSettings, is_topic_name, wildcard_levels
@@ -328,6 +338,17 @@ def auth_request(message: Incoming, headers: list[tuple[str, str]], scheme: str)
     return Request(scope, receive)
 
 
+def request_fingerprint(message: Incoming) -> tuple[bytes, str | None, bytes | None]:
+    """What a copy of a request has in common with the first: the payload (its SHA-256) and
+    the reply target it asks for. Not the user properties: a device asking again may sign
+    its request anew, and the answer goes only where the first one went."""
+    return (
+        hashlib.sha256(message.payload).digest(),
+        message.response_topic,
+        message.correlation_data,
+    )
+
+
 def _properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
@@ -375,9 +396,13 @@ class MqttAdapter:
         self._group: anyio.abc.TaskGroup | None = None
         self._client: paho.Client | None = None
         self._in_flight = RepliesInFlight()
+        self._answers = RecentAnswers(
+            settings.mqtt_duplicate_window, settings.mqtt_duplicate_answers
+        )
         self.connected = threading.Event()
         """Set while connected and subscribed (readiness; tests wait on it)."""
         service.metrics.mqtt_connected.set(0)
+        service.metrics.mqtt_duplicates.inc(amount=0)
         service.add_readiness_part("mqtt", self.check_connected)
 
     def check_connected(self) -> None:
@@ -598,19 +623,47 @@ class MqttAdapter:
         finally:
             self._slots.release()
 
-    async def _sign(self, message: Incoming, reply: ReplyTo) -> dict[str, Any]:
-        """``{"result"}`` or ``{"error"}``: REST's authentication, validation and signing."""
+    async def _sign(self, message: Incoming, reply: ReplyTo) -> Answer:
+        """``{"result"}`` or ``{"error"}``: the envelope read, then the answer of the request's
+        first copy, performed once (:meth:`_perform`) for all of them."""
         try:
             body, headers = read_envelope(message, self.settings, reply)
+            answer, repeated = await self._answers.answer_once(
+                (message.topic, reply.request_id),
+                request_fingerprint(message),
+                lambda: self._perform(message, reply, body, headers),
+            )
+        except Exception as exc:
+            return {"error": error_body(exc, self.service.metrics)[1]}
+        if repeated:
+            self.service.metrics.mqtt_duplicates.inc()
+            log.info(
+                "mqtt: request %r on %s is a copy: answered as its first copy was",
+                reply.request_id,
+                message.topic,
+            )
+        return answer
+
+    async def _perform(
+        self,
+        message: Incoming,
+        reply: ReplyTo,
+        body: dict[str, Any],
+        headers: list[tuple[str, str]],
+    ) -> tuple[Answer, bool]:
+        """REST's authentication, validation and signing; the answer and whether it is final
+        (to be given again to copies of the request)."""
+        try:
             principal = await self.authenticate(auth_request(message, headers, self._scheme))
             request = parse_mqtt_request(body)
             result = await perform_signing(self.service, principal, request)
         except Exception as exc:
-            return {"error": error_body(exc, self.service.metrics)[1]}
+            status, error = error_body(exc, self.service.metrics)
+            return {"error": error}, is_final_refusal(status)
         log.info(
             "mqtt: request %r on %s signed (%s)", reply.request_id, message.topic, request.kind
         )
-        return {"result": result}
+        return {"result": result}, True
 
     def _answer(self, message: Incoming, reply: ReplyTo, answer: Mapping[str, Any]) -> None:
         """Publish the answer (QoS 1), or log why there is nowhere to publish it; a reply the

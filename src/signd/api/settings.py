@@ -142,6 +142,13 @@ class ApiSettings:
     """signd's MQTT client id; empty: the broker assigns one."""
     mqtt_max_pending: int = 64
     """Most MQTT requests being handled at once; more are answered ``too_many_requests``."""
+    mqtt_duplicate_window: float = 600.0
+    """Seconds an MQTT answer is remembered for copies of its request (a redelivery, a device
+    asking again): they get it again instead of being performed again. The default covers a
+    request signature's whole validity (twice its 300 s clock window). 0: not remembered."""
+    mqtt_duplicate_answers: int = 10_000
+    """Most MQTT answers remembered for copies of their requests (the oldest are forgotten
+    first). 0: not remembered."""
     mqtt_keepalive: int = 30
     """Seconds between MQTT keep-alive pings."""
     mqtt_reconnect_min: int = 1
@@ -222,6 +229,20 @@ class ApiSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise refuse(f"{name} must be a positive integer")
+        if (
+            isinstance(self.mqtt_duplicate_answers, bool)
+            or not isinstance(self.mqtt_duplicate_answers, int)
+            or self.mqtt_duplicate_answers < 0
+        ):
+            raise refuse("mqtt_duplicate_answers must be an integer >= 0")
+        window = self.mqtt_duplicate_window
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int | float)
+            or not math.isfinite(window)
+            or window < 0
+        ):
+            raise refuse("mqtt_duplicate_window must be a number of seconds >= 0")
         if (
             isinstance(self.mqtt_reconnect_max, bool)
             or not isinstance(self.mqtt_reconnect_max, int)
