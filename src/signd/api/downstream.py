@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import httpx
 
+from signd.api.deadlines import within
 from signd.api.errors import DownstreamError
 from signd.errors import DependencyUnavailable, InvalidField
 
@@ -73,10 +74,12 @@ class Downstream:
             await client.aclose()
 
     async def post(self, payload: Any) -> Any:
-        """Send one JSON-RPC request (or batch) and return the node's JSON answer."""
+        """Send one JSON-RPC request (or batch) and return the node's JSON answer, all within
+        the timeout (httpx's own timeouts bound each read, not a node that sends slowly)."""
         try:
-            response = await self._http().post(self._url, json=payload)
-        except httpx.TimeoutException:
+            async with within(self._timeout):
+                response = await self._http().post(self._url, json=payload)
+        except (httpx.TimeoutException, TimeoutError):
             raise DependencyUnavailable("the downstream node did not answer in time") from None
         except httpx.HTTPError as exc:
             raise DependencyUnavailable(
