@@ -566,3 +566,133 @@ def test_rpc_metrics_count_methods(make_client: ClientFactory, address: str) -> 
     text = client.get("/metrics").text
     assert 'signd_jsonrpc_calls_total{method="eth_accounts",outcome="ok"} 1' in text
     assert 'signd_jsonrpc_calls_total{method="other",outcome="error"} 1' in text
+
+
+class MisleadingNode(FakeNode):
+    """A node that answers one method with ``value`` (its result, or the whole answer object
+    when ``raw``), and everything else as :class:`FakeNode` does."""
+
+    def __init__(self, method: str, value: Any, *, raw: bool = False, **options: Any) -> None:
+        super().__init__(**options)
+        self.method, self.value, self.raw = method, value, raw
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        call = json.loads(request.content)
+        if call["method"] == self.method and self.raw:
+            self.calls.append(call)
+            return httpx.Response(200, json=self.value)
+        return await super().__call__(request)
+
+    def answer(self, method: str, params: list[Any]) -> Any:
+        return self.value if method == self.method else super().answer(method, params)
+
+
+NONSENSE = {
+    "past its range": "0x" + "f" * 64,
+    "negative": "-0x1",
+    "decimal minus": "-5",
+    "no hex": "0xzz",
+    "empty hex": "0x",
+    "null": None,
+    "float": 1.5,
+    "object": {"a": 1},
+    "boolean": True,
+}
+
+
+@pytest.mark.parametrize("nonsense", NONSENSE.values(), ids=NONSENSE.keys())
+@pytest.mark.parametrize(
+    ("method", "options", "transaction"),
+    [
+        ("eth_getTransactionCount", {}, {}),
+        ("eth_estimateGas", {}, {}),
+        ("eth_maxPriorityFeePerGas", {}, {}),
+        ("eth_gasPrice", {}, {"type": "0x0"}),
+        ("eth_chainId", {}, {}),
+        ("eth_getBlockByNumber", {}, {}),
+        ("eth_feeHistory", {"priority_method": False}, {}),
+    ],
+)
+def test_a_node_answering_nonsense_to_a_fill_is_the_node_s_fault(
+    make_client: ClientFactory,
+    address: str,
+    method: str,
+    options: dict[str, Any],
+    transaction: dict[str, Any],
+    nonsense: Any,
+) -> None:
+    """What the node answers while filling is the node's word, not the caller's: a value it
+    cannot mean is -32006 dependency_unavailable (never the caller's -32602 invalid params,
+    never -32603), and nothing is signed or sent. A block and a fee history are objects: the
+    nonsense goes in their base fee and reward (a null block or history is nonsense too)."""
+    if nonsense is not None and method == "eth_getBlockByNumber":
+        nonsense = {"number": "0x10", "baseFeePerGas": nonsense}
+    elif nonsense is not None and method == "eth_feeHistory":
+        nonsense = {"reward": [[nonsense]]}
+    node = MisleadingNode(method, nonsense, **options)
+    client = proxy_client(make_client, node)
+    tx = {"from": address, "to": "0x" + "35" * 20, "value": "0x1", **transaction}
+    for rpc_method in ("eth_sendTransaction", "eth_signTransaction"):
+        failure = error(client, rpc_method, tx)
+        assert failure["code"] == -32006, failure
+        assert failure["data"] == {"code": "dependency_unavailable"}
+        assert "downstream node" in failure["message"]
+    assert node.sent == []
+
+
+def test_quantities_the_node_answers_in_range_are_filled_as_hex(
+    make_client: ClientFactory, address: str
+) -> None:
+    """A nonce just below 2**64 and a fee the node answers as a JSON number still fill."""
+    node = MisleadingNode("eth_getTransactionCount", hex(2**64 - 2))
+    client = proxy_client(make_client, node)
+    answer = result(client, "eth_signTransaction", {"from": address, "to": address})
+    assert answer["tx"]["nonce"] == hex(2**64 - 2)
+    priced = MisleadingNode("eth_gasPrice", GAS_PRICE)
+    legacy = proxy_client(make_client, priced)
+    answer = result(legacy, "eth_signTransaction", {"from": address, "to": address, "type": "0x0"})
+    assert answer["tx"]["gasPrice"] == hex(GAS_PRICE)
+
+
+MALFORMED_ANSWERS = {
+    "neither result nor error": {"jsonrpc": "2.0", "id": 1},
+    "an error that is a string": {"jsonrpc": "2.0", "id": 1, "error": "boom"},
+    "an error without an integer code": {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "error": {"code": "x", "message": {"deep": 1}},
+    },
+    "both result and error": {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "result": "0x1",
+        "error": {"code": -1, "message": "m"},
+    },
+}
+
+
+@pytest.mark.parametrize("answer", MALFORMED_ANSWERS.values(), ids=MALFORMED_ANSWERS.keys())
+def test_a_malformed_node_answer_is_the_node_s_fault_forwarded_or_sent(
+    make_client: ClientFactory, address: str, answer: dict[str, Any]
+) -> None:
+    """A forwarded call, and the submission of a signed transaction, answer -32006 when the
+    node's answer is not a JSON-RPC answer (never its error object passed on as it is)."""
+    for method, params in (
+        ("eth_blockNumber", []),
+        ("eth_sendRawTransaction", ["0x00"]),
+        ("eth_sendTransaction", [{"from": address, "to": address}]),
+    ):
+        node_method = "eth_sendRawTransaction" if method == "eth_sendTransaction" else method
+        client = proxy_client(make_client, MisleadingNode(node_method, answer, raw=True))
+        failure = error(client, method, *params)
+        assert failure["code"] == -32006, (method, failure)
+        assert failure["data"] == {"code": "dependency_unavailable"}
+
+
+def test_a_forwarded_answer_keeps_the_caller_s_id(make_client: ClientFactory) -> None:
+    """The node's answer goes back under the caller's id, whatever id the node gave it."""
+    node = MisleadingNode(
+        "eth_blockNumber", {"jsonrpc": "2.0", "id": 999, "result": "0x10"}, raw=True
+    )
+    client = proxy_client(make_client, node)
+    assert rpc(client, "eth_blockNumber") == {"jsonrpc": "2.0", "id": 7, "result": "0x10"}

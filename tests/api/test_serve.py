@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from signd.cli.serve import SHUTDOWN_ANSWER_TIME, SHUTDOWN_GRACE
 from tests.api.conftest import PASSPHRASE, make_home, open_signer
 from tests.api.processes import AUTH, SIGND_MAIN, logged_statuses, signd_serve
+from tests.integration.support import child_pids
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +132,7 @@ class StartedServer:
         state.signer.backend("keystore")  # opened again, without the variable
         print("own:", os.environ.get("SIGND_KEYSTORE_PASSPHRASE"), "child:", child.stdout.strip())
 
-signd.cli.serve._server = lambda config, adapter: StartedServer()
+signd.cli.serve._server = lambda config, adapter, requests: StartedServer()
 """
 
 
@@ -253,3 +257,62 @@ def test_serve_with_an_audit_log_it_cannot_open_says_so_in_one_line(
     assert "error configuration_error: cannot open the audit log" in result.stderr, result.stderr
     assert str(blocker / "audit.log") in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_requests_still_running_at_the_end_of_the_shutdown_grace_are_answered_503(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while requests wait on a node that never answers and on a stopped enclave:
+    once the grace period is over they are answered 503 dependency_unavailable (JSON, and
+    JSON-RPC on /rpc), not cut off by uvicorn's plain-text 500, and signd still exits 0."""
+    home = make_home(
+        tmp_path / "home", ("enclave", "keystore"), extra="\n[api]\ndownstream_timeout = 60\n"
+    )
+    with socket.socket() as silent_node, ThreadPoolExecutor(2) as pool:
+        silent_node.bind(("127.0.0.1", 0))
+        silent_node.listen()  # connections are queued, never accepted: no answer ever
+        node = f"http://127.0.0.1:{silent_node.getsockname()[1]}"
+        with signd_serve(home, "--allow-blind-signing", "--downstream", node) as server:
+            key = httpx.post(
+                f"{server.url}/v1/keys",
+                json={"chain": "ethereum", "custody": "enclave"},
+                timeout=30,
+                headers=AUTH,
+            ).json()["keys"][0]
+            forwarded = pool.submit(
+                httpx.post,
+                server.rpc_url,
+                json={"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber"},
+                timeout=60,
+                headers=AUTH,
+            )
+            time.sleep(1)  # authenticated by the enclave, now waiting on the node
+            [enclave] = child_pids(server.process.pid, containing=f"--home {home} enclave")
+            os.kill(enclave, signal.SIGSTOP)
+            try:
+                signing = pool.submit(
+                    httpx.post,
+                    f"{server.url}/v1/sign/hash",
+                    json={"key": key["key_id"], "hash": HASH},
+                    timeout=60,
+                    headers=AUTH,
+                )
+                time.sleep(0.5)
+                started = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+                rest, rpc = signing.result(timeout=60), forwarded.result(timeout=60)
+                answered_after = time.monotonic() - started
+            finally:
+                os.kill(enclave, signal.SIGCONT)
+            assert server.process.wait(timeout=30) == 0
+            log = server.log.read_text()
+    assert SHUTDOWN_GRACE <= answered_after < SHUTDOWN_GRACE + SHUTDOWN_ANSWER_TIME
+    assert rest.status_code == 503, rest.text
+    assert rest.json()["error"]["code"] == "dependency_unavailable"
+    assert "shutting down" in rest.json()["error"]["message"]
+    assert rpc.status_code == 503, rpc.text
+    assert rpc.json()["id"] is None
+    assert rpc.json()["error"]["code"] == -32006
+    assert rpc.json()["error"]["data"] == {"code": "dependency_unavailable"}
+    assert "Exception in ASGI application" not in log
+    assert "stopping 2 request(s) still running" in log

@@ -13,11 +13,18 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from signd.api.downstream import Downstream
 from signd.api.errors import MethodNotAllowed, RouteNotFound
 from signd.api.metrics import ApiMetrics
-from signd.api.middleware import RefusalHeaders, RequestLog, rate_limited
+from signd.api.middleware import (
+    RefusalHeaders,
+    RequestLog,
+    RequestsInFlight,
+    StopAtShutdown,
+    rate_limited,
+)
 from signd.api.rest import RestApi, error_response
 from signd.api.rpc import JsonRpcApi
 from signd.api.service import (
@@ -27,7 +34,12 @@ from signd.api.service import (
     allow_anonymous_for_tests,
 )
 from signd.api.settings import ApiSettings
-from signd.errors import ConfigurationError, InvalidRequest, SigndError
+from signd.errors import (
+    ConfigurationError,
+    DependencyUnavailable,
+    InvalidRequest,
+    SigndError,
+)
 from signd.operations import Signer
 from signd.operations.attestation import EnclaveAttestor
 
@@ -65,7 +77,9 @@ def create_app(
     the downstream node (tests).
 
     ``authenticate`` is wrapped in the request rate limits of ``settings``; the wrapped one is
-    ``app.state.authenticate``, for the MQTT adapter to share them.
+    ``app.state.authenticate``, for the MQTT adapter to share them. ``app.state.requests``
+    holds the HTTP requests in flight (:class:`~signd.api.middleware.RequestsInFlight`): those
+    it stops are answered 503 ``dependency_unavailable``, in JSON-RPC form on its routes.
     """
     if gate is None and authenticate is not allow_anonymous_for_tests:
         raise ConfigurationError("an authenticated app needs its gate (create_app(gate=...))")
@@ -100,6 +114,17 @@ def create_app(
     async def unexpected_error(request: Request, exc: Exception) -> Response:
         return error_response(exc, metrics)
 
+    rpc_paths = {route.path for route in rpc.routes()}
+
+    def stopped_at_shutdown(scope: Scope) -> Response:
+        error = DependencyUnavailable(
+            "signd is shutting down and stopped this request before it finished; what it"
+            " asked may have been done (the audit log says): retry"
+        )
+        return rpc.refusal(error) if scope["path"] in rpc_paths else error_response(error, metrics)
+
+    requests = RequestsInFlight()
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.reset()
@@ -115,6 +140,7 @@ def create_app(
         routes=routes,
         middleware=[
             Middleware(RequestLog, metrics=metrics, routes=route_names),
+            Middleware(StopAtShutdown, requests=requests, refusal=stopped_at_shutdown),
             Middleware(RefusalHeaders),
         ],
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
@@ -127,4 +153,5 @@ def create_app(
     app.state.service = service
     app.state.metrics = metrics
     app.state.authenticate = authenticate
+    app.state.requests = requests
     return app

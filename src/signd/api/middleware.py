@@ -6,6 +6,10 @@ JSON-RPC method names signd serves); never a body, a header value or a query str
 may carry secrets. :class:`BatchingLogHandler` writes those lines in batches, each within
 50 ms (``signd serve`` installs it).
 
+:class:`StopAtShutdown` keeps the requests in flight (:class:`RequestsInFlight`), so that
+``signd serve`` can answer those that outlast its shutdown grace period with a 503 rather than
+let uvicorn cancel them into a plain-text 500.
+
 Rate limits wrap the authentication seam (:func:`rate_limited`), which REST, JSON-RPC and
 MQTT all pass: a token bucket per authenticated client id, and one per remote address that
 only failed authentications drain. A refusal is :class:`~signd.api.errors.RateLimited`
@@ -16,6 +20,7 @@ not arrive within ``body_timeout``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -31,6 +36,7 @@ from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Final, TextIO
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from signd.api.errors import RateLimited
@@ -433,3 +439,73 @@ class RefusalHeaders:
             return send(message)  # awaited by the caller: no coroutine of its own
 
         await self.app(scope, receive, send_with_refusal_headers)
+
+
+class RequestsInFlight:
+    """The HTTP requests being answered, each by the task that answers it."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._stopped.discard(task)
+
+    def stopped(self, task: asyncio.Task[Any]) -> bool:
+        """Whether :meth:`stop_all` cancelled ``task``."""
+        return task in self._stopped
+
+    def stop_all(self) -> int:
+        """Cancel every request in flight, for :class:`StopAtShutdown` to answer; how many."""
+        for task in self._tasks - self._stopped:
+            self._stopped.add(task)
+            task.cancel()
+        return len(self._tasks)
+
+
+class StopAtShutdown:
+    """ASGI middleware: each HTTP request is kept in ``requests`` while it is answered, and
+    one that :meth:`RequestsInFlight.stop_all` stops before its answer started gets
+    ``refusal(scope)`` instead (what it asked may have been done: the audit log says)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        requests: RequestsInFlight,
+        refusal: Callable[[Scope], Response],
+    ) -> None:
+        self.app = app
+        self.requests = requests
+        self.refusal = refusal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        answering = False
+
+        def send_noting_the_answer(message: Message) -> Awaitable[None]:
+            nonlocal answering
+            if message["type"] == "http.response.start":
+                answering = True
+            return send(message)  # awaited by the caller: no coroutine of its own
+
+        self.requests.add(task)
+        try:
+            await self.app(scope, receive, send_noting_the_answer)
+        except asyncio.CancelledError:
+            if not self.requests.stopped(task) or answering:
+                raise
+            task.uncancel()
+            await self.refusal(scope)(scope, receive, send)
+        finally:
+            self.requests.discard(task)

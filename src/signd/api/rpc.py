@@ -154,9 +154,7 @@ class JsonRpcApi:
                 request, self.settings.max_body_bytes, self.settings.body_timeout
             )
         except Exception as exc:
-            wire = wire_error(exc)
-            self.metrics.errors.inc(wire.body["code"])
-            return JSONResponse(_error(None, _request_refusal(wire)), status_code=wire.http_status)
+            return self.refusal(exc)
         try:
             message = parse_json(body)
         except InvalidRequest as exc:
@@ -180,6 +178,12 @@ class JsonRpcApi:
         request.state.rpc_methods = [self._method_label(message)]
         answer = await self.call(principal, message)
         return JSONResponse(answer) if answer is not None else Response(status_code=204)
+
+    def refusal(self, exc: Exception) -> JSONResponse:
+        """The answer to an HTTP request refused as a whole (:func:`_request_refusal`)."""
+        wire = wire_error(exc)
+        self.metrics.errors.inc(wire.body["code"])
+        return JSONResponse(_error(None, _request_refusal(wire)), status_code=wire.http_status)
 
     async def _answer_all(self, principal: Principal, items: list[Any]) -> list[Any]:
         """Each item's answer, in order, :data:`BATCH_CONCURRENCY` of them at a time (each

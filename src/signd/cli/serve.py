@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     import uvicorn
 
     from signd.api.gatekeeping import Keeper
+    from signd.api.middleware import RequestsInFlight
     from signd.api.mqtt import MqttAdapter
     from signd.api.settings import ApiSettings
     from signd.config import Settings
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
 ACCESS_LOGGER = "signd.api.access"
 STARTUP_FAILURE = 3
 """The exit status when the server could not start (uvicorn's)."""
+SHUTDOWN_GRACE = 10
+"""Seconds the requests in flight at SIGTERM/SIGINT get to finish; those still running then are
+answered 503 ``dependency_unavailable`` (what they asked may have been done: the audit log
+says)."""
+SHUTDOWN_ANSWER_TIME = 5
+"""Seconds those 503s get to go out before uvicorn cancels whatever is left."""
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -248,20 +255,40 @@ def _after_shutdown(signum: int, frame: object) -> None:
     """Ignore the signal uvicorn raises again once it has shut down."""
 
 
-def _server(config: uvicorn.Config, adapter: MqttAdapter | None) -> uvicorn.Server:
+def _server(
+    config: uvicorn.Config, adapter: MqttAdapter | None, requests: RequestsInFlight
+) -> uvicorn.Server:
     """uvicorn's server, which freezes what start-up made out of the garbage collector's way
-    once the app's lifespan has started (:func:`~signd.memory.freeze_startup_objects`); with
-    an MQTT adapter, it also runs that between start-up and shutdown (it stops taking
-    requests when uvicorn is told to exit, answers those in hand, then HTTP shuts down)."""
+    once the app's lifespan has started (:func:`~signd.memory.freeze_startup_objects`), and
+    at shutdown stops the ``requests`` still in flight after :data:`SHUTDOWN_GRACE` seconds
+    (the app answers them 503); with an MQTT adapter, it also runs that between start-up and
+    shutdown (it stops taking requests when uvicorn is told to exit, answers those in hand,
+    then HTTP shuts down)."""
+    import asyncio
+
     import anyio
     import uvicorn
 
     from signd.memory import freeze_startup_objects
 
+    def stop_requests() -> None:
+        logging.getLogger("signd.serve").warning(
+            "stopping %d request(s) still running %g s into the shutdown (answered 503)",
+            requests.stop_all(),
+            SHUTDOWN_GRACE,
+        )
+
     class SigndServer(uvicorn.Server):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             freeze_startup_objects()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            stopping = asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, stop_requests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                stopping.cancel()
 
     if adapter is None:
         return SigndServer(config)
@@ -427,12 +454,12 @@ def serve(
             log_config=None,
             access_log=False,
             server_header=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE + SHUTDOWN_ANSWER_TIME,
             # uvicorn answers a request 503 when this many connections are open, counting the
             # one it came on: one more than max_connections serves max_connections at once.
             limit_concurrency=api_settings.max_connections + 1,
         )
-        server = _server(config, adapter)
+        server = _server(config, adapter, app.state.requests)
         server.run()
         if not server.started:
             sys.exit(STARTUP_FAILURE)
