@@ -122,6 +122,32 @@ def test_hang_timeout_zero_never_replaces_it(
     assert transport.pid == pid
 
 
+def test_the_enclave_ends_at_once_on_sigterm_right_after_it_started(
+    transports: list[LocalEnclaveTransport], tmp_path: Path
+) -> None:
+    """A SIGTERM taken by another of its threads left the main thread asleep until stop()
+    killed the process 10 s later (most runs, when it came right after the start)."""
+    for attempt in range(3):
+        transport, pid = started(transports, tmp_path / f"home-{attempt}", hang_timeout=0)
+        began = time.monotonic()
+        transport.stop()
+        assert time.monotonic() - began < 5.0
+        assert state(pid) == "gone"
+
+
+def test_a_stopped_enclave_ends_at_once_when_signd_stops(
+    transports: list[LocalEnclaveTransport], tmp_path: Path
+) -> None:
+    """SIGTERM to a SIGSTOPped child waits until it runs again: stop() continues it, rather
+    than waiting out its 10 s before killing it."""
+    transport, pid = started(transports, tmp_path / "home", hang_timeout=0)
+    os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    transport.stop()
+    assert time.monotonic() - began < 5.0
+    assert state(pid) == "gone"
+
+
 def test_a_start_that_timed_out_leaves_the_next_start_working(
     transports: list[LocalEnclaveTransport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

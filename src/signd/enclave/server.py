@@ -517,6 +517,10 @@ def start_enclave(
     return server
 
 
+WAKE_INTERVAL: Final = 0.5
+"""Seconds between the main thread's checks for a stop while the enclave serves."""
+
+
 def run_enclave(
     listen: str,
     kms: KmsClient,
@@ -546,11 +550,12 @@ def run_enclave(
         attestation=attestation,
         gate_only=gate_only,
     )
+    done = server.wait if stop is None else stop.wait
     try:
-        if stop is None:
-            server.wait()
-        else:
-            stop.wait()
+        # Woken every WAKE_INTERVAL: a SIGTERM taken by another thread leaves this one
+        # asleep, and its Python handler (which sets ``stop``) runs only on this thread.
+        while not done(WAKE_INTERVAL):
+            pass
     finally:
         server.close()
 

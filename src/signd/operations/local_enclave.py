@@ -8,9 +8,11 @@ close. The child exits by itself if its parent dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -217,9 +219,12 @@ class LocalEnclaveTransport:
 
     @staticmethod
     def _end(process: subprocess.Popen[bytes]) -> None:
-        """Terminate ``process`` (killed if it has not ended within 10 s)."""
+        """Terminate ``process`` (killed if it has not ended within 10 s); one stopped
+        (SIGSTOP) is continued, so that it acts on the SIGTERM rather than waiting out the 10 s."""
         if process.poll() is None:
             process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
