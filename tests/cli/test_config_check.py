@@ -156,6 +156,13 @@ def test_invalid_settings_are_reported_invalid(
     assert all(parts[name]["status"] == "ok" for name in others)
 
 
+def test_an_error_is_printed_as_written_brackets_included(cli: Cli) -> None:
+    """A message naming a ``[table]`` is printed as it is, not read as console markup."""
+    configure(cli, {"metadata": {"type": "sqlite", "dns": "typo"}})
+    result = cli.run("keys", "list", "--custody", "enclave", ok=False)
+    assert "unknown settings in [metadata]: dns" in result.output
+
+
 def test_an_enclave_custody_that_fails_to_open_leaves_no_socket_folder(
     cli: Cli, temp_root: Path
 ) -> None:
