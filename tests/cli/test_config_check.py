@@ -151,9 +151,18 @@ def test_invalid_settings_are_reported_invalid(
     assert parts[section]["status"] == "invalid"
     assert message in parts[section]["message"]
     assert parts["custody:enclave"]["status"] != "ok"  # the enclave uses the same config
-    assert parts["custody:keystore"]["status"] == "ok"
+    # the keystore is checked against the metadata store's record of it (so needs that store)
+    keystore_status = "unreachable" if section == "metadata" else "ok"
+    assert parts["custody:keystore"]["status"] == keystore_status
     others = {"kms", "blobs", "metadata"} - {section}
     assert all(parts[name]["status"] == "ok" for name in others)
+
+
+def test_an_error_is_printed_as_written_brackets_included(cli: Cli) -> None:
+    """A message naming a ``[table]`` is printed as it is, not read as console markup."""
+    configure(cli, {"metadata": {"type": "sqlite", "dns": "typo"}})
+    result = cli.run("keys", "list", "--custody", "enclave", ok=False)
+    assert "unknown settings in [metadata]: dns" in result.output
 
 
 def test_an_enclave_custody_that_fails_to_open_leaves_no_socket_folder(

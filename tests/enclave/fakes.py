@@ -17,7 +17,14 @@ from signd.enclave.sealing import SealedKey, associated_data
 from signd.enclave.signer import ENCRYPTION_CONTEXT
 from signd.errors import DependencyUnavailable, IntegrityError, KeyExists, KeyNotFound
 from signd.kms.base import DataKey, KmsClient
-from signd.storage.base import BlobStore, KeyRecord, MetadataStore, RecordPage
+from signd.storage.base import (
+    BlobStore,
+    KeyRecord,
+    KeystoreRecord,
+    MetadataStore,
+    RecordPage,
+    updated_keystore_record,
+)
 
 
 def _context_bytes(context: Mapping[str, str] | None) -> bytes:
@@ -147,6 +154,7 @@ class MemoryMetadataStore(MetadataStore):
 
     def __init__(self) -> None:
         self.records: list[KeyRecord] = []
+        self.keystores: dict[str, KeystoreRecord] = {}
         self.down = False
         self._lock = threading.Lock()
 
@@ -188,6 +196,23 @@ class MemoryMetadataStore(MetadataStore):
         page = matching[start : start + limit]
         more = start + limit < len(matching)
         return RecordPage(page, str(start + limit) if more else None)
+
+    def keystore_record(self, location: str) -> KeystoreRecord | None:
+        if self.down:
+            raise DependencyUnavailable("memory metadata store is down")
+        return self.keystores.get(location)
+
+    def record_keystore(self, seen: KeystoreRecord) -> KeystoreRecord:
+        if self.down:
+            raise DependencyUnavailable("memory metadata store is down")
+        with self._lock:
+            current = self.keystores.get(seen.location)
+            updated = updated_keystore_record(current, seen)
+            if updated is None:
+                assert current is not None
+                return current
+            self.keystores[seen.location] = updated
+            return updated
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from signd.errors import ConfigurationError, InvalidField, KeyExists
-from signd.storage.base import KeyRecord
+from signd.storage.base import KeyRecord, KeystoreRecord
 from signd.storage.metadata import MAX_PAGE_SIZE, Migration, SqlMetadataStore
 from tests.storage.conftest import MetadataFactory
 
@@ -400,6 +400,59 @@ def test_two_nodes_see_each_others_rows_and_cursors(metadata_factory: MetadataFa
     assert node_b.list(label="shared", cursor=page.next_cursor).records == from_b[1:]
     with pytest.raises(KeyExists):
         node_b.add([from_a[1]])
+
+
+# ----------------------------------------------------------------------------- keystores
+
+
+def test_keystore_records_grow_and_are_never_taken_over_while_they_count_keys(
+    metadata_factory: MetadataFactory,
+) -> None:
+    """A keystore's record keeps the largest count seen; another keystore at the same path
+    replaces it only while it counts no key. Another node on the database sees the same."""
+    node_a, node_b = metadata_factory(), metadata_factory()
+    where = "/var/lib/signd/wallet.data"
+    assert node_a.keystore_record(where) is None
+    first = KeystoreRecord(where, "keystore-a", 0)
+    assert node_a.record_keystore(first) == first
+    assert node_b.record_keystore(KeystoreRecord(where, "keystore-b", 2)) == KeystoreRecord(
+        where, "keystore-b", 2
+    )  # the record counted no key: the new keystore takes the path
+    grown = KeystoreRecord(where, "keystore-b", 5)
+    assert node_a.record_keystore(grown) == grown
+    assert node_b.record_keystore(KeystoreRecord(where, "keystore-b", 3)) == grown  # older view
+    assert node_a.record_keystore(KeystoreRecord(where, "keystore-c", 9)) == grown
+    assert node_b.keystore_record(where) == grown
+    assert node_a.keystore_record("/elsewhere/wallet.data") is None
+    assert node_a.list().records == []  # not a key record
+
+
+def test_keystore_records_from_concurrent_writers_keep_the_largest_count(
+    metadata_factory: MetadataFactory,
+) -> None:
+    nodes = [metadata_factory() for _ in range(2)]
+    where = "/srv/wallet.data"
+
+    def seen(count: int) -> KeystoreRecord:
+        return nodes[count % 2].record_keystore(KeystoreRecord(where, "keystore-a", count))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(seen, range(40)))
+    assert nodes[0].keystore_record(where) == KeystoreRecord(where, "keystore-a", 39)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"location": "", "keystore_id": "k", "key_count": 0},
+        {"location": "/w", "keystore_id": "", "key_count": 0},
+        {"location": "/w", "keystore_id": "k", "key_count": -1},
+        {"location": "/w", "keystore_id": "k", "key_count": True},
+    ],
+)
+def test_bad_keystore_records_are_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidField):
+        KeystoreRecord(**fields)
 
 
 # ----------------------------------------------------------------------------- migrations

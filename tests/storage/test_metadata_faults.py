@@ -188,6 +188,44 @@ def test_postgres_health_names_a_stuck_server_within_its_own_bound(
         store.close()
 
 
+def _drop_idle_connections(dsn: str) -> None:
+    """Terminate this database's signd connections (as an idle timeout or an administrator
+    would), waiting until they are gone, so that the store's pool holds no usable idle
+    connection."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+            " WHERE application_name = 'signd' AND datname = current_database()"
+        )
+
+
+def test_postgres_health_with_no_idle_connection_is_bounded_as_a_whole(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """With no idle connection in the pool, the health check connects anew: a server that
+    hangs (it accepts the connection, then answers nothing) is still named within
+    HEALTH_WITHIN, not after the store's connect timeout (5 s), which would outlast
+    /readyz's own wait. The connection finished late joins the pool once the server answers."""
+    store = PostgresMetadataStore(postgres_dsn)
+    try:
+        _drop_idle_connections(postgres_dsn)
+        postgres_server.pause()
+        try:
+            for _ in range(2):  # a second check while the first one's connect still hangs
+                with fails_within(HEALTH_WITHIN + 0.5) as caught:
+                    store.check_health()
+                assert "PostgreSQL" in caught[0].message
+                assert "no answer in time" in caught[0].message
+        finally:
+            postgres_server.resume()
+        store.check_health()
+        kept = record()
+        store.add([kept])
+        assert store.find(kept.key_id) == kept
+    finally:
+        store.close()
+
+
 def test_postgres_lock_wait_is_bounded(postgres_dsn: str, pg_store: PostgresMetadataStore) -> None:
     """A writer stuck behind another node's insert lock gives up after the statement timeout."""
     with psycopg.connect(postgres_dsn) as other_node:

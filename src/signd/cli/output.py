@@ -10,6 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from signd.errors import SigndError
 
@@ -39,8 +40,10 @@ def handles_errors(command: Callable[P, R]) -> Callable[P, R]:
             if kwargs.get("as_json"):
                 sys.stdout.write(json.dumps({"error": exc.to_dict()}, indent=2) + "\n")
             else:
-                where = f" ({exc.field})" if exc.field else ""
-                stderr.print(f"[red]error[/red] {exc.code}{where}: {exc.message}", markup=True)
+                where = f" ({escape(exc.field)})" if exc.field else ""
+                stderr.print(
+                    f"[red]error[/red] {exc.code}{where}: {escape(exc.message)}", markup=True
+                )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -72,15 +72,21 @@ def keystore_passphrase_available(settings: Settings) -> bool:
 
 def _keystore_factory(settings: Settings, passphrase: PassphraseSource) -> BackendFactory:
     def open_keystore() -> CustodyBackend:
-        path = settings.keystore.path
-        creating = not path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return KeystoreBackend.open(
-            path,
-            passphrase(creating),
-            create=True,
-            kdf_params=ScryptParams(n=settings.keystore.scrypt_n) if creating else None,
-        )
+        """The keystore, checked against the metadata store's record of its path: a missing
+        keystore whose keys are recorded is refused, not created (asked again on each use,
+        so it opens once the file is back)."""
+        metadata = build_metadata_store(settings)
+        try:
+            return KeystoreBackend.open(
+                settings.keystore.path,
+                passphrase,
+                create=True,
+                kdf_params=ScryptParams(n=settings.keystore.scrypt_n),
+                metadata=metadata,
+            )
+        except BaseException:
+            metadata.close()
+            raise
 
     return open_keystore
 

@@ -3,7 +3,8 @@
 - :class:`BlobStore` holds sealed key blobs (filesystem default, S3 for several nodes).
 - :class:`MetadataStore` holds :class:`signd.custody.base.KeyInfo`-shaped records (SQLite
   default, PostgreSQL for several nodes); backend references such as a blob name, an HSM
-  object id or a KMS key id travel in ``details``.
+  object id or a KMS key id travel in ``details``. It also keeps a :class:`KeystoreRecord`
+  per keystore file, so that a keystore file that goes missing is not taken for a new one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,40 @@ class KeyRecord:
 class RecordPage:
     records: list[KeyRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeystoreRecord:
+    """What the metadata store knows of the keystore file at ``location`` (an absolute path):
+    which keystore it is (``keystore_id``, from its header) and how many keys it has been
+    seen holding. The count only grows: keys are never removed from a keystore."""
+
+    location: str
+    keystore_id: str
+    key_count: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.location, str) and self.location):
+            raise InvalidField("a keystore location must be a non-empty string", field="location")
+        if not (isinstance(self.keystore_id, str) and self.keystore_id):
+            raise InvalidField("a keystore id must be a non-empty string", field="keystore_id")
+        count = self.key_count
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidField("a key count must be a non-negative integer", field="key_count")
+
+
+def updated_keystore_record(
+    current: KeystoreRecord | None, seen: KeystoreRecord
+) -> KeystoreRecord | None:
+    """The record to store once ``seen`` has been seen at its location, or ``None`` when
+    ``current`` stands: the same keystore keeps the larger count, and a record of another
+    keystore is replaced only while it counts no key (one with keys is never dropped here:
+    the caller finds the other keystore in the record that stands)."""
+    if current is None:
+        return seen
+    if current.keystore_id == seen.keystore_id:
+        return seen if seen.key_count > current.key_count else None
+    return seen if current.key_count == 0 else None
 
 
 MAX_RANGE_LENGTH = 1 << 20
@@ -106,6 +141,15 @@ class MetadataStore(ABC):
         limit: int = 100,
     ) -> RecordPage:
         """Records in creation order, filtered; ``cursor`` is opaque."""
+
+    @abstractmethod
+    def keystore_record(self, location: str) -> KeystoreRecord | None:
+        """What is recorded of the keystore file at ``location``, if anything."""
+
+    @abstractmethod
+    def record_keystore(self, seen: KeystoreRecord) -> KeystoreRecord:
+        """Record ``seen`` as :func:`updated_keystore_record` says, atomically against other
+        writers, and return the record that now stands."""
 
     def check_health(self) -> None:  # noqa: B027 - optional hook
         """Raise DependencyUnavailable when the database cannot be reached."""

@@ -14,6 +14,10 @@ caller alone waits for nothing. Each call's records still succeed or fail togeth
 its own: when a shared transaction is refused for a duplicate, every call in it is retried in
 a transaction of its own, so only the call holding the duplicate sees KeyExists.
 
+Keystore records (:class:`~signd.storage.base.KeystoreRecord`) are rows of ``store_settings``
+named ``keystore:<location>`` with a JSON value: no schema change, so an older signd still
+opens a database that holds them.
+
 A cursor is ``base64(json).base64(mac)``: the last ``seq`` seen and the filters it was issued
 for, authenticated with a random key stored in the database itself (so every node sharing the
 database accepts it). Anything else, or a cursor reused with other filters, is InvalidField.
@@ -37,11 +41,18 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol
 
 from signd.errors import ConfigurationError, InvalidField, KeyExists, SigndError
-from signd.storage.base import KeyRecord, MetadataStore, RecordPage
+from signd.storage.base import (
+    KeyRecord,
+    KeystoreRecord,
+    MetadataStore,
+    RecordPage,
+    updated_keystore_record,
+)
 
 MAX_PAGE_SIZE = 1000
 
 _RECORD_COLUMNS = "seq, key_id, chain, address, public_key, custody, created_at, labels, details"
+_KEYSTORE_PREFIX = "keystore:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +385,48 @@ class SqlMetadataStore(MetadataStore):
         page = rows[:limit]
         next_cursor = self._cursors.encode(page[-1][0], filters) if len(rows) > limit else None
         return RecordPage([self._record(row) for row in page], next_cursor)
+
+    def keystore_record(self, location: str) -> KeystoreRecord | None:
+        with self._transaction(write=False) as cursor:
+            return self._keystore_record(cursor, location)
+
+    def record_keystore(self, seen: KeystoreRecord) -> KeystoreRecord:
+        """Read first: a record that stands (the usual case, at every opening) costs no
+        write. Otherwise re-read and write in one transaction that holds off other writers."""
+        if not isinstance(seen, KeystoreRecord):
+            raise InvalidField("a KeystoreRecord is required", field="record")
+        current = self.keystore_record(seen.location)
+        if current is not None and updated_keystore_record(current, seen) is None:
+            return current
+        with self._transaction(write=True) as cursor:
+            self._lock_inserts(cursor)
+            current = self._keystore_record(cursor, seen.location)
+            updated = updated_keystore_record(current, seen)
+            if updated is None:
+                assert current is not None  # nothing stands in for a missing record
+                return current
+            value = json.dumps({"keystore_id": updated.keystore_id, "key_count": updated.key_count})
+            cursor.execute(
+                self._sql(
+                    "INSERT INTO store_settings (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                ),
+                (_KEYSTORE_PREFIX + updated.location, value),
+            )
+        return updated
+
+    def _keystore_record(self, cursor: SqlCursor, location: str) -> KeystoreRecord | None:
+        if not isinstance(location, str) or not location:
+            raise InvalidField("a keystore location is required", field="location")
+        cursor.execute(
+            self._sql("SELECT value FROM store_settings WHERE name = ?"),
+            (_KEYSTORE_PREFIX + location,),
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        value = json.loads(row[0])
+        return KeystoreRecord(location, value["keystore_id"], value["key_count"])
 
     def _record(self, row: Sequence[Any]) -> KeyRecord:
         _, key_id, chain, address, public_key, custody, created_at, labels, details = row

@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 import select
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -61,7 +64,8 @@ _INSERT_LOCK = 0x5349474E44_02
 
 
 HEALTH_WITHIN: Final = 2.0
-"""Seconds a health check waits for a connection and for each round trip on it."""
+"""Seconds a whole health check may take: waiting for a connection (opening one when none is
+idle) and its round trip together."""
 
 
 class _DeadlineConnection(psycopg.Connection[tuple[Any, ...]]):
@@ -77,32 +81,78 @@ class _Pool:
     """At most ``size`` connections; idle ones are checked before reuse."""
 
     def __init__(
-        self, connect: Callable[[], _DeadlineConnection], size: int, wait_timeout: float
+        self,
+        connect: Callable[[], _DeadlineConnection],
+        size: int,
+        wait_timeout: float,
+        where: str,
     ) -> None:
         self._connect = connect
         self._slots = threading.BoundedSemaphore(size)
         self._wait_timeout = wait_timeout
+        self._where = where
         self._idle: list[_DeadlineConnection] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._connector = ThreadPoolExecutor(size, thread_name_prefix="signd-pg-connect")
+        """Opens the connections that a call bounded by ``within`` waits for."""
 
     @contextmanager
     def connection(self, within: float | None = None) -> Iterator[_DeadlineConnection]:
-        """A connection, waited for at most the pool's wait timeout; with ``within``, that
-        bound for the wait and for each round trip on the connection meanwhile."""
+        """A connection, waited for at most the pool's wait timeout. With ``within``, the
+        whole call is bounded by it: the wait for a slot, opening a connection when none is
+        idle, and each round trip on the connection meanwhile."""
+        deadline = None if within is None else time.monotonic() + within
         wait = self._wait_timeout if within is None else min(within, self._wait_timeout)
         if not self._slots.acquire(timeout=wait):
             raise DependencyUnavailable("every PostgreSQL connection of this node is busy")
+        slot_held = True
         try:
-            connection = self._take() or self._connect()
+            connection = self._take()
+            if connection is None:
+                if deadline is None:
+                    connection = self._connect()
+                else:
+                    slot_held = False  # until the connection is had, its opening holds it
+                    connection = self._connect_before(deadline)
+                    slot_held = True
             usual = connection.io_timeout
-            if within is not None:
-                connection.io_timeout = min(within, usual)
+            if deadline is not None:
+                connection.io_timeout = max(0.0, min(deadline - time.monotonic(), usual))
             try:
                 yield connection
             finally:
                 connection.io_timeout = usual
                 self._give_back(connection)
+        finally:
+            if slot_held:
+                self._slots.release()
+
+    def _connect_before(self, deadline: float) -> _DeadlineConnection:
+        """A new connection, opened in the background and waited for until ``deadline``.
+
+        One that comes later (a server that hangs: the connect timeout still bounds it) is
+        not waited for: it keeps the caller's slot until it is had, then joins the idle
+        connections, so that it serves the next call once the server answers again."""
+        try:
+            opening = self._connector.submit(self._connect)
+        except RuntimeError:  # closed meanwhile
+            self._slots.release()
+            raise DependencyUnavailable("metadata store is closed") from None
+        try:
+            return opening.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            opening.add_done_callback(self._adopt)
+            raise DependencyUnavailable(f"{self._where} unavailable: no answer in time") from None
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _adopt(self, opening: Future[_DeadlineConnection]) -> None:
+        """A connection opened after its caller stopped waiting: idle, and its slot freed."""
+        try:
+            if opening.exception() is None:
+                self._give_back(opening.result())
         finally:
             self._slots.release()
 
@@ -110,6 +160,7 @@ class _Pool:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+        self._connector.shutdown(wait=False)
         for connection in idle:
             connection.close()
 
@@ -170,7 +221,7 @@ class PostgresMetadataStore(SqlMetadataStore):
         self._connect_timeout = max(2, math.ceil(connect_timeout))
         self._statement_ms = max(1, round(statement_timeout * 1000))
         self._io_timeout = statement_timeout + 1.0
-        self._pool = _Pool(self._new_connection, pool_size, pool_timeout)
+        self._pool = _Pool(self._new_connection, pool_size, pool_timeout, self._where)
         self._open()
 
     def close(self) -> None:

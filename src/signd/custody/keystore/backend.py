@@ -3,7 +3,9 @@
 Imported private keys and HD seeds are sealed with AES-256-GCM under a key derived from the
 passphrase (see :mod:`.sealing`). HD keys are stored as (wallet, BIP32 path) and public facts
 only; signing re-derives them from the wallet's seed. Unsealed keys are cached in memory after
-first use, so the signing hot path is one dict lookup and one libsecp256k1 call.
+first use, so the signing hot path is one dict lookup and one libsecp256k1 call. Given a
+metadata store, a keystore is checked against what it records of the keystore's path before
+it is created or opened (see :mod:`.recorded`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ from signd.custody.keystore.hd import (
     parse_path,
     seed_from_mnemonic,
 )
-from signd.custody.keystore.schema import Header, connect, create_file, initialise, read_header
+from signd.custody.keystore.recorded import record_keystore, refuse_if_keys_recorded
+from signd.custody.keystore.schema import (
+    Header,
+    connect,
+    create_file,
+    initialise,
+    keys_held,
+    read_header,
+)
 from signd.custody.keystore.sealing import (
     SALT_SIZE,
     RecordSealer,
@@ -65,6 +75,7 @@ from signd.errors import (
     KeyNotFound,
     SigndError,
 )
+from signd.storage.base import MetadataStore
 from signd.storage.sqlite import probe_write
 
 logger = logging.getLogger(__name__)
@@ -74,6 +85,7 @@ MAX_PAGE_SIZE: Final = 1000
 PROGRESS_EVERY: Final = 500
 _CHAIN_NAME: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _CURSOR_PREFIX: Final = b"k"
+_KEYS_HELD: Final = "SELECT COALESCE(MAX(seq), 0) FROM keys"
 _SELECT_KEYS: Final = (
     "SELECT seq, key_id, chain, address, public_key, created_at, labels,"
     " wallet_id, hd_path, sealed_key FROM keys"
@@ -88,16 +100,31 @@ class _NewKey(NamedTuple):
     sealed_key: bytes | None = None
 
 
+PassphraseSource = Callable[[bool], Secret]
+"""Gives the keystore passphrase; told whether the keystore is being created."""
+
+
 class KeystoreBackend(CustodyBackend):
     """Keys in a passphrase-sealed SQLite file; open one with :meth:`open`."""
 
     custody_type: ClassVar[str] = "keystore"
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, sealer: RecordSealer) -> None:
+    def __init__(
+        self,
+        path: Path,
+        conn: sqlite3.Connection,
+        sealer: RecordSealer,
+        *,
+        keystore_id: str,
+        metadata: MetadataStore | None = None,
+    ) -> None:
         """Wrap an unlocked keystore; use :meth:`open` rather than calling this."""
         self._path = path
         self._conn: sqlite3.Connection | None = conn
         self._sealer: RecordSealer | None = sealer
+        self._keystore_id = keystore_id
+        self._metadata = metadata
+        """Where the keystore's key count is recorded after each write that adds keys."""
         self._lock = threading.RLock()
         self._signers: dict[str, coincurve.PrivateKey] = {}
         self._wallets: dict[str, HDWallet] = {}
@@ -111,25 +138,49 @@ class KeystoreBackend(CustodyBackend):
     def open(
         cls,
         path: Path,
-        passphrase: Secret,
+        passphrase: Secret | PassphraseSource,
         *,
         create: bool = True,
         kdf_params: ScryptParams | None = None,
+        metadata: MetadataStore | None = None,
     ) -> KeystoreBackend:
         """Unlock the keystore at ``path``, creating it first if missing and ``create``.
 
-        ``kdf_params`` apply to a new keystore only; an existing one keeps its own. A file
-        that fails to open is never modified.
+        ``passphrase`` is the passphrase, or a source asked for it only once the keystore may
+        be opened. ``kdf_params`` apply to a new keystore only; an existing one keeps its own.
+        A file that fails to open is never modified.
+
+        With ``metadata``, the keystore is checked against what that store records of its
+        path first (:mod:`.recorded`): a missing keystore whose keys are recorded is not
+        created, and a file that is another keystore, or holds fewer keys than recorded, is
+        not opened (DependencyUnavailable). The backend then records its key count there
+        after each write that adds keys, and closes ``metadata`` when it closes; if opening
+        fails, ``metadata`` is the caller's to close.
         """
         path = Path(path)
-        if not isinstance(passphrase, Secret) or not passphrase:
-            raise InvalidField("passphrase must be a non-empty Secret", field="passphrase")
+        if not callable(passphrase):
+            _passphrase(passphrase, creating=False)  # refused before anything is read
         if not path.exists():
             if not create:
                 raise ConfigurationError(f"no keystore at {path}")
-            return cls._create(path, passphrase, kdf_params or ScryptParams())
+            if metadata is not None:
+                refuse_if_keys_recorded(path, metadata)
+            backend = cls._create(
+                path, _passphrase(passphrase, creating=True), kdf_params or ScryptParams()
+            )
+            if metadata is not None:
+                try:
+                    record_keystore(path, backend._keystore_id, 0, metadata)
+                except BaseException:
+                    backend.close()
+                    raise
+                backend._metadata = metadata
+            return backend
         header = read_header(path)
-        sealer = RecordSealer(derive_passphrase_key(passphrase, header.salt, header.params))
+        if metadata is not None:
+            record_keystore(path, header.keystore_id, keys_held(path), metadata)
+        secret = _passphrase(passphrase, creating=False)
+        sealer = RecordSealer(derive_passphrase_key(secret, header.salt, header.params))
         try:
             sealer.verify_check_value(header.check_value)
         except SigndError:
@@ -142,17 +193,22 @@ class KeystoreBackend(CustodyBackend):
         except sqlite3.Error:
             raise DependencyUnavailable(f"cannot open keystore {path} for writing") from None
         logger.info("opened keystore %s", path)
-        return cls(path, conn, sealer)
+        return cls(path, conn, sealer, keystore_id=header.keystore_id, metadata=metadata)
 
     @classmethod
     def _create(cls, path: Path, passphrase: Secret, params: ScryptParams) -> KeystoreBackend:
         salt = os.urandom(SALT_SIZE)
         sealer = RecordSealer(derive_passphrase_key(passphrase, salt, params))
+        header = Header(salt=salt, params=params, check_value=sealer.check_value())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create keystore {path}: {exc.strerror}") from None
         create_file(path)
         conn: sqlite3.Connection | None = None
         try:
             conn = connect(path)
-            initialise(conn, Header(salt=salt, params=params, check_value=sealer.check_value()))
+            initialise(conn, header)
             conn.execute("PRAGMA synchronous = FULL")
         except BaseException as exc:
             if conn is not None:
@@ -165,7 +221,7 @@ class KeystoreBackend(CustodyBackend):
         logger.info(
             "created keystore %s (scrypt n=%d r=%d p=%d)", path, params.n, params.r, params.p
         )
-        return cls(path, conn, sealer)
+        return cls(path, conn, sealer, keystore_id=header.keystore_id)
 
     @property
     def path(self) -> Path:
@@ -246,6 +302,7 @@ class KeystoreBackend(CustodyBackend):
                 " DO UPDATE SET next_index = excluded.next_index",
                 (wallet_id, parent_path, index + 1),
             )
+        self._record_keys_held(created)
         logger.info("created %d %s keys in keystore %s", count, chain, self._path)
         return created
 
@@ -285,6 +342,7 @@ class KeystoreBackend(CustodyBackend):
             sealed = self._require_sealer().seal(raw, _key_context(info))
             self._insert_keys(conn, [_NewKey(info, sealed_key=sealed)])
         self._signers[info.key_id] = signer
+        self._record_keys_held([info])
         logger.info("imported %s key %s into keystore %s", chain, info.key_id, self._path)
         return info
 
@@ -351,6 +409,7 @@ class KeystoreBackend(CustodyBackend):
             )
             new_key = _NewKey(info, wallet_id, format_path(indexes[:-1]), indexes[-1])
             self._insert_keys(conn, [new_key])
+        self._record_keys_held([info])
         logger.info(
             "imported %s HD key %s (%s) into keystore %s", chain, info.key_id, hd_path, self._path
         )
@@ -498,7 +557,7 @@ class KeystoreBackend(CustodyBackend):
                     ) from None
 
     def close(self) -> None:
-        """Drop cached keys and seeds and close the database."""
+        """Drop cached keys and seeds and close the database (and the metadata store)."""
         with self._lock:
             self._signers.clear()
             self._wallets.clear()
@@ -506,6 +565,9 @@ class KeystoreBackend(CustodyBackend):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            metadata, self._metadata = self._metadata, None
+        if metadata is not None:
+            metadata.close()
 
     def __enter__(self) -> KeystoreBackend:
         return self
@@ -560,6 +622,27 @@ class KeystoreBackend(CustodyBackend):
             if self._write_failure is not None:
                 logger.warning("keystore %s takes writes again", self._path)
                 self._write_failure = None
+
+    def _record_keys_held(self, made: Sequence[KeyInfo]) -> None:
+        """Once keys are committed, record how many the keystore holds (:mod:`.recorded`).
+        If that fails, the caller gets the error and none of the keys: they stay in the
+        keystore, unused, and are counted at the next recording."""
+        if self._metadata is None:
+            return
+        with self._lock:
+            (held,) = self._fetchone(_KEYS_HELD, ())
+        try:
+            record_keystore(self._path, self._keystore_id, held, self._metadata)
+        except SigndError as exc:
+            logger.warning(
+                "%d key(s) were made in keystore %s but not recorded in the metadata store "
+                "(the request was refused, their addresses given to no one): %s; %s",
+                len(made),
+                self._path,
+                ", ".join(key.key_id for key in made),
+                exc.message,
+            )
+            raise
 
     def _check_file(self) -> None:
         """Refuse while the file at the keystore's path is not the one open (deleted,
@@ -669,6 +752,14 @@ class KeystoreBackend(CustodyBackend):
             labels=tuple(json.loads(labels)),
             details=details,
         )
+
+
+def _passphrase(source: Secret | PassphraseSource, *, creating: bool) -> Secret:
+    """The passphrase given, or asked of its source; a non-empty Secret, else InvalidField."""
+    passphrase = source(creating) if callable(source) else source
+    if not isinstance(passphrase, Secret) or not passphrase:
+        raise InvalidField("passphrase must be a non-empty Secret", field="passphrase")
+    return passphrase
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

@@ -92,6 +92,12 @@ class Header:
             b"".join(struct.pack(">I", len(f)) + f for f in fields) + numbers
         ).digest()
 
+    @property
+    def keystore_id(self) -> str:
+        """Which keystore this is: a digest of its random salt, the same in every copy of the
+        file and different for every keystore created. Not a secret."""
+        return hashlib.sha256(b"signd-keystore-id\0" + self.salt).hexdigest()[:32]
+
 
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), usable from any thread."""
@@ -198,3 +204,19 @@ def read_header(path: Path) -> Header:
     if header.digest != digest:
         raise corrupted
     return header
+
+
+def keys_held(path: Path) -> int:
+    """How many keys the keystore at ``path`` holds, read through a read-only connection:
+    keys are never removed, so it is the last key's sequence number (one index lookup)."""
+    try:
+        conn = connect(path, read_only=True)
+    except sqlite3.Error:
+        raise ConfigurationError(f"cannot open keystore {path}") from None
+    try:
+        (held,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM keys").fetchone()
+    except sqlite3.DatabaseError:
+        raise IntegrityError(f"keystore {path} is corrupted") from None
+    finally:
+        conn.close()
+    return int(held)
