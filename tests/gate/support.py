@@ -53,6 +53,8 @@ OTHER = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 TRANSFER = "0xa9059cbb"
 MAX_PER_TX = 10**18
 MAX_PER_WINDOW = 3 * 10**18
+MAX_FEE_PER_TX = 10**16
+MAX_FEE_PER_GAS = 200 * 10**9
 GATE_MODES = ("host", "enclave")
 """Where the gate runs: in the service process, or in an (in-process) enclave server."""
 BOTH_GATES = pytest.mark.parametrize("gate_mode", GATE_MODES, indirect=True)
@@ -128,6 +130,8 @@ to_allowlist = ["{RECIPIENT}"]
 max_value_per_tx = "{MAX_PER_TX}"
 max_value_per_window = "{MAX_PER_WINDOW}"
 window_seconds = 3600
+max_fee_per_tx = "{MAX_FEE_PER_TX}"
+max_fee_per_gas = "{MAX_FEE_PER_GAS}"
 contract_selectors = ["{TRANSFER}"]
 
 [[rules]]
@@ -385,15 +389,17 @@ def transaction(
     value: int = 10**15,
     data: str = "0x",
     nonce: int = 0,
+    gas: int = 100_000,
+    max_fee_per_gas: int = 30 * 10**9,
 ) -> dict[str, Any]:
     tx: dict[str, Any] = {
         "type": "0x2",
         "chainId": hex(chain_id),
         "nonce": hex(nonce),
         "value": hex(value),
-        "gas": hex(100_000),
-        "maxFeePerGas": hex(30 * 10**9),
-        "maxPriorityFeePerGas": hex(10**9),
+        "gas": hex(gas),
+        "maxFeePerGas": hex(max_fee_per_gas),
+        "maxPriorityFeePerGas": hex(min(10**9, max_fee_per_gas)),
         "data": data,
     }
     if to is not None:

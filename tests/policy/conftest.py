@@ -34,6 +34,9 @@ to_allowlist = [
 max_value_per_tx = "1000000000000000000"
 max_value_per_window = "3000000000000000000"
 window_seconds = 86400
+count_fees_in_window = true
+max_fee_per_tx = "10000000000000000"
+max_fee_per_gas = "200000000000"
 contract_selectors = ["0xa9059cbb"]
 
 [[rules]]

@@ -1,4 +1,5 @@
-"""Property tests: nothing outside the policy is ever allowed, and windows are never exceeded.
+"""Property tests: nothing outside the policy is ever allowed, no fee over a rule's caps, and
+windows are never exceeded.
 
 Random policies are written out as TOML and parsed by signd; random intents are judged both
 by the engine and by :func:`oracle_allows`, a deliberately plain reading of docs/POLICY.md
@@ -58,6 +59,11 @@ def amounts() -> st.SearchStrategy[int | str]:
     return st.integers(0, 12) | st.integers(0, 12).map(str)
 
 
+def fee_caps() -> st.SearchStrategy[int | str]:
+    """A fee limit near the fees :func:`intents` draws (gas and price each 0-6)."""
+    return st.integers(0, 36) | st.integers(0, 36).map(str)
+
+
 @st.composite
 def rule_tables(draw: st.DrawFn, name: str) -> dict[str, Any]:
     operations = sorted(draw(st.sets(st.sampled_from(OPERATIONS), min_size=1)))
@@ -79,6 +85,12 @@ def rule_tables(draw: st.DrawFn, name: str) -> dict[str, Any]:
         rule["max_value_per_window"] = draw(amounts())
         if draw(st.booleans()):
             rule["window_seconds"] = draw(st.integers(1, 20))
+        if draw(st.booleans()):
+            rule["count_fees_in_window"] = draw(st.booleans())
+    if draw(st.booleans()):
+        rule["max_fee_per_tx"] = draw(fee_caps())
+    if draw(st.booleans()):
+        rule["max_fee_per_gas"] = draw(st.integers(0, 6) | st.integers(0, 6).map(str))
     if draw(st.booleans()):
         rule["contract_selectors"] = [
             "0x" + s.hex() for s in draw(st.sets(st.sampled_from(SELECTORS)))
@@ -158,6 +170,10 @@ def intents(
         if limits != [] and draw(st.booleans())
         else draw(st.integers(0, 12))
     )
+    gas, fee_per_gas = draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    if "max_fee_per_tx" in rule and draw(st.booleans()):  # often just at, or just over, it
+        gas = draw(st.sampled_from([1, 2, 3]))
+        fee_per_gas = int(rule["max_fee_per_tx"]) // gas + draw(st.integers(0, 1))
     domain: dict[str, Any] | None = None
     patterns = rule.get("eip712_domains")
     if patterns and draw(st.integers(0, 3)) > 0:
@@ -192,6 +208,8 @@ def intents(
         has_data=has_data,
         data_selector=selector,
         eip712_domain=domain,
+        gas=gas,
+        fee_per_gas=fee_per_gas,
     )
 
 
@@ -258,8 +276,22 @@ def oracle_allows(rule: Mapping[str, Any], intent: SigningIntent, spent: int) ->
             return False
         if not any(domain_matches(p, domain) for p in rule.get("eip712_domains", [])):
             return False
+    fee = intent.gas * intent.fee_per_gas
+    if "max_fee_per_tx" in rule and fee > int(rule["max_fee_per_tx"]):
+        return False
+    if "max_fee_per_gas" in rule and intent.fee_per_gas > int(rule["max_fee_per_gas"]):
+        return False
     limit = rule.get("max_value_per_window")
-    return limit is None or intent.value == 0 or spent + intent.value <= int(limit)
+    counted = counted_by(rule, intent)
+    return limit is None or counted == 0 or spent + counted <= int(limit)
+
+
+def counted_by(rule: Mapping[str, Any], intent: SigningIntent) -> int:
+    """What ``intent`` adds to ``rule``'s window: its value, and its worst-case fee (gas
+    times price per gas) when the rule says ``count_fees_in_window = true``."""
+    if rule.get("count_fees_in_window", False):
+        return intent.value + intent.gas * intent.fee_per_gas
+    return intent.value
 
 
 @dataclass
@@ -292,6 +324,26 @@ def test_allowed_exactly_when_some_rule_allows(
         assert decision.reason.startswith(f"rule {decision.rule}: ")
 
 
+@PROPERTY
+@given(data=st.data(), rules=policies())
+def test_no_intent_over_a_fee_cap_is_allowed(
+    rules: list[dict[str, Any]], data: st.DataObject
+) -> None:
+    """Intents aimed at the rules, their fees often just at or one wei over a cap: allowed
+    exactly as the oracle says, and never with a fee or a price over the granting rule's."""
+    intent = data.draw(intents(rules))
+    decision = PolicyEngine(Policy.from_bytes(to_toml(rules)), now=lambda: 0.0).check(intent)
+    granting = [rule for rule in rules if oracle_allows(rule, intent, 0)]
+    assert decision.allowed == bool(granting), decision.reason
+    if not decision.allowed:
+        return
+    (rule,) = [rule for rule in rules if rule["name"] == decision.rule]
+    if "max_fee_per_tx" in rule:
+        assert intent.gas * intent.fee_per_gas <= int(rule["max_fee_per_tx"])
+    if "max_fee_per_gas" in rule:
+        assert intent.fee_per_gas <= int(rule["max_fee_per_gas"])
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), rules=policies())
 def test_committed_spend_never_exceeds_any_window(
@@ -317,8 +369,9 @@ def test_committed_spend_never_exceeds_any_window(
             continue
         assert decision.rule == granting[0]["name"]
         engine.commit(decision, intent)
-        if "max_value_per_window" in granting[0] and intent.value > 0:
-            ledger.rows.append((now, granting[0]["name"], intent.key_id, intent.value))
+        counted = counted_by(granting[0], intent)
+        if "max_value_per_window" in granting[0] and counted > 0:
+            ledger.rows.append((now, granting[0]["name"], intent.key_id, counted))
 
     for rule in rules:
         if "max_value_per_window" not in rule:
@@ -343,6 +396,10 @@ def window_rules(draw: st.DrawFn, name: str) -> dict[str, Any]:
     }
     if draw(st.booleans()):
         rule["max_value_per_tx"] = draw(st.integers(0, 12))
+    if draw(st.booleans()):
+        rule["count_fees_in_window"] = True
+    if draw(st.booleans()):
+        rule["max_fee_per_tx"] = draw(st.integers(0, 9))
     return rule
 
 
@@ -353,32 +410,48 @@ def window_rules(draw: st.DrawFn, name: str) -> dict[str, Any]:
     ),
     steps=st.lists(
         st.tuples(
-            st.integers(0, 6), st.sampled_from(["k1", "k2"]), st.integers(0, 12), st.booleans()
+            st.integers(0, 6),
+            st.sampled_from(["k1", "k2"]),
+            st.integers(0, 12),
+            st.tuples(st.integers(0, 3), st.integers(0, 3)),
+            st.booleans(),
         ),
         min_size=10,
         max_size=60,
     ),
 )
 def test_windows_under_heavy_spending(
-    rules: tuple[dict[str, Any], ...], steps: list[tuple[int, str, int, bool]]
+    rules: tuple[dict[str, Any], ...],
+    steps: list[tuple[int, str, int, tuple[int, int], bool]],
 ) -> None:
-    """Many spends against one or two windowed rules: the engine agrees with the oracle at
-    every step, and no window of any rule and key ever holds more than its maximum."""
+    """Many spends against one or two windowed rules, some counting fees: the engine agrees
+    with the oracle at every step, and no window of any rule and key ever holds more than
+    its maximum."""
     now = 0.0
     engine = PolicyEngine(Policy.from_bytes(to_toml(list(rules))), now=lambda: now)
     ledger = OracleLedger()
-    for advance, key_id, value, signing_succeeds in steps:
+    for advance, key_id, value, (gas, price), signing_succeeds in steps:
         now += advance
         intent = SigningIntent(
-            "c", key_id, [], "ethereum", "sign:transaction", to=ADDRESSES[0], value=value
+            "c",
+            key_id,
+            [],
+            "ethereum",
+            "sign:transaction",
+            to=ADDRESSES[0],
+            value=value,
+            gas=gas,
+            fee_per_gas=price,
         )
         decision = engine.check(intent)
         granting = [r for r in rules if oracle_allows(r, intent, ledger.spent(r, key_id, now))]
         assert decision.allowed == bool(granting), decision.reason
         if granting and signing_succeeds:
-            engine.commit(decision, intent)
-            if value > 0:
-                ledger.rows.append((now, granting[0]["name"], key_id, value))
+            spend = engine.commit(decision, intent)
+            counted = counted_by(granting[0], intent)
+            assert (spend.value if spend else 0) == counted  # what the audit record keeps
+            if counted > 0:
+                ledger.rows.append((now, granting[0]["name"], key_id, counted))
     for rule in rules:
         for at, name, key_id, _ in ledger.rows:
             if name == rule["name"]:

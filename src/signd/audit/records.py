@@ -68,8 +68,9 @@ GENESIS: Final = ChainHead(0, GENESIS_HASH)
 
 @dataclass(frozen=True, slots=True)
 class Spend:
-    """Value committed to a spend window: ``value`` wei under ``rule`` for ``key_id``
-    (the window's key in :class:`~signd.policy.PolicyEngine`). ``value`` is written as a
+    """Wei committed to a spend window: ``value`` wei under ``rule`` for ``key_id``
+    (the window's key in :class:`~signd.policy.PolicyEngine`): a transaction's value, plus
+    its worst-case fee under a rule with ``count_fees_in_window``. ``value`` is written as a
     decimal string, since wei do not fit a JSON number everywhere."""
 
     rule: str

@@ -34,7 +34,8 @@ class Prepared:
     digest: bytes
     assemble: Callable[[RecoverableSignature], SigningResult]
     facts: dict[str, Any] = field(default_factory=dict)
-    """``SigningIntent`` keywords: chain_id, to, value, has_data, data_selector, eip712_domain."""
+    """``SigningIntent`` keywords: chain_id, to, value, gas, fee_per_gas, has_data,
+    data_selector, eip712_domain."""
 
 
 def prepare(kind: SigningKind, payload: Any, key: KeyInfo) -> Prepared:
@@ -82,6 +83,8 @@ def _transaction(payload: Mapping[str, Any], key: KeyInfo) -> Prepared:
         "chain_id": unsigned.chain_id,
         "to": unsigned.to,
         "value": unsigned.value,
+        "gas": unsigned.gas,
+        "fee_per_gas": unsigned.fee_per_gas,  # the fee signed, with any host fills applied
         "has_data": bool(data),
         "data_selector": data[:SELECTOR_SIZE] if len(data) >= SELECTOR_SIZE else None,
     }

@@ -78,7 +78,7 @@ class Decision:
 
 
 class SpendLedger:
-    """Value committed per (rule name, key id) with its time, pruned as windows slide.
+    """Wei committed per (rule name, key id) with its time, pruned as windows slide.
 
     An entry at time ``t`` counts while ``now - t < window``. Entries stamped after ``now``
     (the clock stepped back) keep counting, which errs on the side of refusing. Not locked
@@ -183,7 +183,9 @@ class PolicyEngine:
 
     def commit(self, decision: Decision, intent: SigningIntent) -> Spend | None:
         """Record the spend of an allowed, now signed, intent against its rule's window, and
-        return it for the audit record (``None``: nothing was counted).
+        return it for the audit record (``None``: nothing was counted). The spend is the
+        intent's value, plus its worst-case fee under a rule with ``count_fees_in_window``:
+        what was counted, so that :meth:`replay` counts the same again.
 
         Refuses (:class:`~signd.errors.AccessDenied`; the caller must discard the signature)
         if the decision was a refusal or for another intent, if the policy was reloaded since
@@ -202,13 +204,15 @@ class PolicyEngine:
             reason = self._window_refusal(rule, intent, now)
             if reason is not None:
                 raise AccessDenied(f"rule {rule.name}: {reason}")
-            if rule.max_value_per_window is None or intent.value == 0:
+            counted = rule.counted(intent)
+            if rule.max_value_per_window is None or counted == 0:
                 return None
-            self._ledger.record(rule.name, intent.key_id, intent.value, now=now)
-            return Spend(rule.name, intent.key_id, intent.value)
+            self._ledger.record(rule.name, intent.key_id, counted, now=now)
+            return Spend(rule.name, intent.key_id, counted)
 
     def spent(self, rule: str, key_id: str) -> int:
-        """Value committed under ``rule`` with ``key_id`` within the rule's current window."""
+        """Wei committed under ``rule`` with ``key_id`` within the rule's current window
+        (values, and fees under ``count_fees_in_window``)."""
         found = self.policy.rule(rule)
         if found is None or found.max_value_per_window is None:
             return 0
@@ -217,7 +221,10 @@ class PolicyEngine:
 
     def _window_refusal(self, rule: Rule, intent: SigningIntent, now: float) -> str | None:
         limit = rule.max_value_per_window
-        if limit is None or intent.value == 0:
+        if limit is None:
+            return None
+        counted = rule.counted(intent)
+        if counted == 0:
             return None
         if self._unreplayed is not None:
             raise SpendWindowsUnavailable(
@@ -226,10 +233,13 @@ class PolicyEngine:
                 "it is"
             )
         spent = self._ledger.spent(rule.name, intent.key_id, window=rule.window_seconds, now=now)
-        if spent + intent.value <= limit:
+        if spent + counted <= limit:
             return None
+        what = f"value {intent.value}"
+        if rule.count_fees_in_window and intent.fee:
+            what += f" and fee {intent.fee}"
         return (
-            f"value {intent.value} on top of {spent} spent in the last {rule.window_seconds} s "
+            f"{what} on top of {spent} spent in the last {rule.window_seconds} s "
             f"exceeds max_value_per_window {limit}"
         )
 

@@ -34,6 +34,9 @@ class SigningIntent:
     - ``to``: the 20-byte destination; ``None`` is a contract creation for
       ``sign:transaction`` and "no destination" for anything else.
     - ``value``: wei moved by the transaction.
+    - ``gas`` and ``fee_per_gas``: the transaction's gas limit and the most it pays per unit
+      of gas (``gasPrice``, or ``maxFeePerGas`` for EIP-1559), as signed; ``fee`` is their
+      product, the worst-case fee in wei. All 0 for anything but a transaction.
     - ``has_data`` and ``data_selector``: whether the call carries data, and its first four
       bytes (``None`` if shorter).
     - ``eip712_domain``: the EIP-712 domain of a ``sign:typed_data`` request as it is
@@ -49,6 +52,9 @@ class SigningIntent:
     chain_id: int | None
     to: bytes | None
     value: int
+    gas: int
+    fee_per_gas: int
+    fee: int
     data_selector: bytes | None
     has_data: bool
     eip712_domain: Mapping[str, Any] | None
@@ -66,6 +72,8 @@ class SigningIntent:
         data_selector: bytes | None = None,
         has_data: bool = False,
         eip712_domain: Mapping[str, Any] | None = None,
+        gas: int = 0,
+        fee_per_gas: int = 0,
     ) -> None:
         if isinstance(key_labels, str):
             raise InvalidField("key_labels must be a collection of labels", field="key_labels")
@@ -79,6 +87,10 @@ class SigningIntent:
             raise InvalidField("to must be 20 bytes or None", field="to")
         if not _is_int(value) or value < 0:
             raise InvalidField("value must be a non-negative integer", field="value")
+        if not _is_int(gas) or gas < 0:
+            raise InvalidField("gas must be a non-negative integer", field="gas")
+        if not _is_int(fee_per_gas) or fee_per_gas < 0:
+            raise InvalidField("fee_per_gas must be a non-negative integer", field="fee_per_gas")
         if data_selector is not None:
             if not isinstance(data_selector, bytes) or len(data_selector) != 4:
                 raise InvalidField("data_selector must be 4 bytes or None", field="data_selector")
@@ -95,6 +107,9 @@ class SigningIntent:
             chain_id=chain_id,
             to=to,
             value=value,
+            gas=gas,
+            fee_per_gas=fee_per_gas,
+            fee=gas * fee_per_gas,
             data_selector=data_selector,
             has_data=bool(has_data),
             eip712_domain=None if eip712_domain is None else dict(eip712_domain),

@@ -39,6 +39,9 @@ _RULE_KEYS: Final = frozenset(
         "max_value_per_tx",
         "max_value_per_window",
         "window_seconds",
+        "count_fees_in_window",
+        "max_fee_per_tx",
+        "max_fee_per_gas",
         "contract_selectors",
         "allow_contract_creation",
         "eip712_domains",
@@ -84,6 +87,10 @@ class Rule:
     max_value_per_tx: int | None = None
     max_value_per_window: int | None = None
     window_seconds: int = DEFAULT_WINDOW_SECONDS
+    count_fees_in_window: bool = False
+    """A transaction's worst-case fee counts toward ``max_value_per_window`` with its value."""
+    max_fee_per_tx: int | None = None
+    max_fee_per_gas: int | None = None
     contract_selectors: frozenset[bytes] = frozenset()
     any_contract_call: bool = False
     """``contract_selectors = ["*"]``: calls with any data are allowed."""
@@ -138,6 +145,14 @@ class Rule:
                     return f"selector 0x{intent.data_selector.hex()} is not in contract_selectors"
         if self.max_value_per_tx is not None and intent.value > self.max_value_per_tx:
             return f"value {intent.value} exceeds max_value_per_tx {self.max_value_per_tx}"
+        if self.max_fee_per_tx is not None and intent.fee > self.max_fee_per_tx:
+            return (
+                f"fee {intent.fee} (gas {intent.gas} at {intent.fee_per_gas} per gas) "
+                f"exceeds max_fee_per_tx {self.max_fee_per_tx}"
+            )
+        per_gas_limit = self.max_fee_per_gas
+        if per_gas_limit is not None and intent.fee_per_gas > per_gas_limit:
+            return f"fee per gas {intent.fee_per_gas} exceeds max_fee_per_gas {per_gas_limit}"
         if op is Operation.SIGN_TYPED_DATA:
             if intent.eip712_domain is None:
                 return "typed data without a domain is not allowed"
@@ -145,6 +160,11 @@ class Rule:
                 shown = _describe_domain(intent.eip712_domain)
                 return f"EIP-712 domain {shown} matches no entry of eip712_domains"
         return None
+
+    def counted(self, intent: SigningIntent) -> int:
+        """What ``intent`` counts toward ``max_value_per_window``: its value, plus its
+        worst-case fee with ``count_fees_in_window``."""
+        return intent.value + intent.fee if self.count_fees_in_window else intent.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +277,9 @@ def _build_rule(name: str, entry: Mapping[str, Any]) -> Rule:
         raise ConfigurationError("window_seconds needs max_value_per_window")
     if not _is_int(window) or window <= 0:
         raise ConfigurationError("window_seconds must be a positive integer")
+    count_fees = _flag(entry, "count_fees_in_window")
+    if "count_fees_in_window" in entry and max_per_window is None:
+        raise ConfigurationError("count_fees_in_window needs max_value_per_window")
     creation = _flag(entry, "allow_contract_creation")
     blind = _flag(entry, "blind_signing")
     if Operation.SIGN_HASH in operations and not blind:
@@ -276,6 +299,9 @@ def _build_rule(name: str, entry: Mapping[str, Any]) -> Rule:
         max_value_per_tx=max_per_tx,
         max_value_per_window=max_per_window,
         window_seconds=window,
+        count_fees_in_window=count_fees,
+        max_fee_per_tx=_amount(entry, "max_fee_per_tx"),
+        max_fee_per_gas=_amount(entry, "max_fee_per_gas"),
         contract_selectors=selectors,
         any_contract_call=any_call,
         allow_contract_creation=creation,

@@ -274,6 +274,12 @@ class UnsignedTransaction(ABC):
     def _fields_rlp(self) -> list[RLPItem]:
         return [f.kind.encode(getattr(self, f.attr)) for f in self.FIELDS]
 
+    @property
+    @abstractmethod
+    def fee_per_gas(self) -> int:
+        """The most one unit of gas may cost: ``gasPrice``, or ``maxFeePerGas`` (EIP-1559).
+        Times ``gas``, the most the transaction may pay in fees."""
+
     @abstractmethod
     def signing_payload(self) -> bytes:
         """The exact bytes whose keccak256 is signed."""
@@ -336,6 +342,10 @@ class LegacyTransaction(UnsignedTransaction):
 
     gas_price: int
 
+    @property
+    def fee_per_gas(self) -> int:
+        return self.gas_price
+
     def signing_payload(self) -> bytes:
         items = self._fields_rlp()
         if self.chain_id is not None:
@@ -381,6 +391,10 @@ class AccessListTransaction(TypedTransaction):
 
     gas_price: int
 
+    @property
+    def fee_per_gas(self) -> int:
+        return self.gas_price
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DynamicFeeTransaction(TypedTransaction):
@@ -392,6 +406,10 @@ class DynamicFeeTransaction(TypedTransaction):
 
     max_priority_fee_per_gas: int
     max_fee_per_gas: int
+
+    @property
+    def fee_per_gas(self) -> int:
+        return self.max_fee_per_gas
 
     def __post_init__(self) -> None:
         TypedTransaction.__post_init__(self)
