@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from signd.errors import ConfigurationError
+from signd.secrets import EnvSecrets, parse_secret_ref
 
 HOME_ENV = "SIGND_HOME"
 SECTIONS = ("custody", "enclave", "kms", "blobs", "metadata", "hsm", "proxy", "api", "kms_custody")
@@ -57,9 +58,29 @@ class Settings:
             raise ConfigurationError(f"[{name}] must be a table in {self.config_file}")
         return dict(table)
 
+    def environment_secret_references(self) -> dict[str, str]:
+        """The environment variable each ``env:NAME`` secret reference in the config file
+        names, by setting (``{"hsm.pin": "NAME"}``); a malformed reference is left to the
+        component that reads it."""
+        return dict(_env_references(self.raw, ""))
+
     def overriding(self, name: str, **values: Any) -> Settings:
         """These settings with ``[name]``'s ``values`` set (for what a command decides)."""
         return dataclasses.replace(self, raw={**self.raw, name: {**self.section(name), **values}})
+
+
+def _env_references(table: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, str]]:
+    for key, value in table.items():
+        setting = f"{prefix}{key}"
+        if key in _SECRET_KEYS:
+            try:
+                reference = parse_secret_ref(value)
+            except ConfigurationError:
+                continue
+            if reference.provider == EnvSecrets.scheme:
+                yield setting, reference.name
+        elif isinstance(value, Mapping):
+            yield from _env_references(value, f"{setting}.")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -314,3 +314,67 @@ def test_the_enclave_process_writes_no_core_file(
     the test process may already have) could be raised again."""
     _, pid = started(transports, tmp_path / "home")
     assert core_file_limits(pid) == ["0", "0"]
+
+
+def enclave_process(home: Path) -> int:
+    """The pid of this process's local enclave child serving ``home``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if parent == os.getpid() and b"enclave" in command and str(home).encode() in command:
+            return int(entry.name)
+    raise AssertionError(f"no enclave process for {home}")
+
+
+def process_environment(pid: int) -> dict[str, str] | None:
+    """``/proc/<pid>/environ``; None unless root, the enclave being non-dumpable."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except PermissionError:
+        return None
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {name.decode(): value.decode() for name, _, value in pairs}
+
+
+@pytest.mark.parametrize(
+    ("hsm", "passed"),
+    [
+        (HSM_ON_THE_HOST + 'pin = "env:SIGND_TEST_OTHER_PIN"\n', False),
+        (
+            HSM_ON_THE_HOST + 'pin = {provider = "env", name = "SIGND_TEST_OTHER_PIN"}\n',
+            False,
+        ),
+        (HSM_ON_THE_HOST + 'pin = "env:SIGND_TEST_OTHER_PIN"\nin_enclave = true\n', True),
+    ],
+    ids=["hsm-on-the-host", "hsm-on-the-host-table-reference", "hsm-in-the-enclave"],
+)
+def test_a_secret_the_config_names_reaches_the_enclave_only_when_it_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hsm: str, passed: bool
+) -> None:
+    """``[hsm] pin = "env:SIGND_TEST_OTHER_PIN"`` puts the PIN in a variable of the operator's
+    choosing: the enclave process must not inherit it unless it holds the HSM, any more than
+    SIGND_HSM_PIN. Read from the running process's /proc/<pid>/environ."""
+    monkeypatch.setenv("SIGND_TEST_OTHER_PIN", "canary pin in another variable")
+    monkeypatch.setenv("SIGND_TEST_UNRELATED", "passed on")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n{hsm}')
+    children = record_children(monkeypatch)
+    with build_signer(load_settings(home)) as signer:
+        signer.backend(CUSTODY_ENCLAVE).check_health()
+        environment = process_environment(enclave_process(home))
+    if environment is not None:
+        assert environment.get("SIGND_TEST_OTHER_PIN") == (
+            "canary pin in another variable" if passed else None
+        )
+        assert environment["SIGND_TEST_UNRELATED"] == "passed on"
+        assert "SIGND_KEYSTORE_PASSPHRASE" not in environment
+    [recorded] = [child.environment for child in children if "enclave" in child.command]
+    assert ("SIGND_TEST_OTHER_PIN" in recorded) is passed
+    if environment is None:
+        pytest.skip("checked as started only: the running enclave's environ needs root")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from signd.config import load_settings
 from signd.crypto.secret import Secret
 from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.secrets import (
@@ -82,6 +83,27 @@ def test_unknown_provider() -> None:
 
 
 # ------------------------------------------------------------------ environment
+
+
+def test_the_variables_env_references_in_the_config_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What keeps them out of child processes that do not use them: every ``env:`` reference
+    at a secret key, in either form and at any depth; other providers, malformed references
+    and non-secret keys are not."""
+    monkeypatch.setenv("SIGND_HSM_PIN", "not a reference")
+    (tmp_path / "signd.toml").write_text(
+        '[hsm]\npin = "env:OTHER_PIN"\nmodule = "env:NOT_A_SECRET_KEY"\n\n'
+        '[metadata]\npassword = {provider = "env", name = "DB_PASSWORD"}\n\n'
+        '[kms]\nsecret_access_key = "file:/run/kms-secret"\n\n'
+        '[proxy.upstream]\npassword = "env:NESTED"\n\n'
+        '[blobs]\npassphrase = "not-a-reference"\n'
+    )
+    assert load_settings(tmp_path).environment_secret_references() == {
+        "hsm.pin": "OTHER_PIN",
+        "metadata.password": "DB_PASSWORD",
+        "proxy.upstream.password": "NESTED",
+    }
 
 
 def test_env_secrets() -> None:

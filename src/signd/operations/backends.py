@@ -126,6 +126,7 @@ class _SharedEnclave:
                 hang_timeout=hang_timeout,
                 gate_only=gate_only,
                 hsm_in_enclave=bool(hsm) and hsm_in_enclave(hsm),
+                secret_references=settings.environment_secret_references(),
             )
         )
         transport = self.local if self.local is not None else transport_for(str(address))

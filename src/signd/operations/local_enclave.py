@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from signd.enclave.client import EnclaveClient
@@ -36,6 +37,18 @@ LOG_FILE_NAME = "enclave.log"
 HANG_TIMEOUT = 30.0
 """Seconds a live enclave process may go without answering before it is replaced."""
 MAX_PROBE_INTERVAL = 5.0
+_HSM_SECRETS = frozenset({"hsm.pin"})
+"""The secret settings that an enclave holding HSM custody reads."""
+
+
+def _secrets_the_enclave_does_not_need(
+    hsm_in_enclave: bool, secret_references: Mapping[str, str]
+) -> tuple[str, ...]:
+    """The secret variables to keep out of the enclave process's environment."""
+    used = _HSM_SECRETS if hsm_in_enclave else frozenset()
+    needed = {name for setting, name in secret_references.items() if setting in used}
+    fixed = (KEYSTORE_PASSPHRASE_ENV,) if hsm_in_enclave else (KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV)
+    return (*fixed, *sorted(set(secret_references.values()) - needed))
 
 
 class LocalEnclaveTransport:
@@ -51,7 +64,10 @@ class LocalEnclaveTransport:
     next call starts a new one, as after a crash. ``hang_timeout = 0`` turns this off.
 
     The process never gets the keystore passphrase (the keystore is the host's), and gets
-    the HSM PIN only when ``hsm_in_enclave`` says that it holds HSM custody.
+    the HSM PIN only when ``hsm_in_enclave`` says that it holds HSM custody. The same goes for
+    the variables that ``secret_references`` (setting -> variable, from
+    :meth:`signd.config.Settings.environment_secret_references`) name: only those of secrets
+    the process uses are passed to it (``hsm.pin`` with ``hsm_in_enclave``).
     """
 
     def __init__(
@@ -62,6 +78,7 @@ class LocalEnclaveTransport:
         hang_timeout: float = HANG_TIMEOUT,
         gate_only: bool = False,
         hsm_in_enclave: bool = False,
+        secret_references: Mapping[str, str] | None = None,
     ) -> None:
         if hang_timeout < 0:
             raise ValueError("hang_timeout must not be negative")
@@ -69,8 +86,8 @@ class LocalEnclaveTransport:
         self._startup_timeout = startup_timeout
         self._hang_timeout = hang_timeout
         self._gate_only = gate_only
-        self._secrets_it_does_not_need = (
-            (KEYSTORE_PASSPHRASE_ENV,) if hsm_in_enclave else (KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV)
+        self._secrets_it_does_not_need = _secrets_the_enclave_does_not_need(
+            hsm_in_enclave, secret_references or {}
         )
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None

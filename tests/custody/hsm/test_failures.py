@@ -295,10 +295,12 @@ def test_signing_while_key_generation_fails_keeps_the_process_alive(
 ) -> None:
     """Four threads sign while a fifth creates keys on a token made read-only (chattr +i).
 
-    Each failed creation drops the pool and re-initialises the module, and the module then
-    gives the old session handles to new sessions; a thread that closed its old session
+    Each failed creation used to drop the pool and re-initialise the module, and the module
+    then gave the old session handles to new sessions; a thread that closed its old session
     closed another thread's open one, and SoftHSM2 crashed (SIGSEGV, double free) within
-    seconds. Here the process must live, answer DependencyUnavailable and recover.
+    seconds. (A token that still answers no longer costs a re-initialisation at all: see
+    test_token_faults.py.) Here the process must live, answer DependencyUnavailable and
+    recover.
     """
     if os.geteuid() != 0 or shutil.which("chattr") is None:
         pytest.skip("making the token read-only needs chattr as root")

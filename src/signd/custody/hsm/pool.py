@@ -1,12 +1,28 @@
 """A pool of logged-in PKCS#11 sessions, and the reconnect-and-retry-once around every call.
 
 Each session is used by one thread at a time (the PKCS#11 threading rule) and keeps its own
-cache of private-key object handles. When a call fails in a way that means the sessions, the
-login or the token itself went away, the pool is dropped, reopened (re-initialising the
-module if reopening alone does not work) and the call retried once. While the token stays
-away every request fails fast with DependencyUnavailable, a reconnection being attempted at
-most every ``reconnect_interval`` seconds, and the first request after it returns succeeds.
-A refused PIN is not: every request fails with PinRefused until signd is restarted.
+cache of private-key object handles. A failed call is one of three things:
+
+- **gone**: the error itself says the session, the login, the token or the module is no
+  longer usable (``CKR_SESSION_HANDLE_INVALID``, ``CKR_TOKEN_NOT_PRESENT``,
+  ``CKR_DEVICE_REMOVED``, ``CKR_CRYPTOKI_NOT_INITIALIZED``, ...). The pool is dropped and
+  reopened — re-initialising the module only if reopening alone does not work — and the call
+  retried once. While the token stays away every request fails fast with
+  DependencyUnavailable, a reconnection being attempted at most every ``reconnect_interval``
+  seconds, and the first request after it returns succeeds.
+- **a device fault**: the device failed this call (``CKR_DEVICE_ERROR``, ``CKR_GENERAL_ERROR``,
+  ``CKR_FUNCTION_FAILED``, and for a call that names them the errors the token's state can
+  cause, such as ``CKR_TEMPLATE_INCONSISTENT`` from a key template the token accepted
+  before). Whether the token is gone is then asked of it on the same session
+  (``C_GetTokenInfo``, ``C_GetSessionInfo``): if it does not answer, it is gone; if it does,
+  the pool is kept, the call retried once, and a second failure is DependencyUnavailable.
+  Dropping the pool for nothing would log out, and closing sessions and re-initialising the
+  module end the calls of every other thread (SoftHSM2 even marks a read-only token invalid
+  when signd logs in again, so that only a re-initialisation brings it back).
+- **the request or the configuration**: translated once (:func:`translate`), never retried.
+
+A refused PIN is not a PKCS#11 error here: every request fails with PinRefused until signd is
+restarted.
 
 A session belongs to the module generation it was opened in. Re-initialising the module ends
 every session, and the module then hands out the same handle numbers again, to new sessions
@@ -48,37 +64,55 @@ class StaleSession(pkcs11.PKCS11Error):
     """The module was re-initialised since the session was opened: its handle is not ours."""
 
 
-_RECONNECT_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
+PKCS11ErrorTypes = tuple[type[pkcs11.PKCS11Error], ...]
+
+_GONE_ERRORS: PKCS11ErrorTypes = (
     TokenMissing,
     StaleSession,
     p11.SessionHandleInvalid,
     p11.SessionClosed,
+    p11.UserNotLoggedIn,
     p11.DeviceRemoved,
-    p11.DeviceError,
     p11.TokenNotPresent,
     p11.TokenNotRecognised,
-    p11.GeneralError,
-    p11.UserNotLoggedIn,
 )
-_UNSUPPORTED_ERRORS: tuple[type[pkcs11.PKCS11Error], ...] = (
-    p11.MechanismInvalid,
-    p11.MechanismParamInvalid,
-    p11.DomainParamsInvalid,
+"""The session, its login, the token or the device is gone: reconnect."""
+_DEVICE_FAULTS: PKCS11ErrorTypes = (p11.DeviceError, p11.GeneralError, p11.FunctionFailed)
+"""The device failed the call; whether it is gone as well is asked of it."""
+TEMPLATE_ERRORS: PKCS11ErrorTypes = (
     p11.TemplateInconsistent,
     p11.TemplateIncomplete,
     p11.AttributeValueInvalid,
     p11.AttributeTypeInvalid,
+    p11.AttributeReadOnly,
+)
+"""A template refused: signd's bug, unless the token accepted the same template before."""
+_UNSUPPORTED_ERRORS: PKCS11ErrorTypes = (
+    p11.MechanismInvalid,
+    p11.MechanismParamInvalid,
+    p11.DomainParamsInvalid,
     p11.FunctionNotSupported,
+    *TEMPLATE_ERRORS,
 )
 
 
-def needs_reconnect(exc: pkcs11.PKCS11Error) -> bool:
-    """Whether an error means the sessions, login or token are gone rather than the request.
+def is_gone(exc: pkcs11.PKCS11Error) -> bool:
+    """Whether an error itself says the sessions, login, token or module are gone.
 
     A bare ``PKCS11Error`` is what python-pkcs11 raises for CKR_CRYPTOKI_NOT_INITIALIZED
     (someone finalised the module) and for codes it does not know.
     """
-    return isinstance(exc, _RECONNECT_ERRORS) or type(exc) is pkcs11.PKCS11Error
+    return isinstance(exc, _GONE_ERRORS) or type(exc) is pkcs11.PKCS11Error
+
+
+def reopening_may_help(exc: pkcs11.PKCS11Error) -> bool:
+    """Whether opening sessions failed because of the token or module, not the settings.
+
+    A device fault counts here: the call that failed (``C_GetTokenInfo``, ``C_OpenSession``,
+    ``C_Login``) is itself the question whether the token is usable, and SoftHSM2 answers
+    CKR_GENERAL_ERROR for a token it marked invalid until the module is re-initialised.
+    """
+    return is_gone(exc) or isinstance(exc, _DEVICE_FAULTS)
 
 
 def translate(exc: pkcs11.PKCS11Error, doing: str) -> SigndError:
@@ -195,9 +229,21 @@ class SessionPool:
             if not self._connected:
                 self._connect_locked()
 
-    def run(self, op: Callable[[PooledSession], T], doing: str) -> T:
-        """Run ``op`` on a leased session; reconnect and retry once if the token went away."""
+    def run(
+        self,
+        op: Callable[[PooledSession], T],
+        doing: str,
+        token_state_errors: PKCS11ErrorTypes = (),
+    ) -> T:
+        """Run ``op`` on a leased session and retry once after a fault of the token,
+        reconnecting first if the sessions, login, token or module are gone.
+
+        ``token_state_errors`` are errors that, for this call, come from the token's state
+        rather than the request (e.g. a key template the token accepted before): they are
+        device faults here instead of configuration errors.
+        """
         failed = ""
+        gone = False
         gate = self._library.gate
         for _ in range(2):
             pooled = self._acquire()
@@ -207,19 +253,44 @@ class SessionPool:
                     if pooled.stale:
                         raise StaleSession()
                     return op(pooled)
+                except pkcs11.PKCS11Error as exc:
+                    failed = type(exc).__name__
+                    gone = self._gone_after(exc, pooled, doing, token_state_errors)
                 finally:
                     gate.leave()
-            except pkcs11.PKCS11Error as exc:
-                if not needs_reconnect(exc):
-                    raise translate(exc, doing) from None
-                failed = type(exc).__name__
             finally:
                 self._release(pooled)
-            self._invalidate(pooled.generation)
+            if gone:
+                self._invalidate(pooled.generation)
+        if gone:
+            raise DependencyUnavailable(
+                f"the {self._where} became unavailable while {doing} "
+                f"({failed}); signd reconnects when it is back"
+            )
         raise DependencyUnavailable(
-            f"the {self._where} became unavailable while {doing} "
-            f"({failed}); signd reconnects when it is back"
+            f"the {self._where} failed while {doing} ({failed}); it still answers, so signd "
+            "kept its sessions: try again"
         )
+
+    @staticmethod
+    def _gone_after(
+        exc: pkcs11.PKCS11Error,
+        pooled: PooledSession,
+        doing: str,
+        token_state_errors: PKCS11ErrorTypes,
+    ) -> bool:
+        """After ``exc`` on ``pooled`` (caller inside the module call): whether the sessions,
+        login, token or module are gone (True) or the token failed this call but still answers
+        on this session (False); any other error is raised as its signd error."""
+        if is_gone(exc):
+            return True
+        if not isinstance(exc, _DEVICE_FAULTS + token_state_errors):
+            raise translate(exc, doing) from None
+        try:
+            pooled.check_token()
+        except pkcs11.PKCS11Error:
+            return True
+        return False
 
     def close(self) -> None:
         """Close idle sessions now and leased ones when they come back."""
@@ -291,11 +362,13 @@ class SessionPool:
         self._connected, self._ever_connected, self._last_error = True, True, None
 
     def _open_sessions(self) -> list[PooledSession]:
+        """Open the pool; re-initialise the module and try again only if the token or the
+        module failed the opening (a token that left the slot list comes back only so)."""
         seen = self._library.generation
         try:
             return self._try_open()
         except pkcs11.PKCS11Error as exc:
-            if not needs_reconnect(exc) or (
+            if not reopening_may_help(exc) or (
                 isinstance(exc, TokenMissing) and not self._ever_connected
             ):
                 raise self._open_error(exc) from None
@@ -312,7 +385,7 @@ class SessionPool:
                     f"the {self._where} is not present; signd reconnects when it is back"
                 )
             return ConfigurationError(f"there is no {self._where}; tokens present: {exc}")
-        if needs_reconnect(exc):
+        if reopening_may_help(exc):
             return DependencyUnavailable(
                 f"cannot open sessions on the {self._where} ({type(exc).__name__})"
             )

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11 import exceptions as p11
 
 from signd.crypto.secp256k1 import compress_public_key
 from signd.custody.hsm.library import Pkcs11Library
-from signd.custody.hsm.pool import PooledSession, SessionPool
+from signd.custody.hsm.pool import TEMPLATE_ERRORS, PooledSession, SessionPool
 from signd.custody.hsm.settings import HsmSettings
 from signd.errors import InvalidField
 
@@ -49,6 +51,11 @@ def _is_wrapped(point: bytes) -> bool:
     return covered == len(point) - header and covered in (33, 65)
 
 
+class UnreadableEcPoint(pkcs11.PKCS11Error):
+    """The token gave a key pair it just generated a CKA_EC_POINT that is no secp256k1 point
+    (seen from SoftHSM2 while its token folder was being replaced): a fault of the token."""
+
+
 @dataclass(frozen=True, slots=True)
 class TokenKey:
     """A secp256k1 private key on the token, with its public key."""
@@ -69,6 +76,10 @@ class HsmToken:
         self._settings = settings
         self._pool = SessionPool(Pkcs11Library.load(settings.module_path), settings, clock)
         self._pool.connect()
+        self._template_accepted = False
+        """Whether the token generated a key from signd's template: once it has, a template
+        error means the token's state (e.g. its folder replaced under SoftHSM2), not signd's
+        template."""
 
     def __repr__(self) -> str:
         module = str(self._settings.module_path)
@@ -78,13 +89,21 @@ class HsmToken:
         """A new key pair labelled ``{key_label_prefix}-{key_id}`` under a random CKA_ID.
 
         The private key is sensitive, never extractable and may only sign. Running out of token
-        memory raises CapacityExceeded.
+        memory raises CapacityExceeded; a token that fails while it still answers, or refuses
+        the template it accepted before, DependencyUnavailable.
         """
         cka_id = os.urandom(CKA_ID_SIZE)
         label = f"{self._settings.key_label_prefix}-{key_id}"
         public_key = self._pool.run(
-            lambda pooled: self._generate(pooled, cka_id, label), "generating a secp256k1 key pair"
+            lambda pooled: self._generate(pooled, cka_id, label),
+            "generating a secp256k1 key pair",
+            token_state_errors=(
+                UnreadableEcPoint,
+                p11.ObjectHandleInvalid,  # the key pair it just made is gone
+                *(TEMPLATE_ERRORS if self._template_accepted else ()),
+            ),
         )
+        self._template_accepted = True
         return TokenKey(cka_id, label, public_key)
 
     @staticmethod
@@ -108,7 +127,10 @@ class HsmToken:
                 Attribute.UNWRAP: False,
             },
         )
-        return decode_ec_point(public[Attribute.EC_POINT])
+        try:
+            return decode_ec_point(public[Attribute.EC_POINT])
+        except InvalidField:
+            raise UnreadableEcPoint() from None
 
     def sign(self, cka_id: bytes, digest: bytes) -> bytes:
         """Raw ``CKM_ECDSA`` over a 32-byte digest: r‖s as the token returns it (maybe high-S)."""

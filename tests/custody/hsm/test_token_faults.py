@@ -1,0 +1,223 @@
+"""A token that fails calls while it still answers: 503 naming the error, sessions kept.
+
+Two real SoftHSM2 faults: the token folder replaced by a copy under the running module (what a
+restore or a remount looks like), and the folder made read-only (``chattr +i``).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pkcs11 import Attribute, KeyType, Mechanism
+
+from signd.custody.hsm import HsmBackend
+from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.pool import PooledSession
+from signd.custody.hsm.token import SECP256K1_EC_PARAMS, HsmToken
+from signd.errors import ConfigurationError, DependencyUnavailable
+from signd.storage.sqlite import SqliteMetadataStore
+from tests.custody.hsm.conftest import USER_PIN, SoftHsm, eth_address
+
+CREATE_SCRIPT = """
+import collections, os, sys, threading
+from pathlib import Path
+from signd.chains import address_deriver
+from signd.crypto.secret import Secret
+from signd.custody.hsm import HsmBackend, HsmSettings
+from signd.errors import SigndError
+from signd.storage.sqlite import SqliteMetadataStore
+
+module, label, pin, database = sys.argv[1:5]
+settings = HsmSettings(
+    module_path=Path(module), token_label=label, pin=Secret(pin), pool_size=4,
+    reconnect_interval=0,
+)
+backend = HsmBackend(settings, SqliteMetadataStore(Path(database)))
+address_of = address_deriver("ethereum")
+keys = backend.create_keys("ethereum", address_of, 2)
+phase, stop, lock = ["before"], threading.Event(), threading.Lock()
+counts = collections.Counter()
+
+def create():
+    while not stop.is_set():
+        during = phase[0]
+        try:
+            backend.create_keys("ethereum", address_of)
+            outcome = "ok"
+        except SigndError as exc:
+            outcome = exc.code
+        except Exception as exc:
+            outcome = "unexpected " + type(exc).__name__
+        with lock:
+            counts[f"{during} create {outcome}"] += 1
+
+threads = [threading.Thread(target=create) for _ in range(4)]
+for thread in threads:
+    thread.start()
+print("loaded", flush=True)
+for line in sys.stdin:
+    phase[0] = line.strip()
+    if phase[0] == "after":
+        break
+stop.set()
+for thread in threads:
+    thread.join()
+(fresh,) = backend.create_keys("ethereum", address_of)
+for key in [*keys, fresh]:
+    backend.sign_digest(key, os.urandom(32))
+backend.close()
+print(dict(counts), flush=True)
+"""
+
+
+def test_creating_keys_while_the_token_folder_is_replaced_is_unavailable_never_a_500(
+    softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    """Four threads create keys while the token folder is swapped for a copy of itself, again
+    and again. SoftHSM2 then fails key generations with CKR_GENERAL_ERROR, and also with
+    CKR_TEMPLATE_INCONSISTENT or CKR_ATTRIBUTE_VALUE_INVALID for the very template it accepts a
+    moment later: the object it had just made vanished from the folder it indexes. Each create
+    must answer DependencyUnavailable (503), never a configuration error (500), and signd must
+    create and sign again once the folder stays."""
+    label = "signd-swapped"
+    softhsm.init_token(label)
+    folder = softhsm.token_dir(label)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CREATE_SCRIPT,
+            str(softhsm.module),
+            label,
+            USER_PIN,
+            str(tmp_path / "m.db"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "loaded"
+        time.sleep(0.3)
+        child.stdin.write("swapping\n")
+        child.stdin.flush()
+        deadline = time.monotonic() + 4
+        swaps = 0
+        while time.monotonic() < deadline:
+            copy, old = tmp_path / "copy", tmp_path / f"old-{swaps}"
+            subprocess.run(["cp", "-a", str(folder), str(copy)], capture_output=True, check=False)
+            os.rename(folder, old)
+            os.rename(copy, folder)
+            swaps += 1
+            time.sleep(0.01)
+        child.stdin.write("after\n")
+        child.stdin.flush()
+        out, err = child.communicate(timeout=60)
+    except (BrokenPipeError, subprocess.TimeoutExpired):
+        child.kill()
+        out, err = child.communicate()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, f"exit status {child.returncode}: {err[-2000:]}"
+    counts = ast.literal_eval(out.strip())
+    during = {name: n for name, n in counts.items() if name.startswith("swapping")}
+    assert during.get("swapping create dependency_unavailable", 0) > 0, counts
+    assert set(during) <= {
+        "swapping create ok",
+        "swapping create dependency_unavailable",
+    }, counts
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """The token folder and its files immutable (``chattr +i``): every write fails."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("making the token read-only needs chattr as root")
+    paths = [str(path) for path in (folder, *folder.iterdir())]
+    subprocess.run(["chattr", "+i", *paths], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *paths], check=True, capture_output=True)
+
+
+def test_a_generation_the_read_only_token_fails_keeps_the_sessions_and_the_module(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore
+) -> None:
+    """C_GenerateKeyPair fails with CKR_GENERAL_ERROR on a read-only token that still answers
+    C_GetTokenInfo. That is a 503 naming the error, and no reason to drop the sessions or to
+    re-initialise the module: both end every other thread's calls, and logging in again on the
+    read-only token makes SoftHSM2 mark it invalid until the module is re-initialised."""
+    label = "signd-read-only-once"
+    softhsm.init_token(label)
+    library = Pkcs11Library.load(softhsm.module)
+    library.reinitialize(library.generation)  # a loaded SoftHSM2 sees new tokens only then
+    backend = HsmBackend(softhsm.settings(label, pool_size=2, reconnect_interval=0), metadata)
+    try:
+        (key,) = backend.create_keys("ethereum", eth_address)
+        generation = library.generation
+        with read_only(softhsm.token_dir(label)):
+            errors = []
+            for _ in range(3):
+                with pytest.raises(DependencyUnavailable) as raised:
+                    backend.create_keys("ethereum", eth_address)
+                errors.append(raised.value)
+            assert library.generation == generation, "the module was re-initialised"
+            for error in errors:
+                assert error.http_status == 503
+                assert "(GeneralError); it still answers" in str(error)
+                assert USER_PIN not in str(error)
+            digest = os.urandom(32)
+            assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+        (fresh,) = backend.create_keys("ethereum", eth_address)
+        digest = os.urandom(32)
+        assert backend.sign_digest(fresh, digest).recover_public_key(digest) == fresh.public_key
+        assert library.generation == generation, "the module was re-initialised"
+    finally:
+        backend.close()
+
+
+def generate_with_a_wrong_key_type(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:
+    """signd's template with a bug: an RSA key type for an EC key pair."""
+    pooled.session.generate_keypair(
+        KeyType.EC,
+        mechanism=Mechanism.EC_KEY_PAIR_GEN,
+        id=cka_id,
+        label=label,
+        store=True,
+        public_template={Attribute.EC_PARAMS: SECP256K1_EC_PARAMS, Attribute.TOKEN: True},
+        private_template={Attribute.TOKEN: True, Attribute.KEY_TYPE: KeyType.RSA},
+    )
+    raise AssertionError("SoftHSM2 accepted an RSA key type for an EC key pair")
+
+
+def test_a_template_the_token_never_accepted_is_a_configuration_error(
+    backend: HsmBackend, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CKR_TEMPLATE_INCONSISTENT from a token that never generated signd's template is signd's
+    bug (500), told apart from the same error once the template has worked; neither touches
+    the module."""
+    library = Pkcs11Library.load(softhsm.module)
+    generation = library.generation
+    monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_with_a_wrong_key_type))
+    with pytest.raises(ConfigurationError, match="TemplateInconsistent"):
+        backend.create_keys("ethereum", eth_address)
+    monkeypatch.undo()
+    backend.create_keys("ethereum", eth_address)
+    monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_with_a_wrong_key_type))
+    with pytest.raises(DependencyUnavailable, match="TemplateInconsistent"):
+        backend.create_keys("ethereum", eth_address)
+    assert library.generation == generation
