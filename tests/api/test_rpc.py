@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -14,7 +16,7 @@ from eth_utils import keccak
 from starlette.testclient import TestClient
 
 from signd.api import ApiSettings
-from signd.api.rpc import BATCH_CONCURRENCY
+from signd.api.rpc import BATCH_CONCURRENCY, SenderTurns
 from signd.chains.ethereum import decode_transaction
 from signd.operations import Signer
 from tests.api import samples
@@ -23,6 +25,9 @@ from tests.api.samples import MAIL
 
 NODE_URL = "http://127.0.0.1:1/v3/secret-api-key"
 CHAIN_ID = 31337
+SLOW_NODE_CALL = 0.4
+"""Seconds each call to the slow node takes: a send makes several."""
+SLOW_NODE_TIMEOUT = 1.0
 BASE_FEE = 7 * 10**9
 PRIORITY = 2 * 10**9
 GAS_PRICE = 11 * 10**9
@@ -696,3 +701,64 @@ def test_a_forwarded_answer_keeps_the_caller_s_id(make_client: ClientFactory) ->
     )
     client = proxy_client(make_client, node)
     assert rpc(client, "eth_blockNumber") == {"jsonrpc": "2.0", "id": 7, "result": "0x10"}
+
+
+def test_a_send_waits_for_the_senders_previous_one_at_most_the_downstream_timeout(
+    make_client: ClientFactory, address: str
+) -> None:
+    """Sends from one sender go in turn; one behind a send held up by a slow node gets a
+    503 (-32006) once it has waited the downstream timeout, not after the whole queue."""
+    node = FakeNode()
+    settings = ApiSettings(downstream=NODE_URL, downstream_timeout=SLOW_NODE_TIMEOUT)
+    client = make_client(settings, downstream_transport=SlowNode(node))
+    send = {"from": address, "to": "0x" + "35" * 20, "value": "0x1"}
+    answers: list[tuple[float, dict[str, Any]]] = []
+
+    def send_one() -> None:
+        began = time.monotonic()
+        answer = rpc(client, "eth_sendTransaction", send)
+        answers.append((time.monotonic() - began, answer))
+
+    first = threading.Thread(target=send_one)
+    first.start()
+    time.sleep(SLOW_NODE_CALL / 2)  # the first holds the sender's turn
+    send_one()
+    first.join()
+    waited, refused = answers[0]
+    assert refused["error"]["code"] == -32006
+    assert "another eth_sendTransaction" in refused["error"]["message"]
+    assert waited < SLOW_NODE_TIMEOUT + 1.0
+    assert "result" in answers[1][1] and len(node.sent) == 1
+
+
+class SlowNode(httpx.AsyncBaseTransport):
+    """``node``, each call answered after :data:`SLOW_NODE_CALL` seconds."""
+
+    def __init__(self, node: FakeNode) -> None:
+        self.node = node
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(SLOW_NODE_CALL)
+        return await self.node(request)
+
+
+def test_a_senders_turns_are_forgotten_once_its_sends_are_done() -> None:
+    asyncio.run(_senders_turns())
+
+
+async def _senders_turns() -> None:
+    turns = SenderTurns()
+    order: list[str] = []
+
+    async def send(sender: str, name: str, hold: float) -> None:
+        async with turns.turn(sender, wait=5.0):
+            order.append(name)
+            await asyncio.sleep(hold)
+
+    await asyncio.gather(send("0xa", "a1", 0.05), send("0xa", "a2", 0), send("0xb", "b1", 0))
+    assert order == ["a1", "b1", "a2"]  # b is not held up by a's turn; a's sends in turn
+    assert len(turns) == 0
+    for number in range(100):  # a caller naming ever new senders leaves nothing behind
+        async with turns.turn(f"0x{number:x}", wait=1.0):
+            pass
+    assert len(turns) == 0

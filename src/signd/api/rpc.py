@@ -16,14 +16,16 @@ credentials) keeps the HTTP status of its error, with ``"id": null``.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from signd.api.deadlines import within
 from signd.api.downstream import Downstream
 from signd.api.errors import (
     INVALID_PARAMS,
@@ -37,7 +39,7 @@ from signd.api.errors import (
 from signd.api.inputs import read_body
 from signd.api.service import Authenticator, Principal, SigningService
 from signd.chains.ethereum import SignedTransaction
-from signd.errors import InvalidRequest, SigndError, UnsupportedOperation
+from signd.errors import DependencyUnavailable, InvalidRequest, SigndError, UnsupportedOperation
 from signd.gate import SigningCall, SigningResult
 from signd.gate.inputs import (
     RPC_SIGNING_METHODS,
@@ -65,6 +67,51 @@ MESSAGE_METHODS: Final = frozenset({"eth_sign", "personal_sign", "eth_signTypedD
 """The methods whose members of a batch that signs nothing else are signed in one gate call,
 in the batch's order, as the items of a REST batch are (a key's messages are one decision and
 one audit record)."""
+
+
+@dataclass(slots=True)
+class _Turns:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class SenderTurns:
+    """``eth_sendTransaction``'s of one sender in turn (each fills its nonce from the node's
+    pending count, so two at once would take the same one). A send waits at most ``wait``
+    seconds for the one before it, and a sender's lock is forgotten once none of its sends is
+    left: a caller naming ever new senders does not grow it."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, _Turns] = {}
+
+    def __len__(self) -> int:
+        """Senders with a send in flight or waiting."""
+        return len(self._turns)
+
+    @asynccontextmanager
+    async def turn(self, sender: str, wait: float) -> AsyncIterator[None]:
+        """Hold ``sender``'s turn for the block; DependencyUnavailable after ``wait`` s."""
+        turns = self._turns.get(sender)
+        if turns is None:
+            turns = self._turns[sender] = _Turns()
+        turns.users += 1
+        try:
+            try:
+                async with within(wait):
+                    await turns.lock.acquire()
+            except TimeoutError:
+                raise DependencyUnavailable(
+                    f"another eth_sendTransaction from {sender} has been under way for over "
+                    f"{wait:g} s (the downstream node is slow): try again"
+                ) from None
+            try:
+                yield
+            finally:
+                turns.lock.release()
+        finally:
+            turns.users -= 1
+            if not turns.users:
+                del self._turns[sender]
 
 
 class MethodNotFound(Exception):
@@ -136,7 +183,7 @@ class JsonRpcApi:
             "eth_signTypedData_v4": self.eth_sign_typed_data_v4,
             "eth_sendTransaction": self.eth_send_transaction,
         }
-        self._sender_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._sender_turns = SenderTurns()
 
     def routes(self) -> list[Route]:
         async def root(request: Request) -> Response:
@@ -328,7 +375,8 @@ class JsonRpcApi:
                 "eth_sendTransaction needs a downstream node (signd serve --downstream)"
             )
         transaction = rpc_signing_call("eth_sendTransaction", params).payload
-        async with self._sender_locks[transaction["from"].lower()]:
+        sender = transaction["from"].lower()
+        async with self._sender_turns.turn(sender, self.settings.downstream_timeout):
             filled = await self.downstream.fill_transaction(transaction)
             signed = await self.service.sign_eth_transaction(principal, filled["from"], filled)
             return await self.downstream.call("eth_sendRawTransaction", ["0x" + signed.raw.hex()])
