@@ -101,3 +101,69 @@ def test_a_reload_waiting_on_a_stopped_enclave_does_not_stop_the_service(tmp_pat
         assert health.status_code == 200
         assert answered_in < 2
         assert _sign(server, key_id, timeout=30).status_code == 200
+
+
+def _sign_transaction(server: SigndProcess, address: str, value: int) -> httpx.Response:
+    transaction = {
+        "type": 2,
+        "chainId": 1,
+        "nonce": 0,
+        "to": "0x3535353535353535353535353535353535353535",
+        "value": value,
+        "gas": 21000,
+        "maxFeePerGas": 40 * 10**9,
+        "maxPriorityFeePerGas": 2 * 10**9,
+    }
+    return httpx.post(
+        f"{server.url}/v1/sign/ethereum/transaction",
+        json={"key": address, "transaction": transaction},
+        timeout=30,
+        headers=AUTH,
+    )
+
+
+def _restart_enclave(server: SigndProcess, home: Path) -> None:
+    [enclave] = child_pids(server.process.pid, containing=f"--home {home} enclave")
+    os.kill(enclave, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while child_pids(server.process.pid, containing=f"--home {home} enclave") == [enclave]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_restarted_enclave_is_given_the_files_in_force_not_an_unsignalled_edit(
+    tmp_path: Path,
+) -> None:
+    """A restarted enclave used to be sent the files as they were on disk: an edit not yet
+    signalled (or half written) took effect, looser or broken (every request then failed
+    500 configuration_error). Only a reload puts a file in force."""
+    home = make_home(tmp_path / "home", CUSTODY["enclave"])
+    policy = home / "policy.toml"
+    limited = TEST_POLICY.replace(
+        'contract_selectors = ["*"]', 'contract_selectors = ["*"]\nmax_value_per_tx = "1000"', 1
+    )
+    policy.write_text(limited)
+    with signd_serve(home) as server:
+        response = httpx.post(
+            f"{server.url}/v1/keys",
+            json={"chain": "ethereum", "custody": "enclave"},
+            timeout=30,
+            headers=AUTH,
+        )
+        address = response.json()["keys"][0]["address"]
+        assert _sign_transaction(server, address, 10**6).status_code == 403
+
+        policy.write_text(TEST_POLICY)  # looser, and not signalled
+        _restart_enclave(server, home)
+        refused = _sign_transaction(server, address, 10**6)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["rule"] == "tests-everything"
+
+        policy.write_text("version = 1\n[[rules]]\nname = 'broken'\n")  # not signalled
+        _restart_enclave(server, home)
+        assert _sign_transaction(server, address, 10).status_code == 200
+
+        policy.write_text(TEST_POLICY)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for_log(server, "reloaded the clients and policy files")
+        assert _sign_transaction(server, address, 10**6).status_code == 200
