@@ -38,6 +38,7 @@ from signd.audit import SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
+from signd.auth.reload import read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -312,8 +313,11 @@ class EnclaveGatekeeper:
         with self._configure_lock:
             sealed_key = _read(paths.sealed_audit_key_file, missing_ok=True)
             last = self.audit.last_record()
-            if reread or self._in_force is None:
+            if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
+            elif reread:
+                clients_data = read_settled("clients", paths.clients_file)
+                policy_data = read_settled("policy", paths.policy_file)
             else:
                 clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
