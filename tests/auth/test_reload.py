@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.auth import ClientsHolder, RequestVerifier, sign_request
+from signd.auth.reload import SETTLE_SECONDS
 from signd.errors import AccessDenied, ConfigurationError
+from signd.policy import PolicyHolder
 from tests.auth.conftest import NOW, FakeClock, ed25519_text
 
 
@@ -93,3 +97,51 @@ def test_initial_load_of_a_bad_file_fails(tmp_path: Path) -> None:
     bad.write_text("version = 2\n")
     with pytest.raises(ConfigurationError, match="only version = 1"):
         ClientsHolder.load(bad)
+
+
+def test_a_file_being_written_in_place_is_not_taken_half_written(tmp_path: Path) -> None:
+    """A reload that came while the file was written in pieces took the first piece when it
+    was valid TOML: here, the rule cut before its limit (so looser than the whole file)."""
+    whole = (
+        'version = 1\n\n[[rules]]\nname = "tx"\nclients = ["*"]\nkey_labels = ["*"]\n'
+        'operations = ["sign:transaction"]\nchains = ["ethereum"]\n'
+        'max_value_per_tx = "1000"\n'
+    )
+    cut = whole.index("max_value_per_tx")
+    path = tmp_path / "policy.toml"
+    path.write_text(whole.replace('"1000"', '"1"'))
+    holder = PolicyHolder.load(path)
+    path.write_text(whole[:cut])  # truncated and half rewritten, as `cat > policy.toml` does
+    rest = threading.Timer(SETTLE_SECONDS / 2, lambda: path.write_text(whole))
+    rest.start()
+    try:
+        policy = holder.reload()
+    finally:
+        rest.join()
+    rule = policy.rule("tx")
+    assert rule is not None and rule.max_value_per_tx == 1000
+
+
+def test_a_file_that_keeps_changing_is_refused(tmp_path: Path, clients_text: str) -> None:
+    path = tmp_path / "clients.toml"
+    path.write_text(clients_text)
+    holder = ClientsHolder.load(path)
+    before = holder.sha256
+    writing = threading.Event()
+
+    def keep_writing() -> None:
+        count = 0
+        while not writing.is_set():
+            count += 1
+            path.write_text(clients_text + f"# {count}\n")
+            time.sleep(SETTLE_SECONDS / 4)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        with pytest.raises(ConfigurationError, match="kept changing while it was read"):
+            holder.reload()
+    finally:
+        writing.set()
+        writer.join()
+    assert holder.sha256 == before

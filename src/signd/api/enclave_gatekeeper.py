@@ -38,6 +38,7 @@ from signd.audit import SealedAuditRecord
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
+from signd.auth.reload import read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -263,6 +264,9 @@ class EnclaveGatekeeper:
         self.audit = open_audit_log(paths.audit_log)
         self.clients_sha256 = ""
         self.policy_sha256 = ""
+        self._in_force: tuple[bytes, bytes] | None = None
+        """The clients and policy files' bytes the enclave last accepted: what a restarted
+        enclave is given again (the files may have changed since, unsignalled)."""
         self._configure_lock = threading.Lock()
         self._resume_wanted = False
         """An append failed: have the enclave resume from the log before the next GATE."""
@@ -292,22 +296,30 @@ class EnclaveGatekeeper:
 
     # configuration
 
-    def configure(self, *, resume: bool = False) -> None:
+    def configure(self, *, resume: bool = False, reread: bool = True) -> None:
         """Send the clients and policy files and the audit key to the enclave (GATE_CONFIGURE).
 
         A bad file raises :class:`~signd.errors.ConfigurationError` and the enclave keeps
-        the configuration in force. On first run the enclave makes the audit MAC key and the
-        host stores its KMS ciphertext. The audit log's tail over the policy's longest spend
-        window goes along (in chunks, newest first, while the enclave says its windows are
-        not yet whole), so that a restarted enclave rebuilds its spend windows. ``resume``:
-        the log lost records the enclave sealed; the enclave continues from the log's last
-        record and seals a record saying so.
+        the configuration in force. Without ``reread`` (a restarted enclave, a resume) the
+        files the enclave last accepted are sent again, not the files as they are now: an
+        edit not yet signalled, or half written, takes effect only on a reload. On first run
+        the enclave makes the audit MAC key and the host stores its KMS ciphertext. The audit
+        log's tail over the policy's longest spend window goes along (in chunks, newest first,
+        while the enclave says its windows are not yet whole), so that a restarted enclave
+        rebuilds its spend windows. ``resume``: the log lost records the enclave sealed; the
+        enclave continues from the log's last record and seals a record saying so.
         """
         paths = self.paths
         with self._configure_lock:
             sealed_key = _read(paths.sealed_audit_key_file, missing_ok=True)
             last = self.audit.last_record()
-            policy_data = _read(paths.policy_file)
+            if self._in_force is None:  # start-up
+                clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
+            elif reread:
+                clients_data = read_settled("clients", paths.clients_file)
+                policy_data = read_settled("policy", paths.policy_file)
+            else:
+                clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
             if not sealed_key and last is not None:
                 raise ConfigurationError(
@@ -315,7 +327,7 @@ class EnclaveGatekeeper:
                     f"{paths.audit_log} is not empty: restore the key file"
                 )
             body: dict[str, Any] = {
-                "clients": _read(paths.clients_file),
+                "clients": clients_data,
                 "policy": policy_data,
                 "audit_key": sealed_key,
                 "audit_head": b"" if last is None else last.to_json().encode("ascii"),
@@ -328,6 +340,7 @@ class EnclaveGatekeeper:
             if resume:
                 body["resume"] = True
             answer = self.client.request(MessageType.GATE_CONFIGURE, body)
+            self._in_force = (clients_data, policy_data)
             resumed = answer.get("audit")
             if isinstance(resumed, list) and resumed:  # the record saying what was lost
                 self.audit.append_many([SealedAuditRecord.from_json(line) for line in resumed])
@@ -402,7 +415,7 @@ class EnclaveGatekeeper:
             if exc.message != UNCONFIGURED:
                 raise
             log.warning("the enclave has lost its gate configuration (restarted?); sending it")
-            self.configure()
+            self.configure(reread=False)
             answer = self.client.request(MessageType.GATE, body)
         return answer, epoch
 
@@ -487,7 +500,7 @@ class EnclaveGatekeeper:
         chain from the log's last record; if that fails, the next GATE tries again (a
         create refused while the log is down sends no GATE whose failure would ask)."""
         try:
-            self.configure(resume=True)
+            self.configure(resume=True, reread=False)
         except SigndError as exc:
             log.error("could not resume the audit chain: %s", exc.message)
             self._resume_wanted = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Generic, Self, TypeVar
@@ -21,6 +22,12 @@ from signd.auth.clients import ClientsRegistry
 from signd.errors import ConfigurationError
 
 T = TypeVar("T")
+
+SETTLE_SECONDS = 0.2
+"""How long a file read for a reload must stay the same before it is taken: a file being
+written in place is not put in force half written (a prefix can be valid and looser: a
+rule cut before its limits)."""
+SETTLE_ATTEMPTS = 10
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ class Reloadable(ABC, Generic[T]):
         if self.path is None:
             raise ConfigurationError(f"the {self.kind} file was not loaded from a path")
         try:
-            data = _read(self.kind, self.path)
+            data = read_settled(self.kind, self.path)
         except ConfigurationError as exc:
             log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
             raise
@@ -97,6 +104,23 @@ class ClientsHolder(Reloadable[ClientsRegistry]):
     @staticmethod
     def parse(data: bytes) -> ClientsRegistry:
         return ClientsRegistry.from_bytes(data)
+
+
+def read_settled(kind: str, path: Path) -> bytes:
+    """The bytes of the ``kind`` file at ``path`` once they stay the same for
+    :data:`SETTLE_SECONDS`; a file still changing after :data:`SETTLE_ATTEMPTS` reads is
+    refused (:class:`~signd.errors.ConfigurationError`)."""
+    data = _read(kind, path)
+    for _ in range(SETTLE_ATTEMPTS):
+        time.sleep(SETTLE_SECONDS)
+        again = _read(kind, path)
+        if again == data:
+            return data
+        data = again
+    raise ConfigurationError(
+        f"the {kind} file {path} kept changing while it was read: write it whole (to a "
+        "temporary file, then rename it) and reload again"
+    )
 
 
 def _read(kind: str, path: Path) -> bytes:

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import signal
 import socket
 import stat
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 import typer
 
@@ -238,17 +240,65 @@ def open_gate(settings: Settings, api_settings: ApiSettings, signer: Signer) -> 
     )
 
 
-def _reload_on_sighup(gatekeeper: Keeper) -> None:
-    log = logging.getLogger("signd.serve")
+class SighupReloads:
+    """Reloads the gate's clients and policy files on SIGHUP, in a thread of its own.
 
-    def reload(signum: int, frame: object) -> None:
-        problems = gatekeeper.reload()
+    The signal handler only queues the request (:meth:`queue.SimpleQueue.put` is reentrant),
+    so a signal never runs a reload inside another one that holds the files' lock (a
+    deadlock: a burst of SIGHUPs used to hang the service) nor blocks the event loop while
+    the enclave takes its time. Signals that arrive during a reload are answered by one more
+    reload after it, which reads the files as they are then.
+    """
+
+    STOP_TIMEOUT: ClassVar[float] = 30.0
+    """Seconds :meth:`stop` waits for a reload under way (an enclave answers within 15 s)."""
+
+    def __init__(self, gatekeeper: Keeper) -> None:
+        self._gatekeeper = gatekeeper
+        self._asked: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="signd-reload", daemon=True)
+
+    def start(self) -> None:
+        """Reload on every SIGHUP from now on."""
+        self._thread.start()
+        signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def stop(self) -> None:
+        """Ignore SIGHUP, and end the thread once the reload under way (if any) is over."""
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self._asked.put(False)
+        self._thread.join(self.STOP_TIMEOUT)
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self._asked.put(True)
+
+    def _run(self) -> None:
+        while self._asked.get():
+            if not self._drain():
+                return
+            self._reload()
+
+    def _drain(self) -> bool:
+        """Take the requests queued meanwhile (one reload answers them all); ``False`` once
+        asked to stop."""
+        while True:
+            try:
+                if not self._asked.get_nowait():
+                    return False
+            except queue.Empty:
+                return True
+
+    def _reload(self) -> None:
+        log = logging.getLogger("signd.serve")
+        try:
+            problems = self._gatekeeper.reload()
+        except Exception:  # the thread must outlive any failure, or later SIGHUPs do nothing
+            log.exception("reload failed, the files in force stay")
+            return
         if problems:
             log.error("reload refused, the files in force stay: %s", "; ".join(problems))
         else:
             log.info("reloaded the clients and policy files")
-
-    signal.signal(signal.SIGHUP, reload)
 
 
 def _after_shutdown(signum: int, frame: object) -> None:
@@ -407,6 +457,7 @@ def serve(
     signer = state.signer
     _keystore_only_with_passphrase(settings, signer)
     gatekeeper = None
+    reloads = None
     try:
         for custody in signer.custody_types:
             try:
@@ -441,7 +492,8 @@ def serve(
                 blind_served=api_settings.allow_blind_signing,
             )
             stderr.print(usage, markup=False, highlight=False)
-        _reload_on_sighup(gatekeeper)
+        reloads = SighupReloads(gatekeeper)
+        reloads.start()
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again with
         # the handlers it found; these make that a no-op, so that the signer is closed below
         # (the local enclave stopped, cached secrets dropped) and the exit status is 0.
@@ -464,6 +516,8 @@ def serve(
         if not server.started:
             sys.exit(STARTUP_FAILURE)
     finally:
+        if reloads is not None:
+            reloads.stop()
         if gatekeeper is not None:
             gatekeeper.close()
         state.close()
