@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -30,11 +31,13 @@ from signd.api.enclave_gatekeeper import EnclaveGatekeeper, verify_in_enclave
 from signd.api.gatekeeping import GatekeeperGate, gatekeeper_authenticator
 from signd.attestation.document import AttestationDocument, CoseSign1
 from signd.audit import SealedAuditRecord
+from signd.audit.lines import LogLines
 from signd.auth import sign_request
 from signd.client import key_from_dict
 from signd.custody.base import KeyInfo
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
+from signd.enclave.gate import MAX_LINE_SIZE
 from signd.enclave.protocol import KeyReference, MessageType
 from signd.enclave.transport import UnixTransport
 from signd.errors import (
@@ -461,6 +464,38 @@ def test_dropped_or_edited_audit_records_are_caught(enclave: Enclave) -> None:
                 "resume": True,
             },
         )
+
+
+def test_the_host_sends_the_log_from_its_file_a_chunk_at_a_time(
+    enclave: Enclave, tmp_path: Path
+) -> None:
+    """Read through :class:`LogLines`, the log is never in the host's memory whole: a 50 MB
+    line among the records is reported at its place, cut short on its way."""
+    hot = new_key(enclave, ["hot"])
+    for nonce in range(3):
+        enclave.gated.signed("POST", SIGN_TX, tx_body(hot, nonce=nonce))
+    paths = enclave.gatekeeper.paths
+    lines = paths.audit_log.read_bytes().splitlines()
+    with paths.audit_log.open("rb") as file:
+        found = verify_in_enclave(
+            enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE), node="test-node"
+        )
+    assert (found.problem, found.records) == (None, len(lines))
+    grown = lines[1].replace(b'"reason":"', b'"reason":"' + b"x" * (50 << 20), 1)
+    huge = tmp_path / "huge.log"
+    huge.write_bytes(b"\n".join([lines[0], grown, *lines[2:]]) + b"\n")
+    tracemalloc.start()
+    try:
+        with huge.open("rb") as file:
+            found = verify_in_enclave(
+                enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE), node="test-node"
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found.problem is not None
+    assert (found.problem["kind"], found.problem["position"]) == ("unreadable", 1)
+    assert peak < 8 << 20, peak
 
 
 def test_a_bad_policy_is_refused_and_the_old_one_stays(enclave: Enclave) -> None:

@@ -29,12 +29,13 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
 from signd.audit import SealedAuditRecord
+from signd.audit.lines import LogLines
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
@@ -938,35 +939,41 @@ def _tail_chunks(
 
 
 def line_chunks(lines: Sequence[str], max_lines: int, max_bytes: int) -> list[list[str]]:
+    """``lines`` in order, cut into chunks (:func:`iter_line_chunks`)."""
+    return list(iter_line_chunks(lines, max_lines, max_bytes))
+
+
+def iter_line_chunks(lines: Iterable[str], max_lines: int, max_bytes: int) -> Iterator[list[str]]:
     """``lines`` in order, cut into chunks of at most ``max_lines`` lines and, beyond each
     chunk's first line, ``max_bytes`` characters (audit lines are ASCII), so that each chunk
     travels in one frame: a record listing many signatures is tens of kilobytes. One empty
-    chunk when there are no lines."""
-    chunks: list[list[str]] = []
+    chunk when there are no lines. Lazy: a chunk is cut only when asked for."""
     chunk: list[str] = []
     size = 0
     for line in lines:
         if chunk and (len(chunk) >= max_lines or size + len(line) > max_bytes):
-            chunks.append(chunk)
+            yield chunk
             chunk, size = [], 0
         chunk.append(line)
         size += len(line)
-    chunks.append(chunk)
-    return chunks
+    yield chunk
 
 
 def verify_in_enclave(
-    client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes], *, node: str
+    client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes] | LogLines, *, node: str
 ) -> EnclaveVerification:
     """Verify audit log ``lines`` in the enclave, which holds the MAC key (the host has only
     its ciphertext, ``paths.sealed_audit_key_file``). The enclave is first given the files and
     the key (GATE_CONFIGURE; an enclave already configured keeps its chain), then the lines,
-    in chunks (:func:`line_chunks`), with the state it returns carried between them."""
+    in chunks (:func:`iter_line_chunks`), with the state it returns carried between them.
+    Lines read from the log's file (:class:`~signd.audit.lines.LogLines`) are read as they
+    are sent, a chunk at a time."""
     sealed_key = _read(paths.sealed_audit_key_file)
+    last_line = lines.last() if isinstance(lines, LogLines) else (lines[-1] if lines else None)
     last = b""
-    if lines:
+    if last_line is not None:
         try:
-            last = SealedAuditRecord.from_json(lines[-1]).to_json().encode("ascii")
+            last = SealedAuditRecord.from_json(last_line).to_json().encode("ascii")
         except IntegrityError:
             last = b""  # reported below, where the enclave reads it
     configuration = {
@@ -984,17 +991,20 @@ def verify_in_enclave(
     answer: dict[str, Any] = {}
     # A line over the longest record is sent cut short (still too long, so reported as
     # unreadable at its place) rather than in a frame over the channel's limit.
-    texts = [line[: MAX_LINE_SIZE + 1].decode("ascii", "replace") for line in lines]
-    chunks = line_chunks(texts, VERIFY_CHUNK, VERIFY_CHUNK_BYTES)
-    for number, chunk in enumerate(chunks, start=1):
+    texts = (line[: MAX_LINE_SIZE + 1].decode("ascii", "replace") for line in lines)
+    chunks = iter_line_chunks(texts, VERIFY_CHUNK, VERIFY_CHUNK_BYTES)
+    chunk: list[str] | None = next(chunks)
+    while chunk is not None:
+        following = next(chunks, None)
         answer = client.request(
             MessageType.AUDIT_VERIFY,
-            {"records": chunk, "state": state, "final": number == len(chunks)},
+            {"records": chunk, "state": state, "final": following is None},
             idempotent=True,
         )
         state = answer["state"]
         if "problem" in answer:
             break
+        chunk = following
     head = answer.get("head", {})
     return EnclaveVerification(
         int(answer.get("checked", 0)),

@@ -20,10 +20,10 @@ Removing records from the end cannot be seen from the log alone; pass ``expected
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 
 from signd.audit.records import GENESIS, ChainHead, SealedAuditRecord, seal_is_valid
 from signd.crypto.secret import Secret
@@ -65,7 +65,7 @@ class VerificationReport:
 
 
 def verify_chain(
-    records: Iterable[SealedAuditRecord],
+    records: Iterable[SealedAuditRecord] | Callable[[], Iterable[SealedAuditRecord]],
     mac_key: Secret,
     *,
     start: ChainHead | None = GENESIS,
@@ -73,91 +73,228 @@ def verify_chain(
 ) -> VerificationReport:
     """Verify a chain of sealed records with ``mac_key``.
 
+    ``records`` may instead be a function that reads the same records afresh each time it is
+    called (from a file, say): they are then read twice, never held together, and the memory
+    used grows with the problems found, not with the log.
+
     ``start`` is the head the log continues from: genesis for a complete log, the last
     head of the previous file for a rotated one, or ``None`` to take the first record's
     word for it (which cannot detect removals at the very start).
     """
-    items = list(records)
-    checks = [seal_is_valid(item, mac_key) for item in items]
-    sound = [mac_ok and hash_ok for mac_ok, hash_ok in checks]
-    if items and not any(mac_ok for mac_ok, _ in checks):
+    if callable(records):
+        read = records
+    else:
+        items = records if isinstance(records, Collection) else list(records)
+
+        def read() -> Iterable[SealedAuditRecord]:
+            return items
+
+    census = _Census.of(read(), mac_key)
+    if census.records and not census.any_mac_ok:
         problem = ChainProblem(
             0,
-            items[0].record.seq,
+            census.first_seq,
             ProblemKind.BAD_MAC,
             "no record's MAC verifies: wrong MAC key, or the whole log is forged",
         )
-        return VerificationReport(len(items), (problem,), start or GENESIS)
+        return VerificationReport(census.records, (problem,), start or GENESIS)
+    problems = _chain_problems(read(), census, start)
+    head = census.head or start or GENESIS
+    if expected_head is not None and head != expected_head:
+        problems.append(
+            ChainProblem(
+                census.records,
+                None,
+                ProblemKind.TRUNCATED,
+                f"the log ends at record {head.seq}, not at record {expected_head.seq}",
+            )
+        )
+    return VerificationReport(census.records, tuple(problems), head)
 
-    hash_of: dict[int, bytes] = {}
-    for item, ok in zip(items, sound, strict=True):
-        if ok:
-            hash_of.setdefault(item.record.seq, item.hash)
-    ahead = Counter(item.record.seq for item, ok in zip(items, sound, strict=True) if ok)
-    sound_seqs = set(ahead)
+
+class _SeqSet:
+    """A set of sequence numbers kept as sorted runs of consecutive numbers: a chain's
+    numbers are one run, so its size is that of the gaps and disorder, not of the chain."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        """Each run is ``range(start, end)``, runs in order, none touching another."""
+
+    def __contains__(self, seq: int) -> bool:
+        run = bisect.bisect_right(self._starts, seq) - 1
+        return run >= 0 and seq < self._ends[run]
+
+    def add(self, seq: int) -> None:
+        starts, ends = self._starts, self._ends
+        if ends and ends[-1] == seq:  # the usual case: the next number of the last run
+            ends[-1] += 1
+            return
+        run = bisect.bisect_right(starts, seq) - 1
+        if run >= 0 and seq < ends[run]:
+            return
+        joins_left = run >= 0 and ends[run] == seq
+        joins_right = run + 1 < len(starts) and starts[run + 1] == seq + 1
+        if joins_left and joins_right:
+            ends[run] = ends[run + 1]
+            del starts[run + 1], ends[run + 1]
+        elif joins_left:
+            ends[run] = seq + 1
+        elif joins_right:
+            starts[run + 1] = seq
+        else:
+            starts.insert(run + 1, seq)
+            ends.insert(run + 1, seq + 1)
+
+    def split(self, low: int, high: int) -> tuple[list[range], list[range]]:
+        """``range(low, high)`` as the runs of its numbers in the set and of those not."""
+        present: list[range] = []
+        absent: list[range] = []
+        at = low
+        run = max(bisect.bisect_right(self._starts, low) - 1, 0)
+        while at < high and run < len(self._starts):
+            start, end = self._starts[run], self._ends[run]
+            if start >= high:
+                break
+            if at < start:
+                absent.append(range(at, start))
+                at = start
+            if at < end:
+                present.append(range(at, min(end, high)))
+                at = min(end, high)
+            run += 1
+        if at < high:
+            absent.append(range(at, high))
+        return present, absent
+
+
+@dataclass(slots=True)
+class _Census:
+    """What the second reading of a chain needs to know of the whole of it (the first
+    reading): kept small, since the numbers of the records that verify are runs."""
+
+    records: int = 0
+    first_seq: int | None = None
+    """The number the first record claims."""
+    any_mac_ok: bool = False
+    sound: _SeqSet = field(default_factory=_SeqSet)
+    """The numbers of the records that verify (MAC and stored hash)."""
+    first_sound: int | None = None
+    head: ChainHead | None = None
+    """The highest-numbered record that verifies (its first copy)."""
+    unsound: dict[int, bool] = field(default_factory=dict)
+    """The position of each record that does not verify, and whether its MAC does."""
+    linked: set[int] = field(default_factory=set)
+    """The numbers whose first verified record's hash a later reading has to keep: the
+    predecessors of records that do not directly follow their predecessor's first copy."""
+
+    @classmethod
+    def of(cls, items: Iterable[SealedAuditRecord], mac_key: Secret) -> _Census:
+        census = cls()
+        previous: tuple[int, bool] | None = None
+        """The number of the last record that verified, and whether it was its first copy."""
+        for position, item in enumerate(items):
+            seq = item.record.seq
+            if census.first_seq is None:
+                census.first_seq = seq
+            census.records += 1
+            mac_ok, hash_ok = seal_is_valid(item, mac_key)
+            census.any_mac_ok |= mac_ok
+            if not (mac_ok and hash_ok):
+                census.unsound[position] = mac_ok
+                continue
+            first = seq not in census.sound
+            if first:
+                if previous != (seq - 1, True):
+                    census.linked.add(seq - 1)
+                census.sound.add(seq)
+                if census.first_sound is None:
+                    census.first_sound = seq
+                if census.head is None or seq > census.head.seq:
+                    census.head = item.head
+            previous = (seq, first)
+        return census
+
+
+def _chain_problems(
+    items: Iterable[SealedAuditRecord], census: _Census, start: ChainHead | None
+) -> list[ChainProblem]:
+    """The problems of the chain, read a second time, in log order."""
+    sound = census.sound
     if start is not None:
-        hash_of.setdefault(start.seq, start.hash)
         expected = start.seq + 1
     else:
-        first = next((item.record.seq for item, ok in zip(items, sound, strict=True) if ok), 1)
-        expected = first
-
+        expected = 1 if census.first_sound is None else census.first_sound
     problems: list[ChainProblem] = []
-    seen: set[int] = set()
+    seen = _SeqSet()
+    linked_hash: dict[int, bytes] = {}
+    waiting: dict[int, list[tuple[int, int, bytes]]] = {}
+    """Records whose predecessor's first copy comes later: (position, seq, prev_hash)."""
+    previous: tuple[int, bytes, bool] | None = None
+    """The last record that verified: its number, hash and whether it was its first copy."""
 
     def report(position: int, seq: int | None, kind: ProblemKind, detail: str) -> None:
         problems.append(ChainProblem(position, seq, kind, detail))
 
-    for position, (item, (mac_ok, _)) in enumerate(zip(items, checks, strict=True)):
+    def broken_link(position: int, seq: int) -> None:
+        report(
+            position, seq, ProblemKind.BROKEN_LINK, f"prev_hash is not the hash of record {seq - 1}"
+        )
+
+    for position, item in enumerate(items):
         seq = item.record.seq
-        if not sound[position]:
-            if expected in sound_seqs:
+        mac_ok = census.unsound.get(position)
+        if mac_ok is not None:
+            if expected in sound:
                 report(position, seq, ProblemKind.INSERTED, "a record that does not verify")
                 continue
             why = "MAC does not verify" if not mac_ok else "stored hash is not the record's"
             report(position, seq, ProblemKind.ALTERED, f"record {expected}: {why}")
             expected += 1
             continue
-        ahead[seq] -= 1
         if seq in seen:
             report(position, seq, ProblemKind.INSERTED, f"record {seq} appears again")
+            previous = (seq, item.hash, False)
             continue
         if seq > expected:
-            missing = range(expected, seq)
-            later = [s for s in missing if ahead[s] > 0]
-            gone = [s for s in missing if ahead[s] <= 0 and s not in seen]
+            # Every number seen is below ``expected``: a missing one is either later or gone.
+            later, gone = sound.split(expected, seq)
             if later:
                 report(position, seq, ProblemKind.REORDERED, f"comes before records {_span(later)}")
             if gone:
                 report(position, seq, ProblemKind.REMOVED, f"records {_span(gone)} are missing")
         elif seq < expected:
             report(position, seq, ProblemKind.REORDERED, f"comes after record {expected - 1}")
-        predecessor = hash_of.get(seq - 1)
+        before = seq - 1
+        predecessor: bytes | None = None
+        if previous is not None and previous[0] == before and previous[2]:
+            predecessor = previous[1]
+        elif before in sound:  # then ``before`` is in census.linked
+            predecessor = linked_hash.get(before)
+            if predecessor is None:
+                waiting.setdefault(before, []).append((position, seq, item.prev_hash))
+        elif start is not None and before == start.seq:
+            predecessor = start.hash
         if predecessor is not None and item.prev_hash != predecessor:
-            report(
-                position,
-                seq,
-                ProblemKind.BROKEN_LINK,
-                f"prev_hash is not the hash of record {seq - 1}",
-            )
+            broken_link(position, seq)
+        if seq in census.linked:
+            linked_hash[seq] = item.hash
+            for at, follower, prev_hash in waiting.pop(seq, ()):
+                if prev_hash != item.hash:
+                    broken_link(at, follower)
         seen.add(seq)
         expected = max(expected, seq + 1)
-
-    head = ChainHead(max(seen), hash_of[max(seen)]) if seen else (start or GENESIS)
-    if expected_head is not None and head != expected_head:
-        report(
-            len(items),
-            None,
-            ProblemKind.TRUNCATED,
-            f"the log ends at record {head.seq}, not at record {expected_head.seq}",
-        )
-    return VerificationReport(len(items), tuple(problems), head)
+        previous = (seq, item.hash, True)
+    problems.sort(key=lambda problem: problem.position)  # links found late go in their place
+    return problems
 
 
-def _span(seqs: list[int]) -> str:
-    """``5``, ``5-7`` or ``5, 9, 12`` for a list of sequence numbers."""
-    if len(seqs) == 1:
-        return str(seqs[0])
-    if seqs == list(range(seqs[0], seqs[-1] + 1)):
-        return f"{seqs[0]}-{seqs[-1]}"
-    return ", ".join(str(s) for s in seqs)
+def _span(runs: list[range]) -> str:
+    """``5``, ``5-7`` or ``5, 9, 12`` for runs of sequence numbers (none touching)."""
+    if len(runs) == 1 and len(runs[0]) == 1:
+        return str(runs[0][0])
+    if len(runs) == 1:
+        return f"{runs[0][0]}-{runs[0][-1]}"
+    return ", ".join(str(seq) for run in runs for seq in run)

@@ -4,8 +4,10 @@ With the enclave's gate the MAC key exists only in the enclave (the host keeps i
 ciphertext, ``HOME/audit.key.sealed``), so the log is verified there: streamed to it in
 chunks, it reports the first bad record (and a log that ends before the enclave's chain
 head). With the in-process gate, or ``--key``, the MAC key file (``HOME/audit.key``) is read
-here and every problem is reported. Removed, reordered, altered and inserted records are
-reported with their position, and the exit status is 1.
+here and every problem is reported (the log read twice). Removed, reordered, altered and
+inserted records are reported with their position, and the exit status is 1. Either way the
+log is read a block at a time (:class:`~signd.audit.lines.LogLines`), so the memory used does
+not grow with it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from signd.cli.output import emit, handles_errors, stdout
 from signd.errors import IntegrityError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from signd.audit.lines import LogLines
     from signd.gate import GatePaths
 
 audit_app = typer.Typer(
@@ -40,6 +45,8 @@ def audit_verify(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
 ) -> None:
     """Verify the hash chain and MACs of the audit log; exit 1 on any problem."""
+    from signd.audit.lines import LogLines
+    from signd.enclave.gate import MAX_LINE_SIZE
     from signd.gate import GatePaths
 
     settings = state.settings
@@ -52,13 +59,15 @@ def audit_verify(
     )
     log_path = log or paths.audit_log
     try:
-        lines = log_path.read_bytes().splitlines()
+        file = open(log_path, "rb")  # noqa: SIM115 (closed below, once verified)
     except OSError as exc:
         raise IntegrityError(f"cannot read the audit log {log_path}: {exc.strerror}") from None
-    if key is None and paths.sealed_audit_key_file.exists():
-        result = _verify_in_enclave(paths, lines)
-    else:
-        result = _verify_here(key or paths.audit_key_file, lines)
+    with file:
+        lines = LogLines(file, max_size=MAX_LINE_SIZE)
+        if key is None and paths.sealed_audit_key_file.exists():
+            result = _verify_in_enclave(paths, lines)
+        else:
+            result = _verify_here(key or paths.audit_key_file, lines)
     result = {"log": str(log_path), **result}
     problems: list[dict[str, object]] = result["problems"]
 
@@ -85,19 +94,26 @@ def audit_verify(
         raise typer.Exit(1)
 
 
-def _verify_here(key_file: Path, lines: list[bytes]) -> dict[str, Any]:
-    """Every problem, found with the MAC key file."""
+def _verify_here(key_file: Path, lines: LogLines) -> dict[str, Any]:
+    """Every problem, found with the MAC key file (the log read twice, a line at a time)."""
     from signd.audit import SealedAuditRecord, verify_chain
     from signd.gate import load_mac_key
 
     mac_key = load_mac_key(key_file)
-    records = []
     unreadable: list[dict[str, object]] = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(SealedAuditRecord.from_json(line))
-        except IntegrityError as exc:
-            unreadable.append({"line": number, "kind": "unreadable", "detail": exc.message})
+
+    def records() -> Iterator[SealedAuditRecord]:
+        unreadable.clear()
+        for number, line in enumerate(lines, start=1):
+            if len(line) > lines.max_size:
+                detail = f"the line is longer than any audit record ({lines.max_size})"
+                unreadable.append({"line": number, "kind": "unreadable", "detail": detail})
+                continue
+            try:
+                yield SealedAuditRecord.from_json(line)
+            except IntegrityError as exc:
+                unreadable.append({"line": number, "kind": "unreadable", "detail": exc.message})
+
     report = verify_chain(records, mac_key)
     problems = unreadable + [
         {"position": p.position, "seq": p.seq, "kind": str(p.kind), "detail": p.detail}
@@ -112,7 +128,7 @@ def _verify_here(key_file: Path, lines: list[bytes]) -> dict[str, Any]:
     }
 
 
-def _verify_in_enclave(paths: GatePaths, lines: list[bytes]) -> dict[str, Any]:
+def _verify_in_enclave(paths: GatePaths, lines: LogLines) -> dict[str, Any]:
     """The first problem, found by the enclave (which holds the MAC key)."""
     from signd.api.enclave_gatekeeper import verify_in_enclave
     from signd.custody.enclave import EnclaveBackend
