@@ -129,6 +129,11 @@ def _restart_enclave(server: SigndProcess, home: Path) -> None:
     while child_pids(server.process.pid, containing=f"--home {home} enclave") == [enclave]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # Ready again (a new enclave started and configured) before the next request: one that
+    # reaches the old connection before the host has read its end is a 503 (docs/API.md).
+    while httpx.get(f"{server.url}/readyz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline + 20
+        time.sleep(0.1)
 
 
 def test_a_restarted_enclave_is_given_the_files_in_force_not_an_unsignalled_edit(
