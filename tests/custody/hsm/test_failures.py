@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from tests.custody.hsm.conftest import (
     SoftHsm,
     eth_address,
 )
+from tests.custody.hsm.load import run_under_load
 
 
 def test_wrong_pin_is_refused_as_unavailable_without_the_pin(
@@ -235,61 +236,6 @@ def test_token_wiped_and_reinitialised_is_an_integrity_error(
         backend.close()
 
 
-LOAD_SCRIPT = """
-import collections, os, sys, threading
-from pathlib import Path
-from signd.chains import address_deriver
-from signd.crypto.secret import Secret
-from signd.custody.hsm import HsmBackend, HsmSettings
-from signd.errors import SigndError
-from signd.storage.sqlite import SqliteMetadataStore
-
-module, label, pin, database = sys.argv[1:5]
-settings = HsmSettings(
-    module_path=Path(module), token_label=label, pin=Secret(pin), pool_size=4,
-    reconnect_interval=0,
-)
-backend = HsmBackend(settings, SqliteMetadataStore(Path(database)))
-address_of = address_deriver("ethereum")
-keys = backend.create_keys("ethereum", address_of, 4)
-phase, stop, lock = ["before"], threading.Event(), threading.Lock()
-counts = collections.Counter()
-
-def work(index, creating):
-    while not stop.is_set():
-        during, what = phase[0], "create" if creating else "sign"
-        try:
-            if creating:
-                backend.create_keys("ethereum", address_of)
-            else:
-                backend.sign_digest(keys[index % len(keys)], os.urandom(32))
-            outcome = "ok"
-        except SigndError as exc:
-            outcome = exc.code
-        except Exception as exc:
-            outcome = "unexpected " + type(exc).__name__
-        with lock:
-            counts[f"{during} {what} {outcome}"] += 1
-
-threads = [threading.Thread(target=work, args=(i, i == 0)) for i in range(5)]
-for thread in threads:
-    thread.start()
-print("loaded", flush=True)
-for line in sys.stdin:
-    phase[0] = line.strip()
-    if phase[0] == "after":
-        break
-stop.set()
-for thread in threads:
-    thread.join()
-(fresh,) = backend.create_keys("ethereum", address_of)
-for key in [*keys, fresh]:
-    backend.sign_digest(key, os.urandom(32))
-backend.close()
-print(dict(counts), flush=True)
-"""
-
-
 def test_signing_while_key_generation_fails_keeps_the_process_alive(
     softhsm: SoftHsm, tmp_path: Path
 ) -> None:
@@ -307,49 +253,25 @@ def test_signing_while_key_generation_fails_keeps_the_process_alive(
     label = "signd-readonly"
     softhsm.init_token(label)
     folder = softhsm.token_dir(label)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            LOAD_SCRIPT,
-            str(softhsm.module),
-            label,
-            USER_PIN,
-            str(tmp_path / "m.db"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
 
     def chattr(flag: str) -> None:
         paths = [folder, *folder.iterdir()]
         subprocess.run(["chattr", flag, *map(str, paths)], check=True, capture_output=True)
 
-    try:
-        assert child.stdout.readline().strip() == "loaded"
+    def read_only_for_a_while(say: Callable[[str], None]) -> None:
         time.sleep(0.5)
         chattr("+i")
         try:
-            child.stdin.write("read-only\n")
-            child.stdin.flush()
+            say("read-only")
             time.sleep(4)
         finally:
             chattr("-i")
-        child.stdin.write("after\n")
-        child.stdin.flush()
-        out, err = child.communicate(timeout=30)
-    except (BrokenPipeError, subprocess.TimeoutExpired):
-        child.kill()
-        out, err = child.communicate()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 0, f"exit status {child.returncode}: {err[-2000:]}"
-    counts = ast.literal_eval(out.strip())
+
+    run = run_under_load(
+        softhsm, label, tmp_path / "m.db", creators=1, signers=4, fault=read_only_for_a_while
+    )
+    assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-2000:]}"
+    counts = run.counts
     during = {name: n for name, n in counts.items() if name.startswith("read-only")}
     assert during.get("read-only create dependency_unavailable", 0) > 0, counts
     assert set(during) <= {

@@ -6,13 +6,11 @@ restore or a remount looks like), and the folder made read-only (``chattr +i``).
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,57 +24,7 @@ from signd.custody.hsm.token import SECP256K1_EC_PARAMS, HsmToken
 from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.custody.hsm.conftest import USER_PIN, SoftHsm, eth_address
-
-CREATE_SCRIPT = """
-import collections, os, sys, threading
-from pathlib import Path
-from signd.chains import address_deriver
-from signd.crypto.secret import Secret
-from signd.custody.hsm import HsmBackend, HsmSettings
-from signd.errors import SigndError
-from signd.storage.sqlite import SqliteMetadataStore
-
-module, label, pin, database = sys.argv[1:5]
-settings = HsmSettings(
-    module_path=Path(module), token_label=label, pin=Secret(pin), pool_size=4,
-    reconnect_interval=0,
-)
-backend = HsmBackend(settings, SqliteMetadataStore(Path(database)))
-address_of = address_deriver("ethereum")
-keys = backend.create_keys("ethereum", address_of, 2)
-phase, stop, lock = ["before"], threading.Event(), threading.Lock()
-counts = collections.Counter()
-
-def create():
-    while not stop.is_set():
-        during = phase[0]
-        try:
-            backend.create_keys("ethereum", address_of)
-            outcome = "ok"
-        except SigndError as exc:
-            outcome = exc.code
-        except Exception as exc:
-            outcome = "unexpected " + type(exc).__name__
-        with lock:
-            counts[f"{during} create {outcome}"] += 1
-
-threads = [threading.Thread(target=create) for _ in range(4)]
-for thread in threads:
-    thread.start()
-print("loaded", flush=True)
-for line in sys.stdin:
-    phase[0] = line.strip()
-    if phase[0] == "after":
-        break
-stop.set()
-for thread in threads:
-    thread.join()
-(fresh,) = backend.create_keys("ethereum", address_of)
-for key in [*keys, fresh]:
-    backend.sign_digest(key, os.urandom(32))
-backend.close()
-print(dict(counts), flush=True)
-"""
+from tests.custody.hsm.load import run_under_load
 
 
 def test_creating_keys_while_the_token_folder_is_replaced_is_unavailable_never_a_500(
@@ -91,27 +39,10 @@ def test_creating_keys_while_the_token_folder_is_replaced_is_unavailable_never_a
     label = "signd-swapped"
     softhsm.init_token(label)
     folder = softhsm.token_dir(label)
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            CREATE_SCRIPT,
-            str(softhsm.module),
-            label,
-            USER_PIN,
-            str(tmp_path / "m.db"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        assert child.stdout.readline().strip() == "loaded"
+
+    def swap_the_folder_again_and_again(say: Callable[[str], None]) -> None:
         time.sleep(0.3)
-        child.stdin.write("swapping\n")
-        child.stdin.flush()
+        say("swapping")
         deadline = time.monotonic() + 4
         swaps = 0
         while time.monotonic() < deadline:
@@ -121,18 +52,17 @@ def test_creating_keys_while_the_token_folder_is_replaced_is_unavailable_never_a
             os.rename(copy, folder)
             swaps += 1
             time.sleep(0.01)
-        child.stdin.write("after\n")
-        child.stdin.flush()
-        out, err = child.communicate(timeout=60)
-    except (BrokenPipeError, subprocess.TimeoutExpired):
-        child.kill()
-        out, err = child.communicate()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == 0, f"exit status {child.returncode}: {err[-2000:]}"
-    counts = ast.literal_eval(out.strip())
+
+    run = run_under_load(
+        softhsm,
+        label,
+        tmp_path / "m.db",
+        creators=4,
+        signers=0,
+        fault=swap_the_folder_again_and_again,
+    )
+    assert run.returncode == 0, f"exit status {run.returncode}: {run.stderr[-2000:]}"
+    counts = run.counts
     during = {name: n for name, n in counts.items() if name.startswith("swapping")}
     assert during.get("swapping create dependency_unavailable", 0) > 0, counts
     assert set(during) <= {
