@@ -1,14 +1,17 @@
 """A token that fails calls while it still answers: 503 naming the error, sessions kept.
 
-Two real SoftHSM2 faults: the token folder replaced by a copy under the running module (what a
-restore or a remount looks like), and the folder made read-only (``chattr +i``).
+Three real SoftHSM2 faults: the token folder replaced by a copy under the running module (what
+a restore or a remount looks like), the folder made read-only (``chattr +i``), and a token
+whose storage cannot keep new objects (a file size limit) on the first key of a process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +24,7 @@ from signd.custody.hsm import HsmBackend
 from signd.custody.hsm.library import Pkcs11Library
 from signd.custody.hsm.pool import PooledSession
 from signd.custody.hsm.token import SECP256K1_EC_PARAMS, HsmToken
-from signd.errors import ConfigurationError, DependencyUnavailable
+from signd.errors import DependencyUnavailable
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.custody.hsm.conftest import USER_PIN, SoftHsm, eth_address
 from tests.custody.hsm.load import run_under_load
@@ -134,20 +137,83 @@ def generate_with_a_wrong_key_type(pooled: PooledSession, cka_id: bytes, label: 
     raise AssertionError("SoftHSM2 accepted an RSA key type for an EC key pair")
 
 
-def test_a_template_the_token_never_accepted_is_a_configuration_error(
+def test_a_template_the_token_refuses_is_unavailable_before_and_after_it_worked(
     backend: HsmBackend, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CKR_TEMPLATE_INCONSISTENT from a token that never generated signd's template is signd's
-    bug (500), told apart from the same error once the template has worked; neither touches
-    the module."""
+    """CKR_TEMPLATE_INCONSISTENT is a 503 naming the error whether or not the token generated
+    a key from signd's template in this process before: no caller chooses that template, and
+    a token that refuses it cannot be told from a module without secp256k1 or a token in a bad
+    state. Neither touches the module."""
     library = Pkcs11Library.load(softhsm.module)
     generation = library.generation
     monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_with_a_wrong_key_type))
-    with pytest.raises(ConfigurationError, match="TemplateInconsistent"):
+    with pytest.raises(DependencyUnavailable, match="TemplateInconsistent") as first:
         backend.create_keys("ethereum", eth_address)
+    assert first.value.http_status == 503
+    assert "refused signd's secp256k1 key template" in str(first.value)
     monkeypatch.undo()
     backend.create_keys("ethereum", eth_address)
     monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_with_a_wrong_key_type))
     with pytest.raises(DependencyUnavailable, match="TemplateInconsistent"):
         backend.create_keys("ethereum", eth_address)
     assert library.generation == generation
+
+
+FIRST_CREATE_SCRIPT = """
+import json, resource, signal, sys
+from pathlib import Path
+from signd.crypto.secret import Secret
+from signd.custody.hsm import HsmSettings
+from signd.custody.hsm.library import Pkcs11Library
+from signd.custody.hsm.token import HsmToken
+from signd.errors import SigndError
+
+module, label, pin = sys.argv[1:4]
+settings = HsmSettings(module_path=Path(module), token_label=label, pin=Secret(pin))
+token = HsmToken(settings)
+generation = Pkcs11Library.load(settings.module_path).generation
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4, resource.RLIM_INFINITY))
+try:
+    token.generate_key("refused")
+    refused = {"code": "none"}
+except SigndError as exc:
+    refused = {"code": exc.code, "status": exc.http_status, "message": exc.message}
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+made = token.generate_key("after")
+reinitialised = Pkcs11Library.load(settings.module_path).generation != generation
+token.close()
+print(json.dumps({"refused": refused, "made": made.label, "reinitialised": reinitialised}))
+"""
+
+
+def test_a_template_refused_on_the_first_create_after_a_start_is_unavailable_never_a_500(
+    softhsm: SoftHsm,
+) -> None:
+    """The first key generation of a freshly started process, on a token whose storage
+    cannot keep new objects (every write to the token folder past 4 bytes fails with EFBIG):
+    SoftHSM2 then answers CKR_ATTRIBUTE_VALUE_INVALID for signd's fixed template, before the
+    token ever accepted it in this process. The caller chose no template, so this is a 503
+    saying the token refused signd's secp256k1 key template, without the PIN, and the next
+    create works once the token can store objects again, with sessions and module kept.
+    In a child process: the file size limit holds for a whole process."""
+    label = "signd-first-create"
+    softhsm.init_token(label)
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_CREATE_SCRIPT, str(softhsm.module), label, USER_PIN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    outcome = json.loads(run.stdout)
+    refused = outcome["refused"]
+    assert refused["code"] == "dependency_unavailable", refused
+    assert refused["status"] == 503
+    assert "refused signd's secp256k1 key template" in refused["message"]
+    assert "AttributeValueInvalid" in refused["message"]
+    assert "does not support secp256k1" in refused["message"]
+    assert USER_PIN not in refused["message"] and USER_PIN not in run.stderr
+    assert outcome["made"] == "signd-after"
+    assert not outcome["reinitialised"]

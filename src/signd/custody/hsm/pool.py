@@ -12,10 +12,10 @@ cache of private-key object handles. A failed call is one of three things:
   seconds, and the first request after it returns succeeds.
 - **a device fault**: the device failed this call (``CKR_DEVICE_ERROR``, ``CKR_GENERAL_ERROR``,
   ``CKR_FUNCTION_FAILED``, and for a call that names them the errors the token's state can
-  cause, such as ``CKR_TEMPLATE_INCONSISTENT`` from a key template the token accepted
-  before). Whether the token is gone is then asked of it on the same session
-  (``C_GetTokenInfo``, ``C_GetSessionInfo``): if it does not answer, it is gone; if it does,
-  the pool is kept, the call retried once, and a second failure is DependencyUnavailable.
+  cause, such as ``CKR_TEMPLATE_INCONSISTENT`` for signd's fixed key template). Whether the
+  token is gone is then asked of it on the same session (``C_GetTokenInfo``,
+  ``C_GetSessionInfo``): if it does not answer, it is gone; if it does, the pool is kept, the
+  call retried once, and a second failure is :class:`TokenFailed` (DependencyUnavailable).
   Dropping the pool for nothing would log out, and closing sessions and re-initialising the
   module end the calls of every other thread (SoftHSM2 even marks a read-only token invalid
   when signd logs in again, so that only a re-initialisation brings it back).
@@ -64,6 +64,15 @@ class StaleSession(pkcs11.PKCS11Error):
     """The module was re-initialised since the session was opened: its handle is not ours."""
 
 
+class TokenFailed(DependencyUnavailable):
+    """The token failed a call twice while it still answered; ``error`` is the last PKCS#11
+    error, so the caller can say what it means for its call."""
+
+    def __init__(self, message: str, error: type[pkcs11.PKCS11Error]) -> None:
+        super().__init__(message)
+        self.error = error
+
+
 PKCS11ErrorTypes = tuple[type[pkcs11.PKCS11Error], ...]
 
 _GONE_ERRORS: PKCS11ErrorTypes = (
@@ -86,7 +95,7 @@ TEMPLATE_ERRORS: PKCS11ErrorTypes = (
     p11.AttributeTypeInvalid,
     p11.AttributeReadOnly,
 )
-"""A template refused: signd's bug, unless the token accepted the same template before."""
+"""A template refused: a configuration error, unless the call names them token-state errors."""
 _UNSUPPORTED_ERRORS: PKCS11ErrorTypes = (
     p11.MechanismInvalid,
     p11.MechanismParamInvalid,
@@ -220,7 +229,8 @@ class SessionPool:
         self._retry_at = 0.0
 
     @property
-    def _where(self) -> str:
+    def where(self) -> str:
+        """The token and module, as error messages name them."""
         return f"HSM token with {self._settings.token_description} in {self._library.path}"
 
     def connect(self) -> None:
@@ -242,7 +252,7 @@ class SessionPool:
         rather than the request (e.g. a key template the token accepted before): they are
         device faults here instead of configuration errors.
         """
-        failed = ""
+        failed: type[pkcs11.PKCS11Error] = pkcs11.PKCS11Error
         gone = False
         gate = self._library.gate
         for _ in range(2):
@@ -254,7 +264,7 @@ class SessionPool:
                         raise StaleSession()
                     return op(pooled)
                 except pkcs11.PKCS11Error as exc:
-                    failed = type(exc).__name__
+                    failed = type(exc)
                     gone = self._gone_after(exc, pooled, doing, token_state_errors)
                 finally:
                     gate.leave()
@@ -264,12 +274,13 @@ class SessionPool:
                 self._invalidate(pooled.generation)
         if gone:
             raise DependencyUnavailable(
-                f"the {self._where} became unavailable while {doing} "
-                f"({failed}); signd reconnects when it is back"
+                f"the {self.where} became unavailable while {doing} "
+                f"({failed.__name__}); signd reconnects when it is back"
             )
-        raise DependencyUnavailable(
-            f"the {self._where} failed while {doing} ({failed}); it still answers, so signd "
-            "kept its sessions: try again"
+        raise TokenFailed(
+            f"the {self.where} failed while {doing} ({failed.__name__}); it still answers, so "
+            "signd kept its sessions: try again",
+            failed,
         )
 
     @staticmethod
@@ -382,14 +393,14 @@ class SessionPool:
         if isinstance(exc, TokenMissing):
             if self._ever_connected:
                 return DependencyUnavailable(
-                    f"the {self._where} is not present; signd reconnects when it is back"
+                    f"the {self.where} is not present; signd reconnects when it is back"
                 )
-            return ConfigurationError(f"there is no {self._where}; tokens present: {exc}")
+            return ConfigurationError(f"there is no {self.where}; tokens present: {exc}")
         if reopening_may_help(exc):
             return DependencyUnavailable(
-                f"cannot open sessions on the {self._where} ({type(exc).__name__})"
+                f"cannot open sessions on the {self.where} ({type(exc).__name__})"
             )
-        return translate(exc, f"opening sessions on the {self._where}")
+        return translate(exc, f"opening sessions on the {self.where}")
 
     def _try_open(self) -> list[PooledSession]:
         with self._library.gate.call():

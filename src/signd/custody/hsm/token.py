@@ -19,9 +19,9 @@ from pkcs11 import exceptions as p11
 
 from signd.crypto.secp256k1 import compress_public_key
 from signd.custody.hsm.library import Pkcs11Library
-from signd.custody.hsm.pool import TEMPLATE_ERRORS, PooledSession, SessionPool
+from signd.custody.hsm.pool import TEMPLATE_ERRORS, PooledSession, SessionPool, TokenFailed
 from signd.custody.hsm.settings import HsmSettings
-from signd.errors import InvalidField
+from signd.errors import DependencyUnavailable, InvalidField
 
 SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
 """DER of the named-curve OID 1.3.132.0.10."""
@@ -76,10 +76,6 @@ class HsmToken:
         self._settings = settings
         self._pool = SessionPool(Pkcs11Library.load(settings.module_path), settings, clock)
         self._pool.connect()
-        self._template_accepted = False
-        """Whether the token generated a key from signd's template: once it has, a template
-        error means the token's state (e.g. its folder replaced under SoftHSM2), not signd's
-        template."""
 
     def __repr__(self) -> str:
         module = str(self._settings.module_path)
@@ -90,20 +86,32 @@ class HsmToken:
 
         The private key is sensitive, never extractable and may only sign. Running out of token
         memory raises CapacityExceeded; a token that fails while it still answers, or refuses
-        the template it accepted before, DependencyUnavailable.
+        signd's key template, DependencyUnavailable. The template is fixed (only the CKA_ID and
+        the label vary) and no caller chooses it, so a token that refuses it is in a bad state
+        or cannot make secp256k1 keys: never the request's fault, nor a 500.
         """
         cka_id = os.urandom(CKA_ID_SIZE)
         label = f"{self._settings.key_label_prefix}-{key_id}"
-        public_key = self._pool.run(
-            lambda pooled: self._generate(pooled, cka_id, label),
-            "generating a secp256k1 key pair",
-            token_state_errors=(
-                UnreadableEcPoint,
-                p11.ObjectHandleInvalid,  # the key pair it just made is gone
-                *(TEMPLATE_ERRORS if self._template_accepted else ()),
-            ),
-        )
-        self._template_accepted = True
+        try:
+            public_key = self._pool.run(
+                lambda pooled: self._generate(pooled, cka_id, label),
+                "generating a secp256k1 key pair",
+                token_state_errors=(
+                    UnreadableEcPoint,
+                    p11.ObjectHandleInvalid,  # the key pair it just made is gone
+                    *TEMPLATE_ERRORS,
+                ),
+            )
+        except TokenFailed as failed:
+            if not issubclass(failed.error, TEMPLATE_ERRORS):
+                raise
+            raise DependencyUnavailable(
+                f"the {self._pool.where} refused signd's secp256k1 key template "
+                f"({failed.error.__name__}), which signd never varies: usually the token's "
+                "state (its storage full, read-only, damaged or replaced under the module) or "
+                "a module that does not support secp256k1; it still answers, so signd kept its "
+                "sessions: try again"
+            ) from None
         return TokenKey(cka_id, label, public_key)
 
     @staticmethod
