@@ -18,6 +18,7 @@ from pkcs11 import exceptions as p11
 from signd.crypto.secp256k1 import CURVE_ORDER, HALF_CURVE_ORDER, RecoverableSignature
 from signd.custody.hsm import HsmBackend, HsmToken, decode_ec_point
 from signd.custody.hsm.backend import SECP256K1_EC_PARAMS
+from signd.custody.hsm.library import Pkcs11Library
 from signd.custody.hsm.pool import PooledSession
 from signd.errors import CapacityExceeded, InvalidField, KeyExists, KeyNotFound
 from signd.storage.sqlite import SqliteMetadataStore
@@ -33,8 +34,9 @@ def recovered_address(signature: RecoverableSignature, digest: bytes) -> str:
 
 
 def token_session(softhsm: SoftHsm) -> pkcs11.Session:
-    """A plain python-pkcs11 session; the backend's login covers this process."""
-    return pkcs11.lib(str(softhsm.module)).get_token(token_label=MAIN_TOKEN).open()
+    """A plain python-pkcs11 session on the module the backend loaded (a second
+    ``pkcs11.lib`` would initialise it again); the backend's login covers this process."""
+    return Pkcs11Library.load(softhsm.module).lib.get_token(token_label=MAIN_TOKEN).open()
 
 
 def test_create_keys_records_metadata(backend: HsmBackend, metadata: SqliteMetadataStore) -> None:

@@ -1,4 +1,4 @@
-"""A PKCS#11 module as signd loads it: once per path per process, initialised for threads.
+"""A PKCS#11 module as signd loads it: once per file per process, initialised for threads.
 
 python-pkcs11 calls ``C_Initialize(NULL)``, which by the PKCS#11 threading rules promises the
 module that no two threads ever call it at once; SoftHSM2 then turns its internal mutexes off
@@ -206,8 +206,12 @@ class Pkcs11Library:
 
     @classmethod
     def load(cls, module_path: Path) -> Pkcs11Library:
-        """The library at ``module_path``, loaded and initialised on first use."""
-        path = module_path.expanduser().absolute()
+        """The library at ``module_path``, loaded and initialised on first use.
+
+        Symbolic links are resolved first: the dynamic loader gives every path to one file the
+        same library, which must not be initialised twice.
+        """
+        path = Path(os.path.realpath(module_path.expanduser()))
         with cls._loaded_lock:
             library = cls._loaded.get(path)
             if library is None:
