@@ -23,7 +23,7 @@ import os
 import stat
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -45,6 +45,18 @@ def environment_without(*names: str, environ: Mapping[str, str] | None = None) -
     its environment stays readable in ``/proc`` for as long as it runs."""
     source = os.environ if environ is None else environ
     return {name: value for name, value in source.items() if name not in names}
+
+
+def environment_only(
+    names: Collection[str], prefixes: tuple[str, ...] = (), environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The variables of the environment (``environ``, else this process's) named in ``names``
+    or starting with one of ``prefixes``: for a child that needs nothing else, so that no
+    secret of this process's, whatever its variable's name, reaches its ``/proc``."""
+    source = os.environ if environ is None else environ
+    return {
+        name: value for name, value in source.items() if name in names or name.startswith(prefixes)
+    }
 
 
 def read_secret_file(path: Path) -> Secret:

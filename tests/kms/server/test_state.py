@@ -27,6 +27,7 @@ from signd.kms.server import (
     start_kms_server_process,
 )
 from signd.kms.server.store import KeyStore
+from signd.operations.local_kms import LocalKmsServer
 from tests.integration.support import core_file_limits, record_children
 from tests.kms.server.conftest import error_code
 
@@ -141,6 +142,85 @@ def test_child_process_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     finally:
         running.stop()
     assert process.poll() is not None
+
+
+SECRET_CANARIES = {
+    "SIGND_KEYSTORE_PASSPHRASE": "canary keystore passphrase",
+    "SIGND_HSM_PIN": "canary pin",
+    "SIGND_TEST_OTHER_PIN": "canary pin that [hsm] pin = env:SIGND_TEST_OTHER_PIN names",
+    "WALLET_BACKUP_PASSPHRASE": "canary passphrase of something else",
+    "AWS_SECRET_ACCESS_KEY": "canary AWS secret key",
+    "DATABASE_URL": "postgresql://signd:canary-password@db/signd",
+}
+
+
+def kms_server_process(home: Path) -> int:
+    """The pid of this process's kms-server child serving ``home``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if (
+            parent == os.getpid()
+            and b"signd.kms.server" in command
+            and str(home).encode() in command
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no kms-server process for {home}")
+
+
+def test_the_embedded_kms_server_gets_only_the_environment_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded kms-server (what ``signd serve``'s enclave starts on first KMS use) reads
+    no variable of signd's, nor AWS's: it gets the interpreter's own (PYTHON*), PATH, HOME,
+    the locale, TZ and TMPDIR, and nothing else, so no secret of the parent's, whatever its
+    name, sits in its /proc/<pid>/environ. Read from the running process (as root; the
+    environment it was started with otherwise)."""
+    for name, value in SECRET_CANARIES.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LC_TIME", "C.UTF-8")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    children = record_children(monkeypatch)
+    home = tmp_path / "home"
+    server = LocalKmsServer(home)
+    try:
+        server.ensure().client().create_key()  # it runs with what it was given
+        try:
+            environment = process_environment(kms_server_process(home))
+        finally:
+            [recorded] = [child.environment for child in children]
+    finally:
+        server.stop()
+    for seen in (recorded, environment if environment is not None else recorded):
+        assert not set(SECRET_CANARIES) & set(seen), sorted(seen)
+        assert not [name for name in seen if "canary" in seen[name]], sorted(seen)
+        assert {name for name in seen if not name.startswith(("LC_", "PYTHON"))} <= {
+            "PATH",
+            "HOME",
+            "LANG",
+            "TZ",
+            "TMPDIR",
+        }, sorted(seen)
+        assert seen["PATH"] == os.environ["PATH"]
+        assert seen["LC_TIME"] == "C.UTF-8" and seen["TMPDIR"] == str(tmp_path)
+        assert seen.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
+    if environment is None:
+        pytest.skip("checked as started only: the running kms-server's environ needs root")
+
+
+def process_environment(pid: int) -> dict[str, str] | None:
+    """``/proc/<pid>/environ``; None unless root, the kms-server being non-dumpable."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except PermissionError:
+        return None
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {name.decode(): value.decode() for name, _, value in pairs}
 
 
 def test_cli_kms_server(tmp_path: Path) -> None:

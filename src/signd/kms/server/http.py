@@ -39,7 +39,7 @@ from signd.kms.server.errors import KmsApiError, serialization
 from signd.kms.server.service import KmsService
 from signd.kms.server.sigv4 import AccessKey, verify_request
 from signd.kms.server.store import KeyStore, read_private_file, write_private_file
-from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_without
+from signd.secrets import environment_only
 
 logger = logging.getLogger(__name__)
 
@@ -384,10 +384,20 @@ def start_kms_server(home: Path, port: int = 0, **options: Any) -> RunningServer
     return RunningServer(info, server=server, thread=thread)
 
 
+CHILD_ENVIRONMENT: Final = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR"})
+CHILD_ENVIRONMENT_PREFIXES: Final = ("LC_", "PYTHON")
+"""All of the parent's environment a kms-server child gets: the interpreter's variables, the
+locale, the time zone and where temporary files go. It reads no variable of signd's or AWS's
+(its home and port are arguments), so secrets in the parent's environment, whatever their
+names (``SIGND_HSM_PIN``, the variable ``[hsm] pin = "env:NAME"`` names, a passphrase, AWS
+credentials), stay out of its ``/proc/<pid>/environ``."""
+
+
 def start_kms_server_process(
     home: Path, port: int = 0, *, timeout: float = 30.0, extra_args: Sequence[str] = ()
 ) -> RunningServer:
-    """Run ``python -m signd.kms.server`` as a child; wait until it has written its info file."""
+    """Run ``python -m signd.kms.server`` as a child with only :data:`CHILD_ENVIRONMENT`;
+    wait until it has written its info file."""
     home = Path(home)
     info_path = home / INFO_FILE
     info_path.unlink(missing_ok=True)
@@ -396,7 +406,7 @@ def start_kms_server_process(
     process = subprocess.Popen(
         [*command, *extra_args],
         stdin=subprocess.DEVNULL,
-        env=environment_without(KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV),  # it needs neither
+        env=environment_only(CHILD_ENVIRONMENT, CHILD_ENVIRONMENT_PREFIXES),
     )
     running = RunningServer(ServerInfo("", "", "", Secret("")), process=process)
     deadline = time.monotonic() + timeout
