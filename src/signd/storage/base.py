@@ -141,6 +141,25 @@ class BlobStore(ABC):
         """Release connections."""
 
 
+DETAIL_SCAN_PAGE = 1000
+"""Records read per query by :meth:`MetadataStore.find_by_detail`."""
+
+
+def check_detail_query(name: str, value: str) -> None:
+    """A detail query needs a non-empty detail name and value."""
+    for field, text in (("name", name), ("value", value)):
+        if not isinstance(text, str) or not text:
+            raise InvalidField(f"a detail {field} must be a non-empty string", field=field)
+
+
+def detail_matches(record: KeyRecord, name: str, value: str, *, prefix: bool) -> bool:
+    """Whether ``record``'s detail ``name`` is ``value`` (with ``prefix``: starts with it)."""
+    return any(
+        key == name and (found.startswith(value) if prefix else found == value)
+        for key, found in record.details
+    )
+
+
 class MetadataStore(ABC):
     """Key descriptions, looked up by key id or address, listed in creation order."""
 
@@ -163,6 +182,23 @@ class MetadataStore(ABC):
         limit: int = 100,
     ) -> RecordPage:
         """Records in creation order, filtered; ``cursor`` is opaque."""
+
+    def find_by_detail(
+        self, name: str, value: str, *, prefix: bool = False, custody: str | None = None
+    ) -> KeyRecord | None:
+        """The first record, in creation order, whose detail ``name`` is ``value`` (with
+        ``prefix``: starts with it). It reads the whole store: for maintenance, such as
+        re-checking that no record names a blob before deleting it, not for requests."""
+        check_detail_query(name, value)
+        cursor: str | None = None
+        while True:
+            page = self.list(custody=custody, cursor=cursor, limit=DETAIL_SCAN_PAGE)
+            for record in page.records:
+                if detail_matches(record, name, value, prefix=prefix):
+                    return record
+            if page.next_cursor is None:
+                return None
+            cursor = page.next_cursor
 
     @abstractmethod
     def keystore_record(self, location: str) -> KeystoreRecord | None:
