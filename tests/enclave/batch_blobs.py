@@ -7,7 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from signd.enclave.signer import BlobRange, EnclaveSigner
+from signd.enclave.references import BlobRange
+from signd.enclave.signer import EnclaveSigner
 from signd.errors import DependencyUnavailable
 from signd.storage.base import BlobStore
 from tests.enclave.fakes import MemoryBlobStore

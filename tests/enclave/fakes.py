@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -18,6 +19,7 @@ from signd.enclave.signer import ENCRYPTION_CONTEXT
 from signd.errors import DependencyUnavailable, IntegrityError, KeyExists, KeyNotFound
 from signd.kms.base import DataKey, KmsClient
 from signd.storage.base import (
+    BlobStat,
     BlobStore,
     KeyRecord,
     KeystoreRecord,
@@ -97,6 +99,7 @@ class MemoryBlobStore(BlobStore):
 
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.written: dict[str, datetime] = {}
         self.down = False
         self.fail_puts_after: int | None = None
         self.puts = 0
@@ -116,6 +119,7 @@ class MemoryBlobStore(BlobStore):
                 raise KeyExists(f"blob {name!r} already exists")
             self.puts += 1
             self.blobs[name] = bytes(data)
+            self.written[name] = datetime.now(UTC)
 
     def get(self, name: str) -> bytes:
         self._check_up()
@@ -130,6 +134,22 @@ class MemoryBlobStore(BlobStore):
         self._check_up()
         with self._lock:
             self.blobs.pop(name, None)
+
+    def stat(self, name: str) -> BlobStat | None:
+        self._check_up()
+        with self._lock:
+            if name not in self.blobs:
+                return None
+            return BlobStat(name, len(self.blobs[name]), self.written.get(name, datetime.now(UTC)))
+
+    def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        self._check_up()
+        with self._lock:
+            names = [name for name in self.blobs if name.startswith(prefix)]
+        for name in names:
+            found = self.stat(name)
+            if found is not None:
+                yield found
 
     def check_health(self) -> None:
         self._check_up()

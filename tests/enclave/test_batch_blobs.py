@@ -13,15 +13,10 @@ from signd.crypto.secp256k1 import generate_private_key, recover_public_key
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CreatedKey, KeyReference, MessageType
+from signd.enclave.references import BATCH_BLOB_PREFIX, MAX_BATCH_BLOB_SIZE, BlobRange
 from signd.enclave.sealing import SealedKey, seal_private_key
 from signd.enclave.server import start_enclave
-from signd.enclave.signer import (
-    BATCH_BLOB_PREFIX,
-    ENCRYPTION_CONTEXT,
-    MAX_BATCH_BLOB_SIZE,
-    BlobRange,
-    EnclaveSigner,
-)
+from signd.enclave.signer import ENCRYPTION_CONTEXT, EnclaveSigner
 from signd.enclave.transport import InProcessTransport
 from signd.errors import DependencyUnavailable, IntegrityError, KeyExists, KeyNotFound
 from tests.enclave.batch_blobs import (

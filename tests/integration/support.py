@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from signd.enclave.client import EnclaveClient
-from signd.enclave.signer import BlobRange
+from signd.enclave.references import BlobRange
 from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable, KeyNotFound
 from signd.storage.base import BlobStore, KeyRecord, MetadataStore

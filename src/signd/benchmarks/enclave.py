@@ -39,8 +39,9 @@ from signd.custody.base import KeyInfo
 from signd.custody.enclave import BLOB_DETAIL, EnclaveBackend
 from signd.enclave.client import SIGNATURE_SIZE, EnclaveClient
 from signd.enclave.protocol import MessageType
+from signd.enclave.references import BlobRange
 from signd.enclave.server import start_enclave
-from signd.enclave.signer import BlobRange, EnclaveSigner
+from signd.enclave.signer import EnclaveSigner
 from signd.enclave.transport import InProcessTransport, UnixTransport
 from signd.errors import DependencyUnavailable
 from signd.kms.local import LocalKms

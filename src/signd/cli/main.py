@@ -19,6 +19,7 @@ from signd.cli.kms import kms_app
 from signd.cli.output import emit, handles_errors, stderr, stdout
 from signd.cli.serve import serve
 from signd.cli.services import config_app, enclave_app, proxy_app
+from signd.cli.storage import storage_app
 from signd.crypto.secret import Secret
 from signd.custody.base import KeyInfo
 from signd.errors import InvalidField, UnsupportedOperation
@@ -41,6 +42,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(proxy_app, name="proxy")
 app.add_typer(kms_app)
 app.add_typer(audit_app, name="audit")
+app.add_typer(storage_app, name="storage")
 app.command("serve")(serve)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]

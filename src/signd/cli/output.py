@@ -29,21 +29,31 @@ def emit(data: dict[str, Any], *, as_json: bool, human: Callable[[], None] | Non
         human()
 
 
-def handles_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn a SigndError into a clean message (or a JSON error body) and exit status 1."""
+def print_error(exc: SigndError, *, as_json: bool) -> None:
+    """Print ``exc`` as a JSON error body (with ``--json``) or one line on stderr."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": exc.to_dict()}, indent=2) + "\n")
+    else:
+        where = f" ({escape(exc.field)})" if exc.field else ""
+        stderr.print(f"[red]error[/red] {exc.code}{where}: {escape(exc.message)}", markup=True)
 
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except SigndError as exc:
-            if kwargs.get("as_json"):
-                sys.stdout.write(json.dumps({"error": exc.to_dict()}, indent=2) + "\n")
-            else:
-                where = f" ({escape(exc.field)})" if exc.field else ""
-                stderr.print(
-                    f"[red]error[/red] {exc.code}{where}: {escape(exc.message)}", markup=True
-                )
-            raise typer.Exit(1) from None
 
-    return wrapper
+def exits_on_errors(status: int) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn a SigndError into a clean message (or a JSON error body) and exit ``status``."""
+
+    def decorate(command: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(command)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return command(*args, **kwargs)
+            except SigndError as exc:
+                print_error(exc, as_json=bool(kwargs.get("as_json")))
+                raise typer.Exit(status) from None
+
+        return wrapper
+
+    return decorate
+
+
+handles_errors = exits_on_errors(1)
+"""Turn a SigndError into a clean message (or a JSON error body) and exit status 1."""

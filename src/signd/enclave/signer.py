@@ -33,7 +33,6 @@ import copy
 import hmac
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -55,8 +54,8 @@ from signd.crypto.secp256k1 import (
 from signd.crypto.secret import Secret
 from signd.enclave.cache import UnsealedKeyCache
 from signd.enclave.protocol import MAX_BATCH, CreatedKey, KeyReference, canonical_labels
+from signd.enclave.references import BATCH_BLOB_PREFIX, BlobRange
 from signd.enclave.sealing import (
-    MAX_SEALED_SIZE,
     PRIVATE_KEY_SIZE,
     BatchSealer,
     SealedKey,
@@ -71,7 +70,6 @@ from signd.errors import (
 )
 from signd.kms.base import DATA_KEY_SIZE, DataKey, KmsClient
 from signd.storage.base import MAX_RANGE_LENGTH, BlobStore
-from signd.storage.blobs import check_blob_name
 
 logger = logging.getLogger(__name__)
 
@@ -84,53 +82,8 @@ ENCRYPTION_CONTEXT: Final[Mapping[str, str]] = {
 }
 """The KMS encryption context of every data key that seals an enclave key."""
 
-BLOB_PREFIX: Final = "enclave-"
-"""Every enclave blob's name starts so; ``enclave-<key_id>`` is a single-key blob of old."""
-BATCH_BLOB_PREFIX: Final = f"{BLOB_PREFIX}batch-"
-MAX_BATCH_BLOB_SIZE: Final = MAX_BATCH * MAX_SEALED_SIZE
-"""No range of a batch blob ends beyond this: MAX_BATCH keys of at most MAX_SEALED_SIZE bytes."""
 DEFAULT_GROUP_MAX_KEYS: Final = 64
 DEFAULT_GROUP_MAX_WAIT: Final = 0.002
-
-_RANGE: Final = re.compile(r"(0|[1-9][0-9]{0,9})\+([1-9][0-9]{0,9})", re.ASCII)
-_MALFORMED: Final = "sealed key blob failed its integrity check"
-
-
-@dataclass(frozen=True, slots=True)
-class BlobRange:
-    """``length`` bytes of the batch blob ``name`` from ``offset``: where one sealed key is."""
-
-    name: str
-    offset: int
-    length: int
-
-    def __str__(self) -> str:
-        """The key's blob reference, ``<name>@<offset>+<length>``."""
-        return f"{self.name}@{self.offset}+{self.length}"
-
-    @classmethod
-    def parse(cls, reference: str) -> BlobRange | None:
-        """The range a blob reference names; ``None`` for a plain (whole single-key) blob name.
-
-        The host only stores and echoes back what the enclave made, so a malformed range means
-        a corrupted or tampered record: IntegrityError, saying no more than a bad blob does.
-        Digits are ASCII, without sign or leading zeros; the range lies within the largest
-        batch blob and holds at most one sealed key; the name is a batch blob's.
-        """
-        name, at, span = reference.partition("@")
-        if not at:
-            return None
-        match = _RANGE.fullmatch(span)
-        if match is None or not name.startswith(BATCH_BLOB_PREFIX):
-            raise IntegrityError(_MALFORMED)
-        offset, length = int(match[1]), int(match[2])
-        if length > MAX_SEALED_SIZE or offset + length > MAX_BATCH_BLOB_SIZE:
-            raise IntegrityError(_MALFORMED)
-        try:
-            check_blob_name(name)
-        except InvalidField:
-            raise IntegrityError(_MALFORMED) from None
-        return cls(name, offset, length)
 
 
 def _new_key() -> tuple[bytes, bytes]:

@@ -1,6 +1,7 @@
 """Storage interfaces. Neither store ever receives plaintext key material.
 
-- :class:`BlobStore` holds sealed key blobs (filesystem default, S3 for several nodes).
+- :class:`BlobStore` holds sealed key blobs (filesystem default, S3 for several nodes), and
+  lists them with their sizes and ages (:class:`BlobStat`) for ``signd storage check``.
 - :class:`MetadataStore` holds :class:`signd.custody.base.KeyInfo`-shaped records (SQLite
   default, PostgreSQL for several nodes); backend references such as a blob name, an HSM
   object id or a KMS key id travel in ``details``. It also keeps a :class:`KeystoreRecord`
@@ -10,7 +11,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -71,6 +72,16 @@ def updated_keystore_record(
     return seen if current.key_count == 0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class BlobStat:
+    """What a listing or a HEAD / stat says of a stored blob, without reading its bytes."""
+
+    name: str
+    size: int
+    modified: datetime
+    """When it was written (file mtime, S3 ``LastModified``), timezone-aware."""
+
+
 MAX_RANGE_LENGTH = 1 << 20
 
 
@@ -112,11 +123,41 @@ class BlobStore(ABC):
     def delete(self, name: str) -> None:
         """Remove ``name`` if present."""
 
+    @abstractmethod
+    def stat(self, name: str) -> BlobStat | None:
+        """Size and write time of the blob ``name`` (no byte of it is read); ``None`` if it
+        is not stored."""
+
+    @abstractmethod
+    def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        """Every blob whose name starts with ``prefix``, in no particular order, read a page
+        at a time (no byte of any blob is read). A blob written or deleted while the listing
+        runs may or may not be in it."""
+
     def check_health(self) -> None:  # noqa: B027 - optional hook
         """Raise DependencyUnavailable when the store cannot be reached."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+DETAIL_SCAN_PAGE = 1000
+"""Records read per query by :meth:`MetadataStore.find_by_detail`."""
+
+
+def check_detail_query(name: str, value: str) -> None:
+    """A detail query needs a non-empty detail name and value."""
+    for field, text in (("name", name), ("value", value)):
+        if not isinstance(text, str) or not text:
+            raise InvalidField(f"a detail {field} must be a non-empty string", field=field)
+
+
+def detail_matches(record: KeyRecord, name: str, value: str, *, prefix: bool) -> bool:
+    """Whether ``record``'s detail ``name`` is ``value`` (with ``prefix``: starts with it)."""
+    return any(
+        key == name and (found.startswith(value) if prefix else found == value)
+        for key, found in record.details
+    )
 
 
 class MetadataStore(ABC):
@@ -141,6 +182,23 @@ class MetadataStore(ABC):
         limit: int = 100,
     ) -> RecordPage:
         """Records in creation order, filtered; ``cursor`` is opaque."""
+
+    def find_by_detail(
+        self, name: str, value: str, *, prefix: bool = False, custody: str | None = None
+    ) -> KeyRecord | None:
+        """The first record, in creation order, whose detail ``name`` is ``value`` (with
+        ``prefix``: starts with it). It reads the whole store: for maintenance, such as
+        re-checking that no record names a blob before deleting it, not for requests."""
+        check_detail_query(name, value)
+        cursor: str | None = None
+        while True:
+            page = self.list(custody=custody, cursor=cursor, limit=DETAIL_SCAN_PAGE)
+            for record in page.records:
+                if detail_matches(record, name, value, prefix=prefix):
+                    return record
+            if page.next_cursor is None:
+                return None
+            cursor = page.next_cursor
 
     @abstractmethod
     def keystore_record(self, location: str) -> KeystoreRecord | None:

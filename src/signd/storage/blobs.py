@@ -12,6 +12,10 @@ it is not this store: most likely the mount point of a volume that is not mounte
 folder where the blobs should be. Reading it would answer "no such key" for every key, and
 writing to it would put new keys on the wrong disk, to vanish when the volume comes back; so
 every operation that would do either refuses with :class:`DependencyUnavailable` instead.
+
+:meth:`FilesystemBlobStore.list_blobs` walks the shard folders a folder at a time and yields
+each blob's size and mtime from one ``stat``; it skips hidden files (temporary files, the
+marker) and any file that is not where its name would put it (no ``get`` would find it).
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import errno
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from signd import files
 from signd.errors import DependencyUnavailable, InvalidField, KeyExists, KeyNotFound
-from signd.storage.base import BlobStore, check_range
+from signd.storage.base import BlobStat, BlobStore, check_range
 
 MAX_NAME_BYTES = 200
 """Longest blob name in UTF-8 bytes (a file name is at most 255, with room for a temp suffix)."""
@@ -57,6 +63,22 @@ def check_blob_name(name: str) -> str:
             field="name",
         )
     return name
+
+
+def _blob_stat(name: str, info: os.stat_result) -> BlobStat:
+    return BlobStat(name, info.st_size, datetime.fromtimestamp(info.st_mtime, UTC))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The shard folders (two-character names, not hidden) directly in ``folder``."""
+    with os.scandir(folder) as entries:
+        return sorted(
+            Path(entry.path)
+            for entry in entries
+            if len(entry.name) == 2
+            and not entry.name.startswith(".")
+            and entry.is_dir(follow_symlinks=False)
+        )
 
 
 def _unavailable(root: Path, action: str, exc: OSError) -> DependencyUnavailable:
@@ -159,6 +181,46 @@ class FilesystemBlobStore(BlobStore):
             files.sync_folder(path.parent)
         except OSError as exc:
             raise _unavailable(self.root, f"delete blob {name!r}", exc) from exc
+
+    def stat(self, name: str) -> BlobStat | None:
+        path = self.path_of(name)
+        try:
+            return _blob_stat(name, path.stat())
+        except FileNotFoundError:
+            missing = self._missing(name)
+            if isinstance(missing, DependencyUnavailable):
+                raise missing from None
+            return None
+        except OSError as exc:
+            raise _unavailable(self.root, f"stat blob {name!r}", exc) from exc
+
+    def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        self._check_marker()
+        try:
+            for outer in _subfolders(self.root):
+                for shard in _subfolders(outer):
+                    yield from self._blobs_in(shard, prefix)
+        except OSError as exc:
+            raise _unavailable(self.root, "list the blobs", exc) from exc
+
+    def _blobs_in(self, shard: Path, prefix: str) -> Iterator[BlobStat]:
+        """The blobs in one shard folder whose names start with ``prefix``."""
+        with os.scandir(shard) as entries:
+            found = [
+                entry
+                for entry in entries
+                if entry.name.startswith(prefix) and not entry.name.startswith(".")
+            ]
+        for entry in found:
+            try:
+                if self.path_of(entry.name) != Path(entry.path) or not entry.is_file(
+                    follow_symlinks=False
+                ):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+            except (InvalidField, FileNotFoundError):  # not a blob name; deleted meanwhile
+                continue
+            yield _blob_stat(entry.name, info)
 
     def check_health(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):

@@ -42,10 +42,13 @@ from typing import Any, ClassVar, Protocol
 
 from signd.errors import ConfigurationError, InvalidField, KeyExists, SigndError
 from signd.storage.base import (
+    DETAIL_SCAN_PAGE,
     KeyRecord,
     KeystoreRecord,
     MetadataStore,
     RecordPage,
+    check_detail_query,
+    detail_matches,
     updated_keystore_record,
 )
 
@@ -165,6 +168,11 @@ class _Insert:
     """Its transaction has ended, one way or the other."""
     stored: bool = False
     error: SigndError | None = None
+
+
+def _like_escaped(text: str) -> str:
+    """``text`` as a literal in a ``LIKE`` pattern with ``ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _json(value: tuple[Any, ...], texts: dict[tuple[Any, ...], str]) -> str:
@@ -385,6 +393,36 @@ class SqlMetadataStore(MetadataStore):
         page = rows[:limit]
         next_cursor = self._cursors.encode(page[-1][0], filters) if len(rows) > limit else None
         return RecordPage([self._record(row) for row in page], next_cursor)
+
+    def find_by_detail(
+        self, name: str, value: str, *, prefix: bool = False, custody: str | None = None
+    ) -> KeyRecord | None:
+        """Scans in the database: only rows whose details hold ``value``'s JSON text (a
+        ``LIKE``, so a superset) come back, a page at a time, and are then checked exactly."""
+        check_detail_query(name, value)
+        quoted = json.dumps(value)
+        pattern = "%" + _like_escaped(quoted[:-1] if prefix else quoted) + "%"
+        sql = (
+            f"SELECT {_RECORD_COLUMNS} FROM key_records"  # noqa: S608 - constant SQL, values bound
+            " WHERE seq > ? AND details LIKE ? ESCAPE '\\'"
+        )
+        params: list[Any] = [pattern]
+        if custody is not None:
+            sql += " AND custody = ?"
+            params.append(custody)
+        sql += " ORDER BY seq LIMIT ?"
+        after = 0
+        while True:
+            with self._transaction(write=False) as cursor:
+                cursor.execute(self._sql(sql), [after, *params, DETAIL_SCAN_PAGE])
+                rows = cursor.fetchall()
+            for row in rows:
+                record = self._record(row)
+                if detail_matches(record, name, value, prefix=prefix):
+                    return record
+            if len(rows) < DETAIL_SCAN_PAGE:
+                return None
+            after = rows[-1][0]
 
     def keystore_record(self, location: str) -> KeystoreRecord | None:
         with self._transaction(write=False) as cursor:

@@ -6,18 +6,23 @@ header is remembered and written to with a HEAD then a PUT instead, which can ra
 concurrent writer of the same name. Every call is bounded by connect and read timeouts and a
 small number of attempts, so an endpoint that is down or stuck raises DependencyUnavailable
 within about ``timeout * max_attempts`` seconds.
+
+``list_blobs`` pages through ``ListObjectsV2`` (``list_page_size`` keys a request, the most S3
+answers being 1000), taking each blob's size and ``LastModified`` from the listing, and
+``stat`` is a HEAD: neither reads a byte of any blob.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from signd.errors import DependencyUnavailable, KeyExists, KeyNotFound
-from signd.storage.base import BlobStore, check_range
+from signd.errors import DependencyUnavailable, InvalidField, KeyExists, KeyNotFound
+from signd.storage.base import BlobStat, BlobStore, check_range
 from signd.storage.blobs import check_blob_name
 
 if TYPE_CHECKING:
@@ -46,9 +51,11 @@ class S3BlobStore(BlobStore):
         timeout: float = 5.0,
         max_attempts: int = 2,
         conditional_put: bool = True,
+        list_page_size: int = 1000,
     ) -> None:
         """Use ``client`` as given (the caller closes it), or build one with these timeouts."""
         self.bucket = bucket
+        self.list_page_size = list_page_size
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self._conditional_put = conditional_put
         self._owns_client = client is None
@@ -114,6 +121,36 @@ class S3BlobStore(BlobStore):
     def delete(self, name: str) -> None:
         key = self._key(name)
         self._call(f"delete blob {name!r}", self._client.delete_object, Bucket=self.bucket, Key=key)
+
+    def stat(self, name: str) -> BlobStat | None:
+        key = self._key(name)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return None
+            raise self._unavailable(f"stat blob {name!r}", exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable(f"stat blob {name!r}", exc) from exc
+        return BlobStat(name, head["ContentLength"], head["LastModified"])
+
+    def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+            PaginationConfig={"PageSize": self.list_page_size},
+        )
+        try:
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    name = entry["Key"][len(self.prefix) :]
+                    try:
+                        check_blob_name(name)
+                    except InvalidField:  # a "folder" below the prefix: no blob of this store
+                        continue
+                    yield BlobStat(name, entry["Size"], entry["LastModified"])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._unavailable("list the blobs", exc) from exc
 
     def check_health(self) -> None:
         self._call("reach the bucket", self._client.head_bucket, Bucket=self.bucket)

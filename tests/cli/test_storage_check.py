@@ -1,0 +1,490 @@
+"""``signd storage check`` on both storage stacks, with keys made by the real enclave custody.
+
+``local``: LocalKms + filesystem blobs + SQLite; ``aws``: AWS KMS and S3 on moto_server +
+PostgreSQL. An enclave listens on a real Unix socket in this process and an EnclaveBackend
+creates keys through it, as in ``tests/enclave/test_stores_matrix.py``; the command under
+test builds its own stores from the same ``signd.toml``. Lost keys are made by deleting or
+cutting short a batch blob, orphans by writing a blob directly or by a create whose
+PostgreSQL write fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from signd.cli.context import state
+from signd.cli.main import app
+from signd.config import load_settings
+from signd.custody.base import KeyInfo, utc_now
+from signd.custody.enclave import EnclaveBackend
+from signd.enclave.client import EnclaveClient
+from signd.enclave.references import BlobRange
+from signd.enclave.server import EnclaveServer, start_enclave
+from signd.enclave.transport import UnixTransport
+from signd.errors import DependencyUnavailable, KeyNotFound
+from signd.kms.base import KmsClient
+from signd.operations import Signer
+from signd.operations.components import build_blob_store, build_kms, build_metadata_store
+from signd.operations.storage_check import (
+    check_storage,
+    delete_orphans,
+    index_records,
+    survey,
+)
+from signd.storage.base import BlobStat, BlobStore, MetadataStore
+from signd.storage.blobs import MARKER, FilesystemBlobStore
+from tests.cli.conftest import Cli
+from tests.fixtures.servers import (  # noqa: F401 - registers the server fixtures
+    TEST_PASSWORD,
+    MotoServer,
+    PostgresServer,
+    free_port,
+    moto_server_fixture,
+    postgres_server_fixture,
+    s3_bucket,
+)
+from tests.integration.support import aws_tables, local_tables, short_dir, write_config
+
+pytestmark = pytest.mark.integration
+
+BATCH = 4
+DIGEST = b"\x5a" * 32
+LATER = timedelta(hours=2)
+
+
+@dataclass
+class Stack:
+    kind: str
+    home: Path
+    tables: dict[str, dict[str, Any]]
+    blobs: BlobStore
+    metadata: MetadataStore
+    signer: Signer
+
+    def create(self, count: int) -> list[KeyInfo]:
+        return self.signer.create_keys(chain="ethereum", custody="enclave", count=count)
+
+    def sign(self, key: KeyInfo) -> None:
+        signature = self.signer.sign_hash(key.key_id, DIGEST)
+        assert signature.recover_public_key(DIGEST) == key.public_key
+
+    def orphan(self, size: int = 500) -> str:
+        """A sealed-looking blob no record names, written as a failed create leaves one."""
+        name = "enclave-batch-" + os.urandom(16).hex()
+        self.blobs.put(name, os.urandom(size))
+        return name
+
+    def age(self, name: str, by: timedelta) -> None:
+        """Make a filesystem blob look written ``by`` ago (S3 keeps its own time)."""
+        assert isinstance(self.blobs, FilesystemBlobStore)
+        then = (utc_now() - by).timestamp()
+        os.utime(self.blobs.path_of(name), (then, then))
+
+
+def blob_of(key: KeyInfo) -> BlobRange:
+    where = BlobRange.parse(key.details["blob"])
+    assert where is not None
+    return where
+
+
+@pytest.fixture(params=["local", "aws"])
+def stack(request: pytest.FixtureRequest, cli: Cli) -> Iterator[Stack]:
+    if request.param == "local":
+        tables = local_tables()
+    else:
+        moto: MotoServer = request.getfixturevalue("moto_server")
+        postgres: PostgresServer = request.getfixturevalue("postgres_server")
+        tables = aws_tables(
+            kms_endpoint=moto.endpoint_url,
+            key_id=moto.client("kms").create_key()["KeyMetadata"]["KeyId"],
+            s3_endpoint=moto.endpoint_url,
+            bucket=request.getfixturevalue("s3_bucket"),
+            dsn=postgres.create_schema(),
+        )
+    tables["keystore"] = {"scrypt_n": 1024}
+    write_config(cli.home, tables)
+    settings = load_settings(cli.home)
+    kms: KmsClient = build_kms(settings)
+    blobs, metadata = build_blob_store(settings), build_metadata_store(settings)
+    with short_dir() as run:
+        server: EnclaveServer = start_enclave(f"unix://{run / 'enclave.sock'}", kms, blobs)
+        client = EnclaveClient(UnixTransport(str(run / "enclave.sock")), timeout=10.0)
+        backend = EnclaveBackend(client, metadata, batch_size=BATCH)
+        signer = Signer({"enclave": lambda: backend})
+        try:
+            yield Stack(request.param, cli.home, tables, blobs, metadata, signer)
+        finally:
+            signer.close()
+            server.close()
+            for component in (kms, blobs, metadata):
+                component.close()
+
+
+local_only = pytest.mark.parametrize("stack", ["local"], indirect=True)
+aws_only = pytest.mark.parametrize("stack", ["aws"], indirect=True)
+
+
+def run(cli: Cli, *args: str, as_json: bool = True) -> tuple[int, Any]:
+    """``signd --home HOME storage check [--json] ARGS``: exit status and JSON (or text)."""
+    state.close()
+    result = cli.runner.invoke(
+        app, ["--home", str(cli.home), "storage", "check", *(["--json"] if as_json else []), *args]
+    )
+    state.close()
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    return result.exit_code, json.loads(result.stdout) if as_json else result.output
+
+
+def later() -> datetime:
+    return utc_now() + LATER
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_consistent_stores_exit_0(stack: Stack, cli: Cli) -> None:
+    stack.create(1)
+    stack.create(6)  # two batch blobs of 4 and 2 keys
+    code, report = run(cli)
+    assert code == 0
+    assert report["ok"] is True
+    assert (report["records"], report["blobs"]) == (7, 3)
+    assert report["lost_keys"] == report["orphans"] == []
+    code, text = run(cli, as_json=False)
+    assert code == 0
+    assert "7 enclave key records, 3 blobs" in text
+    assert "result: consistent" in text
+
+
+def test_a_missing_batch_blob_is_key_loss_exit_1(stack: Stack, cli: Cli) -> None:
+    keys = stack.create(6)
+    lost, kept = keys[:BATCH], keys[BATCH:]
+    stack.blobs.delete(blob_of(lost[0]).name)
+    with pytest.raises(KeyNotFound):
+        stack.sign(lost[0])  # really lost: what the check must find before anyone signs
+
+    code, report = run(cli)
+    assert code == 1
+    assert report["ok"] is False
+    assert report["orphans"] == []
+    assert {entry["key_id"]: entry for entry in report["lost_keys"]} == {
+        key.key_id: {
+            "key_id": key.key_id,
+            "chain": "ethereum",
+            "address": key.address,
+            "blob": key.details["blob"],
+            "problem": "missing",
+            "blob_size": None,
+            "needed": blob_of(key).end,
+        }
+        for key in lost
+    }
+    stack.sign(kept[0])
+    code, text = run(cli, as_json=False)
+    assert code == 1
+    assert "KEY LOSS: 4 keys cannot sign" in text
+    assert all(key.key_id in text and key.address in text for key in lost)
+
+
+def test_a_blob_cut_short_loses_only_the_keys_past_its_end(stack: Stack, cli: Cli) -> None:
+    keys = stack.create(BATCH)
+    name = blob_of(keys[0]).name
+    data = stack.blobs.get(name)
+    stack.blobs.delete(name)
+    stack.blobs.put(name, data[:-1])
+
+    code, report = run(cli)
+    assert code == 1
+    [short] = report["lost_keys"]
+    assert short["key_id"] == keys[-1].key_id
+    assert (short["problem"], short["blob_size"], short["needed"]) == (
+        "short",
+        len(data) - 1,
+        len(data),
+    )
+    for key in keys[:-1]:
+        stack.sign(key)
+    with pytest.raises(KeyNotFound):
+        stack.sign(keys[-1])
+
+
+def test_records_are_paged_through(stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("signd.operations.storage_check.PAGE_SIZE", 3)
+    keys = stack.create(10)
+    stack.blobs.delete(blob_of(keys[-1]).name)  # the last batch, found on the last page
+    code, report = run(cli)
+    assert (code, report["records"]) == (1, 10)
+    assert [entry["key_id"] for entry in report["lost_keys"]] == [k.key_id for k in keys[8:]]
+
+
+def test_an_orphan_alone_exits_3_and_a_young_one_is_kept(stack: Stack, cli: Cli) -> None:
+    stack.create(2)
+    name = stack.orphan(size=777)
+    code, report = run(cli)
+    assert code == 3
+    assert report["lost_keys"] == []
+    [orphan] = report["orphans"]
+    assert (orphan["name"], orphan["size"]) == (name, 777)
+    assert 0 <= orphan["age_seconds"] < 60
+    assert datetime.fromisoformat(orphan["modified"]).tzinfo is not None
+
+    code, report = run(cli, "--delete-orphans")
+    assert code == 3
+    assert report["orphans"][0]["action"] == "too young"
+    assert report["deleted"] == 0
+    assert stack.blobs.stat(name) is not None
+    code, text = run(cli, as_json=False)
+    assert "orphans: 1 blobs no record names" in text
+    assert name in text
+    assert "result: no key lost; 1 orphans" in text
+
+
+@local_only
+def test_the_command_deletes_old_orphans_only(stack: Stack, cli: Cli) -> None:
+    keys = stack.create(3)
+    old, young = stack.orphan(), stack.orphan()
+    stack.age(old, timedelta(hours=2))
+    stack.age(blob_of(keys[0]).name, timedelta(days=3))  # an old key's blob stays
+
+    code, report = run(cli, "--delete-orphans")
+    assert code == 3  # the young orphan remains
+    assert {o["name"]: o["action"] for o in report["orphans"]} == {
+        old: "deleted",
+        young: "too young",
+    }
+    assert stack.blobs.stat(old) is None
+
+    code, report = run(cli, "--delete-orphans", "--older-than", "600")
+    assert report["orphans"][0]["action"] == "too young"
+    stack.age(young, timedelta(minutes=11))
+    code, report = run(cli, "--delete-orphans", "--older-than", "600")
+    assert (code, report["deleted"], report["ok"]) == (0, 1, True)
+    for key in keys:
+        stack.sign(key)
+    assert run(cli)[0] == 0
+
+
+@aws_only
+def test_old_orphans_on_s3_are_deleted(stack: Stack) -> None:
+    keys = stack.create(2)
+    name = stack.orphan()
+    report = check_storage(stack.metadata, stack.blobs, now=later())
+    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert [(o.name, o.action) for o in removal.outcomes] == [(name, "deleted")]
+    assert stack.blobs.stat(name) is None
+    for key in keys:
+        stack.sign(key)
+    assert check_storage(stack.metadata, stack.blobs).consistent
+
+
+@aws_only
+def test_postgres_down_during_a_create_leaves_an_orphan_the_check_finds(
+    stack: Stack, cli: Cli, postgres_server: PostgresServer
+) -> None:
+    [key] = stack.create(1)
+    before = {blob.name for blob in stack.blobs.list_blobs()}
+    postgres_server.stop()
+    try:
+        with pytest.raises(DependencyUnavailable):
+            stack.create(2)
+    finally:
+        postgres_server.start()
+    [orphan] = {blob.name for blob in stack.blobs.list_blobs()} - before
+
+    code, report = run(cli)
+    assert code == 3
+    assert report["lost_keys"] == []
+    assert [o["name"] for o in report["orphans"]] == [orphan]
+    report = check_storage(stack.metadata, stack.blobs, now=later())
+    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert [(o.name, o.action) for o in removal.outcomes] == [(orphan, "deleted")]
+    stack.sign(key)
+    assert run(cli)[0] == 0
+
+
+# --------------------------------------------------------------------------- the race
+
+
+def test_a_create_racing_the_check_is_never_deleted(stack: Stack) -> None:
+    """Records walked, then a create stores a blob and records it, then the blobs are listed
+    and orphans deleted: the new blob looks like an orphan to this run, and is kept by the
+    age guard, and, were the clock wrong, by the look-up just before the delete."""
+    [earlier] = stack.create(1)
+    index = index_records(stack.metadata)
+    [new] = stack.create(1)
+    report = survey(index, stack.metadata, stack.blobs)
+    assert [orphan.name for orphan in report.orphans] == [blob_of(new).name]
+
+    removal = delete_orphans(report, stack.metadata, stack.blobs)
+    assert [outcome.action for outcome in removal.outcomes] == ["too young"]
+    stale = survey(index, stack.metadata, stack.blobs, now=later())
+    removal = delete_orphans(stale, stack.metadata, stack.blobs, now=later)
+    assert [outcome.action for outcome in removal.outcomes] == ["named by a record"]
+
+    stack.sign(new)
+    stack.sign(earlier)
+    assert check_storage(stack.metadata, stack.blobs).consistent
+
+
+def test_nothing_is_deleted_while_keys_are_lost(stack: Stack, cli: Cli) -> None:
+    keys = stack.create(2)
+    stack.blobs.delete(blob_of(keys[0]).name)
+    name = stack.orphan()
+    report = check_storage(stack.metadata, stack.blobs, now=later())
+    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert removal.refused is not None
+    assert [outcome.action for outcome in removal.outcomes] == ["not tried"]
+    assert stack.blobs.stat(name) is not None
+    code, result = run(cli, "--delete-orphans")
+    assert (code, result["deleted"]) == (1, 0)
+    assert "keys are lost" in result["delete_refused"]
+
+
+def test_nothing_is_deleted_against_a_metadata_store_without_records(stack: Stack) -> None:
+    name = stack.orphan()
+    report = check_storage(stack.metadata, stack.blobs, now=later())
+    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert removal.refused is not None
+    assert "no enclave key record" in removal.refused
+    assert stack.blobs.stat(name) is not None
+
+
+# --------------------------------------------------------------------------- no secrets
+
+
+class ListsOnly(BlobStore):
+    """The real store, except that reading a blob's bytes fails the test."""
+
+    def __init__(self, inner: BlobStore, *, fail_deletes_after: int | None = None) -> None:
+        self.inner = inner
+        self.fail_deletes_after = fail_deletes_after
+        self.deletes = 0
+
+    def put(self, name: str, data: bytes) -> None:
+        raise AssertionError("the check wrote a blob")
+
+    def get(self, name: str) -> bytes:
+        raise AssertionError("the check read a blob")
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        raise AssertionError("the check read a blob")
+
+    def delete(self, name: str) -> None:
+        if self.fail_deletes_after is not None and self.deletes >= self.fail_deletes_after:
+            raise DependencyUnavailable("blob store went away")
+        self.deletes += 1
+        self.inner.delete(name)
+
+    def stat(self, name: str) -> BlobStat | None:
+        return self.inner.stat(name)
+
+    def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        return self.inner.list_blobs(prefix)
+
+
+def test_the_check_never_reads_a_blob(stack: Stack) -> None:
+    keys = stack.create(6)
+    last = blob_of(keys[-1])
+    stack.blobs.delete(last.name)
+    name = stack.orphan()
+    report = check_storage(stack.metadata, ListsOnly(stack.blobs), now=later())
+    assert (len(report.lost), len(report.orphans)) == (2, 1)
+    stack.blobs.put(last.name, bytes(last.end))  # the right size is all the check can see
+    report = check_storage(stack.metadata, ListsOnly(stack.blobs), now=later())
+    assert report.lost == []
+    removal = delete_orphans(report, stack.metadata, ListsOnly(stack.blobs), now=later)
+    assert [(outcome.name, outcome.action) for outcome in removal.outcomes] == [(name, "deleted")]
+
+
+@local_only
+def test_a_store_failing_mid_delete_stops_with_the_report_and_exit_4(
+    stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack.create(1)
+    orphans = [stack.orphan() for _ in range(3)]
+    for index, name in enumerate(orphans):
+        stack.age(name, timedelta(hours=3 - index))  # deleted oldest first
+    real_build = build_blob_store
+
+    def failing_build(settings: Any) -> BlobStore:
+        return ListsOnly(real_build(settings), fail_deletes_after=1)
+
+    monkeypatch.setattr("signd.operations.components.build_blob_store", failing_build)
+    code, report = run(cli, "--delete-orphans")
+    assert code == 4
+    assert [o["action"] for o in report["orphans"]] == ["deleted", "failed", "not tried"]
+    assert report["delete_error"]["code"] == "dependency_unavailable"
+    assert [stack.blobs.stat(name) is None for name in orphans] == [True, False, False]
+    code, text = run(cli, "--delete-orphans", as_json=False)
+    assert code == 4
+    assert "error dependency_unavailable: blob store went away" in text
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_postgres_unreachable_exits_4_without_the_password(
+    cli: Cli, moto_server: MotoServer
+) -> None:
+    tables = aws_tables(
+        kms_endpoint=moto_server.endpoint_url,
+        key_id="unused",
+        s3_endpoint=moto_server.endpoint_url,
+        bucket="signd-unused",
+        dsn=f"postgresql://signd:{TEST_PASSWORD}@127.0.0.1:{free_port()}/signd",
+    )
+    write_config(cli.home, tables)
+    code, report = run(cli)
+    assert code == 4
+    assert report["error"]["code"] == "dependency_unavailable"
+    assert "PostgreSQL" in report["error"]["message"]
+    code, text = run(cli, as_json=False)
+    assert code == 4
+    assert "error dependency_unavailable" in text
+    assert TEST_PASSWORD not in text + json.dumps(report)
+
+
+def test_s3_unreachable_exits_4(cli: Cli) -> None:
+    tables = local_tables()
+    tables["blobs"] = aws_tables(
+        kms_endpoint="",
+        key_id="",
+        s3_endpoint=f"http://127.0.0.1:{free_port()}",
+        bucket="signd-keys",
+        dsn="",
+        timeout=1.0,
+    )["blobs"]
+    write_config(cli.home, tables)
+    code, report = run(cli)
+    assert code == 4
+    assert report["error"]["code"] == "dependency_unavailable"
+    assert "S3 bucket 'signd-keys': cannot list the blobs" in report["error"]["message"]
+
+
+@local_only
+def test_an_unmounted_blob_folder_exits_4_not_key_loss(stack: Stack, cli: Cli) -> None:
+    stack.create(2)
+    assert isinstance(stack.blobs, FilesystemBlobStore)
+    root = stack.blobs.root
+    root.rename(root.with_name("blobs.volume"))  # the volume is not mounted:
+    root.mkdir()  # its mount point is an empty folder
+    code, report = run(cli)
+    assert code == 4
+    assert MARKER in report["error"]["message"]
+
+
+def test_too_small_an_age_is_refused_before_anything_is_read(cli: Cli) -> None:
+    code, report = run(cli, "--delete-orphans", "--older-than", "599")
+    assert code == 4
+    assert report["error"]["field"] == "older_than"
+    assert not (cli.home / "metadata.db").exists()
+    assert not (cli.home / "blobs").exists()
