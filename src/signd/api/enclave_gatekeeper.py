@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 from signd.audit import SealedAuditRecord
@@ -317,8 +318,8 @@ class EnclaveGatekeeper:
             if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
             elif reread:
-                clients_data = read_settled("clients", paths.clients_file)
-                policy_data = read_settled("policy", paths.policy_file)
+                clients_data = _read_for_reload("clients", paths.clients_file)
+                policy_data = _read_for_reload("policy", paths.policy_file)
             else:
                 clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
@@ -375,8 +376,9 @@ class EnclaveGatekeeper:
         )
 
     def reload(self) -> list[str]:
-        """Send the files again; a bad one is refused by the enclave and the ones in force
-        stay. The problems, one line each (empty when both loaded)."""
+        """Send the files again; the enclave puts both in force or neither (a bad one is
+        refused and the ones in force stay). The problems, one line each naming its file
+        (empty when both were put in force)."""
         try:
             self.configure()
         except SigndError as exc:
@@ -887,6 +889,15 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     except SigndError:
         return None
     return fills if filled == call.payload else None
+
+
+def _read_for_reload(kind: str, path: Path) -> bytes:
+    """:func:`~signd.auth.reload.read_settled`, its refusal naming the file as the
+    enclave's does (``"policy: ..."``)."""
+    try:
+        return read_settled(kind, path)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{kind}: {exc.message}") from None
 
 
 def _read(path: Any, *, missing_ok: bool = False) -> bytes:

@@ -99,7 +99,8 @@ class Keeper(Protocol):
         ...
 
     def reload(self) -> list[str]:
-        """Re-read the clients and policy files; the problems (the old ones stay)."""
+        """Re-read the clients and policy files and put both in force, or neither; the
+        problems, one line each naming its file (the old ones stay)."""
         ...
 
     def close(self) -> None: ...

@@ -6,6 +6,10 @@ bytes first and swaps only if they are valid, so a bad file is refused (the erro
 and raised to the caller) and the old value stays. Readers take :attr:`Reloadable.current`
 once per request and use that snapshot throughout; the swap is a single reference
 assignment.
+
+The two files are one configuration (a policy names the clients the clients file
+registers): :func:`reload_together` reads and parses every file first and swaps them only if
+all are good, so a bad file keeps its partner out too.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from signd.auth.clients import ClientsRegistry
 from signd.errors import ConfigurationError
@@ -74,18 +80,19 @@ class Reloadable(ABC, Generic[T]):
     def replace(self, data: bytes) -> T:
         """Parse ``data`` and make it the value in force; on any error keep the old one."""
         with self._lock:
-            try:
-                value = self.parse(data)
-            except ConfigurationError as exc:
-                log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
-                raise
-            self._current = value
-            self._sha256 = hashlib.sha256(data).hexdigest()
-            log.info("%s reloaded, sha256 %s", self.kind, self._sha256)
+            value = self._parsed(data)
+            self._put(value, data)
             return value
 
     def reload(self) -> T:
         """Re-read :attr:`path` and :meth:`replace` the value with it."""
+        staged = self.stage()
+        self.put_in_force(staged)
+        return staged.value
+
+    def stage(self) -> Staged[T]:
+        """Re-read :attr:`path` (settled, :func:`read_settled`) and parse it, without putting
+        it in force; a bad or unreadable file is logged and raised."""
         if self.path is None:
             raise ConfigurationError(f"the {self.kind} file was not loaded from a path")
         try:
@@ -93,7 +100,53 @@ class Reloadable(ABC, Generic[T]):
         except ConfigurationError as exc:
             log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
             raise
-        return self.replace(data)
+        return Staged(self, self._parsed(data), data)
+
+    def put_in_force(self, staged: Staged[T]) -> None:
+        """Make the value :meth:`stage` read (for this holder) the one in force."""
+        with self._lock:
+            self._put(staged.value, staged.data)
+
+    def _parsed(self, data: bytes) -> T:
+        try:
+            return self.parse(data)
+        except ConfigurationError as exc:
+            log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
+            raise
+
+    def _put(self, value: T, data: bytes) -> None:
+        self._current = value
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        log.info("%s reloaded, sha256 %s", self.kind, self._sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged(Generic[T]):
+    """A file read and parsed for ``holder``, not yet in force."""
+
+    holder: Reloadable[T]
+    value: T
+    data: bytes
+
+
+def reload_together(holders: Sequence[Reloadable[Any]]) -> list[str]:
+    """Re-read every holder's file and put them all in force, or none: each is read (settled)
+    and parsed first, and only when every one is good are they swapped. The problems, one
+    line each naming its file (``"policy: ..."``); empty when all were put in force."""
+    staged: list[Staged[Any]] = []
+    problems: list[str] = []
+    for holder in holders:
+        try:
+            staged.append(holder.stage())
+        except ConfigurationError as exc:
+            problems.append(f"{holder.kind}: {exc.message}")
+    if problems:
+        kept = ", ".join(f"{holder.kind} sha256 {holder.sha256}" for holder in holders)
+        log.error("reload refused, none of the files taken, keeping %s", kept)
+        return problems
+    for each in staged:
+        each.holder.put_in_force(each)
+    return []
 
 
 class ClientsHolder(Reloadable[ClientsRegistry]):

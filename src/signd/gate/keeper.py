@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
+from signd.auth.reload import reload_together
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
-from signd.errors import AccessDenied, ConfigurationError, SigndError
+from signd.errors import AccessDenied, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
 from signd.gate.errors import (
     BlindSigningDisabled,
@@ -185,17 +186,12 @@ class Gatekeeper:
     # configuration
 
     def reload(self) -> list[str]:
-        """Re-read the clients and policy files; a bad file is refused (and logged) and the
-        one in force stays. The problems, one line each (empty when both loaded)."""
-        problems = []
-        for holder in (self.clients, self.policy):
-            if holder is None:
-                continue
-            try:
-                holder.reload()
-            except ConfigurationError as exc:
-                problems.append(f"{holder.kind}: {exc.message}")
-        return problems
+        """Re-read the clients and policy files and put both in force, or neither: a bad
+        file is refused (and logged) and keeps the other out too, so a pair never validated
+        together is never in force. The problems, one line each naming its file (empty when
+        both were put in force)."""
+        holders = [holder for holder in (self.clients, self.policy) if holder is not None]
+        return reload_together(holders)
 
     # authentication
 
