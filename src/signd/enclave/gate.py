@@ -323,14 +323,16 @@ class EnclaveGate:
             else:
                 clients, policy = configured.clients, configured.policy
                 verifier, engine = configured.verifier, configured.engine
-                clients.replace(clients_data)
-                policy.replace(policy_data)
+                older: list[SealedAuditRecord] = []
                 if self._tail_wanted is not None:
                     ends_at, since = self._tail_wanted
                     older = _ending_at(tail, ends_at)
-                    if older:
-                        check_tail(older, mac_key, ends_at=ends_at)
-                        self._replay(engine, older, since)
+                    if older:  # before the files are replaced: a tail that does not verify
+                        check_tail(older, mac_key, ends_at=ends_at)  # changes nothing either
+                clients.replace(clients_data)
+                policy.replace(policy_data)
+                if older:
+                    self._replay(engine, older, since)
             self._configured = _Configured(clients, policy, verifier, engine, limits)
             head = self._audit.head
             answer["windows_ready"] = engine.windows_ready
