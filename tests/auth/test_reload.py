@@ -12,7 +12,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.auth import ClientsHolder, RequestVerifier, sign_request
-from signd.auth.reload import SETTLE_SECONDS, reload_together
+from signd.auth.reload import (
+    SETTLE_SECONDS,
+    UNEXPECTED_FAILURE,
+    ReloadHistory,
+    reload_together,
+)
 from signd.errors import AccessDenied, ConfigurationError
 from signd.policy import PolicyHolder
 from tests.auth.conftest import NOW, FakeClock, ed25519_text
@@ -225,3 +230,44 @@ def test_both_bad_files_are_each_named(pair: tuple[ClientsHolder, PolicyHolder])
     policy.path.write_text("version = 2\n")
     problems = reload_together([clients, policy])
     assert [problem.split(":")[0] for problem in problems] == ["clients", "policy"]
+
+
+def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> None:
+    history = ReloadHistory(now=clock)
+    started = history.status("c" * 64, "p" * 64)
+    assert (started.state, started.at, started.reason) == ("loaded", clock(), None)
+    assert started.counts == {"reloaded": 0, "refused": 0}
+    assert started.to_dict() == {
+        "status": "loaded",
+        "at": clock(),
+        "in_force": {"clients_sha256": "c" * 64, "policy_sha256": "p" * 64},
+    }
+
+    clock.now += 5
+    assert history.run(lambda: ["clients: not valid TOML", "policy: version = 1"]) != []
+    refused = history.status("c" * 64, None)
+    assert refused.to_dict() == {
+        "status": "refused",
+        "at": clock(),
+        "reason": "clients: not valid TOML; policy: version = 1",
+        "in_force": {"clients_sha256": "c" * 64},
+    }
+    clock.now += 5
+    assert history.run(list) == []
+    reloaded = history.status("d" * 64, "q" * 64)
+    assert (reloaded.state, reloaded.at, reloaded.reason) == ("reloaded", clock(), None)
+    assert reloaded.counts == {"reloaded": 1, "refused": 1}
+
+
+def test_a_reload_that_raises_is_recorded_as_refused_and_raised() -> None:
+    history = ReloadHistory()
+
+    def failing() -> list[str]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        history.run(failing)
+    status = history.status(None, None)
+    assert status.state == "refused" and status.reason == UNEXPECTED_FAILURE
+    assert "boom" not in status.to_dict()["reason"]
+    assert status.counts["refused"] == 1

@@ -40,7 +40,7 @@ from signd.audit.lines import LogLines
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
-from signd.auth.reload import read_settled
+from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -281,6 +281,7 @@ class EnclaveGatekeeper:
         and are expected to fail: resuming again for them would fail the next ones, and so
         on, for as long as requests keep coming)."""
         self._event_channel: EnclaveChannel | None = None
+        self._reloads = ReloadHistory()
 
     def __repr__(self) -> str:
         return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
@@ -378,12 +379,20 @@ class EnclaveGatekeeper:
     def reload(self) -> list[str]:
         """Send the files again; the enclave puts both in force or neither (a bad one is
         refused and the ones in force stay). The problems, one line each naming its file
-        (empty when both were put in force)."""
+        (empty when both were put in force); the outcome is kept for
+        :meth:`reload_status`."""
+        return self._reloads.run(self._reload_files)
+
+    def _reload_files(self) -> list[str]:
         try:
             self.configure()
         except SigndError as exc:
             return [exc.message]
         return []
+
+    def reload_status(self) -> ReloadStatus:
+        """How the last reload went, and the SHA-256 of the files the enclave has in force."""
+        return self._reloads.status(self.clients_sha256 or None, self.policy_sha256 or None)
 
     # the enclave round trip
 

@@ -12,7 +12,7 @@ whenever enclave custody is enabled, as it is by default (the embedded local enc
 the in-process :class:`~signd.gate.Gatekeeper`; the banner and the log say which. On first run
 with the default paths, a development client and policy are written (and announced loudly).
 SIGHUP reloads the clients and policy files, both or neither: a bad file is refused and the
-files in force stay.
+files in force stay (``/readyz`` says so under ``reload``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
-from signd.auth.reload import reload_together
+from signd.auth.reload import ReloadHistory, ReloadStatus, reload_together
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
@@ -171,6 +171,7 @@ class Gatekeeper:
         self.limits = limits
         self.clients = clients
         self.policy = policy
+        self._reloads = ReloadHistory()
 
     def __repr__(self) -> str:
         return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
@@ -189,9 +190,16 @@ class Gatekeeper:
         """Re-read the clients and policy files and put both in force, or neither: a bad
         file is refused (and logged) and keeps the other out too, so a pair never validated
         together is never in force. The problems, one line each naming its file (empty when
-        both were put in force)."""
+        both were put in force); the outcome is kept for :meth:`reload_status`."""
         holders = [holder for holder in (self.clients, self.policy) if holder is not None]
-        return reload_together(holders)
+        return self._reloads.run(lambda: reload_together(holders))
+
+    def reload_status(self) -> ReloadStatus:
+        """How the last reload went, and the SHA-256 of the files in force."""
+        return self._reloads.status(
+            None if self.clients is None else self.clients.sha256,
+            None if self.policy is None else self.policy.sha256,
+        )
 
     # authentication
 
