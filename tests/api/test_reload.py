@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -172,3 +173,64 @@ def test_a_restarted_enclave_is_given_the_files_in_force_not_an_unsignalled_edit
         server.process.send_signal(signal.SIGHUP)
         _wait_for_log(server, "reloaded the clients and policy files")
         assert _sign_transaction(server, address, 10**6).status_code == 200
+
+
+def _readyz_reload(server: SigndProcess) -> dict[str, Any]:
+    response = httpx.get(f"{server.url}/readyz", timeout=30)
+    assert response.status_code == 200, response.text  # the files in force still serve
+    reload: dict[str, Any] = response.json()["reload"]
+    return reload
+
+
+def _refused_reloads(server: SigndProcess) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    prefix = 'signd_config_reloads_total{outcome="refused"} '
+    return float(next(line for line in text.splitlines() if line.startswith(prefix))[len(prefix) :])
+
+
+@pytest.mark.parametrize("custody", ["keystore", "enclave"])
+def test_a_sighup_takes_both_files_or_neither_and_readyz_says_so(
+    tmp_path: Path, custody: str
+) -> None:
+    """With the gate in the server's process, a good changed policy beside a bad clients
+    file used to go into force on its own; and a refused reload showed only in the log."""
+    home = make_home(tmp_path / "home", CUSTODY[custody])
+    clients, policy = home / "clients.toml", home / "policy.toml"
+    with signd_serve(home) as server:
+        address = httpx.post(
+            f"{server.url}/v1/keys",
+            json={"chain": "ethereum", "custody": custody},
+            timeout=30,
+            headers=AUTH,
+        ).json()["keys"][0]["address"]
+        in_force = _readyz_reload(server)
+        assert in_force["status"] == "loaded"
+        good_clients = clients.read_text()
+        policy.write_text(
+            TEST_POLICY.replace(
+                'contract_selectors = ["*"]',
+                'contract_selectors = ["*"]\nmax_value_per_tx = "1000"',
+                1,
+            )
+        )
+        clients.write_text('version = 1\n[[clients]]\nid = "half"\n')
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for_log(server, "reload refused, the files in force stay")
+
+        assert _sign_transaction(server, address, 10**6).status_code == 200  # the old policy
+        refused = _readyz_reload(server)
+        assert refused["status"] == "refused" and refused["reason"].startswith("clients: ")
+        assert refused["in_force"] == in_force["in_force"]
+        assert refused["at"] > in_force["at"]
+        assert _refused_reloads(server) == 1
+
+        clients.write_text(good_clients)
+        server.process.send_signal(signal.SIGHUP)
+        _wait_for_log(server, "reloaded the clients and policy files")
+        limited = _sign_transaction(server, address, 10**6)
+        assert limited.status_code == 403, limited.text
+        reloaded = _readyz_reload(server)
+        assert reloaded["status"] == "reloaded" and "reason" not in reloaded
+        assert reloaded["in_force"]["policy_sha256"] != in_force["in_force"]["policy_sha256"]
+        assert _refused_reloads(server) == 1
+        assert "Traceback" not in server.log.read_text()

@@ -12,7 +12,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.auth import ClientsHolder, RequestVerifier, sign_request
-from signd.auth.reload import SETTLE_SECONDS
+from signd.auth.reload import (
+    SETTLE_SECONDS,
+    UNEXPECTED_FAILURE,
+    ReloadHistory,
+    reload_together,
+)
 from signd.errors import AccessDenied, ConfigurationError
 from signd.policy import PolicyHolder
 from tests.auth.conftest import NOW, FakeClock, ed25519_text
@@ -145,3 +150,124 @@ def test_a_file_that_keeps_changing_is_refused(tmp_path: Path, clients_text: str
         writing.set()
         writer.join()
     assert holder.sha256 == before
+
+
+# the clients and policy files together
+
+POLICY_TEXT = (
+    'version = 1\n\n[[rules]]\nname = "tx"\nclients = ["*"]\nkey_labels = ["*"]\n'
+    'operations = ["sign:transaction"]\nchains = ["ethereum"]\n'
+)
+
+
+@pytest.fixture
+def pair(tmp_path: Path, clients_text: str) -> tuple[ClientsHolder, PolicyHolder]:
+    (tmp_path / "clients.toml").write_text(clients_text)
+    (tmp_path / "policy.toml").write_text(POLICY_TEXT)
+    return ClientsHolder.load(tmp_path / "clients.toml"), PolicyHolder.load(
+        tmp_path / "policy.toml"
+    )
+
+
+def test_two_good_files_are_put_in_force_together(
+    pair: tuple[ClientsHolder, PolicyHolder],
+) -> None:
+    clients, policy = pair
+    assert clients.path is not None and policy.path is not None
+    newcomer = ed25519.Ed25519PrivateKey.generate()
+    clients.path.write_text(clients.path.read_text() + newcomer_entry(newcomer))
+    policy.path.write_text(POLICY_TEXT.replace('"tx"', '"tx-renamed"'))
+    assert reload_together([clients, policy]) == []
+    assert "newcomer" in clients.current
+    assert policy.current.rule("tx-renamed") is not None
+    assert policy.sha256 == hashlib.sha256(policy.path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("bad_file", "bad", "reason"),
+    [
+        ("clients", b'version = 1\n[[clients]]\nid = "x"\n', "clients: client 'x'"),
+        ("clients", None, "clients: cannot read the clients file"),
+        ("policy", b"version = 1\n[[rules]]\nname = 'broken'\n", "policy: policy rule"),
+        ("policy", None, "policy: cannot read the policy file"),
+    ],
+    ids=["bad-clients", "missing-clients", "bad-policy", "missing-policy"],
+)
+def test_one_bad_file_keeps_the_other_good_one_out_too(
+    pair: tuple[ClientsHolder, PolicyHolder],
+    bad_file: str,
+    bad: bytes | None,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each file used to be reloaded on its own: a good changed policy went into force
+    beside the old clients file (a pair never validated together) when the clients file
+    was bad, and the other way round."""
+    clients, policy = pair
+    assert clients.path is not None and policy.path is not None
+    before = (clients.current, clients.sha256, policy.current, policy.sha256)
+    newcomer = ed25519.Ed25519PrivateKey.generate()
+    clients.path.write_text(clients.path.read_text() + newcomer_entry(newcomer))
+    policy.path.write_text(POLICY_TEXT.replace('"tx"', '"tx-renamed"'))
+    broken = clients.path if bad_file == "clients" else policy.path
+    if bad is None:
+        broken.unlink()
+    else:
+        broken.write_bytes(bad)
+    with caplog.at_level(logging.ERROR):
+        problems = reload_together([clients, policy])
+    assert len(problems) == 1 and problems[0].startswith(reason), problems
+    assert (clients.current, clients.sha256, policy.current, policy.sha256) == before
+    assert "newcomer" not in clients.current and policy.current.rule("tx") is not None
+    assert "reload refused, none of the files taken" in caplog.text
+    assert f"policy sha256 {before[3]}" in caplog.text
+
+
+def test_both_bad_files_are_each_named(pair: tuple[ClientsHolder, PolicyHolder]) -> None:
+    clients, policy = pair
+    assert clients.path is not None and policy.path is not None
+    clients.path.write_text("not = [toml")
+    policy.path.write_text("version = 2\n")
+    problems = reload_together([clients, policy])
+    assert [problem.split(":")[0] for problem in problems] == ["clients", "policy"]
+
+
+def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> None:
+    history = ReloadHistory(now=clock)
+    started = history.status("c" * 64, "p" * 64)
+    assert (started.state, started.at, started.reason) == ("loaded", clock(), None)
+    assert started.counts == {"reloaded": 0, "refused": 0}
+    assert started.to_dict() == {
+        "status": "loaded",
+        "at": clock(),
+        "in_force": {"clients_sha256": "c" * 64, "policy_sha256": "p" * 64},
+    }
+
+    clock.now += 5
+    assert history.run(lambda: ["clients: not valid TOML", "policy: version = 1"]) != []
+    refused = history.status("c" * 64, None)
+    assert refused.to_dict() == {
+        "status": "refused",
+        "at": clock(),
+        "reason": "clients: not valid TOML; policy: version = 1",
+        "in_force": {"clients_sha256": "c" * 64},
+    }
+    clock.now += 5
+    assert history.run(list) == []
+    reloaded = history.status("d" * 64, "q" * 64)
+    assert (reloaded.state, reloaded.at, reloaded.reason) == ("reloaded", clock(), None)
+    assert reloaded.counts == {"reloaded": 1, "refused": 1}
+
+
+def test_a_reload_that_raises_is_recorded_as_refused_and_raised() -> None:
+    history = ReloadHistory()
+
+    def failing() -> list[str]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        history.run(failing)
+    status = history.status(None, None)
+    assert status.state == "refused" and status.reason == UNEXPECTED_FAILURE
+    assert "boom" not in status.to_dict()["reason"]
+    assert status.counts["refused"] == 1

@@ -507,6 +507,9 @@ class RecordingGate:
     def health_checks(self) -> list[tuple[str, Any]]:
         return []
 
+    def reload_status(self) -> None:
+        return None
+
     def sign(self, principal: Principal, calls: Sequence[SigningCall]) -> list[Signed | Exception]:
         with self._lock:
             self.calls.extend(calls)

@@ -8,6 +8,7 @@ enclave`` process, to which the host sends the tail with GATE_CONFIGURE.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from signd.api import enclave_gatekeeper
+from signd.attestation.document import AttestationDocument, CoseSign1
 from signd.audit import SealedAuditRecord, verify_chain
 from signd.audit.records import AuditRecord, AuditSigner, Spend
 from signd.audit.tail import check_tail, reaches, read_tail
@@ -264,3 +266,44 @@ def test_without_the_whole_tail_the_enclave_refuses_windowed_signing(
     enclave.gatekeeper.configure()  # the host sends the tail: the windows are whole again
     refused = spend_over_rest(enclave, hot, 6)
     assert refused.status_code == 403 and refused.json()["error"]["rule"] == "hot-eth"
+
+
+def test_a_tail_chunk_that_does_not_verify_leaves_the_files_in_force(enclave: Enclave) -> None:
+    """GATE_CONFIGURE used to put the new files in force before it checked the tail chunk
+    the windows still wanted: a chunk that did not verify failed the call (the host kept
+    the old files as the ones in force) yet the enclave had taken the new ones."""
+    spent_three(enclave)
+    restart(enclave, configure=False)
+    paths = enclave.gatekeeper.paths
+    last = enclave.gatekeeper.audit.last_record()
+    assert last is not None
+    configuration = {
+        "clients": paths.clients_file.read_bytes(),
+        "policy": paths.policy_file.read_bytes(),
+        "audit_key": paths.sealed_audit_key_file.read_bytes(),
+        "audit_head": last.to_json().encode(),
+        "node": "test-node",
+    }
+    answer = enclave.client.request(MessageType.GATE_CONFIGURE, configuration)
+    assert answer["windows_ready"] is False  # it wants the records before the head
+    in_force = files_in_force(enclave)
+    lines = paths.audit_log.read_text().splitlines()[:-1]
+    spending = [i for i, line in enumerate(lines) if SealedAuditRecord.from_json(line).record.spend]
+    tampered = json.loads(lines[spending[0]])
+    tampered["record"]["spend"]["value"] = "1"
+    lines[spending[0]] = json.dumps(tampered, sort_keys=True, separators=(",", ":"))
+    looser = configuration["policy"].replace(b"chain_ids = [1, 11155111]", b"chain_ids = [5]")
+    assert looser != configuration["policy"]
+    with pytest.raises(IntegrityError, match="does not verify"):
+        enclave.client.request(
+            MessageType.GATE_CONFIGURE, configuration | {"policy": looser, "audit_tail": lines}
+        )
+    assert files_in_force(enclave) == in_force
+
+
+def files_in_force(enclave: Enclave) -> bytes:
+    """``sha256(policy) || sha256(clients)`` as the enclave attests them."""
+    document = enclave.client.attestation(os.urandom(16))
+    user_data = AttestationDocument.decode(CoseSign1.decode(document).payload).user_data
+    assert user_data is not None
+    return user_data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -84,7 +84,12 @@ def create_app(
     if gate is None and authenticate is not allow_anonymous_for_tests:
         raise ConfigurationError("an authenticated app needs its gate (create_app(gate=...))")
     settings = settings or ApiSettings()
-    metrics = ApiMetrics()
+
+    def reload_counts() -> Mapping[str, int]:
+        status = None if gate is None else gate.reload_status()
+        return {} if status is None else status.counts
+
+    metrics = ApiMetrics(reload_counts)
     authenticate = rate_limited(authenticate, settings)
     service = SigningService(signer, settings, metrics, gate, attestor)
     downstream = (

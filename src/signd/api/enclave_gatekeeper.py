@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Final
 
 from signd.audit import SealedAuditRecord
@@ -39,7 +40,7 @@ from signd.audit.lines import LogLines
 from signd.audit.log import store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
-from signd.auth.reload import read_settled
+from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -280,6 +281,7 @@ class EnclaveGatekeeper:
         and are expected to fail: resuming again for them would fail the next ones, and so
         on, for as long as requests keep coming)."""
         self._event_channel: EnclaveChannel | None = None
+        self._reloads = ReloadHistory()
 
     def __repr__(self) -> str:
         return f"EnclaveGatekeeper(client={self.client!r}, audit={self.audit!r})"
@@ -317,8 +319,8 @@ class EnclaveGatekeeper:
             if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
             elif reread:
-                clients_data = read_settled("clients", paths.clients_file)
-                policy_data = read_settled("policy", paths.policy_file)
+                clients_data = _read_for_reload("clients", paths.clients_file)
+                policy_data = _read_for_reload("policy", paths.policy_file)
             else:
                 clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
@@ -375,13 +377,22 @@ class EnclaveGatekeeper:
         )
 
     def reload(self) -> list[str]:
-        """Send the files again; a bad one is refused by the enclave and the ones in force
-        stay. The problems, one line each (empty when both loaded)."""
+        """Send the files again; the enclave puts both in force or neither (a bad one is
+        refused and the ones in force stay). The problems, one line each naming its file
+        (empty when both were put in force); the outcome is kept for
+        :meth:`reload_status`."""
+        return self._reloads.run(self._reload_files)
+
+    def _reload_files(self) -> list[str]:
         try:
             self.configure()
         except SigndError as exc:
             return [exc.message]
         return []
+
+    def reload_status(self) -> ReloadStatus:
+        """How the last reload went, and the SHA-256 of the files the enclave has in force."""
+        return self._reloads.status(self.clients_sha256 or None, self.policy_sha256 or None)
 
     # the enclave round trip
 
@@ -887,6 +898,15 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     except SigndError:
         return None
     return fills if filled == call.payload else None
+
+
+def _read_for_reload(kind: str, path: Path) -> bytes:
+    """:func:`~signd.auth.reload.read_settled`, its refusal naming the file as the
+    enclave's does (``"policy: ..."``)."""
+    try:
+        return read_settled(kind, path)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{kind}: {exc.message}") from None
 
 
 def _read(path: Any, *, missing_ok: bool = False) -> bytes:

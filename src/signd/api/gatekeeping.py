@@ -25,6 +25,7 @@ from signd.api import inputs
 from signd.api.errors import HeadersTooLarge, TargetTooLong
 from signd.api.service import Authenticator, Principal, gated
 from signd.api.settings import ApiSettings
+from signd.auth.reload import ReloadStatus
 from signd.auth.request_signing import SIGNED_HEADER_PREFIX
 from signd.custody.base import KeyInfo, KeyPage
 from signd.enclave.gate import MAX_HEADER_SIZE, MAX_HEADERS, MAX_TARGET
@@ -99,7 +100,12 @@ class Keeper(Protocol):
         ...
 
     def reload(self) -> list[str]:
-        """Re-read the clients and policy files; the problems (the old ones stay)."""
+        """Re-read the clients and policy files and put both in force, or neither; the
+        problems, one line each naming its file (the old ones stay)."""
+        ...
+
+    def reload_status(self) -> ReloadStatus:
+        """How the last :meth:`reload` went, and the SHA-256 of the files in force."""
         ...
 
     def close(self) -> None: ...
@@ -185,6 +191,10 @@ class GatekeeperGate:
     def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
         """``/readyz``'s ``audit`` part: nothing is signed while the log takes no record."""
         return [("audit", self.gatekeeper.check_audit)]
+
+    def reload_status(self) -> ReloadStatus:
+        """``/readyz``'s ``reload``: the gatekeeper's last reload."""
+        return self.gatekeeper.reload_status()
 
     def list_keys(
         self,

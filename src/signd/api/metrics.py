@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import accumulate
 from typing import Final
 
@@ -52,12 +52,42 @@ class Counter:
             return self._values.get(labels, 0.0)
 
     def expose(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} counter"]
         with self._lock:
-            items = sorted(self._values.items())
-        for labels, value in items:
-            lines.append(f"{self.name}{_format_labels(self.label_names, labels)} {_number(value)}")
-        return lines
+            items = list(self._values.items())
+        return _counter_lines(self.name, self.help_text, self.label_names, items)
+
+
+class CounterReading:
+    """A counter whose totals something else keeps (by label values), read when exposed:
+    it counts what happened whichever way it was set off."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        label_names: Sequence[str],
+        read: Callable[[], Mapping[Labels, float]],
+    ) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.label_names = tuple(label_names)
+        self._read = read
+
+    def value(self, *labels: str) -> float:
+        return self._read().get(labels, 0.0)
+
+    def expose(self) -> list[str]:
+        items = self._read().items()
+        return _counter_lines(self.name, self.help_text, self.label_names, items)
+
+
+def _counter_lines(
+    name: str, help_text: str, label_names: Sequence[str], items: Iterable[tuple[Labels, float]]
+) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+    for labels, value in sorted(items):
+        lines.append(f"{name}{_format_labels(label_names, labels)} {_number(value)}")
+    return lines
 
 
 class Histogram:
@@ -137,9 +167,10 @@ class Gauge:
 
 
 class ApiMetrics:
-    """The service's metrics; one instance per app."""
+    """The service's metrics; one instance per app. ``reload_counts`` gives the gate's
+    reloads of its clients and policy files so far, by outcome (none without a gate)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reload_counts: Callable[[], Mapping[str, int]] = dict) -> None:
         self.requests = Counter(
             "signd_http_requests_total",
             "HTTP requests by route template, method and status.",
@@ -172,6 +203,13 @@ class ApiMetrics:
             "signd_mqtt_connected",
             "1 while the MQTT adapter is connected and subscribed to the request topic, else 0.",
         )
+        self.config_reloads = CounterReading(
+            "signd_config_reloads_total",
+            "Reloads of the clients and policy files (SIGHUP) by outcome: reloaded (both put"
+            " in force) or refused (neither: the files in force stay).",
+            ("outcome",),
+            lambda: {(outcome,): count for outcome, count in reload_counts().items()},
+        )
 
     def expose(self) -> str:
         families = (
@@ -182,5 +220,6 @@ class ApiMetrics:
             self.rpc_calls,
             self.mqtt_duplicates,
             self.mqtt_connected,
+            self.config_reloads,
         )
         return "\n".join(line for family in families for line in family.expose()) + "\n"

@@ -398,6 +398,27 @@ def _schemas(settings: ApiSettings) -> dict[str, Any]:
                         "required": ["part", "status"],
                     },
                 },
+                "reload": {
+                    "type": "object",
+                    "description": "The last reload of the clients and policy files (SIGHUP):"
+                    " loaded (none since start), reloaded (both put in force) or refused"
+                    " (neither: the files in force stay, and the service stays ready)",
+                    "properties": {
+                        "status": {"enum": ["loaded", "reloaded", "refused"]},
+                        "at": {"type": "number", "description": "Unix time"},
+                        "reason": {"type": "string", "description": "Why it was refused"},
+                        "in_force": {
+                            "type": "object",
+                            "properties": {
+                                "clients_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                "policy_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                            },
+                            "additionalProperties": False,
+                        },
+                    },
+                    "required": ["status", "at", "in_force"],
+                    "additionalProperties": False,
+                },
             },
             "required": ["ready", "parts"],
         },
@@ -666,7 +687,8 @@ def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
                     "operationId": "readyz",
                     "security": _public(),
                     "summary": "Ready when every configured custody backend is healthy and"
-                    " the enclave's attestation verifies",
+                    " the enclave's attestation verifies; with a gate, how its last reload"
+                    " went",
                     "tags": ["operations"],
                     "responses": {
                         "200": _json(_ref("Readiness"), "Ready"),

@@ -318,7 +318,11 @@ class RestApi:
     async def readyz(self, request: Request, principal: Principal) -> Response:
         parts = await self.service.readiness()
         ready = all(part["status"] == "ok" for part in parts)
-        return JSONResponse({"ready": ready, "parts": parts}, status_code=200 if ready else 503)
+        answer: dict[str, Any] = {"ready": ready, "parts": parts}
+        reload = self.service.reload_status()
+        if reload is not None:
+            answer["reload"] = reload
+        return JSONResponse(answer, status_code=200 if ready else 503)
 
     async def metrics_text(self, request: Request, principal: Principal) -> Response:
         return Response(self.metrics.expose(), media_type=CONTENT_TYPE)

@@ -31,6 +31,7 @@ from signd.api.loops import PerLoop
 from signd.api.metrics import ApiMetrics
 from signd.api.settings import ApiSettings
 from signd.audit.log import DeferredAppends, FileAuditLog, deferring_appends
+from signd.auth.reload import ReloadStatus
 from signd.chains.ethereum import SignedTransaction
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage
@@ -226,6 +227,11 @@ class SigningGate(Protocol):
         check that raises what stops the gate."""
         ...
 
+    def reload_status(self) -> ReloadStatus | None:
+        """How the gate's last reload of its clients and policy files went (``None`` for a
+        gate without them): ``/readyz`` shows it, the metrics count the outcomes."""
+        ...
+
 
 _SIGNER_METHODS: Final[Mapping[SigningKind, Callable[[Signer, KeyInfo, Any], SigningResult]]] = {
     SigningKind.HASH: Signer.sign_hash,
@@ -270,6 +276,10 @@ class UngatedSigner:
     def health_checks(self) -> list[tuple[str, Callable[[], None]]]:
         """None: this gate keeps no audit log."""
         return []
+
+    def reload_status(self) -> ReloadStatus | None:
+        """``None``: this gate has no clients or policy files."""
+        return None
 
     def performed(self, principal: Principal, call: SigningCall) -> Signed | Exception | None:
         """``None``: nothing is performed with authentication here."""
@@ -502,6 +512,12 @@ class SigningService:
         return await self.run(self.attestor.attest, nonce)
 
     # health
+
+    def reload_status(self) -> dict[str, Any] | None:
+        """``/readyz``'s ``reload``: the gate's last reload of its clients and policy files
+        (a refused one leaves the service ready: the files in force still serve)."""
+        status = self.gate.reload_status()
+        return None if status is None else status.to_dict()
 
     def add_readiness_part(self, name: str, check: Callable[[], None]) -> None:
         """Make ``name`` a part of :meth:`readiness`: ``check`` blocks at most briefly and

@@ -6,6 +6,11 @@ bytes first and swaps only if they are valid, so a bad file is refused (the erro
 and raised to the caller) and the old value stays. Readers take :attr:`Reloadable.current`
 once per request and use that snapshot throughout; the swap is a single reference
 assignment.
+
+The two files are one configuration (a policy names the clients the clients file
+registers): :func:`reload_together` reads and parses every file first and swaps them only if
+all are good, so a bad file keeps its partner out too. :class:`ReloadHistory` remembers how
+the last reload went, for ``/readyz`` and the metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Final, Generic, Literal, Self, TypeVar
 
 from signd.auth.clients import ClientsRegistry
 from signd.errors import ConfigurationError
@@ -74,18 +81,19 @@ class Reloadable(ABC, Generic[T]):
     def replace(self, data: bytes) -> T:
         """Parse ``data`` and make it the value in force; on any error keep the old one."""
         with self._lock:
-            try:
-                value = self.parse(data)
-            except ConfigurationError as exc:
-                log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
-                raise
-            self._current = value
-            self._sha256 = hashlib.sha256(data).hexdigest()
-            log.info("%s reloaded, sha256 %s", self.kind, self._sha256)
+            value = self._parsed(data)
+            self._put(value, data)
             return value
 
     def reload(self) -> T:
         """Re-read :attr:`path` and :meth:`replace` the value with it."""
+        staged = self.stage()
+        self.put_in_force(staged)
+        return staged.value
+
+    def stage(self) -> Staged[T]:
+        """Re-read :attr:`path` (settled, :func:`read_settled`) and parse it, without putting
+        it in force; a bad or unreadable file is logged and raised."""
         if self.path is None:
             raise ConfigurationError(f"the {self.kind} file was not loaded from a path")
         try:
@@ -93,7 +101,53 @@ class Reloadable(ABC, Generic[T]):
         except ConfigurationError as exc:
             log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
             raise
-        return self.replace(data)
+        return Staged(self, self._parsed(data), data)
+
+    def put_in_force(self, staged: Staged[T]) -> None:
+        """Make the value :meth:`stage` read (for this holder) the one in force."""
+        with self._lock:
+            self._put(staged.value, staged.data)
+
+    def _parsed(self, data: bytes) -> T:
+        try:
+            return self.parse(data)
+        except ConfigurationError as exc:
+            log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
+            raise
+
+    def _put(self, value: T, data: bytes) -> None:
+        self._current = value
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        log.info("%s reloaded, sha256 %s", self.kind, self._sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged(Generic[T]):
+    """A file read and parsed for ``holder``, not yet in force."""
+
+    holder: Reloadable[T]
+    value: T
+    data: bytes
+
+
+def reload_together(holders: Sequence[Reloadable[Any]]) -> list[str]:
+    """Re-read every holder's file and put them all in force, or none: each is read (settled)
+    and parsed first, and only when every one is good are they swapped. The problems, one
+    line each naming its file (``"policy: ..."``); empty when all were put in force."""
+    staged: list[Staged[Any]] = []
+    problems: list[str] = []
+    for holder in holders:
+        try:
+            staged.append(holder.stage())
+        except ConfigurationError as exc:
+            problems.append(f"{holder.kind}: {exc.message}")
+    if problems:
+        kept = ", ".join(f"{holder.kind} sha256 {holder.sha256}" for holder in holders)
+        log.error("reload refused, none of the files taken, keeping %s", kept)
+        return problems
+    for each in staged:
+        each.holder.put_in_force(each)
+    return []
 
 
 class ClientsHolder(Reloadable[ClientsRegistry]):
@@ -104,6 +158,81 @@ class ClientsHolder(Reloadable[ClientsRegistry]):
     @staticmethod
     def parse(data: bytes) -> ClientsRegistry:
         return ClientsRegistry.from_bytes(data)
+
+
+ReloadState = Literal["loaded", "reloaded", "refused"]
+RELOAD_OUTCOMES: Final[tuple[ReloadState, ...]] = ("reloaded", "refused")
+"""What a reload can end in (the labels of the reload counter)."""
+UNEXPECTED_FAILURE: Final = "the reload failed unexpectedly (the server log has the error)"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadStatus:
+    """How the last reload of the clients and policy files went, and what is in force.
+
+    ``state`` is ``loaded`` until the first reload (``at`` is then when the files were
+    loaded), else the last reload's outcome; ``reason`` says why it was refused. ``counts``
+    are the reloads so far by outcome; the SHA-256 are those of the files in force (``None``
+    when unknown)."""
+
+    state: ReloadState
+    at: float
+    reason: str | None
+    counts: Mapping[str, int]
+    clients_sha256: str | None
+    policy_sha256: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``/readyz`` answers with (no counts: those are metrics)."""
+        shown: dict[str, Any] = {"status": self.state, "at": self.at}
+        if self.reason is not None:
+            shown["reason"] = self.reason
+        in_force = {"clients_sha256": self.clients_sha256, "policy_sha256": self.policy_sha256}
+        shown["in_force"] = {name: value for name, value in in_force.items() if value}
+        return shown
+
+
+class ReloadHistory:
+    """The last reload's outcome and how many reloads ended each way; thread-safe. ``now``
+    gives unix time."""
+
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+        self._state: ReloadState = "loaded"
+        self._at = now()
+        self._reason: str | None = None
+        self._counts: dict[str, int] = dict.fromkeys(RELOAD_OUTCOMES, 0)
+
+    def run(self, reload: Callable[[], list[str]]) -> list[str]:
+        """Call ``reload`` (it answers its problems, empty when the files were put in force)
+        and record its outcome; one that raises is recorded as refused, then raised."""
+        try:
+            problems = reload()
+        except Exception:
+            self._record([UNEXPECTED_FAILURE])
+            raise
+        self._record(problems)
+        return problems
+
+    def status(self, clients_sha256: str | None, policy_sha256: str | None) -> ReloadStatus:
+        """The last outcome, with the SHA-256 of the files in force as the gate says."""
+        with self._lock:
+            return ReloadStatus(
+                self._state,
+                self._at,
+                self._reason,
+                dict(self._counts),
+                clients_sha256,
+                policy_sha256,
+            )
+
+    def _record(self, problems: Sequence[str]) -> None:
+        with self._lock:
+            self._state = "refused" if problems else "reloaded"
+            self._at = self._now()
+            self._reason = "; ".join(problems) if problems else None
+            self._counts[self._state] += 1
 
 
 def read_settled(kind: str, path: Path) -> bytes:

@@ -11,7 +11,8 @@ file, policy, audit log): the enclave's (:class:`~signd.api.enclave_gatekeeper.E
 whenever enclave custody is enabled, as it is by default (the embedded local enclave), else
 the in-process :class:`~signd.gate.Gatekeeper`; the banner and the log say which. On first run
 with the default paths, a development client and policy are written (and announced loudly).
-SIGHUP reloads the clients and policy files; a bad file is refused and the one in force stays.
+SIGHUP reloads the clients and policy files, both or neither: a bad file is refused and the
+files in force stay (``/readyz`` says so under ``reload``).
 """
 
 from __future__ import annotations
@@ -296,7 +297,10 @@ class SighupReloads:
             log.exception("reload failed, the files in force stay")
             return
         if problems:
-            log.error("reload refused, the files in force stay: %s", "; ".join(problems))
+            log.error(
+                "reload refused, the files in force stay (neither file was taken): %s",
+                "; ".join(problems),
+            )
         else:
             log.info("reloaded the clients and policy files")
 

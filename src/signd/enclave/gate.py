@@ -286,12 +286,15 @@ class EnclaveGate:
         node = body.get("node", self._node)
         if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
             raise InvalidField("node must be 1-256 characters of text", field="node")
+        problems = []
         for holder, data in ((ClientsHolder, clients_data), (PolicyHolder, policy_data)):
             try:  # both are checked before either is replaced
                 holder.parse(data)
             except ConfigurationError as exc:
-                log.error("%s refused, the one in force stays: %s", holder.kind, exc.message)
-                raise ConfigurationError(f"{holder.kind}: {exc.message}") from None
+                problems.append(f"{holder.kind}: {exc.message}")
+        if problems:
+            log.error("configuration refused, the files in force stay: %s", "; ".join(problems))
+            raise ConfigurationError("; ".join(problems))
         last = SealedAuditRecord.from_json(head_data) if head_data else None
         tail = _audit_tail(body)
         answer: dict[str, Any] = {}
@@ -320,14 +323,16 @@ class EnclaveGate:
             else:
                 clients, policy = configured.clients, configured.policy
                 verifier, engine = configured.verifier, configured.engine
-                clients.replace(clients_data)
-                policy.replace(policy_data)
+                older: list[SealedAuditRecord] = []
                 if self._tail_wanted is not None:
                     ends_at, since = self._tail_wanted
                     older = _ending_at(tail, ends_at)
-                    if older:
-                        check_tail(older, mac_key, ends_at=ends_at)
-                        self._replay(engine, older, since)
+                    if older:  # before the files are replaced: a tail that does not verify
+                        check_tail(older, mac_key, ends_at=ends_at)  # changes nothing either
+                clients.replace(clients_data)
+                policy.replace(policy_data)
+                if older:
+                    self._replay(engine, older, since)
             self._configured = _Configured(clients, policy, verifier, engine, limits)
             head = self._audit.head
             answer["windows_ready"] = engine.windows_ready

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
+from signd.auth.reload import ReloadHistory, ReloadStatus, reload_together
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
-from signd.errors import AccessDenied, ConfigurationError, SigndError
+from signd.errors import AccessDenied, SigndError
 from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
 from signd.gate.errors import (
     BlindSigningDisabled,
@@ -170,6 +171,7 @@ class Gatekeeper:
         self.limits = limits
         self.clients = clients
         self.policy = policy
+        self._reloads = ReloadHistory()
 
     def __repr__(self) -> str:
         return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
@@ -185,17 +187,19 @@ class Gatekeeper:
     # configuration
 
     def reload(self) -> list[str]:
-        """Re-read the clients and policy files; a bad file is refused (and logged) and the
-        one in force stays. The problems, one line each (empty when both loaded)."""
-        problems = []
-        for holder in (self.clients, self.policy):
-            if holder is None:
-                continue
-            try:
-                holder.reload()
-            except ConfigurationError as exc:
-                problems.append(f"{holder.kind}: {exc.message}")
-        return problems
+        """Re-read the clients and policy files and put both in force, or neither: a bad
+        file is refused (and logged) and keeps the other out too, so a pair never validated
+        together is never in force. The problems, one line each naming its file (empty when
+        both were put in force); the outcome is kept for :meth:`reload_status`."""
+        holders = [holder for holder in (self.clients, self.policy) if holder is not None]
+        return self._reloads.run(lambda: reload_together(holders))
+
+    def reload_status(self) -> ReloadStatus:
+        """How the last reload went, and the SHA-256 of the files in force."""
+        return self._reloads.status(
+            None if self.clients is None else self.clients.sha256,
+            None if self.policy is None else self.policy.sha256,
+        )
 
     # authentication
 
