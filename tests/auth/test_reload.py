@@ -249,7 +249,7 @@ def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> N
     assert refused.to_dict() == {
         "status": "refused",
         "at": clock(),
-        "reason": "clients: not valid TOML; policy: version = 1",
+        "reason": "clients: refused; policy: refused (the service log says why)",
         "in_force": {"clients_sha256": "c" * 64},
     }
     clock.now += 5

@@ -183,13 +183,32 @@ class ReloadStatus:
     policy_sha256: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form ``/readyz`` answers with (no counts: those are metrics)."""
+        """The JSON form ``/readyz`` answers with (no counts: those are metrics). ``/readyz``
+        is public, so a refusal names only the files refused (:func:`public_reason`): the
+        reason itself, which may quote a client id or a rule name, stays in the log."""
         shown: dict[str, Any] = {"status": self.state, "at": self.at}
         if self.reason is not None:
-            shown["reason"] = self.reason
+            shown["reason"] = public_reason(self.reason)
         in_force = {"clients_sha256": self.clients_sha256, "policy_sha256": self.policy_sha256}
         shown["in_force"] = {name: value for name, value in in_force.items() if value}
         return shown
+
+
+RELOADED_FILES: Final = ("clients", "policy")
+"""The files a reload reads; a problem names its file first (``"clients: ..."``)."""
+
+
+def public_reason(reason: str) -> str:
+    """``reason`` (problems joined by ``"; "``) cut down to the files it refuses, for a public
+    answer: ``"clients: refused; policy: refused (the service log says why)"``."""
+    refused = [
+        kind
+        for kind in RELOADED_FILES
+        if any(problem.startswith(f"{kind}: ") for problem in reason.split("; "))
+    ]
+    if not refused:
+        return "refused (the service log says why)"
+    return "; ".join(f"{kind}: refused" for kind in refused) + " (the service log says why)"
 
 
 class ReloadHistory:
