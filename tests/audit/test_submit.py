@@ -218,3 +218,37 @@ def test_store_records_submits_inside_deferring_appends_and_waits_outside(
         )
         assert lines(path) == chain  # outside the block: durable on return
     assert not failures and finished == [True, True]
+
+
+def test_waiting_for_appends_sees_the_records_handed_in_before(tmp_path: Path) -> None:
+    """The last record once the records already handed in are written (or refused): one
+    being written, one waiting for it, not a record handed in afterwards."""
+    chain = build_chain(4)
+    writing, disk_done = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        writing.set()
+        disk_done.wait(WAIT)
+        real_fsync(fd)
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        FileAuditLog(path := tmp_path / "a.log", order_timeout=0.5) as log,
+    ):
+        patch.setattr(os, "fsync", slow_fsync)
+        log.submit(chain[:1])
+        assert writing.wait(WAIT)  # record 1 is being written
+        log.submit(chain[1:2])  # record 2 waits for it
+        assert log.last_record() is None
+        with pytest.raises(DependencyUnavailable, match=r"not written within 0\.2 s"):
+            log.wait_for_appends(0.2)
+        threading.Timer(0.2, disk_done.set).start()
+        log.wait_for_appends(WAIT)
+        assert log.last_record() == chain[1]
+        assert lines(path) == chain[:2]
+        log.submit(chain[3:])  # a gap: it waits for record 3, which never comes
+        started = time.monotonic()
+        log.wait_for_appends(WAIT)  # refused once its order timeout passes
+        assert time.monotonic() - started < WAIT
+        assert log.last_record() == chain[1]

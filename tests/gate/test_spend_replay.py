@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,55 @@ def files_in_force(enclave: Enclave) -> bytes:
     user_data = AttestationDocument.decode(CoseSign1.decode(document).payload).user_data
     assert user_data is not None
     return user_data
+
+
+def pay_with_token(enclave: Enclave, key: dict[str, Any], value: int, nonce: int) -> Any:
+    """A spend by the bearer client ``bridge`` (no request time: any enclave takes it)."""
+    body = tx_body(key, value=value, nonce=nonce)
+    return enclave.gated.signed("POST", SIGN_TX, body, headers={"authorization": BEARER_AUTH})
+
+
+BEARER_AUTH = f"Bearer {TOKEN}"
+
+
+def test_a_spend_still_being_written_when_the_enclave_restarts_is_counted(
+    enclave: Enclave, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enclave dies while the host is still writing a spend it committed (the disk is
+    slow). The spend is released once written, so the new enclave's windows must hold it:
+    the host configures it only once that write is over, not from the log as it was before."""
+    hot = new_key(enclave, ["hot"])
+    for nonce in range(2):
+        assert pay_with_token(enclave, hot, MAX_PER_TX, nonce).status_code == 200
+    writing, disk_done = threading.Event(), threading.Event()
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if not writing.is_set():
+            writing.set()
+            disk_done.wait(30)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    answers: dict[str, Any] = {}
+    third = threading.Thread(
+        target=lambda: answers.update(third=pay_with_token(enclave, hot, MAX_PER_TX, 2))
+    )
+    third.start()
+    assert writing.wait(30)  # its record is on its way to the disk
+    stop(enclave.process)
+    enclave.process = start_enclave_process(enclave.home, enclave.address)
+    fourth = threading.Thread(
+        target=lambda: answers.update(fourth=pay_with_token(enclave, hot, 1, 3))
+    )
+    fourth.start()  # finds the new enclave unconfigured, and configures it
+    fourth.join(2)
+    disk_done.set()
+    third.join(30)
+    fourth.join(30)
+
+    assert answers["third"].status_code == 200, answers["third"].text  # the window is full
+    for answer in (answers["fourth"], pay_with_token(enclave, hot, MAX_PER_TX // 2, 4)):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["rule"] == "hot-eth"
+        assert f"on top of {3 * MAX_PER_TX} spent" in answer.json()["error"]["message"]

@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from signd.audit import SealedAuditRecord
 from signd.audit.lines import LogLines
-from signd.audit.log import store_records
+from signd.audit.log import DEFAULT_ORDER_TIMEOUT, store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
 from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
@@ -98,6 +98,10 @@ log = logging.getLogger("signd.gate")
 NOT_IN_REQUEST: Final = "the call is not one the authenticated request asks for"
 TAIL_CHUNK_BYTES: Final = 256 * 1024
 """The most audit log bytes one GATE_CONFIGURE carries (with both files, under a frame)."""
+APPENDS_TIMEOUT: Final = 2 * DEFAULT_ORDER_TIMEOUT
+"""Seconds GATE_CONFIGURE waits for the audit records on their way to the log (a record
+waits at most :data:`~signd.audit.log.DEFAULT_ORDER_TIMEOUT` for those before it, then
+for its write)."""
 TAIL_CLOCK_MARGIN: Final = 300.0
 """Seconds of audit log read back beyond the longest spend window, for the enclave's clock."""
 _GATE_ERRORS: Final[Mapping[str, type[SigndError]]] = {
@@ -315,6 +319,10 @@ class EnclaveGatekeeper:
         paths = self.paths
         with self._configure_lock:
             sealed_key = _read(paths.sealed_audit_key_file, missing_ok=True)
+            # An enclave that restarted rebuilds its windows from the log's tail: records an
+            # earlier one sealed, still on their way to the log, must be in it (their results
+            # are released once they are), or their spends would be left out.
+            self.audit.wait_for_appends(APPENDS_TIMEOUT)
             last = self.audit.last_record()
             if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)

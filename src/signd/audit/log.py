@@ -168,7 +168,8 @@ class FileAuditLog:
         self._waiting: dict[int, Submission] = {}
         """Every record's ``seq`` that has arrived and is not yet being written."""
         self._refused: OrderedDict[bytes, None] = OrderedDict()
-        self._writing = False
+        self._in_write: list[Submission] = []
+        """The group being written (the lock is released meanwhile); empty when none is."""
         self._taken = self.head.seq
         """The last ``seq`` written or being written."""
         self._closed = False
@@ -210,6 +211,25 @@ class FileAuditLog:
 
     def last_record(self) -> SealedAuditRecord | None:
         return self._last
+
+    def wait_for_appends(self, timeout: float) -> None:
+        """Return once every record handed in before this call is durable or refused: until
+        then, one being written or waiting for its predecessors may still extend the log, so
+        :meth:`last_record` may not be where the log will end for them. A reader that must
+        see every record already handed out (the tail a restarted enclave rebuilds its spend
+        windows from) waits here first. :class:`~signd.errors.DependencyUnavailable` if they
+        are not settled within ``timeout`` seconds (a write that hangs)."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            handed_in = {*self._waiting.values(), *self._in_write}
+            while not all(pending.settled for pending in handed_in):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DependencyUnavailable(
+                        f"records handed to the audit log {self.path} were not written "
+                        f"within {timeout:g} s"
+                    )
+                self._state.wait(remaining)
 
     def append(self, sealed: SealedAuditRecord) -> None:
         self.append_many([sealed])
@@ -374,7 +394,7 @@ class FileAuditLog:
         if not group:
             return
         self._group_started = time.monotonic()
-        self._writing = True
+        self._in_write = group
         self._taken = head.seq
         self._state.release()
         failure: SigndError | None = DependencyUnavailable("the audit log write was interrupted")
@@ -388,7 +408,7 @@ class FileAuditLog:
             )
         finally:
             self._state.acquire()
-            self._writing = False
+            self._in_write = []
             self._work.notify()  # the writer thread takes what arrived meanwhile
             if failure is None:
                 self._last = group[-1].last
@@ -399,6 +419,10 @@ class FileAuditLog:
                 self._taken = self.head.seq
                 for pending in group:
                     self._refuse(pending, failure)
+
+    @property
+    def _writing(self) -> bool:
+        return bool(self._in_write)
 
     def _write(self, data: bytes) -> DependencyUnavailable | None:
         """Append ``data`` and fsync; on failure, cut the file back to where it was."""
