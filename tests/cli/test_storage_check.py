@@ -390,6 +390,12 @@ class ListsOnly(BlobStore):
     def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
         return self.inner.list_blobs(prefix)
 
+    def quarantine(self, name: str) -> str:
+        return self.inner.quarantine(name)
+
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        return self.inner.list_quarantined()
+
 
 def test_the_check_never_reads_a_blob(stack: Stack) -> None:
     keys = stack.create(6)
