@@ -4,8 +4,10 @@
 PostgreSQL. An enclave listens on a real Unix socket in this process and an EnclaveBackend
 creates keys through it, as in ``tests/enclave/test_stores_matrix.py``; the command under
 test builds its own stores from the same ``signd.toml``. Lost keys are made by deleting or
-cutting short a batch blob, orphans by writing a blob directly or by a create whose
-PostgreSQL write fails.
+cutting short a batch blob, orphans by writing a blob directly, by a create whose
+PostgreSQL write fails, or by checking against a restored older copy of the metadata store.
+Orphans are never deleted, only moved to the blob store's quarantine, from where the tests
+move them back by hand as an operator would.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -35,12 +38,14 @@ from signd.operations import Signer
 from signd.operations.components import build_blob_store, build_kms, build_metadata_store
 from signd.operations.storage_check import (
     check_storage,
-    delete_orphans,
     index_records,
+    quarantine_orphans,
     survey,
 )
 from signd.storage.base import BlobStat, BlobStore, MetadataStore
-from signd.storage.blobs import MARKER, FilesystemBlobStore
+from signd.storage.blobs import MARKER, QUARANTINE_FOLDER, FilesystemBlobStore
+from signd.storage.s3 import S3BlobStore
+from signd.storage.sqlite import SqliteMetadataStore
 from tests.cli.conftest import Cli
 from tests.fixtures.servers import (  # noqa: F401 - registers the server fixtures
     TEST_PASSWORD,
@@ -68,6 +73,8 @@ class Stack:
     blobs: BlobStore
     metadata: MetadataStore
     signer: Signer
+    s3: Any = None
+    """A plain boto3 client of the S3 stack's endpoint: an operator's own tools."""
 
     def create(self, count: int) -> list[KeyInfo]:
         return self.signer.create_keys(chain="ethereum", custody="enclave", count=count)
@@ -88,6 +95,44 @@ class Stack:
         then = (utc_now() - by).timestamp()
         os.utime(self.blobs.path_of(name), (then, then))
 
+    def read_quarantined(self, where: str) -> bytes:
+        """The bytes at a quarantine location, read as an operator would."""
+        if self.s3 is None:
+            return Path(where).read_bytes()
+        url = urlsplit(where)
+        body: bytes = self.s3.get_object(Bucket=url.netloc, Key=url.path[1:])["Body"].read()
+        return body
+
+    def move_back(self, where: str, name: str) -> None:
+        """Undo a quarantine by hand: ``mv`` it to its shard folder, ``aws s3 mv`` it back."""
+        if isinstance(self.blobs, FilesystemBlobStore):
+            os.rename(where, self.blobs.path_of(name))
+            return
+        assert isinstance(self.blobs, S3BlobStore)
+        url = urlsplit(where)
+        bucket, key = url.netloc, url.path[1:]
+        self.s3.copy_object(
+            Bucket=bucket, Key=self.blobs.prefix + name, CopySource={"Bucket": bucket, "Key": key}
+        )
+        self.s3.delete_object(Bucket=bucket, Key=key)
+
+    def restored_metadata(
+        self, keys: list[KeyInfo], request: pytest.FixtureRequest
+    ) -> MetadataStore:
+        """A metadata store holding only the records of ``keys``, as a backup restored from
+        before the others were created would."""
+        restored: MetadataStore
+        if self.kind == "local":
+            restored = SqliteMetadataStore(self.home / "restored.db")
+        else:
+            from signd.storage.postgres import PostgresMetadataStore
+
+            postgres: PostgresServer = request.getfixturevalue("postgres_server")
+            restored = PostgresMetadataStore(postgres.create_schema())
+        records = [self.metadata.find(key.key_id) for key in keys]
+        restored.add([record for record in records if record is not None])
+        return restored
+
 
 def blob_of(key: KeyInfo) -> BlobRange:
     where = BlobRange.parse(key.details["blob"])
@@ -97,10 +142,12 @@ def blob_of(key: KeyInfo) -> BlobRange:
 
 @pytest.fixture(params=["local", "aws"])
 def stack(request: pytest.FixtureRequest, cli: Cli) -> Iterator[Stack]:
+    s3 = None
     if request.param == "local":
         tables = local_tables()
     else:
         moto: MotoServer = request.getfixturevalue("moto_server")
+        s3 = moto.client("s3")
         postgres: PostgresServer = request.getfixturevalue("postgres_server")
         tables = aws_tables(
             kms_endpoint=moto.endpoint_url,
@@ -120,7 +167,7 @@ def stack(request: pytest.FixtureRequest, cli: Cli) -> Iterator[Stack]:
         backend = EnclaveBackend(client, metadata, batch_size=BATCH)
         signer = Signer({"enclave": lambda: backend})
         try:
-            yield Stack(request.param, cli.home, tables, blobs, metadata, signer)
+            yield Stack(request.param, cli.home, tables, blobs, metadata, signer, s3)
         finally:
             signer.close()
             server.close()
@@ -237,10 +284,12 @@ def test_an_orphan_alone_exits_3_and_a_young_one_is_kept(stack: Stack, cli: Cli)
     assert 0 <= orphan["age_seconds"] < 60
     assert datetime.fromisoformat(orphan["modified"]).tzinfo is not None
 
-    code, report = run(cli, "--delete-orphans")
+    code, report = run(cli, "--quarantine-orphans")
     assert code == 3
     assert report["orphans"][0]["action"] == "too young"
-    assert report["deleted"] == 0
+    assert report["orphans"][0]["moved_to"] is None
+    assert report["quarantined"] == 0
+    assert report["in_quarantine"] == {"blobs": 0, "bytes": 0}
     assert stack.blobs.stat(name) is not None
     code, text = run(cli, as_json=False)
     assert "orphans: 1 blobs no record names" in text
@@ -249,41 +298,60 @@ def test_an_orphan_alone_exits_3_and_a_young_one_is_kept(stack: Stack, cli: Cli)
 
 
 @local_only
-def test_the_command_deletes_old_orphans_only(stack: Stack, cli: Cli) -> None:
+def test_the_command_quarantines_old_orphans_only(stack: Stack, cli: Cli) -> None:
     keys = stack.create(3)
-    old, young = stack.orphan(), stack.orphan()
+    old, young = stack.orphan(size=500), stack.orphan(size=400)
+    old_bytes = stack.blobs.get(old)
     stack.age(old, timedelta(hours=2))
     stack.age(blob_of(keys[0]).name, timedelta(days=3))  # an old key's blob stays
+    assert isinstance(stack.blobs, FilesystemBlobStore)
+    quarantine = stack.blobs.root / QUARANTINE_FOLDER
 
-    code, report = run(cli, "--delete-orphans")
+    code, report = run(cli, "--quarantine-orphans")
     assert code == 3  # the young orphan remains
-    assert {o["name"]: o["action"] for o in report["orphans"]} == {
-        old: "deleted",
-        young: "too young",
+    assert {o["name"]: (o["action"], o["moved_to"]) for o in report["orphans"]} == {
+        old: ("quarantined", str(quarantine / old)),
+        young: ("too young", None),
     }
+    assert report["in_quarantine"] == {"blobs": 0, "bytes": 0}  # held before this run
     assert stack.blobs.stat(old) is None
+    assert stack.read_quarantined(str(quarantine / old)) == old_bytes
 
-    code, report = run(cli, "--delete-orphans", "--older-than", "600")
+    code, report = run(cli, "--quarantine-orphans", "--older-than", "600")
     assert report["orphans"][0]["action"] == "too young"
+    assert report["in_quarantine"] == {"blobs": 1, "bytes": 500}
     stack.age(young, timedelta(minutes=11))
-    code, report = run(cli, "--delete-orphans", "--older-than", "600")
-    assert (code, report["deleted"], report["ok"]) == (0, 1, True)
+    code, text = run(cli, "--quarantine-orphans", "--older-than", "600", as_json=False)
+    assert code == 0
+    assert f"[quarantined to {quarantine / young}]" in text
+    assert "in quarantine from earlier runs: 1 blobs, 500 bytes" in text
+    assert "quarantined 1 orphans" in text
+    assert "result: consistent" in text
     for key in keys:
         stack.sign(key)
-    assert run(cli)[0] == 0
+    code, report = run(cli)
+    assert (code, report["in_quarantine"]) == (0, {"blobs": 2, "bytes": 900})
 
 
 @aws_only
-def test_old_orphans_on_s3_are_deleted(stack: Stack) -> None:
+def test_old_orphans_on_s3_are_quarantined(stack: Stack) -> None:
     keys = stack.create(2)
-    name = stack.orphan()
+    name = stack.orphan(size=321)
+    data = stack.blobs.get(name)
     report = check_storage(stack.metadata, stack.blobs, now=later())
-    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
-    assert [(o.name, o.action) for o in removal.outcomes] == [(name, "deleted")]
+    moves = quarantine_orphans(report, stack.metadata, stack.blobs, now=later)
+    bucket = stack.tables["blobs"]["bucket"]
+    where = f"s3://{bucket}/signd/quarantine/{name}"
+    assert [(o.name, o.action, o.moved_to) for o in moves.outcomes] == [
+        (name, "quarantined", where)
+    ]
     assert stack.blobs.stat(name) is None
+    assert stack.read_quarantined(where) == data
     for key in keys:
         stack.sign(key)
-    assert check_storage(stack.metadata, stack.blobs).consistent
+    report = check_storage(stack.metadata, stack.blobs)
+    assert report.consistent
+    assert report.in_quarantine.to_dict() == {"blobs": 1, "bytes": 321}
 
 
 @aws_only
@@ -305,8 +373,8 @@ def test_postgres_down_during_a_create_leaves_an_orphan_the_check_finds(
     assert report["lost_keys"] == []
     assert [o["name"] for o in report["orphans"]] == [orphan]
     report = check_storage(stack.metadata, stack.blobs, now=later())
-    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
-    assert [(o.name, o.action) for o in removal.outcomes] == [(orphan, "deleted")]
+    moves = quarantine_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert [(o.name, o.action) for o in moves.outcomes] == [(orphan, "quarantined")]
     stack.sign(key)
     assert run(cli)[0] == 0
 
@@ -314,60 +382,116 @@ def test_postgres_down_during_a_create_leaves_an_orphan_the_check_finds(
 # --------------------------------------------------------------------------- the race
 
 
-def test_a_create_racing_the_check_is_never_deleted(stack: Stack) -> None:
+def test_a_create_racing_the_check_is_never_quarantined(stack: Stack) -> None:
     """Records walked, then a create stores a blob and records it, then the blobs are listed
-    and orphans deleted: the new blob looks like an orphan to this run, and is kept by the
-    age guard, and, were the clock wrong, by the look-up just before the delete."""
+    and orphans quarantined: the new blob looks like an orphan to this run, and is kept by
+    the age guard, and, were the clock wrong, by the look-up just before the move."""
     [earlier] = stack.create(1)
     index = index_records(stack.metadata)
     [new] = stack.create(1)
     report = survey(index, stack.metadata, stack.blobs)
     assert [orphan.name for orphan in report.orphans] == [blob_of(new).name]
 
-    removal = delete_orphans(report, stack.metadata, stack.blobs)
-    assert [outcome.action for outcome in removal.outcomes] == ["too young"]
+    moves = quarantine_orphans(report, stack.metadata, stack.blobs)
+    assert [outcome.action for outcome in moves.outcomes] == ["too young"]
     stale = survey(index, stack.metadata, stack.blobs, now=later())
-    removal = delete_orphans(stale, stack.metadata, stack.blobs, now=later)
-    assert [outcome.action for outcome in removal.outcomes] == ["named by a record"]
+    moves = quarantine_orphans(stale, stack.metadata, stack.blobs, now=later)
+    assert [outcome.action for outcome in moves.outcomes] == ["named by a record"]
 
     stack.sign(new)
     stack.sign(earlier)
     assert check_storage(stack.metadata, stack.blobs).consistent
 
 
-def test_nothing_is_deleted_while_keys_are_lost(stack: Stack, cli: Cli) -> None:
+def test_nothing_is_quarantined_while_keys_are_lost(stack: Stack, cli: Cli) -> None:
     keys = stack.create(2)
     stack.blobs.delete(blob_of(keys[0]).name)
     name = stack.orphan()
     report = check_storage(stack.metadata, stack.blobs, now=later())
-    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
-    assert removal.refused is not None
-    assert [outcome.action for outcome in removal.outcomes] == ["not tried"]
+    moves = quarantine_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert moves.refused is not None
+    assert [outcome.action for outcome in moves.outcomes] == ["not tried"]
     assert stack.blobs.stat(name) is not None
-    code, result = run(cli, "--delete-orphans")
-    assert (code, result["deleted"]) == (1, 0)
-    assert "keys are lost" in result["delete_refused"]
+    code, result = run(cli, "--quarantine-orphans")
+    assert (code, result["quarantined"]) == (1, 0)
+    assert "keys are lost" in result["quarantine_refused"]
 
 
-def test_nothing_is_deleted_against_a_metadata_store_without_records(stack: Stack) -> None:
+def test_nothing_is_quarantined_against_a_metadata_store_without_records(stack: Stack) -> None:
     name = stack.orphan()
     report = check_storage(stack.metadata, stack.blobs, now=later())
-    removal = delete_orphans(report, stack.metadata, stack.blobs, now=later)
-    assert removal.refused is not None
-    assert "no enclave key record" in removal.refused
+    moves = quarantine_orphans(report, stack.metadata, stack.blobs, now=later)
+    assert moves.refused is not None
+    assert "no enclave key record" in moves.refused
     assert stack.blobs.stat(name) is not None
+
+
+def test_a_restored_older_metadata_store_loses_no_key(
+    stack: Stack, cli: Cli, request: pytest.FixtureRequest
+) -> None:
+    """The case the guards cannot see: a backup restored from before some keys were made
+    has records, and its keys' blobs are all there. The later keys' blobs look like old
+    orphans, and are quarantined; with the right store back they are lost keys until an
+    operator moves them back by hand, and then they sign."""
+    [kept] = stack.create(1)
+    restored = stack.restored_metadata([kept], request)
+    try:
+        later_keys = stack.create(2)
+        name = blob_of(later_keys[0]).name
+        data = stack.blobs.get(name)
+        report = check_storage(restored, stack.blobs, now=later())
+        assert (report.records, report.lost, [o.name for o in report.orphans]) == (1, [], [name])
+        moves = quarantine_orphans(report, restored, stack.blobs, now=later)
+    finally:
+        restored.close()
+    [outcome] = moves.outcomes
+    assert (outcome.action, moves.error, moves.refused) == ("quarantined", None, None)
+    assert outcome.moved_to is not None
+    assert stack.read_quarantined(outcome.moved_to) == data
+
+    code, report = run(cli)  # the right metadata store again
+    assert code == 1
+    assert {lost["key_id"] for lost in report["lost_keys"]} == {k.key_id for k in later_keys}
+    assert report["in_quarantine"] == {"blobs": 1, "bytes": len(data)}
+
+    stack.move_back(outcome.moved_to, name)
+    code, report = run(cli)
+    assert (code, report["ok"], report["in_quarantine"]) == (0, True, {"blobs": 0, "bytes": 0})
+    for key in [kept, *later_keys]:
+        stack.sign(key)
+
+
+@local_only
+def test_an_orphan_whose_name_is_taken_in_quarantine_stays(stack: Stack, cli: Cli) -> None:
+    stack.create(1)
+    name = stack.orphan()
+    data = stack.blobs.get(name)
+    stack.age(name, timedelta(hours=2))
+    assert isinstance(stack.blobs, FilesystemBlobStore)
+    taken = stack.blobs.root / QUARANTINE_FOLDER / name
+    taken.parent.mkdir()
+    taken.write_bytes(b"another blob of that name, quarantined earlier")
+
+    code, report = run(cli, "--quarantine-orphans")
+    assert code == 3
+    assert [(o["action"], o["moved_to"]) for o in report["orphans"]] == [
+        ("name taken in quarantine", None)
+    ]
+    assert (report["quarantined"], report["quarantine_error"]) == (0, None)
+    assert stack.blobs.get(name) == data
+    assert taken.read_bytes() == b"another blob of that name, quarantined earlier"
 
 
 # --------------------------------------------------------------------------- no secrets
 
 
 class ListsOnly(BlobStore):
-    """The real store, except that reading a blob's bytes fails the test."""
+    """The real store, except that reading, writing or deleting a blob fails the test."""
 
-    def __init__(self, inner: BlobStore, *, fail_deletes_after: int | None = None) -> None:
+    def __init__(self, inner: BlobStore, *, fail_moves_after: int | None = None) -> None:
         self.inner = inner
-        self.fail_deletes_after = fail_deletes_after
-        self.deletes = 0
+        self.fail_moves_after = fail_moves_after
+        self.moves = 0
 
     def put(self, name: str, data: bytes) -> None:
         raise AssertionError("the check wrote a blob")
@@ -379,16 +503,22 @@ class ListsOnly(BlobStore):
         raise AssertionError("the check read a blob")
 
     def delete(self, name: str) -> None:
-        if self.fail_deletes_after is not None and self.deletes >= self.fail_deletes_after:
+        raise AssertionError("the check deleted a blob")
+
+    def quarantine(self, name: str) -> str:
+        if self.fail_moves_after is not None and self.moves >= self.fail_moves_after:
             raise DependencyUnavailable("blob store went away")
-        self.deletes += 1
-        self.inner.delete(name)
+        self.moves += 1
+        return self.inner.quarantine(name)
 
     def stat(self, name: str) -> BlobStat | None:
         return self.inner.stat(name)
 
     def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
         return self.inner.list_blobs(prefix)
+
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        return self.inner.list_quarantined()
 
 
 def test_the_check_never_reads_a_blob(stack: Stack) -> None:
@@ -401,30 +531,31 @@ def test_the_check_never_reads_a_blob(stack: Stack) -> None:
     stack.blobs.put(last.name, bytes(last.end))  # the right size is all the check can see
     report = check_storage(stack.metadata, ListsOnly(stack.blobs), now=later())
     assert report.lost == []
-    removal = delete_orphans(report, stack.metadata, ListsOnly(stack.blobs), now=later)
-    assert [(outcome.name, outcome.action) for outcome in removal.outcomes] == [(name, "deleted")]
+    moves = quarantine_orphans(report, stack.metadata, ListsOnly(stack.blobs), now=later)
+    assert [(outcome.name, outcome.action) for outcome in moves.outcomes] == [(name, "quarantined")]
 
 
 @local_only
-def test_a_store_failing_mid_delete_stops_with_the_report_and_exit_4(
+def test_a_store_failing_mid_quarantine_stops_with_the_report_and_exit_4(
     stack: Stack, cli: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack.create(1)
     orphans = [stack.orphan() for _ in range(3)]
     for index, name in enumerate(orphans):
-        stack.age(name, timedelta(hours=3 - index))  # deleted oldest first
+        stack.age(name, timedelta(hours=3 - index))  # moved oldest first
     real_build = build_blob_store
 
     def failing_build(settings: Any) -> BlobStore:
-        return ListsOnly(real_build(settings), fail_deletes_after=1)
+        return ListsOnly(real_build(settings), fail_moves_after=1)
 
     monkeypatch.setattr("signd.operations.components.build_blob_store", failing_build)
-    code, report = run(cli, "--delete-orphans")
+    code, report = run(cli, "--quarantine-orphans")
     assert code == 4
-    assert [o["action"] for o in report["orphans"]] == ["deleted", "failed", "not tried"]
-    assert report["delete_error"]["code"] == "dependency_unavailable"
+    assert [o["action"] for o in report["orphans"]] == ["quarantined", "failed", "not tried"]
+    assert report["quarantine_error"]["code"] == "dependency_unavailable"
     assert [stack.blobs.stat(name) is None for name in orphans] == [True, False, False]
-    code, text = run(cli, "--delete-orphans", as_json=False)
+    assert [blob.name for blob in stack.blobs.list_quarantined()] == orphans[:1]
+    code, text = run(cli, "--quarantine-orphans", as_json=False)
     assert code == 4
     assert "error dependency_unavailable: blob store went away" in text
 
@@ -482,8 +613,24 @@ def test_an_unmounted_blob_folder_exits_4_not_key_loss(stack: Stack, cli: Cli) -
     assert MARKER in report["error"]["message"]
 
 
+@local_only
+def test_the_old_delete_option_is_refused_and_deletes_nothing(stack: Stack, cli: Cli) -> None:
+    stack.create(1)
+    name = stack.orphan()
+    stack.age(name, timedelta(days=30))
+    state.close()
+    result = cli.runner.invoke(
+        app, ["--home", str(cli.home), "storage", "check", "--json", "--delete-orphans"]
+    )
+    state.close()
+    assert result.exit_code == 2  # a usage error: an old cron job fails loudly
+    assert "No such option" in result.output
+    assert stack.blobs.stat(name) is not None
+    assert list(stack.blobs.list_quarantined()) == []
+
+
 def test_too_small_an_age_is_refused_before_anything_is_read(cli: Cli) -> None:
-    code, report = run(cli, "--delete-orphans", "--older-than", "599")
+    code, report = run(cli, "--quarantine-orphans", "--older-than", "599")
     assert code == 4
     assert report["error"]["field"] == "older_than"
     assert not (cli.home / "metadata.db").exists()

@@ -100,6 +100,7 @@ class MemoryBlobStore(BlobStore):
     def __init__(self) -> None:
         self.blobs: dict[str, bytes] = {}
         self.written: dict[str, datetime] = {}
+        self.quarantined: dict[str, bytes] = {}
         self.down = False
         self.fail_puts_after: int | None = None
         self.puts = 0
@@ -150,6 +151,23 @@ class MemoryBlobStore(BlobStore):
             found = self.stat(name)
             if found is not None:
                 yield found
+
+    def quarantine(self, name: str) -> str:
+        self._check_up()
+        with self._lock:
+            if name not in self.blobs:
+                raise KeyNotFound(f"no blob {name!r}")
+            if self.quarantined.get(name, self.blobs[name]) != self.blobs[name]:
+                raise KeyExists(f"the quarantine already holds another blob named {name!r}")
+            self.quarantined[name] = self.blobs.pop(name)
+        return f"memory:quarantine/{name}"
+
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        self._check_up()
+        with self._lock:
+            held = [(name, len(data)) for name, data in self.quarantined.items()]
+        for name, size in held:
+            yield BlobStat(name, size, self.written.get(name, datetime.now(UTC)))
 
     def check_health(self) -> None:
         self._check_up()

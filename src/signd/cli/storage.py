@@ -3,10 +3,14 @@
 Lists and stats only: no blob is read or unsealed, so the command needs no KMS and no
 enclave, just the ``[metadata]`` and ``[blobs]`` configuration. Exit status:
 
-- 0: every record's range is stored, and no blob is an orphan (or all orphans were deleted);
+- 0: every record's range is stored, and no blob is an orphan (or all orphans were moved to
+  the quarantine);
 - 1: KEY LOSS, some record names a blob that is missing or too short (or a bad reference);
 - 3: orphans only (harmless sealed ciphertext no record names);
 - 4: the check could not run or finish (a store down, a bad setting), with the error.
+
+No blob is ever deleted: ``--quarantine-orphans`` moves orphans to the blob store's
+quarantine, and purging it is an operator's deliberate step (docs/ENCLAVE.md).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from signd.cli.context import state
 from signd.cli.output import emit, exits_on_errors, print_error, stdout
 
 if TYPE_CHECKING:
-    from signd.operations.storage_check import Removal, StorageReport
+    from signd.operations.storage_check import QuarantineRun, StorageReport
 
 storage_app = typer.Typer(
     help="Enclave custody's storage: key records and the sealed blobs they name.",
@@ -35,12 +39,13 @@ EXIT_UNCHECKED: Final = 4
 @storage_app.command("check")
 @exits_on_errors(EXIT_UNCHECKED)
 def storage_check(
-    delete_orphans: Annotated[
+    quarantine_orphans: Annotated[
         bool,
         typer.Option(
-            "--delete-orphans",
-            help="Delete blobs no record names that are older than --older-than (each checked"
-            " again just before its delete).",
+            "--quarantine-orphans",
+            help="Move blobs no record names that are older than --older-than to the blob"
+            " store's quarantine (each checked again just before its move). Nothing is"
+            " deleted: purging the quarantine is a step for an operator.",
         ),
     ] = False,
     older_than: Annotated[
@@ -48,7 +53,7 @@ def storage_check(
         typer.Option(
             "--older-than",
             metavar="SECONDS",
-            help="With --delete-orphans: delete only orphans at least this old (600 or more).",
+            help="With --quarantine-orphans: move only orphans at least this old (600 or more).",
         ),
     ] = 3600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")] = False,
@@ -59,7 +64,7 @@ def storage_check(
     """
     from signd.operations.components import build_blob_store, build_metadata_store
     from signd.operations.storage_check import check_orphan_age, check_storage
-    from signd.operations.storage_check import delete_orphans as remove_orphans
+    from signd.operations.storage_check import quarantine_orphans as move_orphans
 
     check_orphan_age(older_than)
     settings = state.settings
@@ -68,53 +73,54 @@ def storage_check(
         blobs = build_blob_store(settings)
         try:
             report = check_storage(metadata, blobs)
-            removal = (
-                remove_orphans(report, metadata, blobs, older_than=older_than)
-                if delete_orphans
+            moves = (
+                move_orphans(report, metadata, blobs, older_than=older_than)
+                if quarantine_orphans
                 else None
             )
         finally:
             blobs.close()
     finally:
         metadata.close()
-    result = _result(report, removal)
-    emit(result, as_json=as_json, human=lambda: _print_report(report, removal, older_than))
-    if removal is not None and removal.error is not None and not as_json:
-        print_error(removal.error, as_json=False)
-    raise typer.Exit(_exit_status(report, removal))
+    result = _result(report, moves)
+    emit(result, as_json=as_json, human=lambda: _print_report(report, moves, older_than))
+    if moves is not None and moves.error is not None and not as_json:
+        print_error(moves.error, as_json=False)
+    raise typer.Exit(_exit_status(report, moves))
 
 
-def _remaining_orphans(report: StorageReport, removal: Removal | None) -> int:
-    if removal is None:
+def _remaining_orphans(report: StorageReport, moves: QuarantineRun | None) -> int:
+    if moves is None:
         return len(report.orphans)
-    return sum(outcome.action not in ("deleted", "gone") for outcome in removal.outcomes)
+    return sum(outcome.action not in ("quarantined", "gone") for outcome in moves.outcomes)
 
 
-def _exit_status(report: StorageReport, removal: Removal | None) -> int:
+def _exit_status(report: StorageReport, moves: QuarantineRun | None) -> int:
     if report.lost:
         return EXIT_KEYS_LOST
-    if removal is not None and removal.error is not None:
+    if moves is not None and moves.error is not None:
         return EXIT_UNCHECKED
-    return EXIT_ORPHANS if _remaining_orphans(report, removal) else EXIT_CONSISTENT
+    return EXIT_ORPHANS if _remaining_orphans(report, moves) else EXIT_CONSISTENT
 
 
-def _result(report: StorageReport, removal: Removal | None) -> dict[str, Any]:
+def _result(report: StorageReport, moves: QuarantineRun | None) -> dict[str, Any]:
     orphans = [orphan.to_dict() for orphan in report.orphans]
-    if removal is not None:
-        for orphan, outcome in zip(orphans, removal.outcomes, strict=True):
-            orphan["action"] = outcome.action
+    if moves is not None:
+        for orphan, outcome in zip(orphans, moves.outcomes, strict=True):
+            orphan.update(outcome.to_dict())  # the same name, with action and moved_to
     result: dict[str, Any] = {
-        "ok": not report.lost and not _remaining_orphans(report, removal),
+        "ok": not report.lost and not _remaining_orphans(report, moves),
         "checked_at": report.checked_at.isoformat(),
         "records": report.records,
         "blobs": report.blobs,
         "lost_keys": [lost.to_dict() for lost in report.lost],
         "orphans": orphans,
+        "in_quarantine": report.in_quarantine.to_dict(),
     }
-    if removal is not None:
-        result["deleted"] = removal.deleted
-        result["delete_refused"] = removal.refused
-        result["delete_error"] = None if removal.error is None else removal.error.to_dict()
+    if moves is not None:
+        result["quarantined"] = moves.quarantined
+        result["quarantine_refused"] = moves.refused
+        result["quarantine_error"] = None if moves.error is None else moves.error.to_dict()
     return result
 
 
@@ -131,7 +137,7 @@ def _age(seconds: float) -> str:
     return f"{days} d" + (f" {hours % 24} h" if hours % 24 else "")
 
 
-def _print_report(report: StorageReport, removal: Removal | None, older_than: float) -> None:
+def _print_report(report: StorageReport, moves: QuarantineRun | None, older_than: float) -> None:
     def line(text: str) -> None:
         stdout.print(text, markup=False)
 
@@ -153,24 +159,34 @@ def _print_report(report: StorageReport, removal: Removal | None, older_than: fl
     if report.orphans:
         line(
             f"orphans: {len(report.orphans)} blobs no record names (sealed ciphertext, harmless;"
-            f" --delete-orphans removes those older than {_age(older_than)}):"
+            f" --quarantine-orphans moves those older than {_age(older_than)} to the"
+            " quarantine):"
         )
-        actions = [outcome.action for outcome in removal.outcomes] if removal else []
+        outcomes = moves.outcomes if moves else []
         for index, orphan in enumerate(report.orphans):
-            action = f"  [{actions[index]}]" if actions else ""
+            action = ""
+            if outcomes:
+                moved = outcomes[index].moved_to
+                action = f"  [{outcomes[index].action}{f' to {moved}' if moved else ''}]"
             line(
                 f"  {orphan.name}  {orphan.size} bytes, written"
                 f" {orphan.modified.isoformat(timespec='seconds')}, {_age(orphan.age)} ago{action}"
             )
-    if removal is not None and removal.refused is not None:
-        line(f"deleting no orphan: {removal.refused}")
-    elif removal is not None:
-        line(f"deleted {removal.deleted} orphans")
+    held = report.in_quarantine
+    if held.blobs:
+        line(
+            f"in quarantine from earlier runs: {held.blobs} blobs, {held.size} bytes (purge by"
+            " hand once checked, see docs/ENCLAVE.md)"
+        )
+    if moves is not None and moves.refused is not None:
+        line(f"quarantining no orphan: {moves.refused}")
+    elif moves is not None:
+        line(f"quarantined {moves.quarantined} orphans")
     if report.lost:
         line(f"result: KEY LOSS ({len(report.lost)} keys)")
-    elif removal is not None and removal.error is not None:
-        line("result: incomplete, deleting orphans stopped at a store failure")
-    elif _remaining_orphans(report, removal):
-        line(f"result: no key lost; {_remaining_orphans(report, removal)} orphans")
+    elif moves is not None and moves.error is not None:
+        line("result: incomplete, quarantining orphans stopped at a store failure")
+    elif _remaining_orphans(report, moves):
+        line(f"result: no key lost; {_remaining_orphans(report, moves)} orphans")
     else:
         line("result: consistent")

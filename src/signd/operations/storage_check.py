@@ -17,11 +17,17 @@ that a walked record names was already stored when the listing began, and a key 
 lost is really lost. A create that runs meanwhile can only add blobs the walk did not see a
 record for: those look like orphans, and they are young.
 
-:func:`delete_orphans` removes orphans, each only when, just before its delete, it is older
-than ``older_than`` (at least :data:`MIN_ORPHAN_AGE`) by a fresh stat AND no record names it
-by a fresh look-up in the metadata store. A create stores its blob and records it within
-seconds (the host's waits for the enclave and the database are far shorter than
+:func:`quarantine_orphans` moves orphans to the blob store's quarantine
+(:meth:`BlobStore.quarantine`), each only when, just before its move, it is older than
+``older_than`` (at least :data:`MIN_ORPHAN_AGE`) by a fresh stat AND no record names it by a
+fresh look-up in the metadata store. A create stores its blob and records it within seconds
+(the host's waits for the enclave and the database are far shorter than
 :data:`MIN_ORPHAN_AGE`) or never, so a blob that old that no record names will never be named.
+
+Nothing here ever deletes a blob. An "orphan" is only an orphan of the metadata store the
+check was given: pointed at the wrong database or a restored older one, the blobs of real,
+handed-out keys look like old orphans. In the quarantine they are out of the way but whole,
+and an operator can move them back by hand; purging the quarantine is left to an operator.
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ from typing import Any, Final
 from signd.custody.base import utc_now
 from signd.custody.enclave import BLOB_DETAIL, EnclaveBackend
 from signd.enclave.references import BLOB_PREFIX, BlobRange
-from signd.errors import IntegrityError, InvalidField, SigndError
+from signd.errors import IntegrityError, InvalidField, KeyExists, KeyNotFound, SigndError
 from signd.storage.base import BlobStat, BlobStore, KeyRecord, MetadataStore
 from signd.storage.blobs import check_blob_name
 
 CUSTODY: Final = EnclaveBackend.custody_type
 PAGE_SIZE: Final = 1000
 MIN_ORPHAN_AGE: Final = 600.0
-"""Seconds: no orphan younger than this is ever deleted, whatever ``--older-than`` says."""
+"""Seconds: no orphan younger than this is ever quarantined, whatever ``--older-than`` says."""
 DEFAULT_ORPHAN_AGE: Final = 3600.0
 
 
@@ -103,6 +109,19 @@ class RecordIndex:
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantineHolding:
+    """What the blob store's quarantine holds: blobs an operator has yet to move back or
+    purge by hand."""
+
+    blobs: int
+    size: int
+    """Bytes, all blobs together."""
+
+    def to_dict(self) -> dict[str, int]:
+        return {"blobs": self.blobs, "bytes": self.size}
+
+
+@dataclass(frozen=True, slots=True)
 class StorageReport:
     records: int
     """Enclave custody records walked."""
@@ -112,35 +131,44 @@ class StorageReport:
     orphans: list[Orphan]
     """Oldest first."""
     checked_at: datetime
+    in_quarantine: QuarantineHolding
+    """What the quarantine held when the check ran (not counted as blobs or orphans)."""
 
     @property
     def consistent(self) -> bool:
         return not self.lost and not self.orphans
 
 
+QUARANTINED: Final = "quarantined"
+NAME_TAKEN: Final = "name taken in quarantine"
+
+
 @dataclass(frozen=True, slots=True)
 class OrphanOutcome:
     name: str
     action: str
-    """``deleted``; or why it was kept: ``too young``, ``named by a record``, ``gone``
-    (deleted meanwhile), ``not tried`` (a store failed first), ``failed``."""
+    """``quarantined``; or why it stayed: ``too young``, ``named by a record``, ``gone``
+    (moved or deleted meanwhile), ``name taken in quarantine`` (by a blob with other bytes),
+    ``not tried`` (a store failed first, or the move was refused), ``failed``."""
+    moved_to: str | None = None
+    """Where a quarantined blob now is (a path or an ``s3://`` URL)."""
 
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "action": self.action}
+    def to_dict(self) -> dict[str, str | None]:
+        return {"name": self.name, "action": self.action, "moved_to": self.moved_to}
 
 
 @dataclass(slots=True)
-class Removal:
-    """What :func:`delete_orphans` did; ``error`` is the store failure that stopped it, and
-    ``refused`` why it deleted nothing at all."""
+class QuarantineRun:
+    """What :func:`quarantine_orphans` did; ``error`` is the store failure that stopped it,
+    and ``refused`` why it moved nothing at all."""
 
     outcomes: list[OrphanOutcome] = field(default_factory=list)
     error: SigndError | None = None
     refused: str | None = None
 
     @property
-    def deleted(self) -> int:
-        return sum(outcome.action == "deleted" for outcome in self.outcomes)
+    def quarantined(self) -> int:
+        return sum(outcome.action == QUARANTINED for outcome in self.outcomes)
 
 
 def enclave_records(metadata: MetadataStore) -> Iterator[KeyRecord]:
@@ -229,7 +257,10 @@ def survey(
     if short:
         lost.extend(_lost_keys(metadata, short, sizes))
     orphans.sort(key=lambda orphan: (orphan.modified, orphan.name))
-    return StorageReport(index.records, listed, lost, orphans, checked_at)
+    held = [blob.size for blob in blobs.list_quarantined()]
+    return StorageReport(
+        index.records, listed, lost, orphans, checked_at, QuarantineHolding(len(held), sum(held))
+    )
 
 
 def _orphan(blob: BlobStat, now: datetime) -> Orphan:
@@ -273,60 +304,65 @@ def check_orphan_age(older_than: float) -> float:
     return older_than
 
 
-def delete_orphans(
+def quarantine_orphans(
     report: StorageReport,
     metadata: MetadataStore,
     blobs: BlobStore,
     *,
     older_than: float = DEFAULT_ORPHAN_AGE,
     now: Callable[[], datetime] = utc_now,
-) -> Removal:
-    """Delete the report's orphans that are older than ``older_than`` seconds and that no
-    record names, both checked again just before each delete. A store failure stops it:
-    that orphan is ``failed``, those after it ``not tried``, and the error is returned.
+) -> QuarantineRun:
+    """Move to the quarantine the report's orphans that are older than ``older_than``
+    seconds and that no record names, both checked again just before each move. A store
+    failure stops it: that orphan is ``failed``, those after it ``not tried``, and the error
+    is returned.
 
-    Nothing is deleted when the report has lost keys or no record at all: then the metadata
+    Nothing is moved when the report has lost keys or no record at all: then the metadata
     store is likely not the one these blobs belong with (another database, a restored
     backup), and its "orphans" may be the blobs of keys recorded elsewhere."""
     check_orphan_age(older_than)
-    removal = Removal(refused=_refusal(report))
+    run = QuarantineRun(refused=_refusal(report))
     for orphan in report.orphans:
-        if removal.error is not None or removal.refused is not None:
-            action = "not tried"
+        if run.error is not None or run.refused is not None:
+            outcome = OrphanOutcome(orphan.name, "not tried")
         elif orphan.age < older_than:
-            action = "too young"
+            outcome = OrphanOutcome(orphan.name, "too young")
         else:
             try:
-                action = _delete_if_orphan(orphan.name, metadata, blobs, older_than, now)
+                outcome = _quarantine_if_orphan(orphan.name, metadata, blobs, older_than, now)
             except SigndError as exc:
-                removal.error, action = exc, "failed"
-        removal.outcomes.append(OrphanOutcome(orphan.name, action))
-    return removal
+                run.error, outcome = exc, OrphanOutcome(orphan.name, "failed")
+        run.outcomes.append(outcome)
+    return run
 
 
 def _refusal(report: StorageReport) -> str | None:
     if report.lost:
-        return "keys are lost, so the two stores disagree: nothing is deleted until they agree"
+        return "keys are lost, so the two stores disagree: nothing is moved until they agree"
     if report.orphans and not report.records:
         return "no enclave key record at all: is this the metadata store these blobs belong to?"
     return None
 
 
-def _delete_if_orphan(
+def _quarantine_if_orphan(
     name: str,
     metadata: MetadataStore,
     blobs: BlobStore,
     older_than: float,
     now: Callable[[], datetime],
-) -> str:
-    """Stat, then look for a record, then delete: a create stores its blob before it records
+) -> OrphanOutcome:
+    """Stat, then look for a record, then move: a create stores its blob before it records
     it, so a blob old enough at the stat that no record names after it is never named."""
     current = blobs.stat(name)
     if current is None:
-        return "gone"
+        return OrphanOutcome(name, "gone")
     if (now() - current.modified).total_seconds() < older_than:
-        return "too young"
+        return OrphanOutcome(name, "too young")
     if metadata.find_by_detail(BLOB_DETAIL, name, prefix=True) is not None:
-        return "named by a record"
-    blobs.delete(name)
-    return "deleted"
+        return OrphanOutcome(name, "named by a record")
+    try:
+        return OrphanOutcome(name, QUARANTINED, blobs.quarantine(name))
+    except KeyNotFound:
+        return OrphanOutcome(name, "gone")
+    except KeyExists:
+        return OrphanOutcome(name, NAME_TAKEN)

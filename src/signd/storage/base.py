@@ -1,7 +1,9 @@
 """Storage interfaces. Neither store ever receives plaintext key material.
 
 - :class:`BlobStore` holds sealed key blobs (filesystem default, S3 for several nodes), and
-  lists them with their sizes and ages (:class:`BlobStat`) for ``signd storage check``.
+  lists them with their sizes and ages (:class:`BlobStat`) for ``signd storage check``, which
+  moves orphan blobs to the store's quarantine: out of reach of every read and listing, but
+  kept, for an operator to move back or purge by hand. No store ever deletes one on its own.
 - :class:`MetadataStore` holds :class:`signd.custody.base.KeyInfo`-shaped records (SQLite
   default, PostgreSQL for several nodes); backend references such as a blob name, an HSM
   object id or a KMS key id travel in ``details``. It also keeps a :class:`KeystoreRecord`
@@ -133,6 +135,18 @@ class BlobStore(ABC):
         """Every blob whose name starts with ``prefix``, in no particular order, read a page
         at a time (no byte of any blob is read). A blob written or deleted while the listing
         runs may or may not be in it."""
+
+    @abstractmethod
+    def quarantine(self, name: str) -> str:
+        """Move the blob ``name`` to the store's quarantine and return where it now is (a path
+        or an ``s3://`` URL). There no get, stat or listing finds it, but its bytes are kept
+        as they were, for an operator to move back or purge by hand. A missing blob raises
+        KeyNotFound; a quarantined blob of that name with other bytes raises KeyExists (it
+        is never replaced). A move that stopped half way is finished by the next call."""
+
+    @abstractmethod
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        """Every blob in the quarantine, in no particular order (no byte of any is read)."""
 
     def check_health(self) -> None:  # noqa: B027 - optional hook
         """Raise DependencyUnavailable when the store cannot be reached."""

@@ -16,6 +16,13 @@ every operation that would do either refuses with :class:`DependencyUnavailable`
 :meth:`FilesystemBlobStore.list_blobs` walks the shard folders a folder at a time and yields
 each blob's size and mtime from one ``stat``; it skips hidden files (temporary files, the
 marker) and any file that is not where its name would put it (no ``get`` would find it).
+
+:meth:`FilesystemBlobStore.quarantine` moves a blob to ``root/quarantine/<name>``, a folder
+the listing never walks (it walks two-character shard folders only) and where no ``get``
+looks. The move is a hard link to the new name (which never replaces a file there), a sync
+of the quarantine folder, then the unlink of the old name and a sync of its folder: a crash
+leaves the blob under one name or both, never none, and a second call finishes the move once
+it finds both names on the same file.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ MAX_NAME_BYTES = 200
 """Longest blob name in UTF-8 bytes (a file name is at most 255, with room for a temp suffix)."""
 
 _FORBIDDEN_CHARS = frozenset("/\\")
+
+QUARANTINE_FOLDER = "quarantine"
+"""The folder under the root that holds quarantined blobs, flat, under their names."""
 
 MARKER = ".signd-blob-store"
 """The file that says a folder is a blob store's root (no blob name starts with ``.``)."""
@@ -138,7 +148,7 @@ class FilesystemBlobStore(BlobStore):
         path = self.path_of(name)
         self._check_marker()
         try:
-            self._make_shard(path.parent)
+            self._make_folders(path.parent.parent, path.parent)
             self._write_new(path, bytes(data))
         except FileExistsError as exc:
             raise KeyExists(f"blob {name!r} already exists") from exc
@@ -222,6 +232,48 @@ class FilesystemBlobStore(BlobStore):
                 continue
             yield _blob_stat(entry.name, info)
 
+    def quarantine(self, name: str) -> str:
+        source = self.path_of(name)
+        target = self.root / QUARANTINE_FOLDER / name
+        self._check_marker()
+        try:
+            self._make_folders(target.parent)
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                if not os.path.samefile(source, target):  # else: a crash stopped a move
+                    raise KeyExists(
+                        f"the quarantine already holds another blob named {name!r}"
+                    ) from None
+            files.sync_folder(target.parent)
+            source.unlink(missing_ok=True)
+            files.sync_folder(source.parent)
+        except FileNotFoundError as exc:
+            raise self._missing(name) from exc
+        except OSError as exc:
+            raise _unavailable(self.root, f"quarantine blob {name!r}", exc) from exc
+        return str(target)
+
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        self._check_marker()
+        try:
+            with os.scandir(self.root / QUARANTINE_FOLDER) as entries:
+                found = [entry for entry in entries if not entry.name.startswith(".")]
+        except FileNotFoundError:  # nothing was ever quarantined
+            return
+        except OSError as exc:
+            raise _unavailable(self.root, "list the quarantine", exc) from exc
+        for entry in found:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # purged meanwhile
+                continue
+            except OSError as exc:
+                raise _unavailable(self.root, "list the quarantine", exc) from exc
+            yield _blob_stat(entry.name, info)
+
     def check_health(self) -> None:
         if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
             raise DependencyUnavailable(f"blob store at {self.root}: not a writable folder")
@@ -236,9 +288,9 @@ class FilesystemBlobStore(BlobStore):
             return exc
         return KeyNotFound(f"no blob {name!r}")
 
-    def _make_shard(self, shard: Path) -> None:
-        """Create the two shard folders if needed, durably (each parent is fsynced)."""
-        for folder in (shard.parent, shard):
+    def _make_folders(self, *folders: Path) -> None:
+        """Create each folder in turn if needed, durably (its parent is fsynced)."""
+        for folder in folders:
             if not folder.is_dir():
                 try:
                     folder.mkdir()

@@ -10,6 +10,13 @@ within about ``timeout * max_attempts`` seconds.
 ``list_blobs`` pages through ``ListObjectsV2`` (``list_page_size`` keys a request, the most S3
 answers being 1000), taking each blob's size and ``LastModified`` from the listing, and
 ``stat`` is a HEAD: neither reads a byte of any blob.
+
+``quarantine`` moves ``<prefix><name>`` to ``<prefix>quarantine/<name>``, which the listing
+skips (a name with ``/`` is no blob name) and no read asks for: a ``CopyObject`` inside the
+bucket (with ``If-None-Match: *`` where the endpoint takes it), then a ``DeleteObject`` of the
+original. A quarantined object of that name already there is taken for this blob's copy only
+when its size and ETag are the blob's (a move that stopped before its delete); otherwise the
+blob stays where it is and KeyExists is raised.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ from signd.storage.blobs import check_blob_name
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CopySourceTypeDef, HeadObjectOutputTypeDef
 
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _EXISTS_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
+QUARANTINE_PREFIX = "quarantine/"
+"""Below the store's prefix: where quarantined blobs are kept, under their names."""
 
 
 def _error_code(exc: ClientError) -> str:
@@ -123,34 +133,90 @@ class S3BlobStore(BlobStore):
         self._call(f"delete blob {name!r}", self._client.delete_object, Bucket=self.bucket, Key=key)
 
     def stat(self, name: str) -> BlobStat | None:
-        key = self._key(name)
-        try:
-            head = self._client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _error_code(exc) in _MISSING_CODES:
-                return None
-            raise self._unavailable(f"stat blob {name!r}", exc) from exc
-        except BotoCoreError as exc:
-            raise self._unavailable(f"stat blob {name!r}", exc) from exc
-        return BlobStat(name, head["ContentLength"], head["LastModified"])
+        head = self._head(self._key(name), f"stat blob {name!r}")
+        return None if head is None else BlobStat(name, head["ContentLength"], head["LastModified"])
 
     def list_blobs(self, prefix: str = "") -> Iterator[BlobStat]:
+        return self._list(self.prefix, prefix, "list the blobs")
+
+    def quarantine(self, name: str) -> str:
+        source = self._key(name)
+        target = self.prefix + QUARANTINE_PREFIX + name
+        action = f"quarantine blob {name!r}"
+        original = self._head(source, action)
+        if original is None:
+            raise KeyNotFound(f"no blob {name!r}")
+        held = self._head(target, action)
+        if held is None:
+            self._copy_new(source, target, name, action)
+        elif (held["ContentLength"], held["ETag"]) != (original["ContentLength"], original["ETag"]):
+            raise KeyExists(f"the quarantine already holds another blob named {name!r}")
+        self._call(action, self._client.delete_object, Bucket=self.bucket, Key=source)
+        return f"s3://{self.bucket}/{target}"
+
+    def list_quarantined(self) -> Iterator[BlobStat]:
+        return self._list(self.prefix + QUARANTINE_PREFIX, "", "list the quarantine")
+
+    def _list(self, folder: str, prefix: str, action: str) -> Iterator[BlobStat]:
+        """The blobs directly under ``folder`` (a key prefix) whose names start with
+        ``prefix``, a page at a time."""
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket,
-            Prefix=self.prefix + prefix,
+            Prefix=folder + prefix,
             PaginationConfig={"PageSize": self.list_page_size},
         )
         try:
             for page in pages:
                 for entry in page.get("Contents", []):
-                    name = entry["Key"][len(self.prefix) :]
+                    name = entry["Key"][len(folder) :]
                     try:
                         check_blob_name(name)
-                    except InvalidField:  # a "folder" below the prefix: no blob of this store
+                    except InvalidField:  # a "folder" below this one: not a blob in it
                         continue
                     yield BlobStat(name, entry["Size"], entry["LastModified"])
         except (ClientError, BotoCoreError) as exc:
-            raise self._unavailable("list the blobs", exc) from exc
+            raise self._unavailable(action, exc) from exc
+
+    def _head(self, key: str, action: str) -> HeadObjectOutputTypeDef | None:
+        """The HEAD of ``key``, or ``None`` when there is no such object."""
+        try:
+            return self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_CODES:
+                return None
+            raise self._unavailable(action, exc) from exc
+        except BotoCoreError as exc:
+            raise self._unavailable(action, exc) from exc
+
+    def _copy_new(self, source: str, target: str, name: str, action: str) -> None:
+        """Copy ``source`` to ``target``, which must not exist (checked by the endpoint too
+        where it takes ``If-None-Match``)."""
+        copy_source: CopySourceTypeDef = {"Bucket": self.bucket, "Key": source}
+        try:
+            if self._conditional_put:
+                self._client.copy_object(
+                    Bucket=self.bucket, Key=target, CopySource=copy_source, IfNoneMatch="*"
+                )
+            else:
+                self._client.copy_object(Bucket=self.bucket, Key=target, CopySource=copy_source)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING_CODES:
+                raise KeyNotFound(f"no blob {name!r}") from exc
+            if code in _EXISTS_CODES:
+                raise KeyExists(f"the quarantine already holds a blob named {name!r}") from exc
+            if code not in _UNSUPPORTED_CODES or not self._conditional_put:
+                raise self._unavailable(action, exc) from exc
+            self._conditional_put = False
+            self._call(
+                action,
+                self._client.copy_object,
+                Bucket=self.bucket,
+                Key=target,
+                CopySource=copy_source,
+            )
+        except BotoCoreError as exc:
+            raise self._unavailable(action, exc) from exc
 
     def check_health(self) -> None:
         self._call("reach the bucket", self._client.head_bucket, Bucket=self.bucket)
