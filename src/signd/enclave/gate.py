@@ -89,7 +89,7 @@ from signd.errors import (
     SigndError,
     shown,
 )
-from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
+from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog, InForce
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of, signing_fault
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
@@ -166,10 +166,12 @@ class _Configured:
 
 @dataclass(frozen=True, slots=True)
 class _Presented:
-    """An authenticated request: its caller and the digest of its body."""
+    """An authenticated request: its caller, the digest of its body, and the configuration
+    its GATE decides under."""
 
     principal: Principal
     request_sha256: str
+    in_force: InForce
 
 
 @dataclass(slots=True)
@@ -457,14 +459,15 @@ class EnclaveGate:
         fills = _fills(body.get("fills", {}))
         select = _select(body.get("select"))
         answer = _Answer()
+        in_force = InForce(configured.engine.policy, configured.verifier.registry.sha256)
         try:
             action: Action | SigndError = self._readings.read(request, configured.limits)
         except SigndError as exc:
             action = exc
         try:
-            presented = self._authenticate(configured, request, action, select)
+            presented = self._authenticate(configured, request, action, select, in_force)
         except AccessDenied as exc:
-            answer.entries.append(authentication_refusal(request, exc.message))
+            answer.entries.append(authentication_refusal(request, exc.message, in_force))
             return self._seal(audit, answer, error=Unauthenticated(exc.message))
         result: dict[str, Any] = {"principal": _principal_body(presented.principal)}
         try:
@@ -489,6 +492,7 @@ class EnclaveGate:
         request: GateRequest,
         action: Action | SigndError,
         select: list[int],
+        in_force: InForce,
     ) -> _Presented:
         calls: frozenset[str] = frozenset()
         if isinstance(action, SignCalls):
@@ -513,7 +517,7 @@ class EnclaveGate:
         principal = identify(request, signed, verifier.verify_bearer)
         if presentation is not None and select:  # (a bearer token: the host holds it anyway)
             verifier.perform(presentation, [str(origin) for origin in select])
-        return _Presented(principal, request.sha256)
+        return _Presented(principal, request.sha256, in_force)
 
     def _read_keys(self, presented: _Presented, answer: _Answer) -> None:
         """A read needs ``keys:read``; which keys it shows is the host's to filter (the host
@@ -556,7 +560,7 @@ class EnclaveGate:
                 )
             )
         intent = SigningIntent(principal.client_id, "", wanted, action.chain, Operation.KEYS_CREATE)
-        decision = configured.engine.check(intent)
+        decision = configured.engine.check(intent, policy=presented.in_force.policy)
         if decision.refused:
             raise refuse(PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
         allowed = base | {"decision": "allowed", "reason": decision.reason, "rule": decision.rule}
@@ -684,7 +688,14 @@ class EnclaveGate:
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
                 proven = self._signer.proven_key(_reference(info), unsealing)
-            approval = approve(principal, call, info, configured.engine, answer.decided)
+            approval = approve(
+                principal,
+                call,
+                info,
+                configured.engine,
+                answer.decided,
+                policy=presented.in_force.policy,
+            )
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         prepared = approval.prepared
@@ -769,7 +780,11 @@ class EnclaveGate:
         self, presented: _Presented, operation: str, *, chain: str | None = None
     ) -> AuditEntry:
         return caller_entry(
-            presented.principal.client_id, presented.request_sha256, operation, chain=chain
+            presented.principal.client_id,
+            presented.request_sha256,
+            operation,
+            presented.in_force,
+            chain=chain,
         )
 
     def _seal(
