@@ -495,3 +495,35 @@ def test_a_record_names_its_policy_and_clients_under_the_mac() -> None:
         tampered = list(read)
         tampered[position] = altered(read[position], **changes)
         assert verify_chain(tampered, MAC_KEY).kinds_at(position) == {ProblemKind.ALTERED}
+
+
+def test_verify_chain_names_each_run_of_a_configuration_from_its_first_record() -> None:
+    """A new run starts where a record names another policy or clients file (a reload, or
+    one undone); a record that names none, such as ``audit:resume``, stays in its run."""
+    signer = AuditSigner(MAC_KEY, "node-a", now=ticking_clock())
+    a, b, clients = "a1" * 32, "b1" * 32, "c1" * 32
+    named = [a, a, None, a, b, b, a, None]
+    chain = [
+        seal_one(signer, 0),  # sealed before records named their policy
+        *(
+            signer.seal(
+                operation="audit:resume" if policy is None else "sign:hash",
+                decision="refused",
+                reason="r",
+                policy_sha256=policy,
+                clients_sha256=None if policy is None else clients,
+            )
+            for policy in named
+        ),
+    ]
+    report = verify_chain(chain, MAC_KEY)
+    assert report.ok, report.problems
+    assert [(run.from_seq, run.policy_sha256) for run in report.policies] == [
+        (1, None),
+        (2, a),
+        (6, b),
+        (8, a),
+    ]
+    assert {run.clients_sha256 for run in report.policies[1:]} == {clients}
+    forged = [*chain[:5], altered(chain[5], policy_sha256=a), *chain[6:]]
+    assert [run.from_seq for run in verify_chain(forged, MAC_KEY).policies] == [1, 2, 7, 8]

@@ -1,5 +1,5 @@
-"""Audit records name the policy and clients files their decisions were made under, with
-either gate, under the MAC."""
+"""Audit records name the policy and clients files their decisions were made under, and
+``signd audit verify`` says which ones, from which record on, with either gate."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from signd.api import enclave_gatekeeper
 from signd.audit import AuditSigner, FileAuditLog
 from signd.auth import sign_request
 from signd.cli.context import state
@@ -37,14 +38,18 @@ def verify(home: Path, *extra: str) -> tuple[int, str]:
     return result.exit_code, result.stdout
 
 
+def run(from_seq: int, policy: str | None, clients: str | None) -> dict[str, Any]:
+    return {"from_seq": from_seq, "policy_sha256": policy, "clients_sha256": clients}
+
+
 def sign_tx(gated: Gated, key: dict[str, Any], chain_id: int) -> int:
     body = {"key": key["address"], "transaction": transaction(chain_id=chain_id)}
     return int(gated.signed("POST", SIGN_TX, body).status_code)
 
 
 @BOTH_GATES
-def test_records_name_the_policy_in_force_and_a_reload_changes_it(
-    gated: Gated, hot_key: dict[str, Any]
+def test_records_name_the_policy_in_force_and_a_reload_starts_a_new_run(
+    gated: Gated, hot_key: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = gated.paths
     first, clients = sha256_of(paths.policy_file), sha256_of(paths.clients_file)
@@ -64,6 +69,17 @@ def test_records_name_the_policy_in_force_and_a_reload_changes_it(
     assert [record.policy_sha256 for record in records] == [first] * before + [second] * 2
     assert {record.clients_sha256 for record in records} == {clients}
     assert [record.decision for record in records[before:]] == ["allowed", "refused"]
+
+    # Cut the enclave's verification into chunks of two lines: runs cross chunks.
+    monkeypatch.setattr(enclave_gatekeeper, "VERIFY_CHUNK", 2)
+    code, output = verify(paths.audit_log.parent, "--json")
+    report = json.loads(output)
+    assert code == 0 and report["ok"], report
+    assert report["policies"] == [run(1, first, clients), run(before + 1, second, clients)]
+    code, output = verify(paths.audit_log.parent)
+    assert code == 0, output
+    assert f"from record 1: policy sha256 {first}, clients sha256 {clients}" in output
+    assert f"from record {before + 1}: policy sha256 {second}," in output
 
 
 @BOTH_GATES
@@ -86,7 +102,8 @@ def test_a_changed_policy_hash_is_found_by_audit_verify(
 
 def test_a_log_sealed_before_records_named_their_policy_still_verifies(tmp_path: Path) -> None:
     """Records written by an older signd (no ``policy_sha256``) verify as before, and the
-    gate's records continue their chain."""
+    gate's records continue their chain; the summary gives the older ones a run of their
+    own."""
     home = tmp_path / "home"
     with open_gated(home, "host") as gated:
         paths = gated.paths
@@ -102,11 +119,14 @@ def test_a_log_sealed_before_records_named_their_policy_still_verifies(tmp_path:
         )
         assert key_response.status_code == 201
         named = [sealed.record.policy_sha256 for sealed in gated.records()]
-    assert named == [None, None, None, sha256_of(paths.policy_file)]
+    policy, clients = sha256_of(paths.policy_file), sha256_of(paths.clients_file)
+    assert named == [None, None, None, policy]
     code, output = verify(home, "--json")
     report = json.loads(output)
     assert code == 0 and report["records"] == 4, report
-    assert report["ok"] and not report["problems"]
+    assert report["policies"] == [run(1, None, None), run(4, policy, clients)]
+    code, output = verify(home, "--key", str(paths.audit_key_file))
+    assert code == 0 and "from record 1: not named" in output, output
 
 
 def test_a_gate_call_decides_under_the_policy_its_records_name(

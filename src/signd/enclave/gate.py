@@ -60,6 +60,7 @@ from signd.audit.records import (
     seal_is_valid,
 )
 from signd.audit.tail import check_tail, reaches, spends
+from signd.audit.verify import PolicyRuns
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import Presentation
 from signd.chains import address_deriver
@@ -817,7 +818,9 @@ class EnclaveGate:
 
     def audit_verify(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """AUDIT_VERIFY: check a chunk of log lines, continuing from ``state`` (empty for
-        the first chunk); the answer is the new state and the first problem, if any. With
+        the first chunk); the answer is the new state, the first problem, if any, and the
+        configurations the chunk's verified records name (``policies``, as
+        :class:`~signd.audit.PolicyRun` s: the host joins those of the chunks). With
         ``final``, a log that ends before this enclave's chain head is reported truncated."""
         _, audit = self._in_force()
         assert self._audit_key is not None
@@ -827,6 +830,7 @@ class EnclaveGate:
         final = body.get("final", False) is True
         position, head = self._verify_state(mac_key, state) if state else (0, GENESIS)
         problem: dict[str, Any] | None = None
+        policies = PolicyRuns()
         for index, line in enumerate(lines):
             problem = _check_line(line, head, mac_key, position)
             if problem is not None:
@@ -838,6 +842,7 @@ class EnclaveGate:
                 break
             record = SealedAuditRecord.from_json(line)
             head = record.head
+            policies.add(head.seq, record.record.policy_sha256, record.record.clients_sha256)
             position += 1
         if problem is None and final and audit.head.seq > head.seq:
             problem = {
@@ -850,6 +855,7 @@ class EnclaveGate:
             "state": self._state_bytes(mac_key, position, head),
             "checked": position,
             "head": {"seq": head.seq, "hash": head.hash},
+            "policies": [run.to_dict() for run in policies.runs],
         }
         if problem is not None:
             answer["problem"] = problem
