@@ -48,11 +48,12 @@ def test_seal_follows_the_documented_formulas(chain: list[SealedAuditRecord]) ->
     canonical = sealed.record.canonical()
     assert (
         canonical
-        == json.dumps(  # a record without a spend or a results list leaves them out
+        == json.dumps(  # a record leaves out the optional fields it has no value for
             {
                 k: v
                 for k, v in dataclasses.asdict(sealed.record).items()
-                if k not in ("spend", "results_sha256")
+                if v is not None
+                or k not in ("spend", "results_sha256", "policy_sha256", "clients_sha256")
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -314,9 +315,17 @@ def test_record_times_match_datetime_rounding() -> None:
     seq=st.integers(min_value=1, max_value=2**63),
     value=st.none() | st.integers(min_value=1, max_value=2**256),
     results=st.none() | st.lists(st.text(max_size=70), min_size=2, max_size=5),
+    policy=st.none() | st.text(max_size=70),
+    clients=st.none() | st.text(max_size=70),
 )
 def test_canonical_bytes_are_sorted_ascii_json(
-    text: str, optional: str | None, seq: int, value: int | None, results: list[str] | None
+    text: str,
+    optional: str | None,
+    seq: int,
+    value: int | None,
+    results: list[str] | None,
+    policy: str | None,
+    clients: str | None,
 ) -> None:
     """The hand-written canonical form is byte for byte the JSON encoding it stands for,
     whatever the text holds (quotes, control characters, any Unicode)."""
@@ -337,8 +346,12 @@ def test_canonical_bytes_are_sorted_ascii_json(
         result_sha256=None,
         spend=None if value is None else Spend(text or "r", optional or "k", value),
         results_sha256=None if results is None else tuple(results),
+        policy_sha256=policy,
+        clients_sha256=clients,
     )
     assert ("results_sha256" in record.to_dict()) is (results is not None)
+    assert ("policy_sha256" in record.to_dict()) is (policy is not None)
+    assert ("clients_sha256" in record.to_dict()) is (clients is not None)
     expected = json.dumps(
         record.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     ).encode("ascii")
@@ -387,6 +400,10 @@ def _record_fields() -> dict[str, Any]:
         ("results_sha256", ["ab"]),
         ("results_sha256", ["ab", 1]),
         ("results_sha256", []),
+        ("policy_sha256", None),
+        ("policy_sha256", 5),
+        ("clients_sha256", None),
+        ("clients_sha256", ["ab"]),
     ],
 )
 def test_a_record_field_of_the_wrong_type_is_refused(name: str, value: object) -> None:
@@ -442,3 +459,71 @@ def test_a_record_of_several_signatures_seals_parses_and_verifies() -> None:
     for changed in (results[::-1], results[:2], (*results, "00" * 32)):
         tampered = [sealed[0], altered(sealed[1], results_sha256=changed), sealed[2]]
         assert verify_chain(tampered, MAC_KEY).kinds_at(1) == {ProblemKind.ALTERED}
+
+
+def test_a_record_names_its_policy_and_clients_under_the_mac() -> None:
+    """The SHA-256s of the policy and clients files a decision was made under are part of
+    the record the MAC covers: changing either, adding one to a record sealed without, or
+    taking it away, is found; a record sealed without them (an older log) verifies as it
+    did."""
+    signer = AuditSigner(MAC_KEY, "node-a", now=ticking_clock())
+    policy, clients = "a1" * 32, "c1" * 32
+    sealed = [
+        seal_one(signer, 1),  # as sealed before records named their policy
+        signer.seal(
+            operation="sign:message",
+            decision="allowed",
+            reason="allowed by rule hot-messages",
+            client_id="client-1",
+            rule="hot-messages",
+            policy_sha256=policy,
+            clients_sha256=clients,
+        ),
+        seal_one(signer, 2),
+    ]
+    read = [SealedAuditRecord.from_json(record.to_json()) for record in sealed]
+    assert "policy_sha256" not in json.loads(sealed[0].to_json())["record"]
+    assert json.loads(sealed[1].to_json())["record"]["policy_sha256"] == policy
+    assert (read[1].record.policy_sha256, read[1].record.clients_sha256) == (policy, clients)
+    assert verify_chain(read, MAC_KEY).ok
+    for position, changes in [
+        (1, {"policy_sha256": "a2" * 32}),
+        (1, {"clients_sha256": "c2" * 32}),
+        (1, {"policy_sha256": None}),
+        (0, {"policy_sha256": policy}),
+    ]:
+        tampered = list(read)
+        tampered[position] = altered(read[position], **changes)
+        assert verify_chain(tampered, MAC_KEY).kinds_at(position) == {ProblemKind.ALTERED}
+
+
+def test_verify_chain_names_each_run_of_a_configuration_from_its_first_record() -> None:
+    """A new run starts where a record names another policy or clients file (a reload, or
+    one undone); a record that names none, such as ``audit:resume``, stays in its run."""
+    signer = AuditSigner(MAC_KEY, "node-a", now=ticking_clock())
+    a, b, clients = "a1" * 32, "b1" * 32, "c1" * 32
+    named = [a, a, None, a, b, b, a, None]
+    chain = [
+        seal_one(signer, 0),  # sealed before records named their policy
+        *(
+            signer.seal(
+                operation="audit:resume" if policy is None else "sign:hash",
+                decision="refused",
+                reason="r",
+                policy_sha256=policy,
+                clients_sha256=None if policy is None else clients,
+            )
+            for policy in named
+        ),
+    ]
+    report = verify_chain(chain, MAC_KEY)
+    assert report.ok, report.problems
+    assert [(run.from_seq, run.policy_sha256) for run in report.policies] == [
+        (1, None),
+        (2, a),
+        (6, b),
+        (8, a),
+    ]
+    assert {run.clients_sha256 for run in report.policies[1:]} == {clients}
+    forged = [*chain[:5], altered(chain[5], policy_sha256=a), *chain[6:]]
+    assert [run.from_seq for run in verify_chain(forged, MAC_KEY).policies] == [1, 2, 7, 8]

@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-from signd.audit import SealedAuditRecord
+from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
 from signd.audit.lines import LogLines
 from signd.audit.log import DEFAULT_ORDER_TIMEOUT, store_records
 from signd.audit.tail import read_tail
@@ -944,6 +944,8 @@ class EnclaveVerification:
     head_seq: int
     head_hash: bytes
     problem: dict[str, Any] | None
+    policies: tuple[PolicyRun, ...] = ()
+    """The configurations the records checked name, from which record on."""
 
 
 def _tail_chunks(
@@ -1017,6 +1019,7 @@ def verify_in_enclave(
         client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
     state = b""
     answer: dict[str, Any] = {}
+    policies = PolicyRuns()
     # A line over the longest record is sent cut short (still too long, so reported as
     # unreadable at its place) rather than in a frame over the channel's limit.
     texts = (line[: MAX_LINE_SIZE + 1].decode("ascii", "replace") for line in lines)
@@ -1030,6 +1033,8 @@ def verify_in_enclave(
             idempotent=True,
         )
         state = answer["state"]
+        for run in _policy_runs(answer.get("policies", [])):
+            policies.add(run.from_seq, run.policy_sha256, run.clients_sha256)
         if "problem" in answer:
             break
         chunk = following
@@ -1039,4 +1044,25 @@ def verify_in_enclave(
         int(head.get("seq", 0)),
         bytes(head.get("hash", b"")),
         answer.get("problem"),
+        tuple(policies.runs),
     )
+
+
+def _policy_runs(value: object) -> list[PolicyRun]:
+    """The ``policies`` of an AUDIT_VERIFY answer."""
+    if not isinstance(value, list):
+        raise IntegrityError("the enclave's audit verification answer is malformed")
+    runs = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise IntegrityError("the enclave's audit verification answer is malformed")
+        from_seq = item.get("from_seq")
+        policy, clients = item.get("policy_sha256"), item.get("clients_sha256")
+        if (
+            not isinstance(from_seq, int)
+            or not (policy is None or isinstance(policy, str))
+            or not (clients is None or isinstance(clients, str))
+        ):
+            raise IntegrityError("the enclave's audit verification answer is malformed")
+        runs.append(PolicyRun(from_seq, policy, clients))
+    return runs

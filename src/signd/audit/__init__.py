@@ -3,7 +3,8 @@
 - :class:`AuditSigner` (enclave) numbers, MACs and chains :class:`AuditRecord` s into
   :class:`SealedAuditRecord` s.
 - :class:`AuditLog` (host) stores them; :class:`FileAuditLog` as fsynced JSON lines.
-- :func:`verify_chain` finds altered, removed, reordered and inserted records.
+- :func:`verify_chain` finds altered, removed, reordered and inserted records, and says
+  which policy (:class:`PolicyRun`) the records name from which record on.
 """
 
 from signd.audit.log import AuditLog, FileAuditLog
@@ -15,7 +16,14 @@ from signd.audit.records import (
     ChainHead,
     SealedAuditRecord,
 )
-from signd.audit.verify import ChainProblem, ProblemKind, VerificationReport, verify_chain
+from signd.audit.verify import (
+    ChainProblem,
+    PolicyRun,
+    PolicyRuns,
+    ProblemKind,
+    VerificationReport,
+    verify_chain,
+)
 
 __all__ = [
     "GENESIS",
@@ -26,6 +34,8 @@ __all__ = [
     "ChainHead",
     "ChainProblem",
     "FileAuditLog",
+    "PolicyRun",
+    "PolicyRuns",
     "ProblemKind",
     "SealedAuditRecord",
     "VerificationReport",

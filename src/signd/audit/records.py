@@ -19,6 +19,11 @@ MACs verify as before.
 One decision may cover several signatures: the hash or message items of one request signed
 with one key under the same rule. Their record lists each result's digest, in request order,
 in ``results_sha256`` (and ``result_sha256`` is null); other records leave that field out.
+
+A gate's record names the configuration its decision was made under: ``policy_sha256`` and
+``clients_sha256``, the SHA-256 of the policy and clients files in force (precomputed when
+the file was loaded). Records sealed before these fields existed, and records of no decision
+(``audit:resume``), leave them out.
 """
 
 from __future__ import annotations
@@ -51,7 +56,11 @@ _OPTIONAL_TEXT: Final = (
     "rule",
     "request_sha256",
     "result_sha256",
+    "policy_sha256",
+    "clients_sha256",
 )
+_OPTIONAL_FIELDS: Final = frozenset({"spend", "results_sha256", "policy_sha256", "clients_sha256"})
+"""Fields a record has only when they hold something (never as ``null``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +105,9 @@ class Spend:
         return cls(data["rule"], data["key_id"], int(value))
 
 
-def _text_or_none(value: object) -> bool:
-    return value is None or isinstance(value, str)
+_TEXT_OR_NONE: Final = (str, type(None))
+"""For ``isinstance``: a string or ``None`` (one C call, where a helper function is a Python
+call per field of every record sealed)."""
 
 
 def _digest_list(value: object) -> bool:
@@ -133,6 +143,10 @@ class AuditRecord:
     spend: Spend | None = None
     results_sha256: tuple[str, ...] | None = None
     """The digest of each result when one decision covered several signatures, in order."""
+    policy_sha256: str | None = None
+    """The SHA-256 (hex) of the policy file the decision was made under."""
+    clients_sha256: str | None = None
+    """The SHA-256 (hex) of the clients file in force when the decision was made."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq, int) or isinstance(self.seq, bool) or self.seq < 1:
@@ -150,15 +164,17 @@ class AuditRecord:
                 if not isinstance(getattr(self, name), str):
                     raise IntegrityError(f"audit record {name} must be a string")
         if not (
-            _text_or_none(self.client_id)
-            and _text_or_none(self.key_id)
-            and _text_or_none(self.chain)
-            and _text_or_none(self.rule)
-            and _text_or_none(self.request_sha256)
-            and _text_or_none(self.result_sha256)
+            isinstance(self.client_id, _TEXT_OR_NONE)
+            and isinstance(self.key_id, _TEXT_OR_NONE)
+            and isinstance(self.chain, _TEXT_OR_NONE)
+            and isinstance(self.rule, _TEXT_OR_NONE)
+            and isinstance(self.request_sha256, _TEXT_OR_NONE)
+            and isinstance(self.result_sha256, _TEXT_OR_NONE)
+            and isinstance(self.policy_sha256, _TEXT_OR_NONE)
+            and isinstance(self.clients_sha256, _TEXT_OR_NONE)
         ):
             for name in _OPTIONAL_TEXT:
-                if not _text_or_none(getattr(self, name)):
+                if not isinstance(getattr(self, name), _TEXT_OR_NONE):
                     raise IntegrityError(f"audit record {name} must be a string or null")
         if self.spend is not None and not isinstance(self.spend, Spend):
             raise IntegrityError("audit record spend must be a Spend or null")
@@ -168,7 +184,8 @@ class AuditRecord:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON data; ``spend`` and ``results_sha256`` only when there are."""
+        """The record as JSON data; ``spend``, ``results_sha256``, ``policy_sha256`` and
+        ``clients_sha256`` only when there are."""
         data = {
             "seq": self.seq,
             "time": self.time,
@@ -187,6 +204,10 @@ class AuditRecord:
             data["spend"] = self.spend.to_dict()
         if self.results_sha256 is not None:
             data["results_sha256"] = list(self.results_sha256)
+        if self.policy_sha256 is not None:
+            data["policy_sha256"] = self.policy_sha256
+        if self.clients_sha256 is not None:
+            data["clients_sha256"] = self.clients_sha256
         return data
 
     def canonical(self) -> bytes:
@@ -204,10 +225,16 @@ class AuditRecord:
         results = ""
         if self.results_sha256 is not None:
             results = f',"results_sha256":[{",".join(map(_quote, self.results_sha256))}]'
+        clients = ""
+        if self.clients_sha256 is not None:
+            clients = f',"clients_sha256":{_quote(self.clients_sha256)}'
+        policy = ""
+        if self.policy_sha256 is not None:
+            policy = f',"policy_sha256":{_quote(self.policy_sha256)}'
         return (
-            f'{{"chain":{_text(self.chain)},"client_id":{_text(self.client_id)},'
+            f'{{"chain":{_text(self.chain)},"client_id":{_text(self.client_id)}{clients},'
             f'"decision":{_quote(self.decision)},"key_id":{_text(self.key_id)},'
-            f'"node":{_quote(self.node)},"operation":{_quote(self.operation)},'
+            f'"node":{_quote(self.node)},"operation":{_quote(self.operation)}{policy},'
             f'"reason":{_quote(self.reason)},"request_sha256":{_text(self.request_sha256)},'
             f'"result_sha256":{_text(self.result_sha256)}{results},"rule":{_text(self.rule)},'
             f'"seq":{self.seq}{spend},"time":{_quote(self.time)}}}'
@@ -221,6 +248,8 @@ class AuditRecord:
         if names != _REQUIRED_FIELDS and not _REQUIRED_FIELDS < names <= _ALL_FIELDS:
             raise IntegrityError("audit record has missing or unknown fields")
         values = dict(data)
+        if values.get("policy_sha256", "") is None or values.get("clients_sha256", "") is None:
+            raise IntegrityError("audit record policy_sha256 and clients_sha256 are never null")
         if "spend" in values:
             values["spend"] = Spend.from_dict(values["spend"])
         if "results_sha256" in values:
@@ -331,7 +360,7 @@ def seal_is_valid(sealed: SealedAuditRecord, mac_key: Secret) -> tuple[bool, boo
 
 
 _ALL_FIELDS: Final = frozenset(f.name for f in fields(AuditRecord))
-_REQUIRED_FIELDS: Final = _ALL_FIELDS - {"spend", "results_sha256"}
+_REQUIRED_FIELDS: Final = _ALL_FIELDS - _OPTIONAL_FIELDS
 
 
 def rfc3339(timestamp: float) -> str:
@@ -406,6 +435,8 @@ class AuditSigner:
         result_sha256: str | None = None,
         spend: Spend | None = None,
         results_sha256: Sequence[str] | None = None,
+        policy_sha256: str | None = None,
+        clients_sha256: str | None = None,
     ) -> SealedAuditRecord:
         """Number, time-stamp, MAC and chain one record."""
         with self._lock:
@@ -424,6 +455,8 @@ class AuditSigner:
                 result_sha256=result_sha256,
                 spend=spend,
                 results_sha256=None if results_sha256 is None else tuple(results_sha256),
+                policy_sha256=policy_sha256,
+                clients_sha256=clients_sha256,
             )
             canonical = record.canonical()
             prev_hash = self._head.hash

@@ -16,6 +16,9 @@ position (0-based, in the order given) and kind:
 
 Removing records from the end cannot be seen from the log alone; pass ``expected_head``
 (the enclave signer's :attr:`~signd.audit.AuditSigner.head`) to catch it.
+
+The report also says which configurations the verified records name, and from which record
+on (:class:`PolicyRun`): a reload of the policy or clients file shows as a new run.
 """
 
 from __future__ import annotations
@@ -50,11 +53,54 @@ class ChainProblem:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyRun:
+    """Records under one configuration: from record ``from_seq`` on, until the next run,
+    the records name the policy ``policy_sha256`` and the clients file ``clients_sha256``
+    (``None``: records sealed before records named them)."""
+
+    from_seq: int
+    policy_sha256: str | None
+    clients_sha256: str | None
+
+    def to_dict(self) -> dict[str, int | str | None]:
+        return {
+            "from_seq": self.from_seq,
+            "policy_sha256": self.policy_sha256,
+            "clients_sha256": self.clients_sha256,
+        }
+
+
+class PolicyRuns:
+    """The :class:`PolicyRun` s of records given in log order: a new run starts at a record
+    that names another configuration than the run before it. A record that names none (of
+    no decision, as ``audit:resume``) stays in the run it is in; records that name none
+    before the first that does (an older log) make a run of their own. As many runs as
+    reloads, whatever the length of the log."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs: list[PolicyRun] = []
+
+    def add(self, seq: int, policy_sha256: str | None, clients_sha256: str | None) -> None:
+        """Record ``seq``, which names ``policy_sha256`` and ``clients_sha256``."""
+        if self.runs:
+            last = self.runs[-1]
+            if policy_sha256 is None and clients_sha256 is None:
+                return
+            if last.policy_sha256 == policy_sha256 and last.clients_sha256 == clients_sha256:
+                return
+        self.runs.append(PolicyRun(seq, policy_sha256, clients_sha256))
+
+
+@dataclass(frozen=True, slots=True)
 class VerificationReport:
     records: int
     problems: tuple[ChainProblem, ...]
     head: ChainHead
     """The head of the verified chain: the highest-numbered record that verifies."""
+    policies: tuple[PolicyRun, ...] = ()
+    """The configurations the records that verify name, in log order."""
 
     @property
     def ok(self) -> bool:
@@ -109,7 +155,8 @@ def verify_chain(
                 f"the log ends at record {head.seq}, not at record {expected_head.seq}",
             )
         )
-    return VerificationReport(census.records, tuple(problems), head)
+    policies = tuple(census.policies.runs)
+    return VerificationReport(census.records, tuple(problems), head, policies)
 
 
 class _SeqSet:
@@ -189,6 +236,8 @@ class _Census:
     linked: set[int] = field(default_factory=set)
     """The numbers whose first verified record's hash a later reading has to keep: the
     predecessors of records that do not directly follow their predecessor's first copy."""
+    policies: PolicyRuns = field(default_factory=PolicyRuns)
+    """The configurations the first copies of the records that verify name."""
 
     @classmethod
     def of(cls, items: Iterable[SealedAuditRecord], mac_key: Secret) -> _Census:
@@ -214,6 +263,8 @@ class _Census:
                     census.first_sound = seq
                 if census.head is None or seq > census.head.seq:
                     census.head = item.head
+                record = item.record
+                census.policies.add(seq, record.policy_sha256, record.clients_sha256)
             previous = (seq, first)
         return census
 

@@ -8,6 +8,10 @@ here and every problem is reported (the log read twice). Removed, reordered, alt
 inserted records are reported with their position, and the exit status is 1. Either way the
 log is read a block at a time (:class:`~signd.audit.lines.LogLines`), so the memory used does
 not grow with it.
+
+Either way the report says which policy and clients files the verified records name, from
+which record on (``policies``): each reload that changed a file starts a new run, and
+records sealed before records named them make a first run of their own (``null``).
 """
 
 from __future__ import annotations
@@ -79,8 +83,8 @@ def audit_verify(
                 f"head seq {head['seq']} hash {head['hash']} (verified {result['where']})",
                 markup=False,
             )
-            return
-        stdout.print(f"audit log {log_path}: {len(problems)} problem(s)", markup=False)
+        else:
+            stdout.print(f"audit log {log_path}: {len(problems)} problem(s)", markup=False)
         for problem in problems:
             where = (
                 f"line {problem['line']}"
@@ -88,10 +92,25 @@ def audit_verify(
                 else f"record #{problem['position']} (seq {problem['seq']})"
             )
             stdout.print(f"  {problem['kind']}: {where}: {problem['detail']}", markup=False)
+        _print_policies(result["policies"], verified=not problems)
 
     emit(result, as_json=as_json, human=human)
     if problems:
         raise typer.Exit(1)
+
+
+def _print_policies(policies: list[dict[str, Any]], *, verified: bool) -> None:
+    """The configurations the records name, one line per run."""
+    if not policies:
+        return
+    which = "the records" if verified else "the records that verify"
+    stdout.print(f"policy in force, as {which} name it:", markup=False)
+    for run in policies:
+        if run["policy_sha256"] is None and run["clients_sha256"] is None:
+            named = "not named (records sealed before records named their policy)"
+        else:
+            named = f"policy sha256 {run['policy_sha256']}, clients sha256 {run['clients_sha256']}"
+        stdout.print(f"  from record {run['from_seq']}: {named}", markup=False)
 
 
 def _verify_here(key_file: Path, lines: LogLines) -> dict[str, Any]:
@@ -125,6 +144,7 @@ def _verify_here(key_file: Path, lines: LogLines) -> dict[str, Any]:
         "records": report.records,
         "head": {"seq": report.head.seq, "hash": report.head.hash.hex()},
         "problems": problems,
+        "policies": [run.to_dict() for run in report.policies],
     }
 
 
@@ -145,4 +165,5 @@ def _verify_in_enclave(paths: GatePaths, lines: LogLines) -> dict[str, Any]:
         "records": found.records,
         "head": {"seq": found.head_seq, "hash": found.head_hash.hex()},
         "problems": problems,
+        "policies": [run.to_dict() for run in found.policies],
     }

@@ -60,6 +60,7 @@ from signd.audit.records import (
     seal_is_valid,
 )
 from signd.audit.tail import check_tail, reaches, spends
+from signd.audit.verify import PolicyRuns
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
 from signd.auth.request_signing import Presentation
 from signd.chains import address_deriver
@@ -89,7 +90,7 @@ from signd.errors import (
     SigndError,
     shown,
 )
-from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog
+from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog, InForce
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of, signing_fault
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
@@ -166,10 +167,12 @@ class _Configured:
 
 @dataclass(frozen=True, slots=True)
 class _Presented:
-    """An authenticated request: its caller and the digest of its body."""
+    """An authenticated request: its caller, the digest of its body, and the configuration
+    its GATE decides under."""
 
     principal: Principal
     request_sha256: str
+    in_force: InForce
 
 
 @dataclass(slots=True)
@@ -462,14 +465,15 @@ class EnclaveGate:
         fills = _fills(body.get("fills", {}))
         select = _select(body.get("select"))
         answer = _Answer()
+        in_force = InForce(configured.engine.policy, configured.verifier.registry.sha256)
         try:
             action: Action | SigndError = self._readings.read(request, configured.limits)
         except SigndError as exc:
             action = exc
         try:
-            presented = self._authenticate(configured, request, action, select)
+            presented = self._authenticate(configured, request, action, select, in_force)
         except AccessDenied as exc:
-            answer.entries.append(authentication_refusal(request, exc.message))
+            answer.entries.append(authentication_refusal(request, exc.message, in_force))
             return self._seal(audit, answer, error=Unauthenticated(exc.message))
         result: dict[str, Any] = {"principal": _principal_body(presented.principal)}
         try:
@@ -494,6 +498,7 @@ class EnclaveGate:
         request: GateRequest,
         action: Action | SigndError,
         select: list[int],
+        in_force: InForce,
     ) -> _Presented:
         calls: frozenset[str] = frozenset()
         if isinstance(action, SignCalls):
@@ -518,7 +523,7 @@ class EnclaveGate:
         principal = identify(request, signed, verifier.verify_bearer)
         if presentation is not None and select:  # (a bearer token: the host holds it anyway)
             verifier.perform(presentation, [str(origin) for origin in select])
-        return _Presented(principal, request.sha256)
+        return _Presented(principal, request.sha256, in_force)
 
     def _read_keys(self, presented: _Presented, answer: _Answer) -> None:
         """A read needs ``keys:read``; which keys it shows is the host's to filter (the host
@@ -561,7 +566,7 @@ class EnclaveGate:
                 )
             )
         intent = SigningIntent(principal.client_id, "", wanted, action.chain, Operation.KEYS_CREATE)
-        decision = configured.engine.check(intent)
+        decision = configured.engine.check(intent, policy=presented.in_force.policy)
         if decision.refused:
             raise refuse(PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
         allowed = base | {"decision": "allowed", "reason": decision.reason, "rule": decision.rule}
@@ -689,7 +694,14 @@ class EnclaveGate:
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if info.custody == CUSTODY_ENCLAVE:
                 proven = self._signer.proven_key(_reference(info), unsealing)
-            approval = approve(principal, call, info, configured.engine, answer.decided)
+            approval = approve(
+                principal,
+                call,
+                info,
+                configured.engine,
+                answer.decided,
+                policy=presented.in_force.policy,
+            )
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         prepared = approval.prepared
@@ -774,7 +786,11 @@ class EnclaveGate:
         self, presented: _Presented, operation: str, *, chain: str | None = None
     ) -> AuditEntry:
         return caller_entry(
-            presented.principal.client_id, presented.request_sha256, operation, chain=chain
+            presented.principal.client_id,
+            presented.request_sha256,
+            operation,
+            presented.in_force,
+            chain=chain,
         )
 
     def _seal(
@@ -807,7 +823,9 @@ class EnclaveGate:
 
     def audit_verify(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """AUDIT_VERIFY: check a chunk of log lines, continuing from ``state`` (empty for
-        the first chunk); the answer is the new state and the first problem, if any. With
+        the first chunk); the answer is the new state, the first problem, if any, and the
+        configurations the chunk's verified records name (``policies``, as
+        :class:`~signd.audit.PolicyRun` s: the host joins those of the chunks). With
         ``final``, a log that ends before this enclave's chain head is reported truncated."""
         _, audit = self._in_force()
         assert self._audit_key is not None
@@ -817,6 +835,7 @@ class EnclaveGate:
         final = body.get("final", False) is True
         position, head = self._verify_state(mac_key, state) if state else (0, GENESIS)
         problem: dict[str, Any] | None = None
+        policies = PolicyRuns()
         for index, line in enumerate(lines):
             problem = _check_line(line, head, mac_key, position)
             if problem is not None:
@@ -828,6 +847,7 @@ class EnclaveGate:
                 break
             record = SealedAuditRecord.from_json(line)
             head = record.head
+            policies.add(head.seq, record.record.policy_sha256, record.record.clients_sha256)
             position += 1
         if problem is None and final and audit.head.seq > head.seq:
             problem = {
@@ -840,6 +860,7 @@ class EnclaveGate:
             "state": self._state_bytes(mac_key, position, head),
             "checked": position,
             "head": {"seq": head.seq, "hash": head.hash},
+            "policies": [run.to_dict() for run in policies.runs],
         }
         if problem is not None:
             answer["problem"] = problem

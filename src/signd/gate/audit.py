@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from signd.audit import AuditLog, AuditSigner, FileAuditLog
@@ -14,7 +15,7 @@ from signd.audit.log import store_records
 from signd.audit.records import Spend
 from signd.crypto.secret import Secret
 from signd.errors import SigndError
-from signd.policy import Operation
+from signd.policy import Operation, Policy
 
 log = logging.getLogger("signd.gate.audit")
 
@@ -31,6 +32,21 @@ _PENDING: Final = "pending:"
 MAX_GROUPED_RESULTS: Final = 256
 """The most signatures one record lists (its log line then stays near 18 KB, well within the
 enclave's 64 KiB per line of audit tail); a larger group goes on in a new record."""
+
+
+@dataclass(frozen=True, slots=True)
+class InForce:
+    """The configuration one gate call decides under, taken once as it begins: the policy
+    (every policy decision of the call is made with it, however soon a reload replaces it)
+    and the SHA-256 of the clients file. Every record of the call names both; the two
+    digests were computed when the files were loaded, so naming them costs nothing."""
+
+    policy: Policy
+    clients_sha256: str
+
+    def names(self) -> AuditEntry:
+        """The audit entry fields that name this configuration."""
+        return {"policy_sha256": self.policy.sha256, "clients_sha256": self.clients_sha256}
 
 
 class DecisionLog:

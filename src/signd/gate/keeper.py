@@ -28,7 +28,7 @@ from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, SigndError
-from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog
+from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog, InForce
 from signd.gate.errors import (
     BlindSigningDisabled,
     OutOfScope,
@@ -41,7 +41,7 @@ from signd.gate.intents import Prepared, prepare, result_bytes, sha256_hex
 from signd.gate.interpret import DEFAULT_LIMITS, Limits
 from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
 from signd.gate.together import Run, SignTogether, Waiting
-from signd.policy import Decision, Operation, PolicyEngine, PolicyHolder, SigningIntent
+from signd.policy import Decision, Operation, Policy, PolicyEngine, PolicyHolder, SigningIntent
 
 log = logging.getLogger("signd.gate")
 
@@ -205,6 +205,7 @@ class Gatekeeper:
 
     def authenticate(self, request: GateRequest) -> Caller:
         """The caller, or :class:`Unauthenticated` (audited as refused)."""
+        in_force = self.in_force()
         try:
             principal = identify(
                 request,
@@ -214,7 +215,7 @@ class Gatekeeper:
                 self.verifier.verify_bearer,
             )
         except AccessDenied as exc:
-            self.audit.write([authentication_refusal(request, exc.message)])
+            self.audit.write([authentication_refusal(request, exc.message, in_force)])
             raise Unauthenticated(exc.message) from None
         return Caller(principal, request.sha256)
 
@@ -240,7 +241,8 @@ class Gatekeeper:
         if that fails, the caller gets the error and none of their addresses, so no funds
         can reach them, but the keys exist in custody without a record; a warning names
         them (:func:`warn_unrecorded`)."""
-        base = self._entry(caller, Operation.KEYS_CREATE, chain=chain)
+        in_force = self.in_force()
+        base = self._entry(caller, Operation.KEYS_CREATE, in_force, chain=chain)
         wanted = check_labels(labels)
         address_deriver(chain)  # an unknown chain is a bad request, not a policy question
         self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_CREATE))
@@ -252,7 +254,7 @@ class Gatekeeper:
                 ),
             )
         intent = SigningIntent(caller.client_id, "", wanted, chain, Operation.KEYS_CREATE)
-        decision = self.engine.check(intent)
+        decision = self.engine.check(intent, policy=in_force.policy)
         if decision.refused:
             self._refuse(base, PolicyDenied(decision.reason, rule=decision.rule), decision.rule)
         self.check_audit()
@@ -285,7 +287,7 @@ class Gatekeeper:
 
     def get_key(self, caller: Caller, ref: str) -> KeyInfo:
         """``keys:read``, and only a key the client may use."""
-        base = self._entry(caller, Scope.KEYS_READ)
+        base = self._entry(caller, Scope.KEYS_READ, self.in_force())
         self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         info = self.signer.get_key(ref)
         if not caller.principal.may_use(info.labels):
@@ -304,7 +306,7 @@ class Gatekeeper:
     ) -> KeyPage:
         """``keys:read``; a client restricted to some labels sees only keys with one of them
         (so a page may hold fewer than ``limit`` keys while ``next_cursor`` goes on)."""
-        base = self._entry(caller, Scope.KEYS_READ)
+        base = self._entry(caller, Scope.KEYS_READ, self.in_force())
         self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         page = self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
@@ -379,6 +381,7 @@ class Gatekeeper:
         appended with one durable write, and the signatures of all of them made together
         when there are many (:mod:`signd.gate.together`)."""
         entries = DecisionLog()
+        in_force = self.in_force()
         keys: dict[str, KeyInfo | SigndError] = {}
         together: SignTogether[KeyInfo] | None = None
         if sum(len(calls) for _, calls in requests) >= PARALLEL_MIN:
@@ -398,7 +401,7 @@ class Gatekeeper:
                         outcomes.append(together.again(run, call))
                     else:
                         outcomes.append(
-                            self._sign_one(caller, call, keys, decided, entries, together)
+                            self._sign_one(caller, call, keys, decided, entries, in_force, together)
                         )
                 except Exception as exc:
                     outcomes.append(exc)
@@ -418,13 +421,14 @@ class Gatekeeper:
         keys: dict[str, KeyInfo | SigndError],
         decided: Decided,
         entries: DecisionLog,
+        in_force: InForce,
         together: SignTogether[KeyInfo] | None = None,
     ) -> Signed | Waiting[KeyInfo]:
         """One call through the gate: its :class:`Signed`, or (with ``together``, a call the
         policy decides on the key alone, with a key in memory) its signature left to make
         with the others (:mod:`signd.gate.together`)."""
         principal = caller.principal
-        base = self._entry(caller, OPERATION_OF[call.kind])
+        base = self._entry(caller, OPERATION_OF[call.kind], in_force)
 
         def refuse(error: SigndError, rule: str | None = None) -> SigndError:
             entries.append(base | {"decision": "refused", "reason": error.message, "rule": rule})
@@ -444,7 +448,7 @@ class Gatekeeper:
             raise refuse(info)
         base |= key_fields(info)
         try:
-            approval = approve(principal, call, info, self.engine, decided)
+            approval = approve(principal, call, info, self.engine, decided, policy=in_force.policy)
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         decision, prepared = approval.decision, approval.prepared
@@ -476,9 +480,17 @@ class Gatekeeper:
 
     # helpers
 
+    def in_force(self) -> InForce:
+        """The policy and clients file in force now, for a gate call to decide under."""
+        return InForce(self.engine.policy, self.verifier.registry.sha256)
+
     @staticmethod
-    def _entry(caller: Caller, operation: str, *, chain: str | None = None) -> AuditEntry:
-        return caller_entry(caller.client_id, caller.request_sha256, operation, chain=chain)
+    def _entry(
+        caller: Caller, operation: str, in_force: InForce, *, chain: str | None = None
+    ) -> AuditEntry:
+        return caller_entry(
+            caller.client_id, caller.request_sha256, operation, in_force, chain=chain
+        )
 
     @staticmethod
     def _labels_refusal(caller: Caller, info: KeyInfo) -> OutOfScope:
@@ -561,24 +573,35 @@ def identify(
     return verify_signed()
 
 
-def authentication_refusal(request: GateRequest, why: str) -> AuditEntry:
+def authentication_refusal(request: GateRequest, why: str, in_force: InForce) -> AuditEntry:
     """The audit entry of a request refused before its caller was known."""
     return {
         "operation": AUTHENTICATE,
         "decision": "refused",
         "reason": f"{request.method} {request.path[:MAX_SHOWN_PATH]}: {why}",
         "request_sha256": request.sha256,
+        "policy_sha256": in_force.policy.sha256,
+        "clients_sha256": in_force.clients_sha256,
     }
 
 
 def caller_entry(
-    client_id: str, request_sha256: str, operation: str, *, chain: str | None = None
+    client_id: str,
+    request_sha256: str,
+    operation: str,
+    in_force: InForce,
+    *,
+    chain: str | None = None,
 ) -> AuditEntry:
+    """The fields every audit entry of a caller's request starts from, the configuration
+    its gate call decides under (``in_force``) among them."""
     return {
         "operation": str(operation),
         "client_id": client_id,
         "chain": chain,
         "request_sha256": request_sha256,
+        "policy_sha256": in_force.policy.sha256,
+        "clients_sha256": in_force.clients_sha256,
     }
 
 
@@ -648,6 +671,8 @@ def approve(
     info: KeyInfo,
     engine: PolicyEngine,
     decided: Decided | None = None,
+    *,
+    policy: Policy | None = None,
 ) -> Approval:
     """Key labels → decode the payload → intent → policy. A refusal raises: OutOfScope,
     the decoding error, or :class:`PolicyDenied` naming its rule (see :func:`rule_of`).
@@ -657,7 +682,10 @@ def approve(
     With ``decided`` (one per gate call), a payload that gives the policy no facts (a hash,
     a message) reuses the decision of an earlier call by the same client of the same
     operation with the same key (in a gathered gate call, perhaps another request's): its
-    intent is the same. The spend is still committed per signature."""
+    intent is the same. The spend is still committed per signature.
+
+    ``policy`` is the one to decide under (the gate call's :class:`~signd.gate.audit.InForce`),
+    else the one in force now."""
     if not principal.may_use(info.labels):
         raise labels_refusal(principal.client_id, info)
     prepared = prepare(call.kind, call.payload, info)
@@ -674,7 +702,7 @@ def approve(
         prepared.operation,
         **prepared.facts,
     )
-    decision = engine.check(intent)
+    decision = engine.check(intent, policy=policy)
     if decision.refused:
         raise PolicyDenied(decision.reason, rule=decision.rule)
     if decided is not None and not prepared.facts:

@@ -159,12 +159,18 @@ class PolicyEngine:
             if complete:
                 self._unreplayed = None
 
-    def check(self, intent: SigningIntent) -> Decision:
+    def check(self, intent: SigningIntent, *, policy: Policy | None = None) -> Decision:
         """Allowed by the first rule that grants ``intent``, else refused with the reasons.
+
+        ``policy`` is the one to decide under: one read from :attr:`policy` a moment before,
+        so that every decision of a gate call is made under the policy its audit records
+        name (:meth:`commit` refuses the decision if that policy is no longer in force).
+        The one in force by default.
 
         Raises :class:`SpendWindowsUnavailable` if the first rule that would otherwise
         allow it has a spend window and the windows are not yet rebuilt."""
-        policy = self.policy
+        if policy is None:
+            policy = self.policy
         covering = [rule for rule in policy.rules if rule.covers(intent)]
         if not covering:
             return Decision(False, None, _uncovered(intent), policy.sha256, intent)
