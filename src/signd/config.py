@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -100,6 +100,28 @@ def _env_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def override_variables(sections: Collection[str], environ: Mapping[str, str]) -> set[str]:
+    """The variables of ``environ`` that override a setting of one of ``sections``
+    (``SIGND_<SECTION>_<KEY>``, as :func:`apply_environment` reads them; never a secret key's).
+    A variable belongs to the longest section name it starts with: ``SIGND_KMS_CUSTODY_*`` is
+    ``kms_custody``'s, not ``kms``'s."""
+    found = set()
+    for variable in environ:
+        owners = [
+            section
+            for section in SECTIONS
+            if variable.startswith(prefix := f"SIGND_{section.upper()}_")
+            and len(variable) > len(prefix)
+        ]
+        if not owners:
+            continue
+        owner = max(owners, key=len)
+        key = variable[len(f"SIGND_{owner.upper()}_") :].lower()
+        if owner in sections and key not in _SECRET_KEYS:
+            found.add(variable)
+    return found
 
 
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

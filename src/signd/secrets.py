@@ -39,14 +39,6 @@ HSM_PIN_ENV: Final = "SIGND_HSM_PIN"
 """The HSM PIN (wherever HSM custody runs: the host, or the enclave)."""
 
 
-def environment_without(*names: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment (``environ``, else this process's) for a child process, without the
-    secret variables ``names``: a child that does not need a secret should not hold it, as
-    its environment stays readable in ``/proc`` for as long as it runs."""
-    source = os.environ if environ is None else environ
-    return {name: value for name, value in source.items() if name not in names}
-
-
 def environment_only(
     names: Collection[str], prefixes: tuple[str, ...] = (), environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:

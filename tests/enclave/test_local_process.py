@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 
+from signd.chains import address_deriver
 from signd.config import load_settings
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
 from signd.enclave.transport import UnixTransport
 from signd.errors import ConfigurationError, DependencyUnavailable
+from signd.kms.server import start_kms_server
 from signd.operations.backends import build_signer
 from signd.operations.local_enclave import LocalEnclaveTransport
 from tests.integration.support import core_file_limits, record_children, wait_until
@@ -360,7 +362,6 @@ def test_a_secret_the_config_names_reaches_the_enclave_only_when_it_uses_it(
     choosing: the enclave process must not inherit it unless it holds the HSM, any more than
     SIGND_HSM_PIN. Read from the running process's /proc/<pid>/environ."""
     monkeypatch.setenv("SIGND_TEST_OTHER_PIN", "canary pin in another variable")
-    monkeypatch.setenv("SIGND_TEST_UNRELATED", "passed on")
     home = tmp_path / "home"
     home.mkdir()
     (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n{hsm}')
@@ -372,9 +373,163 @@ def test_a_secret_the_config_names_reaches_the_enclave_only_when_it_uses_it(
         assert environment.get("SIGND_TEST_OTHER_PIN") == (
             "canary pin in another variable" if passed else None
         )
-        assert environment["SIGND_TEST_UNRELATED"] == "passed on"
         assert "SIGND_KEYSTORE_PASSPHRASE" not in environment
     [recorded] = [child.environment for child in children if "enclave" in child.command]
     assert ("SIGND_TEST_OTHER_PIN" in recorded) is passed
     if environment is None:
         pytest.skip("checked as started only: the running enclave's environ needs root")
+
+
+UNRELATED_SECRETS = {
+    "WALLET_BACKUP_PASSPHRASE": "canary passphrase of something else",
+    "DATABASE_URL": "postgresql://signd:canary-password@db/signd",
+    "SIGND_IMPORT_PASSWORD": "canary import password",
+    "SIGND_KMS_SECRET_ACCESS_KEY": "canary secret key in a settings-like name",
+    "AWS_SECRET_ACCESS_KEY": "canary AWS secret key the enclave does not use",
+    "HTTPS_PROXY": "http://canary:proxy-password@proxy.example:3128",
+    "GITHUB_TOKEN": "canary token",
+}
+
+
+def running_enclave_environment(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Start the local enclave for ``home`` through the signer, as ``signd serve`` does, and
+    read the running process's environment (as root; as it was started otherwise)."""
+    children = record_children(monkeypatch)
+    with build_signer(load_settings(home)) as signer:
+        signer.backend(CUSTODY_ENCLAVE).check_health()
+        environment = process_environment(enclave_process(home))
+    [recorded] = [child.environment for child in children if "enclave" in child.command]
+    return environment if environment is not None else recorded
+
+
+def test_the_enclave_gets_only_the_environment_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enclave is the trusted computing base: a secret of the host's that it does not
+    read, whatever its variable's name, stays out of its /proc/<pid>/environ. It gets the
+    interpreter's variables, the locale, TZ, TMPDIR and the overrides of its own tables."""
+    for name, value in {**UNRELATED_SECRETS, "SIGND_HSM_PIN": "canary pin"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LC_TIME", "C.UTF-8")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("SIGND_ENCLAVE_CACHE_MAX_USES", "7")
+    monkeypatch.setenv("SIGND_METADATA_PATH", str(tmp_path / "canary-host-only-metadata.db"))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(f'[custody]\nenabled = ["enclave"]\n\n{HSM_ON_THE_HOST}')
+    environment = running_enclave_environment(home, monkeypatch)
+    assert not [name for name in environment if "canary" in environment[name]], sorted(environment)
+    assert {
+        name for name in environment if not name.startswith(("LC_", "PYTHON", "SIGND_ENCLAVE_"))
+    } <= {"PATH", "HOME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH"}, sorted(environment)
+    assert environment["PATH"] == os.environ["PATH"]
+    assert environment["LC_TIME"] == "C.UTF-8" and environment["TMPDIR"] == str(tmp_path)
+    assert environment.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
+    assert environment["SIGND_ENCLAVE_CACHE_MAX_USES"] == "7"
+
+
+def test_a_setting_the_host_has_by_environment_reaches_the_enclave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SIGND_BLOBS_PATH`` is read by the enclave, which writes the sealed keys: a key made
+    through it lands there, and signs."""
+    blobs = tmp_path / "elsewhere"
+    monkeypatch.setenv("SIGND_BLOBS_PATH", str(blobs))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text('[custody]\nenabled = ["enclave"]\n')
+    with build_signer(load_settings(home)) as signer:
+        backend = signer.backend(CUSTODY_ENCLAVE)
+        (key,) = backend.create_keys("ethereum", address_deriver("ethereum"))
+        digest = os.urandom(32)
+        assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+    assert [path for path in blobs.rglob("*") if path.is_file()], "no blob where it was told"
+    assert not (home / "blobs").exists()
+
+
+def test_a_kms_custody_override_of_the_host_stays_out_of_the_enclave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SIGND_KMS_CUSTODY_*`` configures the host's KMS-key custody. Read as ``[kms]`` too
+    (its name starts with ``SIGND_KMS_``), it made the enclave's embedded KMS an unknown
+    ``[kms] custody_region`` and the enclave exit at start; it is not the enclave's."""
+    monkeypatch.setenv("SIGND_KMS_CUSTODY_REGION", "eu-west-1")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text('[custody]\nenabled = ["enclave"]\n')
+    environment = running_enclave_environment(home, monkeypatch)
+    assert "SIGND_KMS_CUSTODY_REGION" not in environment
+
+
+def test_aws_credentials_reach_an_enclave_whose_kms_is_aws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[kms] type = "aws"`` with boto3's default credential chain: the enclave needs
+    ``AWS_*`` (and boto3's proxy variables) from the host, and gets them. Against a
+    kms-server that refuses any other credentials."""
+    server = start_kms_server(tmp_path / "kms")
+    try:
+        info = server.info
+        client = info.client()
+        key_id = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")[
+            "KeyMetadata"
+        ]["KeyId"]
+        client.close()
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": info.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": info.secret_access_key.reveal(),
+            "AWS_DEFAULT_REGION": info.region,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "SIGND_KMS_TYPE": "aws",
+            "SIGND_KMS_KEY_ID": key_id,
+        }.items():
+            monkeypatch.setenv(name, value)
+        home = tmp_path / "home"
+        home.mkdir()
+        (home / "signd.toml").write_text(
+            f'[custody]\nenabled = ["enclave"]\n\n[kms]\nendpoint_url = "{info.endpoint}"\n\n'
+            '[enclave]\nattestation = "off"\n'
+        )
+        with build_signer(load_settings(home)) as signer:
+            backend = signer.backend(CUSTODY_ENCLAVE)
+            (key,) = backend.create_keys("ethereum", address_deriver("ethereum"))
+            digest = os.urandom(32)
+            assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
+            environment = process_environment(enclave_process(home))
+    finally:
+        server.stop()
+    if environment is not None:
+        assert environment["AWS_ACCESS_KEY_ID"] == info.access_key_id
+        assert environment["NO_PROXY"] == "127.0.0.1,localhost"
+
+
+def test_a_variable_the_config_passes_reaches_the_enclave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[enclave] pass_environment``: for what a vendor's PKCS#11 module reads. A secret the
+    enclave does not use stays out even when listed."""
+    monkeypatch.setenv("VENDOR_HSM_CONFIG", "/etc/vendor/hsm.conf")
+    monkeypatch.setenv("SIGND_KEYSTORE_PASSPHRASE", "canary passphrase for the host")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        '[custody]\nenabled = ["enclave"]\n\n'
+        '[enclave]\npass_environment = ["VENDOR_HSM_CONFIG", "SIGND_KEYSTORE_PASSPHRASE"]\n'
+    )
+    environment = running_enclave_environment(home, monkeypatch)
+    assert environment["VENDOR_HSM_CONFIG"] == "/etc/vendor/hsm.conf"
+    assert "SIGND_KEYSTORE_PASSPHRASE" not in environment
+
+
+@pytest.mark.parametrize("value", ['"VENDOR_HSM_CONFIG"', "[1]", '[""]'])
+def test_a_malformed_pass_environment_is_a_configuration_error(tmp_path: Path, value: str) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        f'[custody]\nenabled = ["enclave"]\n\n[enclave]\npass_environment = {value}\n'
+    )
+    with pytest.raises(ConfigurationError) as raised:
+        build_signer(load_settings(home)).backend(CUSTODY_ENCLAVE)
+    assert raised.value.field == "enclave.pass_environment"

@@ -21,9 +21,14 @@ from signd.enclave.client import EnclaveClient
 from signd.enclave.transport import transport_for
 from signd.errors import ConfigurationError
 from signd.operations.components import build_metadata_store
-from signd.operations.local_enclave import HANG_TIMEOUT, LocalEnclaveTransport
+from signd.operations.local_enclave import HANG_TIMEOUT, EnclaveEnvironment, LocalEnclaveTransport
 from signd.operations.signer import BackendFactory, Signer
-from signd.secrets import KEYSTORE_PASSPHRASE_ENV, resolve_secret
+from signd.secrets import (
+    KEYSTORE_PASSPHRASE_ENV,
+    AwsSecretsManager,
+    parse_secret_ref,
+    resolve_secret,
+)
 from signd.storage.base import MetadataStore
 
 PassphraseSource = Callable[[bool], Secret]
@@ -99,6 +104,42 @@ enclave, as a 503 naming it and with its audit records, rather than by the host 
 on the enclave, which drops the connection and those records with it."""
 
 
+def enclave_environment(settings: Settings) -> EnclaveEnvironment:
+    """What of this process's environment a local enclave started for ``settings`` gets."""
+    hsm = settings.section("hsm")
+    holds_hsm = bool(hsm) and hsm_in_enclave(hsm)
+    passed = settings.section("enclave").get("pass_environment", [])
+    if not isinstance(passed, list) or not all(isinstance(name, str) and name for name in passed):
+        raise ConfigurationError(
+            "enclave.pass_environment must be a list of variable names",
+            field="enclave.pass_environment",
+        )
+    return EnclaveEnvironment(
+        hsm_in_enclave=holds_hsm,
+        uses_aws=_enclave_uses_aws(settings, holds_hsm),
+        secret_references=settings.environment_secret_references(),
+        passed=frozenset(passed),
+    )
+
+
+def _enclave_uses_aws(settings: Settings, holds_hsm: bool) -> bool:
+    """Whether the enclave reaches AWS with boto3's default credentials and configuration:
+    ``[kms] type = "aws"``, ``[blobs] type = "s3"`` or, holding the HSM, an ``aws-sm:`` PIN.
+    (The embedded kms-server's client is given its endpoint and credentials.)"""
+    if (
+        settings.section("kms").get("type") == "aws"
+        or settings.section("blobs").get("type") == "s3"
+    ):
+        return True
+    pin = settings.section("hsm").get("pin")
+    if not holds_hsm or pin is None:
+        return False
+    try:
+        return parse_secret_ref(pin).provider == AwsSecretsManager.scheme
+    except ConfigurationError:
+        return False  # the enclave reports it
+
+
 class _SharedEnclave:
     """One enclave client (and, locally, one enclave process) for every custody it serves.
 
@@ -117,7 +158,6 @@ class _SharedEnclave:
             "enclave", section, "hang_timeout", HANG_TIMEOUT, allow_zero=True
         )
         gate_only = config_flag("enclave", section, "gate_only", False)
-        hsm = settings.section("hsm")
         self.local = (
             None
             if address
@@ -125,8 +165,7 @@ class _SharedEnclave:
                 settings.home,
                 hang_timeout=hang_timeout,
                 gate_only=gate_only,
-                hsm_in_enclave=bool(hsm) and hsm_in_enclave(hsm),
-                secret_references=settings.environment_secret_references(),
+                environment=enclave_environment(settings),
             )
         )
         transport = self.local if self.local is not None else transport_for(str(address))

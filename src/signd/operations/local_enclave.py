@@ -20,13 +20,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
+from signd.config import override_variables
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
 from signd.enclave.transport import UnixTransport
 from signd.errors import DependencyUnavailable, SigndError
-from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_without
+from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_only
 
 log = logging.getLogger("signd.enclave.local")
 
@@ -37,18 +40,67 @@ LOG_FILE_NAME = "enclave.log"
 HANG_TIMEOUT = 30.0
 """Seconds a live enclave process may go without answering before it is replaced."""
 MAX_PROBE_INTERVAL = 5.0
-_HSM_SECRETS = frozenset({"hsm.pin"})
+
+BASE_ENVIRONMENT: Final = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH"})
+BASE_ENVIRONMENT_PREFIXES: Final = ("LC_", "PYTHON")
+"""What every local enclave process gets of its host's environment: the interpreter's own
+variables and what the dynamic loader needs to start it and load a PKCS#11 module, the
+locale, the time zone and where temporary files go."""
+ENCLAVE_SECTIONS: Final = ("enclave", "kms", "blobs", "hsm")
+"""The config tables the enclave process reads: their ``SIGND_<SECTION>_<KEY>`` overrides
+reach it (they never hold a secret; the host's tables, such as ``[metadata] dsn``, stay out)."""
+HSM_MODULE_ENVIRONMENT: Final = frozenset({"SOFTHSM2_CONF"})
+"""What a PKCS#11 module that signd knows of reads, for an enclave that holds HSM custody
+(others: ``[enclave] pass_environment``)."""
+AWS_ENVIRONMENT_PREFIXES: Final = ("AWS_",)
+PROXY_ENVIRONMENT: Final = frozenset(
+    {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+)
+"""With AWS_*, what boto3 reads, for an enclave that reaches AWS with the host's credentials."""
+_HSM_SECRETS: Final = frozenset({"hsm.pin"})
 """The secret settings that an enclave holding HSM custody reads."""
 
 
-def _secrets_the_enclave_does_not_need(
-    hsm_in_enclave: bool, secret_references: Mapping[str, str]
-) -> tuple[str, ...]:
-    """The secret variables to keep out of the enclave process's environment."""
-    used = _HSM_SECRETS if hsm_in_enclave else frozenset()
-    needed = {name for setting, name in secret_references.items() if setting in used}
-    fixed = (KEYSTORE_PASSPHRASE_ENV,) if hsm_in_enclave else (KEYSTORE_PASSPHRASE_ENV, HSM_PIN_ENV)
-    return (*fixed, *sorted(set(secret_references.values()) - needed))
+@dataclass(frozen=True, slots=True)
+class EnclaveEnvironment:
+    """Which of the host's environment variables a local enclave process gets: an allowlist,
+    so that no secret of the host's, whatever its variable's name, reaches the enclave's
+    ``/proc/<pid>/environ`` unless the enclave reads it.
+
+    - always: :data:`BASE_ENVIRONMENT` and its prefixes, and the ``SIGND_<SECTION>_<KEY>``
+      overrides of :data:`ENCLAVE_SECTIONS`;
+    - with ``hsm_in_enclave``: ``SIGND_HSM_PIN``, the variable ``[hsm] pin = "env:NAME"``
+      names, and :data:`HSM_MODULE_ENVIRONMENT`;
+    - with ``uses_aws`` (its KMS, blob store or HSM PIN is an AWS service reached with the
+      default credentials): ``AWS_*`` and :data:`PROXY_ENVIRONMENT`;
+    - the names in ``passed`` (``[enclave] pass_environment``).
+
+    Never, even when listed: the keystore passphrase, ``SIGND_HSM_PIN`` without
+    ``hsm_in_enclave``, and a variable an ``env:`` reference names (``secret_references``,
+    setting -> variable) for a secret the enclave does not read.
+    """
+
+    hsm_in_enclave: bool = False
+    uses_aws: bool = False
+    secret_references: Mapping[str, str] = field(default_factory=dict)
+    passed: frozenset[str] = frozenset()
+
+    def of(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The environment for an enclave process started from ``environ``."""
+        used = _HSM_SECRETS if self.hsm_in_enclave else frozenset()
+        needed = {name for setting, name in self.secret_references.items() if setting in used}
+        names = {*BASE_ENVIRONMENT, *self.passed, *override_variables(ENCLAVE_SECTIONS, environ)}
+        prefixes: tuple[str, ...] = BASE_ENVIRONMENT_PREFIXES
+        if self.hsm_in_enclave:
+            names |= {HSM_PIN_ENV, *HSM_MODULE_ENVIRONMENT, *needed}
+        if self.uses_aws:
+            names |= PROXY_ENVIRONMENT
+            prefixes += AWS_ENVIRONMENT_PREFIXES
+        withheld = {KEYSTORE_PASSPHRASE_ENV, *self.secret_references.values()} - needed
+        if not self.hsm_in_enclave:
+            withheld.add(HSM_PIN_ENV)
+        chosen = environment_only(names, prefixes, environ)
+        return {name: value for name, value in chosen.items() if name not in withheld}
 
 
 class LocalEnclaveTransport:
@@ -63,11 +115,8 @@ class LocalEnclaveTransport:
     probe for ``hang_timeout`` seconds (stopped, deadlocked, spinning) is killed, so that the
     next call starts a new one, as after a crash. ``hang_timeout = 0`` turns this off.
 
-    The process never gets the keystore passphrase (the keystore is the host's), and gets
-    the HSM PIN only when ``hsm_in_enclave`` says that it holds HSM custody. The same goes for
-    the variables that ``secret_references`` (setting -> variable, from
-    :meth:`signd.config.Settings.environment_secret_references`) name: only those of secrets
-    the process uses are passed to it (``hsm.pin`` with ``hsm_in_enclave``).
+    The process gets only the variables of this process's environment that ``environment``
+    allows (by default: no HSM, no AWS, nothing passed), read at each start.
     """
 
     def __init__(
@@ -77,8 +126,7 @@ class LocalEnclaveTransport:
         startup_timeout: float = STARTUP_TIMEOUT,
         hang_timeout: float = HANG_TIMEOUT,
         gate_only: bool = False,
-        hsm_in_enclave: bool = False,
-        secret_references: Mapping[str, str] | None = None,
+        environment: EnclaveEnvironment | None = None,
     ) -> None:
         if hang_timeout < 0:
             raise ValueError("hang_timeout must not be negative")
@@ -86,9 +134,7 @@ class LocalEnclaveTransport:
         self._startup_timeout = startup_timeout
         self._hang_timeout = hang_timeout
         self._gate_only = gate_only
-        self._secrets_it_does_not_need = _secrets_the_enclave_does_not_need(
-            hsm_in_enclave, secret_references or {}
-        )
+        self._environment = environment if environment is not None else EnclaveEnvironment()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._starting = False
@@ -151,7 +197,7 @@ class LocalEnclaveTransport:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                env=environment_without(*self._secrets_it_does_not_need),
+                env=self._environment.of(os.environ),
             )
         self._watch()
         self._starting = True

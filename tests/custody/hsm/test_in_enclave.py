@@ -499,6 +499,41 @@ def test_sealed_and_hsm_custody_share_one_local_enclave(
     assert hsm_key.details["cka_label"].endswith(hsm_key.key_id)
 
 
+def test_the_enclave_gets_what_its_hsm_needs_from_the_hosts_environment(
+    softhsm: SoftHsm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an allowlisted environment the local enclave still gets all that HSM custody in
+    it reads: ``SIGND_HSM_*``, the variable ``pin = "env:NAME"`` names and ``SOFTHSM2_CONF``
+    (set for the session by the fixture); a secret of the host's that it does not read stays
+    out. It makes a key on the token and signs with it."""
+    from signd.config import load_settings
+    from signd.operations.backends import build_signer
+    from tests.enclave.test_local_process import enclave_process, process_environment
+
+    monkeypatch.setenv("SIGND_HSM_MODULE", str(softhsm.module))
+    monkeypatch.setenv("SIGND_HSM_TOKEN_LABEL", MAIN_TOKEN)
+    monkeypatch.setenv("SIGND_TEST_ENCLAVE_HSM_PIN", USER_PIN)
+    monkeypatch.setenv("WALLET_BACKUP_PASSPHRASE", "canary passphrase of something else")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "signd.toml").write_text(
+        '[custody]\nenabled = ["hsm"]\n\n'
+        '[hsm]\nin_enclave = true\npin = "env:SIGND_TEST_ENCLAVE_HSM_PIN"\n'
+    )
+    with build_signer(load_settings(home)) as signer:
+        hsm = signer.backend("hsm")
+        assert isinstance(hsm, EnclaveHsmBackend)
+        (key,) = hsm.create_keys("ethereum", eth_address)
+        digest = os.urandom(32)
+        check_signature(key.address, key.public_key, hsm.sign_digest(key, digest), digest)
+        environment = process_environment(enclave_process(home))
+    if environment is None:
+        pytest.skip("signed; the running enclave's environ needs root to be read")
+    assert environment["SOFTHSM2_CONF"] == str(softhsm.conf)
+    assert environment["SIGND_TEST_ENCLAVE_HSM_PIN"] == USER_PIN
+    assert "WALLET_BACKUP_PASSPHRASE" not in environment
+
+
 # -- through the enclave's gate: the enclave signs with its HSM itself, and only there
 
 
