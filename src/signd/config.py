@@ -102,43 +102,47 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def override_variables(sections: Collection[str], environ: Mapping[str, str]) -> set[str]:
-    """The variables of ``environ`` that override a setting of one of ``sections``
-    (``SIGND_<SECTION>_<KEY>``, as :func:`apply_environment` reads them; never a secret key's).
+def override_target(variable: str) -> tuple[str, str] | None:
+    """The ``(section, key)`` that ``variable`` (``SIGND_<SECTION>_<KEY>``) overrides, or
+    ``None`` (not such a variable, or a secret key's, which never come from the environment).
     A variable belongs to the longest section name it starts with: ``SIGND_KMS_CUSTODY_*`` is
     ``kms_custody``'s, not ``kms``'s."""
-    found = set()
-    for variable in environ:
-        owners = [
-            section
-            for section in SECTIONS
-            if variable.startswith(prefix := f"SIGND_{section.upper()}_")
-            and len(variable) > len(prefix)
-        ]
-        if not owners:
-            continue
-        owner = max(owners, key=len)
-        key = variable[len(f"SIGND_{owner.upper()}_") :].lower()
-        if owner in sections and key not in _SECRET_KEYS:
-            found.add(variable)
-    return found
+    owners = [
+        section
+        for section in SECTIONS
+        if variable.startswith(prefix := f"SIGND_{section.upper()}_")
+        and len(variable) > len(prefix)
+    ]
+    if not owners:
+        return None
+    owner = max(owners, key=len)
+    key = variable[len(f"SIGND_{owner.upper()}_") :].lower()
+    return None if key in _SECRET_KEYS else (owner, key)
+
+
+def override_variables(sections: Collection[str], environ: Mapping[str, str]) -> set[str]:
+    """The variables of ``environ`` that override a setting of one of ``sections``
+    (:func:`override_target`, as :func:`apply_environment` reads them)."""
+    return {
+        variable
+        for variable in environ
+        if (target := override_target(variable)) is not None and target[0] in sections
+    }
 
 
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``SIGND_<SECTION>_<KEY>=value`` onto ``[section] key`` (secrets excluded)."""
+    """Overlay ``SIGND_<SECTION>_<KEY>=value`` onto ``[section] key`` (:func:`override_target`;
+    secrets excluded)."""
     merged = {
         name: dict(table) if isinstance(table, dict) else table for name, table in raw.items()
     }
     for variable, text in environ.items():
-        for section in SECTIONS:
-            prefix = f"SIGND_{section.upper()}_"
-            if variable.startswith(prefix) and len(variable) > len(prefix):
-                key = variable[len(prefix) :].lower()
-                if key in _SECRET_KEYS:
-                    continue
-                table = merged.setdefault(section, {})
-                if isinstance(table, dict):
-                    table[key] = _env_value(text)
+        target = override_target(variable)
+        if target is not None:
+            section, key = target
+            table = merged.setdefault(section, {})
+            if isinstance(table, dict):
+                table[key] = _env_value(text)
     return merged
 
 

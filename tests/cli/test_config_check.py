@@ -200,6 +200,26 @@ def test_environment_overrides_the_file() -> None:
     assert raw["metadata"]["type"] == "sqlite"  # the parsed file is not modified
 
 
+def test_a_variable_overrides_the_table_with_the_longest_matching_name() -> None:
+    """``SIGND_KMS_CUSTODY_REGION`` is ``[kms_custody] region``; it was also read as
+    ``[kms] custody_region``, which the local KMS then refused as an unknown setting."""
+    merged = apply_environment(
+        {"kms": {"type": "local"}},
+        {"SIGND_KMS_CUSTODY_REGION": "eu-west-1", "SIGND_KMS_TYPE": "local"},
+    )
+    assert merged["kms"] == {"type": "local"}
+    assert merged["kms_custody"] == {"region": "eu-west-1"}
+
+
+def test_a_kms_custody_variable_leaves_the_local_kms_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIGND_KMS_CUSTODY_REGION", "eu-west-1")
+    settings = load_settings(tmp_path)
+    assert "custody_region" not in settings.section("kms")
+    assert settings.section("kms_custody")["region"] == "eu-west-1"
+
+
 def test_environment_alone_selects_kms_s3_and_postgres(
     cli: Cli,
     moto_server: MotoServer,
