@@ -9,7 +9,13 @@
 The private key file is a PEM (PKCS#8) Ed25519 or P-256 key; or pass ``token=`` for a
 bearer-token client. Errors come back as the :class:`~signd.errors.SigndError` subclass the
 server named (``PolicyDenied`` carries the ``rule``); an unreachable server is
-:class:`~signd.errors.DependencyUnavailable`.
+:class:`~signd.errors.DependencyUnavailable`, and a call that takes longer than ``timeout``
+in all is :class:`~signd.errors.DeadlineExceeded` (one of them).
+
+httpx's timeouts bound each network operation (a connect, a read, a write), so a server that
+sends its answer a byte at a time could hold a call for ever (encode/httpx#1450). The client's
+connections therefore go through a network backend of httpcore's whose every operation is cut
+to the time the call has left.
 
 :class:`RemoteSigner` offers the :class:`~signd.operations.Signer` methods the CLI uses, over
 a client, so ``signd --url`` runs the same commands against the service.
@@ -21,13 +27,17 @@ import base64
 import functools
 import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlsplit
 
+import httpcore
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -40,6 +50,7 @@ from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import CustodyBackend, KeyInfo, KeyPage
 from signd.errors import (
     ConfigurationError,
+    DeadlineExceeded,
     DependencyUnavailable,
     InvalidField,
     SigndError,
@@ -52,6 +63,8 @@ from signd.operations import Signer
 from signd.operations.signer import MessageSignature
 
 MAX_KEYS_PER_REQUEST: Final = 1000
+DEFAULT_TIMEOUT: Final = 60.0
+"""Seconds a call may take in all, unless the client is given another ``timeout``."""
 _MAX_PATH_SHOWN: Final = 80
 
 T = TypeVar("T")
@@ -193,6 +206,104 @@ def key_from_dict(data: Mapping[str, Any]) -> KeyInfo:
     )
 
 
+_CALL_ENDS: ContextVar[float | None] = ContextVar("signd_client_call_ends", default=None)
+"""When (``time.monotonic()``) the running call must be over, while a call runs."""
+
+
+@contextmanager
+def _call_ends_at(moment: float) -> Iterator[None]:
+    token = _CALL_ENDS.set(moment)
+    try:
+        yield
+    finally:
+        _CALL_ENDS.reset(token)
+
+
+def _left(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """``timeout`` for one network operation, cut to the time the running call has left;
+    ``expired`` raised if it has none left."""
+    ends = _CALL_ENDS.get()
+    if ends is None:
+        return timeout
+    left = ends - time.monotonic()
+    if left <= 0:
+        raise expired("the call's time is up")
+    return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    """A connection whose every read, write and TLS handshake ends when the call's time is
+    up, however many bytes trickle in meanwhile."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._stream.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _BoundedBackend(httpcore.NetworkBackend):
+    """httpcore's own sockets, as :class:`_BoundedStream`."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, bounded, local_address, socket_options)
+        return _BoundedStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = _left(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._backend.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _BoundedTransport(httpx.HTTPTransport):
+    """httpx's transport (its mapping of requests, answers and exceptions) over a connection
+    pool of :class:`_BoundedBackend` connections (httpx's transport takes no network backend
+    of its own), with httpx's default limits and certificates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_BoundedBackend(),
+        )
+
+
 def _signature(data: Mapping[str, Any]) -> RecoverableSignature:
     return RecoverableSignature(int(data["r"], 16), int(data["s"], 16), int(data["recovery_id"]))
 
@@ -247,7 +358,13 @@ def _list(data: Any) -> list[Any]:
 
 
 class SigndClient:
-    """Signed requests to every REST route of a running ``signd serve``."""
+    """Signed requests to every REST route of a running ``signd serve``.
+
+    ``timeout`` bounds each call in all: connecting, sending the request and receiving the
+    whole answer (a call is never retried). The client connects directly (proxy settings in
+    the environment are not used). A ``transport`` of the caller's is used as given, bounded
+    only as it bounds itself.
+    """
 
     def __init__(
         self,
@@ -256,9 +373,12 @@ class SigndClient:
         private_key_path: str | Path | None = None,
         *,
         token: str | None = None,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if not timeout > 0:
+            raise ConfigurationError("the client's timeout must be a positive number of seconds")
+        self.timeout = timeout
         self.url = _checked_url(url)
         self.where = url_without_secrets(self.url)
         """The URL as messages show it: without user info, path or query."""
@@ -270,8 +390,11 @@ class SigndClient:
         self._key = None if private_key_path is None else load_request_key(private_key_path)
         self._token = token
         self._http = httpx.Client(
-            base_url=self.url, timeout=timeout, transport=transport, follow_redirects=False
-        )  # signd never redirects: a redirect is an answer from something else
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport or _BoundedTransport(),
+            follow_redirects=False,  # signd never redirects: a redirect is from something else
+        )
 
     def __repr__(self) -> str:
         return f"SigndClient(url={self.where!r}, client_id={self.client_id!r})"
@@ -327,19 +450,37 @@ class SigndClient:
                 request.headers.update(
                     sign_request(method, target, content, self.client_id, self._key)
                 )
+        ends = time.monotonic() + self.timeout
         try:
-            return self._http.send(request)
-        except (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            # Sent, but no whole answer came: a signing request may have been performed.
-            performed = " (the request was sent and may have been performed)"
-            raise DependencyUnavailable(
-                f"signd at {self.where} did not answer {method} {request.url.path}: "
-                f"{type(exc).__name__}{performed if method == 'POST' else ''}"
-            ) from None
+            with _call_ends_at(ends):
+                response = self._http.send(request)
         except httpx.HTTPError as exc:
-            raise DependencyUnavailable(
-                f"cannot reach signd at {self.where}: {type(exc).__name__}"
-            ) from None
+            raise self._failure(request, exc, timed_out=time.monotonic() >= ends) from None
+        return response
+
+    def _failure(
+        self, request: httpx.Request, exc: httpx.HTTPError, *, timed_out: bool
+    ) -> DependencyUnavailable:
+        """The error a transport failure means: the call's time was up, no whole answer
+        came to a request that went out (a signing request may have been performed), or
+        signd could not be reached."""
+        method, path = request.method, request.url.path
+        sent = isinstance(exc, httpx.ReadTimeout | httpx.RemoteProtocolError | httpx.ReadError)
+        performed = " (the request was sent and may have been performed)"
+        performed = performed if sent and method == "POST" else ""
+        if timed_out and isinstance(exc, httpx.ConnectTimeout):
+            return DeadlineExceeded(f"cannot reach signd at {self.where} within {self.timeout:g} s")
+        if timed_out and isinstance(exc, httpx.TimeoutException):
+            return DeadlineExceeded(
+                f"signd at {self.where} did not answer {method} {path} "
+                f"within {self.timeout:g} s{performed}"
+            )
+        if sent:
+            return DependencyUnavailable(
+                f"signd at {self.where} did not answer {method} {path}: "
+                f"{type(exc).__name__}{performed}"
+            )
+        return DependencyUnavailable(f"cannot reach signd at {self.where}: {type(exc).__name__}")
 
     def _refusal(self, response: httpx.Response) -> SigndError:
         """The error a non-2xx answer means."""

@@ -19,6 +19,7 @@ ever catch this tree::
     │                                   swapped, corrupted); reveals nothing about why
     ├── CapacityExceeded                a backend is out of room for new keys
     ├── DependencyUnavailable           503: KMS, storage, database, HSM down or slow
+    │   └── DeadlineExceeded            a call to signd (signd.client) outlasted its timeout
     └── ConfigurationError              signd itself is configured wrongly
 """
 
@@ -114,6 +115,13 @@ class CapacityExceeded(SigndError):
 class DependencyUnavailable(SigndError):
     code = "dependency_unavailable"
     http_status = 503
+
+
+class DeadlineExceeded(DependencyUnavailable):
+    """A call of :mod:`signd.client` took longer in all than its ``timeout`` (connecting,
+    sending, and receiving the whole answer, however slowly it came)."""
+
+    code = "deadline_exceeded"
 
 
 class ConfigurationError(SigndError):

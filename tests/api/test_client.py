@@ -3,9 +3,12 @@ gives: each becomes one :class:`~signd.errors.SigndError`, of the class the answ
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +20,9 @@ import signd.api.mqtt  # with the CLI: every module that defines an error class
 import signd.cli.main  # noqa: F401
 from signd.api.errors import RateLimited, RouteNotFound
 from signd.client import SigndClient
-from signd.errors import DependencyUnavailable, KeyNotFound, SigndError
+from signd.errors import ConfigurationError, DependencyUnavailable, KeyNotFound, SigndError
 from signd.gate.errors import PolicyDenied
+from tests.fixtures.servers import http_answer, trickler
 from tests.gate.support import BOTH_GATES, Gated
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -207,3 +211,81 @@ def test_a_signing_request_left_unanswered_may_have_been_performed() -> None:
     with pytest.raises(DependencyUnavailable) as read:
         client_over(silent).healthz()
     assert "may have been performed" not in read.value.message
+
+
+TRICKLE_PAUSE = 0.05
+"""A byte every 50 ms: each read is far within the client's timeout."""
+HEALTHY = http_answer(b'{"status": "ok", "padding": "' + b"." * 40 + b'"}')
+"""An answer of about 170 bytes: over 8 s at that pace."""
+
+
+@pytest.mark.parametrize(
+    ("at_once", "trickled"),
+    [(b"", HEALTHY), (HEALTHY[:-40], HEALTHY[-40:])],
+    ids=["whole answer", "body"],
+)
+def test_a_server_that_trickles_its_answer_is_given_up_on_at_the_timeout(
+    at_once: bytes, trickled: bytes
+) -> None:
+    """httpx's timeouts bound each network operation; the client's bounds the whole call,
+    however slowly a server (or something in its place) sends."""
+    timeout = 0.5
+    with trickler(at_once, trickled, pause=TRICKLE_PAUSE) as url:
+        client = SigndClient(url, token="t", timeout=timeout)
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable) as raised:
+            client.healthz()
+        took = time.monotonic() - started
+        client.close()
+    assert raised.value.code == "deadline_exceeded"
+    assert raised.value.message == (
+        f"signd at {url} did not answer GET /healthz within {timeout:g} s"
+    )
+    assert timeout <= took < timeout + 0.5
+
+
+def test_a_signing_request_cut_by_the_timeout_may_have_been_performed() -> None:
+    with trickler(b"", HEALTHY, pause=TRICKLE_PAUSE) as url:
+        client = SigndClient(url, token="t", timeout=0.3)
+        with pytest.raises(DependencyUnavailable) as raised:
+            client.sign_hash("0x35", bytes(32))
+        client.close()
+    assert raised.value.code == "deadline_exceeded"
+    assert raised.value.message.endswith("(the request was sent and may have been performed)")
+
+
+def test_the_timeout_leaves_a_prompt_server_alone() -> None:
+    """Calls that finish in time are answered, one after the other on the same client."""
+    with trickler(HEALTHY, b"", pause=0) as url, SigndClient(url, token="t", timeout=0.5) as client:
+        for _ in range(3):
+            assert client.healthz()["status"] == "ok"
+
+
+def test_a_timeout_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        SigndClient("http://127.0.0.1:1", token="t", timeout=0)
+
+
+def test_a_server_that_never_takes_the_connection_is_not_reached_within_the_timeout() -> None:
+    """A listener whose backlog is full: the kernel leaves the connection unanswered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        try:
+            with SigndClient(f"http://127.0.0.1:{port}", token="t", timeout=0.5) as client:
+                started = time.monotonic()
+                with pytest.raises(DependencyUnavailable) as raised:
+                    client.healthz()
+                took = time.monotonic() - started
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert raised.value.code == "deadline_exceeded"
+    assert raised.value.message == f"cannot reach signd at http://127.0.0.1:{port} within 0.5 s"
+    assert took < 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typer.testing import CliRunner, Result
 
 from signd.cli.context import state
 from signd.cli.main import app
+from tests.fixtures.servers import http_answer, trickler
 
 
 @dataclass
@@ -155,3 +157,26 @@ def test_an_error_page_keeps_the_status_meaning(client_key: Path) -> None:
         error = remote_error(url, client_key, "keys", "list")
     assert error["code"] == "not_found"
     assert error["message"].startswith(f"signd at {url} answered HTTP 404 without a signd error")
+
+
+def test_a_server_that_trickles_its_answer_ends_in_one_line_at_the_timeout(
+    client_key: Path,
+) -> None:
+    """A byte every 50 ms keeps every read alive; ``--timeout`` still ends the call, as one
+    error line (or ``{"error": ...}``) and exit status 1."""
+    answer = http_answer(b'{"keys": [], "next_cursor": null}')
+    with trickler(b"", answer, pause=0.05) as url:
+        started = time.monotonic()
+        shown = remote(url, client_key, "--timeout", "0.5", "keys", "list").output
+        took = time.monotonic() - started
+        error = remote_error(url, client_key, "--timeout", "0.5", "keys", "list")
+    assert shown == (
+        f"error deadline_exceeded: signd at {url} did not answer GET /v1/keys within 0.5 s\n"
+    )
+    assert took < 2.0
+    assert error["code"] == "deadline_exceeded"
+
+
+def test_a_timeout_that_is_not_positive_is_one_error_line(client_key: Path) -> None:
+    shown = remote("http://127.0.0.1:1", client_key, "--timeout", "0", "keys", "list").output
+    assert shown.startswith("error configuration_error: the client's timeout must be")

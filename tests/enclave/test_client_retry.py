@@ -51,12 +51,12 @@ def _dropping_request(
         cut.wait(5.0)
         return handle(frame)
 
-    def cut_then_wait(connection, future, timeout):  # type: ignore[no-untyped-def]
+    def cut_then_wait(connection, request_id, future, timeout):  # type: ignore[no-untyped-def]
         client._wait = original  # type: ignore[method-assign]
         transport.drop()
         cut.set()
         server.app.handle = handle  # type: ignore[method-assign]
-        return original(connection, future, timeout)
+        return original(connection, request_id, future, timeout)
 
     server.app.handle = answer_after_cut  # type: ignore[method-assign]
     client._wait = cut_then_wait  # type: ignore[method-assign]

@@ -1,8 +1,9 @@
 """The default timeouts fit together: one call to a stuck dependency, made by the enclave,
 fails there (a 503 naming the dependency, with the request's audit records) well before the
-host stops waiting for the enclave. Were it the other way round, the host would drop the
-connection (failing every request on it) and the records sealed meanwhile, and later requests
-would wait for those records (found by a fault probe: S3 stopped, 5 s stalls for warm keys)."""
+host stops waiting for the enclave. Were it the other way round, the caller would be answered
+503 for a request the enclave goes on to complete (once, the host also dropped the connection
+and the records sealed meanwhile, and later requests waited for those records: found by a
+fault probe, S3 stopped, 5 s stalls for warm keys)."""
 
 from __future__ import annotations
 

@@ -37,11 +37,9 @@ class Recording:
         self.sent: list[tuple[MessageType, dict[str, Any]]] = []
         self._request = client.request
 
-    def __call__(
-        self, message_type: MessageType, body: Any, *, idempotent: bool = False
-    ) -> dict[str, Any]:
+    def __call__(self, message_type: MessageType, body: Any, **options: Any) -> dict[str, Any]:
         self.sent.append((message_type, dict(body)))
-        return self._request(message_type, body, idempotent=idempotent)
+        return self._request(message_type, body, **options)
 
 
 @pytest.fixture(scope="module")

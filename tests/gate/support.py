@@ -38,6 +38,7 @@ from signd.custody.enclave import EnclaveBackend
 from signd.enclave.server import start_enclave
 from signd.gate import GatePaths, open_gatekeeper
 from signd.gate.setup import load_mac_key
+from signd.kms.base import KmsClient
 from signd.kms.local import LocalKms
 from signd.operations import Signer
 from signd.operations.backends import build_signer
@@ -61,12 +62,15 @@ BOTH_GATES = pytest.mark.parametrize("gate_mode", GATE_MODES, indirect=True)
 """Run a module's tests with both gates (``pytestmark = BOTH_GATES``)."""
 
 
-def make_home(path: Path, enclave: str | None = None, *, enclave_hsm: bool = False) -> Path:
+def make_home(
+    path: Path, enclave: str | None = None, *, enclave_hsm: bool = False, enclave_options: str = ""
+) -> Path:
     """A signd home with a cheap-scrypt keystore, and enclave custody at ``enclave`` (a
-    transport address) if given, with HSM custody in that enclave if ``enclave_hsm``."""
+    transport address) if given, with ``enclave_options`` (lines of its ``[enclave]``
+    table), and HSM custody in that enclave if ``enclave_hsm``."""
     path.mkdir(parents=True, exist_ok=True)
     custody = '["enclave", "keystore"]' if enclave else '["keystore"]'
-    transport = f'\n[enclave]\ntransport = "{enclave}"\n' if enclave else ""
+    transport = f'\n[enclave]\ntransport = "{enclave}"\n{enclave_options}' if enclave else ""
     if enclave_hsm:
         custody = '["enclave", "hsm", "keystore"]'
         transport += "\n[hsm]\nin_enclave = true\n"
@@ -295,25 +299,30 @@ def gated_service(
     write_files: Callable[[GatePaths], None],
     *,
     hsm: EnclaveHsm | None = None,
+    enclave_options: str = "",
+    enclave_kms: Callable[[Path], KmsClient] = LocalKms,
 ) -> Iterator[GatedService]:
     """The gated app over a fresh home at ``home_path``, its gate files written by
     ``write_files``. With the enclave's gate, an enclave server runs in this process on a
-    Unix socket, gate-only, and keys in ``enclave`` custody are sealed by it; with ``hsm``,
-    that enclave also holds HSM custody (the caller closes ``hsm`` afterwards)."""
+    Unix socket, gate-only, with the KMS ``enclave_kms`` makes of the home, and keys in
+    ``enclave`` custody are sealed by it; with ``hsm``, that enclave also holds HSM custody
+    (the caller closes ``hsm`` afterwards). ``enclave_options``: see :func:`make_home`."""
     with ExitStack() as stack:
         address = None
         if gate_mode == "enclave":
             sockets = Path(tempfile.mkdtemp(prefix="signd-gate-"))
             stack.callback(shutil.rmtree, sockets, ignore_errors=True)
             address = f"unix://{sockets}/enclave.sock"
-        home = make_home(home_path, address, enclave_hsm=hsm is not None)
+        home = make_home(
+            home_path, address, enclave_hsm=hsm is not None, enclave_options=enclave_options
+        )
         paths = GatePaths.under(home)
         write_files(paths)
         gatekeeper: Keeper
         if address is not None:
             server = start_enclave(  # gate-only, as signd serve runs it
                 address,
-                LocalKms(home),
+                enclave_kms(home),
                 FilesystemBlobStore(home / "blobs"),
                 hsm=hsm,
                 gate_only=True,

@@ -42,10 +42,14 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Counter[MessageType]:
     through_client = EnclaveClient.request
 
     async def channel_request(
-        self: EnclaveChannel, message_type: MessageType, body: Mapping[str, Any], connect: Connect
+        self: EnclaveChannel,
+        message_type: MessageType,
+        body: Mapping[str, Any],
+        connect: Connect,
+        **options: Any,
     ) -> dict[str, Any]:
         counts[message_type] += 1
-        return await through_channel(self, message_type, body, connect)
+        return await through_channel(self, message_type, body, connect, **options)
 
     def client_request(
         self: EnclaveClient, message_type: MessageType, body: Mapping[str, Any], **options: Any

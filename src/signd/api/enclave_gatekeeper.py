@@ -24,6 +24,7 @@ The host's part:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -37,7 +38,7 @@ from typing import Any, Final
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
 from signd.audit.lines import LogLines
-from signd.audit.log import DEFAULT_ORDER_TIMEOUT, store_records
+from signd.audit.log import DEFAULT_ORDER_TIMEOUT, deferring_appends, store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
 from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
@@ -429,14 +430,15 @@ class EnclaveGatekeeper:
         (for :meth:`_append`)."""
         body = _gate_body(request, select, keys, fills)
         epoch = self._resumed_epoch()
+        late = partial(self._late_answer, epoch)
         try:
-            answer = self.client.request(MessageType.GATE, body)
+            answer = self.client.request(MessageType.GATE, body, late=late)
         except ConfigurationError as exc:
             if exc.message != UNCONFIGURED:
                 raise
             log.warning("the enclave has lost its gate configuration (restarted?); sending it")
             self.configure(reread=False)
-            answer = self.client.request(MessageType.GATE, body)
+            answer = self.client.request(MessageType.GATE, body, late=late)
         return answer, epoch
 
     def _resumed_epoch(self) -> int:
@@ -470,8 +472,11 @@ class EnclaveGatekeeper:
             return await self._gate_in_thread(request, run, select, keys, fills)
         body = _gate_body(request, select, keys, fills)
         epoch = self._epoch
+        late = partial(self._late_answer, epoch)
         try:
-            answer = await self._channel().request(MessageType.GATE, body, _connect_with(run))
+            answer = await self._channel().request(
+                MessageType.GATE, body, _connect_with(run), late=late
+            )
         except NotSent:  # connecting failed: the blocking client retries and reports
             return await self._gate_in_thread(request, run, select, keys, fills)
         except ConfigurationError as exc:
@@ -508,6 +513,28 @@ class EnclaveGatekeeper:
             raise DependencyUnavailable("the enclave sent no audit records")
         records = [SealedAuditRecord.from_json(line) for line in lines]
         store_records(self.audit, records, failed=partial(self._append_failed, epoch), wait=wait)
+
+    def _late_answer(self, epoch: int, answer: Mapping[str, Any]) -> None:
+        """The answer to a GATE sent in ``epoch`` whose caller stopped waiting (it was
+        answered 503, or went away): its results go to no one, but its sealed records are
+        part of the chain, so they are appended in their place, lest the records sealed
+        after them wait for them in vain. Never blocks (the channel's event loop, or the
+        client's reader thread, calls it)."""
+        lines = answer.get("audit")
+        if isinstance(lines, list) and lines:
+            # A failure is logged by _append_failed, which also asks for a resume.
+            with deferring_appends() as appends, contextlib.suppress(SigndError):
+                self._append(lines, epoch)
+            for audit_log in appends.logs:
+                audit_log.wake()
+        made = answer.get("keys")
+        if isinstance(made, list) and made:
+            log.warning(
+                "the enclave made %d key(s) after their request had stopped waiting: they "
+                "were not recorded, and their addresses were given to no one: %s",
+                len(made),
+                ", ".join(str(key.get("key_id")) for key in made if isinstance(key, dict)),
+            )
 
     def _append_failed(self, epoch: int, exc: BaseException) -> None:
         why = exc.message if isinstance(exc, SigndError) else type(exc).__name__

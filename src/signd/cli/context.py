@@ -2,7 +2,7 @@
 
 With ``--url`` (or ``SIGND_URL``) the signer is a :class:`~signd.client.RemoteSigner`: the
 key and sign commands go through the running service, signed as ``--client-id`` with
-``--client-key``, and no custody is opened here.
+``--client-key``, each call within ``--timeout``, and no custody is opened here.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class CliState:
     url: str | None = None
     client_id: str | None = None
     client_key: Path | None = None
+    timeout: float | None = None
+    """Seconds each call to ``url`` may take in all (``None``: the client's default)."""
     gate_only_enclave: bool = False
     """Start the local enclave so that it makes and uses sealed keys only through its gate
     (``signd serve`` sets it: every sealed key's request goes through the gate there)."""
@@ -50,14 +52,15 @@ class CliState:
         return build_signer(settings, passphrase)
 
     def _remote(self) -> Signer:
-        from signd.client import RemoteSigner, SigndClient
+        from signd.client import DEFAULT_TIMEOUT, RemoteSigner, SigndClient
 
         assert self.url is not None
         if not self.client_id or self.client_key is None:
             raise ConfigurationError(
                 "--url needs --client-id and --client-key (or SIGND_CLIENT_ID, SIGND_CLIENT_KEY)"
             )
-        return RemoteSigner(SigndClient(self.url, self.client_id, self.client_key))
+        timeout = DEFAULT_TIMEOUT if self.timeout is None else self.timeout
+        return RemoteSigner(SigndClient(self.url, self.client_id, self.client_key, timeout=timeout))
 
     def close(self) -> None:
         if self._signer is not None:

@@ -78,10 +78,19 @@ def main(
             "--client-key", envvar="SIGND_CLIENT_KEY", help="PEM request-signing key for --url."
         ),
     ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            envvar="SIGND_TIMEOUT",
+            help="Seconds each call to --url may take in all, answer included (default 60).",
+        ),
+    ] = None,
 ) -> None:
     """signd: a signing machine for exchange and custody wallets."""
     state.home = home
     state.url, state.client_id, state.client_key = url, client_id, client_key
+    state.timeout = timeout
 
 
 def _parse_hex(value: str, *, field: str, size: int | None = None) -> bytes:

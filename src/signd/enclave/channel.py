@@ -9,9 +9,17 @@ enclave, runs in a thread (``connect``'s caller passes one).
 
 A request that could not be sent raises :class:`NotSent` (nothing reached the enclave, so the
 caller may send it another way); once sent, a lost connection raises
-:class:`~signd.enclave.client.ConnectionLost` and an overdue answer drops the connection and
+:class:`~signd.enclave.client.ConnectionLost` and an answer not there within the timeout
 raises :class:`~signd.errors.DependencyUnavailable`: the enclave may have acted on it, so it
 is not sent again.
+
+An overdue request fails alone: the connection stays up for the others in flight, and the
+request stays *abandoned* under its id (which no new request takes) until its answer comes.
+That answer goes to the request's ``late`` handler, if it has one (a GATE's sealed audit
+records must still reach the log, in their place in the chain), and to no caller. Only an
+answer a second timeout late (:data:`LATE_ANSWER_TIMEOUTS`) means the enclave has stopped
+answering: then the connection is dropped, failing what waits on it, and the next request
+connects again. A caller cancelled while it waits leaves its request abandoned the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +30,17 @@ import itertools
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from signd.enclave.client import ConnectionLost, Link
+from signd.enclave.client import (
+    LATE_ANSWER_TIMEOUTS,
+    STOPPED_ANSWERING,
+    ConnectionLost,
+    LateAnswer,
+    Link,
+    hand_late_answer,
+)
 from signd.enclave.protocol import (
     HELLO_VERSION,
     SUPPORTED_VERSIONS,
@@ -44,8 +60,19 @@ logger = logging.getLogger(__name__)
 
 Connect = Callable[[Callable[[float], socket.socket], float], Awaitable[socket.socket]]
 """Runs the blocking ``transport.connect(timeout)`` in a thread: ``await connect(f, t)``."""
-_Pending = tuple[MessageType, "asyncio.Future[dict[str, Any]]"]
 CLOSED: Final = "the enclave connection was closed"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request sent and not yet answered."""
+
+    message_type: MessageType
+    future: asyncio.Future[dict[str, Any]]
+    late: LateAnswer | None
+    abandoned: asyncio.TimerHandle | None = None
+    """Once its caller stopped waiting: the timer that drops the connection if the answer
+    has not come by then."""
 
 
 class NotSent(DependencyUnavailable):
@@ -68,7 +95,8 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for event in self.decoder.feed(data):
-            reply = reply_to(event, self.pending.get(event.request_id, (None, None))[0])
+            waiting = self.pending.get(event.request_id)
+            reply = reply_to(event, None if waiting is None else waiting.message_type)
             if reply.broken is not None:
                 if isinstance(event, ProtocolViolation):
                     logger.warning("enclave sent a garbled stream: %s", event.error.message)
@@ -89,23 +117,45 @@ class _Protocol(asyncio.Protocol):
             return
         if self.transport is not None:
             self.transport.close()
-        for _, future in pending.values():
-            if not future.done():
-                future.set_exception(ConnectionLost(reason.message))
+        for entry in pending.values():
+            if entry.abandoned is not None:
+                entry.abandoned.cancel()
+            if not entry.future.done():
+                entry.future.set_exception(ConnectionLost(reason.message))
+
+    def abandon(self, request_id: int, drop_at: float) -> None:
+        """The caller of ``request_id`` stopped waiting: keep its id until the answer comes,
+        and drop the connection if it has not come at ``drop_at`` (the loop's time)."""
+        entry = self.pending.get(request_id)
+        if entry is None or entry.abandoned is not None or self.closed:
+            return
+
+        def still_unanswered() -> None:
+            if self.pending.get(request_id) is entry:
+                logger.error(
+                    "the enclave has not answered %s request %d for %d timeouts: "
+                    "dropping the connection",
+                    entry.message_type.name,
+                    request_id,
+                    LATE_ANSWER_TIMEOUTS,
+                )
+                self.close(DependencyUnavailable(STOPPED_ANSWERING))
+
+        entry.abandoned = self.loop.call_at(drop_at, still_unanswered)
 
     def _settle(self, reply: Reply) -> None:
-        """Complete the request ``reply`` answers."""
+        """Complete the request ``reply`` answers (or hand a late answer to its handler)."""
         entry = self.pending.pop(reply.request_id, None)
         if entry is None:
             logger.warning("enclave answered unknown request id %d", reply.request_id)
             return
-        future = entry[1]
-        if future.done():  # its caller stopped waiting
-            return
-        if reply.error is not None:
-            future.set_exception(reply.error)
+        if entry.abandoned is not None:  # its caller stopped waiting (its future is done)
+            entry.abandoned.cancel()
+            hand_late_answer(entry.message_type, entry.late, reply.error, reply.body)
+        elif reply.error is not None:
+            entry.future.set_exception(reply.error)
         else:
-            future.set_result(reply.body or {})
+            entry.future.set_result(reply.body or {})
 
 
 class EnclaveChannel:
@@ -137,11 +187,19 @@ class EnclaveChannel:
             self._protocol.close(DependencyUnavailable(CLOSED))
 
     async def request(
-        self, message_type: MessageType, body: Mapping[str, Any], connect: Connect
+        self,
+        message_type: MessageType,
+        body: Mapping[str, Any],
+        connect: Connect,
+        *,
+        late: LateAnswer | None = None,
     ) -> dict[str, Any]:
-        """Send one request and await its answer's body (an error frame raises its error)."""
+        """Send one request and await its answer's body (an error frame raises its error).
+
+        ``late`` takes the answer's body if it comes after the caller stopped waiting
+        (timed out or cancelled); otherwise that answer is dropped."""
         protocol = await self._connected(connect)
-        return await self._exchange(protocol, message_type, body, self.timeout)
+        return await self._exchange(protocol, message_type, body, self.timeout, late)
 
     async def _exchange(
         self,
@@ -149,6 +207,7 @@ class EnclaveChannel:
         message_type: MessageType,
         body: Mapping[str, Any],
         timeout: float,
+        late: LateAnswer | None = None,
     ) -> dict[str, Any]:
         if protocol.closed or protocol.transport is None:
             raise NotSent(CLOSED)
@@ -162,22 +221,29 @@ class EnclaveChannel:
         )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        protocol.pending[request_id] = (message_type, future)
+        protocol.pending[request_id] = _Pending(message_type, future, late)
         protocol.transport.write(data)
+        sent = loop.time()
 
         def overdue() -> None:
             if not future.done():
                 future.set_exception(
                     DependencyUnavailable(f"the enclave did not answer within {timeout:g} s")
                 )
-                protocol.close(DependencyUnavailable("the enclave stopped answering"))
 
-        timer = loop.call_later(timeout, overdue)
+        timer = loop.call_at(sent + timeout, overdue)
         try:
             return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Answered as its caller was cancelled: the answer is late all the same.
+                hand_late_answer(message_type, late, None, future.result())
+            raise
         finally:
             timer.cancel()
-            protocol.pending.pop(request_id, None)
+            # Unanswered (overdue or cancelled): the enclave may still answer, and the
+            # answer may carry what must not be lost, so the id stays taken until then.
+            protocol.abandon(request_id, sent + LATE_ANSWER_TIMEOUTS * timeout)
 
     async def _connected(self, connect: Connect) -> _Protocol:
         """The open connection of the running loop, or a new one (a connection made by

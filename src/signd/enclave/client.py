@@ -5,6 +5,11 @@ and are matched to answers by request id, so a slow KMS call inside the enclave 
 else. A lost or unresponsive enclave raises :class:`signd.errors.DependencyUnavailable`; the
 next call connects again, so the client recovers by itself when the enclave comes back. An
 error the enclave reports arrives as the same :mod:`signd.errors` class it raised there.
+
+A request not answered within the timeout fails alone: it is *abandoned* (its id stays taken,
+and its answer, when it comes, goes to its ``late`` handler, if any), and the connection goes
+on for the others. Only an answer a second timeout late (:data:`LATE_ANSWER_TIMEOUTS`) means
+the enclave has stopped answering: then the connection is dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
@@ -59,6 +65,13 @@ HSM_SIGNATURE_SIZE: Final = 64
 """An HSM key's signature: r‖s as the token made it."""
 
 AnyKeyReference = KeyReference | HsmKeyReference
+LateAnswer = Callable[[dict[str, Any]], None]
+"""Takes the answer to a request whose caller stopped waiting (it must not block: the
+connection's reader calls it)."""
+STOPPED_ANSWERING: Final = "the enclave stopped answering"
+LATE_ANSWER_TIMEOUTS: Final = 2
+"""An answer this many timeouts after its request was sent means the enclave has stopped
+answering: the connection is dropped (failing what waits on it) and made again."""
 
 
 @contextlib.contextmanager
@@ -90,6 +103,34 @@ class ConnectionLost(DependencyUnavailable):
     """
 
 
+@dataclass(slots=True)
+class _Waiting:
+    """A request sent and not yet answered."""
+
+    message_type: MessageType
+    future: Future[dict[str, Any]]
+    late: LateAnswer | None = None
+    drop_at: float | None = None
+    """Once its caller stopped waiting: when (``time.monotonic()``) the connection is
+    dropped if the answer has not come."""
+
+
+def hand_late_answer(
+    message_type: MessageType, late: LateAnswer | None, error: SigndError | None, body: Any
+) -> None:
+    """Give an answer whose caller stopped waiting to its ``late`` handler (an error answer
+    carries nothing to keep); a handler's failure is logged, never raised."""
+    logger.warning(
+        "the enclave answered a %s request after its caller stopped waiting", message_type.name
+    )
+    if late is None or error is not None:
+        return
+    try:
+        late(body or {})
+    except Exception as exc:  # the connection goes on for the others
+        logger.error("handling a late %s answer failed: %s", message_type.name, type(exc).__name__)
+
+
 class _Connection:
     """One socket, a reader thread, and the requests waiting for answers on it."""
 
@@ -99,7 +140,9 @@ class _Connection:
         self._max_frame_size = max_frame_size
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._pending: dict[int, tuple[MessageType, Future[dict[str, Any]]]] = {}
+        self._pending: dict[int, _Waiting] = {}
+        self._abandoned: deque[tuple[float, int]] = deque()
+        """``(drop_at, request_id)`` of abandoned requests, in the order abandoned."""
         self._ids = _request_ids()
         self._closed = False
         self.version = HELLO_VERSION
@@ -115,9 +158,10 @@ class _Connection:
         return self._closed
 
     def submit(
-        self, message_type: MessageType, body: Mapping[str, Any]
-    ) -> Future[dict[str, Any]] | None:
-        """Send a request; ``None`` when the connection is already closed (nothing was sent)."""
+        self, message_type: MessageType, body: Mapping[str, Any], late: LateAnswer | None = None
+    ) -> tuple[int, Future[dict[str, Any]]] | None:
+        """Send a request: its id and future; ``None`` when the connection is already closed
+        (nothing was sent)."""
         future: Future[dict[str, Any]] = Future()
         with self._lock:
             if self._closed:
@@ -130,13 +174,27 @@ class _Connection:
                 version=self.version,
                 max_frame_size=self._max_frame_size,
             )
-            self._pending[request_id] = (message_type, future)
+            self._pending[request_id] = _Waiting(message_type, future, late)
         try:
             with self._write_lock:
                 self._sock.sendall(data)
         except OSError:
             self.close(DependencyUnavailable("lost the connection to the enclave while sending"))
-        return future
+        return request_id, future
+
+    def abandon(self, request_id: int, drop_at: float) -> bool:
+        """The caller of ``request_id`` stopped waiting: keep its id until the answer comes,
+        and drop the connection if it has not come at ``drop_at``. False if the request is
+        no longer waiting (answered just now, or the connection closed): its future is, or
+        is about to be, settled."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+            if entry is None:
+                return False
+            if entry.drop_at is None:
+                entry.drop_at = drop_at
+                self._abandoned.append((drop_at, request_id))
+            return True
 
     def close(self, reason: SigndError | None = None) -> None:
         """Close the socket and fail every waiting request with ``reason``."""
@@ -146,10 +204,11 @@ class _Connection:
             self._closed = True
             pending = list(self._pending.values())
             self._pending.clear()
+            self._abandoned.clear()
         close_socket(self._sock)
         message = (reason or DependencyUnavailable("the enclave connection was closed")).message
-        for _, future in pending:
-            future.set_exception(ConnectionLost(message))
+        for entry in pending:
+            entry.future.set_exception(ConnectionLost(message))
 
     def _read_loop(self) -> None:
         decoder = FrameDecoder(max_frame_size=self._max_frame_size)
@@ -157,21 +216,47 @@ class _Connection:
             try:
                 data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
-                continue
+                data = None
             except OSError:
                 break
-            if not data:
+            if data == b"":
                 break
-            for event in decoder.feed(data):
+            for event in decoder.feed(data or b""):
                 if not self._dispatch(event):
                     return
+            if self._stopped_answering():
+                self.close(DependencyUnavailable(STOPPED_ANSWERING))
+                return
         self.close(DependencyUnavailable("the enclave closed the connection"))
+
+    def _stopped_answering(self) -> bool:
+        """Whether an abandoned request is still unanswered at its ``drop_at`` (checked
+        whenever the reader wakes: at least once per socket timeout)."""
+        now = time.monotonic()
+        with self._lock:
+            while self._abandoned:
+                drop_at, request_id = self._abandoned[0]
+                entry = self._pending.get(request_id)
+                if entry is None or entry.drop_at != drop_at:  # answered since
+                    self._abandoned.popleft()
+                    continue
+                if drop_at > now:
+                    return False
+                logger.error(
+                    "the enclave has not answered %s request %d for %d timeouts: "
+                    "dropping the connection",
+                    entry.message_type.name,
+                    request_id,
+                    LATE_ANSWER_TIMEOUTS,
+                )
+                return True
+        return False
 
     def _dispatch(self, event: Event) -> bool:
         """Settle the request an event answers; False when the connection must close."""
         with self._lock:
-            expected = self._pending.get(event.request_id, (None, None))[0]
-        reply = reply_to(event, expected)
+            waiting = self._pending.get(event.request_id)
+        reply = reply_to(event, None if waiting is None else waiting.message_type)
         if reply.broken is not None:
             if isinstance(event, ProtocolViolation):
                 logger.warning("enclave sent a garbled stream: %s", event.error.message)
@@ -187,11 +272,12 @@ class _Connection:
         if entry is None:
             logger.warning("enclave answered unknown request id %d", reply.request_id)
             return
-        future = entry[1]
         if reply.error is not None:
-            future.set_exception(reply.error)
+            entry.future.set_exception(reply.error)
         else:
-            future.set_result(reply.body or {})
+            entry.future.set_result(reply.body or {})
+        if entry.drop_at is not None:
+            hand_late_answer(entry.message_type, entry.late, reply.error, reply.body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +298,10 @@ class Link:
 class EnclaveClient:
     """Talks to the enclave over ``transport``; thread-safe, pipelined, self-healing.
 
-    ``timeout`` bounds each request (an enclave that does not answer in time is treated as gone:
-    the connection is dropped and DependencyUnavailable raised); ``connect_timeout`` bounds
-    connecting and the HELLO exchange.
+    ``timeout`` bounds each request (an answer not there in time raises
+    DependencyUnavailable; the connection is dropped only once an answer is
+    :data:`LATE_ANSWER_TIMEOUTS` timeouts late); ``connect_timeout`` bounds connecting and the
+    HELLO exchange.
     """
 
     def __init__(
@@ -264,10 +351,10 @@ class EnclaveClient:
             sock, max_frame_size=self._max_frame_size, io_timeout=self._timeout
         )
         try:
-            future = connection.submit(MessageType.HELLO, {"versions": sorted(SUPPORTED_VERSIONS)})
-            if future is None:
+            sent = connection.submit(MessageType.HELLO, {"versions": sorted(SUPPORTED_VERSIONS)})
+            if sent is None:
                 raise DependencyUnavailable("the enclave closed the connection at once")
-            hello = self._wait(connection, future, self._connect_timeout)
+            hello = self._wait(connection, *sent, self._connect_timeout)
             with _parsing_answer():
                 version = require_int(hello, "version", minimum=0, maximum=255)
                 max_batch = require_int(hello, "max_batch", minimum=1, maximum=MAX_BATCH)
@@ -285,24 +372,32 @@ class EnclaveClient:
         return connection
 
     def _wait(
-        self, connection: _Connection, future: Future[dict[str, Any]], timeout: float
+        self,
+        connection: _Connection,
+        request_id: int,
+        future: Future[dict[str, Any]],
+        timeout: float,
     ) -> dict[str, Any]:
+        """The answer to ``request_id``; if it is not there within ``timeout``, the request
+        is abandoned (the connection goes on) and DependencyUnavailable raised."""
         try:
             return future.result(timeout)
         except TimeoutError:
-            connection.close(DependencyUnavailable("the enclave stopped answering"))
+            late_by = (LATE_ANSWER_TIMEOUTS - 1) * timeout
+            if not connection.abandon(request_id, time.monotonic() + late_by):
+                return future.result()  # answered, or the connection lost, just now
             raise DependencyUnavailable(
                 f"the enclave did not answer within {timeout:g} s"
             ) from None
 
     def _submit(
-        self, message_type: MessageType, body: Mapping[str, Any]
-    ) -> tuple[_Connection, Future[dict[str, Any]]]:
+        self, message_type: MessageType, body: Mapping[str, Any], late: LateAnswer | None = None
+    ) -> tuple[_Connection, int, Future[dict[str, Any]]]:
         for _ in range(2):
             connection = self._connect()
-            future = connection.submit(message_type, body)
-            if future is not None:
-                return connection, future
+            sent = connection.submit(message_type, body, late)
+            if sent is not None:
+                return connection, *sent
         raise DependencyUnavailable("the enclave keeps closing the connection")
 
     @property
@@ -316,17 +411,23 @@ class EnclaveClient:
 
         Waiting on the future has no deadline of its own: pass one to ``result(timeout)``.
         """
-        return self._submit(message_type, body)[1]
+        return self._submit(message_type, body)[2]
 
     def request(
-        self, message_type: MessageType, body: Mapping[str, Any], *, idempotent: bool = False
+        self,
+        message_type: MessageType,
+        body: Mapping[str, Any],
+        *,
+        idempotent: bool = False,
+        late: LateAnswer | None = None,
     ) -> dict[str, Any]:
         """Send one request and wait for its answer (retried if idempotent and the connection
-        was lost before the answer came)."""
+        was lost before the answer came). ``late`` takes the answer's body if it comes after
+        the timeout (otherwise such an answer is dropped)."""
         for attempt in range(IDEMPOTENT_RETRIES + 1):
-            connection, future = self._submit(message_type, body)
+            connection, request_id, future = self._submit(message_type, body, late)
             try:
-                return self._wait(connection, future, self._timeout)
+                return self._wait(connection, request_id, future, self._timeout)
             except ConnectionLost:
                 if not idempotent or attempt == IDEMPOTENT_RETRIES:
                     raise

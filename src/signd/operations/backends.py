@@ -101,7 +101,7 @@ ENCLAVE_TIMEOUT: Final = 15.0
 enclave's own worst case with the default dependency timeouts (a blob read, then a KMS
 Decrypt, each with its retries: about 12 s), so that a stuck dependency is answered by the
 enclave, as a 503 naming it and with its audit records, rather than by the host giving up
-on the enclave, which drops the connection and those records with it."""
+on the request, which the enclave may then still complete for no one."""
 
 
 def enclave_environment(settings: Settings) -> EnclaveEnvironment:
