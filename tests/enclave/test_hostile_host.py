@@ -97,6 +97,15 @@ def honest(
                 MessageType.AUDIT_VERIFY,
                 {"records": [line.decode() for line in lines], "state": b"", "final": True},
             ),
+            (
+                MessageType.AUDIT_VERIFY,
+                {
+                    "records": [line.decode() for line in lines],
+                    "state": b"",
+                    "final": True,
+                    "audit_key": service.paths.sealed_audit_key_file.read_bytes(),
+                },
+            ),
         ]
         yield client, http, sent
         # The records the enclave sealed for the fuzzed GATEs never reached the log: the next

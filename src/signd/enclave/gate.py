@@ -35,6 +35,8 @@ Messages (:class:`~signd.enclave.protocol.MessageType`): GATE_CONFIGURE (the cli
 the policy file and the audit MAC key, which is a KMS data key generated and unwrapped here
 and kept by the host only as ciphertext), GATE, and AUDIT_VERIFY (the host has no MAC key,
 so the log is verified here, streamed in chunks with a MAC'ed state carried between them).
+AUDIT_VERIFY carries the audit key's ciphertext and unwraps it for verification only: it
+changes nothing the gate enforces (only a GATE_CONFIGURE, on a reload, does).
 """
 
 from __future__ import annotations
@@ -145,6 +147,10 @@ MAX_LINE_SIZE: Final = 64 * 1024
 (the largest, with :data:`~signd.gate.audit.MAX_GROUPED_RESULTS` results, is far shorter)."""
 SIGNATURE_SIZE: Final = 65
 _VERIFY_STATE_LABEL: Final = b"signd audit-verify state v1"
+VERIFY_KEYS_KEPT: Final = 4
+"""How many audit keys unwrapped for AUDIT_VERIFY only the gate keeps, by their ciphertext."""
+VERIFY_KEY_AGE: Final = 600.0
+"""Seconds an audit key unwrapped for AUDIT_VERIFY only is kept before KMS is asked again."""
 
 
 def _bytes(body: Mapping[str, Any], name: str, *, limit: int) -> bytes:
@@ -250,6 +256,9 @@ class EnclaveGate:
         self._tail_wanted: tuple[bytes, float] | None = None
         """While the spend windows are incomplete: the hash the next older chunk of the
         audit tail must end at, and the time it must reach back to."""
+        self._verify_keys: OrderedDict[bytes, tuple[Secret, float]] = OrderedDict()
+        """Audit keys unwrapped for AUDIT_VERIFY only, by ciphertext, with when."""
+        self._verify_keys_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"EnclaveGate(configured={self._configured is not None}, audit={self._audit!r})"
@@ -825,14 +834,17 @@ class EnclaveGate:
         """AUDIT_VERIFY: check a chunk of log lines, continuing from ``state`` (empty for
         the first chunk); the answer is the new state, the first problem, if any, and the
         configurations the chunk's verified records name (``policies``, as
-        :class:`~signd.audit.PolicyRun` s: the host joins those of the chunks). With
-        ``final``, a log that ends before this enclave's chain head is reported truncated."""
-        _, audit = self._in_force()
-        assert self._audit_key is not None
-        mac_key = self._audit_key
+        :class:`~signd.audit.PolicyRun` s: the host joins those of the chunks).
+
+        ``audit_key`` is the MAC key's KMS ciphertext (absent: the key of the gate in force).
+        It changes nothing the gate enforces: a key other than the gate's is unwrapped through
+        KMS for verification only. ``against_chain_head`` says whether the key is the one this
+        gate seals with: only then does ``final`` report a log that ends before this enclave's
+        chain head as truncated."""
         lines = require_list(body, "records", max_length=MAX_VERIFY_CHUNK)
         state = _bytes(body, "state", limit=1024)
         final = body.get("final", False) is True
+        mac_key, audit = self._verification_key(_bytes(body, "audit_key", limit=MAX_CONFIG_SIZE))
         position, head = self._verify_state(mac_key, state) if state else (0, GENESIS)
         problem: dict[str, Any] | None = None
         policies = PolicyRuns()
@@ -849,7 +861,7 @@ class EnclaveGate:
             head = record.head
             policies.add(head.seq, record.record.policy_sha256, record.record.clients_sha256)
             position += 1
-        if problem is None and final and audit.head.seq > head.seq:
+        if problem is None and final and audit is not None and audit.head.seq > head.seq:
             problem = {
                 "position": position,
                 "kind": "truncated",
@@ -861,10 +873,41 @@ class EnclaveGate:
             "checked": position,
             "head": {"seq": head.seq, "hash": head.hash},
             "policies": [run.to_dict() for run in policies.runs],
+            "against_chain_head": audit is not None,
         }
         if problem is not None:
             answer["problem"] = problem
         return answer
+
+    def _verification_key(self, ciphertext: bytes) -> tuple[Secret, AuditSigner | None]:
+        """The MAC key AUDIT_VERIFY checks with, and the gate's audit chain if that key is
+        the gate's own: the gate's key when ``ciphertext`` is empty or the gate's; else
+        ``ciphertext`` unwrapped through KMS (kept, by ciphertext, for the next chunks)."""
+        if not ciphertext:
+            _, in_force = self._in_force()
+            assert self._audit_key is not None
+            return self._audit_key, in_force
+        with self._lock:
+            own_key, own_ciphertext = self._audit_key, self._audit_key_ciphertext
+            audit = self._audit
+        if own_key is not None and hmac.compare_digest(ciphertext, own_ciphertext):
+            return own_key, audit
+        now = self._now()
+        with self._verify_keys_lock:
+            kept = self._verify_keys.get(ciphertext)
+            if kept is not None and 0 <= now - kept[1] < VERIFY_KEY_AGE:
+                self._verify_keys.move_to_end(ciphertext)
+                return kept[0], None
+        plaintext = self._kms.decrypt(ciphertext, encryption_context=AUDIT_KEY_CONTEXT)
+        if len(plaintext.reveal_bytes()) != DATA_KEY_SIZE:
+            raise IntegrityError("the audit key is not a KMS data key")
+        with self._verify_keys_lock:
+            self._verify_keys[ciphertext] = (plaintext, now)
+            self._verify_keys.move_to_end(ciphertext)
+            while len(self._verify_keys) > VERIFY_KEYS_KEPT:
+                self._verify_keys.popitem(last=False)
+        log.info("unwrapped an audit key for verification only (not the gate's)")
+        return plaintext, None
 
     @staticmethod
     def _state_mac(mac_key: Secret, payload: bytes) -> bytes:

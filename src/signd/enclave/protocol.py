@@ -110,9 +110,15 @@ class MessageType(IntEnum):
     ``audit_head``; while ``windows_ready`` is false, each later call carries the next older
     chunk. A tail that does not verify is an error frame."""
     AUDIT_VERIFY = 10
-    """``{records: [log line], state, final}`` → ``{state, checked, head: {seq, hash}[,
-    problem: {position, seq, kind, detail}]}``: the audit log checked in the enclave, which
-    holds the MAC key, one chunk at a time (``state`` carries the chain between chunks)."""
+    """``{records: [log line], state, final[, audit_key]}`` → ``{state, checked, head: {seq,
+    hash}, policies, against_chain_head[, problem: {position, seq, kind, detail}]}``: the
+    audit log checked in the enclave, one chunk at a time (``state`` carries the chain between
+    chunks). ``audit_key`` is the MAC key's KMS ciphertext, unwrapped for verification only
+    (absent: the key of the gate in force); nothing the gate enforces changes.
+    ``against_chain_head``: the key is the one the gate seals with, so ``final`` reports a
+    log that ends before the enclave's chain head (``truncated``). ``audit_key`` and
+    ``against_chain_head`` came without a version bump: an enclave that ignored
+    ``audit_key`` answers without ``against_chain_head``, and the host refuses that answer."""
     ERROR = 127
     """A response only: ``{code, message[, field]}``."""
 
