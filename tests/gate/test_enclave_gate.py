@@ -238,7 +238,7 @@ def test_signed_requests_pass_and_refusals_are_audited_as_refused(enclave: Encla
     assert (gated.last()["operation"], gated.last()["decision"]) == ("authenticate", "refused")
     assert not enclave.gatekeeper.paths.audit_key_file.exists()  # no MAC key on the host
     lines = enclave.gatekeeper.paths.audit_log.read_bytes().splitlines()
-    found = verify_in_enclave(enclave.client, enclave.gatekeeper.paths, lines, node="test-node")
+    found = verify_in_enclave(enclave.client, enclave.gatekeeper.paths, lines)
     assert found.problem is None and found.records == len(lines)
 
 
@@ -434,7 +434,7 @@ def test_dropped_or_edited_audit_records_are_caught(enclave: Enclave) -> None:
     assert len(lines) >= 5
 
     def verify(candidate: list[bytes]) -> dict[str, Any] | None:
-        return verify_in_enclave(enclave.client, paths, candidate, node="test-node").problem
+        return verify_in_enclave(enclave.client, paths, candidate).problem
 
     assert verify(lines) is None
     dropped = verify(lines[:2] + lines[3:])
@@ -477,9 +477,7 @@ def test_the_host_sends_the_log_from_its_file_a_chunk_at_a_time(
     paths = enclave.gatekeeper.paths
     lines = paths.audit_log.read_bytes().splitlines()
     with paths.audit_log.open("rb") as file:
-        found = verify_in_enclave(
-            enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE), node="test-node"
-        )
+        found = verify_in_enclave(enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE))
     assert (found.problem, found.records) == (None, len(lines))
     grown = lines[1].replace(b'"reason":"', b'"reason":"' + b"x" * (50 << 20), 1)
     huge = tmp_path / "huge.log"
@@ -487,9 +485,7 @@ def test_the_host_sends_the_log_from_its_file_a_chunk_at_a_time(
     tracemalloc.start()
     try:
         with huge.open("rb") as file:
-            found = verify_in_enclave(
-                enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE), node="test-node"
-            )
+            found = verify_in_enclave(enclave.client, paths, LogLines(file, max_size=MAX_LINE_SIZE))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -537,6 +533,31 @@ def test_attestation_user_data_is_the_sha256_of_the_policy_and_clients_in_force(
     assert user_data() == expected()
 
 
+def test_verifying_the_log_puts_no_file_from_disk_in_force(enclave: Enclave) -> None:
+    """A policy edited but not reloaded stays out of force through an audit verification,
+    and the attested files are still the ones the host says are in force."""
+    hot = new_key(enclave, ["hot"])
+    paths = enclave.gatekeeper.paths
+    assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot, chain_id=5)).status_code == 403
+
+    def user_data() -> bytes | None:
+        document = enclave.client.attestation(os.urandom(16))
+        return AttestationDocument.decode(CoseSign1.decode(document).payload).user_data
+
+    in_force = user_data()
+    assert in_force is not None and in_force.hex().startswith(enclave.gatekeeper.policy_sha256)
+    good = paths.policy_file.read_text()
+    paths.policy_file.write_text(good.replace("chain_ids = [1, 11155111]", "chain_ids = [1, 5]"))
+    lines = paths.audit_log.read_bytes().splitlines()
+    found = verify_in_enclave(enclave.client, paths, lines)
+    assert (found.problem, found.records, found.against_chain_head) == (None, len(lines), True)
+    assert user_data() == in_force
+    assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot, chain_id=5)).status_code == 403
+    assert enclave.gatekeeper.reload() == []  # the edit takes effect on a reload only
+    assert user_data() != in_force
+    assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot, chain_id=5)).status_code == 200
+
+
 def test_a_restarted_enclave_is_configured_again_and_keys_still_sign(enclave: Enclave) -> None:
     hot = new_key(enclave, ["hot"])
     stop(enclave.process)
@@ -546,7 +567,7 @@ def test_a_restarted_enclave_is_configured_again_and_keys_still_sign(enclave: En
     assert response.status_code == 200, response.text
     assert samples.transaction_signer(response.json()["raw_transaction"]) == hot["address"]
     lines = enclave.gatekeeper.paths.audit_log.read_bytes().splitlines()
-    found = verify_in_enclave(enclave.client, enclave.gatekeeper.paths, lines, node="test-node")
+    found = verify_in_enclave(enclave.client, enclave.gatekeeper.paths, lines)
     assert found.problem is None and found.records == len(lines)
 
 

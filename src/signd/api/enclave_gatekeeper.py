@@ -973,6 +973,9 @@ class EnclaveVerification:
     problem: dict[str, Any] | None
     policies: tuple[PolicyRun, ...] = ()
     """The configurations the records checked name, from which record on."""
+    against_chain_head: bool = False
+    """Whether the enclave seals with this key, so that a log ending before its chain head
+    is reported (``truncated``); not so for an enclave of its own or one using another key."""
 
 
 def _tail_chunks(
@@ -1017,33 +1020,18 @@ def iter_line_chunks(lines: Iterable[str], max_lines: int, max_bytes: int) -> It
 
 
 def verify_in_enclave(
-    client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes] | LogLines, *, node: str
+    client: EnclaveClient, paths: GatePaths, lines: Sequence[bytes] | LogLines
 ) -> EnclaveVerification:
     """Verify audit log ``lines`` in the enclave, which holds the MAC key (the host has only
-    its ciphertext, ``paths.sealed_audit_key_file``). The enclave is first given the files and
-    the key (GATE_CONFIGURE; an enclave already configured keeps its chain), then the lines,
-    in chunks (:func:`iter_line_chunks`), with the state it returns carried between them.
-    Lines read from the log's file (:class:`~signd.audit.lines.LogLines`) are read as they
-    are sent, a chunk at a time."""
+    its ciphertext, ``paths.sealed_audit_key_file``). Each AUDIT_VERIFY carries the key's
+    ciphertext, which the enclave unwraps for verification only: the clients, policy and
+    audit chain in force there stay as they are (a running service's enclave takes files from
+    disk on a reload only). The lines go in chunks (:func:`iter_line_chunks`), with the state
+    the enclave returns carried between them. Lines read from the log's file
+    (:class:`~signd.audit.lines.LogLines`) are read as they are sent, a chunk at a time."""
     sealed_key = _read(paths.sealed_audit_key_file)
-    last_line = lines.last() if isinstance(lines, LogLines) else (lines[-1] if lines else None)
-    last = b""
-    if last_line is not None:
-        try:
-            last = SealedAuditRecord.from_json(last_line).to_json().encode("ascii")
-        except IntegrityError:
-            last = b""  # reported below, where the enclave reads it
-    configuration = {
-        "clients": _read(paths.clients_file),
-        "policy": _read(paths.policy_file),
-        "audit_key": sealed_key,
-        "audit_head": last,
-        "node": node,
-    }
-    try:
-        client.request(MessageType.GATE_CONFIGURE, configuration)
-    except IntegrityError:  # the last line was altered: verification will say where
-        client.request(MessageType.GATE_CONFIGURE, configuration | {"audit_head": b""})
+    if not sealed_key:
+        raise ConfigurationError(f"{paths.sealed_audit_key_file} is empty: restore the key file")
     state = b""
     answer: dict[str, Any] = {}
     policies = PolicyRuns()
@@ -1056,9 +1044,14 @@ def verify_in_enclave(
         following = next(chunks, None)
         answer = client.request(
             MessageType.AUDIT_VERIFY,
-            {"records": chunk, "state": state, "final": following is None},
+            {"records": chunk, "state": state, "final": following is None, "audit_key": sealed_key},
             idempotent=True,
         )
+        if not isinstance(answer.get("against_chain_head"), bool):
+            raise IntegrityError(
+                "the enclave's audit verification answer does not say whether it compared "
+                "the log with its chain head (an enclave older than this host?)"
+            )
         state = answer["state"]
         for run in _policy_runs(answer.get("policies", [])):
             policies.add(run.from_seq, run.policy_sha256, run.clients_sha256)
@@ -1072,6 +1065,7 @@ def verify_in_enclave(
         bytes(head.get("hash", b"")),
         answer.get("problem"),
         tuple(policies.runs),
+        against_chain_head=answer["against_chain_head"],
     )
 
 

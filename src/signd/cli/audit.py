@@ -2,9 +2,12 @@
 
 With the enclave's gate the MAC key exists only in the enclave (the host keeps its KMS
 ciphertext, ``HOME/audit.key.sealed``), so the log is verified there: streamed to it in
-chunks, it reports the first bad record (and a log that ends before the enclave's chain
-head). With the in-process gate, or ``--key``, the MAC key file (``HOME/audit.key``) is read
-here and every problem is reported (the log read twice). Removed, reordered, altered and
+chunks with the key's ciphertext, which the enclave unwraps for verification only (the files
+and chain in force there stay as they are), it reports the first bad record, and a log that
+ends before the chain head of an enclave that seals with that key (a shared ``[enclave]
+transport``; ``truncation_checked`` says whether it did). With the in-process gate, or
+``--key``, the MAC key file (``HOME/audit.key``) is read here and every problem is reported
+(the log read twice). Removed, reordered, altered and
 inserted records are reported with their position, and the exit status is 1. Either way the
 log is read a block at a time (:class:`~signd.audit.lines.LogLines`), so the memory used does
 not grow with it.
@@ -16,7 +19,6 @@ records sealed before records named them make a first run of their own (``null``
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,6 +85,12 @@ def audit_verify(
                 f"head seq {head['seq']} hash {head['hash']} (verified {result['where']})",
                 markup=False,
             )
+            if result["where"] == "in the enclave" and not result["truncation_checked"]:
+                stdout.print(
+                    "  records cut off the log's end are not detected: the enclave reached "
+                    "does not seal this log (only the enclave of the service writing it can tell)",
+                    markup=False,
+                )
         else:
             stdout.print(f"audit log {log_path}: {len(problems)} problem(s)", markup=False)
         for problem in problems:
@@ -141,6 +149,7 @@ def _verify_here(key_file: Path, lines: LogLines) -> dict[str, Any]:
     return {
         "where": "with the MAC key file",
         "ok": not problems,
+        "truncation_checked": False,
         "records": report.records,
         "head": {"seq": report.head.seq, "hash": report.head.hash.hex()},
         "problems": problems,
@@ -157,11 +166,12 @@ def _verify_in_enclave(paths: GatePaths, lines: LogLines) -> dict[str, Any]:
     backend = state.signer.backend("enclave")
     if not isinstance(backend, EnclaveBackend):
         raise ConfigurationError("the audit key is sealed for the enclave, but no enclave custody")
-    found = verify_in_enclave(backend.client, paths, lines, node=socket.gethostname())
+    found = verify_in_enclave(backend.client, paths, lines)
     problems = [] if found.problem is None else [dict(found.problem)]
     return {
         "where": "in the enclave",
         "ok": not problems,
+        "truncation_checked": found.against_chain_head,
         "records": found.records,
         "head": {"seq": found.head_seq, "hash": found.head_hash.hex()},
         "problems": problems,
