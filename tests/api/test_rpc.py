@@ -13,11 +13,15 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_utils import keccak
+from starlette.requests import Request
 from starlette.testclient import TestClient
 
-from signd.api import ApiSettings
+from signd.api import ApiSettings, Principal
+from signd.api.inputs import read_body
 from signd.api.rpc import BATCH_CONCURRENCY, SenderTurns
+from signd.api.service import UngatedSigner
 from signd.chains.ethereum import decode_transaction
+from signd.errors import DependencyUnavailable
 from signd.operations import Signer
 from tests.api import samples
 from tests.api.conftest import ClientFactory
@@ -31,6 +35,7 @@ SLOW_NODE_TIMEOUT = 1.0
 BASE_FEE = 7 * 10**9
 PRIORITY = 2 * 10**9
 GAS_PRICE = 11 * 10**9
+SOMEONE = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
 
 
 def rpc(client: TestClient, method: str, *params: Any, path: str = "/rpc") -> dict[str, Any]:
@@ -271,6 +276,65 @@ def test_a_batch_signs_its_messages_together_and_answers_each_in_its_place(
     assert address in answers[3]["result"]
     assert samples.bytes_signer(b"c", answers[4]["result"]) == address
     assert answers[5]["error"]["data"]["code"] == "key_not_found"
+
+
+async def enclave_down(request: Request) -> Principal:
+    """An authenticator that reads the request, then finds its gate unavailable."""
+    await read_body(request, 1 << 20, 5.0)
+    raise DependencyUnavailable("the enclave did not answer within 3 s")
+
+
+def test_a_batch_whose_gate_is_unavailable_gets_an_error_for_each_member(
+    make_client: ClientFactory, signer: Signer
+) -> None:
+    """A valid batch refused by a dependency while it is authenticated (the gate that would
+    also sign its messages) is answered as a batch: an array, each member with an id given
+    -32006 with the error's message and data, an invalid member -32600, a notification
+    nothing (HTTP 200: a JSON-RPC request was read). One error object with a null id would
+    leave a batching client (ethers.js) without an answer for any of its requests."""
+    client = make_client(authenticate=enclave_down, gate=UngatedSigner(signer))
+    batch: list[Any] = [
+        {"jsonrpc": "2.0", "id": 1, "method": "personal_sign", "params": ["0x61", SOMEONE]},
+        {"jsonrpc": "2.0", "method": "personal_sign", "params": ["0x62", SOMEONE]},
+        {"jsonrpc": "2.0", "id": "two", "method": "eth_accounts"},
+        17,
+        {"jsonrpc": "2.0", "id": None, "method": "eth_chainId"},
+    ]
+    response = client.post("/rpc", json=batch)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert [answer["id"] for answer in answers] == [1, "two", None, None]
+    unavailable = {
+        "code": -32006,
+        "message": "the enclave did not answer within 3 s",
+        "data": {"code": "dependency_unavailable"},
+    }
+    assert [answer.get("error") for answer in answers] == [
+        unavailable,
+        unavailable,
+        {"code": -32600, "message": "invalid JSON-RPC 2.0 request"},
+        unavailable,
+    ]
+    assert all("result" not in answer for answer in answers)
+    notifications = [{"jsonrpc": "2.0", "method": "eth_accounts"}] * 2
+    only_notifications = client.post("/rpc", json=notifications)
+    assert only_notifications.status_code == 204 and only_notifications.content == b""
+
+
+def test_a_request_whose_gate_is_unavailable_is_refused_as_a_whole(
+    make_client: ClientFactory, signer: Signer
+) -> None:
+    """A single request, or a batch that is not one (empty, too large, not JSON), keeps
+    the refusal's HTTP status and one error object with a null id."""
+    client = make_client(
+        ApiSettings(max_batch=2), authenticate=enclave_down, gate=UngatedSigner(signer)
+    )
+    call = {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts"}
+    for body in (json.dumps(call), "[]", json.dumps([call] * 3), "[{"):
+        response = client.post("/rpc", content=body)
+        assert response.status_code == 503, (body, response.text)
+        answer = response.json()
+        assert answer["id"] is None and answer["error"]["code"] == -32006, (body, answer)
 
 
 def test_batch_size_is_bounded(make_client: ClientFactory) -> None:

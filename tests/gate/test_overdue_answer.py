@@ -209,3 +209,34 @@ def test_the_connection_stays_up_beside_an_overdue_request(
     assert statuses and set(statuses) == {200}
     assert channel._protocol is protocol and channel.connected
     assert not protocol.pending  # the late answer came: its id is free again
+
+
+def test_a_json_rpc_batch_performed_with_an_overdue_answer_is_answered_member_by_member(
+    slow: tuple[Gated, SlowKms],
+) -> None:
+    """A batch of messages is performed while the enclave authenticates it; its answer
+    overdue, each member with an id gets the -32006 error in an array (HTTP 200), as
+    JSON-RPC 2.0 and ethers.js want a batch answered, not one error object for them all."""
+    gated, kms = slow
+    gatekeeper = gated.gatekeeper
+    assert isinstance(gatekeeper, EnclaveGatekeeper)
+    body = {"chain": "ethereum", "custody": "enclave", "labels": ["hot"]}
+    cold = gated.signed("POST", "/v1/keys", body).json()["keys"][0]["address"]
+    gatekeeper.client.flush_cache()
+    kms.delays.append(1.5 * TIMEOUT)
+    ids: list[Any] = [0, "b", 2.5]
+    batch: list[dict[str, Any]] = [
+        {"jsonrpc": "2.0", "id": id_, "method": "personal_sign", "params": ["0x61", cold]}
+        for id_ in ids
+    ]
+    batch.insert(1, {"jsonrpc": "2.0", "method": "personal_sign", "params": ["0x62", cold]})
+    response = gated.signed("POST", "/rpc", batch)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert isinstance(answers, list) and [answer["id"] for answer in answers] == ids
+    for answer in answers:
+        assert "result" not in answer
+        assert answer["error"]["code"] == -32006
+        assert f"did not answer within {TIMEOUT:g} s" in answer["error"]["message"]
+        assert answer["error"]["data"] == {"code": "dependency_unavailable"}
+    time.sleep(TIMEOUT)  # the late answer's records reach the log before the fixture ends

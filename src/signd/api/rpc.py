@@ -10,7 +10,8 @@ internal error, and -32001..-32099 for signd's other errors, each with
 ``data: {"code", "field"?}``. The HTTP status is 200 whenever a JSON-RPC request was read, a
 downstream node that is down included (-32006 ``dependency_unavailable``). An HTTP request
 refused as a whole before that (a query string, a body too large or too slow, no valid
-credentials) keeps the HTTP status of its error, with ``"id": null``.
+credentials) keeps the HTTP status of its error, with ``"id": null``; but a valid batch whose
+authentication meets a dependency failure gets an array, that error for each member.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ def _request_refusal(wire: WireError) -> dict[str, Any]:
     return error
 
 
+def _batch_response(answers: list[dict[str, Any] | None]) -> Response:
+    """A batch's answers without its notifications' (none); HTTP 204 when none is left."""
+    replies = [answer for answer in answers if answer is not None]
+    return JSONResponse(replies) if replies else Response(status_code=204)
+
+
 def _message_result(outcome: SigningResult | Exception) -> str:
     """A message method's answer (``eth_sign``, ``personal_sign``, ``eth_signTypedData_v4``):
     the 65-byte signature in hex; an error is raised."""
@@ -200,6 +207,8 @@ class JsonRpcApi:
             body = await read_body(
                 request, self.settings.max_body_bytes, self.settings.body_timeout
             )
+        except DependencyUnavailable as exc:
+            return await self._unavailable(request, exc)
         except Exception as exc:
             return self.refusal(exc)
         try:
@@ -220,8 +229,7 @@ class JsonRpcApi:
                 )
             request.state.rpc_methods = [self._method_label(item) for item in message]
             answers = await self._answer_all(principal, message)
-            replies = [answer for answer in answers if answer is not None]
-            return JSONResponse(replies) if replies else Response(status_code=204)
+            return _batch_response(answers)
         request.state.rpc_methods = [self._method_label(message)]
         answer = await self.call(principal, message)
         return JSONResponse(answer) if answer is not None else Response(status_code=204)
@@ -231,6 +239,32 @@ class JsonRpcApi:
         wire = wire_error(exc)
         self.metrics.errors.inc(wire.body["code"])
         return JSONResponse(_error(None, _request_refusal(wire)), status_code=wire.http_status)
+
+    async def _unavailable(self, request: Request, exc: DependencyUnavailable) -> Response:
+        """A dependency failed while the request was authenticated: the enclave that
+        authenticates it (and performs a batch of messages in the same round trip) is down
+        or slow. A valid batch is answered as JSON-RPC 2.0 answers a batch, an array: that
+        error for each member with an id (-32600 for a member that is no request, nothing
+        for a notification), HTTP 200 as for any request read. Anything else is refused as
+        a whole (:meth:`refusal`)."""
+        batch = await self._valid_batch(request)
+        if batch is None:
+            return self.refusal(exc)
+        request.state.rpc_methods = [self._method_label(item) for item in batch]
+        return _batch_response([self._failed(item, exc) for item in batch])
+
+    async def _valid_batch(self, request: Request) -> list[Any] | None:
+        """The request's batch when its body is one (1 to ``max_batch`` items), else None."""
+        try:
+            body = await read_body(
+                request, self.settings.max_body_bytes, self.settings.body_timeout
+            )
+            message = parse_json(body)
+        except SigndError:
+            return None
+        if isinstance(message, list) and 1 <= len(message) <= self.settings.max_batch:
+            return message
+        return None
 
     async def _answer_all(self, principal: Principal, items: list[Any]) -> list[Any]:
         """Each item's answer, in order, :data:`BATCH_CONCURRENCY` of them at a time (each
@@ -284,13 +318,9 @@ class JsonRpcApi:
     ) -> dict[str, Any] | None:
         """Answer one request object; ``None`` for a notification (no ``id``). ``made``: the
         outcome of a message member already signed with its batch."""
-        request_id = item.get("id") if isinstance(item, dict) else None
         if not isinstance(item, dict) or not is_rpc_request(item):
-            self.metrics.rpc_calls.inc("other", "invalid")
-            return _error(
-                request_id if valid_rpc_id(request_id) else None,
-                {"code": INVALID_REQUEST, "message": "invalid JSON-RPC 2.0 request"},
-            )
+            return self._invalid(item)
+        request_id = item.get("id")
         notification = "id" not in item
         method: str = item["method"]
         label = self._method_label(item)
@@ -313,13 +343,33 @@ class JsonRpcApi:
             self.metrics.errors.inc(exc.code)
             answer = _error(request_id, exc.rpc_error)
         except Exception as exc:
-            self.metrics.rpc_calls.inc(label, "error")
-            wire = wire_error(exc)
-            self.metrics.errors.inc(wire.body["code"])
-            answer = _error(request_id, wire.rpc_error())
+            answer = self._failure(request_id, label, exc)
         else:
             self.metrics.rpc_calls.inc(label, "error" if "error" in answer else "ok")
         return None if notification else answer
+
+    def _invalid(self, item: object) -> dict[str, Any]:
+        """The answer to a batch item or body that is no JSON-RPC 2.0 request."""
+        self.metrics.rpc_calls.inc("other", "invalid")
+        request_id = item.get("id") if isinstance(item, dict) else None
+        return _error(
+            request_id if valid_rpc_id(request_id) else None,
+            {"code": INVALID_REQUEST, "message": "invalid JSON-RPC 2.0 request"},
+        )
+
+    def _failure(self, request_id: Any, label: str, exc: Exception) -> dict[str, Any]:
+        """``exc`` as the error answer to the request ``request_id``, counted."""
+        self.metrics.rpc_calls.inc(label, "error")
+        wire = wire_error(exc)
+        self.metrics.errors.inc(wire.body["code"])
+        return _error(request_id, wire.rpc_error())
+
+    def _failed(self, item: object, exc: Exception) -> dict[str, Any] | None:
+        """The answer to a batch item that could not be served because of ``exc``."""
+        if not isinstance(item, dict) or not is_rpc_request(item):
+            return self._invalid(item)
+        answer = self._failure(item.get("id"), self._method_label(item), exc)
+        return answer if "id" in item else None
 
     # accounts and chain
 

@@ -9,8 +9,9 @@ assignment.
 
 The two files are one configuration (a policy names the clients the clients file
 registers): :func:`reload_together` reads and parses every file first and swaps them only if
-all are good, so a bad file keeps its partner out too. :class:`ReloadHistory` remembers how
-the last reload went, for ``/readyz`` and the metrics.
+all are good, so a bad file keeps its partner out too (and, given a lock its readers take,
+swaps them as one). :class:`ReloadHistory` remembers how the last reload went, for
+``/readyz`` and the metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, Literal, Self, TypeVar
@@ -130,10 +132,14 @@ class Staged(Generic[T]):
     data: bytes
 
 
-def reload_together(holders: Sequence[Reloadable[Any]]) -> list[str]:
+def reload_together(
+    holders: Sequence[Reloadable[Any]], *, lock: AbstractContextManager[Any] | None = None
+) -> list[str]:
     """Re-read every holder's file and put them all in force, or none: each is read (settled)
-    and parsed first, and only when every one is good are they swapped. The problems, one
-    line each naming its file (``"policy: ..."``); empty when all were put in force."""
+    and parsed first, and only when every one is good are they swapped, holding ``lock``
+    (which a reader of the values as one configuration takes as well, so that it never
+    reads one file's new value beside another's old one). The problems, one line each
+    naming its file (``"policy: ..."``); empty when all were put in force."""
     staged: list[Staged[Any]] = []
     problems: list[str] = []
     for holder in holders:
@@ -145,8 +151,9 @@ def reload_together(holders: Sequence[Reloadable[Any]]) -> list[str]:
         kept = ", ".join(f"{holder.kind} sha256 {holder.sha256}" for holder in holders)
         log.error("reload refused, none of the files taken, keeping %s", kept)
         return problems
-    for each in staged:
-        each.holder.put_in_force(each)
+    with nullcontext() if lock is None else lock:
+        for each in staged:
+            each.holder.put_in_force(each)
     return []
 
 

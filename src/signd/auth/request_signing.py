@@ -269,14 +269,23 @@ class RequestVerifier:
         source = self._registry
         return source if isinstance(source, ClientsRegistry) else source.current
 
-    def verify(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> Principal:
+    def verify(
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        registry: ClientsRegistry | None = None,
+    ) -> Principal:
         """The principal that signed this request, or :class:`~signd.errors.AccessDenied`.
 
         Header names are matched case-insensitively. Checks run cheapest first; the nonce
         is only recorded once the signature verifies, so unauthenticated traffic cannot
-        fill the nonce tracker or burn a client's nonces.
+        fill the nonce tracker or burn a client's nonces. ``registry``: the clients to
+        verify against (one a gate call read with its policy), else those in force.
         """
-        return self._verify(method, path, body, headers, None).principal
+        return self._verify(method, path, body, headers, None, registry=registry).principal
 
     def present(
         self,
@@ -287,11 +296,14 @@ class RequestVerifier:
         calls: Collection[str],
         *,
         follow_up: bool,
+        registry: ClientsRegistry | None = None,
     ) -> Presentation:
         """Like :meth:`verify`, for a request whose ``calls`` (names) are performed one by
         one with :meth:`perform`: it may be presented again, as a ``follow_up`` that
         performs some of them, until all are performed."""
-        return self._verify(method, path, body, headers, calls, follow_up=follow_up)
+        return self._verify(
+            method, path, body, headers, calls, follow_up=follow_up, registry=registry
+        )
 
     def perform(self, presentation: Presentation, calls: Collection[str]) -> None:
         """Mark ``calls`` of a presented request performed; a call already performed (a
@@ -310,13 +322,14 @@ class RequestVerifier:
         calls: Collection[str] | None,
         *,
         follow_up: bool = False,
+        registry: ClientsRegistry | None = None,
     ) -> Presentation:
         fields = {name.lower(): value for name, value in headers.items()}
         client_id = _header(fields, HEADER_CLIENT)
         timestamp = _header(fields, HEADER_TIMESTAMP)
         nonce = _header(fields, HEADER_NONCE)
         signature_text = _header(fields, HEADER_SIGNATURE)
-        client = self.registry.get(client_id)
+        client = (self.registry if registry is None else registry).get(client_id)
         if client is None:
             raise AccessDenied(f"unknown client {shown(client_id)}")
         if client.public_key is None:
@@ -354,9 +367,10 @@ class RequestVerifier:
             )
         return Presentation(client.principal("signature"), nonce)
 
-    def verify_bearer(self, token: str) -> Principal:
-        """The bearer client holding ``token`` (compared as SHA-256, in constant time)."""
-        return self.registry.verify_bearer(token)
+    def verify_bearer(self, token: str, *, registry: ClientsRegistry | None = None) -> Principal:
+        """The bearer client holding ``token`` (compared as SHA-256, in constant time), in
+        ``registry`` (see :meth:`verify`)."""
+        return (self.registry if registry is None else registry).verify_bearer(token)
 
 
 def _header(fields: Mapping[str, str], name: str) -> str:

@@ -50,6 +50,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import cbor2
@@ -162,8 +163,12 @@ def _bytes(body: Mapping[str, Any], name: str, *, limit: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _Configured:
-    """What a GATE_CONFIGURE put in force."""
+    """What a GATE_CONFIGURE put in force, replaced whole by the next one: a GATE takes it
+    once, and authenticates and decides with its ``in_force`` pair throughout (never one
+    configuration's clients beside another's policy). The holders, verifier (its nonces)
+    and engine (its spend windows) carry over from one configuration to the next."""
 
+    in_force: InForce
     clients: ClientsHolder
     policy: PolicyHolder
     verifier: RequestVerifier
@@ -271,7 +276,8 @@ class EnclaveGate:
         configured = self._configured
         if configured is None:
             return None
-        return bytes.fromhex(configured.policy.sha256) + bytes.fromhex(configured.clients.sha256)
+        in_force = configured.in_force
+        return bytes.fromhex(in_force.policy.sha256) + bytes.fromhex(in_force.clients_sha256)
 
     def configure(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """GATE_CONFIGURE: put the clients and policy files in force, and the audit key.
@@ -332,6 +338,7 @@ class EnclaveGate:
                 engine = PolicyEngine(policy, now=self._now)
                 since = self._now() - engine.longest_window
                 self._replay(engine, first_tail, since)
+                in_force = InForce(policy.current, clients.current)
             else:
                 clients, policy = configured.clients, configured.policy
                 verifier, engine = configured.verifier, configured.engine
@@ -341,22 +348,21 @@ class EnclaveGate:
                     older = _ending_at(tail, ends_at)
                     if older:  # before the files are replaced: a tail that does not verify
                         check_tail(older, mac_key, ends_at=ends_at)  # changes nothing either
-                clients.replace(clients_data)
-                policy.replace(policy_data)
+                in_force = InForce(policy.replace(policy_data), clients.replace(clients_data))
                 if older:
                     self._replay(engine, older, since)
-            self._configured = _Configured(clients, policy, verifier, engine, limits)
+            self._configured = _Configured(in_force, clients, policy, verifier, engine, limits)
             head = self._audit.head
             answer["windows_ready"] = engine.windows_ready
         log.info(
             "gate configured: clients sha256 %s, policy sha256 %s, audit seq %d",
-            clients.sha256,
-            policy.sha256,
+            in_force.clients_sha256,
+            in_force.policy.sha256,
             head.seq,
         )
         return answer | {
-            "clients_sha256": clients.sha256,
-            "policy_sha256": policy.sha256,
+            "clients_sha256": in_force.clients_sha256,
+            "policy_sha256": in_force.policy.sha256,
             "seq": head.seq,
         }
 
@@ -474,7 +480,7 @@ class EnclaveGate:
         fills = _fills(body.get("fills", {}))
         select = _select(body.get("select"))
         answer = _Answer()
-        in_force = InForce(configured.engine.policy, configured.verifier.registry.sha256)
+        in_force = configured.in_force
         try:
             action: Action | SigndError = self._readings.read(request, configured.limits)
         except SigndError as exc:
@@ -526,10 +532,13 @@ class EnclaveGate:
                 request.headers,
                 calls,
                 follow_up=bool(select),
+                registry=in_force.clients,
             )
             return presentation.principal
 
-        principal = identify(request, signed, verifier.verify_bearer)
+        principal = identify(
+            request, signed, partial(verifier.verify_bearer, registry=in_force.clients)
+        )
         if presentation is not None and select:  # (a bearer token: the host holds it anyway)
             verifier.perform(presentation, [str(origin) for origin in select])
         return _Presented(principal, request.sha256, in_force)

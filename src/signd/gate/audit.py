@@ -13,6 +13,7 @@ from typing import Any, Final
 from signd.audit import AuditLog, AuditSigner, FileAuditLog
 from signd.audit.log import store_records
 from signd.audit.records import Spend
+from signd.auth.clients import ClientsRegistry
 from signd.crypto.secret import Secret
 from signd.errors import SigndError
 from signd.policy import Operation, Policy
@@ -36,13 +37,18 @@ enclave's 64 KiB per line of audit tail); a larger group goes on in a new record
 
 @dataclass(frozen=True, slots=True)
 class InForce:
-    """The configuration one gate call decides under, taken once as it begins: the policy
-    (every policy decision of the call is made with it, however soon a reload replaces it)
-    and the SHA-256 of the clients file. Every record of the call names both; the two
-    digests were computed when the files were loaded, so naming them costs nothing."""
+    """The configuration one gate call authenticates and decides under, taken once as it
+    begins: the clients and the policy of one reload (the caller is authenticated against
+    those clients, every policy decision of the call is made with that policy, however soon
+    a reload replaces them). Every record of the call names both files; their digests were
+    computed when the files were loaded, so naming them costs nothing."""
 
     policy: Policy
-    clients_sha256: str
+    clients: ClientsRegistry
+
+    @property
+    def clients_sha256(self) -> str:
+        return self.clients.sha256
 
     def names(self) -> AuditEntry:
         """The audit entry fields that name this configuration."""

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
@@ -150,7 +152,8 @@ class Gatekeeper:
     """Authenticates, authorises, signs and audits; thread-safe, blocking.
 
     ``clients`` and ``policy`` are the holders the verifier and engine read, kept here so
-    that :meth:`reload` can re-read their files.
+    that :meth:`reload` can re-read their files. A request is authenticated and decided
+    under one pair of them (:meth:`in_force`, read as one, kept with its :class:`Caller`).
     """
 
     def __init__(
@@ -172,6 +175,8 @@ class Gatekeeper:
         self.clients = clients
         self.policy = policy
         self._reloads = ReloadHistory()
+        self._pair_lock = threading.Lock()
+        """Held while a reload swaps the files and while :meth:`in_force` reads them."""
 
     def __repr__(self) -> str:
         return f"Gatekeeper(engine={self.engine!r}, audit={self.audit!r})"
@@ -192,7 +197,7 @@ class Gatekeeper:
         together is never in force. The problems, one line each naming its file (empty when
         both were put in force); the outcome is kept for :meth:`reload_status`."""
         holders = [holder for holder in (self.clients, self.policy) if holder is not None]
-        return self._reloads.run(lambda: reload_together(holders))
+        return self._reloads.run(lambda: reload_together(holders, lock=self._pair_lock))
 
     def reload_status(self) -> ReloadStatus:
         """How the last reload went, and the SHA-256 of the files in force."""
@@ -204,20 +209,25 @@ class Gatekeeper:
     # authentication
 
     def authenticate(self, request: GateRequest) -> Caller:
-        """The caller, or :class:`Unauthenticated` (audited as refused)."""
+        """The caller, or :class:`Unauthenticated` (audited as refused). The caller keeps
+        the configuration it was authenticated under, for its calls to be decided under."""
         in_force = self.in_force()
         try:
             principal = identify(
                 request,
                 lambda: self.verifier.verify(
-                    request.method, request.path, request.body, request.headers
+                    request.method,
+                    request.path,
+                    request.body,
+                    request.headers,
+                    registry=in_force.clients,
                 ),
-                self.verifier.verify_bearer,
+                partial(self.verifier.verify_bearer, registry=in_force.clients),
             )
         except AccessDenied as exc:
             self.audit.write([authentication_refusal(request, exc.message, in_force)])
             raise Unauthenticated(exc.message) from None
-        return Caller(principal, request.sha256)
+        return Caller(principal, request.sha256, session=in_force)
 
     async def authenticate_async(
         self, request: GateRequest, run: Runner, perform: frozenset[SigningKind] = frozenset()
@@ -241,7 +251,7 @@ class Gatekeeper:
         if that fails, the caller gets the error and none of their addresses, so no funds
         can reach them, but the keys exist in custody without a record; a warning names
         them (:func:`warn_unrecorded`)."""
-        in_force = self.in_force()
+        in_force = self._in_force_of(caller)
         base = self._entry(caller, Operation.KEYS_CREATE, in_force, chain=chain)
         wanted = check_labels(labels)
         address_deriver(chain)  # an unknown chain is a bad request, not a policy question
@@ -287,7 +297,7 @@ class Gatekeeper:
 
     def get_key(self, caller: Caller, ref: str) -> KeyInfo:
         """``keys:read``, and only a key the client may use."""
-        base = self._entry(caller, Scope.KEYS_READ, self.in_force())
+        base = self._entry(caller, Scope.KEYS_READ, self._in_force_of(caller))
         self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         info = self.signer.get_key(ref)
         if not caller.principal.may_use(info.labels):
@@ -306,7 +316,7 @@ class Gatekeeper:
     ) -> KeyPage:
         """``keys:read``; a client restricted to some labels sees only keys with one of them
         (so a page may hold fewer than ``limit`` keys while ``next_cursor`` goes on)."""
-        base = self._entry(caller, Scope.KEYS_READ, self.in_force())
+        base = self._entry(caller, Scope.KEYS_READ, self._in_force_of(caller))
         self._guard(base, lambda: require_scope(caller.principal, Scope.KEYS_READ))
         page = self.signer.list_keys(
             custody=custody, chain=chain, label=label, cursor=cursor, limit=limit
@@ -381,14 +391,16 @@ class Gatekeeper:
         appended with one durable write, and the signatures of all of them made together
         when there are many (:mod:`signd.gate.together`)."""
         entries = DecisionLog()
-        in_force = self.in_force()
         keys: dict[str, KeyInfo | SigndError] = {}
         together: SignTogether[KeyInfo] | None = None
         if sum(len(calls) for _, calls in requests) >= PARALLEL_MIN:
             together = SignTogether(entries)
-        decided: Decided = {}  # the same for every request of the call (by client)
+        # The same for every request of the call decided under one policy (by client).
+        decided_under: dict[str, Decided] = {}
         answers: list[list[Signed | Exception | Waiting[KeyInfo]]] = []
         for caller, calls in requests:
+            in_force = self._in_force_of(caller)
+            decided = decided_under.setdefault(in_force.policy.sha256, {})
             entries.next_request()
             if together is not None:
                 together.next_request()
@@ -481,8 +493,14 @@ class Gatekeeper:
     # helpers
 
     def in_force(self) -> InForce:
-        """The policy and clients file in force now, for a gate call to decide under."""
-        return InForce(self.engine.policy, self.verifier.registry.sha256)
+        """The policy and clients in force now, read as one pair (a reload swaps them while
+        no one reads), for a request to be authenticated and decided under."""
+        with self._pair_lock:
+            return InForce(self.engine.policy, self.verifier.registry)
+
+    def _in_force_of(self, caller: Caller) -> InForce:
+        """The configuration ``caller`` was authenticated under (else the one in force)."""
+        return caller.session if isinstance(caller.session, InForce) else self.in_force()
 
     @staticmethod
     def _entry(

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 from pkcs11 import Attribute, KeyType, Mechanism
+from pkcs11 import exceptions as p11
 
 from signd.custody.hsm import HsmBackend
 from signd.custody.hsm.library import Pkcs11Library
-from signd.custody.hsm.pool import PooledSession
+from signd.custody.hsm.pool import PooledSession, TokenFailed
 from signd.custody.hsm.token import SECP256K1_EC_PARAMS, HsmToken
 from signd.errors import DependencyUnavailable
 from signd.storage.sqlite import SqliteMetadataStore
@@ -112,6 +113,8 @@ def test_a_generation_the_read_only_token_fails_keeps_the_sessions_and_the_modul
             for error in errors:
                 assert error.http_status == 503
                 assert "(GeneralError); it still answers" in str(error)
+                assert "try again" not in str(error)  # it will fail until the operator acts
+                assert "storage (full or read-only)" in str(error)
                 assert USER_PIN not in str(error)
             digest = os.urandom(32)
             assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
@@ -151,12 +154,38 @@ def test_a_template_the_token_refuses_is_unavailable_before_and_after_it_worked(
         backend.create_keys("ethereum", eth_address)
     assert first.value.http_status == 503
     assert "refused signd's secp256k1 key template" in str(first.value)
+    assert "try again" not in str(first.value)
+    assert "Retrying will not help until" in str(first.value)
     monkeypatch.undo()
     backend.create_keys("ethereum", eth_address)
     monkeypatch.setattr(HsmToken, "_generate", staticmethod(generate_with_a_wrong_key_type))
     with pytest.raises(DependencyUnavailable, match="TemplateInconsistent"):
         backend.create_keys("ethereum", eth_address)
     assert library.generation == generation
+
+
+def test_a_signature_the_token_fails_twice_says_what_to_check(
+    backend: HsmBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device fault on both tries of a signature, the token still answering: a 503 naming
+    the error that says a retry helps only with a passing fault, and what to look at if it
+    recurs; the sessions are kept, and the next signature works."""
+    (key,) = backend.create_keys("ethereum", eth_address)
+
+    def device_error(self: PooledSession, cka_id: bytes, digest: bytes) -> bytes:
+        raise p11.DeviceError()
+
+    monkeypatch.setattr(PooledSession, "sign", device_error)
+    with pytest.raises(TokenFailed) as failed:
+        backend.sign_digest(key, bytes(32))
+    message = str(failed.value)
+    assert failed.value.http_status == 503 and failed.value.error is p11.DeviceError
+    assert "failed while signing (DeviceError); it still answers" in message
+    assert "try again" not in message
+    assert "helps only if the fault was passing" in message and "HSM's own log" in message
+    monkeypatch.undo()
+    digest = os.urandom(32)
+    assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key
 
 
 FIRST_CREATE_SCRIPT = """
@@ -214,6 +243,8 @@ def test_a_template_refused_on_the_first_create_after_a_start_is_unavailable_nev
     assert "refused signd's secp256k1 key template" in refused["message"]
     assert "AttributeValueInvalid" in refused["message"]
     assert "does not support secp256k1" in refused["message"]
+    assert "try again" not in refused["message"]
+    assert "check the token's free space" in refused["message"]
     assert USER_PIN not in refused["message"] and USER_PIN not in run.stderr
     assert outcome["made"] == "signd-after"
     assert not outcome["reinitialised"]

@@ -178,13 +178,16 @@ def test_the_embedded_kms_server_gets_only_the_environment_it_needs(
 ) -> None:
     """The embedded kms-server (what ``signd serve``'s enclave starts on first KMS use) reads
     no variable of signd's, nor AWS's: it gets the interpreter's own (PYTHON*), PATH, HOME,
-    the locale, TZ and TMPDIR, and nothing else, so no secret of the parent's, whatever its
-    name, sits in its /proc/<pid>/environ. Read from the running process (as root; the
-    environment it was started with otherwise)."""
+    the locale, TZ, TMPDIR and LD_LIBRARY_PATH (an interpreter built with a shared libpython
+    needs it to start), and nothing else, so no secret of the parent's, whatever its name,
+    sits in its /proc/<pid>/environ. Read from the running process (as root; the environment
+    it was started with otherwise)."""
     for name, value in SECRET_CANARIES.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LC_TIME", "C.UTF-8")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    libraries = f"{tmp_path}/lib:{os.environ.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+    monkeypatch.setenv("LD_LIBRARY_PATH", libraries)
     children = record_children(monkeypatch)
     home = tmp_path / "home"
     server = LocalKmsServer(home)
@@ -205,9 +208,11 @@ def test_the_embedded_kms_server_gets_only_the_environment_it_needs(
             "LANG",
             "TZ",
             "TMPDIR",
+            "LD_LIBRARY_PATH",
         }, sorted(seen)
         assert seen["PATH"] == os.environ["PATH"]
         assert seen["LC_TIME"] == "C.UTF-8" and seen["TMPDIR"] == str(tmp_path)
+        assert seen.get("LD_LIBRARY_PATH") == libraries
         assert seen.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
     if environment is None:
         pytest.skip("checked as started only: the running kms-server's environ needs root")

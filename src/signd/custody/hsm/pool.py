@@ -279,7 +279,8 @@ class SessionPool:
             )
         raise TokenFailed(
             f"the {self.where} failed while {doing} ({failed.__name__}); it still answers, so "
-            "signd kept its sessions: try again",
+            "signd kept its sessions. Retrying helps only if the fault was passing: if it "
+            "recurs, check the token's health and the HSM's own log",
             failed,
         )
 

@@ -21,7 +21,7 @@ from signd.crypto.secp256k1 import compress_public_key
 from signd.custody.hsm.library import Pkcs11Library
 from signd.custody.hsm.pool import TEMPLATE_ERRORS, PooledSession, SessionPool, TokenFailed
 from signd.custody.hsm.settings import HsmSettings
-from signd.errors import DependencyUnavailable, InvalidField
+from signd.errors import InvalidField
 
 SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
 """DER of the named-curve OID 1.3.132.0.10."""
@@ -103,16 +103,31 @@ class HsmToken:
                 ),
             )
         except TokenFailed as failed:
-            if not issubclass(failed.error, TEMPLATE_ERRORS):
-                raise
-            raise DependencyUnavailable(
-                f"the {self._pool.where} refused signd's secp256k1 key template "
-                f"({failed.error.__name__}), which signd never varies: usually the token's "
-                "state (its storage full, read-only, damaged or replaced under the module) or "
-                "a module that does not support secp256k1; it still answers, so signd kept its "
-                "sessions: try again"
-            ) from None
+            raise self._generation_failed(failed) from None
         return TokenKey(cka_id, label, public_key)
+
+    def _generation_failed(self, failed: TokenFailed) -> TokenFailed:
+        """A key generation the token failed twice, said with what an operator checks: a
+        template refusal (which signd never varies) or a device fault is most often the
+        token's storage, full or read-only, which no retry clears."""
+        name = failed.error.__name__
+        if issubclass(failed.error, TEMPLATE_ERRORS):
+            message = (
+                f"the {self._pool.where} refused signd's secp256k1 key template ({name}), which "
+                "signd never varies: usually the token's state (its storage full, read-only, "
+                "damaged or replaced under the module) or a module that does not support "
+                "secp256k1. Retrying will not help until that is fixed: check the token's free "
+                "space and that its storage is writable, then that its module makes secp256k1 "
+                "keys (it still answers, so signd kept its sessions)"
+            )
+        else:
+            message = (
+                f"the {self._pool.where} failed while generating a secp256k1 key pair ({name}); "
+                "it still answers, so signd kept its sessions. Retrying helps only if the fault "
+                "was passing: if it recurs, check the token's storage (full or read-only) and "
+                "the HSM's own log"
+            )
+        return TokenFailed(message, failed.error)
 
     @staticmethod
     def _generate(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:

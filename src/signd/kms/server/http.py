@@ -384,10 +384,12 @@ def start_kms_server(home: Path, port: int = 0, **options: Any) -> RunningServer
     return RunningServer(info, server=server, thread=thread)
 
 
-CHILD_ENVIRONMENT: Final = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR"})
+CHILD_ENVIRONMENT: Final = frozenset({"PATH", "HOME", "LANG", "TZ", "TMPDIR", "LD_LIBRARY_PATH"})
 CHILD_ENVIRONMENT_PREFIXES: Final = ("LC_", "PYTHON")
-"""All of the parent's environment a kms-server child gets: the interpreter's variables, the
-locale, the time zone and where temporary files go. It reads no variable of signd's or AWS's
+"""All of the parent's environment a kms-server child gets: the interpreter's variables and
+what the dynamic loader needs to start it (an interpreter built with a shared libpython
+outside the system's library path), the locale, the time zone and where temporary files
+go. It reads no variable of signd's or AWS's
 (its home and port are arguments), so secrets in the parent's environment, whatever their
 names (``SIGND_HSM_PIN``, the variable ``[hsm] pin = "env:NAME"`` names, a passphrase, AWS
 credentials), stay out of its ``/proc/<pid>/environ``."""
