@@ -26,7 +26,7 @@ from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.kms.server import start_kms_server
 from signd.operations.backends import build_signer
 from signd.operations.local_enclave import LocalEnclaveTransport
-from tests.integration.support import core_file_limits, record_children, wait_until
+from tests.integration.support import child_pids, core_file_limits, record_children, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -320,17 +320,10 @@ def test_the_enclave_process_writes_no_core_file(
 
 def enclave_process(home: Path) -> int:
     """The pid of this process's local enclave child serving ``home``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if parent == os.getpid() and b"enclave" in command and str(home).encode() in command:
-            return int(entry.name)
-    raise AssertionError(f"no enclave process for {home}")
+    found = child_pids(os.getpid(), containing=("enclave", str(home)))
+    if not found:
+        raise AssertionError(f"no local enclave process for {home}")
+    return found[0]
 
 
 def process_environment(pid: int) -> dict[str, str] | None:

@@ -240,8 +240,10 @@ def start_enclave_process(process: SigndProcess, socket_path: Path) -> None:
     process.start(lambda: enclave_answers(socket_path))
 
 
-def child_pids(parent: int, *, containing: str) -> list[int]:
-    """Live children of ``parent`` whose command line contains ``containing``."""
+def child_pids(parent: int, *, containing: str | tuple[str, ...]) -> list[int]:
+    """Live children of ``parent`` whose command line contains ``containing`` (each of them,
+    for a tuple)."""
+    wanted = (containing,) if isinstance(containing, str) else containing
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -249,7 +251,7 @@ def child_pids(parent: int, *, containing: str) -> list[int]:
             command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == parent and fields[0] != "Z" and containing in command:
+        if int(fields[1]) == parent and fields[0] != "Z" and all(w in command for w in wanted):
             found.append(int(stat.parent.name))
     return found
 

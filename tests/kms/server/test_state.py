@@ -28,7 +28,7 @@ from signd.kms.server import (
 )
 from signd.kms.server.store import KeyStore
 from signd.operations.local_kms import LocalKmsServer
-from tests.integration.support import core_file_limits, record_children
+from tests.integration.support import child_pids, core_file_limits, record_children
 from tests.kms.server.conftest import error_code
 
 pytestmark = pytest.mark.integration
@@ -156,21 +156,10 @@ SECRET_CANARIES = {
 
 def kms_server_process(home: Path) -> int:
     """The pid of this process's kms-server child serving ``home``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if (
-            parent == os.getpid()
-            and b"signd.kms.server" in command
-            and str(home).encode() in command
-        ):
-            return int(entry.name)
-    raise AssertionError(f"no kms-server process for {home}")
+    found = child_pids(os.getpid(), containing=("signd.kms.server", str(home)))
+    if not found:
+        raise AssertionError(f"no kms-server process for {home}")
+    return found[0]
 
 
 def test_the_embedded_kms_server_gets_only_the_environment_it_needs(
