@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Final, NamedTuple
 
@@ -170,7 +171,7 @@ class KeystoreBackend(CustodyBackend):
             )
             if metadata is not None:
                 try:
-                    record_keystore(path, backend._keystore_id, 0, metadata)
+                    record_keystore(path, backend._keystore_id, lambda: 0, metadata)
                 except BaseException:
                     backend.close()
                     raise
@@ -178,7 +179,7 @@ class KeystoreBackend(CustodyBackend):
             return backend
         header = read_header(path)
         if metadata is not None:
-            record_keystore(path, header.keystore_id, keys_held(path), metadata)
+            record_keystore(path, header.keystore_id, partial(keys_held, path), metadata)
         secret = _passphrase(passphrase, creating=False)
         sealer = RecordSealer(derive_passphrase_key(secret, header.salt, header.params))
         try:
@@ -629,10 +630,8 @@ class KeystoreBackend(CustodyBackend):
         keystore, unused, and are counted at the next recording."""
         if self._metadata is None:
             return
-        with self._lock:
-            (held,) = self._fetchone(_KEYS_HELD, ())
         try:
-            record_keystore(self._path, self._keystore_id, held, self._metadata)
+            record_keystore(self._path, self._keystore_id, self._keys_held, self._metadata)
         except SigndError as exc:
             logger.warning(
                 "%d key(s) were made in keystore %s but not recorded in the metadata store "
@@ -643,6 +642,11 @@ class KeystoreBackend(CustodyBackend):
                 exc.message,
             )
             raise
+
+    def _keys_held(self) -> int:
+        with self._lock:
+            (held,) = self._fetchone(_KEYS_HELD, ())
+        return int(held)
 
     def _check_file(self) -> None:
         """Refuse while the file at the keystore's path is not the one open (deleted,
