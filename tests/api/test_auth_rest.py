@@ -122,8 +122,31 @@ def test_out_of_scope_and_foreign_labels_get_403_and_are_audited(
     foreign = gated.signed(
         "POST", SIGN_TX, {"key": unlabelled.address, "transaction": transaction()}
     )
-    assert "may not use key" in refused(foreign, 403, "out_of_scope")["message"]
+    assert "may not use this key" in refused(foreign, 403, "out_of_scope")["message"]
     assert gated.last()["key_id"] == unlabelled.key_id
+
+
+def test_a_key_of_other_labels_is_not_described_to_a_client_refused_it(gated: Gated) -> None:
+    """A client restricted to some labels learns nothing of a key with none of them, by
+    whichever form of its address or its key id it asks, reading or signing: the refusal
+    names neither the key's id nor its labels (the audit record, for operators, names the
+    key). Nor does any listing of that label show it."""
+    label = "treasury-cold-7"
+    key = gated.signer.create_keys(chain="ethereum", custody="keystore", labels=[label])[0]
+    checksum = key.address
+    refs = [checksum, checksum.lower(), "0x" + checksum[2:].upper(), key.key_id]
+    for ref in refs:
+        for response in (
+            gated.signed("GET", f"/v1/keys/{ref}"),
+            gated.signed("POST", SIGN_TX, {"key": ref, "transaction": transaction()}),
+        ):
+            refused(response, 403, "out_of_scope")
+            assert key.key_id not in response.text and label not in response.text
+    assert gated.last()["key_id"] == key.key_id
+    for query in (f"?label={label}&limit=1000", "?limit=1000", "?chain=ethereum&limit=1000"):
+        listed = gated.signed("GET", "/v1/keys" + query)
+        assert listed.status_code == 200, listed.text
+        assert key.key_id not in listed.text and label not in listed.text
 
 
 def test_policy_refusals_name_the_rule(gated: Gated, hot_key: dict[str, Any]) -> None:

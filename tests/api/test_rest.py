@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import threading
@@ -128,6 +129,25 @@ def test_list_keys_refuses_bad_parameters(
     client: TestClient, params: dict[str, str], field: str
 ) -> None:
     error_of(client.get("/v1/keys", params=params), 400, "invalid_field", field)
+
+
+def test_list_keys_refuses_a_cursor_altered_or_from_another_listing(client: TestClient) -> None:
+    """The keystore's cursors are bound to it and to their filters, as the metadata
+    stores' are: a forged one, even one past every key (SQLite cannot bind its position),
+    or one from another listing is 400, never a 500 nor a page that silently skips keys."""
+    client.post("/v1/keys", json={**ETH, "count": 3, "labels": ["hot"]})
+    client.post("/v1/keys", json={**ETH, "count": 2, "labels": ["cold"]})
+    cursor = client.get("/v1/keys", params={"label": "hot", "limit": 1}).json()["next_cursor"]
+    past_every_key = base64.urlsafe_b64encode(b"k" + b"\xff" * 8).decode().rstrip("=")
+    first_key = base64.urlsafe_b64encode(b"k" + (1).to_bytes(8, "big")).decode().rstrip("=")
+    altered = cursor[:-1] + ("A" if cursor[-1] != "A" else "B")
+    for bad in (past_every_key, first_key, altered, cursor + "." + cursor):
+        error_of(client.get("/v1/keys", params={"cursor": bad}), 400, "invalid_field", "cursor")
+    for other in ({"label": "cold"}, {}, {"label": "hot", "chain": "ethereum"}):
+        answer = client.get("/v1/keys", params={**other, "cursor": cursor})
+        error_of(answer, 400, "invalid_field", "cursor")
+    rest = client.get("/v1/keys", params={"label": "hot", "cursor": cursor}).json()
+    assert [key["labels"] for key in rest["keys"]] == [["hot"], ["hot"]]
 
 
 # signing

@@ -49,6 +49,7 @@ from signd.enclave.protocol import (
     MessageType,
     ProtocolViolation,
     Reply,
+    answer_frame_size,
     encode_frame,
     next_request_id,
     reply_to,
@@ -84,7 +85,7 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, max_frame_size: int) -> None:
         self.loop = asyncio.get_running_loop()
-        self.decoder = FrameDecoder(max_frame_size=max_frame_size)
+        self.decoder = FrameDecoder(max_frame_size=answer_frame_size(max_frame_size))
         self.pending: dict[int, _Pending] = {}
         self.transport: asyncio.Transport | None = None
         self.closed = False

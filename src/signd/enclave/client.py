@@ -44,6 +44,7 @@ from signd.enclave.protocol import (
     MessageType,
     ProtocolViolation,
     Reply,
+    answer_frame_size,
     check_attestation_nonce,
     encode_frame,
     error_from_body,
@@ -211,7 +212,7 @@ class _Connection:
             entry.future.set_exception(ConnectionLost(message))
 
     def _read_loop(self) -> None:
-        decoder = FrameDecoder(max_frame_size=self._max_frame_size)
+        decoder = FrameDecoder(max_frame_size=answer_frame_size(self._max_frame_size))
         while not self._closed:
             try:
                 data = self._sock.recv(RECV_SIZE)

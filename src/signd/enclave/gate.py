@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import threading
@@ -73,6 +74,7 @@ from signd.custody.base import KeyInfo, check_labels, utc_now
 from signd.enclave.protocol import (
     CUSTODY_ENCLAVE,
     CUSTODY_HSM,
+    MAX_ANSWER_FRAME_SIZE,
     MAX_NAME_LENGTH,
     CreatedKey,
     HsmKeyReference,
@@ -152,6 +154,27 @@ VERIFY_KEYS_KEPT: Final = 4
 """How many audit keys unwrapped for AUDIT_VERIFY only the gate keeps, by their ciphertext."""
 VERIFY_KEY_AGE: Final = 600.0
 """Seconds an audit key unwrapped for AUDIT_VERIFY only is kept before KMS is asked again."""
+
+
+ANSWER_SPARE: Final = 64 * 1024
+"""Room an answer keeps for what is not a made key (outcomes, principal, framing)."""
+SEALING_BYTES: Final = 512
+"""What sealing adds to an audit entry's JSON (``seq``, ``time``, ``prev_hash``, ``hash`` and
+``mac``, with their names), rounded up."""
+MADE_KEY_BYTES: Final = 256
+"""A made key's CBOR body without its labels (key id, chain, address, blob, public key)."""
+
+
+def most_keys_answered(allowed: AuditEntry, labels: Sequence[str]) -> int:
+    """How many keys with ``labels`` one GATE answer can carry, each with its sealed
+    ``allowed`` record, within :data:`MAX_ANSWER_FRAME_SIZE`: a bound, so that a creation
+    whose answer would not fit is refused before any key is made (as ASCII JSON, an entry's
+    text is at least as long as any form of it)."""
+    record = {**allowed, "key_id": "0" * 32, "result_sha256": "0" * 64}
+    record["reason"] = str(record["reason"])[:MAX_REASON]
+    entry_bytes = len(json.dumps(record, ensure_ascii=True, default=str)) + SEALING_BYTES
+    label_bytes = sum(len(label.encode()) + 8 for label in labels)
+    return (MAX_ANSWER_FRAME_SIZE - ANSWER_SPARE) // (entry_bytes + MADE_KEY_BYTES + label_bytes)
 
 
 def _bytes(body: Mapping[str, Any], name: str, *, limit: int) -> bytes:
@@ -598,6 +621,16 @@ class EnclaveGate:
             )
             answer.outcomes.append({"approved": None})
             return
+        most = most_keys_answered(allowed, wanted)
+        if action.count > most:
+            raise refuse(
+                InvalidField(
+                    f"count: at most {most} keys with these labels fit in one answer of the "
+                    "enclave; ask for them in several requests",
+                    field="count",
+                ),
+                decision.rule,
+            )
         created: list[CreatedKey] = []
         failure: SigndError | None = None
         try:

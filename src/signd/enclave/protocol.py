@@ -60,6 +60,12 @@ CUSTODIES: Final = (CUSTODY_ENCLAVE, CUSTODY_HSM)
 HEADER: Final = struct.Struct(">4sBBHII")
 HEADER_SIZE: Final = HEADER.size
 DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
+MAX_ANSWER_FRAME_SIZE: Final = 16 << 20
+"""The largest answer frame the enclave sends and the host reads, whatever the request limit
+(``max_frame_size``): a GATE answer to a key creation carries each key made and its sealed
+audit record, about 1 KiB a key (6 KiB with labels at their limits), so a creation of the
+API's 1000 keys does not fit in a request-sized frame. The enclave is the trusted end: the
+limit on what the host reads only bounds its buffering."""
 MIN_FRAME_SIZE: Final = 4096
 NO_REQUEST_ID: Final = 0
 U32_MAX: Final = 0xFFFF_FFFF
@@ -191,6 +197,12 @@ def next_request_id(ids: Iterator[int], in_use: Container[int]) -> int:
     while request_id in in_use:
         request_id = next(ids)
     return request_id
+
+
+def answer_frame_size(max_frame_size: int) -> int:
+    """The limit on answer frames of a connection whose requests are limited to
+    ``max_frame_size``: :data:`MAX_ANSWER_FRAME_SIZE`, or that if larger."""
+    return max(max_frame_size, MAX_ANSWER_FRAME_SIZE)
 
 
 def _check_max_frame_size(max_frame_size: int) -> int:

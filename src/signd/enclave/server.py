@@ -38,6 +38,7 @@ from signd.enclave.protocol import (
     KeyReference,
     MessageType,
     ProtocolViolation,
+    answer_frame_size,
     check_attestation_nonce,
     encode_error,
     encode_frame,
@@ -199,7 +200,7 @@ class EnclaveApp:
             body,
             flags=Flag.RESPONSE,
             version=frame.version,
-            max_frame_size=self.max_frame_size,
+            max_frame_size=answer_frame_size(self.max_frame_size),
         )
 
     def _hello(self, body: dict[str, Any]) -> dict[str, Any]:

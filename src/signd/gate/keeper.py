@@ -651,9 +651,9 @@ def visible_page(principal: Principal, page: KeyPage) -> KeyPage:
 
 
 def labels_refusal(client_id: str, info: KeyInfo) -> OutOfScope:
-    return OutOfScope(
-        f"client {client_id!r} may not use key {info.key_id} (labels {list(info.labels)})"
-    )
+    """The refusal of a key with none of the client's labels. It names neither the key's id
+    nor its labels, which are other clients' business (the audit record names the key)."""
+    return OutOfScope(f"client {client_id!r} may not use this key: it has none of its labels")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import sqlite3
 import threading
@@ -205,6 +206,43 @@ def test_pagination_and_filters(keystore: KeystoreBackend) -> None:
     for bad_limit in (0, 1001):
         with pytest.raises(InvalidField):
             keystore.list_keys(limit=bad_limit)
+
+
+def test_a_cursor_is_bound_to_its_keystore_and_filters(
+    keystore: KeystoreBackend, tmp_path: Path
+) -> None:
+    """Listing cursors are authenticated: altered, forged (even past every key, a position
+    SQLite cannot bind), given for other filters or by another keystore, each is refused."""
+    hot = keystore.create_keys("ethereum", eth_address, count=3, labels=["hot"])
+    keystore.create_keys("ethereum", eth_address, count=2, labels=["cold"])
+    cursor = keystore.list_keys(label="hot", limit=1).next_cursor
+    assert cursor is not None
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+    altered = {
+        cursor[:at] + alphabet[(alphabet.index(char) + 1) % len(alphabet)] + cursor[at + 1 :]
+        for at, char in enumerate(cursor)
+    }
+    forged = {
+        base64.urlsafe_b64encode(b"k" + seq.to_bytes(8, "big")).decode().rstrip("=")
+        for seq in (1, 2**63, 2**64 - 1)
+    }
+    for bad in altered | forged:
+        with pytest.raises(InvalidField) as refused:
+            keystore.list_keys(label="hot", cursor=bad)
+        assert refused.value.field == "cursor"
+    for chain, label in ((None, "cold"), (None, None), ("ethereum", "hot"), ("tron", "hot")):
+        with pytest.raises(InvalidField, match="other filters"):
+            keystore.list_keys(chain=chain, label=label, cursor=cursor)
+    other = open_keystore(tmp_path / "other.data")
+    try:
+        other.create_keys("ethereum", eth_address, count=3, labels=["hot"])
+        foreign = other.list_keys(label="hot", limit=1).next_cursor
+    finally:
+        other.close()
+    assert foreign is not None
+    with pytest.raises(InvalidField, match="not one this store issued"):
+        keystore.list_keys(label="hot", cursor=foreign)
+    assert keystore.list_keys(label="hot", cursor=cursor).keys == hot[1:]
 
 
 # -- unlocking ------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ file is moved away (as if deleted, or its volume not mounted) or swapped, and pu
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import coincurve
@@ -231,3 +233,51 @@ def test_a_postgresql_that_is_down_refuses_a_missing_keystore(
         start(path, store).close()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("first", ["create", "create beside another opening", "open"])
+def test_keys_another_writer_records_meanwhile_do_not_make_the_file_look_older(
+    tmp_path: Path, metadata: StoreFactory, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """Two writers of one keystore file: threads of ``signd serve`` creating keys at once,
+    or ``signd keys new`` beside it. The first counts the keys the file holds; before it
+    records that count, the second commits more keys and records them. The first then finds
+    more keys recorded than it counted: the file is no older copy, and neither the create
+    nor the opening may be refused for it."""
+    path = tmp_path / "wallet.data"
+    store = metadata()
+    keystore = start(path, store if first != "open" else metadata())
+    keystore.create_keys("ethereum", eth_address)
+    counted, go = threading.Event(), threading.Event()
+    record = store.record_keystore
+
+    def recorded_late(seen: KeystoreRecord) -> KeystoreRecord:
+        """The first writer's recording (in the worker thread) waits for the second's."""
+        if threading.current_thread() is not threading.main_thread():
+            counted.set()
+            assert go.wait(30)
+        return record(seen)
+
+    monkeypatch.setattr(store, "record_keystore", recorded_late)
+    second = start(path, metadata()) if first == "create beside another opening" else keystore
+    work: Callable[[], object] = (
+        (lambda: start(path, store))
+        if first == "open"
+        else (lambda: keystore.create_keys("ethereum", eth_address))
+    )
+    with ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(work)
+        assert counted.wait(30)
+        later = second.create_keys("ethereum", eth_address, count=2)
+        go.set()
+        made = outcome.result(timeout=30)
+    if isinstance(made, KeystoreBackend):
+        made.close()
+    else:
+        assert isinstance(made, list) and all(signs(keystore, key) for key in made)
+    assert all(signs(keystore, key) for key in later)
+    where = keystore_location(path)
+    recorded = metadata().keystore_record(where)
+    assert recorded is not None and recorded.key_count == (3 if first == "open" else 4)
+    for opened in {id(keystore): keystore, id(second): second}.values():
+        opened.close()

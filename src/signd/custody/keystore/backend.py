@@ -10,7 +10,6 @@ it is created or opened (see :mod:`.recorded`).
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Final, NamedTuple
 
@@ -84,7 +84,6 @@ MAX_CREATE_COUNT: Final = 1_000_000
 MAX_PAGE_SIZE: Final = 1000
 PROGRESS_EVERY: Final = 500
 _CHAIN_NAME: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
-_CURSOR_PREFIX: Final = b"k"
 _KEYS_HELD: Final = "SELECT COALESCE(MAX(seq), 0) FROM keys"
 _SELECT_KEYS: Final = (
     "SELECT seq, key_id, chain, address, public_key, created_at, labels,"
@@ -122,6 +121,7 @@ class KeystoreBackend(CustodyBackend):
         self._path = path
         self._conn: sqlite3.Connection | None = conn
         self._sealer: RecordSealer | None = sealer
+        self._cursors = sealer.cursor_codec()
         self._keystore_id = keystore_id
         self._metadata = metadata
         """Where the keystore's key count is recorded after each write that adds keys."""
@@ -170,7 +170,7 @@ class KeystoreBackend(CustodyBackend):
             )
             if metadata is not None:
                 try:
-                    record_keystore(path, backend._keystore_id, 0, metadata)
+                    record_keystore(path, backend._keystore_id, lambda: 0, metadata)
                 except BaseException:
                     backend.close()
                     raise
@@ -178,7 +178,7 @@ class KeystoreBackend(CustodyBackend):
             return backend
         header = read_header(path)
         if metadata is not None:
-            record_keystore(path, header.keystore_id, keys_held(path), metadata)
+            record_keystore(path, header.keystore_id, partial(keys_held, path), metadata)
         secret = _passphrase(passphrase, creating=False)
         sealer = RecordSealer(derive_passphrase_key(secret, header.salt, header.params))
         try:
@@ -456,11 +456,14 @@ class KeystoreBackend(CustodyBackend):
         cursor: str | None = None,
         limit: int = 100,
     ) -> KeyPage:
-        """Keys in creation order, optionally of one chain and/or carrying one label."""
+        """Keys in creation order, optionally of one chain and/or carrying one label. The
+        cursor is bound to this keystore and to the filters it was given out for: any other
+        is refused (InvalidField), as the metadata stores refuse theirs."""
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_SIZE:
             raise InvalidField(f"limit must be 1-{MAX_PAGE_SIZE}", field="limit")
+        filters = (self.custody_type, chain, label)
         sql = _SELECT_KEYS + " WHERE seq > ?"
-        params: list[object] = [_decode_cursor(cursor) if cursor is not None else 0]
+        params: list[object] = [self._cursors.decode(cursor, filters) if cursor is not None else 0]
         if chain is not None:
             sql += " AND chain = ?"
             params.append(chain)
@@ -478,7 +481,7 @@ class KeystoreBackend(CustodyBackend):
         rows = rows[:limit]
         return KeyPage(
             keys=[self._key_info(row) for row in rows],
-            next_cursor=_encode_cursor(rows[-1][0]) if more else None,
+            next_cursor=self._cursors.encode(rows[-1][0], filters) if more else None,
         )
 
     # -- signing -----------------------------------------------------------------------------
@@ -629,10 +632,8 @@ class KeystoreBackend(CustodyBackend):
         keystore, unused, and are counted at the next recording."""
         if self._metadata is None:
             return
-        with self._lock:
-            (held,) = self._fetchone(_KEYS_HELD, ())
         try:
-            record_keystore(self._path, self._keystore_id, held, self._metadata)
+            record_keystore(self._path, self._keystore_id, self._keys_held, self._metadata)
         except SigndError as exc:
             logger.warning(
                 "%d key(s) were made in keystore %s but not recorded in the metadata store "
@@ -643,6 +644,11 @@ class KeystoreBackend(CustodyBackend):
                 exc.message,
             )
             raise
+
+    def _keys_held(self) -> int:
+        with self._lock:
+            (held,) = self._fetchone(_KEYS_HELD, ())
+        return int(held)
 
     def _check_file(self) -> None:
         """Refuse while the file at the keystore's path is not the one open (deleted,
@@ -787,20 +793,6 @@ def _derive_address(address_of: AddressDeriver, public_key: bytes) -> str:
 def _key_context(info: KeyInfo) -> bytes:
     """What a sealed private key is bound to: its key id, chain, address and public key."""
     return record_context("key", info.key_id, info.chain, info.address, info.public_key)
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(_CURSOR_PREFIX + seq.to_bytes(8, "big")).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    except (ValueError, TypeError):
-        raw = b""
-    if len(raw) != 9 or not raw.startswith(_CURSOR_PREFIX):
-        raise InvalidField("cursor is not one this keystore gave out", field="cursor")
-    return int.from_bytes(raw[1:], "big")
 
 
 def _storage_error(exc: sqlite3.Error, path: Path) -> SigndError:

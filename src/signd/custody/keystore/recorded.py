@@ -17,6 +17,7 @@ keys: which keys are missing is not said.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from signd.errors import DependencyUnavailable
@@ -49,10 +50,17 @@ def refuse_if_keys_recorded(path: Path, metadata: MetadataStore) -> None:
         )
 
 
-def record_keystore(path: Path, keystore_id: str, held: int, metadata: MetadataStore) -> None:
-    """Record the keystore ``keystore_id`` at ``path`` as holding ``held`` keys; refuse it
-    (DependencyUnavailable) when it is not the keystore recorded there, or holds fewer keys
-    than recorded."""
+def record_keystore(
+    path: Path, keystore_id: str, count_held: Callable[[], int], metadata: MetadataStore
+) -> None:
+    """Record the keystore ``keystore_id`` at ``path`` as holding the keys ``count_held``
+    counts; refuse it (DependencyUnavailable) when it is not the keystore recorded there, or
+    holds fewer keys than recorded.
+
+    The keys are counted again before a smaller count is taken for an older copy: another
+    writer of the same file (a concurrent create, or ``signd keys new`` beside ``signd
+    serve``) may have committed and recorded more keys between the count and the record."""
+    held = count_held()
     try:
         record = metadata.record_keystore(
             KeystoreRecord(keystore_location(path), keystore_id, held)
@@ -68,6 +76,8 @@ def record_keystore(path: Path, keystore_id: str, held: int, metadata: MetadataS
             f"keystore {record.keystore_id[:12]} is recorded at this path. Put that "
             f"keystore's file back; {_NEW_KEYSTORE_HINT}"
         )
+    if record.key_count > held:
+        held = count_held()
     if record.key_count > held:
         raise DependencyUnavailable(
             f"the keystore {path} holds {_keys(held)}, but {record.key_count} are recorded "

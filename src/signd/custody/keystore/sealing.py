@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from signd.crypto.secret import Secret
 from signd.errors import IntegrityError, InvalidField, WrongPassphrase
+from signd.storage.metadata import CursorCodec
 
 SALT_SIZE: Final = 16
 KEY_SIZE: Final = 32
@@ -86,11 +87,17 @@ def record_context(kind: str, *fields: str | bytes) -> bytes:
 class RecordSealer:
     """Seals and opens records under the keys derived from the keystore passphrase."""
 
-    __slots__ = ("_aead", "_fingerprint_key")
+    __slots__ = ("_aead", "_cursor_key", "_fingerprint_key")
 
     def __init__(self, passphrase_key: bytes) -> None:
         self._aead = AESGCM(_subkey(passphrase_key, b"records"))
         self._fingerprint_key = _subkey(passphrase_key, b"seed fingerprint")
+        self._cursor_key = _subkey(passphrase_key, b"list cursors")
+
+    def cursor_codec(self) -> CursorCodec:
+        """The codec of this keystore's listing cursors: authenticated under a key of its
+        own, so a cursor altered, or given out by another keystore, is refused."""
+        return CursorCodec(self._cursor_key)
 
     def seal(self, plaintext: bytes, context: bytes) -> bytes:
         """version ‖ nonce ‖ AES-256-GCM ciphertext and tag."""
