@@ -4,6 +4,7 @@ HTTP 429 with JSON-RPC -32005 over JSON-RPC, and an error reply over MQTT."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from starlette.requests import Request
 
 from signd.api import ApiSettings, allow_anonymous_for_tests
+from signd.api.errors import RateLimited
 from signd.api.metrics import ApiMetrics
 from signd.api.middleware import TokenBuckets, rate_limited
 from signd.api.mqtt import MqttAdapter
@@ -80,6 +82,57 @@ def test_the_least_recently_used_buckets_are_forgotten_past_the_limit() -> None:
     assert buckets.take("c") == 0.0  # forgets b
     assert buckets.take("b") == 0.0  # full again; forgets a
     assert buckets.take("c") > 0
+
+
+def test_a_charge_is_taken_even_from_an_empty_bucket() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(1.0, 2, clock=clock)
+    for _ in range(5):
+        buckets.charge("a")
+    assert buckets.wait("a") == pytest.approx(4.0)  # 2 - 5 = -3 tokens: 4 s to a whole one
+    clock.now += 3.5
+    assert buckets.wait("a") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert buckets.take("a") == 0.0
+
+
+def test_failures_in_flight_together_are_each_paid_for() -> None:
+    """Requests from one address all pass the check while its bucket holds a token; when
+    they fail, every failure is charged, so the address stays shut for as long as those
+    failures cost (not only until the next token)."""
+    clock = Clock()
+    release = asyncio.Event()
+    asked = 0
+
+    async def failing(request: Request) -> Principal:
+        nonlocal asked
+        asked += 1
+        await release.wait()
+        raise Unauthenticated("no credentials")
+
+    settings = ApiSettings(auth_failure_rate_limit=1.0, auth_failure_burst=2)
+    authenticate = rate_limited(failing, settings, clock=clock)
+
+    def request() -> Request:
+        return Request({"type": "http", "client": ("192.0.2.7", 40000), "headers": []})
+
+    async def main() -> list[BaseException | Principal]:
+        in_flight = [asyncio.create_task(authenticate(request())) for _ in range(10)]
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(*in_flight, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert asked == 10 and all(isinstance(o, Unauthenticated) for o in outcomes)
+    clock.now += 1.0  # one token's time: the bucket is still 7 tokens short
+    with pytest.raises(RateLimited) as refused_at_once:
+        asyncio.run(authenticate(request()))
+    assert refused_at_once.value.retry_after == 8
+    assert asked == 10
+    clock.now += 8.0
+    with pytest.raises(Unauthenticated):
+        asyncio.run(authenticate(request()))
+    assert asked == 11
 
 
 @pytest.mark.parametrize(

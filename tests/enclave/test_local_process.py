@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,41 @@ def test_an_enclave_that_answers_is_left_alone_even_while_it_is_busy(
     busy.join(10)
     assert transport.pid == pid
     assert state(pid) != "gone"
+
+
+@contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """This process can open no new file descriptor until the block ends: its soft
+    RLIMIT_NOFILE lowered to the lowest descriptor number not in use (a new descriptor takes
+    the lowest free number, and must be below the limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_running_out_of_descriptors_is_a_503_and_leaves_the_watchdog_running(
+    transports: list[LocalEnclaveTransport], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host out of file descriptors (a flood of idle connections can do that) cannot
+    connect to its enclave: that is DependencyUnavailable, not a raw OSError (a 500), and the
+    watchdog, which cannot ask the enclave either, neither dies nor takes it for hung."""
+    transport, pid = started(transports, tmp_path / "home", hang_timeout=HANG_TIMEOUT)
+    caplog.set_level(logging.WARNING, logger="signd.enclave.local")
+    with out_of_descriptors():
+        with pytest.raises(DependencyUnavailable, match="Too many open files"):
+            EnclaveClient(transport, timeout=1.0, connect_timeout=1.0).require_custody(
+                CUSTODY_ENCLAVE
+            )
+        time.sleep(HANG_TIMEOUT * 2.5)
+    assert transport.pid == pid and state(pid) != "gone"  # the same enclave, not killed
+    assert any("could not ask the local enclave" in r.getMessage() for r in caplog.records)
+    os.kill(pid, signal.SIGSTOP)  # the watchdog still replaces an enclave that hangs
+    wait_until(lambda: state(pid) == "gone", timeout=10.0, what="the hung enclave killed")
 
 
 def test_hang_timeout_zero_never_replaces_it(

@@ -348,6 +348,8 @@ class EnclaveGatekeeper:
                 "max_batch": self.limits.max_batch,
                 "max_keys_per_request": self.limits.max_keys_per_request,
                 "allow_blind_signing": self.limits.allow_blind_signing,
+                "auth_failure_audit_rate": self.limits.auth_failure_audit_rate,
+                "auth_failure_audit_burst": self.limits.auth_failure_audit_burst,
             }
             if resume:
                 body["resume"] = True

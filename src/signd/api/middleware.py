@@ -346,11 +346,22 @@ class TokenBuckets:
         now = self._clock()
         tokens = self._tokens(key, now)
         waiting = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1 if waiting == 0 else tokens, now)
+        self._keep(key, tokens - 1 if waiting == 0 else tokens, now)
+        return waiting
+
+    def charge(self, key: str) -> None:
+        """Take one of ``key``'s tokens whether or not it has one: the bucket may go below
+        empty, and lets nothing through until it has refilled to a whole token. For costs
+        found out only after the fact, such as a failed authentication, so that requests
+        that were all in flight while the bucket still held a token are each paid for."""
+        now = self._clock()
+        self._keep(key, self._tokens(key, now) - 1, now)
+
+    def _keep(self, key: str, tokens: float, now: float) -> None:
+        self._buckets[key] = (tokens, now)
         self._buckets.move_to_end(key)
         if len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
-        return waiting
 
 
 def remote_address(request: Request) -> str:
@@ -379,8 +390,11 @@ def rate_limited(
     """``authenticate`` within the rate limits of ``settings`` (itself when both are off).
 
     Before authentication, an address whose failed-authentication bucket is empty is refused;
-    an authentication that fails (401) takes a token from it. After authentication the
-    client's bucket gives one token per request (a batch is one request).
+    an authentication that fails (401) takes a token from it, even past empty
+    (:meth:`TokenBuckets.charge`): the requests let in while the bucket held a token may be
+    many at once, and each failure among them is paid for, so the address's failures keep to
+    the rate however many it has in flight. After authentication the client's bucket gives
+    one token per request (a batch is one request).
     """
     clients = (
         TokenBuckets(settings.rate_limit, settings.rate_limit_burst, clock=clock)
@@ -403,7 +417,7 @@ def rate_limited(
             principal = await authenticate(request)
         except Unauthenticated:
             if failures is not None:
-                failures.take(address)
+                failures.charge(address)
             raise
         if clients is not None and (seconds := clients.take(principal.name)):
             raise _refuse(request, seconds)

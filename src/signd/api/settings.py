@@ -107,6 +107,12 @@ class ApiSettings:
     signature check, no audit record) until it refills. 0: no limit."""
     auth_failure_burst: int = 50
     """Failed authentications an address may cause at once."""
+    auth_failure_audit_rate: float = 2.0
+    """Failed authentications the gate seals one audit record each per second, on average,
+    from all addresses together; past it, they are counted and each count is sealed as one
+    record. 0: every failed authentication has its own record."""
+    auth_failure_audit_burst: int = 1000
+    """Failed authentications the gate records one by one at once."""
     signing_threads: int = 8
     """Blocking custody calls run in a thread pool this wide."""
     health_timeout: float = 5.0
@@ -179,11 +185,11 @@ class ApiSettings:
                 "enclave's gate in one frame)",
                 field="api",
             )
-        for name in ("rate_limit_burst", "auth_failure_burst"):
+        for name in ("rate_limit_burst", "auth_failure_burst", "auth_failure_audit_burst"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"api.{name} must be a positive integer", field="api")
-        for name in ("rate_limit", "auth_failure_rate_limit"):
+        for name in ("rate_limit", "auth_failure_rate_limit", "auth_failure_audit_rate"):
             value = getattr(self, name)
             if (
                 isinstance(value, bool)
@@ -298,7 +304,13 @@ class ApiSettings:
 
     def limits(self) -> Limits:
         """What of these settings the gate enforces (in this process or in the enclave)."""
-        return Limits(self.max_batch, self.max_keys_per_request, self.allow_blind_signing)
+        return Limits(
+            self.max_batch,
+            self.max_keys_per_request,
+            self.allow_blind_signing,
+            self.auth_failure_audit_rate,
+            self.auth_failure_audit_burst,
+        )
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any], **overrides: Any) -> ApiSettings:

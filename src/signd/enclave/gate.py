@@ -95,7 +95,7 @@ from signd.errors import (
     SigndError,
     shown,
 )
-from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog, InForce
+from signd.gate.audit import MAX_REASON, AuditEntry, DecisionLog, InForce, RefusalRecords
 from signd.gate.errors import OutOfScope, PolicyDenied, Unauthenticated, rule_of, signing_fault
 from signd.gate.intents import result_bytes, sha256_hex
 from signd.gate.interpret import (
@@ -279,6 +279,11 @@ class EnclaveGate:
         self._lock = threading.Lock()
         self._seal_lock = threading.Lock()
         self._readings = _Readings()
+        self._refusals = RefusalRecords(
+            DEFAULT_LIMITS.auth_failure_audit_rate,
+            DEFAULT_LIMITS.auth_failure_audit_burst,
+            clock=now,
+        )
         self._started = math.floor(now())
         """The whole second this gate came up: requests signed before it are refused."""
         self._tail_wanted: tuple[bytes, float] | None = None
@@ -323,6 +328,12 @@ class EnclaveGate:
                 body, "max_keys_per_request", DEFAULT_LIMITS.max_keys_per_request
             ),
             allow_blind_signing=body.get("allow_blind_signing", False) is True,
+            auth_failure_audit_rate=_rate(
+                body, "auth_failure_audit_rate", DEFAULT_LIMITS.auth_failure_audit_rate
+            ),
+            auth_failure_audit_burst=_limit(
+                body, "auth_failure_audit_burst", DEFAULT_LIMITS.auth_failure_audit_burst
+            ),
         )
         node = body.get("node", self._node)
         if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
@@ -375,6 +386,9 @@ class EnclaveGate:
                 if older:
                     self._replay(engine, older, since)
             self._configured = _Configured(in_force, clients, policy, verifier, engine, limits)
+            self._refusals.configure(
+                limits.auth_failure_audit_rate, limits.auth_failure_audit_burst
+            )
             head = self._audit.head
             answer["windows_ready"] = engine.windows_ready
         log.info(
@@ -511,7 +525,9 @@ class EnclaveGate:
         try:
             presented = self._authenticate(configured, request, action, select, in_force)
         except AccessDenied as exc:
-            answer.entries.append(authentication_refusal(request, exc.message, in_force))
+            refusal = authentication_refusal(request, exc.message, in_force)
+            for entry in self._refusals.entries(refusal):
+                answer.entries.append(entry)
             return self._seal(audit, answer, error=Unauthenticated(exc.message))
         result: dict[str, Any] = {"principal": _principal_body(presented.principal)}
         try:
@@ -1057,6 +1073,17 @@ def _limit(body: Mapping[str, Any], name: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
         raise InvalidField(f"{name} must be an integer in 1..100000", field=name)
     return value
+
+
+def _rate(body: Mapping[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= 100_000  # NaN fails this too
+    ):
+        raise InvalidField(f"{name} must be a number in 0..100000", field=name)
+    return float(value)
 
 
 def _gate_request(value: object) -> GateRequest:

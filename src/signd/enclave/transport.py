@@ -68,18 +68,30 @@ def parse_address(address: str) -> EnclaveAddress:
     )
 
 
+class SocketUnavailable(DependencyUnavailable):
+    """This process could not make a socket to reach the enclave with (it is out of file
+    descriptors, or of memory): says nothing about the enclave itself."""
+
+
 class Transport(Protocol):
     """Opens a connected stream socket to the enclave."""
 
     def connect(self, timeout: float) -> socket.socket:
-        """A new connection; an unreachable enclave raises DependencyUnavailable."""
+        """A new connection; an unreachable enclave raises DependencyUnavailable, a socket
+        this process cannot make :class:`SocketUnavailable`."""
         ...
 
 
 def _connect(
     family: int, target: str | tuple[int, int], label: str, timeout: float
 ) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise SocketUnavailable(
+            f"no socket to reach the enclave at {label} with"
+            f" ({error.strerror or type(error).__name__})"
+        ) from None
     try:
         sock.settimeout(timeout)
         sock.connect(target)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -153,6 +154,83 @@ class DecisionLog:
                 entry["results_sha256"] = settled
         self._pending.clear()
         self.entries.extend(failed)
+
+
+COUNTED_FOR: Final = 10.0
+"""Seconds authentication refusals past :class:`RefusalRecords`' limit are counted before
+their count is sealed (with the next refusal after that)."""
+
+
+class RefusalRecords:
+    """Which authentication refusals are sealed in a record each: at most ``burst`` at once
+    and ``rate`` a second on average, whoever sends them (the host's limits per address come
+    first, but cannot hold back a sender with many addresses). Past that, refusals are
+    counted, not recorded one by one, and the count is sealed as one refusal record of its
+    own (no ``request_sha256``; the reason says how many, over how long), with the first
+    refusal :data:`COUNTED_FOR` seconds or more after counting began. ``rate`` 0: every
+    refusal is recorded. ``clock`` gives seconds; thread-safe.
+
+    This bounds how fast callers who are not clients can grow the audit log (a record is
+    about 760 bytes), however many addresses they come from; a request that authenticates
+    and every decision about it are recorded as before, within the limit or not.
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.rate, self.burst = rate, burst
+        self._tokens, self._counted = float(burst), clock()
+        self._unrecorded = 0
+        self._since = 0.0
+        """When the refusals now counted began to be counted."""
+
+    def configure(self, rate: float, burst: int) -> None:
+        """Another limit from now on (a refusal's count so far is kept)."""
+        with self._lock:
+            self.rate, self.burst = rate, burst
+            self._tokens = min(self._tokens, float(burst))
+
+    def entries(self, refusal: AuditEntry) -> list[AuditEntry]:
+        """What to seal for ``refusal``: itself while within the limit, else nothing; first,
+        when it is due, the record of the refusals counted meanwhile."""
+        with self._lock:
+            now = self._clock()
+            recorded = self.rate <= 0 or self._take(now)
+            sealed: list[AuditEntry] = []
+            if not recorded:
+                if not self._unrecorded:
+                    self._since = now
+                self._unrecorded += 1
+            if self._unrecorded and (self.rate <= 0 or now - self._since >= COUNTED_FOR):
+                sealed.append(self._count(refusal, now))
+            if recorded:
+                sealed.append(refusal)
+            return sealed
+
+    def _take(self, now: float) -> bool:
+        self._tokens = min(float(self.burst), self._tokens + (now - self._counted) * self.rate)
+        self._counted = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _count(self, refusal: AuditEntry, now: float) -> AuditEntry:
+        count, seconds = self._unrecorded, max(0.0, now - self._since)
+        self._unrecorded = 0
+        log.warning(
+            "%d authentication refusals in %.0f s were past the limit of %g records a second:"
+            " sealed as one record",
+            count,
+            seconds,
+            self.rate,
+        )
+        entry = {name: value for name, value in refusal.items() if name != "request_sha256"}
+        entry["reason"] = (
+            f"{count} more authentication refusals in the last {seconds:.0f} s, not recorded"
+            f" one by one (past the limit of {self.rate:g} records a second)"
+        )
+        return entry
 
 
 class AuditTrail:

@@ -95,13 +95,18 @@ Action = CreateKeys | ReadKeys | SignCalls | NoSigning
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What the API is configured with that the gate enforces (``[api]`` ``max_batch``,
-    ``max_keys_per_request`` and ``allow_blind_signing``); the defaults are
-    :class:`~signd.api.ApiSettings`'."""
+    ``max_keys_per_request``, ``allow_blind_signing`` and the ``auth_failure_audit_*``
+    limit); the defaults are :class:`~signd.api.ApiSettings`'."""
 
     max_batch: int = 100
     max_keys_per_request: int = 1000
     allow_blind_signing: bool = False
     """Raw-hash signing at all: off, every hash call is refused (and audited) by the gate."""
+    auth_failure_audit_rate: float = 2.0
+    """Authentication refusals sealed one record each per second, on average; past it they
+    are counted (:class:`~signd.gate.audit.RefusalRecords`). 0: each one recorded."""
+    auth_failure_audit_burst: int = 1000
+    """Authentication refusals sealed one record each at once."""
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -30,7 +30,7 @@ from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels
 from signd.errors import AccessDenied, SigndError
-from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog, InForce
+from signd.gate.audit import AuditEntry, AuditTrail, DecisionLog, InForce, RefusalRecords
 from signd.gate.errors import (
     BlindSigningDisabled,
     OutOfScope,
@@ -175,6 +175,9 @@ class Gatekeeper:
         self.clients = clients
         self.policy = policy
         self._reloads = ReloadHistory()
+        self._refusals = RefusalRecords(
+            limits.auth_failure_audit_rate, limits.auth_failure_audit_burst
+        )
         self._pair_lock = threading.Lock()
         """Held while a reload swaps the files and while :meth:`in_force` reads them."""
 
@@ -225,7 +228,9 @@ class Gatekeeper:
                 partial(self.verifier.verify_bearer, registry=in_force.clients),
             )
         except AccessDenied as exc:
-            self.audit.write([authentication_refusal(request, exc.message, in_force)])
+            entries = self._refusals.entries(authentication_refusal(request, exc.message, in_force))
+            if entries:
+                self.audit.write(entries)
             raise Unauthenticated(exc.message) from None
         return Caller(principal, request.sha256, session=in_force)
 

@@ -27,7 +27,7 @@ from typing import Final
 from signd.config import override_variables
 from signd.enclave.client import EnclaveClient
 from signd.enclave.protocol import CUSTODY_ENCLAVE
-from signd.enclave.transport import UnixTransport
+from signd.enclave.transport import SocketUnavailable, UnixTransport
 from signd.errors import DependencyUnavailable, SigndError
 from signd.secrets import HSM_PIN_ENV, KEYSTORE_PASSPHRASE_ENV, environment_only
 
@@ -158,6 +158,8 @@ class LocalEnclaveTransport:
                 self._start()
         try:
             return self._inner.connect(timeout)
+        except SocketUnavailable:
+            raise  # this process is short of descriptors: the enclave may be fine
         except DependencyUnavailable:
             if not self._restart_if_dead():
                 raise
@@ -242,17 +244,25 @@ class LocalEnclaveTransport:
                 watched, answered = process, time.monotonic()
             if process is None or self._starting or process.poll() is not None:
                 continue
-            if self._answers(interval):
+            try:
+                answers = self._answers(interval)
+            except SocketUnavailable as exc:  # not asked: no sign that it hangs
+                log.warning("could not ask the local enclave whether it answers: %s", exc.message)
+                answers = True
+            if answers:
                 answered = time.monotonic()
             elif time.monotonic() - answered >= self._hang_timeout:
                 self._replace_hung(process, time.monotonic() - answered)
 
     def _answers(self, timeout: float) -> bool:
-        """Whether the enclave answers a HELLO on a new connection within ``timeout``."""
+        """Whether the enclave answers a HELLO on a new connection within ``timeout``;
+        :class:`SocketUnavailable` when this process could not make the connection."""
         probe = EnclaveClient(self._inner, timeout=timeout, connect_timeout=timeout)
         try:
             probe.require_custody(CUSTODY_ENCLAVE)
             return True
+        except SocketUnavailable:
+            raise
         except SigndError:
             return False
         finally:
