@@ -28,7 +28,13 @@ from signd.errors import ConfigurationError, DependencyUnavailable
 from signd.kms.server import start_kms_server
 from signd.operations.backends import build_signer
 from signd.operations.local_enclave import LocalEnclaveTransport
-from tests.integration.support import child_pids, core_file_limits, record_children, wait_until
+from tests.integration.support import (
+    child_pids,
+    core_file_limits,
+    process_environment,
+    record_children,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -361,16 +367,6 @@ def enclave_process(home: Path) -> int:
     if not found:
         raise AssertionError(f"no local enclave process for {home}")
     return found[0]
-
-
-def process_environment(pid: int) -> dict[str, str] | None:
-    """``/proc/<pid>/environ``; None unless root, the enclave being non-dumpable."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except PermissionError:
-        return None
-    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
-    return {name.decode(): value.decode() for name, _, value in pairs}
 
 
 @pytest.mark.parametrize(

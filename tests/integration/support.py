@@ -256,6 +256,17 @@ def child_pids(parent: int, *, containing: str | tuple[str, ...]) -> list[int]:
     return found
 
 
+def process_environment(pid: int) -> dict[str, str] | None:
+    """``/proc/<pid>/environ``; None unless root (signd's child processes are non-dumpable,
+    so only root may read it)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except PermissionError:
+        return None
+    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+    return {name.decode(): value.decode() for name, _, value in pairs}
+
+
 def core_file_limits(pid: int) -> list[str]:
     """The soft and hard core file size limits of process ``pid``, as ``/proc`` shows them."""
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():

@@ -28,7 +28,12 @@ from signd.kms.server import (
 )
 from signd.kms.server.store import KeyStore
 from signd.operations.local_kms import LocalKmsServer
-from tests.integration.support import child_pids, core_file_limits, record_children
+from tests.integration.support import (
+    child_pids,
+    core_file_limits,
+    process_environment,
+    record_children,
+)
 from tests.kms.server.conftest import error_code
 
 pytestmark = pytest.mark.integration
@@ -205,16 +210,6 @@ def test_the_embedded_kms_server_gets_only_the_environment_it_needs(
         assert seen.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
     if environment is None:
         pytest.skip("checked as started only: the running kms-server's environ needs root")
-
-
-def process_environment(pid: int) -> dict[str, str] | None:
-    """``/proc/<pid>/environ``; None unless root, the kms-server being non-dumpable."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except PermissionError:
-        return None
-    pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
-    return {name.decode(): value.decode() for name, _, value in pairs}
 
 
 def test_cli_kms_server(tmp_path: Path) -> None:
