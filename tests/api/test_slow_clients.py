@@ -9,7 +9,11 @@ uvicorn's two HTTP implementations without authentication (the handlers read the
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +28,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from signd.api import ApiSettings, allow_anonymous_for_tests, create_app
+from signd.cli.serve import OTHER_DESCRIPTORS
 from signd.operations import Signer
 from tests.api.conftest import make_home
 from tests.api.processes import AUTH, TEST_TOKEN, SigndProcess, logged_statuses, signd_serve
@@ -204,6 +209,62 @@ def test_signd_serve_answers_503_past_max_connections(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the closed connections still count"
             time.sleep(0.05)
         assert status == 200
+
+
+@contextmanager
+def open_files_limited(soft: int) -> Iterator[None]:
+    """This process's soft limit on open files is ``soft`` in the block (what a process it
+    starts there inherits), and back as it was after."""
+    was, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert len(os.listdir("/proc/self/fd")) < soft - 20, "the test process holds too many files"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (was, hard))
+
+
+def open_files_soft_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit")
+
+
+def test_signd_serve_raises_a_soft_open_files_limit_below_max_connections(
+    tmp_path: Path,
+) -> None:
+    """Started under a soft limit of 160 open files with max_connections = 200: signd serve
+    raises it, so that past 200 idle connections a request still gets uvicorn's 503 rather
+    than a connection the kernel resets for want of a descriptor."""
+    home = make_home(tmp_path / "home", extra="[api]\nmax_connections = 200\n")
+    with ExitStack() as stack:
+        with open_files_limited(160):
+            server = stack.enter_context(signd_serve(home))
+        assert open_files_soft_limit(server.process.pid) == 200 + OTHER_DESCRIPTORS
+        port = port_of(server)
+        for _ in range(200):
+            stack.enter_context(connection(port))
+        with connection(port) as one_more:
+            send_head(one_more, "GET", "/healthz", 0, auth=False)
+            answer = read_until_closed(one_more)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+
+
+def test_a_hard_open_files_limit_below_max_connections_is_warned_of() -> None:
+    program = (
+        "import logging, resource; logging.basicConfig();"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 100));"
+        "from signd.cli.serve import _open_files_for; _open_files_for(1000);"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert ran.stdout.strip() == "(100, 100)"
+    assert "at most 100 files may be open (RLIMIT_NOFILE), fewer than max_connections" in (
+        ran.stderr
+    )
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import resource
 import signal
 import socket
 import stat
@@ -377,6 +378,35 @@ def _warn_if_home_is_open(home: Path) -> None:
         )
 
 
+OTHER_DESCRIPTORS = 256
+"""File descriptors ``signd serve`` keeps for other than its HTTP connections (the audit log,
+SQLite, blob files, the enclave, KMS, S3, PostgreSQL and MQTT connections)."""
+
+
+def _open_files_for(max_connections: int) -> None:
+    """Raise the soft limit on open files (up to the hard one) to ``max_connections`` and
+    :data:`OTHER_DESCRIPTORS`; warn when even the hard limit is lower. Under a soft limit of
+    1024 (systemd's default) 1,000 open connections used every descriptor: new connections
+    were reset rather than answered 503, and nothing could reach the enclave, a database or
+    a file."""
+    wanted = max_connections + OTHER_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if raised > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logging.getLogger("signd.serve").warning(
+            "at most %d files may be open (RLIMIT_NOFILE), fewer than max_connections (%d)"
+            " and %d more: raise the limit (systemd LimitNOFILE=, ulimit -n) or lower"
+            " max_connections",
+            soft,
+            max_connections,
+            OTHER_DESCRIPTORS,
+        )
+
+
 @handles_errors
 def _keystore_only_with_passphrase(settings: Settings, signer: Signer) -> None:
     """With the embedded defaults (no ``custody.enabled``), a service that has no way to get
@@ -458,6 +488,7 @@ def serve(
         mqtt_request_topic=mqtt_request_topic,
         mqtt_allow_plaintext=True if mqtt_allow_plaintext else None,
     )
+    _open_files_for(api_settings.max_connections)
     signer = state.signer
     _keystore_only_with_passphrase(settings, signer)
     gatekeeper = None
