@@ -149,6 +149,44 @@ def test_a_symlink_to_the_loaded_module_shares_it(
         first.close()
 
 
+def test_a_hard_link_to_the_loaded_module_shares_it(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, tmp_path: Path
+) -> None:
+    """A second backend whose module path is a hard link to the module already loaded (same
+    device and inode, no symbolic link to resolve) uses that module: the dynamic loader knows
+    the file by its identity and hands out the same library, and initialising it a second
+    time would fail."""
+    module = softhsm.module.resolve()
+    link = tmp_path / "hard" / "libpkcs11.so"
+    link.parent.mkdir()
+    try:
+        os.link(module, link)
+    except OSError as exc:  # another filesystem (EXDEV), or protected_hardlinks (EPERM)
+        pytest.skip(f"cannot hard-link {module} into {tmp_path}: {exc.strerror}")
+    assert (link.stat().st_dev, link.stat().st_ino) == (module.stat().st_dev, module.stat().st_ino)
+    settings = softhsm.settings(pool_size=1)
+    first = HsmBackend(settings, metadata)
+    try:
+        second = HsmBackend(
+            type(settings)(module_path=link, pin=settings.pin, token_label=MAIN_TOKEN),
+            metadata,
+        )
+        try:
+            assert Pkcs11Library.load(link) is Pkcs11Library.load(softhsm.module)
+            (made_by_second,) = second.create_keys("ethereum", eth_address)
+            (made_by_first,) = first.create_keys("ethereum", eth_address)
+            digest = os.urandom(32)
+            for backend in (first, second):
+                for key in (made_by_first, made_by_second):
+                    signature = backend.sign_digest(key, digest)
+                    assert signature.recover_public_key(digest) == key.public_key
+        finally:
+            second.close()
+        first.check_health()
+    finally:
+        first.close()
+
+
 # python-pkcs11 finalises the search it could not start and reports that from a __del__.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_module_reinitialised_under_the_backend_recovers_transparently(

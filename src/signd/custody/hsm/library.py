@@ -188,7 +188,8 @@ class CallGate:
 class Pkcs11Library:
     """One loaded, thread-initialised PKCS#11 module, shared by every backend in the process."""
 
-    _loaded: ClassVar[dict[Path, Pkcs11Library]] = {}
+    _by_path: ClassVar[dict[Path, Pkcs11Library]] = {}
+    _by_file: ClassVar[dict[tuple[int, int], Pkcs11Library]] = {}
     _loaded_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, path: Path, lib: Any, functions: _FunctionList) -> None:
@@ -208,12 +209,19 @@ class Pkcs11Library:
     def load(cls, module_path: Path) -> Pkcs11Library:
         """The library at ``module_path``, loaded and initialised on first use.
 
-        Symbolic links are resolved first: the dynamic loader gives every path to one file the
-        same library, which must not be initialised twice.
+        The dynamic loader gives every name of one file the same library, which must not be
+        initialised twice; so a module is known by its path with symbolic links resolved and
+        by its file's identity (device and inode), which hard links share. The path is
+        checked first: a file replaced under a loaded path is a new inode, but the loader
+        still hands out the library it loaded from that path.
         """
         path = Path(os.path.realpath(module_path.expanduser()))
         with cls._loaded_lock:
-            library = cls._loaded.get(path)
+            library = cls._by_path.get(path)
+            if library is not None:
+                return library
+            identity = _file_identity(path)
+            library = cls._by_file.get(identity)
             if library is None:
                 functions = _function_list(path)
                 try:
@@ -223,8 +231,8 @@ class Pkcs11Library:
                         f"PKCS#11 module {path} failed to initialise ({type(exc).__name__}); "
                         "check its configuration (SOFTHSM2_CONF, the CloudHSM client config)"
                     ) from None
-                library = cls(path, lib, functions)
-                cls._loaded[path] = library
+                library = cls._by_file[identity] = cls(path, lib, functions)
+            cls._by_path[path] = library
             return library
 
     def _initialize(self) -> None:
@@ -289,6 +297,15 @@ class Pkcs11Library:
         if rv != CKR_OK:
             raise _exception_for(rv)
         return info
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    """The device and inode of the module file; a missing file is a configuration error."""
+    try:
+        status = path.stat()
+    except OSError:
+        raise ConfigurationError(f"PKCS#11 module {path} does not exist") from None
+    return status.st_dev, status.st_ino
 
 
 def _function_list(path: Path) -> _FunctionList:
