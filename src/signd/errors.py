@@ -19,7 +19,9 @@ ever catch this tree::
     │                                   swapped, corrupted); reveals nothing about why
     ├── CapacityExceeded                a backend is out of room for new keys
     ├── DependencyUnavailable           503: KMS, storage, database, HSM down or slow
-    │   └── DeadlineExceeded            a call to signd (signd.client) outlasted its timeout
+    │   ├── DeadlineExceeded            a call to signd (signd.client) outlasted its timeout
+    │   └── CustodyUnsupported          the custody's device cannot do what signd needs of it
+    │                                   (an HSM without secp256k1)
     └── ConfigurationError              signd itself is configured wrongly
 """
 
@@ -122,6 +124,14 @@ class DeadlineExceeded(DependencyUnavailable):
     sending, and receiving the whole answer, however slowly it came)."""
 
     code = "deadline_exceeded"
+
+
+class CustodyUnsupported(DependencyUnavailable):
+    """The device behind a custody cannot do what signd needs of it, e.g. an HSM whose PKCS#11
+    module or token does not make or use secp256k1 keys: no request of that custody can be
+    served until the deployment changes, and no request is at fault."""
+
+    code = "custody_unsupported"
 
 
 class ConfigurationError(SigndError):

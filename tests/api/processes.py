@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,17 +141,22 @@ class SigndProcess:
 
 @contextmanager
 def signd_serve(
-    home: Path, *options: str, provision: bool = True, passphrase: bool = True
+    home: Path,
+    *options: str,
+    provision: bool = True,
+    passphrase: bool = True,
+    environment: Mapping[str, str] | None = None,
 ) -> Iterator[SigndProcess]:
     """``signd --home HOME serve --port FREE OPTIONS`` until the block ends; with
     ``provision``, the ``tests`` bearer client (send :data:`AUTH`) is registered first;
-    without ``passphrase``, no keystore passphrase is given (as README's first command)."""
+    without ``passphrase``, no keystore passphrase is given (as README's first command);
+    ``environment`` is added to this process's for it."""
     if provision:
         provision_test_client(home)
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = home / "serve.log"
-    env = {**os.environ, "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}
+    env = {**os.environ, **(environment or {}), "SIGND_KEYSTORE_PASSPHRASE": PASSPHRASE}
     if not passphrase:
         del env["SIGND_KEYSTORE_PASSPHRASE"]
     env.pop("SIGND_HOME", None)

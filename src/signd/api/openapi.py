@@ -49,7 +49,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         429: "Over the request rate limit (rate_limited): retry after Retry-After seconds",
         431: "More than 32 credential headers, or one over 4096 characters (headers_too_large)",
         500: "Internal error (no detail is given)",
-        503: "A custody backend or its dependency is unavailable",
+        503: "A custody backend or its dependency is unavailable, or cannot serve signd"
+        " (custody_unsupported: e.g. an HSM without secp256k1)",
         507: "The custody backend is out of room for keys",
     }
     if 401 in statuses:  # what authentication refuses before it reads the credentials

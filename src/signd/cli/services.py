@@ -14,7 +14,7 @@ import typer
 from signd.cli.context import state
 from signd.cli.output import emit, handles_errors, stdout
 from signd.config import Settings, attestation_mode, config_flag, config_number, expand_home
-from signd.errors import ConfigurationError, SigndError
+from signd.errors import ConfigurationError, CustodyUnsupported, SigndError
 from signd.kms.base import KmsClient
 from signd.storage.base import BlobStore, MetadataStore
 
@@ -165,7 +165,10 @@ def _enclave_hsm(settings: Settings) -> EnclaveHsm | None:
 
 
 def _unreachable(name: str, exc: SigndError) -> dict[str, str]:
-    return {"part": name, "status": "unreachable", "code": exc.code, "message": exc.message}
+    """A part that failed its probe: ``unsupported`` when it answered that it cannot serve
+    signd (an HSM without secp256k1), else ``unreachable``."""
+    status = "unsupported" if isinstance(exc, CustodyUnsupported) else "unreachable"
+    return {"part": name, "status": status, "code": exc.code, "message": exc.message}
 
 
 def _probe(name: str, check: Any) -> dict[str, str]:

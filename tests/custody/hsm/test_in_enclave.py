@@ -45,6 +45,7 @@ from signd.errors import (
     AccessDenied,
     CapacityExceeded,
     ConfigurationError,
+    CustodyUnsupported,
     DependencyUnavailable,
     InvalidField,
     InvalidRequest,
@@ -221,6 +222,40 @@ def test_a_full_token_records_the_keys_made_before_and_raises_capacity_exceeded(
     with pytest.raises(CapacityExceeded):
         in_enclave.create_keys("ethereum", eth_address, 1)
     assert len(metadata.list(custody="hsm", limit=1000).records) == before + 3
+
+
+def test_a_token_without_secp256k1_in_the_enclave_is_custody_unsupported_on_the_host(
+    in_enclave: EnclaveHsmBackend, metadata: SqliteMetadataStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The enclave's token refuses the curve (CKR_CURVE_NOT_SUPPORTED, which python-pkcs11
+    does not know) or the mechanism: the host gets the same 503 class and message, for a
+    create (nothing recorded), a signature and the health check."""
+    (key,) = in_enclave.create_keys("ethereum", eth_address)
+    before = len(metadata.list(custody="hsm", limit=1000).records)
+
+    def curve_refused(pooled: PooledSession, cka_id: bytes, label: str) -> bytes:
+        raise p11.PKCS11Error("Unmapped error code 0x140")
+
+    def mechanism_refused(self: PooledSession, cka_id: bytes, digest: bytes) -> bytes:
+        raise p11.MechanismInvalid()
+
+    monkeypatch.setattr(HsmToken, "_generate", staticmethod(curve_refused))
+    with pytest.raises(CustodyUnsupported) as created:
+        in_enclave.create_keys("ethereum", eth_address)
+    assert created.value.http_status == 503
+    assert "does not support secp256k1: it refused generating" in created.value.message
+    assert "with CurveNotSupported" in created.value.message
+    assert len(metadata.list(custody="hsm", limit=1000).records) == before
+    monkeypatch.setattr(PooledSession, "sign", mechanism_refused)
+    with pytest.raises(CustodyUnsupported, match="refused signing with MechanismInvalid"):
+        in_enclave.sign_digest(key, os.urandom(32))
+    with pytest.raises(CustodyUnsupported, match="does not support secp256k1"):
+        in_enclave.check_health()
+    monkeypatch.undo()
+    in_enclave.create_keys("ethereum", eth_address)
+    digest = os.urandom(32)
+    check_signature(key.address, key.public_key, in_enclave.sign_digest(key, digest), digest)
+    in_enclave.check_health()
 
 
 def test_the_enclave_offers_hsm_custody_and_health_checks_the_token(

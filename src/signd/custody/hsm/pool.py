@@ -20,6 +20,8 @@ cache of private-key object handles. A failed call is one of three things:
   module end the calls of every other thread (SoftHSM2 even marks a read-only token invalid
   when signd logs in again, so that only a re-initialisation brings it back).
 - **the request or the configuration**: translated once (:func:`translate`), never retried.
+  A token that cannot make or use secp256k1 keys (``CKR_MECHANISM_INVALID``,
+  ``CKR_CURVE_NOT_SUPPORTED``, ...) is one of these: CustodyUnsupported, a 503 saying so.
 
 A refused PIN is not a PKCS#11 error here: every request fails with PinRefused until signd is
 restarted.
@@ -34,6 +36,7 @@ session of an older generation is never used or closed, only dropped.
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +51,7 @@ from signd.custody.hsm.settings import HsmSettings
 from signd.errors import (
     CapacityExceeded,
     ConfigurationError,
+    CustodyUnsupported,
     DependencyUnavailable,
     IntegrityError,
     SigndError,
@@ -62,6 +66,26 @@ class TokenMissing(pkcs11.PKCS11Error):
 
 class StaleSession(pkcs11.PKCS11Error):
     """The module was re-initialised since the session was opened: its handle is not ours."""
+
+
+class CurveNotSupported(pkcs11.PKCS11Error):
+    """CKR_CURVE_NOT_SUPPORTED (PKCS#11 3.0), which python-pkcs11 raises as a bare
+    ``PKCS11Error`` that would read as a module gone: see :func:`recognised`."""
+
+
+CKR_CURVE_NOT_SUPPORTED = 0x140
+_UNMAPPED = re.compile(r"Unmapped error code (0x[0-9a-fA-F]+)")
+_NEWER_ERRORS: dict[int, type[pkcs11.PKCS11Error]] = {CKR_CURVE_NOT_SUPPORTED: CurveNotSupported}
+
+
+def recognised(exc: pkcs11.PKCS11Error) -> pkcs11.PKCS11Error:
+    """``exc``, or the error class of its return value when python-pkcs11 did not know it
+    (it says so only in the message: ``Unmapped error code 0x140``)."""
+    if type(exc) is not pkcs11.PKCS11Error or not exc.args:
+        return exc
+    unmapped = _UNMAPPED.fullmatch(str(exc.args[0]))
+    error_type = _NEWER_ERRORS.get(int(unmapped.group(1), 16)) if unmapped else None
+    return error_type() if error_type is not None else exc
 
 
 class TokenFailed(DependencyUnavailable):
@@ -96,13 +120,15 @@ TEMPLATE_ERRORS: PKCS11ErrorTypes = (
     p11.AttributeReadOnly,
 )
 """A template refused: a configuration error, unless the call names them token-state errors."""
-_UNSUPPORTED_ERRORS: PKCS11ErrorTypes = (
+SECP256K1_REFUSALS: PKCS11ErrorTypes = (
     p11.MechanismInvalid,
     p11.MechanismParamInvalid,
     p11.DomainParamsInvalid,
-    p11.FunctionNotSupported,
-    *TEMPLATE_ERRORS,
+    CurveNotSupported,
 )
+"""What a token answers signd's fixed CKM_EC_KEY_PAIR_GEN or CKM_ECDSA call with when it
+cannot make or use secp256k1 keys."""
+_UNSUPPORTED_ERRORS: PKCS11ErrorTypes = (p11.FunctionNotSupported, *TEMPLATE_ERRORS)
 
 
 def is_gone(exc: pkcs11.PKCS11Error) -> bool:
@@ -124,18 +150,30 @@ def reopening_may_help(exc: pkcs11.PKCS11Error) -> bool:
     return is_gone(exc) or isinstance(exc, _DEVICE_FAULTS)
 
 
-def translate(exc: pkcs11.PKCS11Error, doing: str) -> SigndError:
+def translate(exc: pkcs11.PKCS11Error, doing: str, where: str = "HSM token") -> SigndError:
     """The signd error for a PKCS#11 failure; the message names the operation, not secrets."""
     name = type(exc).__name__
     if isinstance(exc, p11.DeviceMemory | p11.HostMemory):
         return CapacityExceeded(
             f"the HSM is out of memory while {doing} ({name}); key quota reached?"
         )
+    if isinstance(exc, SECP256K1_REFUSALS):
+        return secp256k1_unsupported(where, f"it refused {doing} with {name}")
     if isinstance(exc, _UNSUPPORTED_ERRORS):
         return ConfigurationError(f"the HSM token does not support {doing} ({name})")
     if isinstance(exc, p11.SessionCount):
         return DependencyUnavailable(f"the HSM has no free sessions ({name}); lower hsm.pool_size")
     return DependencyUnavailable(f"the HSM failed while {doing} ({name})")
+
+
+def secp256k1_unsupported(where: str, evidence: str) -> CustodyUnsupported:
+    """The 503 for a token that cannot make or use secp256k1 keys, with what to check."""
+    return CustodyUnsupported(
+        f"the {where} does not support secp256k1: {evidence}. signd needs CKM_EC_KEY_PAIR_GEN "
+        "and CKM_ECDSA on the curve secp256k1 (OID 1.3.132.0.10); check that the PKCS#11 "
+        "module supports that curve and that neither mechanism is disabled for the token "
+        "(SoftHSM2: slots.mechanisms in softhsm2.conf), then restart signd"
+    )
 
 
 class PooledSession:
@@ -263,7 +301,8 @@ class SessionPool:
                     if pooled.stale:
                         raise StaleSession()
                     return op(pooled)
-                except pkcs11.PKCS11Error as exc:
+                except pkcs11.PKCS11Error as raised:
+                    exc = recognised(raised)
                     failed = type(exc)
                     gone = self._gone_after(exc, pooled, doing, token_state_errors)
                 finally:
@@ -284,8 +323,8 @@ class SessionPool:
             failed,
         )
 
-    @staticmethod
     def _gone_after(
+        self,
         exc: pkcs11.PKCS11Error,
         pooled: PooledSession,
         doing: str,
@@ -297,7 +336,7 @@ class SessionPool:
         if is_gone(exc):
             return True
         if not isinstance(exc, _DEVICE_FAULTS + token_state_errors):
-            raise translate(exc, doing) from None
+            raise translate(exc, doing, self.where) from None
         try:
             pooled.check_token()
         except pkcs11.PKCS11Error:

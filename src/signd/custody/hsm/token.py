@@ -8,10 +8,12 @@ host over the enclave protocol and the host keeps the metadata.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
@@ -19,13 +21,23 @@ from pkcs11 import exceptions as p11
 
 from signd.crypto.secp256k1 import compress_public_key
 from signd.custody.hsm.library import Pkcs11Library
-from signd.custody.hsm.pool import TEMPLATE_ERRORS, PooledSession, SessionPool, TokenFailed
+from signd.custody.hsm.pool import (
+    TEMPLATE_ERRORS,
+    PooledSession,
+    SessionPool,
+    TokenFailed,
+    secp256k1_unsupported,
+)
 from signd.custody.hsm.settings import HsmSettings
-from signd.errors import InvalidField
+from signd.errors import CustodyUnsupported, InvalidField, SigndError
 
 SECP256K1_EC_PARAMS = bytes.fromhex("06052b8104000a")
 """DER of the named-curve OID 1.3.132.0.10."""
 CKA_ID_SIZE = 16
+REQUIRED_MECHANISMS: Final = (Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDSA)
+"""What signd asks of a token: secp256k1 key pairs, and raw ECDSA signatures with them."""
+
+logger = logging.getLogger(__name__)
 
 
 def decode_ec_point(value: bytes) -> bytes:
@@ -75,6 +87,9 @@ class HsmToken:
         """Load the module and log in now: a wrong module, token or PIN fails here."""
         self._settings = settings
         self._pool = SessionPool(Pkcs11Library.load(settings.module_path), settings, clock)
+        self._refusals: dict[str, CustodyUnsupported] = {}
+        """The token's last secp256k1 refusal of a create or a sign, until one works again:
+        what :meth:`check_health` reports."""
         self._pool.connect()
 
     def __repr__(self) -> str:
@@ -88,10 +103,18 @@ class HsmToken:
         memory raises CapacityExceeded; a token that fails while it still answers, or refuses
         signd's key template, DependencyUnavailable. The template is fixed (only the CKA_ID and
         the label vary) and no caller chooses it, so a token that refuses it is in a bad state
-        or cannot make secp256k1 keys: never the request's fault, nor a 500.
+        or cannot make secp256k1 keys: never the request's fault, nor a 500. A token that does
+        not offer both CKM_EC_KEY_PAIR_GEN and CKM_ECDSA, or refuses the curve or the
+        mechanism (CKR_CURVE_NOT_SUPPORTED, CKR_MECHANISM_INVALID, ...), raises
+        CustodyUnsupported, and whatever it made under the new CKA_ID is destroyed.
         """
         cka_id = os.urandom(CKA_ID_SIZE)
         label = f"{self._settings.key_label_prefix}-{key_id}"
+        try:
+            self._pool.run(self._require_mechanisms, "listing the token's mechanisms")
+        except CustodyUnsupported as refused:
+            self._refusals["create"] = refused
+            raise
         try:
             public_key = self._pool.run(
                 lambda pooled: self._generate(pooled, cka_id, label),
@@ -104,7 +127,45 @@ class HsmToken:
             )
         except TokenFailed as failed:
             raise self._generation_failed(failed) from None
+        except CustodyUnsupported as refused:
+            self._refusals["create"] = refused
+            self._remove_leftovers(cka_id)
+            raise
+        self._refusals.pop("create", None)
         return TokenKey(cka_id, label, public_key)
+
+    def _require_mechanisms(self, pooled: PooledSession) -> None:
+        """CustodyUnsupported unless the token offers both mechanisms signd uses."""
+        offered = pooled.session.token.slot.get_mechanisms()
+        missing = [mechanism for mechanism in REQUIRED_MECHANISMS if mechanism not in offered]
+        if missing:
+            names = " and ".join(f"CKM_{mechanism.name}" for mechanism in missing)
+            raise secp256k1_unsupported(
+                self._pool.where, f"it does not offer {names} (C_GetMechanismList)"
+            )
+
+    def _remove_leftovers(self, cka_id: bytes) -> None:
+        """Destroy what a refused generation left under its new CKA_ID: PKCS#11 makes a key
+        pair all or nothing, but a module that broke that rule would leave half a pair that
+        no record names."""
+        try:
+            removed = self._pool.run(
+                lambda pooled: _destroy_objects(pooled, cka_id),
+                "removing what a refused key generation left",
+            )
+        except SigndError as exc:
+            logger.warning(
+                "could not look for objects a refused key generation left under CKA_ID %s: %s",
+                cka_id.hex(),
+                exc.message,
+            )
+            return
+        if removed:
+            logger.warning(
+                "removed %d object(s) a refused key generation left under CKA_ID %s",
+                removed,
+                cka_id.hex(),
+            )
 
     def _generation_failed(self, failed: TokenFailed) -> TokenFailed:
         """A key generation the token failed twice, said with what an operator checks: a
@@ -156,19 +217,47 @@ class HsmToken:
             raise UnreadableEcPoint() from None
 
     def sign(self, cka_id: bytes, digest: bytes) -> bytes:
-        """Raw ``CKM_ECDSA`` over a 32-byte digest: r‖s as the token returns it (maybe high-S)."""
-        return self._pool.run(lambda pooled: pooled.sign(cka_id, digest), "signing")
+        """Raw ``CKM_ECDSA`` over a 32-byte digest: r‖s as the token returns it (maybe high-S).
+
+        A token that refuses the mechanism raises CustodyUnsupported."""
+        try:
+            signature = self._pool.run(lambda pooled: pooled.sign(cka_id, digest), "signing")
+        except CustodyUnsupported as refused:
+            self._refusals["sign"] = refused
+            raise
+        self._refusals.pop("sign", None)
+        return signature
 
     def list_keys(self) -> list[TokenKey]:
         """The token's EC secp256k1 private keys that have a CKA_ID and a public key object."""
         return self._pool.run(_token_keys, "listing the token's keys")
 
     def check_health(self) -> None:
-        """A token-info and session-info call on a pooled session."""
-        self._pool.run(lambda pooled: pooled.check_token(), "checking health")
+        """A token-info, session-info and mechanism-list call on a pooled session; then the
+        token's last refusal of secp256k1, if no create or sign has worked since."""
+        self._pool.run(self._check_token, "checking health")
+        refusals = list(self._refusals.values())
+        if refusals:
+            raise CustodyUnsupported(refusals[0].message)
+
+    def _check_token(self, pooled: PooledSession) -> None:
+        pooled.check_token()
+        self._require_mechanisms(pooled)
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _destroy_objects(pooled: PooledSession, cka_id: bytes) -> int:
+    """Destroy every object with this CKA_ID; how many there were."""
+    search = pooled.session.get_objects({Attribute.ID: cka_id})
+    try:
+        found = list(search)
+    finally:
+        search.close()  # C_FindObjectsFinal now, not from a __del__ in another thread
+    for leftover in found:
+        leftover.destroy()
+    return len(found)
 
 
 def _token_keys(pooled: PooledSession) -> list[TokenKey]:
