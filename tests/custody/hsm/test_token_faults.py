@@ -115,6 +115,7 @@ def test_a_generation_the_read_only_token_fails_keeps_the_sessions_and_the_modul
                 assert "(GeneralError); it still answers" in str(error)
                 assert "try again" not in str(error)  # it will fail until the operator acts
                 assert "storage (full or read-only)" in str(error)
+                assert "that its module makes secp256k1 keys" in str(error)
                 assert USER_PIN not in str(error)
             digest = os.urandom(32)
             assert backend.sign_digest(key, digest).recover_public_key(digest) == key.public_key

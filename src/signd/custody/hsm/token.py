@@ -170,7 +170,8 @@ class HsmToken:
     def _generation_failed(self, failed: TokenFailed) -> TokenFailed:
         """A key generation the token failed twice, said with what an operator checks: a
         template refusal (which signd never varies) or a device fault is most often the
-        token's storage, full or read-only, which no retry clears."""
+        token's storage, full or read-only, which no retry clears, and otherwise a module
+        without secp256k1 that does not say so (SoftHSM2 answers CKR_GENERAL_ERROR)."""
         name = failed.error.__name__
         if issubclass(failed.error, TEMPLATE_ERRORS):
             message = (
@@ -185,8 +186,9 @@ class HsmToken:
             message = (
                 f"the {self._pool.where} failed while generating a secp256k1 key pair ({name}); "
                 "it still answers, so signd kept its sessions. Retrying helps only if the fault "
-                "was passing: if it recurs, check the token's storage (full or read-only) and "
-                "the HSM's own log"
+                "was passing: if it recurs, check the token's storage (full or read-only), "
+                "the HSM's own log, and that its module makes secp256k1 keys (some answer "
+                "CKR_GENERAL_ERROR for a curve they lack)"
             )
         return TokenFailed(message, failed.error)
 
