@@ -41,7 +41,7 @@ from signd.audit.lines import LogLines
 from signd.audit.log import DEFAULT_ORDER_TIMEOUT, deferring_appends, store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
-from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
+from signd.auth.reload import ReloadHistory, ReloadRefusal, ReloadStatus, read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -63,6 +63,7 @@ from signd.enclave.protocol import (
 )
 from signd.errors import (
     ConfigurationError,
+    ConfigurationRefused,
     DependencyUnavailable,
     IntegrityError,
     InvalidRequest,
@@ -387,19 +388,19 @@ class EnclaveGatekeeper:
             answer.get("seq"),
         )
 
-    def reload(self) -> list[str]:
+    def reload(self) -> ReloadRefusal | None:
         """Send the files again; the enclave puts both in force or neither (a bad one is
-        refused and the ones in force stay). The problems, one line each naming its file
-        (empty when both were put in force); the outcome is kept for
-        :meth:`reload_status`."""
+        refused and the ones in force stay). The refusal, naming the files the host could
+        not read or the enclave refused (``None`` when both were put in force); the outcome
+        is kept for :meth:`reload_status`."""
         return self._reloads.run(self._reload_files)
 
-    def _reload_files(self) -> list[str]:
+    def _reload_files(self) -> ReloadRefusal | None:
         try:
             self.configure()
         except SigndError as exc:
-            return [exc.message]
-        return []
+            return ReloadRefusal.of(exc)
+        return None
 
     def reload_status(self) -> ReloadStatus:
         """How the last reload went, and the SHA-256 of the files the enclave has in force."""
@@ -943,7 +944,7 @@ def _read_for_reload(kind: str, path: Path) -> bytes:
     try:
         return read_settled(kind, path)
     except ConfigurationError as exc:
-        raise ConfigurationError(f"{kind}: {exc.message}") from None
+        raise ConfigurationRefused(f"{kind}: {exc.message}", files=[kind]) from None
 
 
 def _read(path: Any, *, missing_ok: bool = False) -> bytes:
