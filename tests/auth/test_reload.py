@@ -17,9 +17,10 @@ from signd.auth.reload import (
     UNEXPECTED_FAILURE,
     ReloadHistory,
     ReloadRefusal,
+    read_settled,
     reload_together,
 )
-from signd.errors import AccessDenied, ConfigurationError
+from signd.errors import AccessDenied, ConfigurationError, ConfigurationRefused
 from signd.policy import PolicyHolder
 from tests.auth.conftest import NOW, FakeClock, ed25519_text
 
@@ -151,6 +152,18 @@ def test_a_file_that_keeps_changing_is_refused(tmp_path: Path, clients_text: str
         writing.set()
         writer.join()
     assert holder.sha256 == before
+
+
+@pytest.mark.parametrize("kind", ["clients", "policy"])
+def test_an_unreadable_file_is_refused_by_name(tmp_path: Path, kind: str) -> None:
+    """The enclave's host wrapped read_settled only to put the file's name in front."""
+    missing = tmp_path / f"{kind}.toml"
+    with pytest.raises(ConfigurationRefused) as refused:
+        read_settled(kind, missing)
+    assert refused.value.files == (kind,)
+    assert refused.value.message == f"{kind}: cannot read the {kind} file {missing}: " + (
+        "No such file or directory"
+    )
 
 
 # the clients and policy files together

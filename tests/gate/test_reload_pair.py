@@ -115,6 +115,16 @@ def test_two_bad_files_are_both_named(gated: Gated) -> None:
     assert readyz(gated)["reload"]["reason"] == public
 
 
+def test_an_unreadable_file_is_refused_alike_by_either_gate(gated: Gated) -> None:
+    gated.paths.policy_file.unlink()
+    refusal = gated.gatekeeper.reload()
+    assert refusal is not None and refusal.files == ("policy",), refusal
+    assert refusal.reason == (
+        f"policy: cannot read the policy file {gated.paths.policy_file}: No such file or directory"
+    )
+    assert readyz(gated)["reload"]["reason"] == "policy: refused (the service log says why)"
+
+
 def test_a_clients_problem_quoting_a_policy_problem_names_the_clients_file_only(
     gated: Gated,
 ) -> None:

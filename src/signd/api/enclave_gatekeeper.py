@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
@@ -63,7 +62,6 @@ from signd.enclave.protocol import (
 )
 from signd.errors import (
     ConfigurationError,
-    ConfigurationRefused,
     DependencyUnavailable,
     IntegrityError,
     InvalidRequest,
@@ -329,8 +327,8 @@ class EnclaveGatekeeper:
             if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
             elif reread:
-                clients_data = _read_for_reload("clients", paths.clients_file)
-                policy_data = _read_for_reload("policy", paths.policy_file)
+                clients_data = read_settled("clients", paths.clients_file)
+                policy_data = read_settled("policy", paths.policy_file)
             else:
                 clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
@@ -936,15 +934,6 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     except SigndError:
         return None
     return fills if filled == call.payload else None
-
-
-def _read_for_reload(kind: str, path: Path) -> bytes:
-    """:func:`~signd.auth.reload.read_settled`, its refusal naming the file as the
-    enclave's does (``"policy: ..."``)."""
-    try:
-        return read_settled(kind, path)
-    except ConfigurationError as exc:
-        raise ConfigurationRefused(f"{kind}: {exc.message}", files=[kind]) from None
 
 
 def _read(path: Any, *, missing_ok: bool = False) -> bytes:

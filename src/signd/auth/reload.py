@@ -96,15 +96,20 @@ class Reloadable(ABC, Generic[T]):
 
     def stage(self) -> Staged[T]:
         """Re-read :attr:`path` (settled, :func:`read_settled`) and parse it, without putting
-        it in force; a bad or unreadable file is logged and raised."""
+        it in force; a bad or unreadable file is logged and refused
+        (:class:`~signd.errors.ConfigurationRefused`, naming it first: ``"policy: ..."``)."""
         if self.path is None:
-            raise ConfigurationError(f"the {self.kind} file was not loaded from a path")
+            raise file_refused(self.kind, f"the {self.kind} file was not loaded from a path")
         try:
             data = read_settled(self.kind, self.path)
         except ConfigurationError as exc:
             log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
             raise
-        return Staged(self, self._parsed(data), data)
+        try:
+            value = self._parsed(data)
+        except ConfigurationError as exc:
+            raise file_refused(self.kind, exc.message) from None
+        return Staged(self, value, data)
 
     def put_in_force(self, staged: Staged[T]) -> None:
         """Make the value :meth:`stage` read (for this holder) the one in force."""
@@ -166,9 +171,9 @@ def reload_together(
     for holder in holders:
         try:
             staged.append(holder.stage())
-        except ConfigurationError as exc:
-            refused.append(holder.kind)
-            problems.append(f"{holder.kind}: {exc.message}")
+        except ConfigurationRefused as exc:
+            refused.extend(exc.files)
+            problems.append(exc.message)
     if problems:
         kept = ", ".join(f"{holder.kind} sha256 {holder.sha256}" for holder in holders)
         log.error("reload refused, none of the files taken, keeping %s", kept)
@@ -282,19 +287,29 @@ class ReloadHistory:
 
 def read_settled(kind: str, path: Path) -> bytes:
     """The bytes of the ``kind`` file at ``path`` once they stay the same for
-    :data:`SETTLE_SECONDS`; a file still changing after :data:`SETTLE_ATTEMPTS` reads is
-    refused (:class:`~signd.errors.ConfigurationError`)."""
-    data = _read(kind, path)
-    for _ in range(SETTLE_ATTEMPTS):
-        time.sleep(SETTLE_SECONDS)
-        again = _read(kind, path)
-        if again == data:
-            return data
-        data = again
-    raise ConfigurationError(
+    :data:`SETTLE_SECONDS`. A file that cannot be read, or is still changing after
+    :data:`SETTLE_ATTEMPTS` reads, is refused (:func:`file_refused`: ``"policy: ..."``)."""
+    try:
+        data = _read(kind, path)
+        for _ in range(SETTLE_ATTEMPTS):
+            time.sleep(SETTLE_SECONDS)
+            again = _read(kind, path)
+            if again == data:
+                return data
+            data = again
+    except ConfigurationError as exc:
+        raise file_refused(kind, exc.message) from None
+    raise file_refused(
+        kind,
         f"the {kind} file {path} kept changing while it was read: write it whole (to a "
-        "temporary file, then rename it) and reload again"
+        "temporary file, then rename it) and reload again",
     )
+
+
+def file_refused(kind: str, problem: str) -> ConfigurationRefused:
+    """The ``kind`` file refused for ``problem``: named in the refusal's files, and first in
+    its message as every reload problem is (``"policy: ..."``), whichever gate reports it."""
+    return ConfigurationRefused(f"{kind}: {problem}", files=[kind])
 
 
 def _read(kind: str, path: Path) -> bytes:
