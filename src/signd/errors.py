@@ -23,11 +23,13 @@ ever catch this tree::
     │   └── CustodyUnsupported          the custody's device cannot do what signd needs of it
     │                                   (an HSM without secp256k1)
     └── ConfigurationError              signd itself is configured wrongly
+        └── ConfigurationRefused        clients or policy files refused; ``files`` names them
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Final
+from collections.abc import Iterable
+from typing import Any, ClassVar, Final
 
 MAX_MESSAGE_LENGTH: Final = 1024
 """The most characters of an error's message (and 256 of its field) that an answer carries:
@@ -137,6 +139,23 @@ class CustodyUnsupported(DependencyUnavailable):
 class ConfigurationError(SigndError):
     code = "configuration_error"
     http_status = 500
+
+
+class ConfigurationRefused(ConfigurationError):
+    """Configuration files refused (nothing of them put in force): ``files`` names each one
+    refused ("clients", "policy"), where the problem was found, so that who reports the
+    refusal (publicly, without the message) need not read the names out of the message."""
+
+    code = "configuration_refused"
+
+    def __init__(
+        self, message: str, *, files: Iterable[str] = (), field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.files = tuple(files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {"files": list(self.files)}
 
 
 def _cut(text: str, limit: int) -> str:

@@ -397,12 +397,12 @@ def test_a_reload_takes_effect_and_a_bad_file_keeps_the_old_policy(
     policy = gated.paths.policy_file
     good = policy.read_text()
     policy.write_text(good.replace("chain_ids = [1, 11155111]", "chain_ids = [11155111]"))
-    assert gated.gatekeeper.reload() == []
+    assert gated.gatekeeper.reload() is None
     assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 403
 
     policy.write_text("version = 1\n[[rules]]\nname = 'broken'\n")
-    problems = gated.gatekeeper.reload()
-    assert len(problems) == 1 and problems[0].startswith("policy:")
+    refusal = gated.gatekeeper.reload()
+    assert refusal is not None and refusal.files == ("policy",), refusal
     still = gated.signed("POST", SIGN_TX, body(hot_key))
     assert "chain id 1 is not in chain_ids [11155111]" in still.json()["error"]["message"]
     assert gated.signed("POST", SIGN_TX, body(hot_key, chain_id=11155111)).status_code == 200

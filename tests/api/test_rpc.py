@@ -321,20 +321,91 @@ def test_a_batch_whose_gate_is_unavailable_gets_an_error_for_each_member(
     assert only_notifications.status_code == 204 and only_notifications.content == b""
 
 
+@pytest.mark.parametrize("request_id", [1, "one", 2.5, None])
+def test_a_single_request_whose_gate_is_unavailable_keeps_its_id(
+    make_client: ClientFactory, signer: Signer, request_id: object
+) -> None:
+    """A single request keeps the refusal's HTTP status (503) and gets its error with its
+    own id; it used to get ``"id": null``, as though no request had been read."""
+    client = make_client(authenticate=enclave_down, gate=UngatedSigner(signer))
+    call = {"jsonrpc": "2.0", "id": request_id, "method": "eth_accounts"}
+    response = client.post("/rpc", json=call)
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "error": {
+            "code": -32006,
+            "message": "the enclave did not answer within 3 s",
+            "data": {"code": "dependency_unavailable"},
+        },
+    }
+
+
 def test_a_request_whose_gate_is_unavailable_is_refused_as_a_whole(
     make_client: ClientFactory, signer: Signer
 ) -> None:
-    """A single request, or a batch that is not one (empty, too large, not JSON), keeps
-    the refusal's HTTP status and one error object with a null id."""
+    """A notification, something that is no request, or a batch that is not one (empty,
+    too large, not JSON), keeps the refusal's HTTP status and one error object with a null
+    id."""
     client = make_client(
         ApiSettings(max_batch=2), authenticate=enclave_down, gate=UngatedSigner(signer)
     )
     call = {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts"}
-    for body in (json.dumps(call), "[]", json.dumps([call] * 3), "[{"):
+    notification = {"jsonrpc": "2.0", "method": "eth_accounts"}
+    not_a_request = {"jsonrpc": "1.0", "id": 1, "method": "eth_accounts"}
+    bodies = (json.dumps(notification), json.dumps(not_a_request), "17", "[]", "[{")
+    for body in (*bodies, json.dumps([call] * 3)):
         response = client.post("/rpc", content=body)
         assert response.status_code == 503, (body, response.text)
         answer = response.json()
         assert answer["id"] is None and answer["error"]["code"] == -32006, (body, answer)
+
+
+def test_requests_stopped_at_shutdown_are_answered_as_the_requests_they_are(
+    make_client: ClientFactory, signer: Signer
+) -> None:
+    """Requests stopped at shutdown while the enclave authenticated them: a single request
+    gets 503 with its error and its id, a batch an array, that error for each member with
+    an id (HTTP 200). Both got one error object with a null id."""
+    authenticating = threading.Event()
+
+    async def enclave_stuck(request: Request) -> Principal:
+        await read_body(request, 1 << 20, 5.0)
+        authenticating.set()
+        await asyncio.Event().wait()  # till stopped
+        raise AssertionError("never set")
+
+    client = make_client(authenticate=enclave_stuck, gate=UngatedSigner(signer))
+    requests = client.app.state.requests  # type: ignore[attr-defined]
+
+    def stopped(body: Any) -> httpx.Response:
+        authenticating.clear()
+        answers: list[httpx.Response] = []
+        answering = threading.Thread(target=lambda: answers.append(client.post("/rpc", json=body)))
+        answering.start()
+        assert authenticating.wait(10)
+        assert client.portal is not None
+        assert client.portal.call(requests.stop_all) == 1
+        answering.join(10)
+        [answer] = answers
+        return answer
+
+    single = stopped({"jsonrpc": "2.0", "id": "s", "method": "eth_accounts"})
+    assert single.status_code == 503, single.text
+    assert single.json()["id"] == "s" and single.json()["error"]["code"] == -32006
+    assert "shutting down" in single.json()["error"]["message"]
+    batch = stopped(
+        [
+            {"jsonrpc": "2.0", "id": 1, "method": "eth_accounts"},
+            {"jsonrpc": "2.0", "method": "eth_accounts"},
+            {"jsonrpc": "2.0", "id": "b", "method": "eth_chainId"},
+        ]
+    )
+    assert batch.status_code == 200, batch.text
+    assert [answer["id"] for answer in batch.json()] == [1, "b"]
+    assert all(answer["error"]["code"] == -32006 for answer in batch.json())
+    assert all("shutting down" in answer["error"]["message"] for answer in batch.json())
 
 
 def test_batch_size_is_bounded(make_client: ClientFactory) -> None:

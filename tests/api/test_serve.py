@@ -264,11 +264,12 @@ def test_requests_still_running_at_the_end_of_the_shutdown_grace_are_answered_50
 ) -> None:
     """SIGTERM while requests wait on a node that never answers and on a stopped enclave:
     once the grace period is over they are answered 503 dependency_unavailable (JSON, and
-    JSON-RPC on /rpc), not cut off by uvicorn's plain-text 500, and signd still exits 0."""
+    JSON-RPC on /rpc with the request's id, whether it was authenticated or still waiting to
+    be), not cut off by uvicorn's plain-text 500, and signd still exits 0."""
     home = make_home(
         tmp_path / "home", ("enclave", "keystore"), extra="\n[api]\ndownstream_timeout = 60\n"
     )
-    with socket.socket() as silent_node, ThreadPoolExecutor(2) as pool:
+    with socket.socket() as silent_node, ThreadPoolExecutor(3) as pool:
         silent_node.bind(("127.0.0.1", 0))
         silent_node.listen()  # connections are queued, never accepted: no answer ever
         node = f"http://127.0.0.1:{silent_node.getsockname()[1]}"
@@ -297,10 +298,18 @@ def test_requests_still_running_at_the_end_of_the_shutdown_grace_are_answered_50
                     timeout=60,
                     headers=AUTH,
                 )
+                waiting = pool.submit(  # on the enclave, to authenticate it
+                    httpx.post,
+                    server.rpc_url,
+                    json={"jsonrpc": "2.0", "id": "waits", "method": "eth_accounts"},
+                    timeout=60,
+                    headers=AUTH,
+                )
                 time.sleep(0.5)
                 started = time.monotonic()
                 server.process.send_signal(signal.SIGTERM)
                 rest, rpc = signing.result(timeout=60), forwarded.result(timeout=60)
+                authenticating = waiting.result(timeout=60)
                 answered_after = time.monotonic() - started
             finally:
                 os.kill(enclave, signal.SIGCONT)
@@ -310,9 +319,41 @@ def test_requests_still_running_at_the_end_of_the_shutdown_grace_are_answered_50
     assert rest.status_code == 503, rest.text
     assert rest.json()["error"]["code"] == "dependency_unavailable"
     assert "shutting down" in rest.json()["error"]["message"]
-    assert rpc.status_code == 503, rpc.text
-    assert rpc.json()["id"] is None
-    assert rpc.json()["error"]["code"] == -32006
-    assert rpc.json()["error"]["data"] == {"code": "dependency_unavailable"}
+    for answer, request_id in ((rpc, 1), (authenticating, "waits")):
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["id"] == request_id  # it was null, as if no request was read
+        assert answer.json()["error"]["code"] == -32006
+        assert answer.json()["error"]["data"] == {"code": "dependency_unavailable"}
+        assert "shutting down" in answer.json()["error"]["message"]
     assert "Exception in ASGI application" not in log
-    assert "stopping 2 request(s) still running" in log
+    assert "stopping 3 request(s) still running" in log
+
+
+def test_a_json_rpc_request_the_stopped_enclave_cannot_authenticate_keeps_its_id(
+    tmp_path: Path,
+) -> None:
+    """The enclave that authenticates every request stopped (SIGSTOP): a single JSON-RPC
+    request gets 503 with the -32006 error and its own id (it got ``"id": null``), and once
+    the enclave goes on, the same request is answered, without a restart."""
+    home = make_home(tmp_path / "home", ("enclave",), extra="\n[enclave]\ntimeout = 2\n")
+    call = {"jsonrpc": "2.0", "id": 7, "method": "eth_accounts"}
+    with signd_serve(home) as server:
+        assert httpx.post(server.rpc_url, json=call, timeout=30, headers=AUTH).json() == {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "result": [],
+        }
+        [enclave] = child_pids(server.process.pid, containing=f"--home {home} enclave")
+        os.kill(enclave, signal.SIGSTOP)
+        try:
+            refused = httpx.post(server.rpc_url, json=call, timeout=30, headers=AUTH)
+        finally:
+            os.kill(enclave, signal.SIGCONT)
+        assert refused.status_code == 503, refused.text
+        answer = refused.json()
+        assert answer["id"] == 7, answer
+        assert answer["error"]["code"] == -32006, answer
+        assert answer["error"]["data"] == {"code": "dependency_unavailable"}
+        assert "enclave" in answer["error"]["message"]
+        again = httpx.post(server.rpc_url, json=call, timeout=30, headers=AUTH)
+        assert again.status_code == 200 and again.json()["result"] == [], again.text

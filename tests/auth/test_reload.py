@@ -16,9 +16,11 @@ from signd.auth.reload import (
     SETTLE_SECONDS,
     UNEXPECTED_FAILURE,
     ReloadHistory,
+    ReloadRefusal,
+    read_settled,
     reload_together,
 )
-from signd.errors import AccessDenied, ConfigurationError
+from signd.errors import AccessDenied, ConfigurationError, ConfigurationRefused
 from signd.policy import PolicyHolder
 from tests.auth.conftest import NOW, FakeClock, ed25519_text
 
@@ -152,6 +154,18 @@ def test_a_file_that_keeps_changing_is_refused(tmp_path: Path, clients_text: str
     assert holder.sha256 == before
 
 
+@pytest.mark.parametrize("kind", ["clients", "policy"])
+def test_an_unreadable_file_is_refused_by_name(tmp_path: Path, kind: str) -> None:
+    """The enclave's host wrapped read_settled only to put the file's name in front."""
+    missing = tmp_path / f"{kind}.toml"
+    with pytest.raises(ConfigurationRefused) as refused:
+        read_settled(kind, missing)
+    assert refused.value.files == (kind,)
+    assert refused.value.message == f"{kind}: cannot read the {kind} file {missing}: " + (
+        "No such file or directory"
+    )
+
+
 # the clients and policy files together
 
 POLICY_TEXT = (
@@ -177,7 +191,7 @@ def test_two_good_files_are_put_in_force_together(
     newcomer = ed25519.Ed25519PrivateKey.generate()
     clients.path.write_text(clients.path.read_text() + newcomer_entry(newcomer))
     policy.path.write_text(POLICY_TEXT.replace('"tx"', '"tx-renamed"'))
-    assert reload_together([clients, policy]) == []
+    assert reload_together([clients, policy]) is None
     assert "newcomer" in clients.current
     assert policy.current.rule("tx-renamed") is not None
     assert policy.sha256 == hashlib.sha256(policy.path.read_bytes()).hexdigest()
@@ -215,8 +229,9 @@ def test_one_bad_file_keeps_the_other_good_one_out_too(
     else:
         broken.write_bytes(bad)
     with caplog.at_level(logging.ERROR):
-        problems = reload_together([clients, policy])
-    assert len(problems) == 1 and problems[0].startswith(reason), problems
+        refusal = reload_together([clients, policy])
+    assert refusal is not None and refusal.files == (bad_file,), refusal
+    assert refusal.reason.startswith(reason) and "; " not in refusal.reason
     assert (clients.current, clients.sha256, policy.current, policy.sha256) == before
     assert "newcomer" not in clients.current and policy.current.rule("tx") is not None
     assert "reload refused, none of the files taken" in caplog.text
@@ -228,14 +243,15 @@ def test_both_bad_files_are_each_named(pair: tuple[ClientsHolder, PolicyHolder])
     assert clients.path is not None and policy.path is not None
     clients.path.write_text("not = [toml")
     policy.path.write_text("version = 2\n")
-    problems = reload_together([clients, policy])
-    assert [problem.split(":")[0] for problem in problems] == ["clients", "policy"]
+    refusal = reload_together([clients, policy])
+    assert refusal is not None and refusal.files == ("clients", "policy"), refusal
+    assert [problem.split(":")[0] for problem in refusal.reason.split("; ")] == list(refusal.files)
 
 
 def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> None:
     history = ReloadHistory(now=clock)
     started = history.status("c" * 64, "p" * 64)
-    assert (started.state, started.at, started.reason) == ("loaded", clock(), None)
+    assert (started.state, started.at, started.refusal) == ("loaded", clock(), None)
     assert started.counts == {"reloaded": 0, "refused": 0}
     assert started.to_dict() == {
         "status": "loaded",
@@ -244,7 +260,8 @@ def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> N
     }
 
     clock.now += 5
-    assert history.run(lambda: ["clients: not valid TOML", "policy: version = 1"]) != []
+    refusal = ReloadRefusal(("clients", "policy"), "clients: not valid TOML; policy: version")
+    assert history.run(lambda: refusal) == refusal
     refused = history.status("c" * 64, None)
     assert refused.to_dict() == {
         "status": "refused",
@@ -253,21 +270,33 @@ def test_the_reload_history_says_how_the_last_reload_went(clock: FakeClock) -> N
         "in_force": {"clients_sha256": "c" * 64},
     }
     clock.now += 5
-    assert history.run(list) == []
+    assert history.run(lambda: None) is None
     reloaded = history.status("d" * 64, "q" * 64)
-    assert (reloaded.state, reloaded.at, reloaded.reason) == ("reloaded", clock(), None)
+    assert (reloaded.state, reloaded.at, reloaded.refusal) == ("reloaded", clock(), None)
     assert reloaded.counts == {"reloaded": 1, "refused": 1}
+
+
+def test_readyz_names_the_files_the_refusal_names_whatever_its_reason_says() -> None:
+    """Which files were refused was read out of the reason: a clients problem quoting
+    ``; policy: `` named the policy file too, and one not starting with its file, none."""
+    history = ReloadHistory()
+    history.run(lambda: ReloadRefusal(("clients",), "clients: unknown scopes ['x; policy: y']"))
+    public = history.status(None, None).to_dict()["reason"]
+    assert public == "clients: refused (the service log says why)"
+    history.run(lambda: ReloadRefusal(("policy",), "cannot read the policy file /p"))
+    public = history.status(None, None).to_dict()["reason"]
+    assert public == "policy: refused (the service log says why)"
 
 
 def test_a_reload_that_raises_is_recorded_as_refused_and_raised() -> None:
     history = ReloadHistory()
 
-    def failing() -> list[str]:
+    def failing() -> ReloadRefusal | None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         history.run(failing)
     status = history.status(None, None)
-    assert status.state == "refused" and status.reason == UNEXPECTED_FAILURE
+    assert status.state == "refused" and status.refusal == ReloadRefusal((), UNEXPECTED_FAILURE)
     assert "boom" not in status.to_dict()["reason"]
     assert status.counts["refused"] == 1

@@ -29,6 +29,7 @@ from signd.enclave.protocol import (
     negotiate_version,
 )
 from signd.errors import (
+    ConfigurationRefused,
     InvalidField,
     InvalidRequest,
     KeyNotFound,
@@ -275,6 +276,20 @@ def test_every_error_class_crosses_the_boundary_as_itself(cls: type[SigndError])
     assert type(rebuilt) is cls
     assert rebuilt.message == "something went wrong"
     assert rebuilt.field == "digest"
+
+
+def test_a_configuration_refusal_crosses_the_boundary_with_its_files() -> None:
+    sent = ConfigurationRefused("clients: bad; policy: bad", files=["clients", "policy"])
+    [frame] = FrameDecoder().feed(encode_error(4, sent))
+    assert isinstance(frame, Frame)
+    rebuilt = error_from_body(frame.body)
+    assert isinstance(rebuilt, ConfigurationRefused)
+    assert (rebuilt.files, rebuilt.message) == (("clients", "policy"), sent.message)
+    for files, kept in (([1, "policy"], ("policy",)), ("clients", ())):
+        malformed = error_from_body(
+            {"code": "configuration_refused", "message": "m", "files": files}
+        )
+        assert isinstance(malformed, ConfigurationRefused) and malformed.files == kept
 
 
 def test_unknown_or_malformed_error_bodies_become_the_root_error() -> None:

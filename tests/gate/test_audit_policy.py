@@ -60,7 +60,7 @@ def test_records_name_the_policy_in_force_and_a_reload_starts_a_new_run(
     before = len(gated.records())  # the key's creation, two signings, one stranger
 
     paths.policy_file.write_text(WIDER)
-    assert gated.gatekeeper.reload() == []
+    assert gated.gatekeeper.reload() is None
     second = sha256_of(paths.policy_file)
     assert sign_tx(gated, hot_key, 5) == 200  # what the first policy refused
     assert sign_tx(gated, hot_key, 7) == 403

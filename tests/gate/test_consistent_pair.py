@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from signd.audit import SealedAuditRecord
 from signd.auth import sign_request
-from signd.auth.reload import Reloadable
+from signd.auth.reload import Reloadable, ReloadRefusal
 from signd.enclave.gate import EnclaveGate
 from signd.enclave.signer import EnclaveSigner
 from signd.gate import Gatekeeper, GateRequest, SigningCall, SigningKind
@@ -116,7 +116,7 @@ def test_a_caller_is_decided_under_the_clients_it_was_authenticated_with(
     without_messages = old_clients.replace(b'"sign:message", ', b"", 1)
     assert without_messages != old_clients
     paths.clients_file.write_bytes(without_messages)
-    assert gatekeeper.reload() == []
+    assert gatekeeper.reload() is None
 
     [outcome] = gatekeeper.sign(
         caller, [SigningCall(SigningKind.ETH_MESSAGE, hot_key["key_id"], b"hi")]
@@ -152,8 +152,8 @@ def test_a_reload_does_not_land_between_reading_the_clients_and_the_policy(
             staged.set()
         return value
 
-    problems: list[list[str]] = []
-    reloading = threading.Thread(target=lambda: problems.append(gatekeeper.reload()))
+    refusals: list[ReloadRefusal | None] = []
+    reloading = threading.Thread(target=lambda: refusals.append(gatekeeper.reload()))
     policy_of = PolicyEngine.policy.fget
     assert policy_of is not None
 
@@ -173,7 +173,7 @@ def test_a_reload_does_not_land_between_reading_the_clients_and_the_policy(
     in_force = gatekeeper.in_force()
 
     reloading.join(10)
-    assert problems == [[]]
+    assert refusals == [None]
     assert (in_force.policy.sha256, in_force.clients_sha256) == old
     after = gatekeeper.in_force()
     assert (after.policy.sha256, after.clients_sha256) == new

@@ -500,13 +500,14 @@ def test_a_bad_policy_is_refused_and_the_old_one_stays(enclave: Enclave) -> None
     good = policy.read_text()
     in_force = enclave.gatekeeper.policy_sha256
     policy.write_text("version = 1\n[[rules]]\nname = 'broken'\n")
-    problems = enclave.gatekeeper.reload()
-    assert len(problems) == 1 and problems[0].startswith("policy:")
+    refusal = enclave.gatekeeper.reload()
+    assert refusal is not None and refusal.files == ("policy",), refusal
+    assert refusal.reason.startswith("policy: ")
     assert enclave.gatekeeper.policy_sha256 == in_force
     assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot)).status_code == 200
 
     policy.write_text(good.replace("chain_ids = [1, 11155111]", "chain_ids = [11155111]"))
-    assert enclave.gatekeeper.reload() == []
+    assert enclave.gatekeeper.reload() is None
     refused = enclave.gated.signed("POST", SIGN_TX, tx_body(hot))
     assert refused.status_code == 403
     assert "chain id 1 is not in chain_ids [11155111]" in refused.json()["error"]["message"]
@@ -529,7 +530,7 @@ def test_attestation_user_data_is_the_sha256_of_the_policy_and_clients_in_force(
 
     assert user_data() == expected()
     paths.policy_file.write_text(paths.policy_file.read_text() + "\n# changed\n")
-    assert enclave.gatekeeper.reload() == []
+    assert enclave.gatekeeper.reload() is None
     assert user_data() == expected()
 
 
@@ -553,7 +554,7 @@ def test_verifying_the_log_puts_no_file_from_disk_in_force(enclave: Enclave) -> 
     assert (found.problem, found.records, found.against_chain_head) == (None, len(lines), True)
     assert user_data() == in_force
     assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot, chain_id=5)).status_code == 403
-    assert enclave.gatekeeper.reload() == []  # the edit takes effect on a reload only
+    assert enclave.gatekeeper.reload() is None  # the edit takes effect on a reload only
     assert user_data() != in_force
     assert enclave.gated.signed("POST", SIGN_TX, tx_body(hot, chain_id=5)).status_code == 200
 

@@ -64,20 +64,21 @@ def test_a_good_policy_beside_a_bad_clients_file_is_not_put_in_force(
     paths.clients_file.write_text(BAD_CLIENTS)
     before = time.time()
 
-    problems = gated.gatekeeper.reload()
+    refusal = gated.gatekeeper.reload()
 
-    assert len(problems) == 1 and problems[0].startswith("clients: "), problems
+    assert refusal is not None and refusal.files == ("clients",), refusal
+    assert refusal.reason.startswith("clients: ")
     assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 200  # chain 1: old policy
     reload = readyz(gated)["reload"]
     assert reload["status"] == "refused"
-    assert "half" in problems[0]  # the log and reload() say why; /readyz is public
+    assert "half" in refusal.reason  # the log and reload() say why; /readyz is public
     assert reload["reason"] == "clients: refused (the service log says why)"
     assert before <= reload["at"] <= time.time()
     assert reload["in_force"] == in_force
     assert refused_reloads(gated) == "1"
 
     paths.clients_file.write_text(good_clients)
-    assert gated.gatekeeper.reload() == []
+    assert gated.gatekeeper.reload() is None
     assert gated.signed("POST", SIGN_TX, body(hot_key)).status_code == 403  # the new policy
     reload = readyz(gated)["reload"]
     assert reload["status"] == "reloaded" and "reason" not in reload
@@ -94,9 +95,9 @@ def test_a_good_clients_file_beside_a_bad_policy_is_not_put_in_force(
     paths.clients_file.write_text(paths.clients_file.read_text() + newcomer_entry(newcomer))
     paths.policy_file.write_text(BAD_POLICY)
 
-    problems = gated.gatekeeper.reload()
+    refusal = gated.gatekeeper.reload()
 
-    assert len(problems) == 1 and problems[0].startswith("policy: "), problems
+    assert refusal is not None and refusal.files == ("policy",), refusal
     target = f"/v1/keys/{hot_key['key_id']}"
     unknown = gated.signed("GET", target, as_client="newcomer", key=newcomer)
     assert unknown.status_code == 401, unknown.text
@@ -107,10 +108,36 @@ def test_a_good_clients_file_beside_a_bad_policy_is_not_put_in_force(
 def test_two_bad_files_are_both_named(gated: Gated) -> None:
     gated.paths.clients_file.write_text(BAD_CLIENTS)
     gated.paths.policy_file.write_text(BAD_POLICY)
-    reason = "; ".join(gated.gatekeeper.reload())
-    assert reason.startswith("clients: ") and "; policy: " in reason
+    refusal = gated.gatekeeper.reload()
+    assert refusal is not None and refusal.files == ("clients", "policy"), refusal
+    assert refusal.reason.startswith("clients: ") and "; policy: " in refusal.reason
     public = "clients: refused; policy: refused (the service log says why)"
     assert readyz(gated)["reload"]["reason"] == public
+
+
+def test_an_unreadable_file_is_refused_alike_by_either_gate(gated: Gated) -> None:
+    gated.paths.policy_file.unlink()
+    refusal = gated.gatekeeper.reload()
+    assert refusal is not None and refusal.files == ("policy",), refusal
+    assert refusal.reason == (
+        f"policy: cannot read the policy file {gated.paths.policy_file}: No such file or directory"
+    )
+    assert readyz(gated)["reload"]["reason"] == "policy: refused (the service log says why)"
+
+
+def test_a_clients_problem_quoting_a_policy_problem_names_the_clients_file_only(
+    gated: Gated,
+) -> None:
+    """The files refused were read back out of the problems' text: a clients file whose
+    problem quoted ``; policy: `` (here an unknown scope) named the policy file too."""
+    gated.paths.clients_file.write_text(
+        gated.paths.clients_file.read_text().replace('"keys:read"', '"x; policy: y"', 1)
+    )
+    refusal = gated.gatekeeper.reload()
+    reason = readyz(gated)["reload"]["reason"]
+    assert reason == "clients: refused (the service log says why)"
+    assert refusal is not None and refusal.files == ("clients",), refusal
+    assert "; policy: y" in refusal.reason  # the log still says why
 
 
 def test_before_any_reload_readyz_shows_the_files_loaded(gated: Gated) -> None:

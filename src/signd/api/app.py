@@ -79,7 +79,9 @@ def create_app(
     ``authenticate`` is wrapped in the request rate limits of ``settings``; the wrapped one is
     ``app.state.authenticate``, for the MQTT adapter to share them. ``app.state.requests``
     holds the HTTP requests in flight (:class:`~signd.api.middleware.RequestsInFlight`): those
-    it stops are answered 503 ``dependency_unavailable``, in JSON-RPC form on its routes.
+    it stops are answered 503 ``dependency_unavailable``, in JSON-RPC form on its routes
+    (:meth:`~signd.api.rpc.JsonRpcApi.unavailable`: with the request's id; a batch, member by
+    member with HTTP 200).
     """
     if gate is None and authenticate is not allow_anonymous_for_tests:
         raise ConfigurationError("an authenticated app needs its gate (create_app(gate=...))")
@@ -126,7 +128,9 @@ def create_app(
             "signd is shutting down and stopped this request before it finished; what it"
             " asked may have been done (the audit log says): retry"
         )
-        return rpc.refusal(error) if scope["path"] in rpc_paths else error_response(error, metrics)
+        if scope["path"] in rpc_paths:
+            return rpc.unavailable(scope, error)
+        return error_response(error, metrics)
 
     requests = RequestsInFlight()
 

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any, Final
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
@@ -41,7 +40,7 @@ from signd.audit.lines import LogLines
 from signd.audit.log import DEFAULT_ORDER_TIMEOUT, deferring_appends, store_records
 from signd.audit.tail import read_tail
 from signd.auth import Scope
-from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
+from signd.auth.reload import ReloadHistory, ReloadRefusal, ReloadStatus, read_settled
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import RecoverableSignature
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
@@ -328,8 +327,8 @@ class EnclaveGatekeeper:
             if self._in_force is None:  # start-up
                 clients_data, policy_data = _read(paths.clients_file), _read(paths.policy_file)
             elif reread:
-                clients_data = _read_for_reload("clients", paths.clients_file)
-                policy_data = _read_for_reload("policy", paths.policy_file)
+                clients_data = read_settled("clients", paths.clients_file)
+                policy_data = read_settled("policy", paths.policy_file)
             else:
                 clients_data, policy_data = self._in_force
             chunks = _tail_chunks(paths, last, policy_data)
@@ -387,19 +386,19 @@ class EnclaveGatekeeper:
             answer.get("seq"),
         )
 
-    def reload(self) -> list[str]:
+    def reload(self) -> ReloadRefusal | None:
         """Send the files again; the enclave puts both in force or neither (a bad one is
-        refused and the ones in force stay). The problems, one line each naming its file
-        (empty when both were put in force); the outcome is kept for
-        :meth:`reload_status`."""
+        refused and the ones in force stay). The refusal, naming the files the host could
+        not read or the enclave refused (``None`` when both were put in force); the outcome
+        is kept for :meth:`reload_status`."""
         return self._reloads.run(self._reload_files)
 
-    def _reload_files(self) -> list[str]:
+    def _reload_files(self) -> ReloadRefusal | None:
         try:
             self.configure()
         except SigndError as exc:
-            return [exc.message]
-        return []
+            return ReloadRefusal.of(exc)
+        return None
 
     def reload_status(self) -> ReloadStatus:
         """How the last reload went, and the SHA-256 of the files the enclave has in force."""
@@ -935,15 +934,6 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     except SigndError:
         return None
     return fills if filled == call.payload else None
-
-
-def _read_for_reload(kind: str, path: Path) -> bytes:
-    """:func:`~signd.auth.reload.read_settled`, its refusal naming the file as the
-    enclave's does (``"policy: ..."``)."""
-    try:
-        return read_settled(kind, path)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{kind}: {exc.message}") from None
 
 
 def _read(path: Any, *, missing_ok: bool = False) -> bytes:

@@ -25,7 +25,7 @@ from signd.api import inputs
 from signd.api.errors import HeadersTooLarge, TargetTooLong
 from signd.api.service import Authenticator, Principal, gated
 from signd.api.settings import ApiSettings
-from signd.auth.reload import ReloadStatus
+from signd.auth.reload import ReloadRefusal, ReloadStatus
 from signd.auth.request_signing import SIGNED_HEADER_PREFIX
 from signd.custody.base import KeyInfo, KeyPage
 from signd.enclave.gate import MAX_HEADER_SIZE, MAX_HEADERS, MAX_TARGET
@@ -99,9 +99,9 @@ class Keeper(Protocol):
         """Raise :class:`~signd.errors.DependencyUnavailable` while no record can be stored."""
         ...
 
-    def reload(self) -> list[str]:
+    def reload(self) -> ReloadRefusal | None:
         """Re-read the clients and policy files and put both in force, or neither; the
-        problems, one line each naming its file (the old ones stay)."""
+        refusal naming the files refused and why (the old ones stay), or ``None``."""
         ...
 
     def reload_status(self) -> ReloadStatus:

@@ -28,6 +28,7 @@ from signd.gate.inputs import (
 )
 
 __all__ = [
+    "body_read",
     "hex_bytes",
     "integer",
     "json_object",
@@ -45,6 +46,12 @@ __all__ = [
 
 BODY_STATE: Final = "signd_body"
 """Where the body, once read, is kept in the request's state."""
+
+
+def body_read(scope: Scope) -> bytes | None:
+    """The request's body if :func:`read_body` has read it, else ``None``."""
+    body = scope.get("state", {}).get(BODY_STATE)
+    return body if isinstance(body, bytes) else None
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:

@@ -10,21 +10,24 @@ internal error, and -32001..-32099 for signd's other errors, each with
 ``data: {"code", "field"?}``. The HTTP status is 200 whenever a JSON-RPC request was read, a
 downstream node that is down included (-32006 ``dependency_unavailable``). An HTTP request
 refused as a whole before that (a query string, a body too large or too slow, no valid
-credentials) keeps the HTTP status of its error, with ``"id": null``; but a valid batch whose
-authentication meets a dependency failure gets an array, that error for each member.
+credentials) keeps the HTTP status of its error, with ``"id": null``; but one whose
+authentication meets a dependency failure, or that is stopped at shutdown, is answered as the
+JSON-RPC request(s) its body holds: a valid batch an array, that error for each member, and
+a single request that error with its id (HTTP 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from signd.api.deadlines import within
 from signd.api.downstream import Downstream
@@ -37,7 +40,7 @@ from signd.api.errors import (
     WireError,
     wire_error,
 )
-from signd.api.inputs import read_body
+from signd.api.inputs import body_read, read_body
 from signd.api.service import Authenticator, Principal, SigningService
 from signd.chains.ethereum import SignedTransaction
 from signd.errors import DependencyUnavailable, InvalidRequest, SigndError, UnsupportedOperation
@@ -234,37 +237,41 @@ class JsonRpcApi:
         answer = await self.call(principal, message)
         return JSONResponse(answer) if answer is not None else Response(status_code=204)
 
-    def refusal(self, exc: Exception) -> JSONResponse:
-        """The answer to an HTTP request refused as a whole (:func:`_request_refusal`)."""
+    def refusal(self, exc: Exception, request_id: Any = None) -> JSONResponse:
+        """The answer to an HTTP request refused as a whole (:func:`_request_refusal`), with
+        ``request_id`` (null unless the JSON-RPC request it refuses was read)."""
         wire = wire_error(exc)
         self.metrics.errors.inc(wire.body["code"])
-        return JSONResponse(_error(None, _request_refusal(wire)), status_code=wire.http_status)
+        refused = _error(request_id, _request_refusal(wire))
+        return JSONResponse(refused, status_code=wire.http_status)
+
+    def unavailable(self, scope: Scope, exc: DependencyUnavailable) -> Response:
+        """The answer to a request that ``exc`` stopped before it was answered: a dependency
+        failed while it was authenticated (the enclave that authenticates it, and performs a
+        batch of messages in the same round trip, down or slow), or signd stopped it at
+        shutdown. Its body, if it was read, says what was asked: a valid batch is answered
+        as JSON-RPC 2.0 answers a batch, an array, that error for each member with an id
+        (-32600 for a member that is no request, nothing for a notification), HTTP 200 as for
+        any request read; a single request gets that error with its id, HTTP 503 (a
+        notification or anything else, ``"id": null``: :meth:`refusal`)."""
+        body = body_read(scope)
+        try:
+            message = None if body is None else parse_json(body)
+        except SigndError:
+            message = None
+        if isinstance(message, list) and 1 <= len(message) <= self.settings.max_batch:
+            state = scope.setdefault("state", {})
+            state["rpc_methods"] = [self._method_label(item) for item in message]
+            return _batch_response([self._failed(item, exc) for item in message])
+        if isinstance(message, dict) and is_rpc_request(message):
+            return self.refusal(exc, message.get("id"))
+        return self.refusal(exc)
 
     async def _unavailable(self, request: Request, exc: DependencyUnavailable) -> Response:
-        """A dependency failed while the request was authenticated: the enclave that
-        authenticates it (and performs a batch of messages in the same round trip) is down
-        or slow. A valid batch is answered as JSON-RPC 2.0 answers a batch, an array: that
-        error for each member with an id (-32600 for a member that is no request, nothing
-        for a notification), HTTP 200 as for any request read. Anything else is refused as
-        a whole (:meth:`refusal`)."""
-        batch = await self._valid_batch(request)
-        if batch is None:
-            return self.refusal(exc)
-        request.state.rpc_methods = [self._method_label(item) for item in batch]
-        return _batch_response([self._failed(item, exc) for item in batch])
-
-    async def _valid_batch(self, request: Request) -> list[Any] | None:
-        """The request's batch when its body is one (1 to ``max_batch`` items), else None."""
-        try:
-            body = await read_body(
-                request, self.settings.max_body_bytes, self.settings.body_timeout
-            )
-            message = parse_json(body)
-        except SigndError:
-            return None
-        if isinstance(message, list) and 1 <= len(message) <= self.settings.max_batch:
-            return message
-        return None
+        """:meth:`unavailable`, once the body is read (if it can be)."""
+        with suppress(SigndError):
+            await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout)
+        return self.unavailable(request.scope, exc)
 
     async def _answer_all(self, principal: Principal, items: list[Any]) -> list[Any]:
         """Each item's answer, in order, :data:`BATCH_CONCURRENCY` of them at a time (each

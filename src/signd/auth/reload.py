@@ -10,8 +10,9 @@ assignment.
 The two files are one configuration (a policy names the clients the clients file
 registers): :func:`reload_together` reads and parses every file first and swaps them only if
 all are good, so a bad file keeps its partner out too (and, given a lock its readers take,
-swaps them as one). :class:`ReloadHistory` remembers how the last reload went, for
-``/readyz`` and the metrics.
+swaps them as one). A reload refused answers a :class:`ReloadRefusal`, which names the files
+refused as data; :class:`ReloadHistory` remembers how the last reload went, for ``/readyz``
+and the metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, Generic, Literal, Self, TypeVar
 
 from signd.auth.clients import ClientsRegistry
-from signd.errors import ConfigurationError
+from signd.errors import ConfigurationError, ConfigurationRefused, SigndError
 
 T = TypeVar("T")
 
@@ -95,15 +96,20 @@ class Reloadable(ABC, Generic[T]):
 
     def stage(self) -> Staged[T]:
         """Re-read :attr:`path` (settled, :func:`read_settled`) and parse it, without putting
-        it in force; a bad or unreadable file is logged and raised."""
+        it in force; a bad or unreadable file is logged and refused
+        (:class:`~signd.errors.ConfigurationRefused`, naming it first: ``"policy: ..."``)."""
         if self.path is None:
-            raise ConfigurationError(f"the {self.kind} file was not loaded from a path")
+            raise file_refused(self.kind, f"the {self.kind} file was not loaded from a path")
         try:
             data = read_settled(self.kind, self.path)
         except ConfigurationError as exc:
             log.error("%s refused, keeping sha256 %s: %s", self.kind, self._sha256, exc)
             raise
-        return Staged(self, self._parsed(data), data)
+        try:
+            value = self._parsed(data)
+        except ConfigurationError as exc:
+            raise file_refused(self.kind, exc.message) from None
+        return Staged(self, value, data)
 
     def put_in_force(self, staged: Staged[T]) -> None:
         """Make the value :meth:`stage` read (for this holder) the one in force."""
@@ -132,29 +138,50 @@ class Staged(Generic[T]):
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadRefusal:
+    """Why a reload put none of the files in force. ``files`` names the files refused
+    ("clients", "policy"), by whoever found them bad; none when the fault lay elsewhere (an
+    enclave that did not answer). ``reason`` says why, one problem per file naming it first
+    (``"clients: ...; policy: ..."``): for the log only, as it may quote a client id or a
+    rule name."""
+
+    files: tuple[str, ...]
+    reason: str
+
+    @classmethod
+    def of(cls, error: SigndError) -> ReloadRefusal:
+        """The refusal ``error`` tells: its files if it is a
+        :class:`~signd.errors.ConfigurationRefused`, else none."""
+        files = error.files if isinstance(error, ConfigurationRefused) else ()
+        return cls(files, error.message)
+
+
 def reload_together(
     holders: Sequence[Reloadable[Any]], *, lock: AbstractContextManager[Any] | None = None
-) -> list[str]:
+) -> ReloadRefusal | None:
     """Re-read every holder's file and put them all in force, or none: each is read (settled)
     and parsed first, and only when every one is good are they swapped, holding ``lock``
     (which a reader of the values as one configuration takes as well, so that it never
-    reads one file's new value beside another's old one). The problems, one line each
-    naming its file (``"policy: ..."``); empty when all were put in force."""
+    reads one file's new value beside another's old one). The refusal naming each file
+    refused, or ``None`` when all were put in force."""
     staged: list[Staged[Any]] = []
+    refused: list[str] = []
     problems: list[str] = []
     for holder in holders:
         try:
             staged.append(holder.stage())
-        except ConfigurationError as exc:
-            problems.append(f"{holder.kind}: {exc.message}")
+        except ConfigurationRefused as exc:
+            refused.extend(exc.files)
+            problems.append(exc.message)
     if problems:
         kept = ", ".join(f"{holder.kind} sha256 {holder.sha256}" for holder in holders)
         log.error("reload refused, none of the files taken, keeping %s", kept)
-        return problems
+        return ReloadRefusal(tuple(refused), "; ".join(problems))
     with nullcontext() if lock is None else lock:
         for each in staged:
             each.holder.put_in_force(each)
-    return []
+    return None
 
 
 class ClientsHolder(Reloadable[ClientsRegistry]):
@@ -178,13 +205,13 @@ class ReloadStatus:
     """How the last reload of the clients and policy files went, and what is in force.
 
     ``state`` is ``loaded`` until the first reload (``at`` is then when the files were
-    loaded), else the last reload's outcome; ``reason`` says why it was refused. ``counts``
+    loaded), else the last reload's outcome; ``refusal`` says why it was refused. ``counts``
     are the reloads so far by outcome; the SHA-256 are those of the files in force (``None``
     when unknown)."""
 
     state: ReloadState
     at: float
-    reason: str | None
+    refusal: ReloadRefusal | None
     counts: Mapping[str, int]
     clients_sha256: str | None
     policy_sha256: str | None
@@ -194,25 +221,22 @@ class ReloadStatus:
         is public, so a refusal names only the files refused (:func:`public_reason`): the
         reason itself, which may quote a client id or a rule name, stays in the log."""
         shown: dict[str, Any] = {"status": self.state, "at": self.at}
-        if self.reason is not None:
-            shown["reason"] = public_reason(self.reason)
+        if self.refusal is not None:
+            shown["reason"] = public_reason(self.refusal.files)
         in_force = {"clients_sha256": self.clients_sha256, "policy_sha256": self.policy_sha256}
         shown["in_force"] = {name: value for name, value in in_force.items() if value}
         return shown
 
 
 RELOADED_FILES: Final = ("clients", "policy")
-"""The files a reload reads; a problem names its file first (``"clients: ..."``)."""
+"""The files a reload reads."""
 
 
-def public_reason(reason: str) -> str:
-    """``reason`` (problems joined by ``"; "``) cut down to the files it refuses, for a public
-    answer: ``"clients: refused; policy: refused (the service log says why)"``."""
-    refused = [
-        kind
-        for kind in RELOADED_FILES
-        if any(problem.startswith(f"{kind}: ") for problem in reason.split("; "))
-    ]
+def public_reason(files: Sequence[str]) -> str:
+    """A refusal of ``files`` told publicly, naming only the files a reload reads (in their
+    order) and never why: ``"clients: refused; policy: refused (the service log says
+    why)"``."""
+    refused = [kind for kind in RELOADED_FILES if kind in files]
     if not refused:
         return "refused (the service log says why)"
     return "; ".join(f"{kind}: refused" for kind in refused) + " (the service log says why)"
@@ -227,19 +251,19 @@ class ReloadHistory:
         self._lock = threading.Lock()
         self._state: ReloadState = "loaded"
         self._at = now()
-        self._reason: str | None = None
+        self._refusal: ReloadRefusal | None = None
         self._counts: dict[str, int] = dict.fromkeys(RELOAD_OUTCOMES, 0)
 
-    def run(self, reload: Callable[[], list[str]]) -> list[str]:
-        """Call ``reload`` (it answers its problems, empty when the files were put in force)
-        and record its outcome; one that raises is recorded as refused, then raised."""
+    def run(self, reload: Callable[[], ReloadRefusal | None]) -> ReloadRefusal | None:
+        """Call ``reload`` (it answers its refusal, ``None`` when the files were put in
+        force) and record its outcome; one that raises is recorded as refused, then raised."""
         try:
-            problems = reload()
+            refusal = reload()
         except Exception:
-            self._record([UNEXPECTED_FAILURE])
+            self._record(ReloadRefusal((), UNEXPECTED_FAILURE))
             raise
-        self._record(problems)
-        return problems
+        self._record(refusal)
+        return refusal
 
     def status(self, clients_sha256: str | None, policy_sha256: str | None) -> ReloadStatus:
         """The last outcome, with the SHA-256 of the files in force as the gate says."""
@@ -247,35 +271,45 @@ class ReloadHistory:
             return ReloadStatus(
                 self._state,
                 self._at,
-                self._reason,
+                self._refusal,
                 dict(self._counts),
                 clients_sha256,
                 policy_sha256,
             )
 
-    def _record(self, problems: Sequence[str]) -> None:
+    def _record(self, refusal: ReloadRefusal | None) -> None:
         with self._lock:
-            self._state = "refused" if problems else "reloaded"
+            self._state = "reloaded" if refusal is None else "refused"
             self._at = self._now()
-            self._reason = "; ".join(problems) if problems else None
+            self._refusal = refusal
             self._counts[self._state] += 1
 
 
 def read_settled(kind: str, path: Path) -> bytes:
     """The bytes of the ``kind`` file at ``path`` once they stay the same for
-    :data:`SETTLE_SECONDS`; a file still changing after :data:`SETTLE_ATTEMPTS` reads is
-    refused (:class:`~signd.errors.ConfigurationError`)."""
-    data = _read(kind, path)
-    for _ in range(SETTLE_ATTEMPTS):
-        time.sleep(SETTLE_SECONDS)
-        again = _read(kind, path)
-        if again == data:
-            return data
-        data = again
-    raise ConfigurationError(
+    :data:`SETTLE_SECONDS`. A file that cannot be read, or is still changing after
+    :data:`SETTLE_ATTEMPTS` reads, is refused (:func:`file_refused`: ``"policy: ..."``)."""
+    try:
+        data = _read(kind, path)
+        for _ in range(SETTLE_ATTEMPTS):
+            time.sleep(SETTLE_SECONDS)
+            again = _read(kind, path)
+            if again == data:
+                return data
+            data = again
+    except ConfigurationError as exc:
+        raise file_refused(kind, exc.message) from None
+    raise file_refused(
+        kind,
         f"the {kind} file {path} kept changing while it was read: write it whole (to a "
-        "temporary file, then rename it) and reload again"
+        "temporary file, then rename it) and reload again",
     )
+
+
+def file_refused(kind: str, problem: str) -> ConfigurationRefused:
+    """The ``kind`` file refused for ``problem``: named in the refusal's files, and first in
+    its message as every reload problem is (``"policy: ..."``), whichever gate reports it."""
+    return ConfigurationRefused(f"{kind}: {problem}", files=[kind])
 
 
 def _read(kind: str, path: Path) -> bytes:

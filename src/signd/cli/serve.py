@@ -293,14 +293,14 @@ class SighupReloads:
     def _reload(self) -> None:
         log = logging.getLogger("signd.serve")
         try:
-            problems = self._gatekeeper.reload()
+            refusal = self._gatekeeper.reload()
         except Exception:  # the thread must outlive any failure, or later SIGHUPs do nothing
             log.exception("reload failed, the files in force stay")
             return
-        if problems:
+        if refusal is not None:
             log.error(
                 "reload refused, the files in force stay (neither file was taken): %s",
-                "; ".join(problems),
+                refusal.reason,
             )
         else:
             log.info("reloaded the clients and policy files")

@@ -88,6 +88,7 @@ from signd.enclave.signer import EnclaveSigner, ProvenKey, Unsealing
 from signd.errors import (
     AccessDenied,
     ConfigurationError,
+    ConfigurationRefused,
     IntegrityError,
     InvalidField,
     InvalidRequest,
@@ -338,15 +339,17 @@ class EnclaveGate:
         node = body.get("node", self._node)
         if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
             raise InvalidField("node must be 1-256 characters of text", field="node")
-        problems = []
+        refused: list[str] = []
+        problems: list[str] = []
         for holder, data in ((ClientsHolder, clients_data), (PolicyHolder, policy_data)):
             try:  # both are checked before either is replaced
                 holder.parse(data)
             except ConfigurationError as exc:
+                refused.append(holder.kind)
                 problems.append(f"{holder.kind}: {exc.message}")
         if problems:
             log.error("configuration refused, the files in force stay: %s", "; ".join(problems))
-            raise ConfigurationError("; ".join(problems))
+            raise ConfigurationRefused("; ".join(problems), files=refused)
         last = SealedAuditRecord.from_json(head_data) if head_data else None
         tail = _audit_tail(body)
         answer: dict[str, Any] = {}

@@ -126,7 +126,8 @@ class MessageType(IntEnum):
     ``against_chain_head`` came without a version bump: an enclave that ignored
     ``audit_key`` answers without ``against_chain_head``, and the host refuses that answer."""
     ERROR = 127
-    """A response only: ``{code, message[, field]}``."""
+    """A response only: ``{code, message[, field]}``; a refused GATE_CONFIGURE's also
+    ``files``, the files refused (:class:`~signd.errors.ConfigurationRefused`)."""
 
 
 class Flag(IntFlag):
@@ -257,7 +258,14 @@ def error_from_body(body: Mapping[str, Any]) -> SigndError:
     if not isinstance(message, str):
         message = "the enclave reported an error without a message"
     cls = _error_classes().get(code, SigndError) if isinstance(code, str) else SigndError
-    return cls(message, field=field if isinstance(field, str) else None)
+    field = field if isinstance(field, str) else None
+    if cls is errors.ConfigurationRefused:
+        files = body.get("files")
+        named = files if isinstance(files, list) else []
+        return errors.ConfigurationRefused(
+            message, files=[name for name in named if isinstance(name, str)], field=field
+        )
+    return cls(message, field=field)
 
 
 def negotiate_version(offered: Iterable[int]) -> int:

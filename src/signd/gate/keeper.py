@@ -24,7 +24,7 @@ from functools import partial
 from typing import Final, NoReturn, Protocol, TypeVar
 
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
-from signd.auth.reload import ReloadHistory, ReloadStatus, reload_together
+from signd.auth.reload import ReloadHistory, ReloadRefusal, ReloadStatus, reload_together
 from signd.auth.request_signing import HEADER_CLIENT, HEADER_SIGNATURE, SIGNED_HEADER_PREFIX
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, RecoverableSignature
@@ -194,10 +194,10 @@ class Gatekeeper:
 
     # configuration
 
-    def reload(self) -> list[str]:
+    def reload(self) -> ReloadRefusal | None:
         """Re-read the clients and policy files and put both in force, or neither: a bad
         file is refused (and logged) and keeps the other out too, so a pair never validated
-        together is never in force. The problems, one line each naming its file (empty when
+        together is never in force. The refusal naming the files refused (``None`` when
         both were put in force); the outcome is kept for :meth:`reload_status`."""
         holders = [holder for holder in (self.clients, self.policy) if holder is not None]
         return self._reloads.run(lambda: reload_together(holders, lock=self._pair_lock))
