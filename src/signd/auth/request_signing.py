@@ -47,7 +47,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -81,6 +81,8 @@ _TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
 _NONCE: Final = re.compile(rf"(?:[0-9a-f]{{2}}){{{NONCE_BYTES},{MAX_NONCE_BYTES}}}")
 _P256_SIGNATURE_BYTES: Final = 64
 _MAX_SIGNATURE_TEXT: Final = 128
+_DIGEST_BYTES: Final = 16
+_DIGEST_KEY_BYTES: Final = 32
 
 
 class RegistrySource(Protocol):
@@ -142,12 +144,12 @@ def sign_request(
 
 
 @dataclass(slots=True)
-class _Seen:
-    """A live nonce: the body its request carried, its calls and those performed."""
+class _Pending:
+    """A live request some of whose calls are not yet performed: its body and calls."""
 
-    body_sha256: str
+    body_sha256: bytes
     calls: frozenset[str]
-    performed: set[str] = field(default_factory=set)
+    performed: frozenset[str] = frozenset()
 
 
 class NonceTracker:
@@ -156,14 +158,28 @@ class NonceTracker:
     Bounded: when ``capacity`` nonces are live, :meth:`remember` refuses instead of
     forgetting one early (forgetting early would reopen a replay). Not locked by itself;
     :class:`RequestVerifier` serialises access.
+
+    Compact: a live nonce is one 128-bit BLAKE2b digest of (client, nonce), keyed with a
+    random secret of this tracker, held in a set and in the list of its expiry time: about
+    a tenth of the memory of per-nonce records. Replays are caught exactly: a replay has the
+    same client and nonce, so the same digest. A collision (unforeseeable without the key; a
+    fresh request meets one of a million live digests with odds of 2**-108) could only refuse
+    a fresh request. A request whose calls are not all performed keeps its body hash and
+    calls too, until they are.
     """
 
     def __init__(self, *, capacity: int) -> None:
         if capacity < 1:
             raise ConfigurationError("nonce capacity must be at least 1")
         self.capacity = capacity
-        self._live: dict[tuple[str, str], _Seen] = {}
-        self._expiries: list[tuple[float, str, str]] = []
+        self._digest_key = os.urandom(_DIGEST_KEY_BYTES)
+        self._live: set[bytes] = set()
+        self._pending: dict[bytes, _Pending] = {}
+        self._expiring: dict[float, list[bytes]] = {}
+        """The digests of the nonces by when they expire (whole seconds for signed requests,
+        so one list per second)."""
+        self._expiry_order: list[float] = []
+        """The keys of :attr:`_expiring`, a heap."""
 
     def __len__(self) -> int:
         return len(self._live)
@@ -175,7 +191,7 @@ class NonceTracker:
         *,
         expires_at: float,
         now: float,
-        body_sha256: str = "",
+        body_sha256: bytes = b"",
         calls: Collection[str] | None = None,
         follow_up: bool = False,
     ) -> None:
@@ -188,40 +204,65 @@ class NonceTracker:
         it can never be performed (one the host refused, or with bad parameters).
         """
         self._expire(now)
-        entry = (client_id, nonce)
-        seen = self._live.get(entry)
-        if seen is not None:
+        digest = self._digest(client_id, nonce)
+        if digest in self._live:
+            pending = self._pending.get(digest)
             if (
-                calls is None
+                pending is None
+                or calls is None
                 or not follow_up
-                or seen.body_sha256 != body_sha256
-                or seen.performed >= seen.calls
+                or pending.body_sha256 != body_sha256
             ):
                 raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
             return
         if len(self._live) >= self.capacity:
             raise AccessDenied("too many recent requests to track their nonces; retry later")
-        self._live[entry] = _Seen(body_sha256, frozenset(calls or ()))
-        heapq.heappush(self._expiries, (expires_at, client_id, nonce))
+        self._live.add(digest)
+        if calls:
+            self._pending[digest] = _Pending(body_sha256, frozenset(calls))
+        expiring = self._expiring.get(expires_at)
+        if expiring is None:
+            self._expiring[expires_at] = expiring = []
+            heapq.heappush(self._expiry_order, expires_at)
+        expiring.append(digest)
 
     def perform(self, client_id: str, nonce: str, calls: Collection[str], *, now: float) -> None:
         """Mark ``calls`` of a remembered request performed; refuse if any already was (or
         is not one of its calls, or the nonce has expired meanwhile)."""
         self._expire(now)
-        seen = self._live.get((client_id, nonce))
+        digest = self._digest(client_id, nonce)
         wanted = set(calls)
-        if seen is None or not wanted <= seen.calls:
+        if digest not in self._live:
             raise AccessDenied(f"no such call in client {client_id!r}'s request")
-        if not wanted.isdisjoint(seen.performed):
+        pending = self._pending.get(digest)
+        if pending is None:  # all its calls are performed (or it had none)
+            if wanted:
+                raise AccessDenied(
+                    f"no call left to perform in client {client_id!r}'s request (replayed request)"
+                )
+            return
+        if not wanted <= pending.calls:
+            raise AccessDenied(f"no such call in client {client_id!r}'s request")
+        if not wanted.isdisjoint(pending.performed):
             raise AccessDenied(
                 f"call already performed for client {client_id!r} (replayed request)"
             )
-        seen.performed |= wanted
+        pending.performed = pending.performed | wanted
+        if pending.performed >= pending.calls:
+            del self._pending[digest]
+
+    def _digest(self, client_id: str, nonce: str) -> bytes:
+        """The digest of a canonical (length-prefixed) encoding of ``(client_id, nonce)``."""
+        client = client_id.encode()
+        encoded = len(client).to_bytes(4, "big") + client + nonce.encode()
+        return hashlib.blake2b(encoded, digest_size=_DIGEST_BYTES, key=self._digest_key).digest()
 
     def _expire(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] < now:
-            _, client_id, nonce = heapq.heappop(self._expiries)
-            self._live.pop((client_id, nonce), None)
+        while self._expiry_order and self._expiry_order[0] < now:
+            for digest in self._expiring.pop(heapq.heappop(self._expiry_order)):
+                self._live.discard(digest)
+                if self._pending:
+                    self._pending.pop(digest, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +402,7 @@ class RequestVerifier:
                 nonce,
                 expires_at=signed_at + self.window,
                 now=now,
-                body_sha256=hashlib.sha256(body).hexdigest(),
+                body_sha256=hashlib.sha256(body).digest(),
                 calls=calls,
                 follow_up=follow_up,
             )
