@@ -292,7 +292,9 @@ def test_a_refused_signature_does_not_burn_the_nonce(
 def test_full_nonce_tracker_refuses_rather_than_forgets(
     registry: ClientsRegistry, clock: FakeClock, signer: tuple[str, PrivateKey]
 ) -> None:
-    verifier = RequestVerifier(registry, window=300, now=clock, nonce_capacity=3, not_before=0)
+    verifier = RequestVerifier(
+        registry, window=300, now=clock, nonce_capacity=3, nonce_quota=3, not_before=0
+    )
     first = signed(signer)
     verifier.verify("POST", PATH, BODY, first)
     for _ in range(2):
@@ -303,6 +305,26 @@ def test_full_nonce_tracker_refuses_rather_than_forgets(
         verifier.verify("POST", PATH, BODY, first)
     clock.now = NOW + 301
     verifier.verify("POST", PATH, BODY, signed(signer, now=clock.now))
+
+
+def test_one_client_cannot_fill_the_nonce_store_for_the_others(
+    registry: ClientsRegistry,
+    clock: FakeClock,
+    ed_key: ed25519.Ed25519PrivateKey,
+    p256_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """With the default quota (a quarter of the capacity), a client that keeps sending is
+    refused long before the store is full, and another client's requests still pass."""
+    verifier = RequestVerifier(registry, window=300, now=clock, nonce_capacity=8, not_before=0)
+    refusals: list[str] = []
+    for _ in range(8):
+        try:
+            verifier.verify("POST", PATH, BODY, signed(("wallet-hot", ed_key)))
+        except AccessDenied as exc:
+            refusals.append(exc.message)
+    assert len(refusals) == 6
+    assert all("'wallet-hot' has too many requests in the time window" in m for m in refusals)
+    assert verifier.verify("POST", PATH, BODY, signed(("mobile", p256_key))).client_id == "mobile"
 
 
 def test_nonces_expire_by_their_own_timestamp(

@@ -349,6 +349,8 @@ class EnclaveGatekeeper:
                 "allow_blind_signing": self.limits.allow_blind_signing,
                 "auth_failure_audit_rate": self.limits.auth_failure_audit_rate,
                 "auth_failure_audit_burst": self.limits.auth_failure_audit_burst,
+                "nonce_capacity": self.limits.nonce_capacity,
+                "nonce_quota": self.limits.nonce_quota,
             }
             if resume:
                 body["resume"] = True

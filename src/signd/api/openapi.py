@@ -37,8 +37,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     """The error answers of ``statuses``, each ``{"error": {...}}``."""
     reasons = {
         400: "Malformed JSON, a missing or wrong field (named in error.field)",
-        401: "No valid credentials: unsigned, wrongly signed, expired or replayed request, or"
-        " an unknown bearer token (code unauthenticated)",
+        401: "No valid credentials: unsigned, wrongly signed, expired or replayed request, an"
+        " unknown bearer token, or too many of the client's requests in the time window (code"
+        " unauthenticated)",
         403: "Refused by the server's signing gate (e.g. blind signing is disabled)",
         404: "No such key",
         408: "The request body did not arrive within the server's body_timeout (code"

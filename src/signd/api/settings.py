@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from signd.auth.request_signing import (
+    DEFAULT_NONCE_CAPACITY,
+    MAX_NONCE_CAPACITY,
+    default_nonce_quota,
+)
 from signd.enclave.protocol import DEFAULT_MAX_FRAME_SIZE
 from signd.errors import ConfigurationError
 from signd.gate.interpret import Limits
@@ -113,6 +118,12 @@ class ApiSettings:
     record. 0: every failed authentication has its own record."""
     auth_failure_audit_burst: int = 1000
     """Failed authentications the gate records one by one at once."""
+    nonce_capacity: int = DEFAULT_NONCE_CAPACITY
+    """Signed requests' nonces the gate keeps at once, each until its request's timestamp
+    leaves the 300 s window (about 110 bytes each); past it, signed requests are refused."""
+    nonce_quota: int | None = None
+    """Nonces one client may keep at once; past it, that client's signed requests are
+    refused (401) until older ones expire. None: a quarter of ``nonce_capacity``."""
     signing_threads: int = 8
     """Blocking custody calls run in a thread pool this wide."""
     health_timeout: float = 5.0
@@ -189,6 +200,7 @@ class ApiSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"api.{name} must be a positive integer", field="api")
+        self._check_nonces()
         for name in ("rate_limit", "auth_failure_rate_limit", "auth_failure_audit_rate"):
             value = getattr(self, name)
             if (
@@ -226,6 +238,24 @@ class ApiSettings:
                 raise ConfigurationError(f"api.{name} must be a file path", field="api")
         if self.mqtt is not None:
             self._check_mqtt()
+
+    def _check_nonces(self) -> None:
+        capacity = self.nonce_capacity
+        if (
+            isinstance(capacity, bool)
+            or not isinstance(capacity, int)
+            or not 1 <= capacity <= MAX_NONCE_CAPACITY
+        ):
+            raise ConfigurationError(
+                f"api.nonce_capacity must be an integer in 1..{MAX_NONCE_CAPACITY}", field="api"
+            )
+        quota = self.nonce_quota
+        if quota is not None and (
+            isinstance(quota, bool) or not isinstance(quota, int) or not 1 <= quota <= capacity
+        ):
+            raise ConfigurationError(
+                "api.nonce_quota must be an integer in 1..nonce_capacity", field="api"
+            )
 
     def _check_mqtt(self) -> None:
         def refuse(message: str) -> ConfigurationError:
@@ -310,6 +340,10 @@ class ApiSettings:
             self.allow_blind_signing,
             self.auth_failure_audit_rate,
             self.auth_failure_audit_burst,
+            self.nonce_capacity,
+            default_nonce_quota(self.nonce_capacity)
+            if self.nonce_quota is None
+            else self.nonce_quota,
         )
 
     @classmethod

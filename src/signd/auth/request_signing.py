@@ -22,8 +22,9 @@ the raw 64-byte ``r || s`` (IEEE P1363, as WebCrypto produces), not DER.
 :class:`RequestVerifier` refuses an unknown client, a bad signature, a timestamp more than
 ``window`` seconds from its clock, a nonce it has seen and any malformed header. A nonce is
 remembered until its request's timestamp leaves the window; after that the timestamp check
-refuses the request anyway, so forgetting it is safe. If more than ``nonce_capacity`` nonces
-are live at once, new requests are refused rather than old nonces forgotten.
+refuses the request anyway, so forgetting it is safe. If ``nonce_capacity`` nonces are live
+at once, or ``nonce_quota`` of one client's, new requests (of that client) are refused rather
+than old nonces forgotten: one client cannot fill the store and lock the others out.
 
 **Presenting a request again.** The enclave's gate performs a request's calls as the host
 forwards them, and a JSON-RPC batch arrives one item at a time, so :meth:`RequestVerifier.present`
@@ -44,8 +45,10 @@ import hashlib
 import heapq
 import os
 import re
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -72,6 +75,10 @@ NONCE_BYTES: Final = 16
 MAX_NONCE_BYTES: Final = 64
 DEFAULT_WINDOW: Final = 300
 DEFAULT_NONCE_CAPACITY: Final = 1_000_000
+MAX_NONCE_CAPACITY: Final = 100_000_000
+"""The most nonce capacity a configuration may ask for (about 10 GB of enclave memory)."""
+NONCE_QUOTA_SHARE: Final = 4
+"""By default a client may hold a quarter of the nonce capacity live."""
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 """A request-signing private key: Ed25519, or ECDSA on P-256."""
@@ -81,6 +88,8 @@ _TIMESTAMP: Final = re.compile(r"[0-9]{1,12}")
 _NONCE: Final = re.compile(rf"(?:[0-9a-f]{{2}}){{{NONCE_BYTES},{MAX_NONCE_BYTES}}}")
 _P256_SIGNATURE_BYTES: Final = 64
 _MAX_SIGNATURE_TEXT: Final = 128
+_DIGEST_BYTES: Final = 16
+_DIGEST_KEY_BYTES: Final = 32
 
 
 class RegistrySource(Protocol):
@@ -104,6 +113,13 @@ def canonical_request(method: str, path: str, body: bytes, timestamp: str, nonce
         )
     body_hash = hashlib.sha256(body).hexdigest()
     return "\n".join((SCHEME, method, path, body_hash, timestamp, nonce)).encode("ascii")
+
+
+def default_nonce_quota(capacity: int) -> int:
+    """The live nonces one client may hold when no quota is configured: a quarter of
+    ``capacity`` (250,000 of the default million, about 830 requests a second kept up over
+    a 300 s window), so that no one client can fill the tracker."""
+    return max(1, capacity // NONCE_QUOTA_SHARE)
 
 
 def sign_request(
@@ -142,31 +158,69 @@ def sign_request(
 
 
 @dataclass(slots=True)
-class _Seen:
-    """A live nonce: the body its request carried, its calls and those performed."""
+class _Pending:
+    """A live request some of whose calls are not yet performed: its body and calls."""
 
-    body_sha256: str
+    body_sha256: bytes
     calls: frozenset[str]
-    performed: set[str] = field(default_factory=set)
+    performed: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class _Expiring:
+    """The nonces that expire at one time: their digests, and their clients, in step."""
+
+    digests: list[bytes] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)
 
 
 class NonceTracker:
     """Nonces seen recently, each kept until its request's timestamp leaves the window.
 
-    Bounded: when ``capacity`` nonces are live, :meth:`remember` refuses instead of
-    forgetting one early (forgetting early would reopen a replay). Not locked by itself;
-    :class:`RequestVerifier` serialises access.
+    Bounded twice: when ``capacity`` nonces are live, or ``per_client`` of one client's,
+    :meth:`remember` refuses that request instead of forgetting one early (forgetting early
+    would reopen a replay). So one client cannot fill the tracker for all the others. Not
+    locked by itself; :class:`RequestVerifier` serialises access.
+
+    Compact: a live nonce is one 128-bit BLAKE2b digest of (client, nonce), keyed with a
+    random secret of this tracker, held in a set and in the list of its expiry time: about
+    a tenth of the memory of per-nonce records. Replays are caught exactly: a replay has the
+    same client and nonce, so the same digest. A collision (unforeseeable without the key; a
+    fresh request meets one of a million live digests with odds of 2**-108) could only refuse
+    a fresh request. A request whose calls are not all performed keeps its body hash and
+    calls too, until they are.
     """
 
-    def __init__(self, *, capacity: int) -> None:
-        if capacity < 1:
-            raise ConfigurationError("nonce capacity must be at least 1")
-        self.capacity = capacity
-        self._live: dict[tuple[str, str], _Seen] = {}
-        self._expiries: list[tuple[float, str, str]] = []
+    capacity: int
+    per_client: int
+    """The quota of live nonces of each client (``capacity`` when not given)."""
+
+    def __init__(self, *, capacity: int, per_client: int | None = None) -> None:
+        self.limit(capacity, capacity if per_client is None else per_client)
+        self._digest_key = os.urandom(_DIGEST_KEY_BYTES)
+        self._live: set[bytes] = set()
+        self._pending: dict[bytes, _Pending] = {}
+        self._expiring: dict[float, _Expiring] = {}
+        """The nonces by when they expire (whole seconds for signed requests)."""
+        self._expiry_order: list[float] = []
+        """The keys of :attr:`_expiring`, a heap."""
+        self._per_client_live: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def limit(self, capacity: int, per_client: int) -> None:
+        """Set the bounds (nonces live already stay, but count against them)."""
+        if capacity < 1:
+            raise ConfigurationError("nonce capacity must be at least 1")
+        if not 1 <= per_client <= capacity:
+            raise ConfigurationError("a client's nonce quota must be 1 to the nonce capacity")
+        self.capacity = capacity
+        self.per_client = per_client
+
+    def live(self, client_id: str) -> int:
+        """How many of ``client_id``'s nonces are live."""
+        return self._per_client_live.get(client_id, 0)
 
     def remember(
         self,
@@ -175,11 +229,12 @@ class NonceTracker:
         *,
         expires_at: float,
         now: float,
-        body_sha256: str = "",
+        body_sha256: bytes = b"",
         calls: Collection[str] | None = None,
         follow_up: bool = False,
     ) -> None:
-        """Record a nonce; refuse one already live, or any when the tracker is full.
+        """Record a nonce; refuse one already live, or any when the tracker is full or the
+        client has ``per_client`` nonces live.
 
         With ``calls`` (the request's call names), a live nonce is accepted again for the
         same body while some of its calls are not yet performed (:meth:`perform`), but only
@@ -188,40 +243,80 @@ class NonceTracker:
         it can never be performed (one the host refused, or with bad parameters).
         """
         self._expire(now)
-        entry = (client_id, nonce)
-        seen = self._live.get(entry)
-        if seen is not None:
+        digest = self._digest(client_id, nonce)
+        if digest in self._live:
+            pending = self._pending.get(digest)
             if (
-                calls is None
+                pending is None
+                or calls is None
                 or not follow_up
-                or seen.body_sha256 != body_sha256
-                or seen.performed >= seen.calls
+                or pending.body_sha256 != body_sha256
             ):
                 raise AccessDenied(f"nonce already used by client {client_id!r} (replayed request)")
             return
         if len(self._live) >= self.capacity:
             raise AccessDenied("too many recent requests to track their nonces; retry later")
-        self._live[entry] = _Seen(body_sha256, frozenset(calls or ()))
-        heapq.heappush(self._expiries, (expires_at, client_id, nonce))
+        if self.live(client_id) >= self.per_client:
+            raise AccessDenied(
+                f"client {client_id!r} has too many requests in the time window (a quota of "
+                f"{self.per_client} live nonces); retry once older ones expire"
+            )
+        self._live.add(digest)
+        if calls:
+            self._pending[digest] = _Pending(body_sha256, frozenset(calls))
+        client_id = sys.intern(client_id)  # a registered id: one string, however many nonces
+        self._per_client_live[client_id] = self.live(client_id) + 1
+        expiring = self._expiring.get(expires_at)
+        if expiring is None:
+            self._expiring[expires_at] = expiring = _Expiring()
+            heapq.heappush(self._expiry_order, expires_at)
+        expiring.digests.append(digest)
+        expiring.clients.append(client_id)
 
     def perform(self, client_id: str, nonce: str, calls: Collection[str], *, now: float) -> None:
         """Mark ``calls`` of a remembered request performed; refuse if any already was (or
         is not one of its calls, or the nonce has expired meanwhile)."""
         self._expire(now)
-        seen = self._live.get((client_id, nonce))
+        digest = self._digest(client_id, nonce)
         wanted = set(calls)
-        if seen is None or not wanted <= seen.calls:
+        if digest not in self._live:
             raise AccessDenied(f"no such call in client {client_id!r}'s request")
-        if not wanted.isdisjoint(seen.performed):
+        pending = self._pending.get(digest)
+        if pending is None:  # all its calls are performed (or it had none)
+            if wanted:
+                raise AccessDenied(
+                    f"no call left to perform in client {client_id!r}'s request (replayed request)"
+                )
+            return
+        if not wanted <= pending.calls:
+            raise AccessDenied(f"no such call in client {client_id!r}'s request")
+        if not wanted.isdisjoint(pending.performed):
             raise AccessDenied(
                 f"call already performed for client {client_id!r} (replayed request)"
             )
-        seen.performed |= wanted
+        pending.performed = pending.performed | wanted
+        if pending.performed >= pending.calls:
+            del self._pending[digest]
+
+    def _digest(self, client_id: str, nonce: str) -> bytes:
+        """The digest of a canonical (length-prefixed) encoding of ``(client_id, nonce)``."""
+        client = client_id.encode()
+        encoded = len(client).to_bytes(4, "big") + client + nonce.encode()
+        return hashlib.blake2b(encoded, digest_size=_DIGEST_BYTES, key=self._digest_key).digest()
 
     def _expire(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] < now:
-            _, client_id, nonce = heapq.heappop(self._expiries)
-            self._live.pop((client_id, nonce), None)
+        while self._expiry_order and self._expiry_order[0] < now:
+            expiring = self._expiring.pop(heapq.heappop(self._expiry_order))
+            for digest in expiring.digests:
+                self._live.discard(digest)
+                if self._pending:
+                    self._pending.pop(digest, None)
+            for client_id, expired in Counter(expiring.clients).items():
+                left = self.live(client_id) - expired
+                if left:
+                    self._per_client_live[client_id] = left
+                else:
+                    del self._per_client_live[client_id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +336,8 @@ class RequestVerifier:
     per request, so a reload takes effect at once while the nonces seen are kept. ``now``
     is the clock in unix seconds, injectable for tests. ``not_before`` (default: the time of
     construction) refuses requests signed earlier, whose nonces this verifier cannot know.
+    ``nonce_capacity`` bounds the nonces live at once, ``nonce_quota`` (default:
+    :func:`default_nonce_quota`) those of one client.
     """
 
     def __init__(
@@ -250,6 +347,7 @@ class RequestVerifier:
         window: int = DEFAULT_WINDOW,
         now: Callable[[], float] = time.time,
         nonce_capacity: int = DEFAULT_NONCE_CAPACITY,
+        nonce_quota: int | None = None,
         not_before: float | None = None,
     ) -> None:
         if window < 1:
@@ -258,11 +356,17 @@ class RequestVerifier:
         self.not_before = now() if not_before is None else not_before
         self._registry = registry
         self._now = now
-        self._nonces = NonceTracker(capacity=nonce_capacity)
+        quota = default_nonce_quota(nonce_capacity) if nonce_quota is None else nonce_quota
+        self._nonces = NonceTracker(capacity=nonce_capacity, per_client=quota)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RequestVerifier(window={self.window}, nonces={len(self._nonces)})"
+
+    def limit_nonces(self, capacity: int, quota: int) -> None:
+        """Bound the nonces live at once, and those of one client, anew (a reconfiguration)."""
+        with self._lock:
+            self._nonces.limit(capacity, quota)
 
     @property
     def registry(self) -> ClientsRegistry:
@@ -361,7 +465,7 @@ class RequestVerifier:
                 nonce,
                 expires_at=signed_at + self.window,
                 now=now,
-                body_sha256=hashlib.sha256(body).hexdigest(),
+                body_sha256=hashlib.sha256(body).digest(),
                 calls=calls,
                 follow_up=follow_up,
             )

@@ -66,7 +66,7 @@ from signd.audit.records import (
 from signd.audit.tail import check_tail, reaches, spends
 from signd.audit.verify import PolicyRuns
 from signd.auth import ClientsHolder, Principal, RequestVerifier, Scope
-from signd.auth.request_signing import Presentation
+from signd.auth.request_signing import MAX_NONCE_CAPACITY, Presentation, default_nonce_quota
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, normalize_signature
 from signd.crypto.secret import Secret
@@ -323,6 +323,7 @@ class EnclaveGate:
         key_ciphertext = _bytes(body, "audit_key", limit=MAX_CONFIG_SIZE)
         head_data = _bytes(body, "audit_head", limit=MAX_CONFIG_SIZE)
         resume = body.get("resume", False) is True
+        nonces = _limit(body, "nonce_capacity", DEFAULT_LIMITS.nonce_capacity, MAX_NONCE_CAPACITY)
         limits = Limits(
             max_batch=_limit(body, "max_batch", DEFAULT_LIMITS.max_batch),
             max_keys_per_request=_limit(
@@ -335,6 +336,8 @@ class EnclaveGate:
             auth_failure_audit_burst=_limit(
                 body, "auth_failure_audit_burst", DEFAULT_LIMITS.auth_failure_audit_burst
             ),
+            nonce_capacity=nonces,
+            nonce_quota=_limit(body, "nonce_quota", default_nonce_quota(nonces), nonces),
         )
         node = body.get("node", self._node)
         if not isinstance(node, str) or not 0 < len(node) <= MAX_NAME_LENGTH:
@@ -371,7 +374,13 @@ class EnclaveGate:
                 # Request timestamps are whole seconds: refuse those signed before the second
                 # this enclave started (an earlier one may have seen their nonces). A request
                 # signed after that and before this configuration reached no enclave.
-                verifier = RequestVerifier(clients, now=self._now, not_before=self._started)
+                verifier = RequestVerifier(
+                    clients,
+                    now=self._now,
+                    not_before=self._started,
+                    nonce_capacity=limits.nonce_capacity,
+                    nonce_quota=limits.nonce_quota,
+                )
                 engine = PolicyEngine(policy, now=self._now)
                 since = self._now() - engine.longest_window
                 self._replay(engine, first_tail, since)
@@ -388,6 +397,7 @@ class EnclaveGate:
                 in_force = InForce(policy.replace(policy_data), clients.replace(clients_data))
                 if older:
                     self._replay(engine, older, since)
+                verifier.limit_nonces(limits.nonce_capacity, limits.nonce_quota)
             self._configured = _Configured(in_force, clients, policy, verifier, engine, limits)
             self._refusals.configure(
                 limits.auth_failure_audit_rate, limits.auth_failure_audit_burst
@@ -1071,10 +1081,10 @@ def _first_tail(
     return chunk
 
 
-def _limit(body: Mapping[str, Any], name: str, default: int) -> int:
+def _limit(body: Mapping[str, Any], name: str, default: int, maximum: int = 100_000) -> int:
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-        raise InvalidField(f"{name} must be an integer in 1..100000", field=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidField(f"{name} must be an integer in 1..{maximum}", field=name)
     return value
 
 

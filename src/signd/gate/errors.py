@@ -1,7 +1,8 @@
 """The gate's refusals, each an :class:`~signd.errors.AccessDenied` with its own code::
 
 AccessDenied
-├── Unauthenticated     401: no credentials, or a bad, expired or replayed request signature
+├── Unauthenticated     401: no credentials, a bad, expired or replayed request signature,
+│                            or a client over its quota of requests in the time window
 ├── OutOfScope          403: the client lacks the scope, or may not use the key's labels
 ├── BlindSigningDisabled 403: raw-hash signing is switched off on this service
 └── PolicyDenied        403: the policy refused; ``rule`` names the rule (None: none covers)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote
 
+from signd.auth.request_signing import DEFAULT_NONCE_CAPACITY, default_nonce_quota
 from signd.errors import InvalidField, InvalidRequest, SigndError
 from signd.gate import inputs
 from signd.gate.operations import SigningCall, SigningKind
@@ -95,8 +96,8 @@ Action = CreateKeys | ReadKeys | SignCalls | NoSigning
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What the API is configured with that the gate enforces (``[api]`` ``max_batch``,
-    ``max_keys_per_request``, ``allow_blind_signing`` and the ``auth_failure_audit_*``
-    limit); the defaults are :class:`~signd.api.ApiSettings`'."""
+    ``max_keys_per_request``, ``allow_blind_signing``, the ``auth_failure_audit_*`` limit
+    and the ``nonce_*`` bounds); the defaults are :class:`~signd.api.ApiSettings`'."""
 
     max_batch: int = 100
     max_keys_per_request: int = 1000
@@ -107,6 +108,12 @@ class Limits:
     are counted (:class:`~signd.gate.audit.RefusalRecords`). 0: each one recorded."""
     auth_failure_audit_burst: int = 1000
     """Authentication refusals sealed one record each at once."""
+    nonce_capacity: int = DEFAULT_NONCE_CAPACITY
+    """Request-signature nonces kept live at once (each until its request's timestamp
+    leaves the window); past it, every new signed request is refused."""
+    nonce_quota: int = default_nonce_quota(DEFAULT_NONCE_CAPACITY)
+    """Nonces one client may keep live at once; past it, that client's new signed requests
+    are refused, so that it cannot fill ``nonce_capacity`` for the others."""
 
 
 DEFAULT_LIMITS: Final = Limits()

@@ -307,7 +307,12 @@ def open_gatekeeper(
     # restarted process has forgotten the nonces seen before it), not before this instant.
     return Gatekeeper(
         signer,
-        RequestVerifier(clients, not_before=math.floor(time.time())),
+        RequestVerifier(
+            clients,
+            not_before=math.floor(time.time()),
+            nonce_capacity=limits.nonce_capacity,
+            nonce_quota=limits.nonce_quota,
+        ),
         engine,
         trail,
         clients=clients,
