@@ -51,8 +51,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import cbor2
 
@@ -70,7 +71,7 @@ from signd.auth.request_signing import Presentation
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, normalize_signature
 from signd.crypto.secret import Secret
-from signd.custody.base import KeyInfo, check_labels, utc_now
+from signd.custody.base import KeyInfo, check_labels
 from signd.enclave.protocol import (
     CUSTODY_ENCLAVE,
     CUSTODY_HSM,
@@ -220,6 +221,18 @@ class _Answer:
     keys: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _Described(NamedTuple):
+    """A key as the host described it, and for a sealed key the reference its blob must
+    prove: made once per GATE, for every call that names the key."""
+
+    info: KeyInfo
+    sealed: KeyReference | None
+
+
+_DESCRIBED_AT: Final = datetime.fromtimestamp(0, UTC)
+"""The ``created_at`` of a key the host describes: not part of its description, and read by
+nothing here."""
+
 READINGS_KEPT: Final = 8
 """How many requests' readings the gate keeps (:class:`_Readings`)."""
 
@@ -232,13 +245,12 @@ class _Readings:
     anew each time, and would gather tracebacks if it were kept."""
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[tuple[str, str, bytes, Limits], Action] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, str, str, Limits], Action] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, request: GateRequest, limits: Limits) -> Action:
         """:func:`~signd.gate.interpret.interpret` of ``request`` under ``limits``."""
-        digest = hashlib.sha256(request.body).digest()
-        kept_as = (request.method, request.path, digest, limits)
+        kept_as = (request.method, request.path, request.sha256, limits)
         with self._lock:
             action = self._kept.get(kept_as)
             if action is not None:
@@ -670,7 +682,7 @@ class EnclaveGate:
         presented: _Presented,
         action: SignCalls,
         select: list[int],
-        keys: Mapping[str, KeyInfo],
+        keys: Mapping[str, _Described],
         fills: Mapping[int, Mapping[str, Any]],
         answer: _Answer,
     ) -> None:
@@ -680,7 +692,7 @@ class EnclaveGate:
             together = SignTogether(answer.entries)
         waiting: list[tuple[int, Waiting[ProvenKey]]] = []
         unsealing = self._signer.unsealing(
-            _reference(info) for info in keys.values() if info.custody == CUSTODY_ENCLAVE
+            described.sealed for described in keys.values() if described.sealed is not None
         )
         for origin in select:
             call = slots.get(origin)
@@ -727,7 +739,7 @@ class EnclaveGate:
         presented: _Presented,
         call: SigningCall,
         fill: Mapping[str, Any] | None,
-        keys: Mapping[str, KeyInfo],
+        keys: Mapping[str, _Described],
         answer: _Answer,
         unsealing: Unsealing,
         together: SignTogether[ProvenKey] | None = None,
@@ -749,9 +761,10 @@ class EnclaveGate:
         )
         if lacking is not None:
             raise refuse(lacking)
-        info = keys.get(call.key)
-        if info is None or not _names(call.key, info):
+        described = keys.get(call.key)
+        if described is None or not _names(call.key, described.info):
             raise refuse(KeyNotFound(f"no key {shown(call.key)}"))
+        info, sealed = described
         base |= key_fields(info)
         proven: ProvenKey | None = None
         try:
@@ -759,8 +772,8 @@ class EnclaveGate:
                 if call.kind is not SigningKind.ETH_TRANSACTION:
                     raise InvalidRequest("only a transaction has fields to fill")
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
-            if info.custody == CUSTODY_ENCLAVE:
-                proven = self._signer.proven_key(_reference(info), unsealing)
+            if sealed is not None:
+                proven = self._signer.proven_key(sealed, unsealing)
             approval = approve(
                 principal,
                 call,
@@ -773,7 +786,7 @@ class EnclaveGate:
             raise refuse(exc, rule_of(exc)) from None
         prepared = approval.prepared
         if together is not None and proven is not None and not prepared.facts and not fill:
-            reference = _reference(info)
+            reference = proven.reference
             run = Run(
                 info,
                 base,
@@ -1107,11 +1120,11 @@ def _gate_request(value: object) -> GateRequest:
     return GateRequest(method, target, body, headers)
 
 
-def _key_descriptors(value: object) -> dict[str, KeyInfo]:
+def _key_descriptors(value: object) -> dict[str, _Described]:
     """The keys the host says the request names, by the reference the request uses."""
     if not isinstance(value, list) or len(value) > MAX_KEYS:
         raise InvalidField(f"keys must be a list of at most {MAX_KEYS} maps", field="keys")
-    found: dict[str, KeyInfo] = {}
+    found: dict[str, _Described] = {}
     for item in value:
         if not isinstance(item, dict):
             raise InvalidField("each key must be a map", field="keys")
@@ -1125,16 +1138,22 @@ def _key_descriptors(value: object) -> dict[str, KeyInfo]:
             details["blob"] = require_str(item, "blob", max_length=MAX_NAME_LENGTH)
         elif custody == CUSTODY_HSM and "cka_id" in item:  # a key of the enclave's own HSM
             details["cka_id"] = HsmKeyReference.from_body(item).cka_id.hex()
-        found[ref] = KeyInfo(
+        info = KeyInfo(
             key_id=require_str(item, "key_id", max_length=MAX_NAME_LENGTH),
             chain=require_str(item, "chain", max_length=MAX_NAME_LENGTH),
             address=require_str(item, "address", max_length=MAX_NAME_LENGTH),
             public_key=require_bytes(item, "public_key", size=33),
             custody=custody,
-            created_at=utc_now(),
+            created_at=_DESCRIBED_AT,
             labels=canonical_labels(labels),
             details=details,
         )
+        sealed = None
+        if custody == CUSTODY_ENCLAVE:
+            sealed = KeyReference(
+                info.key_id, info.chain, info.address, details["blob"], info.labels
+            )
+        found[ref] = _Described(info, sealed)
     return found
 
 
@@ -1166,10 +1185,6 @@ def _names(ref: str, info: KeyInfo) -> bool:
     if ref.startswith(("0x", "0X")) and info.address.startswith(("0x", "0X")):
         return ref.lower() == info.address.lower()
     return ref == info.address
-
-
-def _reference(info: KeyInfo) -> KeyReference:
-    return KeyReference(info.key_id, info.chain, info.address, info.details["blob"], info.labels)
 
 
 def _principal_body(principal: Principal) -> dict[str, Any]:
