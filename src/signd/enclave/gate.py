@@ -566,16 +566,16 @@ class EnclaveGate:
         select: list[int],
         in_force: InForce,
     ) -> _Presented:
-        calls: frozenset[str] = frozenset()
-        if isinstance(action, SignCalls):
-            calls = frozenset(str(origin) for origin in action.origins)
-        elif isinstance(action, CreateKeys):
-            calls = frozenset({"0"})
         verifier = configured.verifier
         presentation: Presentation | None = None
 
         def signed() -> Principal:
             nonlocal presentation
+            calls: frozenset[str] = frozenset()  # named here: a bearer request performs none
+            if isinstance(action, SignCalls):
+                calls = frozenset(map(str, action.origins))
+            elif isinstance(action, CreateKeys):
+                calls = frozenset({"0"})
             presentation = verifier.present(
                 request.method,
                 request.path,
@@ -786,13 +786,12 @@ class EnclaveGate:
             raise refuse(exc, rule_of(exc)) from None
         prepared = approval.prepared
         if together is not None and proven is not None and not prepared.facts and not fill:
-            reference = proven.reference
             run = Run(
                 info,
                 base,
                 approval.decision,
                 approval.intent,
-                lambda: self._signer.proven_key(reference, unsealing),
+                partial(self._signer.proven_key, proven.reference, unsealing),
             )
             return together.start(call, run, proven, prepared.digest, prepared.assemble)
         return self._perform(configured, approval, base, answer, proven)
