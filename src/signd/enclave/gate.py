@@ -198,6 +198,16 @@ class _Configured:
     verifier: RequestVerifier
     engine: PolicyEngine
     limits: Limits
+    decided: Decided = field(default_factory=dict)
+    """Allowed decisions whose intent is the client and the key alone (a hash, a message),
+    made under ``in_force.policy``: such a decision depends on nothing else (no value, so no
+    spend window), so every GATE of this configuration shares it (see
+    :func:`~signd.gate.keeper.approve`). At most :data:`DECIDED_KEPT`."""
+
+
+DECIDED_KEPT: Final = 10_000
+"""How many decisions a configuration keeps (:attr:`_Configured.decided`); past that they
+are dropped, and made again as needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +225,6 @@ class _Answer:
     """A GATE answer being built, and the audit entries it will carry."""
 
     entries: DecisionLog = field(default_factory=DecisionLog)
-    decided: Decided = field(default_factory=dict)
-    """The decisions this answer's signatures may share (see :func:`~signd.gate.approve`)."""
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     keys: list[dict[str, Any]] = field(default_factory=list)
 
@@ -774,12 +782,14 @@ class EnclaveGate:
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
             if sealed is not None:
                 proven = self._signer.proven_key(sealed, unsealing)
+            if len(configured.decided) >= DECIDED_KEPT:
+                configured.decided.clear()
             approval = approve(
                 principal,
                 call,
                 info,
                 configured.engine,
-                answer.decided,
+                configured.decided,
                 policy=presented.in_force.policy,
             )
         except SigndError as exc:
