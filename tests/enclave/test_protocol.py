@@ -321,3 +321,22 @@ def test_message_schemas_round_trip_and_validate() -> None:
         KeyReference.from_body({**created.reference.to_body(), "blob": ""})
     with pytest.raises(InvalidField):
         KeyReference.from_body({**created.reference.to_body(), "key_id": 5})
+
+
+def test_key_references_are_equal_exactly_when_every_field_is() -> None:
+    reference = KeyReference("k1", "ethereum", "0xabc", "enclave-k1", ("hot", "eu"))
+    same = KeyReference("k1", "ethereum", "0xabc", "enclave-k1", ("eu", "hot"))
+    assert same == reference and hash(same) == hash(reference)
+    assert {reference: "unsealed"}[same] == "unsealed"
+    for other in (
+        KeyReference("k2", "ethereum", "0xabc", "enclave-k1", ("hot", "eu")),
+        KeyReference("k1", "bitcoin", "0xabc", "enclave-k1", ("hot", "eu")),
+        KeyReference("k1", "ethereum", "0xabd", "enclave-k1", ("hot", "eu")),
+        KeyReference("k1", "ethereum", "0xabc", "enclave-k2", ("hot", "eu")),
+        KeyReference("k1", "ethereum", "0xabc", "enclave-k1", ("hot",)),
+        KeyReference("k1", "ethereum", "0xabc", "enclave-k1"),
+    ):
+        assert other != reference and reference != other
+        assert other not in {reference}
+    assert reference != ("k1", "ethereum", "0xabc", "enclave-k1", ("eu", "hot"))
+    assert "_identity" not in repr(reference)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,17 @@ def test_bearer_tokens_and_missing_credentials(gated: Gated) -> None:
     with pytest.raises(Unauthenticated, match="not both"):
         gated.gatekeeper.authenticate(both)
     assert gated.last()["operation"] == "authenticate"
+
+
+def test_a_request_digest_is_its_body_sha256_and_headers_match_in_any_case() -> None:
+    request = GateRequest(
+        "POST", "/rpc", b'{"id": 1}', {"X-Signd-Client": "alice", "x-signd-client": "bob"}
+    )
+    assert request.sha256 == hashlib.sha256(b'{"id": 1}').hexdigest()
+    assert request.sha256 is request.sha256  # computed once
+    assert request == GateRequest("POST", "/rpc", b'{"id": 1}', request.headers)
+    assert request.header("X-SIGND-CLIENT") == "alice"  # the first of that name
+    assert request.header("authorization") is None
 
 
 def test_the_intent_comes_from_the_decoded_transaction(

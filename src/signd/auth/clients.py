@@ -150,8 +150,11 @@ class ClientsRegistry:
             if client.client_id in self._clients:
                 raise ConfigurationError(f"client {client.client_id!r} is registered twice")
             self._clients[client.client_id] = client
-        self._bearers = tuple(c for c in clients if c.token_sha256 is not None)
-        hashes = [c.token_sha256 for c in self._bearers]
+        self._bearers = tuple(
+            (c.token_sha256, c.principal("bearer")) for c in clients if c.token_sha256 is not None
+        )
+        """Each bearer client's token hash, and the principal it authenticates as."""
+        hashes = [token_sha256 for token_sha256, _ in self._bearers]
         if len(set(hashes)) != len(hashes):
             raise ConfigurationError("two clients share the same bearer token")
         self.sha256 = sha256
@@ -210,14 +213,13 @@ class ClientsRegistry:
         if not isinstance(token, str) or not token:
             raise AccessDenied("missing bearer token")
         digest = hashlib.sha256(token.encode("utf-8")).digest()
-        found: RegisteredClient | None = None
-        for client in self._bearers:
-            assert client.token_sha256 is not None
-            if hmac.compare_digest(digest, client.token_sha256):
-                found = client
+        found: Principal | None = None
+        for token_sha256, principal in self._bearers:
+            if hmac.compare_digest(digest, token_sha256):
+                found = principal
         if found is None:
             raise AccessDenied("unknown bearer token")
-        return found.principal("bearer")
+        return found
 
 
 def parse_public_key(text: str) -> PublicKey:

@@ -51,8 +51,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import cbor2
 
@@ -70,7 +71,7 @@ from signd.auth.request_signing import MAX_NONCE_CAPACITY, Presentation, default
 from signd.chains import address_deriver
 from signd.crypto.secp256k1 import PARALLEL_MIN, normalize_signature
 from signd.crypto.secret import Secret
-from signd.custody.base import KeyInfo, check_labels, utc_now
+from signd.custody.base import KeyInfo, check_labels
 from signd.enclave.protocol import (
     CUSTODY_ENCLAVE,
     CUSTODY_HSM,
@@ -198,6 +199,16 @@ class _Configured:
     verifier: RequestVerifier
     engine: PolicyEngine
     limits: Limits
+    decided: Decided = field(default_factory=dict)
+    """Allowed decisions whose intent is the client and the key alone (a hash, a message),
+    made under ``in_force.policy``: such a decision depends on nothing else (no value, so no
+    spend window), so every GATE of this configuration shares it (see
+    :func:`~signd.gate.keeper.approve`). At most :data:`DECIDED_KEPT`."""
+
+
+DECIDED_KEPT: Final = 10_000
+"""How many decisions a configuration keeps (:attr:`_Configured.decided`); past that they
+are dropped, and made again as needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +226,21 @@ class _Answer:
     """A GATE answer being built, and the audit entries it will carry."""
 
     entries: DecisionLog = field(default_factory=DecisionLog)
-    decided: Decided = field(default_factory=dict)
-    """The decisions this answer's signatures may share (see :func:`~signd.gate.approve`)."""
     outcomes: list[dict[str, Any]] = field(default_factory=list)
     keys: list[dict[str, Any]] = field(default_factory=list)
 
+
+class _Described(NamedTuple):
+    """A key as the host described it, and for a sealed key the reference its blob must
+    prove: made once per GATE, for every call that names the key."""
+
+    info: KeyInfo
+    sealed: KeyReference | None
+
+
+_DESCRIBED_AT: Final = datetime.fromtimestamp(0, UTC)
+"""The ``created_at`` of a key the host describes: not part of its description, and read by
+nothing here."""
 
 READINGS_KEPT: Final = 8
 """How many requests' readings the gate keeps (:class:`_Readings`)."""
@@ -233,13 +254,12 @@ class _Readings:
     anew each time, and would gather tracebacks if it were kept."""
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[tuple[str, str, bytes, Limits], Action] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, str, str, Limits], Action] = OrderedDict()
         self._lock = threading.Lock()
 
     def read(self, request: GateRequest, limits: Limits) -> Action:
         """:func:`~signd.gate.interpret.interpret` of ``request`` under ``limits``."""
-        digest = hashlib.sha256(request.body).digest()
-        kept_as = (request.method, request.path, digest, limits)
+        kept_as = (request.method, request.path, request.sha256, limits)
         with self._lock:
             action = self._kept.get(kept_as)
             if action is not None:
@@ -567,16 +587,16 @@ class EnclaveGate:
         select: list[int],
         in_force: InForce,
     ) -> _Presented:
-        calls: frozenset[str] = frozenset()
-        if isinstance(action, SignCalls):
-            calls = frozenset(str(origin) for origin in action.origins)
-        elif isinstance(action, CreateKeys):
-            calls = frozenset({"0"})
         verifier = configured.verifier
         presentation: Presentation | None = None
 
         def signed() -> Principal:
             nonlocal presentation
+            calls: frozenset[str] = frozenset()  # named here: a bearer request performs none
+            if isinstance(action, SignCalls):
+                calls = frozenset(map(str, action.origins))
+            elif isinstance(action, CreateKeys):
+                calls = frozenset({"0"})
             presentation = verifier.present(
                 request.method,
                 request.path,
@@ -683,7 +703,7 @@ class EnclaveGate:
         presented: _Presented,
         action: SignCalls,
         select: list[int],
-        keys: Mapping[str, KeyInfo],
+        keys: Mapping[str, _Described],
         fills: Mapping[int, Mapping[str, Any]],
         answer: _Answer,
     ) -> None:
@@ -693,7 +713,7 @@ class EnclaveGate:
             together = SignTogether(answer.entries)
         waiting: list[tuple[int, Waiting[ProvenKey]]] = []
         unsealing = self._signer.unsealing(
-            _reference(info) for info in keys.values() if info.custody == CUSTODY_ENCLAVE
+            described.sealed for described in keys.values() if described.sealed is not None
         )
         for origin in select:
             call = slots.get(origin)
@@ -740,7 +760,7 @@ class EnclaveGate:
         presented: _Presented,
         call: SigningCall,
         fill: Mapping[str, Any] | None,
-        keys: Mapping[str, KeyInfo],
+        keys: Mapping[str, _Described],
         answer: _Answer,
         unsealing: Unsealing,
         together: SignTogether[ProvenKey] | None = None,
@@ -762,9 +782,10 @@ class EnclaveGate:
         )
         if lacking is not None:
             raise refuse(lacking)
-        info = keys.get(call.key)
-        if info is None or not _names(call.key, info):
+        described = keys.get(call.key)
+        if described is None or not _names(call.key, described.info):
             raise refuse(KeyNotFound(f"no key {shown(call.key)}"))
+        info, sealed = described
         base |= key_fields(info)
         proven: ProvenKey | None = None
         try:
@@ -772,27 +793,28 @@ class EnclaveGate:
                 if call.kind is not SigningKind.ETH_TRANSACTION:
                     raise InvalidRequest("only a transaction has fields to fill")
                 call = SigningCall(call.kind, call.key, apply_fills(call.payload, fill))
-            if info.custody == CUSTODY_ENCLAVE:
-                proven = self._signer.proven_key(_reference(info), unsealing)
+            if sealed is not None:
+                proven = self._signer.proven_key(sealed, unsealing)
+            if len(configured.decided) >= DECIDED_KEPT:
+                configured.decided.clear()
             approval = approve(
                 principal,
                 call,
                 info,
                 configured.engine,
-                answer.decided,
+                configured.decided,
                 policy=presented.in_force.policy,
             )
         except SigndError as exc:
             raise refuse(exc, rule_of(exc)) from None
         prepared = approval.prepared
         if together is not None and proven is not None and not prepared.facts and not fill:
-            reference = _reference(info)
             run = Run(
                 info,
                 base,
                 approval.decision,
                 approval.intent,
-                lambda: self._signer.proven_key(reference, unsealing),
+                partial(self._signer.proven_key, proven.reference, unsealing),
             )
             return together.start(call, run, proven, prepared.digest, prepared.assemble)
         return self._perform(configured, approval, base, answer, proven)
@@ -1120,11 +1142,11 @@ def _gate_request(value: object) -> GateRequest:
     return GateRequest(method, target, body, headers)
 
 
-def _key_descriptors(value: object) -> dict[str, KeyInfo]:
+def _key_descriptors(value: object) -> dict[str, _Described]:
     """The keys the host says the request names, by the reference the request uses."""
     if not isinstance(value, list) or len(value) > MAX_KEYS:
         raise InvalidField(f"keys must be a list of at most {MAX_KEYS} maps", field="keys")
-    found: dict[str, KeyInfo] = {}
+    found: dict[str, _Described] = {}
     for item in value:
         if not isinstance(item, dict):
             raise InvalidField("each key must be a map", field="keys")
@@ -1138,16 +1160,22 @@ def _key_descriptors(value: object) -> dict[str, KeyInfo]:
             details["blob"] = require_str(item, "blob", max_length=MAX_NAME_LENGTH)
         elif custody == CUSTODY_HSM and "cka_id" in item:  # a key of the enclave's own HSM
             details["cka_id"] = HsmKeyReference.from_body(item).cka_id.hex()
-        found[ref] = KeyInfo(
+        info = KeyInfo(
             key_id=require_str(item, "key_id", max_length=MAX_NAME_LENGTH),
             chain=require_str(item, "chain", max_length=MAX_NAME_LENGTH),
             address=require_str(item, "address", max_length=MAX_NAME_LENGTH),
             public_key=require_bytes(item, "public_key", size=33),
             custody=custody,
-            created_at=utc_now(),
+            created_at=_DESCRIBED_AT,
             labels=canonical_labels(labels),
             details=details,
         )
+        sealed = None
+        if custody == CUSTODY_ENCLAVE:
+            sealed = KeyReference(
+                info.key_id, info.chain, info.address, details["blob"], info.labels
+            )
+        found[ref] = _Described(info, sealed)
     return found
 
 
@@ -1179,10 +1207,6 @@ def _names(ref: str, info: KeyInfo) -> bool:
     if ref.startswith(("0x", "0X")) and info.address.startswith(("0x", "0X")):
         return ref.lower() == info.address.lower()
     return ref == info.address
-
-
-def _reference(info: KeyInfo) -> KeyReference:
-    return KeyReference(info.key_id, info.chain, info.address, info.details["blob"], info.labels)
 
 
 def _principal_body(principal: Principal) -> dict[str, Any]:

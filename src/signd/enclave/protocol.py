@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any, Final
 
@@ -136,6 +136,9 @@ class Flag(IntFlag):
 
 
 _KNOWN_FLAGS: Final = int(Flag.RESPONSE)
+_RESPONSE_BIT: Final = int(Flag.RESPONSE)
+"""``Flag.RESPONSE`` as a plain int: tested on every frame, where a flag operation costs
+more than the rest of the test."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,7 @@ class Frame:
 
     @property
     def is_response(self) -> bool:
-        return bool(self.flags & Flag.RESPONSE)
+        return int(self.flags) & _RESPONSE_BIT != 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,12 +442,16 @@ def request_labels(body: Mapping[str, Any]) -> tuple[str, ...]:
     return canonical_labels(labels)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class KeyReference:
     """Everything the enclave needs to find and check one sealed key (all of it public).
 
     ``labels`` are the labels claimed for the key, kept canonical (:func:`canonical_labels`);
     the sealed blob binds the true ones, so a wrong claim fails to unseal.
+
+    Two references are equal when all their fields are. The fields are compared and hashed
+    as one tuple, made once: the unsealed-key cache looks a reference up for every
+    signature.
     """
 
     key_id: str
@@ -452,10 +459,21 @@ class KeyReference:
     address: str
     blob: str
     labels: tuple[str, ...] = ()
+    _identity: tuple[str, str, str, str, tuple[str, ...]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.labels != ():
             object.__setattr__(self, "labels", canonical_labels(self.labels))
+        identity = (self.key_id, self.chain, self.address, self.blob, self.labels)
+        object.__setattr__(self, "_identity", identity)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, KeyReference):
+            return NotImplemented
+        return self._identity == other._identity
+
+    def __hash__(self) -> int:
+        return hash(self._identity)
 
     def to_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {

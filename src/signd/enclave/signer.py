@@ -214,8 +214,8 @@ class ProvenKey:
         return f"ProvenKey({self.reference.key_id})"
 
     def sign_digest(self, digest: bytes) -> RecoverableSignature:
-        """Sign a 32-byte digest (RFC 6979 nonce, low-S)."""
-        return sign_digest_with(self._private_key, check_digest(digest))
+        """Sign a 32-byte digest (RFC 6979 nonce, low-S; checked by :func:`sign_digest_with`)."""
+        return sign_digest_with(self._private_key, digest)
 
     @staticmethod
     def sign_many(
@@ -580,10 +580,10 @@ class EnclaveSigner:
     ) -> coincurve.PrivateKey:
         """The unsealed key ``key`` names: cached (the cache is keyed on the whole reference,
         labels included, and holds only keys unsealed under it), or unsealed now."""
-        address_of = self._address_deriver(key.chain)
         private_key = self._cache.get(key)
-        if private_key is not None:
+        if private_key is not None:  # (so its chain is known: it was unsealed for it)
             return private_key
+        address_of = self._address_deriver(key.chain)
         with self._unsealing.held(key):
             private_key = self._cache.get(key)  # unsealed by another caller meanwhile?
             if private_key is None:

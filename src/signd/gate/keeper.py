@@ -120,14 +120,24 @@ class GateRequest:
     body: bytes = field(repr=False)
     headers: Mapping[str, str] = field(repr=False)
     """Auth headers (names in any case); never logged."""
+    _sha256: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.body).hexdigest()
+        """The body's SHA-256 (hex), computed once: a gate reads it several times."""
+        digest = self._sha256
+        if digest is None:
+            digest = hashlib.sha256(self.body).hexdigest()
+            object.__setattr__(self, "_sha256", digest)
+        return digest
 
     def header(self, name: str) -> str | None:
+        """The value of the first header called ``name`` (in any case), if any."""
         wanted = name.lower()
-        return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,14 +594,13 @@ def identify(
     """Who sent ``request``: its bearer token or its request signature (not both), or
     :class:`~signd.errors.AccessDenied`."""
     authorization = request.header("authorization")
-    signed = request.header(HEADER_SIGNATURE) is not None
     if authorization is not None:
         if any(name.lower().startswith(SIGNED_HEADER_PREFIX) for name in request.headers):
             raise AccessDenied("give a request signature or a bearer token, not both")
         if authorization[: len(BEARER)].lower() != BEARER:
             raise AccessDenied("the Authorization header must be 'Bearer <token>'")
         return verify_bearer(authorization[len(BEARER) :].strip())
-    if not signed and request.header(HEADER_CLIENT) is None:
+    if request.header(HEADER_SIGNATURE) is None and request.header(HEADER_CLIENT) is None:
         raise AccessDenied("no credentials: sign the request (X-Signd-*) or send a token")
     return verify_signed()
 

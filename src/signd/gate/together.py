@@ -73,11 +73,14 @@ SignMany = Callable[[Sequence[tuple[K, bytes]]], Sequence[RecoverableSignature |
 class SignTogether(Generic[K]):
     """The calls of one gate call whose signatures are made together (see the module)."""
 
-    __slots__ = ("_entries", "_runs", "_waiting")
+    __slots__ = ("_entries", "_runs", "_started", "_waiting")
 
     def __init__(self, entries: DecisionLog) -> None:
         self._entries = entries
         self._runs: dict[tuple[str, SigningKind], Run[K]] = {}
+        """The current request's runs, by the key reference and kind of their calls."""
+        self._started: list[Run[K]] = []
+        """Every run, in the order they started."""
         self._waiting: list[Waiting[K]] = []
 
     def next_request(self) -> None:
@@ -94,6 +97,7 @@ class SignTogether(Generic[K]):
     ) -> Waiting[K]:
         """Wait with the first call of ``run``, whose decision the caller has just made."""
         self._runs[call.key, call.kind] = run
+        self._started.append(run)
         return self._wait(run, signer, digest, assemble)
 
     def again(self, run: Run[K], call: SigningCall) -> Waiting[K]:
@@ -121,35 +125,36 @@ class SignTogether(Generic[K]):
         if not self._waiting:
             return
         refused: dict[int, SigndError] = {}
-        for run in {id(waiting.run): waiting.run for waiting in self._waiting}.values():
+        for run in self._started:
             try:
                 engine.commit(run.decision, run.intent)
             except AccessDenied as exc:  # a reload since the decision
                 refused[id(run)] = PolicyDenied(exc.message, rule=run.decision.rule)
-        signing = [waiting for waiting in self._waiting if id(waiting.run) not in refused]
+        settled: dict[str, str | SigndError] = {}
+        signing = self._waiting
+        if refused:
+            signing = []
+            for waiting in self._waiting:
+                error = refused.get(id(waiting.run))
+                if error is None:
+                    signing.append(waiting)
+                else:
+                    waiting.error = settled[waiting.token] = error
         signatures: Sequence[RecoverableSignature | SigndError]
         try:
             signatures = sign_many([(waiting.signer, waiting.digest) for waiting in signing])
         except Exception as exc:  # a fault of the signing library: each call is refused
             failure = signing_fault(exc)
             signatures = [failure for _ in signing]
-        settled: dict[str, str | SigndError] = {}
-        for waiting in self._waiting:
-            waiting.error = refused.get(id(waiting.run))
         for waiting, signature in zip(signing, signatures, strict=True):
             try:
                 if isinstance(signature, SigndError):
                     raise signature
-                waiting.result = waiting.assemble(signature)
+                waiting.result = result = waiting.assemble(signature)
                 waiting.signature = signature
+                settled[waiting.token] = sha256_hex(result_bytes(result))
             except SigndError as exc:
-                waiting.error = exc
-        for waiting in self._waiting:
-            if waiting.error is not None:
-                settled[waiting.token] = waiting.error
-            else:
-                assert waiting.result is not None
-                settled[waiting.token] = sha256_hex(result_bytes(waiting.result))
+                waiting.error = settled[waiting.token] = exc
         self._entries.settle(settled)
 
     def _wait(self, run: Run[K], signer: K, digest: bytes, assemble: Assemble) -> Waiting[K]:

@@ -199,7 +199,7 @@ class PolicyEngine:
         """
         if not decision.allowed or decision.rule is None:
             raise AccessDenied(f"cannot commit a refused request: {decision.reason}")
-        if decision.intent != intent:
+        if decision.intent is not intent and decision.intent != intent:
             raise AccessDenied("the decision was made for a different request")
         with self._lock:
             policy = self.policy
@@ -210,8 +210,10 @@ class PolicyEngine:
             reason = self._window_refusal(rule, intent, now)
             if reason is not None:
                 raise AccessDenied(f"rule {rule.name}: {reason}")
+            if rule.max_value_per_window is None:
+                return None
             counted = rule.counted(intent)
-            if rule.max_value_per_window is None or counted == 0:
+            if counted == 0:
                 return None
             self._ledger.record(rule.name, intent.key_id, counted, now=now)
             return Spend(rule.name, intent.key_id, counted)

@@ -77,10 +77,11 @@ class SigningIntent:
     ) -> None:
         if isinstance(key_labels, str):
             raise InvalidField("key_labels must be a collection of labels", field="key_labels")
-        try:
-            operation = Operation(operation)
-        except ValueError:
-            raise InvalidField(f"unknown operation {operation!r}", field="operation") from None
+        if not isinstance(operation, Operation):
+            try:
+                operation = Operation(operation)
+            except ValueError:
+                raise InvalidField(f"unknown operation {operation!r}", field="operation") from None
         if chain_id is not None and (not _is_int(chain_id) or chain_id < 0):
             raise InvalidField("chain_id must be a non-negative integer", field="chain_id")
         if to is not None and (not isinstance(to, bytes) or len(to) != 20):
