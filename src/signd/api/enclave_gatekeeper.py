@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
 from signd.audit.lines import LogLines
@@ -202,6 +202,15 @@ def _connect_with(run: Runner) -> Connect:
         return sock
 
     return connect
+
+
+def _calls_of(action: Action | SigndError) -> tuple[SigningCall, ...] | None:
+    """The calls of a request that asks only for signatures (all well formed), else ``None``."""
+    if not isinstance(action, SignCalls) or not action.calls:
+        return None
+    if not all(isinstance(call, SigningCall) for call in action.calls):
+        return None
+    return cast(tuple[SigningCall, ...], action.calls)
 
 
 def _performable(action: Action | SigndError, kinds: frozenset[SigningKind]) -> list[SigningCall]:
@@ -606,7 +615,7 @@ class EnclaveGatekeeper:
             raise gate_error(error)
         principal = principal_from_body(answer)
         session = session or _Session(self._interpret(request))
-        return Caller(principal, request.sha256, request, session)
+        return Caller(principal, request.sha256, request, session, _calls_of(session.action))
 
     @staticmethod
     def _presented(caller: Caller) -> tuple[GateRequest, _Session]:
@@ -915,6 +924,8 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     """The fields the host filled into ``call`` if it is the request's ``asked`` call with
     only :data:`~signd.gate.interpret.FILLABLE` fields the caller left out added; else
     ``None``."""
+    if asked is call:  # the API took the request's calls as the gate read them
+        return {}
     if asked.kind is not call.kind or asked.key != call.key:
         return None
     if asked.payload == call.payload:
