@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import socket
 import threading
 import time
@@ -147,6 +148,14 @@ class _Claims:
 
     taken: set[int] = field(default_factory=set)
     first_free: int = 0
+
+    def take_all(self, count: int) -> bool:
+        """Take every position below ``count`` if none is taken yet; else take none."""
+        if self.first_free or self.taken:
+            return False
+        self.taken.update(range(count))
+        self.first_free = count
+        return True
 
     def take(self, count: int, fits: Callable[[int], bool]) -> int | None:
         """The first free position below ``count`` that ``fits``, now taken; else ``None``."""
@@ -776,18 +785,22 @@ class EnclaveGatekeeper:
         """The outcomes of ``calls`` among those performed with the authentication (each
         call of the request once, in any grouping, as a batch is signed in chunks)."""
         signing, answer = performed
-        handed: list[Any] = []
         with signing.lock:
             if signing.raw is None:
                 signing.raw = self._complete(signing, answer, finish=False)
             outcomes = signing.raw
-            for call in calls:
-                found = signing.claim(call)
-                handed.append(
-                    InvalidRequest(NOT_IN_REQUEST)
-                    if found is None
-                    else outcomes[signing.matched[found].index]
-                )
+            matched = signing.matched
+            handed: list[Any]
+            if _same_calls([item.call for item in matched], calls) and signing.handed.take_all(
+                len(matched)
+            ):  # the request's calls, all at once and in order (a whole batch)
+                handed = [outcomes[item.index] for item in matched]
+            else:
+                found = [signing.claim(call) for call in calls]
+                handed = [
+                    InvalidRequest(NOT_IN_REQUEST) if at is None else outcomes[matched[at].index]
+                    for at in found
+                ]
         return [
             self._finish_one(signing, call, outcome) if isinstance(outcome, dict) else outcome
             for call, outcome in zip(calls, handed, strict=True)
@@ -854,6 +867,11 @@ class EnclaveGatekeeper:
         matched: list[_Matched] = []
         asked = action.calls
         with session.lock:
+            if _same_calls(asked, calls) and session.claimed.take_all(len(asked)):
+                return [  # the API took the request's calls as the gate read them
+                    _Matched(index, call, origin, {})
+                    for index, (call, origin) in enumerate(zip(calls, action.origins, strict=True))
+                ]
             for index, call in enumerate(calls):
                 position = session.claimed.take(len(asked), _fitting(asked, call))
                 fills = None if position is None else _fills_from(asked[position], call)
@@ -908,6 +926,11 @@ class EnclaveGatekeeper:
         else:
             raise DependencyUnavailable("the enclave sent a malformed outcome")
         return Signed(info, prepared.assemble(signature))
+
+
+def _same_calls(asked: Sequence[object], calls: Sequence[SigningCall]) -> bool:
+    """Whether ``calls`` are the very objects ``asked`` holds, in the same order."""
+    return len(asked) == len(calls) and all(map(operator.is_, asked, calls))
 
 
 def _fitting(asked: Sequence[SigningCall | SigndError], call: SigningCall) -> Callable[[int], bool]:
