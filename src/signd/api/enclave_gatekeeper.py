@@ -44,7 +44,7 @@ from signd.audit.tail import read_tail
 from signd.auth import Scope
 from signd.auth.reload import ReloadHistory, ReloadStatus, read_settled
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import RecoverableSignature
+from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel, NotSent
@@ -70,7 +70,7 @@ from signd.errors import (
     SigndError,
 )
 from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
-from signd.gate.intents import prepare
+from signd.gate.intents import hash_result, prepare
 from signd.gate.interpret import (
     FILLABLE,
     Action,
@@ -89,7 +89,7 @@ from signd.gate.keeper import (
     visible_page,
     warn_unrecorded,
 )
-from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind, SigningResult
 from signd.gate.setup import GatePaths, open_audit_log, write_private
 from signd.operations import Signer
 from signd.policy import Policy, SpendWindowsUnavailable
@@ -593,7 +593,7 @@ class EnclaveGatekeeper:
         calls = _performable(session.action, perform)
         if not calls:
             return self._authenticated(request, await self._gate_async(request, run), session)
-        if all(self.signer.key_is_known(call.key) for call in calls):
+        if all(map(self.signer.key_is_known, {call.key for call in calls})):
             signing = self._prepare(request, session, calls)
         else:
             signing = await run(self._prepare, request, session, calls)
@@ -764,7 +764,7 @@ class EnclaveGatekeeper:
                 return self._hand_out(session.performed, calls)
             handed: list[Signed | Exception] = await run(self._hand_out, session.performed, calls)
             return handed
-        if all(self.signer.key_is_known(call.key) for call in calls):
+        if all(map(self.signer.key_is_known, {call.key for call in calls})):
             signing = self._prepare(request, session, calls)
         else:
             signing = await run(self._prepare, request, session, calls)
@@ -909,9 +909,14 @@ class EnclaveGatekeeper:
             raise gate_error(result["error"])
         if info is None:
             raise DependencyUnavailable("the enclave decided a call for a key it was not shown")
-        prepared = prepare(call.kind, call.payload, info)
-        digest = result.get("digest", result.get("approved"))
-        if digest != prepared.digest:
+        assemble: Callable[[RecoverableSignature], SigningResult]
+        if call.kind is SigningKind.HASH:  # what prepare() gives, without its Prepared: a
+            # large batch is mostly hash calls, and this runs for each one
+            digest, assemble = check_digest(call.payload), hash_result
+        else:
+            prepared = prepare(call.kind, call.payload, info)
+            digest, assemble = prepared.digest, prepared.assemble
+        if result.get("digest", result.get("approved")) != digest:
             raise IntegrityError("the enclave decided another digest than this call's")
         signature_bytes = result.get("signature")
         if isinstance(signature_bytes, bytes) and info.custody == EnclaveBackend.custody_type:
@@ -920,12 +925,12 @@ class EnclaveGatekeeper:
             # and a faulty signature would already have left it).
             signature = RecoverableSignature.from_bytes(signature_bytes)
         elif isinstance(signature_bytes, bytes):  # a device's output (HSM in the enclave)
-            signature = device_signature(signature_bytes, prepared.digest, info)
+            signature = device_signature(signature_bytes, digest, info)
         elif "approved" in result:
-            signature = self.signer.sign_hash(info, prepared.digest)
+            signature = self.signer.sign_hash(info, digest)
         else:
             raise DependencyUnavailable("the enclave sent a malformed outcome")
-        return Signed(info, prepared.assemble(signature))
+        return Signed(info, assemble(signature))
 
 
 def _same_calls(asked: Sequence[object], calls: Sequence[SigningCall]) -> bool:

@@ -461,15 +461,15 @@ class SigningService:
         except Exception as exc:  # the audit append failed: every result is withheld
             signed = [exc for _ in requests]
         outcomes: list[SigningResult | Exception] = []
-        made: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        made: collections.Counter[tuple[str, str, SigningKind]] = collections.Counter()
         for call, outcome in zip(requests, signed, strict=True):
             if isinstance(outcome, Exception):
                 outcomes.append(outcome)
             else:
-                made[outcome.key.chain, outcome.key.custody, call.kind.value] += 1
+                made[outcome.key.chain, outcome.key.custody, call.kind] += 1
                 outcomes.append(outcome.result)
-        for labels, count in made.items():
-            self.metrics.signatures.inc(*labels, amount=count)
+        for (chain, custody, kind), count in made.items():
+            self.metrics.signatures.inc(chain, custody, kind.value, amount=count)
         return outcomes
 
     async def sign_hash(
