@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
 from signd.audit.lines import LogLines
@@ -254,11 +254,12 @@ def _gate_body(
     return body
 
 
-@dataclass(frozen=True, slots=True)
-class _Matched:
-    """A call the API parsed, matched to the request's call ``origin``."""
+class _Matched(NamedTuple):
+    """A call the API parsed (at ``position`` among those it handed over), matched to the
+    request's call ``origin``. A tuple: made for every call of a batch, it costs a third of
+    a frozen dataclass."""
 
-    index: int
+    position: int
     call: SigningCall
     origin: int
     fills: dict[str, Any]
@@ -794,11 +795,11 @@ class EnclaveGatekeeper:
             if _same_calls([item.call for item in matched], calls) and signing.handed.take_all(
                 len(matched)
             ):  # the request's calls, all at once and in order (a whole batch)
-                handed = [outcomes[item.index] for item in matched]
+                handed = [outcomes[item.position] for item in matched]
             else:
                 found = [signing.claim(call) for call in calls]
                 handed = [
-                    InvalidRequest(NOT_IN_REQUEST) if at is None else outcomes[matched[at].index]
+                    InvalidRequest(NOT_IN_REQUEST) if at is None else outcomes[matched[at].position]
                     for at in found
                 ]
         return [
@@ -843,11 +844,11 @@ class EnclaveGatekeeper:
             return [failure for _ in outcomes]
         for item, result in zip(signing.matched, results, strict=True):
             if item.call.key in signing.missing:
-                outcomes[item.index] = signing.missing[item.call.key]
+                outcomes[item.position] = signing.missing[item.call.key]
             elif not finish:
-                outcomes[item.index] = result if isinstance(result, dict) else {}
+                outcomes[item.position] = result if isinstance(result, dict) else {}
             else:
-                outcomes[item.index] = self._finish_one(signing, item.call, result)
+                outcomes[item.position] = self._finish_one(signing, item.call, result)
         return outcomes
 
     def _finish_one(
@@ -868,15 +869,16 @@ class EnclaveGatekeeper:
         asked = action.calls
         with session.lock:
             if _same_calls(asked, calls) and session.claimed.take_all(len(asked)):
+                origins = zip(calls, action.origins, strict=True)
                 return [  # the API took the request's calls as the gate read them
-                    _Matched(index, call, origin, {})
-                    for index, (call, origin) in enumerate(zip(calls, action.origins, strict=True))
+                    _Matched(position, call, origin, {})
+                    for position, (call, origin) in enumerate(origins)
                 ]
-            for index, call in enumerate(calls):
-                position = session.claimed.take(len(asked), _fitting(asked, call))
-                fills = None if position is None else _fills_from(asked[position], call)
-                if position is not None and fills is not None:
-                    matched.append(_Matched(index, call, action.origins[position], fills))
+            for position, call in enumerate(calls):
+                asked_at = session.claimed.take(len(asked), _fitting(asked, call))
+                fills = None if asked_at is None else _fills_from(asked[asked_at], call)
+                if asked_at is not None and fills is not None:
+                    matched.append(_Matched(position, call, action.origins[asked_at], fills))
         return matched
 
     def _describe(self, ref: str, info: KeyInfo) -> dict[str, Any]:
