@@ -252,3 +252,32 @@ def test_waiting_for_appends_sees_the_records_handed_in_before(tmp_path: Path) -
         log.wait_for_appends(WAIT)  # refused once its order timeout passes
         assert time.monotonic() - started < WAIT
         assert log.last_record() == chain[1]
+
+
+def test_a_writer_pacing_its_groups_is_not_woken_for_each_submission(tmp_path: Path) -> None:
+    """Between two groups the writer waits out ``commit_interval``: a wake-up then would only
+    cost a thread switch, and the records submitted meanwhile go out together after it."""
+    path = tmp_path / "audit.log"
+    chain = build_chain(11)
+    with FileAuditLog(path, commit_interval=0.5) as log:
+        first = Outcome()
+        log.listen(log.submit(chain[:1]), first)  # written at once, and the pacing starts
+        assert first.wait() is None
+        waits: list[str] = []
+        real_wait = log._work.wait
+
+        def wait(timeout: float | None = None) -> bool:
+            waits.append(threading.current_thread().name)
+            return real_wait(timeout)
+
+        log._work.wait = wait  # type: ignore[method-assign]
+        outcomes = []
+        for record in chain[1:]:
+            outcome = Outcome()
+            log.listen(log.submit([record]), outcome)  # each one asks for a wake-up
+            log.wake()
+            outcomes.append(outcome)
+            time.sleep(0.01)  # time for a writer woken to wait again
+        assert all(outcome.wait() is None for outcome in outcomes)
+        assert len(waits) <= 2  # the pacing wait, and one for what arrived while writing
+    assert lines(path) == chain

@@ -14,6 +14,7 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
+from signd.api import rest
 from signd.api.gathering import Gathering
 from signd.custody.base import KeyInfo
 from signd.gate.operations import SigningCall
@@ -95,3 +96,47 @@ def test_a_digest_approved_for_a_key_not_in_memory_is_signed_off_the_event_loop(
     assert len(threads) == 2
     assert not any(loop for _, loop in threads), threads
     assert len(gathered) == 2  # not handed out in place: signed through the gate's thread path
+
+
+@pytest.fixture
+def api_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The signing requests and batch items the REST API parsed itself."""
+    seen: list[object] = []
+    for name in ("parse_signing_request", "parse_batch_item"):
+        real = getattr(rest, name)
+
+        def parse(*args: Any, real: Any = real) -> Any:
+            seen.append(args)
+            return real(*args)
+
+        monkeypatch.setattr(rest, name, parse)
+    return seen
+
+
+@pytest.mark.parametrize("custody", ["enclave", "keystore"])
+def test_the_api_takes_the_calls_the_gate_read_rather_than_parse_the_body_again(
+    gated: Gated, api_reads: list[object], custody: str
+) -> None:
+    key = new_hot_key(gated, custody)
+    sign_message(gated, key, "one")
+    items = [
+        {"type": "ethereum/message", "key": key["key_id"], "message": f"m{n}"} for n in range(3)
+    ]
+    response = gated.signed("POST", "/v1/sign/batch", {"requests": items})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    signed = [encode_defunct(text=f"m{n}") for n in range(3)]
+    assert [
+        Account.recover_message(message, signature=result["signature"])
+        for message, result in zip(signed, results, strict=True)
+    ] == [key["address"]] * 3
+    assert api_reads == []
+
+
+def test_a_body_the_gate_could_not_read_is_refused_by_the_apis_own_reading(
+    gated: Gated, api_reads: list[object]
+) -> None:
+    response = gated.signed("POST", "/v1/sign/ethereum/message", {"key": "k", "message": 7})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == "message"
+    assert len(api_reads) == 1

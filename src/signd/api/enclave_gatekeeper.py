@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple, cast
 
 from signd.audit import PolicyRun, PolicyRuns, SealedAuditRecord
 from signd.audit.lines import LogLines
@@ -42,7 +43,7 @@ from signd.audit.tail import read_tail
 from signd.auth import Scope
 from signd.auth.reload import ReloadHistory, ReloadRefusal, ReloadStatus, read_settled
 from signd.chains import address_deriver
-from signd.crypto.secp256k1 import RecoverableSignature
+from signd.crypto.secp256k1 import RecoverableSignature, check_digest
 from signd.custody.base import KeyInfo, KeyPage, check_labels, device_signature
 from signd.custody.enclave import EnclaveBackend
 from signd.enclave.channel import Connect, EnclaveChannel, NotSent
@@ -68,7 +69,7 @@ from signd.errors import (
     SigndError,
 )
 from signd.gate.errors import BlindSigningDisabled, OutOfScope, PolicyDenied, Unauthenticated
-from signd.gate.intents import prepare
+from signd.gate.intents import hash_result, prepare
 from signd.gate.interpret import (
     FILLABLE,
     Action,
@@ -87,7 +88,7 @@ from signd.gate.keeper import (
     visible_page,
     warn_unrecorded,
 )
-from signd.gate.operations import Runner, Signed, SigningCall, SigningKind
+from signd.gate.operations import Runner, Signed, SigningCall, SigningKind, SigningResult
 from signd.gate.setup import GatePaths, open_audit_log, write_private
 from signd.operations import Signer
 from signd.policy import Policy, SpendWindowsUnavailable
@@ -147,6 +148,14 @@ class _Claims:
     taken: set[int] = field(default_factory=set)
     first_free: int = 0
 
+    def take_all(self, count: int) -> bool:
+        """Take every position below ``count`` if none is taken yet; else take none."""
+        if self.first_free or self.taken:
+            return False
+        self.taken.update(range(count))
+        self.first_free = count
+        return True
+
     def take(self, count: int, fits: Callable[[int], bool]) -> int | None:
         """The first free position below ``count`` that ``fits``, now taken; else ``None``."""
         for position in range(self.first_free, count):
@@ -203,6 +212,15 @@ def _connect_with(run: Runner) -> Connect:
     return connect
 
 
+def _calls_of(action: Action | SigndError) -> tuple[SigningCall, ...] | None:
+    """The calls of a request that asks only for signatures (all well formed), else ``None``."""
+    if not isinstance(action, SignCalls) or not action.calls:
+        return None
+    if not all(isinstance(call, SigningCall) for call in action.calls):
+        return None
+    return cast(tuple[SigningCall, ...], action.calls)
+
+
 def _performable(action: Action | SigndError, kinds: frozenset[SigningKind]) -> list[SigningCall]:
     """The calls of a request that asks only for signatures of ``kinds`` (all well formed),
     else none."""
@@ -235,11 +253,12 @@ def _gate_body(
     return body
 
 
-@dataclass(frozen=True, slots=True)
-class _Matched:
-    """A call the API parsed, matched to the request's call ``origin``."""
+class _Matched(NamedTuple):
+    """A call the API parsed (at ``position`` among those it handed over), matched to the
+    request's call ``origin``. A tuple: made for every call of a batch, it costs a third of
+    a frozen dataclass."""
 
-    index: int
+    position: int
     call: SigningCall
     origin: int
     fills: dict[str, Any]
@@ -576,7 +595,7 @@ class EnclaveGatekeeper:
         calls = _performable(session.action, perform)
         if not calls:
             return self._authenticated(request, await self._gate_async(request, run), session)
-        if all(self.signer.key_is_known(call.key) for call in calls):
+        if all(map(self.signer.key_is_known, {call.key for call in calls})):
             signing = self._prepare(request, session, calls)
         else:
             signing = await run(self._prepare, request, session, calls)
@@ -607,7 +626,7 @@ class EnclaveGatekeeper:
             raise gate_error(error)
         principal = principal_from_body(answer)
         session = session or _Session(self._interpret(request))
-        return Caller(principal, request.sha256, request, session)
+        return Caller(principal, request.sha256, request, session, _calls_of(session.action))
 
     @staticmethod
     def _presented(caller: Caller) -> tuple[GateRequest, _Session]:
@@ -747,7 +766,7 @@ class EnclaveGatekeeper:
                 return self._hand_out(session.performed, calls)
             handed: list[Signed | Exception] = await run(self._hand_out, session.performed, calls)
             return handed
-        if all(self.signer.key_is_known(call.key) for call in calls):
+        if all(map(self.signer.key_is_known, {call.key for call in calls})):
             signing = self._prepare(request, session, calls)
         else:
             signing = await run(self._prepare, request, session, calls)
@@ -768,18 +787,22 @@ class EnclaveGatekeeper:
         """The outcomes of ``calls`` among those performed with the authentication (each
         call of the request once, in any grouping, as a batch is signed in chunks)."""
         signing, answer = performed
-        handed: list[Any] = []
         with signing.lock:
             if signing.raw is None:
                 signing.raw = self._complete(signing, answer, finish=False)
             outcomes = signing.raw
-            for call in calls:
-                found = signing.claim(call)
-                handed.append(
-                    InvalidRequest(NOT_IN_REQUEST)
-                    if found is None
-                    else outcomes[signing.matched[found].index]
-                )
+            matched = signing.matched
+            handed: list[Any]
+            if _same_calls([item.call for item in matched], calls) and signing.handed.take_all(
+                len(matched)
+            ):  # the request's calls, all at once and in order (a whole batch)
+                handed = [outcomes[item.position] for item in matched]
+            else:
+                found = [signing.claim(call) for call in calls]
+                handed = [
+                    InvalidRequest(NOT_IN_REQUEST) if at is None else outcomes[matched[at].position]
+                    for at in found
+                ]
         return [
             self._finish_one(signing, call, outcome) if isinstance(outcome, dict) else outcome
             for call, outcome in zip(calls, handed, strict=True)
@@ -822,11 +845,11 @@ class EnclaveGatekeeper:
             return [failure for _ in outcomes]
         for item, result in zip(signing.matched, results, strict=True):
             if item.call.key in signing.missing:
-                outcomes[item.index] = signing.missing[item.call.key]
+                outcomes[item.position] = signing.missing[item.call.key]
             elif not finish:
-                outcomes[item.index] = result if isinstance(result, dict) else {}
+                outcomes[item.position] = result if isinstance(result, dict) else {}
             else:
-                outcomes[item.index] = self._finish_one(signing, item.call, result)
+                outcomes[item.position] = self._finish_one(signing, item.call, result)
         return outcomes
 
     def _finish_one(
@@ -846,11 +869,17 @@ class EnclaveGatekeeper:
         matched: list[_Matched] = []
         asked = action.calls
         with session.lock:
-            for index, call in enumerate(calls):
-                position = session.claimed.take(len(asked), _fitting(asked, call))
-                fills = None if position is None else _fills_from(asked[position], call)
-                if position is not None and fills is not None:
-                    matched.append(_Matched(index, call, action.origins[position], fills))
+            if _same_calls(asked, calls) and session.claimed.take_all(len(asked)):
+                origins = zip(calls, action.origins, strict=True)
+                return [  # the API took the request's calls as the gate read them
+                    _Matched(position, call, origin, {})
+                    for position, (call, origin) in enumerate(origins)
+                ]
+            for position, call in enumerate(calls):
+                asked_at = session.claimed.take(len(asked), _fitting(asked, call))
+                fills = None if asked_at is None else _fills_from(asked[asked_at], call)
+                if asked_at is not None and fills is not None:
+                    matched.append(_Matched(position, call, action.origins[asked_at], fills))
         return matched
 
     def _describe(self, ref: str, info: KeyInfo) -> dict[str, Any]:
@@ -883,9 +912,14 @@ class EnclaveGatekeeper:
             raise gate_error(result["error"])
         if info is None:
             raise DependencyUnavailable("the enclave decided a call for a key it was not shown")
-        prepared = prepare(call.kind, call.payload, info)
-        digest = result.get("digest", result.get("approved"))
-        if digest != prepared.digest:
+        assemble: Callable[[RecoverableSignature], SigningResult]
+        if call.kind is SigningKind.HASH:  # what prepare() gives, without its Prepared: a
+            # large batch is mostly hash calls, and this runs for each one
+            digest, assemble = check_digest(call.payload), hash_result
+        else:
+            prepared = prepare(call.kind, call.payload, info)
+            digest, assemble = prepared.digest, prepared.assemble
+        if result.get("digest", result.get("approved")) != digest:
             raise IntegrityError("the enclave decided another digest than this call's")
         signature_bytes = result.get("signature")
         if isinstance(signature_bytes, bytes) and info.custody == EnclaveBackend.custody_type:
@@ -894,12 +928,17 @@ class EnclaveGatekeeper:
             # and a faulty signature would already have left it).
             signature = RecoverableSignature.from_bytes(signature_bytes)
         elif isinstance(signature_bytes, bytes):  # a device's output (HSM in the enclave)
-            signature = device_signature(signature_bytes, prepared.digest, info)
+            signature = device_signature(signature_bytes, digest, info)
         elif "approved" in result:
-            signature = self.signer.sign_hash(info, prepared.digest)
+            signature = self.signer.sign_hash(info, digest)
         else:
             raise DependencyUnavailable("the enclave sent a malformed outcome")
-        return Signed(info, prepared.assemble(signature))
+        return Signed(info, assemble(signature))
+
+
+def _same_calls(asked: Sequence[object], calls: Sequence[SigningCall]) -> bool:
+    """Whether ``calls`` are the very objects ``asked`` holds, in the same order."""
+    return len(asked) == len(calls) and all(map(operator.is_, asked, calls))
 
 
 def _fitting(asked: Sequence[SigningCall | SigndError], call: SigningCall) -> Callable[[int], bool]:
@@ -916,6 +955,8 @@ def _fills_for(asked: SigningCall, call: SigningCall) -> dict[str, Any] | None:
     """The fields the host filled into ``call`` if it is the request's ``asked`` call with
     only :data:`~signd.gate.interpret.FILLABLE` fields the caller left out added; else
     ``None``."""
+    if asked is call:  # the API took the request's calls as the gate read them
+        return {}
     if asked.kind is not call.kind or asked.key != call.key:
         return None
     if asked.payload == call.payload:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 from starlette.requests import Request
@@ -68,6 +68,13 @@ async def perform_signing(
     if request.kind is SigningKind.ETH_MESSAGE:
         return (await service.sign_eth_message(principal, key, payload)).to_dict()
     return (await service.sign_eth_typed_data(principal, key, payload)).to_dict()
+
+
+def _calls_read(principal: Principal) -> tuple[SigningCall, ...] | None:
+    """The request's signing calls as the gate read them from its bytes while authenticating
+    it, with the parsers used here (:attr:`~signd.gate.Caller.calls`): reading the body
+    again would give the same calls, at the cost of parsing it twice."""
+    return None if principal.caller is None else principal.caller.calls
 
 
 _HEX_DIGITS: Final = frozenset("0123456789abcdefABCDEF")
@@ -267,7 +274,11 @@ class RestApi:
 
     def _signing_route(self, path: str, kind: SigningKind) -> Route:
         async def sign(principal: Principal, body: bytes) -> dict[str, Any] | EncodedJson:
-            signing = parse_signing_request(kind, parse_object(body))
+            read = _calls_read(principal)
+            if read is not None and len(read) == 1 and read[0].kind is kind:
+                signing = read[0]
+            else:
+                signing = parse_signing_request(kind, parse_object(body))
             if kind is SigningKind.HASH:  # the busiest answer, written out directly
                 made = await self.service.sign_hash(principal, signing.key, signing.payload)
                 return EncodedJson(signature_json(made).encode())
@@ -278,6 +289,16 @@ class RestApi:
     async def sign_batch(self, principal: Principal, body: bytes) -> EncodedJson:
         """Validate every request first (a malformed one fails the batch with 400), then sign
         them all concurrently; each answer is a result or the error that request met."""
+        read = _calls_read(principal)
+        if read is not None and 1 <= len(read) <= self.settings.max_batch:
+            calls: Sequence[SigningCall] = read
+        else:
+            calls = self._parse_batch(body)
+        outcomes = await self.service.sign_batch(principal, calls)
+        answers = ",".join(map(self._batch_answer, outcomes))
+        return EncodedJson(f'{{"results":[{answers}]}}'.encode())
+
+    def _parse_batch(self, body: bytes) -> list[SigningCall]:
         document = parse_object(body)
         check_fields(document, frozenset({"requests"}))
         items = document.get("requests")
@@ -286,10 +307,7 @@ class RestApi:
                 f"requests must be a list of 1 to {self.settings.max_batch} requests",
                 field="requests",
             )
-        parsed = [parse_batch_item(index, item) for index, item in enumerate(items)]
-        outcomes = await self.service.sign_batch(principal, parsed)
-        answers = ",".join(map(self._batch_answer, outcomes))
-        return EncodedJson(f'{{"results":[{answers}]}}'.encode())
+        return [parse_batch_item(index, item) for index, item in enumerate(items)]
 
     def _batch_answer(self, outcome: SigningResult | Exception) -> str:
         """One result of a batch as JSON text (a hash signature's written out directly: a

@@ -460,17 +460,14 @@ class SigningService:
             signed = await self._gate_sign(principal, requests)
         except Exception as exc:  # the audit append failed: every result is withheld
             signed = [exc for _ in requests]
-        outcomes: list[SigningResult | Exception] = []
-        made: collections.Counter[tuple[str, str, str]] = collections.Counter()
-        for call, outcome in zip(requests, signed, strict=True):
-            if isinstance(outcome, Exception):
-                outcomes.append(outcome)
-            else:
-                made[outcome.key.chain, outcome.key.custody, call.kind.value] += 1
-                outcomes.append(outcome.result)
-        for labels, count in made.items():
-            self.metrics.signatures.inc(*labels, amount=count)
-        return outcomes
+        made = collections.Counter(
+            (outcome.key.chain, outcome.key.custody, call.kind)
+            for call, outcome in zip(requests, signed, strict=True)
+            if not isinstance(outcome, Exception)
+        )
+        for (chain, custody, kind), count in made.items():
+            self.metrics.signatures.inc(chain, custody, kind.value, amount=count)
+        return [outcome if isinstance(outcome, Exception) else outcome.result for outcome in signed]
 
     async def sign_hash(
         self, principal: Principal, key: str, digest: bytes

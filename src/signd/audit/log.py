@@ -165,6 +165,9 @@ class FileAuditLog:
         self._work = threading.Condition(lock)
         """Wakes the writer thread of submissions (same lock as ``_state``)."""
         self._writer: threading.Thread | None = None
+        self._pacing = False
+        """The writer thread waits out ``commit_interval`` before its next group: a wake-up
+        would not start it sooner (the thread looks at what waits once the wait is over)."""
         self._waiting: dict[int, Submission] = {}
         """Every record's ``seq`` that has arrived and is not yet being written."""
         self._refused: OrderedDict[bytes, None] = OrderedDict()
@@ -254,7 +257,7 @@ class FileAuditLog:
                 )
                 self._writer.start()
             if wake:
-                self._work.notify()
+                self._wake_writer()
         return pending
 
     def listen(self, submission: Submission, listener: Callable[[SigndError | None], None]) -> None:
@@ -270,7 +273,7 @@ class FileAuditLog:
     def wake(self) -> None:
         """Wake the writer thread of submissions."""
         with self._state:
-            self._work.notify()
+            self._wake_writer()
 
     def append_many(self, sealed: Sequence[SealedAuditRecord]) -> None:
         pending = self._checked(sealed)
@@ -321,7 +324,11 @@ class FileAuditLog:
                     if early <= 0:
                         self._write_group()
                     else:
-                        self._work.wait(early)
+                        self._pacing = True
+                        try:
+                            self._work.wait(early)
+                        finally:
+                            self._pacing = False
                     continue
                 overdue = [
                     pending
@@ -351,6 +358,13 @@ class FileAuditLog:
                     raise IntegrityError(f"audit log line {number}: {exc.message}") from None
 
     # with self._state held
+
+    def _wake_writer(self) -> None:
+        """Wake the writer thread, unless it will look at what waits without it: while it
+        paces its groups, or while a group is being written (the writer's ``_write_group``
+        notifies when that is over). Each needless wake-up costs a thread switch."""
+        if not self._pacing and not self._writing:
+            self._work.notify()
 
     def _admit(self, pending: Submission) -> None:
         """Take ``pending`` in to wait for its turn, or raise why it is refused."""

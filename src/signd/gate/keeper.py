@@ -152,6 +152,11 @@ class Caller:
     request: GateRequest | None = field(default=None, repr=False, compare=False)
     session: object | None = field(default=None, repr=False, compare=False)
     """What the gate that authenticated the request keeps about it while it is served."""
+    calls: tuple[SigningCall, ...] | None = field(default=None, repr=False, compare=False)
+    """The signing calls the gate read from the request's bytes while authenticating it
+    (with the API's own parsers, :func:`~signd.gate.interpret.interpret`), so that the API
+    need not read them again; ``None`` when it read none (or the request is malformed: the
+    API's reading then says why)."""
 
     @property
     def client_id(self) -> str:
