@@ -117,15 +117,11 @@ def test_token_by_slot_id(softhsm: SoftHsm, metadata: SqliteMetadataStore) -> No
         backend.close()
 
 
-def test_a_symlink_to_the_loaded_module_shares_it(
-    softhsm: SoftHsm, metadata: SqliteMetadataStore, tmp_path: Path
+def assert_second_path_shares_the_module(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, link: Path
 ) -> None:
-    """A second backend whose module path is a symlink to the module already loaded (an alias
-    a distribution or a container image provides) uses that module: the dynamic loader hands
-    out the same library for both paths, and initialising it a second time would fail."""
-    link = tmp_path / "alias" / "libpkcs11.so"
-    link.parent.mkdir()
-    link.symlink_to(softhsm.module)
+    """A backend on ``link`` and one on SoftHSM2's own path share one loaded module: each
+    signs with the keys the other made, and the first is healthy after the second closes."""
     settings = softhsm.settings(pool_size=1)
     first = HsmBackend(settings, metadata)
     try:
@@ -147,6 +143,18 @@ def test_a_symlink_to_the_loaded_module_shares_it(
         first.check_health()
     finally:
         first.close()
+
+
+def test_a_symlink_to_the_loaded_module_shares_it(
+    softhsm: SoftHsm, metadata: SqliteMetadataStore, tmp_path: Path
+) -> None:
+    """A second backend whose module path is a symlink to the module already loaded (an alias
+    a distribution or a container image provides) uses that module: the dynamic loader hands
+    out the same library for both paths, and initialising it a second time would fail."""
+    link = tmp_path / "alias" / "libpkcs11.so"
+    link.parent.mkdir()
+    link.symlink_to(softhsm.module)
+    assert_second_path_shares_the_module(softhsm, metadata, link)
 
 
 def test_a_hard_link_to_the_loaded_module_shares_it(
@@ -164,27 +172,7 @@ def test_a_hard_link_to_the_loaded_module_shares_it(
     except OSError as exc:  # another filesystem (EXDEV), or protected_hardlinks (EPERM)
         pytest.skip(f"cannot hard-link {module} into {tmp_path}: {exc.strerror}")
     assert (link.stat().st_dev, link.stat().st_ino) == (module.stat().st_dev, module.stat().st_ino)
-    settings = softhsm.settings(pool_size=1)
-    first = HsmBackend(settings, metadata)
-    try:
-        second = HsmBackend(
-            type(settings)(module_path=link, pin=settings.pin, token_label=MAIN_TOKEN),
-            metadata,
-        )
-        try:
-            assert Pkcs11Library.load(link) is Pkcs11Library.load(softhsm.module)
-            (made_by_second,) = second.create_keys("ethereum", eth_address)
-            (made_by_first,) = first.create_keys("ethereum", eth_address)
-            digest = os.urandom(32)
-            for backend in (first, second):
-                for key in (made_by_first, made_by_second):
-                    signature = backend.sign_digest(key, digest)
-                    assert signature.recover_public_key(digest) == key.public_key
-        finally:
-            second.close()
-        first.check_health()
-    finally:
-        first.close()
+    assert_second_path_shares_the_module(softhsm, metadata, link)
 
 
 # python-pkcs11 finalises the search it could not start and reports that from a __del__.
