@@ -31,7 +31,6 @@ from signd.enclave.protocol import (
     CUSTODY_VERSION,
     DEFAULT_MAX_FRAME_SIZE,
     MAX_BATCH,
-    Event,
     Flag,
     Frame,
     FrameDecoder,
@@ -73,9 +72,6 @@ RECV_SIZE: Final = 1 << 16
 ACCEPT_POLL: Final = 0.2
 MAX_OFFERED_VERSIONS: Final = 16
 DEFAULT_MAX_IN_FLIGHT: Final = 64
-ANSWERS_HELD: Final = 16
-"""The most answers made at once that wait to go out together (:meth:`EnclaveServer._answer`):
-bounds how long the first of them waits for the others (each a fraction of a millisecond)."""
 DEFAULT_WORKERS: Final = 8
 """Threads for requests other than CREATE_KEYS: signing is CPU-bound, and more threads than
 this only contend for the interpreter lock (measured: 64 sign ~20% slower than 8)."""
@@ -328,13 +324,6 @@ class _Writer:
                 self.broken = True
 
 
-def _send_held(writer: _Writer, held: list[bytes]) -> None:
-    """Send the answers ``held`` in one write, and forget them."""
-    if held:
-        writer.send(b"".join(held))
-        held.clear()
-
-
 class EnclaveServer:
     """Serves the enclave protocol on any number of connections.
 
@@ -426,42 +415,26 @@ class EnclaveServer:
                     continue
                 except OSError:
                     break
-                if not data or not self._answer(decoder.feed(data), writer, slots):
+                if not data:
                     break
+                for event in decoder.feed(data):
+                    if isinstance(event, ProtocolViolation):
+                        writer.send(encode_error(event.request_id, event.error))
+                        if event.fatal:
+                            logger.warning("closed a connection: %s", event.error.message)
+                            return
+                        continue
+                    if self.app.answers_at_once(event):
+                        writer.send(self.app.handle(event))
+                        continue
+                    slots.acquire()
+                    if not self._submit(writer, slots, event):
+                        return
         finally:
             self._drain(slots)
             with self._lock:
                 self._connections.discard(sock)
             close_socket(sock)
-
-    def _answer(
-        self, events: list[Event], writer: _Writer, slots: threading.BoundedSemaphore
-    ) -> bool:
-        """Answer what one read brought in; False when the connection must close.
-
-        The answers made at once go out together, in one write (one wake-up of the host, not
-        one per answer): when the read's frames are done, before a frame is handed to the
-        pool (whose slot may take a while), or once :data:`ANSWERS_HELD` are waiting."""
-        held: list[bytes] = []
-        try:
-            for event in events:
-                if isinstance(event, ProtocolViolation):
-                    held.append(encode_error(event.request_id, event.error))
-                    if event.fatal:
-                        logger.warning("closed a connection: %s", event.error.message)
-                        return False
-                elif self.app.answers_at_once(event):
-                    held.append(self.app.handle(event))
-                else:
-                    _send_held(writer, held)
-                    slots.acquire()
-                    if not self._submit(writer, slots, event):
-                        return False
-                if len(held) >= ANSWERS_HELD:
-                    _send_held(writer, held)
-        finally:
-            _send_held(writer, held)
-        return True
 
     def _submit(self, writer: _Writer, slots: threading.BoundedSemaphore, frame: Frame) -> bool:
         """Run a request on the pool; False when the server is shutting down."""
