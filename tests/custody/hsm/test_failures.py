@@ -16,6 +16,7 @@ import pytest
 
 from signd.custody.hsm import HsmBackend
 from signd.custody.hsm.library import PinRefused, Pkcs11Library
+from signd.custody.hsm.token import HsmToken
 from signd.errors import ConfigurationError, DependencyUnavailable, IntegrityError
 from signd.storage.sqlite import SqliteMetadataStore
 from tests.custody.hsm.conftest import (
@@ -403,3 +404,28 @@ def test_a_pin_changed_on_the_hsm_is_tried_once_then_refused_without_logging_in(
         renewed.close()
     finally:
         backend.close()
+
+
+def test_the_mechanism_list_is_read_once_for_many_creates(
+    softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the token has offered CKM_EC_KEY_PAIR_GEN and CKM_ECDSA, further creates do not
+    list its mechanisms again (on CloudHSM each list is a network round trip); the health
+    check still reads them."""
+    token = HsmToken(softhsm.settings(pool_size=1))
+    listed: list[str] = []
+    original = HsmToken._require_mechanisms
+
+    def counted(self: HsmToken, pooled: Any) -> None:
+        listed.append("list")
+        original(self, pooled)
+
+    monkeypatch.setattr(HsmToken, "_require_mechanisms", counted)
+    try:
+        made = [token.generate_key(f"once-{n}") for n in range(3)]
+        assert len({key.cka_id for key in made}) == 3
+        assert listed == ["list"]
+        token.check_health()
+        assert listed == ["list", "list"]
+    finally:
+        token.close()

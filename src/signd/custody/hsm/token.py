@@ -90,6 +90,10 @@ class HsmToken:
         self._refusals: dict[str, CustodyUnsupported] = {}
         """The token's last secp256k1 refusal of a create or a sign, until one works again:
         what :meth:`check_health` reports."""
+        self._mechanisms_offered = False
+        """The token was seen to offer both :data:`REQUIRED_MECHANISMS`: creates need not
+        list them again (one PKCS#11 call per key, a network round trip on CloudHSM) until
+        a refusal or a health check says otherwise."""
         self._pool.connect()
 
     def __repr__(self) -> str:
@@ -110,11 +114,12 @@ class HsmToken:
         """
         cka_id = os.urandom(CKA_ID_SIZE)
         label = f"{self._settings.key_label_prefix}-{key_id}"
-        try:
-            self._pool.run(self._require_mechanisms, "listing the token's mechanisms")
-        except CustodyUnsupported as refused:
-            self._refusals["create"] = refused
-            raise
+        if not self._mechanisms_offered:
+            try:
+                self._pool.run(self._require_mechanisms, "listing the token's mechanisms")
+            except CustodyUnsupported as refused:
+                self._refusals["create"] = refused
+                raise
         try:
             public_key = self._pool.run(
                 lambda pooled: self._generate(pooled, cka_id, label),
@@ -129,6 +134,7 @@ class HsmToken:
             raise self._generation_failed(failed) from None
         except CustodyUnsupported as refused:
             self._refusals["create"] = refused
+            self._mechanisms_offered = False
             self._remove_leftovers(cka_id)
             raise
         self._refusals.pop("create", None)
@@ -138,6 +144,7 @@ class HsmToken:
         """CustodyUnsupported unless the token offers both mechanisms signd uses."""
         offered = pooled.session.token.slot.get_mechanisms()
         missing = [mechanism for mechanism in REQUIRED_MECHANISMS if mechanism not in offered]
+        self._mechanisms_offered = not missing
         if missing:
             names = " and ".join(f"CKM_{mechanism.name}" for mechanism in missing)
             raise secp256k1_unsupported(
